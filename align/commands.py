@@ -1,0 +1,66 @@
+"""Utility commands: ``align make-tiny-model DIR`` and ``align demo-data DIR``.
+
+Both write into DIR through a temporary sibling folder that replaces DIR in one rename, so an
+interrupted run never leaves a half-written model or dataset behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import ClassVar, Literal
+
+from align.cli import command
+from align.config import BaseConfig, option, required
+
+
+@dataclasses.dataclass
+class TinyModelConfig(BaseConfig):
+    positional: ClassVar[str] = "output_dir"
+
+    output_dir: str = required("Folder to write the model to (a Hugging Face model folder).")
+    arch: Literal["llama", "qwen2"] = option("llama", "Architecture of the randomly initialized model.")
+    tokenizer: Literal["char", "bpe"] = option("char", "Offline tokenizer: one token per character, or a small byte-level BPE.")
+    seed: int = option(0, "Seed for the weights (same seed, same weights).")
+    hidden_size: int = option(128, "Hidden size; hidden_size / num_heads must be a head size vLLM's CPU attention supports.")
+    num_layers: int = option(4, "Decoder layers.")
+    num_heads: int = option(2, "Attention heads.")
+    intermediate_size: int = option(256, "MLP width.")
+
+
+@command("make-tiny-model", TinyModelConfig, "Write a tiny random causal LM + offline tokenizer with a chat template.")
+def run_make_tiny_model(cfg: TinyModelConfig) -> str:
+    from align.tiny import make_tiny_model
+
+    path = make_tiny_model(
+        cfg.output_dir,
+        arch=cfg.arch,
+        tokenizer=cfg.tokenizer,
+        seed=cfg.seed,
+        hidden_size=cfg.hidden_size,
+        num_layers=cfg.num_layers,
+        num_heads=cfg.num_heads,
+        intermediate_size=cfg.intermediate_size,
+    )
+    print(f"wrote {cfg.arch}/{cfg.tokenizer} tiny model to {path}")
+    return str(path)
+
+
+@dataclasses.dataclass
+class DemoDataConfig(BaseConfig):
+    positional: ClassVar[str] = "output_dir"
+
+    output_dir: str = required("Folder for sft.jsonl, prompts.jsonl, test.jsonl and pairs.jsonl.")
+    seed: int = option(0, "Seed for the split and the order (same seed, same files).")
+    num_test: int = option(200, "Held-out test prompts (disjoint from all training files).")
+    num_prompts: int = option(1000, "Training prompts for rejection sampling and RL.")
+    num_pairs: int = option(2000, "Preference pairs (correct vs plausible wrong answer).")
+
+
+@command("demo-data", DemoDataConfig, "Write the two-digit addition demo task (SFT rows, prompts, test set, pairs).")
+def run_demo_data(cfg: DemoDataConfig) -> dict:
+    from align.demo import write_demo_data
+
+    paths = write_demo_data(cfg.output_dir, seed=cfg.seed, num_test=cfg.num_test, num_prompts=cfg.num_prompts, num_pairs=cfg.num_pairs)
+    print(json.dumps({k: str(v) for k, v in paths.items()}))
+    return paths

@@ -1,0 +1,149 @@
+"""Loading and saving policy models: a path or Hub id, dtype and device, LoRA and QLoRA.
+
+Secure defaults: ``trust_remote_code`` is off unless the config turns it on, and weights are
+read and written as safetensors only (``use_safetensors=True``), never pickles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from align.config import option, required
+from align.errors import ModelError
+
+DTYPES: dict[str, Any] = {
+    "auto": "auto",
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+@dataclasses.dataclass
+class ModelOptions:
+    """Model fields shared by every stage that loads a policy (mixed into stage configs)."""
+
+    model_name_or_path: str = required("Policy to start from: a local Hugging Face folder or a Hub model id.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
+        "float32", "Weights dtype; 'auto' keeps the checkpoint's. float32 on CPU (bf16 matmuls are slow there)."
+    )
+    device: Literal["auto", "cpu", "cuda"] = option("auto", "Where to train: 'auto' picks cuda when available, else cpu.")
+    trust_remote_code: bool = option(False, "Run model code shipped with a Hub repo. Off by default: only enable for repos you trust.")
+    use_lora: bool = option(False, "Train LoRA adapters (peft) instead of all weights.")
+    lora_r: int = option(16, "LoRA rank.")
+    lora_alpha: int = option(32, "LoRA scaling alpha.")
+    lora_dropout: float = option(0.05, "LoRA dropout.")
+    lora_target_modules: list[str] = option(["all-linear"], "Modules that get adapters ('all-linear' or names like q_proj,v_proj).")
+    load_in_4bit: bool = option(False, "QLoRA: load the base in 4-bit NF4 with bitsandbytes (implies use_lora).")
+    merge_lora: bool = option(False, "Also write the adapter merged into the base weights to model/ (LoRA runs).")
+
+    def resolved_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+
+def peft_config(opts: ModelOptions):
+    """The peft LoraConfig for these options, or None for full fine-tuning."""
+    if not (opts.use_lora or opts.load_in_4bit):
+        return None
+    from peft import LoraConfig
+
+    targets = opts.lora_target_modules
+    return LoraConfig(
+        r=opts.lora_r,
+        lora_alpha=opts.lora_alpha,
+        lora_dropout=opts.lora_dropout,
+        target_modules=targets[0] if targets == ["all-linear"] else targets,
+        task_type="CAUSAL_LM",
+    )
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _check_exists(name: str) -> None:
+    """Fail early with a clear message for a missing local path (Hub ids are left to the Hub)."""
+    if Path(name).expanduser().exists() or _HUB_ID.match(name):
+        return
+    raise ModelError(f"model not found: {name} (give a Hugging Face model folder or a Hub id)")
+
+
+def load_tokenizer(opts: ModelOptions):
+    from transformers import AutoTokenizer
+
+    _check_exists(opts.model_name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(opts.model_name_or_path, trust_remote_code=opts.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot load tokenizer from {opts.model_name_or_path}: {_first_line(err)}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if not getattr(tok, "chat_template", None):
+        raise ModelError(
+            f"tokenizer of {opts.model_name_or_path} has no chat template; conversational data needs one"
+            " (add chat_template.jinja to the model folder)"
+        )
+    return tok
+
+
+def load_causal_lm(opts: ModelOptions):
+    """Load the policy for training with the options' dtype, device, and 4-bit quantization."""
+    from transformers import AutoModelForCausalLM
+
+    _check_exists(opts.model_name_or_path)
+    kwargs: dict[str, Any] = {
+        "dtype": DTYPES[opts.dtype],
+        "trust_remote_code": opts.trust_remote_code,
+        "use_safetensors": True,
+    }
+    if opts.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16 if opts.dtype == "bfloat16" else torch.float32,
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(opts.model_name_or_path, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot load model from {opts.model_name_or_path}: {_first_line(err)}") from None
+    if not opts.load_in_4bit:
+        model.to(opts.resolved_device())
+    return model
+
+
+def save_model(model, tokenizer, out_dir: Path, merge_lora: bool = False) -> dict[str, str]:
+    """Write the final model as a Hugging Face folder (safetensors + config + tokenizer + template).
+
+    A LoRA model writes its adapter to ``adapter/`` and, with ``merge_lora``, the merged full
+    model to ``model/``; a full fine-tune writes ``model/``. Returns {artifact: path}.
+    """
+    from align.stage import staging_dir
+
+    artifacts: dict[str, str] = {}
+    is_peft = hasattr(model, "peft_config")
+    if is_peft:
+        with staging_dir(out_dir / "adapter") as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+        artifacts["adapter"] = str(out_dir / "adapter")
+        if not merge_lora:
+            return artifacts
+        model = model.merge_and_unload()
+    with staging_dir(out_dir / "model") as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    artifacts["model"] = str(out_dir / "model")
+    return artifacts
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__

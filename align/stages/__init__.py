@@ -1,0 +1,1 @@
+"""Stages: each is a typed config plus a run function, registered as an `align` command."""

@@ -1,0 +1,131 @@
+"""``align sft``: supervised fine-tuning with TRL's SFTTrainer.
+
+    align sft --config configs/demo_sft.yaml
+    align sft --model_name_or_path runs/tiny --dataset runs/demo/sft.jsonl --output_dir runs/sft
+
+TRL's SFTTrainer does the training; we add what a pipeline needs around it:
+1. Any accepted data format (TRL, Alpaca, ShareGPT) is normalized to conversational
+   prompt/completion, so the loss covers the final assistant turn only (Llama 3: "prompt
+   masked"); earlier turns are context.
+2. The stage output contract (``align.stage``): stage.json, metrics.jsonl, ``model/``, no-op
+   reruns, and ``--resume`` from the newest checkpoint after a crash.
+3. An optional greedy evaluation on a held-out prompt set scored by ``--eval_reward``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+
+from align.cli import command
+from align.config import BaseConfig, option, required
+from align.data import load_dataset
+from align.errors import ConfigError
+from align.models import ModelOptions, load_causal_lm, load_tokenizer, peft_config, save_model
+from align.stage import Stage
+from align.training import TrainOptions, trl_args
+
+
+@dataclasses.dataclass
+class SFTStageConfig(TrainOptions, ModelOptions, BaseConfig):
+    dataset: str = required("Training data: a JSONL/JSON/Parquet file, a `datasets` folder or a Hub id (TRL, Alpaca or ShareGPT format).")
+    output_dir: str = required("Stage directory: stage.json, metrics.jsonl, model/ and checkpoints/ go here.")
+    eval_dataset: str | None = option(None, "Held-out prompts to answer greedily after training (e.g. the demo's test.jsonl).")
+    eval_reward: str = option("rule:arithmetic", "Scorer for eval_dataset answers (rule:NAME or module:function).")
+    eval_max_tokens: int = option(16, "Longest generated answer in evaluation.")
+    seed: int = option(0, "Random seed (model init of heads, data order, dropout).")
+    keep_checkpoints: bool = option(False, "Keep output_dir/checkpoints after success (they hold optimizer state: ~3x the model).")
+    overwrite: bool = option(False, "Replace a finished or unfinished stage in output_dir.")
+    resume: bool = option(False, "Continue from the newest checkpoint in output_dir/checkpoints.")
+
+    def validate(self) -> None:
+        self.validate_training()
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"'warmup_ratio' must be in [0, 1), got {self.warmup_ratio}")
+        if self.merge_lora and not (self.use_lora or self.load_in_4bit):
+            raise ConfigError("'merge_lora' needs use_lora (or load_in_4bit); a full fine-tune is already merged")
+
+
+@command("sft", SFTStageConfig, "Supervised fine-tuning (TRL SFTTrainer) on conversational data.")
+def run_sft(cfg: SFTStageConfig) -> dict:
+    """Run the SFT stage; returns the stage record (also written to output_dir/stage.json)."""
+    from trl import SFTConfig, SFTTrainer
+
+    from align.tracking import StageCallback, plot_metrics
+
+    stage = Stage("sft", cfg, cfg.output_dir)
+    if not stage.prepare(overwrite=cfg.overwrite, resume=cfg.resume):
+        return stage_record(cfg.output_dir)
+    train = load_dataset(cfg.dataset, "sft").select_columns(["prompt", "completion"])
+    tokenizer = load_tokenizer(cfg)
+    model = load_causal_lm(cfg)
+    checkpoint = stage.latest_checkpoint() if cfg.resume else None
+    if checkpoint is not None:
+        stage.truncate_metrics(after_step=int(checkpoint.name.split("-")[-1]))
+
+    args = SFTConfig(**trl_args(cfg, stage), max_length=cfg.max_length, completion_only_loss=True)
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        processing_class=tokenizer,
+        peft_config=peft_config(cfg),
+        callbacks=[StageCallback(stage, "sft")],
+    )
+    _quiet_trainer(trainer)
+    started = time.time()
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    train_seconds = time.time() - started
+
+    artifacts = save_model(trainer.model, tokenizer, stage.dir, merge_lora=cfg.merge_lora)
+    summary = {
+        "train_rows": len(train),
+        "global_step": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "final_loss": _last(stage.metrics(), "loss"),
+        "resumed_from_step": int(checkpoint.name.split("-")[-1]) if checkpoint else 0,
+        "train_seconds": round(train_seconds, 2),
+    }
+    if cfg.eval_dataset:
+        summary.update(_evaluate(trainer.model, tokenizer, cfg, stage))
+    plot = plot_metrics(stage.metrics(), ["loss", "learning_rate"], stage.dir / "loss.png", f"sft: {cfg.output_dir}")
+    if plot:
+        artifacts["plot"] = str(plot)
+    record = stage.finish(summary, artifacts)
+    if not cfg.keep_checkpoints:
+        shutil.rmtree(stage.checkpoints_dir, ignore_errors=True)
+    return record
+
+
+def _evaluate(model, tokenizer, cfg: SFTStageConfig, stage: Stage) -> dict:
+    from align.evaluation import evaluate
+    from align.stage import atomic_write_text
+    from sampling.hf import TransformersEngine
+
+    import json
+
+    report = evaluate(TransformersEngine(model, tokenizer), cfg.eval_dataset, cfg.eval_reward, cfg.eval_max_tokens)
+    atomic_write_text(stage.dir / "eval.jsonl", "".join(json.dumps(r) + "\n" for r in report["results"]))
+    return {"eval_mean_reward": report["mean_reward"], "eval_prompts": report["num_prompts"]}
+
+
+def _quiet_trainer(trainer) -> None:
+    """Our StageCallback logs and shows progress; drop transformers' printer of raw log dicts."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from transformers.utils import logging as hf_logging
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    hf_logging.disable_progress_bar()
+
+
+def _last(rows: list[dict], key: str):
+    values = [r[key] for r in rows if key in r]
+    return values[-1] if values else None
+
+
+def stage_record(output_dir: str) -> dict:
+    from align.stage import read_stage
+
+    return read_stage(output_dir)

@@ -1,0 +1,95 @@
+"""Progress and metrics for trainer-based stages: a rich progress bar with ETA, metrics.jsonl, a PNG.
+
+Replaces the transformers tqdm bar (``disable_tqdm=True``) with one rich bar per stage, and
+appends every ``on_log`` row to the stage's ``metrics.jsonl`` as it happens.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from align.stage import Stage
+
+
+class StageCallback(TrainerCallback):
+    """Log rows to ``metrics.jsonl`` and drive a rich progress bar (ETA included)."""
+
+    def __init__(self, stage: Stage, description: str):
+        self.stage = stage
+        self.description = description
+        self.progress = None
+        self.task = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            transient=False,
+            disable=not sys.stderr.isatty(),
+        )
+        self.progress.start()
+        self.task = self.progress.add_task(self.description, total=state.max_steps, completed=state.global_step, status="")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.update(self.task, completed=state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
+        row.update({k: _plain(v) for k, v in logs.items()})
+        self.stage.log(row)
+        if self.progress is not None and "loss" in logs:
+            self.progress.update(self.task, status=f"loss {logs['loss']:.4f}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def plot_metrics(rows: list[dict[str, Any]], keys: list[str], path: Path, title: str) -> Path | None:
+    """Plot ``keys`` against step from metrics rows into a PNG; None if there is nothing to plot."""
+    series = {k: [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))] for k in keys}
+    series = {k: v for k, v in series.items() if v}
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(series), figsize=(5 * len(series), 3.5), squeeze=False)
+    for ax, (key, points) in zip(axes[0], series.items()):
+        ax.plot([p[0] for p in points], [p[1] for p in points])
+        ax.set_xlabel("step")
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,73 @@
+"""Training options shared by the trainer-based stages (sft, rm, dpo) and their mapping to TRL.
+
+TRL's configs default to ``bf16=True`` and ``gradient_checkpointing=True``, which are wrong on a
+CPU and for tiny models; we set every such default explicitly from our own typed fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+from align.config import option
+from align.stage import Stage
+
+
+@dataclasses.dataclass
+class TrainOptions:
+    learning_rate: float = option(2e-5, "Peak learning rate (AdamW).")
+    num_train_epochs: float = option(1.0, "Epochs over the dataset (ignored when max_steps > 0).")
+    max_steps: int = option(-1, "Total optimizer steps; -1 means use num_train_epochs.")
+    per_device_train_batch_size: int = option(8, "Examples per device per micro-batch.")
+    gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step.")
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = option("linear", "Learning-rate schedule.")
+    warmup_ratio: float = option(0.0, "Fraction of steps spent warming up the learning rate.")
+    weight_decay: float = option(0.0, "Decoupled weight decay.")
+    max_grad_norm: float = option(1.0, "Gradient clipping norm.")
+    max_length: int = option(1024, "Longest tokenized example; longer ones are truncated.")
+    logging_steps: int = option(10, "Log metrics every N steps (to metrics.jsonl and the progress bar).")
+    save_steps: int = option(500, "Write a resumable checkpoint every N steps.")
+    save_total_limit: int = option(2, "Keep at most N checkpoints.")
+    gradient_checkpointing: bool = option(False, "Recompute activations to save memory (slower).")
+    bf16: bool = option(False, "bfloat16 mixed precision (GPUs; slow on most CPUs).")
+
+    def validate_training(self) -> None:
+        from align.errors import ConfigError
+
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps", "max_length"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"'{name}' must be at least 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"'learning_rate' must be positive, got {self.learning_rate}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ConfigError(f"'max_steps' must be positive or -1 (use epochs), got {self.max_steps}")
+
+
+def trl_args(cfg: Any, stage: Stage) -> dict[str, Any]:
+    """Keyword arguments common to TRL's SFTConfig / DPOConfig / RewardConfig."""
+    return {
+        "output_dir": str(stage.checkpoints_dir),
+        "learning_rate": cfg.learning_rate,
+        "num_train_epochs": cfg.num_train_epochs,
+        "max_steps": cfg.max_steps,
+        "per_device_train_batch_size": cfg.per_device_train_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "lr_scheduler_type": cfg.lr_scheduler_type,
+        "warmup_steps": cfg.warmup_ratio,  # transformers 5: a float < 1 is a ratio
+        "weight_decay": cfg.weight_decay,
+        "max_grad_norm": cfg.max_grad_norm,
+        "logging_steps": cfg.logging_steps,
+        "save_strategy": "steps",
+        "save_steps": cfg.save_steps,
+        "save_total_limit": cfg.save_total_limit,
+        "seed": cfg.seed,
+        "data_seed": cfg.seed,
+        "bf16": cfg.bf16,
+        "fp16": False,
+        "use_cpu": cfg.resolved_device() == "cpu",
+        "gradient_checkpointing": cfg.gradient_checkpointing,
+        "report_to": "none",
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+        "save_only_model": False,  # optimizer, scheduler and RNG state are what make --resume exact
+    }

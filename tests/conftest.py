@@ -1,0 +1,78 @@
+"""Shared, session-scoped artifacts: build each tiny model, demo set and SFT run once per session.
+
+Later stages (rs, rm, dpo, rlhf) start from the same SFT model, so the suite trains it once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL_DATA = ROOT.parent / "shared" / "data" / "real"
+# The installed console script, exactly what a user runs.
+ALIGN = [str(Path(sys.executable).parent / "align")]
+
+# The demo SFT run every later stage starts from; tests/test_sft.py asserts its figures.
+SFT_STEPS = 1500
+
+
+def run_align(*args: str, timeout: float = 900, check: bool = False) -> subprocess.CompletedProcess:
+    """Run the real CLI in a subprocess (as a user would); returns the completed process."""
+    proc = subprocess.run([*ALIGN, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"align {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("artifacts")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(artifacts) -> Path:
+    from align.tiny import make_tiny_model
+
+    return make_tiny_model(artifacts / "tiny", arch="llama", tokenizer="char", seed=0)
+
+
+@pytest.fixture(scope="session")
+def demo_data(artifacts) -> Path:
+    from align.demo import write_demo_data
+
+    write_demo_data(artifacts / "demo", seed=0)
+    return artifacts / "demo"
+
+
+@pytest.fixture(scope="session")
+def sft_run(artifacts, tiny_model, demo_data) -> Path:
+    """`align sft` through the CLI on the demo task, from the shipped config."""
+    out = artifacts / "sft"
+    run_align(
+        "sft", "--config", ROOT / "configs" / "demo_sft.yaml",
+        "--model_name_or_path", tiny_model,
+        "--dataset", demo_data / "sft.jsonl",
+        "--eval_dataset", demo_data / "test.jsonl",
+        "--output_dir", out,
+        "--max_steps", SFT_STEPS,
+        check=True,
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def sft_model(sft_run) -> Path:
+    return sft_run / "model"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
