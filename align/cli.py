@@ -45,6 +45,11 @@ def _load_commands() -> None:
     """Import the modules that register commands (kept here so `import align` stays light)."""
     import align.commands  # noqa: F401  make-tiny-model, demo-data
     import align.stages.sft  # noqa: F401
+    import align.stages.rs  # noqa: F401
+    import align.stages.eval  # noqa: F401
+    import align.stages.dpo  # noqa: F401
+    import align.stages.rm  # noqa: F401
+    import align.stages.rlhf  # noqa: F401
 
 
 def overview() -> str:

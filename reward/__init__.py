@@ -1,5 +1,10 @@
-"""Rewards for post-training: rule rewards looked up by name (see ``reward.rules``)."""
+"""Rewards for post-training: scorers behind one text-in/floats-out protocol.
 
-from reward.rules import RULES, Rule, arithmetic, exact_match, get_rule, register_rule
+``reward.scorers`` builds them from specs (``rule:NAME``, ``model:PATH``, ``module:function``,
+committees of several); ``reward.rules`` holds the rule registry, ``reward.model`` the
+reward-model scorer and ``reward.losses`` the reward-model training losses used by ``align rm``.
+"""
 
-__all__ = ["RULES", "Rule", "arithmetic", "exact_match", "get_rule", "register_rule"]
+from reward.rules import RULES, Rule, arithmetic, exact_match, get_rule, length_penalty, regex, register_rule
+
+__all__ = ["RULES", "Rule", "arithmetic", "exact_match", "get_rule", "length_penalty", "regex", "register_rule"]

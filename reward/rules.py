@@ -3,12 +3,17 @@
 A rule has the signature ``fn(prompt: str, response: str, **columns) -> float``: ``prompt`` is
 the user's prompt text, ``response`` the model's decoded response text and ``columns`` the other
 columns of the dataset row (e.g. ``answer``). Register one with ``@register_rule("name")`` and look
-it up with ``get_rule("name")``.
+it up with ``get_rule("name")``; a scorer spec names it as ``rule:NAME``.
+
+Rules read their parameters from the row, so one spec string serves a whole dataset whose rows
+differ: ``exact_match`` and ``arithmetic`` read ``answer``, ``regex`` reads ``pattern``, and
+``length_penalty`` reads ``max_chars`` (optional).
 """
 
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Callable
 
 from align.errors import ConfigError, DataError
@@ -42,11 +47,12 @@ def get_rule(name: str) -> Rule:
     raise ConfigError(f"unknown reward rule {name!r}{hint}; valid: {valid}")
 
 
-def _column(rule: str, columns: dict, column: str):
+def _column(rule: str, columns: dict, column: str, what: str = "the reference answer"):
     if column not in columns or columns[column] is None:
         have = ", ".join(sorted(columns)) or "none"
+        article = "an" if column[0] in "aeiou" else "a"
         raise DataError(
-            f"rule {rule!r} needs an {column!r} column with the reference answer "
+            f"rule {rule!r} needs {article} {column!r} column with {what} "
             f"(the row has: {have})"
         )
     return columns[column]
@@ -66,4 +72,30 @@ def arithmetic(prompt: str, response: str, **columns) -> float:
     return 1.0 if response.strip() == str(answer).strip() else 0.0
 
 
-__all__ = ["RULES", "Rule", "arithmetic", "exact_match", "get_rule", "register_rule"]
+@register_rule("regex")
+def regex(prompt: str, response: str, **columns) -> float:
+    """1.0 when the row's ``pattern`` (a Python regular expression) matches anywhere in the
+    response (``re.search``; anchor it with ``^...$`` for a whole-response match), else 0.0."""
+    pattern = _column("regex", columns, "pattern", "a regular expression")
+    try:
+        return 1.0 if re.search(str(pattern), response) else 0.0
+    except re.error as err:
+        raise DataError(f"rule 'regex': invalid pattern {pattern!r} ({err}); fix the row's 'pattern' column") from None
+
+
+DEFAULT_MAX_CHARS = 1000
+
+
+@register_rule("length_penalty")
+def length_penalty(prompt: str, response: str, **columns) -> float:
+    """0.0 up to ``max_chars`` characters (the row's column, else ``DEFAULT_MAX_CHARS``), then
+    minus the overflow as a fraction of ``max_chars``: -(len - max_chars) / max_chars. Add it
+    to another scorer in a committee to discourage verbosity."""
+    max_chars = columns.get("max_chars")
+    max_chars = DEFAULT_MAX_CHARS if max_chars is None else int(max_chars)
+    if max_chars <= 0:
+        raise DataError(f"rule 'length_penalty': 'max_chars' must be positive, got {max_chars}")
+    return -max(0, len(response) - max_chars) / max_chars
+
+
+__all__ = ["DEFAULT_MAX_CHARS", "RULES", "Rule", "arithmetic", "exact_match", "get_rule", "length_penalty", "regex", "register_rule"]

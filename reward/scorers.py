@@ -1,15 +1,24 @@
-"""Scorers: text in, floats out. One protocol for rules, user functions and (later) reward models.
+"""Scorers: text in, floats out. One protocol for rules, user functions, reward models and committees.
 
 A scorer sees the decoded prompt and response text, never token ids, so a reward model with a
 different tokenizer from the policy is the normal case (TRL #1674, OpenRLHF #242).
 
 Spec strings, as given to ``--reward``:
   ``rule:NAME``         a registered rule (``reward.rules``), e.g. ``rule:arithmetic``
+  ``model:PATH``        a reward model folder (``align rm``'s ``model/`` or any HF seq-cls folder)
   ``pkg.module:func``   user code, imported only from this explicit ``module:function``
+
+Several specs make a committee (AFM's iTeC scores with one; recipes.md):
+``build_scorer(["rule:arithmetic", "model:runs/rm/model"], weights=[0.5, 0.5], combine="weighted",
+normalize=True)``. With ``normalize`` each member's scores are z-normalized over the batch
+((s - mean) / std; all zeros when std is 0) before combining, so a 0/1 rule and an unbounded
+reward model weigh as intended. Combiners (``COMBINERS``): ``weighted`` sum (weights default to
+1/n, i.e. the mean), ``mean`` and element-wise ``min`` (a response is as good as its worst grade).
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import math
 from typing import Any, Callable, Protocol
@@ -40,6 +49,12 @@ def _rule(name: str) -> Scorer:
     return FunctionScorer(f"rule:{name}", get_rule(name))
 
 
+def _model(path: str) -> Scorer:
+    from reward.model import RewardModel
+
+    return RewardModel.from_pretrained(path)
+
+
 def _user_function(spec: str) -> Scorer:
     module_name, _, attr = spec.partition(":")
     try:
@@ -52,11 +67,63 @@ def _user_function(spec: str) -> Scorer:
     return FunctionScorer(spec, fn)
 
 
-SCORER_KINDS: dict[str, Callable[[str], Scorer]] = {"rule": _rule}
+SCORER_KINDS: dict[str, Callable[[str], Scorer]] = {"rule": _rule, "model": _model}
 
 
-def build_scorer(spec: str) -> Scorer:
-    """Build a scorer from its spec string (see the module docstring)."""
+# ---------------------------------------------------------------------------------------------
+# Committees
+# ---------------------------------------------------------------------------------------------
+
+
+def z_normalize(scores: list[float]) -> list[float]:
+    """(s - mean) / std over the batch (population std); all zeros when every score is equal."""
+    mean = sum(scores) / len(scores)
+    std = math.sqrt(sum((s - mean) ** 2 for s in scores) / len(scores))
+    return [0.0] * len(scores) if std == 0 else [(s - mean) / std for s in scores]
+
+
+def _weighted(columns: list[list[float]], weights: list[float]) -> list[float]:
+    return [sum(w * s for w, s in zip(weights, item)) for item in zip(*columns)]
+
+
+def _mean(columns: list[list[float]], weights: list[float]) -> list[float]:
+    return [sum(item) / len(item) for item in zip(*columns)]
+
+
+def _min(columns: list[list[float]], weights: list[float]) -> list[float]:
+    return [min(item) for item in zip(*columns)]
+
+
+# name -> fn(per-scorer score lists, weights) -> combined scores
+COMBINERS: dict[str, Callable[[list[list[float]], list[float]], list[float]]] = {
+    "weighted": _weighted,
+    "mean": _mean,
+    "min": _min,
+}
+
+
+class CommitteeScorer:
+    """Combines several scorers' scores item by item (see the module docstring)."""
+
+    def __init__(self, scorers: list[Scorer], weights: list[float], combine: str, normalize: bool):
+        self.scorers = scorers
+        self.weights = weights
+        self.combine = combine
+        self.normalize = normalize
+        members = ", ".join(f"{s.name}*{w:g}" if combine == "weighted" else s.name for s, w in zip(scorers, weights))
+        self.name = f"{combine}{'[z]' if normalize else ''}({members})"
+
+    def score(self, prompts: list[str], responses: list[str], rows: list[dict[str, Any]]) -> list[float]:
+        ids = [row.get("prompt_id", i) for i, row in enumerate(rows)]
+        columns = []
+        for scorer in self.scorers:
+            scores = scorer.score(prompts, responses, rows)
+            check_finite(scores, ids, scorer.name)  # name the member, not the committee
+            columns.append(z_normalize(scores) if self.normalize and scores else scores)
+        return COMBINERS[self.combine](columns, self.weights)
+
+
+def _single(spec: str) -> Scorer:
     kind, sep, rest = spec.partition(":")
     if not sep or not rest:
         raise ConfigError(
@@ -68,8 +135,35 @@ def build_scorer(spec: str) -> Scorer:
     return _user_function(spec)
 
 
+def build_scorer(
+    specs: str | list[str],
+    weights: list[float] | None = None,
+    combine: str = "weighted",
+    normalize: bool = False,
+) -> Scorer:
+    """Build a scorer from one spec string, or a committee from several (module docstring)."""
+    if combine not in COMBINERS:
+        close = difflib.get_close_matches(combine, COMBINERS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown reward combine {combine!r}{hint}; valid: {', '.join(COMBINERS)}")
+    specs = [specs] if isinstance(specs, str) else list(specs)
+    if not specs:
+        raise ConfigError("no reward given; pass at least one scorer spec (e.g. rule:arithmetic)")
+    if weights is not None and len(weights) != len(specs):
+        raise ConfigError(f"{len(weights)} reward weights for {len(specs)} scorers ({', '.join(specs)}); give one weight per scorer")
+    if weights is not None and combine != "weighted":
+        raise ConfigError(f"reward weights only apply to combine 'weighted', not {combine!r}; drop the weights or use weighted")
+    if len(specs) == 1 and weights is None and not normalize:
+        return _single(specs[0])
+    weights = list(weights) if weights is not None else [1.0 / len(specs)] * len(specs)
+    return CommitteeScorer([_single(s) for s in specs], weights, combine, normalize)
+
+
 def check_finite(scores: list[float], prompt_ids: list[Any], scorer: str) -> None:
     """NaN or infinite rewards stop the run, naming the prompt, before anything is written."""
     for score, pid in zip(scores, prompt_ids):
         if not math.isfinite(score):
             raise DataError(f"scorer {scorer} returned {score} for prompt {pid}; fix the scorer or drop that prompt")
+
+
+__all__ = ["COMBINERS", "CommitteeScorer", "FunctionScorer", "SCORER_KINDS", "Scorer", "build_scorer", "check_finite", "z_normalize"]

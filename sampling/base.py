@@ -1,14 +1,32 @@
-"""The engine protocol shared by the vLLM and transformers engines."""
+"""The engine protocol shared by the vLLM and transformers engines, and the engine registry.
+
+An engine turns chat prompts into K candidates each. Both engines follow the same contract:
+
+* prompts are rendered with the policy's own chat template (plus an optional system prompt, as
+  Llama 3 used to steer tone and format) and passed to the model as token ids;
+* ``Candidate.token_ids`` are the generated ids, ending with the EOS id when generation stopped
+  there (an RL loss must see the policy choose to stop); ``Candidate.text`` is their decoded text
+  without special tokens;
+* ``Candidate.logprobs`` (on request) are the log-probs of the sampled tokens under the model's
+  own distribution (temperature 1, before top-p/top-k), i.e. what a trainer's forward pass
+  computes for the same tokens;
+* with ``SamplingParams.seed`` set, a call is reproducible: the vLLM engine samples prompt ``i``
+  with seed ``seed + i`` (so a caller passing ``seed + offset`` for a slice of a prompt set gets
+  the same candidates however it slices), the transformers engine seeds each batch.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Protocol
+import difflib
+from typing import Any, Callable, Iterable, Protocol
+
+from align.errors import ConfigError, DataError
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """How to sample. ``temperature=0`` means greedy; ``n`` candidates per prompt."""
+    """How to sample. ``temperature=0`` means greedy; ``n`` candidates per prompt; ``top_k=0`` is off."""
 
     n: int = 1
     temperature: float = 1.0
@@ -18,6 +36,14 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     logprobs: bool = False
+
+    def __post_init__(self) -> None:
+        if self.n < 1 or self.max_tokens < 1:
+            raise ValueError(f"n and max_tokens must be >= 1, got n={self.n}, max_tokens={self.max_tokens}")
+
+    def prompt_seed(self, i: int) -> int | None:
+        """The seed of the ``i``-th prompt of a call (None: unseeded)."""
+        return None if self.seed is None else self.seed + i
 
 
 @dataclasses.dataclass
@@ -31,11 +57,16 @@ class Candidate:
 
 
 class Engine(Protocol):
+    tokenizer: Any
+
     def generate(self, prompts: list[list[dict]], params: SamplingParams) -> list[list[Candidate]]:
         """K = params.n candidates for each prompt (a list of chat messages), in prompt order."""
 
     def load_weights(self, named_tensors: Iterable[tuple[str, Any]]) -> None:
         """Replace the weights (Hugging Face parameter names) used by later generate calls."""
+
+    def close(self) -> None:
+        """Free the engine's memory (and, for vLLM, its worker state)."""
 
 
 def render_prompts(tokenizer, prompts: list[list[dict]], system_prompt: str | None = None) -> list[str]:
@@ -46,3 +77,50 @@ def render_prompts(tokenizer, prompts: list[list[dict]], system_prompt: str | No
             messages = [{"role": "system", "content": system_prompt}, *messages]
         rendered.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
     return rendered
+
+
+def encode_prompts(
+    tokenizer, prompts: list[list[dict]], system_prompt: str | None = None, max_model_len: int | None = None
+) -> list[list[int]]:
+    """Token ids of the rendered prompts (the template already holds the special tokens).
+
+    A prompt that leaves no room for one generated token within ``max_model_len`` is a DataError
+    naming its position, rather than a failure deep inside the engine.
+    """
+    texts = render_prompts(tokenizer, prompts, system_prompt)
+    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    if max_model_len is not None:
+        for i, ids in enumerate(encoded):
+            if len(ids) >= max_model_len:
+                raise DataError(
+                    f"prompt #{i} has {len(ids)} tokens, which leaves no room to generate within"
+                    f" max_model_len={max_model_len}; raise --max_model_len or shorten the prompt"
+                )
+    return encoded
+
+
+# ---------------------------------------------------------------------------------------------
+# Engine registry: name -> class with ``from_pretrained(model_path, **options)``.
+# ---------------------------------------------------------------------------------------------
+
+ENGINES: dict[str, Callable[..., Engine]] = {}
+
+
+def register_engine(name: str) -> Callable:
+    """Class decorator adding an engine under ``name``; a name already taken is a bug."""
+
+    def register(cls):
+        if name in ENGINES:
+            raise ValueError(f"engine {name!r} registered twice")
+        ENGINES[name] = cls
+        return cls
+
+    return register
+
+
+def unknown_name(kind: str, name: str, valid: Iterable[str]) -> ConfigError:
+    """The error for a registry miss: lists the valid names, suggests the closest."""
+    valid = list(valid)
+    close = difflib.get_close_matches(str(name), valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"unknown {kind} {name!r}{hint}; valid: {', '.join(valid)}")

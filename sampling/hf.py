@@ -1,6 +1,8 @@
 """Generation with plain transformers ``generate``: the fallback where vLLM is unavailable.
 
-Batched with left padding, sorted by prompt length so batches waste little padding.
+Batched with left padding, sorted by prompt length so batches waste little padding; the K
+samples of a prompt come from ``num_return_sequences`` (each re-computes the prompt: no shared
+KV pages, which is much of why vLLM is faster). Batch ``b`` is seeded with ``seed + b``.
 """
 
 from __future__ import annotations
@@ -9,28 +11,47 @@ from typing import Any, Iterable
 
 import torch
 
-from sampling.base import Candidate, SamplingParams, render_prompts
+from sampling.base import Candidate, SamplingParams, encode_prompts, register_engine
 
 
+@register_engine("transformers")
 class TransformersEngine:
-    def __init__(self, model, tokenizer, batch_size: int = 64, system_prompt: str | None = None):
+    def __init__(self, model, tokenizer, batch_size: int = 64, system_prompt: str | None = None,
+                 max_model_len: int | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.system_prompt = system_prompt
+        self.max_model_len = max_model_len
+
+    @classmethod
+    def from_pretrained(cls, model_path: str, *, dtype: str = "float32", trust_remote_code: bool = False,
+                        batch_size: int = 64, system_prompt: str | None = None, max_model_len: int | None = None,
+                        **_: Any) -> "TransformersEngine":
+        """Load the policy and its tokenizer; engine options meant for vLLM are ignored."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=getattr(torch, dtype) if dtype != "auto" else "auto",
+            trust_remote_code=trust_remote_code, use_safetensors=True,
+        )
+        model.to("cuda" if torch.cuda.is_available() else "cpu")
+        return cls(model, tok, batch_size=batch_size, system_prompt=system_prompt, max_model_len=max_model_len)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[dict]], params: SamplingParams) -> list[list[Candidate]]:
-        texts = render_prompts(self.tokenizer, prompts, self.system_prompt)
-        encoded = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        encoded = encode_prompts(self.tokenizer, prompts, self.system_prompt, self.max_model_len)
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
         results: list[list[Candidate]] = [[] for _ in prompts]
-        if params.seed is not None:
-            torch.manual_seed(params.seed)
         was_training = self.model.training
         self.model.eval()
         try:
-            for start in range(0, len(order), self.batch_size):
+            for b, start in enumerate(range(0, len(order), self.batch_size)):
+                if params.seed is not None:
+                    torch.manual_seed(params.seed + b)
                 idx = order[start : start + self.batch_size]
                 for i, cands in zip(idx, self._generate_batch([encoded[i] for i in idx], params)):
                     results[i] = cands
@@ -46,10 +67,13 @@ class TransformersEngine:
         attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch])
         device = next(self.model.parameters()).device
         greedy = params.temperature == 0
+        max_new = params.max_tokens
+        if self.max_model_len is not None:
+            max_new = min(max_new, self.max_model_len - width)
         out = self.model.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention.to(device),
-            max_new_tokens=params.max_tokens,
+            max_new_tokens=max_new,
             do_sample=not greedy,
             temperature=None if greedy else params.temperature,
             top_p=None if greedy else params.top_p,
@@ -57,38 +81,53 @@ class TransformersEngine:
             num_return_sequences=params.n,
             pad_token_id=pad,
             eos_token_id=tok.eos_token_id,
-            output_scores=params.logprobs,
+            stop_strings=list(params.stop) or None,
+            tokenizer=tok if params.stop else None,
+            output_logits=params.logprobs,
             return_dict_in_generate=True,
         )
         new = out.sequences[:, width:].tolist()
-        logprobs = _sampled_logprobs(out) if params.logprobs else None
+        logprobs = _sampled_logprobs(out.logits, out.sequences[:, width:]) if params.logprobs else None
         grouped: list[list[Candidate]] = []
         for row in range(len(batch)):
             cands = []
             for k in range(params.n):
                 flat = row * params.n + k
                 ids, reason = _trim(new[flat], tok.eos_token_id, pad)
+                text = tok.decode(ids, skip_special_tokens=True)
+                text, reason = _cut_at_stop(text, reason, params.stop)
                 lp = logprobs[flat][: len(ids)] if logprobs is not None else None
-                cands.append(Candidate(tok.decode(ids, skip_special_tokens=True), ids, reason, lp))
+                cands.append(Candidate(text, ids, reason, lp))
             grouped.append(cands)
         return grouped
 
     def load_weights(self, named_tensors: Iterable[tuple[str, Any]]) -> None:
         state = dict(named_tensors)
+        missing = set(state) - set(self.model.state_dict())
+        if missing:
+            raise ValueError(f"unknown parameter names: {sorted(missing)[:3]}")
         self.model.load_state_dict(state, strict=False)
+
+    def close(self) -> None:
+        self.model = None
 
 
 def _trim(ids: list[int], eos: int, pad: int) -> tuple[list[int], str]:
-    """Cut at the first EOS (dropping it, as vLLM does) and report why generation stopped."""
+    """Cut after the first EOS (kept, as vLLM keeps it) and report why generation stopped."""
     if eos in ids:
-        return ids[: ids.index(eos)], "stop"
+        return ids[: ids.index(eos) + 1], "stop"
     while ids and ids[-1] == pad and pad != eos:
         ids = ids[:-1]
     return ids, "length"
 
 
-def _sampled_logprobs(out) -> list[list[float]]:
-    steps = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in out.scores], dim=1)
-    width = out.sequences.shape[1] - steps.shape[1]
-    chosen = out.sequences[:, width:].unsqueeze(-1)
-    return steps.gather(-1, chosen).squeeze(-1).tolist()
+def _cut_at_stop(text: str, reason: str, stop: tuple[str, ...]) -> tuple[str, str]:
+    """Drop a stop string and what follows it from the text, as vLLM does."""
+    cuts = [text.index(s) for s in stop if s in text]
+    return (text[: min(cuts)], "stop") if cuts else (text, reason)
+
+
+def _sampled_logprobs(logits: tuple[torch.Tensor, ...], sampled: torch.Tensor) -> list[list[float]]:
+    """Log-probs of the sampled tokens under the raw (unwarped) logits: what a trainer computes."""
+    steps = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in logits], dim=1)
+    return steps.gather(-1, sampled[:, : steps.shape[1]].unsqueeze(-1)).squeeze(-1).tolist()

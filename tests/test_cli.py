@@ -43,9 +43,9 @@ def test_every_shipped_config_parses():
     from align.config import parse_config
 
     for path in sorted((ROOT / "configs").glob("*.yaml")):
-        command = {"demo_sft": "sft"}[path.stem]
+        command = {"demo_sft": "sft", "demo_rs": "rs", "demo_dpo": "dpo", "demo_rm": "rm"}[path.stem]
         cfg = parse_config(COMMANDS[command].config, ["--config", str(path), "--model_name_or_path", "m", "--dataset", "d", "--output_dir", "o"])
-        assert cfg.max_steps > 0
+        assert getattr(cfg, "max_steps", 1) > 0  # training stages; rs has none
 
 
 @pytest.fixture()

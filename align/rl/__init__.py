@@ -1,0 +1,1 @@
+"""The experience loop: rollouts, advantage estimators, losses and optimizers."""

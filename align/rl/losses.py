@@ -1,0 +1,74 @@
+"""Policy-gradient losses: small pure functions on per-token log-probs, with hand-checked tests.
+
+Conventions: ``logp``, ``logp_old``, ``logp_ref`` are ``[B, T]`` per-token log-probs of the
+sampled response tokens; ``mask`` is 1 on response tokens. Sequence quantities are sums over
+the mask. Every function returns ``(loss, stats)`` where ``stats`` holds detached floats.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def seq_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum(-1)
+
+
+def kl_k3(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) on samples from pi: exp(d) - d - 1 with d = ref - logp.
+
+    Schulman's "k3" estimator (unbiased, always >= 0), as GRPO uses it (DeepSeekMath eq. 4).
+    """
+    d = logp_ref - logp
+    return torch.exp(d) - d - 1
+
+
+def clipped_surrogate(logp, logp_old, advantages, mask, clip_eps: float = 0.2):
+    """PPO's clipped objective (Schulman et al. 2017, eq. 7), averaged over response tokens.
+
+    ``advantages`` is ``[B, T]`` (broadcast a sequence advantage with ``[:, None]`` first).
+    """
+    ratio = torch.exp(logp - logp_old)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantages
+    loss = -masked_mean(torch.minimum(unclipped, clipped), mask)
+    clip_frac = masked_mean(((ratio - 1).abs() > clip_eps).float(), mask)
+    return loss, {"clip_frac": clip_frac.item(), "ratio_mean": masked_mean(ratio, mask).item()}
+
+
+def clipped_value_loss(values, values_old, returns, mask, clip_eps: float = 0.2):
+    """PPO's clipped value loss: 0.5 * max((V - R)^2, (clip(V, V_old +- eps) - R)^2)."""
+    clipped = values_old + torch.clamp(values - values_old, -clip_eps, clip_eps)
+    loss = 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
+    return loss, {"value_loss": loss.item()}
+
+
+def mirror_descent(logp, logp_old, advantages, mask, t: float = 1.0, max_log_ratio: float = 20.0):
+    """AFM's MDLOO update objective: -mean_i[ratio_i * A_i] + (1/t) * KL(pi_theta || pi_k).
+
+    Mirror Descent Policy Optimization (Tomar et al. 2020) replaces PPO's clipping by a KL term
+    toward the previous iterate pi_k. The whole response is one action, so ``ratio_i`` is the
+    sequence ratio pi_theta(y_i|x) / pi_k(y_i|x). Departure: the sequence log-ratio is clamped to
+    +-``max_log_ratio`` before exponentiating, so one long response cannot overflow; the KL is
+    the k3 estimate summed over the response tokens (samples come from pi_k, so we estimate
+    KL(pi_theta || pi_k) with importance weights exp(logp - logp_old) on each token).
+    """
+    log_ratio = seq_sum(logp - logp_old, mask).clamp(-max_log_ratio, max_log_ratio)
+    ratio = torch.exp(log_ratio)
+    token_ratio = torch.exp(logp - logp_old)
+    # KL(pi_theta || pi_k) = E_{pi_theta}[log pi_theta - log pi_k], importance-weighted from pi_k samples.
+    kl = seq_sum(token_ratio * (logp - logp_old), mask)
+    loss = -(ratio * advantages).mean() + kl.mean() / t
+    return loss, {"kl_old": kl.mean().item(), "ratio_mean": ratio.mean().item()}
+
+
+def dpo_sigmoid(chosen_logp, rejected_logp, chosen_ref, rejected_ref, beta: float = 0.1):
+    """DPO (Rafailov et al. 2023, eq. 7) on sequence log-probs: -log sigmoid(beta * margin)."""
+    margin = (chosen_logp - chosen_ref) - (rejected_logp - rejected_ref)
+    loss = -F.logsigmoid(beta * margin).mean()
+    return loss, {"dpo_margin": (beta * margin).mean().item(), "dpo_accuracy": (margin > 0).float().mean().item()}

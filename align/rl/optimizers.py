@@ -1,0 +1,242 @@
+"""Policy optimizers for the experience loop, in a registry with one interface.
+
+Each optimizer turns a batch of scored rollouts (K samples per prompt) into a few gradient
+steps on the policy. They share ``PolicyOptimizer.update`` (prepare old/ref log-probs, run
+``inner_steps`` steps, clip gradients) and differ only in ``advantages`` and ``loss``, which
+call the pure functions in ``align.rl.estimators`` and ``align.rl.losses``.
+
+Why our own and not TRL's: TRL 1.16 has no PPO at all, no MDLOO, and its GRPO/RLOO trainers own
+the generation loop (and their colocated vLLM weight sync fails on CPU in fp32); here the loop is
+shared and the optimizer is the pluggable part.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+from align.errors import ConfigError
+from align.rl import estimators as est
+from align.rl import losses as L
+from align.rl.rollout import Rollouts, token_logprobs
+
+OPTIMIZERS: dict[str, type["PolicyOptimizer"]] = {}
+
+
+def register_optimizer(cls: type["PolicyOptimizer"]) -> type["PolicyOptimizer"]:
+    if cls.name in OPTIMIZERS:
+        raise ValueError(f"optimizer {cls.name!r} registered twice")
+    OPTIMIZERS[cls.name] = cls
+    return cls
+
+
+def get_optimizer(name: str) -> type["PolicyOptimizer"]:
+    if name not in OPTIMIZERS:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(OPTIMIZERS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown optimizer {name!r}{hint}; valid: {', '.join(OPTIMIZERS)}")
+    return OPTIMIZERS[name]
+
+
+class PolicyOptimizer:
+    """Base: subclasses set ``name``/``min_samples`` and implement ``loss`` (and maybe ``prepare``)."""
+
+    name: ClassVar[str]
+    min_samples: ClassVar[int] = 1  # K needed per prompt (2 for leave-one-out and group baselines)
+
+    def __init__(self, cfg: Any, policy: nn.Module, ref_logprobs: Callable | None):
+        self.cfg = cfg
+        self.policy = policy
+        self.ref_logprobs = ref_logprobs
+        self.extra = self.extra_modules()
+        params = [p for p in policy.parameters() if p.requires_grad]
+        params += [p for m in self.extra.values() for p in m.parameters()]
+        self.params = params
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+
+    # -- hooks -------------------------------------------------------------------------------
+    def extra_modules(self) -> dict[str, nn.Module]:
+        """Trainable modules beside the policy (PPO's value head), saved in checkpoints."""
+        return {}
+
+    @classmethod
+    def uses_reference(cls, cfg: Any) -> bool:
+        """Whether this optimizer needs reference log-probs under ``cfg`` (decides if one is built)."""
+        return cfg.kl_coef > 0
+
+    @property
+    def needs_ref(self) -> bool:
+        return self.uses_reference(self.cfg)
+
+    def loss(self, r: Rollouts, logp, entropy, hidden) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    # -- shared ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prepare(self, r: Rollouts) -> dict[str, float]:
+        """Log-probs under the sampling policy and the reference (computed once per batch)."""
+        logp, entropy, hidden = token_logprobs(self.policy, r.input_ids, r.attention_mask, with_hidden=bool(self.extra))
+        r.logp_old = logp
+        if self.extra:
+            r.values_old = self.values(hidden)
+        stats = {"entropy": L.masked_mean(entropy, r.mask).item()}
+        if self.needs_ref:
+            r.logp_ref = self.ref_logprobs(r.input_ids, r.attention_mask)
+            stats["kl_ref"] = L.seq_sum(r.logp_old - r.logp_ref, r.mask).mean().item()
+        return stats
+
+    def update(self, r: Rollouts) -> dict[str, float]:
+        self.policy.train()
+        stats = self.prepare(r)
+        totals: dict[str, float] = {}
+        for _ in range(self.cfg.inner_steps):
+            logp, entropy, hidden = token_logprobs(self.policy, r.input_ids, r.attention_mask, with_hidden=bool(self.extra))
+            loss, step_stats = self.loss(r, logp, entropy, hidden)
+            self.optimizer.zero_grad(set_to_none=True)
+            if loss.requires_grad:
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+                self.optimizer.step()
+                step_stats["grad_norm"] = float(grad_norm)
+            step_stats["loss"] = loss.item()
+            for key, value in step_stats.items():
+                totals[key] = totals.get(key, 0.0) + value / self.cfg.inner_steps
+        return {**stats, **totals}
+
+    def values(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.extra["value_head"](hidden.float()).squeeze(-1)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), **{k: m.state_dict() for k, m in self.extra.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        for key, module in self.extra.items():
+            module.load_state_dict(state[key])
+
+
+def _sequence_advantage_loss(r: Rollouts, logp, advantages: torch.Tensor, clip_eps: float, kl_coef: float = 0.0):
+    """Clipped surrogate with one advantage per sequence, plus an optional k3 KL-to-reference term."""
+    loss, stats = L.clipped_surrogate(logp, r.logp_old, advantages[:, None].expand_as(logp), r.mask, clip_eps)
+    if kl_coef > 0:
+        kl = L.masked_mean(L.kl_k3(logp, r.logp_ref), r.mask)
+        loss = loss + kl_coef * kl
+        stats["kl_term"] = kl.item()
+    return loss, stats
+
+
+@register_optimizer
+class GRPO(PolicyOptimizer):
+    """GRPO (Shao et al. 2024): group-normalized advantages, clipped ratio, k3 KL in the loss."""
+
+    name = "grpo"
+    min_samples = 2
+
+    def loss(self, r, logp, entropy, hidden):
+        adv = est.group_normalized(r.grouped(r.scores)).flatten()
+        return _sequence_advantage_loss(r, logp, adv, self.cfg.clip_eps, self.cfg.kl_coef)
+
+
+@register_optimizer
+class RLOO(PolicyOptimizer):
+    """RLOO (Ahmadian et al. 2024): leave-one-out baseline on the KL-shaped sequence reward, clipped."""
+
+    name = "rloo"
+    min_samples = 2
+
+    def loss(self, r, logp, entropy, hidden):
+        rewards = r.scores
+        if self.needs_ref:
+            rewards = rewards - self.cfg.kl_coef * L.seq_sum(r.logp_old - r.logp_ref, r.mask)
+        adv = est.leave_one_out(r.grouped(rewards)).flatten()
+        return _sequence_advantage_loss(r, logp, adv, self.cfg.clip_eps)
+
+
+@register_optimizer
+class MDLOO(PolicyOptimizer):
+    """AFM's MDLOO: KL-shaped sequence reward, leave-one-out advantage, mirror-descent update.
+
+    Departures from the (unpublished) AFM code, all exposed in the config: ``kl_coef`` is AFM's
+    beta, ``mdloo_t`` the mirror-descent step size t, ``inner_steps`` the optimizer steps taken
+    from pi_k per iteration (Tomar et al. use ~10). Advantages are fixed at pi_k for all inner steps.
+    """
+
+    name = "mdloo"
+    min_samples = 2
+
+    def loss(self, r, logp, entropy, hidden):
+        logp_old_seq = L.seq_sum(r.logp_old, r.mask)
+        logp_ref_seq = L.seq_sum(r.logp_ref, r.mask) if self.needs_ref else logp_old_seq
+        rewards = est.mdloo_rewards(r.scores, logp_old_seq, logp_ref_seq, self.cfg.kl_coef)
+        adv = est.leave_one_out(r.grouped(rewards)).flatten()
+        return L.mirror_descent(logp, r.logp_old, adv, r.mask, t=self.cfg.mdloo_t)
+
+
+@register_optimizer
+class OnlineDPO(PolicyOptimizer):
+    """Qwen2's online DPO: the best and worst of the K samples (by reward) form a DPO pair.
+
+    Prompts whose K rewards are all equal give no pair and are skipped (counted in ``pairs``).
+    """
+
+    name = "online_dpo"
+    min_samples = 2
+
+    @classmethod
+    def uses_reference(cls, cfg: Any) -> bool:
+        return True
+
+    def loss(self, r, logp, entropy, hidden):
+        grouped = r.grouped(r.scores)
+        best, worst = grouped.argmax(-1), grouped.argmin(-1)
+        valid = grouped.max(-1).values > grouped.min(-1).values
+        offsets = torch.arange(r.n_prompts, device=grouped.device) * r.k
+        chosen, rejected = (offsets + best)[valid], (offsets + worst)[valid]
+        if len(chosen) == 0:
+            return logp.sum() * 0.0, {"pairs": 0.0}
+        seq = L.seq_sum(logp, r.mask)
+        ref = L.seq_sum(r.logp_ref, r.mask)
+        loss, stats = L.dpo_sigmoid(seq[chosen], seq[rejected], ref[chosen], ref[rejected], self.cfg.beta)
+        return loss, {**stats, "pairs": float(len(chosen))}
+
+
+@register_optimizer
+class PPO(PolicyOptimizer):
+    """PPO with a learned value head (Ouyang et al. 2022 setup; Schulman et al. 2017 losses).
+
+    Per-token reward = -kl_coef * (log pi_old - log pi_ref) on every response token, plus the
+    scorer's reward on the last one; advantages by GAE, whitened over the batch; clipped policy
+    and value losses. Departure from a separate critic model: the value head is a linear layer on
+    the policy's last hidden states (a shared trunk, as TRL's former value-head model did), which
+    keeps memory at one model; ``vf_coef`` weighs its loss.
+    """
+
+    name = "ppo"
+    min_samples = 1
+
+    def extra_modules(self) -> dict[str, nn.Module]:
+        head = nn.Linear(self.policy.config.get_text_config().hidden_size, 1)
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+        return {"value_head": head.to(next(self.policy.parameters()).device)}
+
+    @torch.no_grad()
+    def prepare(self, r):
+        stats = super().prepare(r)
+        rewards = torch.zeros_like(r.logp_old)
+        if self.needs_ref:
+            rewards -= self.cfg.kl_coef * (r.logp_old - r.logp_ref) * r.mask
+        last = (r.mask * torch.arange(r.mask.shape[1], device=r.mask.device)).argmax(-1)
+        rewards[torch.arange(len(last)), last] += r.scores
+        adv, self._returns = est.gae(rewards, r.values_old * r.mask, r.mask, self.cfg.gamma, self.cfg.lam)
+        self._advantages = est.whiten(adv, r.mask)
+        return stats
+
+    def loss(self, r, logp, entropy, hidden):
+        policy_loss, stats = L.clipped_surrogate(logp, r.logp_old, self._advantages, r.mask, self.cfg.clip_eps)
+        value_loss, vstats = L.clipped_value_loss(self.values(hidden), r.values_old, self._returns, r.mask, self.cfg.clip_eps)
+        return policy_loss + self.cfg.vf_coef * value_loss, {**stats, **vstats}

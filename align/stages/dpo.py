@@ -1,0 +1,327 @@
+"""``align dpo``: offline preference optimization with TRL's DPOTrainer and Llama 3's refinements.
+
+    align dpo --config configs/demo_dpo.yaml --model_name_or_path runs/sft/model \\
+        --dataset runs/demo/pairs.jsonl --eval_dataset runs/demo/test.jsonl --output_dir runs/dpo
+    accelerate launch --config_file configs/accelerate/cpu_2proc.yaml -m align dpo ...   # 2 processes
+
+TRL's DPOTrainer computes the losses and runs the loop; ``align.dpo_trainer`` extends it with a
+collator and a small subclass. What this stage adds, and where it departs from the papers:
+1. Losses by name from ``LOSSES`` (``--loss sigmoid,nll:0.2``), mapped to TRL's ``loss_type`` and
+   ``loss_weights`` lists and summed. The default is Llama 3's: DPO plus 0.2 x the chosen
+   response's NLL. TRL 1.16's ``sigmoid`` loss has no label smoothing, so the label-noise option
+   is ``robust`` (Chowdhury et al. 2024), the unbiased form of cDPO's smoothing.
+2. Llama 3's formatting-token masking, on by default (see ``align.dpo_trainer``).
+3. The reference: ``--ref_model``, else the starting policy (with ``use_lora``: the base with the
+   adapter disabled); its log-probs are precomputed once and cached on disk by default, so a
+   rerun, a resumed run or a second epoch never recomputes them.
+4. Pair filtering before training, each step counted in stage.json: Llama 3's preference-strength
+   filter (``keep_preferences``), pairs whose chosen equals rejected, repeated pairs, and
+   near-identical pairs (``near_identical_ratio``); over-long prompts truncated or skipped.
+5. The stage contract (``align.stage``), ``--resume``, an optional greedy evaluation like
+   ``align sft``'s, and multi-process runs under ``accelerate launch`` (only the main process
+   writes stage.json, metrics and the model).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from align.cli import command
+from align.config import BaseConfig, option, required
+from align.errors import ConfigError, DataError
+from align.models import ModelOptions, load_causal_lm, load_tokenizer, peft_config, save_model
+from align.stage import Stage, read_stage
+from align.training import TrainOptions, trl_args
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses: our names -> TRL loss types with default weights
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Loss:
+    trl_type: str  # the DPOConfig.loss_type entry that computes it
+    weight: float  # default weight in the sum
+    preference: bool  # compares chosen with rejected (False: a regularizer)
+    source: str
+
+
+LOSSES: dict[str, Loss] = {}
+
+
+def register_loss(name: str, loss: Loss) -> None:
+    if name in LOSSES:
+        raise ValueError(f"loss {name!r} registered twice")
+    LOSSES[name] = loss
+
+
+register_loss("sigmoid", Loss("sigmoid", 1.0, True, "DPO, Rafailov et al. 2023 eq. 7: -log sigmoid(beta * margin)"))
+register_loss("ipo", Loss("ipo", 1.0, True, "IPO, Azar et al. 2023 eq. 17: (margin / tokens - 1 / (2 beta))^2"))
+register_loss("robust", Loss("robust", 1.0, True, "robust DPO, Chowdhury et al. 2024: label noise label_smoothing"))
+register_loss("hinge", Loss("hinge", 1.0, True, "SLiC, Zhao et al. 2023: max(0, 1 - beta * margin)"))
+register_loss("nll", Loss("sft", 0.2, False, "Llama 3: NLL of the chosen response (mean per token), weight 0.2"))
+
+
+def resolve_losses(specs: list[str]) -> tuple[list[str], list[float]]:
+    """``["sigmoid", "nll:0.2"]`` -> TRL ``(loss_type, loss_weights)``; ConfigError lists valid names."""
+    types, weights, names = [], [], []
+    for spec in specs:
+        name, _, weight = spec.partition(":")
+        name = name.strip()
+        if name not in LOSSES:
+            close = difflib.get_close_matches(name, LOSSES, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown loss '{name}'{hint}; valid: {', '.join(sorted(LOSSES))}")
+        if name in names:
+            raise ConfigError(f"loss '{name}' is listed twice in 'loss'")
+        try:
+            value = float(weight) if weight else LOSSES[name].weight
+        except ValueError:
+            raise ConfigError(f"loss '{spec}': the weight after ':' must be a number (e.g. nll:0.2)") from None
+        names.append(name)
+        types.append(LOSSES[name].trl_type)
+        weights.append(value)
+    if not any(LOSSES[n].preference for n in names):
+        raise ConfigError(f"'loss' needs a preference loss ({', '.join(n for n, l in LOSSES.items() if l.preference)});"
+                          " 'nll' alone is SFT (use align sft)")
+    return types, weights
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/align/ref_logps``, i.e. ``~/.cache/align/ref_logps`` by default."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "align" / "ref_logps"
+
+
+@dataclasses.dataclass
+class DPOStageConfig(TrainOptions, ModelOptions, BaseConfig):
+    run_control = ("overwrite", "resume", "ref_cache_dir")
+
+    dataset: str = required("Preference pairs: JSONL/JSON/Parquet, a `datasets` folder or a Hub id (TRL prompt/chosen/rejected, implicit-prompt, Alpaca or ShareGPT).")
+    output_dir: str = required("Stage directory: stage.json, metrics.jsonl, model/ and checkpoints/ go here.")
+    loss: list[str] = option(["sigmoid", "nll"], "Losses summed, as NAME or NAME:WEIGHT, from: " + "; ".join(f"{n} ({l.source})" for n, l in LOSSES.items()) + ". Default: Llama 3's DPO + 0.2 NLL.")
+    beta: float = option(0.1, "DPO beta: strength of the pull toward the reference (Llama 3: 0.1).")
+    label_smoothing: float = option(0.0, "Probability that a preference label is flipped, in [0, 0.5); used by the robust loss only.")
+    ref_model: str | None = option(None, "Reference model folder or Hub id; default: the starting policy (with use_lora: its base, adapter disabled).")
+    precompute_ref_log_probs: bool = option(True, "Compute the reference log-probs once before training and cache them on disk (no reference model in memory while training).")
+    ref_cache_dir: str | None = option(None, "Where cached reference log-probs live; default $XDG_CACHE_HOME/align/ref_logps (~/.cache/align/ref_logps). Keyed by reference model, tokenized pairs and settings.")
+    mask_formatting_tokens: bool = option(True, "Llama 3: leave the chat format's header and termination special tokens out of the log-probs of chosen and rejected.")
+    formatting_tokens: list[str] = option([], "Tokens to mask; empty: the special tokens that the tokenizer's chat template writes.")
+    max_prompt_length: int | None = option(None, "Longest prompt in tokens (default max_length - 1); longer prompts follow long_prompts.")
+    long_prompts: Literal["skip", "truncate"] = option("skip", "Over-long prompts: skip the pair, or keep the prompt's last max_prompt_length tokens. Counted in stage.json.")
+    preference_column: str = option("preference", "Column holding a pair's preference strength (Llama 3: significantly better / better / slightly better / negligibly better).")
+    keep_preferences: list[str] = option([], "Keep only pairs whose preference_column value is one of these (Llama 3 keeps 'significantly better,better'); empty keeps all.")
+    drop_duplicates: bool = option(True, "Drop repeated (prompt, chosen, rejected) pairs after the first.")
+    near_identical_ratio: float | None = option(None, "Drop pairs whose chosen and rejected texts are at least this similar (difflib ratio in (0, 1], e.g. 0.95); null keeps them.")
+    eval_dataset: str | None = option(None, "Held-out prompts to answer greedily after training (e.g. the demo's test.jsonl).")
+    eval_reward: str = option("rule:arithmetic", "Scorer for eval_dataset answers (rule:NAME or module:function).")
+    eval_max_tokens: int = option(16, "Longest generated answer in evaluation.")
+    seed: int = option(0, "Random seed (data order, dropout).")
+    keep_checkpoints: bool = option(False, "Keep output_dir/checkpoints after success (they hold optimizer state: ~3x the model).")
+    overwrite: bool = option(False, "Replace a finished or unfinished stage in output_dir.")
+    resume: bool = option(False, "Continue from the newest checkpoint in output_dir/checkpoints.")
+
+    def validate(self) -> None:
+        self.validate_training()
+        resolve_losses(self.loss)
+        if self.beta <= 0:
+            raise ConfigError(f"'beta' must be positive, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"'label_smoothing' must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and "robust" not in [s.partition(":")[0].strip() for s in self.loss]:
+            raise ConfigError("'label_smoothing' only applies to the robust loss; add robust to 'loss' or set it to 0")
+        if self.max_prompt_length is not None and not 1 <= self.max_prompt_length < self.max_length:
+            raise ConfigError(f"'max_prompt_length' must be in [1, max_length={self.max_length}), got {self.max_prompt_length}"
+                              " (the response needs room)")
+        if self.near_identical_ratio is not None and not 0.0 < self.near_identical_ratio <= 1.0:
+            raise ConfigError(f"'near_identical_ratio' must be in (0, 1], got {self.near_identical_ratio}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"'warmup_ratio' must be in [0, 1), got {self.warmup_ratio}")
+        if self.merge_lora and not (self.use_lora or self.load_in_4bit):
+            raise ConfigError("'merge_lora' needs use_lora (or load_in_4bit); a full fine-tune is already merged")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pair filtering (pure: rows in, rows and counts out)
+# ---------------------------------------------------------------------------------------------
+
+
+def _text(messages: list[dict]) -> str:
+    return "\n".join(m["content"] for m in messages)
+
+
+def filter_pairs(rows: list[dict], cfg: DPOStageConfig, source: str) -> tuple[list[dict], dict[str, int]]:
+    """Apply the preference filter, then drop identical, repeated and near-identical pairs."""
+    report = {"pairs_in": len(rows), "filtered_by_preference": 0, "identical_skipped": 0,
+              "duplicates_dropped": 0, "near_identical_dropped": 0}
+    keep, seen = [], set()
+    for i, row in enumerate(rows, start=1):
+        if cfg.keep_preferences:
+            if row.get(cfg.preference_column) is None:
+                raise DataError(f"{source} row {i}: no '{cfg.preference_column}' column, which keep_preferences filters on;"
+                                " add it to every row or set preference_column")
+            if str(row[cfg.preference_column]) not in cfg.keep_preferences:
+                report["filtered_by_preference"] += 1
+                continue
+        if row["chosen"] == row["rejected"]:
+            report["identical_skipped"] += 1
+            continue
+        key = json.dumps([row["prompt"], row["chosen"], row["rejected"]], sort_keys=True)
+        if cfg.drop_duplicates and key in seen:
+            report["duplicates_dropped"] += 1
+            continue
+        seen.add(key)
+        if cfg.near_identical_ratio is not None:
+            ratio = difflib.SequenceMatcher(None, _text(row["chosen"]), _text(row["rejected"])).ratio()
+            if ratio >= cfg.near_identical_ratio:
+                report["near_identical_dropped"] += 1
+                continue
+        keep.append(row)
+    if not keep:
+        raise DataError(f"{source}: no preference pairs left after filtering ({_counts(report)}); check the data"
+                        " and the filter options")
+    return keep, report
+
+
+def _counts(report: dict[str, int]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in report.items())
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------
+
+
+@command("dpo", DPOStageConfig, "Offline preference optimization (TRL DPOTrainer) with Llama 3's masking and NLL term.")
+def run_dpo(cfg: DPOStageConfig) -> dict:
+    """Run the DPO stage; returns the stage record (also written to output_dir/stage.json)."""
+    import datasets
+
+    from align.data import load_rows
+    from align.stages.sft import _quiet_trainer
+    from align.tracking import StageCallback, plot_metrics
+
+    datasets.disable_progress_bars()
+    stage = Stage("dpo", cfg, cfg.output_dir)
+    if not stage.prepare(overwrite=cfg.overwrite, resume=cfg.resume):
+        return read_stage(cfg.output_dir)
+    rows, report = filter_pairs(load_rows(cfg.dataset, "preference"), cfg, cfg.dataset)
+    train = datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
+    checkpoint = stage.latest_checkpoint() if cfg.resume else None
+    if checkpoint is not None:
+        stage.truncate_metrics(after_step=int(checkpoint.name.split("-")[-1]))
+    started = time.time()
+    trainer = build_trainer(cfg, train, stage, callbacks=[StageCallback(stage, "dpo")])
+    setup_seconds = time.time() - started
+    _quiet_trainer(trainer)
+    started = time.time()
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    train_seconds = time.time() - started
+
+    cache = trainer.ref_cache
+    trainer.accelerator.wait_for_everyone()
+    if not trainer.is_world_process_zero():  # the main process saves, evaluates and writes stage.json
+        return {}
+    tokenizer = trainer.processing_class
+    artifacts = save_model(trainer.model, tokenizer, stage.dir, merge_lora=cfg.merge_lora)
+    rows_logged = stage.metrics()
+    summary: dict[str, Any] = {
+        **report,
+        **trainer.prompt_report,
+        "train_pairs": len(trainer.train_dataset),
+        "global_step": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "final_loss": _last(rows_logged, "loss"),
+        "reward_accuracy": _last(rows_logged, "rewards/accuracies"),
+        "reward_margin": _last(rows_logged, "rewards/margins"),
+        "masked_token_ids": list(trainer.data_collator.mask_ids),
+        "ref_logps": "live" if cache is None else ("cache_hit" if cache.hit else "computed"),
+        "ref_precompute_batches": trainer.ref_forward_batches,  # on this process; 0 on a cache hit
+        "ref_cache_file": str(cache.path) if cache else None,
+        "num_processes": trainer.accelerator.num_processes,
+        "resumed_from_step": int(checkpoint.name.split("-")[-1]) if checkpoint else 0,
+        "setup_seconds": round(setup_seconds, 2),
+        "train_seconds": round(train_seconds, 2),
+    }
+    if cfg.eval_dataset:
+        from align.stages.sft import _evaluate
+
+        summary.update(_evaluate(trainer.model, tokenizer, cfg, stage))
+    plot = plot_metrics(rows_logged, ["loss", "rewards/accuracies", "rewards/margins"], stage.dir / "loss.png",
+                        f"dpo: {cfg.output_dir}")
+    if plot:
+        artifacts["plot"] = str(plot)
+    record = stage.finish(summary, artifacts)
+    if not cfg.keep_checkpoints:
+        shutil.rmtree(stage.checkpoints_dir, ignore_errors=True)
+    return record
+
+
+def build_trainer(cfg: DPOStageConfig, train, stage: Stage, callbacks: list | None = None):
+    """The configured ``AlignDPOTrainer`` for ``train`` (prompt/chosen/rejected rows): loads the
+    tokenizer, policy and reference, maps our options to TRL's DPOConfig, and (with
+    ``precompute_ref_log_probs``) fills the reference log-probs from the cache or computes them."""
+    from trl import DPOConfig
+
+    from align.dpo_trainer import AlignDPOTrainer, MaskingPreferenceCollator, RefLogpsCache, formatting_token_ids
+
+    tokenizer = load_tokenizer(cfg)
+    model = load_causal_lm(cfg)
+    ref_model = load_causal_lm(dataclasses.replace(cfg, model_name_or_path=cfg.ref_model)) if cfg.ref_model else None
+    mask_ids = formatting_token_ids(tokenizer, cfg.formatting_tokens) if cfg.mask_formatting_tokens else []
+    loss_type, loss_weights = resolve_losses(cfg.loss)
+    args = DPOConfig(
+        **trl_args(cfg, stage), max_length=cfg.max_length, beta=cfg.beta, loss_type=loss_type,
+        loss_weights=loss_weights, label_smoothing=cfg.label_smoothing,
+        precompute_ref_log_probs=cfg.precompute_ref_log_probs, ddp_find_unused_parameters=False,
+    )
+    cache = None
+    if cfg.precompute_ref_log_probs:
+        cache = RefLogpsCache(cfg.ref_cache_dir or default_cache_dir(), _reference_identity(cfg, mask_ids))
+    return AlignDPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=args,
+        data_collator=MaskingPreferenceCollator(pad_token_id=tokenizer.pad_token_id, max_length=cfg.max_length,
+                                                mask_ids=tuple(mask_ids)),
+        train_dataset=train,
+        processing_class=tokenizer,
+        peft_config=peft_config(cfg),
+        callbacks=callbacks,
+        max_prompt_length=cfg.max_prompt_length or cfg.max_length - 1,
+        long_prompts=cfg.long_prompts,
+        ref_cache=cache,
+    )
+
+
+def _reference_identity(cfg: DPOStageConfig, mask_ids: list[int]) -> dict[str, Any]:
+    """Everything besides the tokenized pairs that changes the reference log-probs."""
+    from importlib.metadata import version
+
+    from align.dpo_trainer import model_identity
+
+    return {
+        "reference": model_identity(cfg.ref_model or cfg.model_name_or_path),
+        "dtype": cfg.dtype,
+        "load_in_4bit": cfg.load_in_4bit and not cfg.ref_model,
+        "max_length": cfg.max_length,
+        "masked_token_ids": mask_ids,
+        "trl": version("trl"),
+    }
+
+
+def _last(rows: list[dict], key: str):
+    values = [r[key] for r in rows if key in r]
+    return values[-1] if values else None

@@ -1,0 +1,325 @@
+"""``align rlhf``: the experience loop with a pluggable optimizer (online DPO, PPO, MDLOO, GRPO, RLOO).
+
+    align rlhf --config configs/demo_rlhf.yaml --model_name_or_path runs/sft/model \
+        --dataset runs/demo/prompts.jsonl --optimizer mdloo --output_dir runs/rlhf
+
+Each iteration, read top to bottom in ``run_rlhf``:
+  1. take the next ``prompts_per_iteration`` prompts (a seeded order per epoch: resumable);
+  2. the in-process engine (vLLM when it imports) samples K = ``num_samples`` responses each;
+  3. the scorers score the decoded text (own tokenizers; NaN stops the run naming the prompt);
+  4. the optimizer computes log-probs under the policy (and reference) and takes its steps;
+  5. the new weights go into the engine (LoRA: merged, sent, unmerged);
+  6. one metrics row (reward, KL, entropy, length, clip fraction, time split) and a checkpoint
+     every ``save_every`` iterations.
+
+Why our own loop: TRL's online trainers each own generation and cannot swap the optimizer, TRL
+has no PPO or MDLOO, and its colocated vLLM sync fails on CPU in fp32 (stack.md).
+
+Multi-process: not supported yet. The intended design (one engine per rank, each generating for
+its own shard of the prompt batch, gradients all-reduced by accelerate, every rank syncing its
+own engine after the step) is what ``accelerate launch`` would run; today the loop is single-process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from align.cli import command
+from align.config import BaseConfig, option, required
+from align.errors import ConfigError
+from align.models import ModelOptions, load_causal_lm, load_tokenizer, peft_config, save_model
+from align.stage import Stage, read_stage, staging_dir
+from sampling.engines import EngineOptions
+
+
+@dataclasses.dataclass
+class RLHFConfig(EngineOptions, ModelOptions, BaseConfig):
+    dataset: str = required("Prompts to train on (prompt rows; extra columns such as `answer` reach the scorers).")
+    output_dir: str = required("Stage directory: stage.json, metrics.jsonl, model/, checkpoints/.")
+    reward: list[str] = required("Scorer spec(s): rule:NAME, model:PATH or module:function (comma-separated to combine).")
+    reward_weights: list[float] | None = option(None, "One weight per scorer for combine 'weighted' (default: equal).")
+    reward_combine: str = option("weighted", "How several scorers combine: weighted, mean or min.")
+    optimizer: str = option("rloo", "Policy optimizer: online_dpo, ppo, mdloo, grpo or rloo.")
+    num_iterations: int = option(100, "Experience iterations (generate -> score -> update -> sync).")
+    prompts_per_iteration: int = option(16, "Prompts sampled per iteration.")
+    num_samples: int = option(4, "K: responses sampled per prompt.")
+    max_tokens: int = option(64, "Longest sampled response, in tokens.")
+    temperature: float = option(1.0, "Sampling temperature for rollouts.")
+    top_p: float = option(1.0, "Nucleus sampling for rollouts.")
+    learning_rate: float = option(1e-5, "AdamW learning rate for the policy (and value head).")
+    inner_steps: int = option(1, "Optimizer steps per iteration on the same rollouts (PPO epochs; MDLOO's mirror-descent steps).")
+    clip_eps: float = option(0.2, "Ratio clipping for ppo/grpo/rloo (and value clipping for ppo).")
+    kl_coef: float = option(0.05, "KL-to-reference coefficient (reward shaping for ppo/rloo, AFM's beta for mdloo, loss term for grpo); 0 skips the reference.")
+    beta: float = option(0.1, "online_dpo: DPO beta.")
+    mdloo_t: float = option(1.0, "mdloo: mirror-descent step size t (the KL-to-previous-policy term is weighted 1/t).")
+    vf_coef: float = option(0.1, "ppo: value loss weight.")
+    gamma: float = option(1.0, "ppo: discount.")
+    lam: float = option(0.95, "ppo: GAE lambda.")
+    max_grad_norm: float = option(1.0, "Gradient clipping norm.")
+    save_every: int = option(10, "Write a resumable checkpoint every N iterations.")
+    eval_dataset: str | None = option(None, "Held-out prompts answered greedily before and after training.")
+    eval_reward: list[str] | None = option(None, "Scorer(s) for eval_dataset (default: reward).")
+    eval_max_tokens: int = option(16, "Longest answer in evaluation.")
+    seed: int = option(0, "Seed for the prompt order, sampling and initialization.")
+    keep_checkpoints: bool = option(False, "Keep output_dir/checkpoints after success.")
+    overwrite: bool = option(False, "Replace a finished or unfinished stage in output_dir.")
+    resume: bool = option(False, "Continue from the newest checkpoint in output_dir/checkpoints.")
+
+    def validate(self) -> None:
+        from align.rl.optimizers import get_optimizer
+
+        self.validate_engine()
+        opt = get_optimizer(self.optimizer)
+        if self.num_samples < opt.min_samples:
+            raise ConfigError(
+                f"optimizer '{self.optimizer}' needs num_samples >= {opt.min_samples} (its baseline compares the"
+                f" K samples of a prompt), got {self.num_samples}"
+            )
+        for key in ("num_iterations", "prompts_per_iteration", "num_samples", "max_tokens", "inner_steps", "save_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"'{key}' must be >= 1, got {getattr(self, key)}")
+        if self.learning_rate <= 0 or self.kl_coef < 0 or self.mdloo_t <= 0:
+            raise ConfigError("'learning_rate' and 'mdloo_t' must be > 0 and 'kl_coef' >= 0")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces of the loop
+# ---------------------------------------------------------------------------------------------
+
+
+def batch_indices(n: int, size: int, iteration: int, seed: int) -> list[int]:
+    """Dataset rows of ``iteration``: a seeded permutation per epoch, walked in order.
+
+    A pure function of (n, size, iteration, seed), so a resumed run draws the same next batch.
+    """
+    start = iteration * size
+    out = []
+    for pos in range(start, start + size):
+        epoch, offset = divmod(pos, n)
+        order = list(range(n))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        out.append(order[offset])
+    return out
+
+
+def policy_weights(policy) -> list[tuple[str, torch.Tensor]]:
+    """The policy's weights under Hugging Face names; a LoRA model must be merged by the caller."""
+    named = []
+    for name, tensor in policy.state_dict().items():
+        if "lora_" in name:
+            continue
+        name = name.removeprefix("base_model.model.").replace(".base_layer", "")
+        named.append((name, tensor.detach()))
+    return named
+
+
+def sync_engine(engine, policy) -> None:
+    """Send the current weights to the engine (LoRA: merge, send the merged weights, unmerge)."""
+    is_peft = hasattr(policy, "peft_config")
+    if is_peft:
+        policy.merge_adapter()
+    try:
+        engine.load_weights(policy_weights(policy))
+    finally:
+        if is_peft:
+            policy.unmerge_adapter()
+
+
+def make_reference(cfg: RLHFConfig, policy):
+    """A function (input_ids, attention_mask) -> per-token log-probs under the reference policy.
+
+    Full fine-tuning keeps a frozen copy of the starting weights; LoRA reuses the base model with
+    the adapter disabled (no second copy in memory).
+    """
+    from align.rl.rollout import token_logprobs
+
+    if hasattr(policy, "disable_adapter"):
+        @torch.no_grad()
+        def ref(input_ids, attention_mask):
+            with policy.disable_adapter():
+                return token_logprobs(policy, input_ids, attention_mask)[0]
+        return ref
+    frozen = load_causal_lm(cfg).eval()
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+
+    @torch.no_grad()
+    def ref(input_ids, attention_mask):
+        return token_logprobs(frozen, input_ids, attention_mask)[0]
+
+    return ref
+
+
+def save_checkpoint(stage: Stage, iteration: int, policy, optimizer, extra: dict[str, Any]) -> Path:
+    """checkpoints/checkpoint-N: policy weights (safetensors), optimizer + value head, RNG, position."""
+    final = stage.checkpoints_dir / f"checkpoint-{iteration}"
+    with staging_dir(final) as tmp:
+        policy.save_pretrained(tmp, safe_serialization=True)
+        torch.save({"iteration": iteration, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                    "python_rng": random.getstate(), **extra}, tmp / "state.pt")
+    return final
+
+
+def load_checkpoint(path: Path, policy, optimizer) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    if hasattr(policy, "peft_config"):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(policy, load_file(path / "adapter_model.safetensors"))
+    else:
+        policy.load_state_dict(load_file(path / "model.safetensors"), strict=False)
+    state = torch.load(path / "state.pt", weights_only=False)  # our own file, written by save_checkpoint
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate(state["python_rng"])
+    return state
+
+
+def _live_view(cfg: RLHFConfig, start: int):
+    import sys
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    progress = Progress(
+        TextColumn(f"[bold]rlhf {cfg.optimizer}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+        disable=not sys.stderr.isatty(),
+    )
+    task = progress.add_task("rlhf", total=cfg.num_iterations, completed=start, status="")
+    return progress, task
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+
+@command("rlhf", RLHFConfig, "Online RL: generate with vLLM, score, update with a pluggable optimizer, sync, repeat.")
+def run_rlhf(cfg: RLHFConfig) -> dict:
+    from align.evaluation import check_scorer_accepts, columns, evaluate, load_prompts, make_scorer, prompt_text, score_candidates
+    from align.rl.optimizers import get_optimizer
+    from align.rl.rollout import build_rollouts
+    from align.tracking import plot_metrics
+    from sampling.base import SamplingParams, encode_prompts
+
+    stage = Stage("rlhf", cfg, cfg.output_dir)
+    if not stage.prepare(overwrite=cfg.overwrite, resume=cfg.resume):
+        return read_stage(cfg.output_dir)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+
+    # Data and scorers first: bad input fails before any model is loaded.
+    rows = load_prompts(cfg.dataset)
+    scorer = make_scorer(cfg.reward, cfg.reward_weights, cfg.reward_combine)
+    check_scorer_accepts(scorer, rows, cfg.dataset)
+    tokenizer = load_tokenizer(cfg)
+    limit = cfg.max_model_len - cfg.max_tokens
+    lengths = [len(ids) for ids in encode_prompts(tokenizer, [r["prompt"] for r in rows], cfg.system_prompt)]
+    kept = [r for r, n in zip(rows, lengths) if n <= limit]
+    skipped_long = len(rows) - len(kept)
+    if not kept:
+        raise ConfigError(f"every prompt of {cfg.dataset} is longer than max_model_len - max_tokens = {limit} tokens; raise --max_model_len")
+    rows = kept
+
+    policy = load_causal_lm(cfg)
+    lora = peft_config(cfg)
+    if lora is not None:
+        from peft import get_peft_model
+
+        policy = get_peft_model(policy, lora)
+    optimizer_cls = get_optimizer(cfg.optimizer)
+    reference = make_reference(cfg, policy) if optimizer_cls.uses_reference(cfg) else None
+    opt = optimizer_cls(cfg, policy, reference)
+    engine = cfg.build_engine(cfg.model_name_or_path, seed=cfg.seed)
+    device = next(policy.parameters()).device
+
+    start = 0
+    checkpoint = stage.latest_checkpoint() if cfg.resume else None
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, policy, opt)
+        start = state["iteration"]
+        stage.truncate_metrics(after_step=start)
+        sync_engine(engine, policy)
+
+    eval_reward = cfg.eval_reward or cfg.reward
+    before = {}
+    if checkpoint is not None:
+        before = state["before"]
+    elif cfg.eval_dataset:
+        before = {"eval_mean_reward_before": evaluate(engine, cfg.eval_dataset, eval_reward, cfg.eval_max_tokens)["mean_reward"]}
+    summary: dict[str, Any] = {"prompts": len(rows), "skipped_long_prompts": skipped_long, "resumed_from_iteration": start, **before}
+
+    progress, task = _live_view(cfg, start)
+    progress.start()
+    try:
+        for it in range(start, cfg.num_iterations):
+            batch = [rows[i] for i in batch_indices(len(rows), cfg.prompts_per_iteration, it, cfg.seed)]
+            params = SamplingParams(n=cfg.num_samples, temperature=cfg.temperature, top_p=cfg.top_p,
+                                    max_tokens=cfg.max_tokens, seed=cfg.seed * 1_000_003 + it * 10_007)
+            t0 = time.perf_counter()
+            candidates = engine.generate([r["prompt"] for r in batch], params)
+            t1 = time.perf_counter()
+            scores = score_candidates(scorer, batch, candidates)  # raises on NaN, naming the prompt
+            t2 = time.perf_counter()
+            rollouts = build_rollouts(
+                encode_prompts(tokenizer, [r["prompt"] for r in batch], cfg.system_prompt),
+                [[c.token_ids for c in cands] for cands in candidates],
+                [[c.finish_reason == "stop" for c in cands] for cands in candidates],
+                [s for group in scores for s in group], tokenizer.eos_token_id, tokenizer.pad_token_id, device,
+            )
+            stats = opt.update(rollouts)
+            t3 = time.perf_counter()
+            sync_engine(engine, policy)
+            t4 = time.perf_counter()
+
+            flat = rollouts.scores
+            row = {
+                "step": it + 1,
+                "reward_mean": flat.mean().item(),
+                "reward_std": flat.std(unbiased=False).item(),
+                "response_length": sum(len(c.token_ids) for cands in candidates for c in cands) / flat.numel(),
+                **stats,
+                "time_generate": t1 - t0, "time_score": t2 - t1, "time_train": t3 - t2, "time_sync": t4 - t3,
+                "samples_per_s": flat.numel() / (t4 - t0),
+                "batch": hashlib.sha1(",".join(r["prompt_id"] for r in batch).encode()).hexdigest()[:12],
+            }
+            stage.log(row)
+            progress.update(task, completed=it + 1, status=f"reward {row['reward_mean']:.3f}  kl {row.get('kl_ref', 0.0):.3f}")
+            if (it + 1) % cfg.save_every == 0 or it + 1 == cfg.num_iterations:
+                save_checkpoint(stage, it + 1, policy, opt, {"before": before})
+    finally:
+        progress.stop()
+
+    metrics = [r for r in stage.metrics() if "reward_mean" in r]
+    tenth = max(1, len(metrics) // 10)
+    summary.update({
+        "iterations": cfg.num_iterations,
+        "reward_first_10pct": sum(r["reward_mean"] for r in metrics[:tenth]) / tenth,
+        "reward_last_10pct": sum(r["reward_mean"] for r in metrics[-tenth:]) / tenth,
+        "sync_fraction": sum(r["time_sync"] for r in metrics) / max(1e-9, sum(r["time_generate"] + r["time_score"] + r["time_train"] + r["time_sync"] for r in metrics)),
+    })
+    if cfg.eval_dataset:
+        report = evaluate(engine, cfg.eval_dataset, eval_reward, cfg.eval_max_tokens)
+        summary["eval_mean_reward"] = report["mean_reward"]
+    engine.close()
+    artifacts = save_model(policy, tokenizer, stage.dir, merge_lora=cfg.merge_lora or lora is not None)
+    plot = plot_metrics(stage.metrics(), ["reward_mean", "kl_ref", "response_length"], stage.dir / "reward.png", f"rlhf {cfg.optimizer}")
+    if plot:
+        artifacts["plot"] = str(plot)
+    record = stage.finish(summary, artifacts)
+    if not cfg.keep_checkpoints:
+        import shutil
+
+        shutil.rmtree(stage.checkpoints_dir, ignore_errors=True)
+    return record
+
+
+__all__ = ["RLHFConfig", "run_rlhf", "batch_indices", "sync_engine", "policy_weights"]

@@ -1,0 +1,242 @@
+"""``align rs``: rejection sampling. Prompts -> K candidates -> rewards -> selection -> dataset.
+
+    align rs --config configs/demo_rs.yaml --model_name_or_path runs/sft/model \\
+        --dataset runs/demo/prompts.jsonl --output_dir runs/rs
+
+Llama 2/3 ran it every round (sample K per prompt from the latest policy, keep the best by the
+reward model, fine-tune on it); Qwen2 used it for math with a correctness rule. ``--select``
+picks what is kept (``sampling.select``): ``best`` -> SFT rows, ``pairs`` -> preference pairs,
+``all`` -> every scored candidate.
+
+Output in DIR:
+  data/             the selected rows, a ``datasets`` folder (``load_from_disk``; also accepted
+                    as ``--dataset`` by later stages) in TRL's conversational formats, each row with
+                    its ``prompt_id`` (and ``candidate_index`` / rewards)
+  candidates.jsonl  every candidate: prompt_id, candidate_index, text, reward, num_tokens,
+                    finish_reason, duplicate_of (the earlier identical candidate, if any)
+  stage.json        prompts, candidates, kept rows, mean/max reward, tokens/s (written last)
+  metrics.jsonl     one row per shard
+
+Crash safety: prompts are processed in shards of ``shard_size``; each finished shard (candidates
+and rewards) is written atomically to DIR/shards/. Rerunning the same command after a crash or
+kill continues after the last complete shard (DIR/shards/manifest.json records the config;
+another config there fails unless ``--overwrite``). The vLLM engine seeds prompt ``i`` with
+``seed + i``, so the resumed result is the one an uninterrupted run gives. When every shard is
+done, data/ and candidates.jsonl are written, then stage.json, then shards/ is removed; a rerun
+of a finished stage is a no-op.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+from align.cli import command
+from align.config import BaseConfig, option, required
+from align.errors import ConfigError, DataError
+from align.evaluation import check_scorer_accepts, load_prompts, make_scorer, score_candidates
+from align.stage import Stage, atomic_write_json, atomic_write_text, read_stage, staging_dir
+from sampling.base import SamplingParams
+from sampling.engines import EngineOptions
+from sampling.select import Scored, SelectOptions, dedupe, get_strategy
+
+SHARDS = "shards"
+CANDIDATES = "candidates.jsonl"
+
+
+@dataclasses.dataclass
+class RSConfig(EngineOptions, BaseConfig):
+    # Memory knobs that do not change the samples: a rerun with other values continues / is a no-op.
+    run_control: ClassVar[tuple[str, ...]] = ("overwrite", "resume", "kv_cache_gb", "max_num_seqs")
+
+    model_name_or_path: str = required("Policy to sample from: a Hugging Face model folder or Hub id (e.g. the SFT stage's model/).")
+    dataset: str = required("Prompts (TRL prompt-only, messages, ShareGPT or Alpaca); extra columns such as `answer` reach the scorer.")
+    output_dir: str = required("Stage directory: data/, candidates.jsonl, stage.json, metrics.jsonl.")
+    reward: list[str] = required("Scorer spec(s): rule:NAME (e.g. rule:arithmetic), model:PATH or module:function; several are combined.")
+    reward_weights: list[float] | None = option(None, "Weights of several --reward scorers (default: equal).")
+    reward_combine: str = option("weighted", "How several scorers combine (see reward.scorers).")
+    num_samples: int = option(8, "K: candidates sampled per prompt.")
+    max_tokens: int = option(64, "Longest generated response, in tokens.")
+    temperature: float = option(1.0, "Sampling temperature (0 = greedy, which makes the K samples identical).")
+    top_p: float = option(1.0, "Nucleus sampling: keep the smallest token set with this much probability.")
+    top_k: int = option(0, "Sample among the k most likely tokens (0 = off).")
+    seed: int = option(0, "Sampling seed: prompt i is sampled with seed + i (vLLM), so reruns reproduce.")
+    select: str = option("best", "Selection strategy: best (best-of-K SFT rows), pairs (best vs worst preference rows), all (every candidate).")
+    min_margin: float = option(0.0, "pairs: keep a pair only if chosen - rejected reward >= this (ties are always skipped).")
+    min_reward: float | None = option(None, "best: drop prompts whose best reward is below this (e.g. 1.0: only correct answers).")
+    max_prompts: int | None = option(None, "Use only the first N prompts of the dataset.")
+    shard_size: int = option(256, "Prompts per shard: the unit written to disk as it completes (and resumed from).")
+    overwrite: bool = option(False, "Replace a finished or unfinished stage in output_dir.")
+
+    def validate(self) -> None:
+        self.validate_engine()
+        get_strategy(self.select)
+        if self.num_samples < 1:
+            raise ConfigError(f"'num_samples' must be >= 1 (K candidates per prompt), got {self.num_samples}")
+        for key in ("max_tokens", "shard_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"'{key}' must be >= 1, got {getattr(self, key)}")
+        if self.max_prompts is not None and self.max_prompts < 1:
+            raise ConfigError(f"'max_prompts' must be >= 1, got {self.max_prompts}")
+        if self.temperature < 0:
+            raise ConfigError(f"'temperature' must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"'top_p' must be in (0, 1], got {self.top_p}")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward):
+            raise ConfigError(f"'reward_weights' has {len(self.reward_weights)} values for {len(self.reward)} --reward specs")
+
+    def sampling_params(self, offset: int = 0) -> SamplingParams:
+        return SamplingParams(n=self.num_samples, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                              max_tokens=self.max_tokens, seed=self.seed + offset)
+
+
+class ShardStore:
+    """DIR/shards/: ``manifest.json`` (the config) and ``shard-NNNNN.json``, each written atomically."""
+
+    def __init__(self, root: Path, identity: dict[str, Any]):
+        self.root = root
+        self.identity = identity
+
+    def open(self) -> dict[int, dict[str, Any]]:
+        """Check or write the manifest; return the complete shards already on disk."""
+        manifest = self.root / "manifest.json"
+        if manifest.is_file():
+            old = json.loads(manifest.read_text())
+            if old != self.identity:
+                changed = ", ".join(k for k in sorted(set(old) | set(self.identity)) if old.get(k) != self.identity.get(k))
+                raise ConfigError(
+                    f"{self.root.parent} holds an unfinished rs run with a different config ({changed}); rerun with"
+                    " that config to continue it, or pass --overwrite to start over"
+                )
+        else:
+            atomic_write_json(manifest, self.identity)
+        return {int(p.stem.split("-")[1]): json.loads(p.read_text()) for p in sorted(self.root.glob("shard-*.json"))}
+
+    def write(self, index: int, record: dict[str, Any]) -> None:
+        atomic_write_text(self.root / f"shard-{index:05d}.json", json.dumps(record) + "\n")
+
+
+@command("rs", RSConfig, "Rejection sampling: K samples per prompt, scored, best-of-K / pairs / all -> dataset.")
+def run_rs(cfg: RSConfig, engine=None) -> dict:
+    """Run the stage; returns the stage record. ``engine`` reuses a live engine (it is not closed)."""
+    rows = load_prompts(cfg.dataset, cfg.max_prompts)
+    scorer = make_scorer(cfg.reward, cfg.reward_weights, cfg.reward_combine)
+    check_scorer_accepts(scorer, rows, cfg.dataset)
+    stage = Stage("rs", cfg, cfg.output_dir)
+    if not stage.prepare(overwrite=cfg.overwrite):
+        return read_stage(cfg.output_dir)
+    store = ShardStore(stage.dir / SHARDS, cfg.identity())
+    done = store.open()
+    starts = range(0, len(rows), cfg.shard_size)
+    todo = [i for i in range(len(starts)) if i not in done]
+    stage.truncate_metrics(after_step=len(done))
+    own_engine = engine is None and bool(todo)
+    if own_engine:
+        engine = cfg.build_engine(cfg.model_name_or_path, seed=cfg.seed)
+    try:
+        for i in todo:
+            shard = rows[starts[i] : starts[i] + cfg.shard_size]
+            done[i] = _run_shard(engine, scorer, cfg, shard, starts[i], cfg.dataset)
+            store.write(i, done[i])
+            stage.log(_shard_metrics(i, done[i]))
+            _progress(i + 1, len(starts), done[i])
+    finally:
+        if own_engine:
+            engine.close()
+    return _finish(stage, cfg, rows, [done[i] for i in range(len(starts))], resumed=len(starts) - len(todo))
+
+
+def _run_shard(engine, scorer, cfg: RSConfig, rows: list[dict], offset: int, dataset: str) -> dict[str, Any]:
+    """Generate, score and record one shard (selection happens at the end, from the records)."""
+    started = time.perf_counter()
+    outputs = engine.generate([r["prompt"] for r in rows], cfg.sampling_params(offset))
+    generated = time.perf_counter()
+    try:
+        rewards = score_candidates(scorer, rows, outputs)
+    except DataError as err:
+        raise DataError(f"{dataset}: {err}") from None
+    prompts = []
+    for row, cands, scores in zip(rows, outputs, rewards):
+        dups = dedupe([c.text for c in cands])
+        prompts.append({"prompt_id": row["prompt_id"], "candidates": [
+            {"index": k, "text": c.text, "reward": s, "num_tokens": len(c.token_ids), "finish_reason": c.finish_reason,
+             "duplicate_of": d}
+            for k, (c, s, d) in enumerate(zip(cands, scores, dups))
+        ]})
+    return {"start": offset, "generate_seconds": generated - started, "score_seconds": time.perf_counter() - generated,
+            "tokens": sum(len(c.token_ids) for cands in outputs for c in cands), "prompts": prompts}
+
+
+def _shard_metrics(index: int, shard: dict[str, Any]) -> dict[str, Any]:
+    rewards = [c["reward"] for p in shard["prompts"] for c in p["candidates"]]
+    return {"step": index + 1, "prompts": len(shard["prompts"]), "mean_reward": sum(rewards) / len(rewards),
+            "tokens_per_s": shard["tokens"] / max(shard["generate_seconds"], 1e-9)}
+
+
+def _progress(done: int, total: int, shard: dict[str, Any]) -> None:
+    m = _shard_metrics(done - 1, shard)
+    print(f"rs: shard {done}/{total}: {m['prompts']} prompts, mean reward {m['mean_reward']:.3f},"
+          f" {m['tokens_per_s']:,.0f} tokens/s", file=sys.stderr, flush=True)
+
+
+def select_rows(cfg: RSConfig, rows: list[dict], records: list[dict]) -> list[dict]:
+    """Apply the selection strategy to every prompt's distinct candidates, in prompt order."""
+    strategy = get_strategy(cfg.select)
+    opts = SelectOptions(min_margin=cfg.min_margin, min_reward=cfg.min_reward)
+    out = []
+    for row, record in zip(rows, records):
+        distinct = [Scored(c["index"], c["text"], c["reward"]) for c in record["candidates"] if c["duplicate_of"] is None]
+        out.extend(strategy(row, distinct, opts))
+    return out
+
+
+def _finish(stage: Stage, cfg: RSConfig, rows: list[dict], shards: list[dict], resumed: int) -> dict:
+    records = [p for s in shards for p in s["prompts"]]
+    if [r["prompt_id"] for r in records] != [r["prompt_id"] for r in rows]:  # shards must tile the prompts
+        raise RuntimeError("rs shards do not cover the prompts exactly once; rerun with --overwrite")
+    started = time.perf_counter()
+    selected = select_rows(cfg, rows, records)
+    select_seconds = time.perf_counter() - started
+    _write_dataset(stage.dir / "data", selected)
+    atomic_write_text(stage.dir / CANDIDATES, "".join(
+        json.dumps({"prompt_id": r["prompt_id"], "candidate_index": c["index"], "text": c["text"], "reward": c["reward"],
+                    "num_tokens": c["num_tokens"], "finish_reason": c["finish_reason"], "duplicate_of": c["duplicate_of"]}) + "\n"
+        for r in records for c in r["candidates"]
+    ))
+    rewards = [c["reward"] for r in records for c in r["candidates"]]
+    generate_seconds = sum(s["generate_seconds"] for s in shards)
+    tokens = sum(s["tokens"] for s in shards)
+    summary = {
+        "prompts": len(records),
+        "candidates": len(rewards),
+        "distinct_candidates": sum(c["duplicate_of"] is None for r in records for c in r["candidates"]),
+        "kept_rows": len(selected),
+        "select": cfg.select,
+        "mean_reward": sum(rewards) / len(rewards),
+        "max_reward": max(rewards),
+        "mean_best_reward": sum(max(c["reward"] for c in r["candidates"]) for r in records) / len(records),
+        "tokens": tokens,
+        "tokens_per_s": round(tokens / generate_seconds, 1) if generate_seconds > 0 else None,
+        "generate_seconds": round(generate_seconds, 3),
+        "score_seconds": round(sum(s["score_seconds"] for s in shards), 3),
+        "select_seconds": round(select_seconds, 3),
+        "shards": len(shards),
+        "resumed_shards": resumed,
+    }
+    record = stage.finish(summary, {"data": str(stage.dir / "data"), "candidates": str(stage.dir / CANDIDATES)})
+    shutil.rmtree(stage.dir / SHARDS, ignore_errors=True)
+    print(f"rs: kept {len(selected)} {cfg.select} rows from {len(records)} prompts x {cfg.num_samples} samples"
+          f" (mean reward {summary['mean_reward']:.4f}, best-of-K {summary['mean_best_reward']:.4f}) -> {stage.dir / 'data'}")
+    return record
+
+
+def _write_dataset(final: Path, rows: list[dict]) -> None:
+    import datasets
+
+    with staging_dir(final) as tmp:
+        datasets.Dataset.from_list(rows).save_to_disk(str(tmp))

@@ -1,0 +1,150 @@
+"""Benchmark: ``align dpo`` against plain TRL ``DPOTrainer`` on the same tiny model and pairs.
+
+    .venv/bin/python bench/bench_dpo.py                       # builds a tiny model and the demo pairs
+    .venv/bin/python bench/bench_dpo.py --model runs/sft/model --pairs runs/demo/pairs.jsonl
+
+Each configuration trains one epoch in its own subprocess (so peak memory is that process's
+``ru_maxrss``, from start to exit) with the same loss (DPO + 0.2 NLL), batch, length and seed:
+
+* ``trl``              TRL's DPOTrainer as its docs show it: a reference model in memory, live.
+* ``align_live``       ``align dpo --precompute_ref_log_probs false``: live reference, no caching.
+* ``align_cache_miss`` ``align dpo``: reference log-probs computed before training, then cached.
+* ``align_cache_hit``  ``align dpo`` again: reference log-probs read from the on-disk cache.
+
+Time per epoch is the wall time of ``trainer.train()`` (for align: ``train_seconds`` in
+stage.json); for the cache miss, the reference pass happens before training and is reported
+separately as ``setup_seconds``. Goals: align_live <= 1.05x trl, align_cache_hit <= 0.7x trl,
+peak memory no higher than trl. Prints a table and writes bench/results/bench_dpo.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BATCH, MAX_LENGTH, LR, SEED = 32, 64, 1e-4, 0
+
+
+def worker_trl(model: str, pairs: str, work: Path) -> dict:
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    from align.data import load_rows
+
+    rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in load_rows(pairs, "preference")]
+    args = DPOConfig(
+        output_dir=str(work / "trl"), per_device_train_batch_size=BATCH, num_train_epochs=1, learning_rate=LR,
+        max_length=MAX_LENGTH, beta=0.1, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.2], seed=SEED,
+        bf16=False, use_cpu=True, report_to="none", gradient_checkpointing=False, save_strategy="no",
+        logging_steps=10, disable_tqdm=True, dataloader_num_workers=0,
+    )
+    started = time.time()
+    trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(model, dtype="float32"), args=args,
+                         train_dataset=datasets.Dataset.from_list(rows),
+                         processing_class=AutoTokenizer.from_pretrained(model))
+    setup = time.time() - started
+    started = time.time()
+    trainer.train()
+    return {"train_seconds": time.time() - started, "setup_seconds": setup, "steps": trainer.state.global_step}
+
+
+def worker_align(model: str, pairs: str, work: Path, precompute: bool, out: str) -> dict:
+    from align.config import parse_config
+    from align.stages.dpo import DPOStageConfig, run_dpo
+
+    cfg = parse_config(DPOStageConfig, [
+        "--model_name_or_path", model, "--dataset", pairs, "--output_dir", str(work / out), "--overwrite",
+        "--loss", "sigmoid,nll:0.2", "--per_device_train_batch_size", str(BATCH), "--num_train_epochs", "1",
+        "--learning_rate", str(LR), "--max_length", str(MAX_LENGTH), "--seed", str(SEED), "--save_steps", "100000",
+        "--logging_steps", "10", "--precompute_ref_log_probs", str(precompute).lower(),
+        "--ref_cache_dir", str(work / "ref_cache"),
+    ])
+    s = run_dpo(cfg)["summary"]
+    return {"train_seconds": s["train_seconds"], "setup_seconds": s["setup_seconds"], "steps": s["global_step"],
+            "ref_logps": s["ref_logps"]}
+
+
+WORKERS = {
+    "trl": lambda m, p, w: worker_trl(m, p, w),
+    "align_live": lambda m, p, w: worker_align(m, p, w, False, "align_live"),
+    "align_cache_miss": lambda m, p, w: worker_align(m, p, w, True, "align_cache_miss"),
+    "align_cache_hit": lambda m, p, w: worker_align(m, p, w, True, "align_cache_hit"),
+}
+
+
+def run_worker(mode: str, model: str, pairs: str, work: Path) -> dict:
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+    proc = subprocess.run([sys.executable, __file__, "--worker", mode, "--model", model, "--pairs", pairs,
+                           "--work", str(work)], capture_output=True, text=True, env=env, cwd=ROOT)
+    if proc.returncode != 0:
+        raise SystemExit(f"{mode} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def prepare_inputs(work: Path) -> tuple[str, str]:
+    from align.demo import write_demo_data
+    from align.tiny import make_tiny_model
+
+    model = make_tiny_model(work / "tiny", arch="llama", tokenizer="char", seed=0)
+    return str(model), str(write_demo_data(work / "demo", seed=0)["pairs"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="policy folder (default: a fresh tiny model)")
+    parser.add_argument("--pairs", help="preference pairs (default: the demo pairs.jsonl, 2000 pairs)")
+    parser.add_argument("--work", help="scratch folder (default: a temporary one)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per configuration; the fastest is kept")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "bench_dpo.json"))
+    parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        result = WORKERS[args.worker](args.model, args.pairs, Path(args.work))
+        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(result))
+        return
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench_dpo."))
+    model, pairs = (args.model, args.pairs) if args.model and args.pairs else prepare_inputs(work)
+    results: dict[str, dict] = {}
+    for mode in WORKERS:  # cache_miss fills the cache that cache_hit reads
+        runs = [run_worker(mode, model, pairs, work) for _ in range(args.repeats)]
+        results[mode] = min(runs, key=lambda r: r["train_seconds"])
+        results[mode]["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
+    base = results["trl"]
+    ratios = {
+        mode: {"time": r["train_seconds"] / base["train_seconds"], "peak_rss": r["peak_rss_mb"] / base["peak_rss_mb"]}
+        for mode, r in results.items()
+    }
+    goals = {"align_live_time": 1.05, "align_cache_hit_time": 0.7, "peak_rss": 1.0}
+    report = {
+        "model": model, "pairs": pairs, "batch": BATCH, "max_length": MAX_LENGTH, "cpu_count": os.cpu_count(),
+        "load_average": os.getloadavg(), "results": results, "ratios_vs_trl": ratios, "goals": goals,
+        "met": {
+            "align_live_time": ratios["align_live"]["time"] <= goals["align_live_time"],
+            "align_cache_hit_time": ratios["align_cache_hit"]["time"] <= goals["align_cache_hit_time"],
+            "peak_rss": all(ratios[m]["peak_rss"] <= goals["peak_rss"] for m in ratios),
+        },
+    }
+    print(f"{'config':<18}{'steps':>6}{'epoch s':>9}{'x trl':>7}{'setup s':>9}{'peak MB':>9}{'x trl':>7}")
+    for mode, r in results.items():
+        print(f"{mode:<18}{r['steps']:>6}{r['train_seconds']:>9.2f}{ratios[mode]['time']:>7.2f}"
+              f"{r['setup_seconds']:>9.2f}{r['peak_rss_mb']:>9.0f}{ratios[mode]['peak_rss']:>7.2f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report["met"]))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

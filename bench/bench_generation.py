@@ -1,0 +1,123 @@
+"""Generation throughput: the vLLM engine vs the transformers engine, and `align rs` vs generation.
+
+    python bench/bench_generation.py [--model DIR] [--prompts 64] [--k 8] [--max_tokens 32] [--rounds 3]
+
+Same tiny model, prompts (demo task), K and max_tokens for every row, in one run:
+1. tokens/s of the vLLM engine (in-process, fp32, prefix caching) vs the transformers engine
+   (``generate`` with ``num_return_sequences=K``) -- goal: >= 3x on CPU at K=8;
+2. ``align rs`` end to end (generate + score + select, rule:arithmetic) vs generation alone on
+   the same engine -- goal: scoring + selection <= 20% of generation time. Reported both as the
+   stage's own score+select seconds and as the stage's whole wall time (which also writes
+   data/ and candidates.jsonl) over generation alone.
+Both engines use the same number of torch threads (``--threads``, default 1: vLLM's own choice
+for CPU serving). The two engines are timed in alternating rounds and each keeps its fastest round, so a busy
+machine (other jobs on the same cores) skews both alike. Without --model a tiny random model is built (it rarely emits EOS, so every candidate runs to
+max_tokens: a fair token count for both engines). Prints a table and writes
+bench/results/bench_generation.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from align.demo import write_demo_data  # noqa: E402
+from align.evaluation import load_prompts  # noqa: E402
+from align.tiny import make_tiny_model  # noqa: E402
+from sampling import SamplingParams, build_engine  # noqa: E402
+
+
+def timed_generate(engine, prompts, params) -> tuple[float, int]:
+    started = time.perf_counter()
+    out = engine.generate(prompts, params)
+    seconds = time.perf_counter() - started
+    return seconds, sum(len(c.token_ids) for cands in out for c in cands)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", help="model folder (default: a tiny random llama/char model)")
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--max_tokens", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for both engines (vLLM serves with 1)")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "bench_generation.json"))
+    args = ap.parse_args()
+
+    from align.stages.rs import RSConfig, run_rs
+
+    work = Path(tempfile.mkdtemp(prefix="bench_generation."))
+    model = Path(args.model) if args.model else make_tiny_model(work / "tiny", seed=0)
+    write_demo_data(work / "demo", seed=0, num_prompts=max(args.prompts, 1000))
+    dataset = str(work / "demo" / "prompts.jsonl")
+    prompts = [r["prompt"] for r in load_prompts(dataset, args.prompts)]
+    params = SamplingParams(n=args.k, temperature=1.0, max_tokens=args.max_tokens, seed=0)
+    warmup = SamplingParams(n=2, temperature=1.0, max_tokens=4, seed=0)
+    torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+
+    engines = {
+        "transformers generate": build_engine("transformers", str(model), max_model_len=128, batch_size=64),
+        "vLLM engine": build_engine("vllm", str(model), max_model_len=128, kv_cache_gb=1.0, seed=0, threads=args.threads),
+    }
+    rounds: dict[str, list[tuple[float, int]]] = {name: [] for name in engines}
+    for engine in engines.values():
+        engine.generate(prompts[:4], warmup)
+    for _ in range(args.rounds):
+        for name, engine in engines.items():
+            rounds[name].append(timed_generate(engine, prompts, params))
+    rows = {name: min(times) for name, times in rounds.items()}
+    engines["transformers generate"].close()
+    vllm = engines["vLLM engine"]
+
+    cfg = RSConfig(model_name_or_path=str(model), dataset=dataset, output_dir=str(work / "rs"), reward=["rule:arithmetic"],
+                   num_samples=args.k, max_tokens=args.max_tokens, max_prompts=args.prompts, select="best",
+                   shard_size=args.prompts)
+    started = time.perf_counter()
+    summary = run_rs(cfg, engine=vllm)["summary"]
+    rs_wall = time.perf_counter() - started
+    vllm.close()
+
+    hf_s, hf_tok = rows["transformers generate"]
+    v_s, v_tok = rows["vLLM engine"]
+    gen = summary["generate_seconds"]
+    result = {
+        "model": str(model) if args.model else "tiny random llama/char (align.tiny, seed 0)",
+        "prompts": args.prompts, "k": args.k, "max_tokens": args.max_tokens, "rounds": args.rounds,
+        "all_rounds_seconds": {name: [round(s, 3) for s, _ in times] for name, times in rounds.items()},
+        "machine": f"{platform.machine()}, {threads} torch threads, Python {platform.python_version()}",
+        "transformers": {"seconds": round(hf_s, 3), "tokens": hf_tok, "tokens_per_s": round(hf_tok / hf_s, 1)},
+        "vllm": {"seconds": round(v_s, 3), "tokens": v_tok, "tokens_per_s": round(v_tok / v_s, 1)},
+        "vllm_over_transformers": round((v_tok / v_s) / (hf_tok / hf_s), 2),
+        "rs": {"wall_seconds": round(rs_wall, 3), "generate_seconds": gen, "score_seconds": summary["score_seconds"],
+               "select_seconds": summary["select_seconds"], "kept_rows": summary["kept_rows"]},
+        "score_select_over_generate": round((summary["score_seconds"] + summary["select_seconds"]) / gen, 4),
+        "rs_wall_over_generate": round(rs_wall / gen, 3),
+    }
+    print(f"{args.prompts} prompts x K={args.k} x {args.max_tokens} tokens, fp32 CPU, {threads} torch threads,"
+          f" fastest of {args.rounds} alternating rounds")
+    print(f"{'path':<34}{'seconds':>10}{'tokens':>9}{'tokens/s':>11}")
+    for name, (s, tok) in rows.items():
+        print(f"{name:<34}{s:>10.2f}{tok:>9}{tok / s:>11,.0f}")
+    print(f"{'align rs (generate+score+select)':<34}{rs_wall:>10.2f}")
+    print(f"vLLM / transformers tokens/s: {result['vllm_over_transformers']:.2f}x (goal >= 3x)")
+    print(f"score+select / generate: {result['score_select_over_generate']:.2%} (goal <= 20%); "
+          f"rs wall / generate: {result['rs_wall_over_generate']:.2f}x")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

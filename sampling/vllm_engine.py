@@ -1,0 +1,123 @@
+"""The vLLM engine, in-process so that an online loop can update its weights.
+
+In-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set before vLLM is imported): no child
+process, a ~5 s start for a tiny model, and ``load_weights`` is a direct call. fp32 by default
+(``dtype="auto"`` would turn an fp32 checkpoint into bf16 on CPU, and log-probs must match the
+trainer's). Prefix caching is on: the K samples of a prompt are one request with ``n=K``, so
+they share the prompt's KV pages. The KV cache is sized explicitly (``kv_cache_gb``, passed as
+``kv_cache_memory_bytes``), since vLLM on CPU would otherwise size it from host RAM; vLLM's legacy
+``VLLM_CPU_KVCACHE_SPACE`` (whole GiB), when set in the environment, takes precedence.
+
+Chunked prefill is off (vLLM's CPU default is on): vLLM 0.32's CPU runner crashes ("CPU
+Generator does not use offset") when a seeded request's prompt is split across steps, which
+happens as soon as one step's prompts exceed ``max_num_batched_tokens``.
+
+``generate`` runs with ``threads`` torch threads (default 1, what vLLM itself sets for CPU
+serving, except that in-process its worker's no-op ``set_num_threads`` stops it from doing so)
+and restores the process's count afterwards. On 2 shared cores, 2 threads made each decode step
+5-30x slower (every small op waits for the second thread's time slice).
+
+Weight updates use ``collective_rpc("reload_weights")`` + ``reset_prefix_cache()``; the call
+TRL uses (``model.load_weights`` on the runner's model) fails on CPU in fp32 because the CPU
+linear layers repack their weights after loading (../shared/reference/stack.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Iterable, Iterator
+
+from sampling.base import Candidate, SamplingParams, encode_prompts, register_engine
+
+
+@register_engine("vllm")
+class VLLMEngine:
+    def __init__(self, model_path: str, *, dtype: str = "float32", max_model_len: int = 512, kv_cache_gb: float = 1.0,
+                 seed: int = 0, system_prompt: str | None = None, trust_remote_code: bool = False,
+                 gpu_memory_utilization: float = 0.3, max_num_seqs: int = 256, threads: int = 1,
+                 **_: Any):
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+        # In-process, vLLM's automatic OpenMP binding would pin this whole process (the trainer
+        # too) to the cores it picks, leaving one of two cores idle while training; keep torch's own.
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        import torch
+        from transformers import AutoTokenizer
+        from vllm import LLM
+
+        # vLLM's CPU worker replaces torch.set_num_threads with a no-op in this process
+        # (stack.md, trap 8); close() puts it back.
+        self._set_num_threads, self._num_threads = torch.set_num_threads, torch.get_num_threads()
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        self.system_prompt = system_prompt
+        self.max_model_len = max_model_len
+        self.threads = threads
+        self.llm = LLM(
+            model=str(model_path), dtype=dtype, enforce_eager=True, max_model_len=max_model_len, seed=seed,
+            enable_prefix_caching=True, trust_remote_code=trust_remote_code,
+            kv_cache_memory_bytes=int(kv_cache_gb * 2**30), gpu_memory_utilization=gpu_memory_utilization,
+            max_num_seqs=max_num_seqs, enable_chunked_prefill=False, max_num_batched_tokens=max(4096, max_model_len),
+        )
+
+    @classmethod
+    def from_pretrained(cls, model_path: str, **options: Any) -> "VLLMEngine":
+        return cls(model_path, **options)
+
+    def generate(self, prompts: list[list[dict]], params: SamplingParams) -> list[list[Candidate]]:
+        from vllm import SamplingParams as VLLMParams
+        from vllm.inputs import TokensPrompt
+
+        encoded = encode_prompts(self.tokenizer, prompts, self.system_prompt, self.max_model_len)
+        greedy = params.temperature == 0
+        per_prompt = [
+            VLLMParams(
+                n=params.n, temperature=params.temperature, top_p=1.0 if greedy else params.top_p,
+                top_k=0 if greedy else params.top_k, max_tokens=min(params.max_tokens, self.max_model_len - len(ids)),
+                stop=list(params.stop) or None, seed=params.prompt_seed(i),
+                logprobs=0 if params.logprobs else None, skip_special_tokens=True,
+            )
+            for i, ids in enumerate(encoded)
+        ]
+        with self._torch_threads():
+            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in encoded], per_prompt, use_tqdm=False)
+        return [[_candidate(c, params.logprobs) for c in sorted(out.outputs, key=lambda c: c.index)] for out in outputs]
+
+    @contextlib.contextmanager
+    def _torch_threads(self) -> Iterator[None]:
+        """Generate with ``threads`` torch threads (vLLM's CPU serving choice: 1), then restore the
+        process's count for whatever runs next in it (a trainer, in an online loop)."""
+        import torch
+
+        before = torch.get_num_threads()
+        self._set_num_threads(self.threads)
+        try:
+            yield
+        finally:
+            self._set_num_threads(before)
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, Any]]) -> None:
+        """Load new weights (Hugging Face names) and drop cached KV pages computed with the old ones."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(list(named_tensors))})
+        self.llm.reset_prefix_cache()
+
+    def close(self) -> None:
+        """Shut the engine down and restore torch.set_num_threads for the rest of the process."""
+        if self.llm is None:
+            return
+        import torch
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        self.llm.llm_engine.engine_core.shutdown()
+        self.llm = None
+        cleanup_dist_env_and_memory()
+        torch.set_num_threads = self._set_num_threads
+        torch.set_num_threads(self._num_threads)
+
+
+def _candidate(output, with_logprobs: bool) -> Candidate:
+    ids = list(output.token_ids)
+    logprobs = None
+    if with_logprobs:
+        logprobs = [step[tok].logprob for tok, step in zip(ids, output.logprobs)]
+    return Candidate(output.text, ids, output.finish_reason or "length", logprobs)

@@ -1,0 +1,119 @@
+"""Estimators, losses and rollout packing of the RL loop, against numbers worked out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from align.rl import estimators as est
+from align.rl import losses as L
+from align.rl.optimizers import OPTIMIZERS, get_optimizer
+from align.rl.rollout import build_rollouts
+from align.stages.rlhf import batch_indices, policy_weights
+from align.errors import ConfigError
+
+
+def t(*rows):
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def test_leave_one_out():
+    # sum 2: a 1 is compared with mean(1, 0, 0) = 1/3, a 0 with mean(1, 0, 1) = 2/3.
+    assert torch.allclose(est.leave_one_out(t([1, 0, 0, 1])), t([2 / 3, -2 / 3, -2 / 3, 2 / 3]))
+    with pytest.raises(ValueError):
+        est.leave_one_out(t([1.0]))
+
+
+def test_group_normalized():
+    assert torch.allclose(est.group_normalized(t([1, 0, 0, 1]), eps=0.0), t([1, -1, -1, 1]))
+    assert torch.equal(est.group_normalized(t([2, 2])), t([0, 0]))  # no signal, no NaN
+
+
+def test_mdloo_rewards():
+    out = est.mdloo_rewards(torch.tensor([1.0, 0.0]), torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0]), beta=0.1)
+    assert torch.allclose(out, torch.tensor([0.95, 0.1]))
+
+
+def test_gae_by_hand():
+    # gamma 1, lambda 0.5; deltas 0.1, 0.1, 0.3 -> A = 0.225, 0.25, 0.3.
+    adv, ret = est.gae(t([0, 0, 1]), t([0.5, 0.6, 0.7]), t([1, 1, 1]), gamma=1.0, lam=0.5)
+    assert torch.allclose(adv, t([0.225, 0.25, 0.3]))
+    assert torch.allclose(ret, t([0.725, 0.85, 1.0]))
+    # Same response between a prompt position and padding: masked positions do not leak in.
+    adv, _ = est.gae(t([0, 0, 1, 5]), t([9, 0.6, 0.7, 9]), t([0, 1, 1, 0]), gamma=1.0, lam=0.5)
+    assert torch.allclose(adv, t([0, 0.25, 0.3, 0]))
+
+
+def test_whiten_ignores_masked_entries():
+    out = est.whiten(t([1, 3, 100]), t([1, 1, 0]))
+    assert torch.allclose(out, t([-1, 1, 0]), atol=1e-6)
+
+
+def test_kl_k3():
+    value = L.kl_k3(torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.25)]))
+    assert value.item() == pytest.approx(0.5 + math.log(2) - 1)
+
+
+def test_clipped_surrogate():
+    logp_old = torch.zeros(1, 3)
+    logp = torch.tensor([[math.log(1.5), math.log(1.5), 7.0]])
+    mask = t([1, 1, 0])
+    loss, stats = L.clipped_surrogate(logp, logp_old, t([1, -1, 1]), mask, clip_eps=0.2)
+    # +1 advantage: min(1.5, 1.2) = 1.2; -1 advantage: min(-1.5, -1.2) = -1.5; mean -> (1.2 - 1.5) / 2.
+    assert loss.item() == pytest.approx(-(1.2 - 1.5) / 2)
+    assert stats["clip_frac"] == 1.0
+
+
+def test_clipped_value_loss():
+    loss, _ = L.clipped_value_loss(t([1.0]), t([0.5]), t([0.0]), t([1.0]), clip_eps=0.2)
+    assert loss.item() == pytest.approx(0.5 * max(1.0**2, 0.7**2))
+
+
+def test_mirror_descent():
+    logp = torch.tensor([[math.log(2.0)], [0.0]])
+    loss, stats = L.mirror_descent(logp, torch.zeros(2, 1), torch.tensor([1.0, -1.0]), torch.ones(2, 1), t=2.0)
+    # ratios 2 and 1: -(2*1 + 1*-1)/2 = -0.5; KL = mean(2 log 2, 0) = log 2, weighted 1/t.
+    assert loss.item() == pytest.approx(-0.5 + math.log(2) / 2)
+    assert stats["kl_old"] == pytest.approx(math.log(2))
+
+
+def test_dpo_sigmoid():
+    loss, stats = L.dpo_sigmoid(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]), beta=0.5)
+    assert loss.item() == pytest.approx(-math.log(1 / (1 + math.exp(-1.0))))
+    assert stats["dpo_accuracy"] == 1.0
+
+
+def test_build_rollouts_masks_response_and_appends_eos():
+    r = build_rollouts([[5, 6], [7]], [[[1], [2, 3]], [[4, 4], []]], [[True, False], [False, True]],
+                       [1.0, 0.0, 0.5, 0.0], eos_id=9, pad_id=0)
+    assert r.input_ids.tolist() == [[5, 6, 1, 9], [5, 6, 2, 3], [7, 4, 4, 0], [7, 9, 0, 0]]
+    # mask[t] = 1 when token t+1 is a response token
+    assert r.mask.tolist() == [[0, 1, 1], [0, 1, 1], [1, 1, 0], [1, 0, 0]]
+    assert r.k == 2 and r.n_prompts == 2
+    assert r.grouped(r.scores).tolist() == [[1.0, 0.0], [0.5, 0.0]]
+
+
+def test_registry_lists_valid_names():
+    assert set(OPTIMIZERS) == {"online_dpo", "ppo", "mdloo", "grpo", "rloo"}
+    with pytest.raises(ConfigError, match=r"unknown optimizer 'mdlo' \(did you mean 'mdloo'\?\); valid: "):
+        get_optimizer("mdlo")
+
+
+def test_batch_indices_are_a_pure_function_of_iteration():
+    first = [batch_indices(10, 4, it, seed=3) for it in range(5)]
+    assert first == [batch_indices(10, 4, it, seed=3) for it in range(5)]
+    epoch0 = first[0] + first[1] + first[2][:2]
+    assert sorted(epoch0) == list(range(10))  # each row once per epoch
+    assert batch_indices(10, 4, 0, seed=4) != first[0]
+
+
+def test_policy_weights_strip_peft_names(tiny_model):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    names = {n for n, _ in policy_weights(base)}
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), LoraConfig(r=4, target_modules=["q_proj"]))
+    assert {n for n, _ in policy_weights(peft)} == names

@@ -1,0 +1,199 @@
+"""`align rlhf`: weight sync exactness, every optimizer learns, kill + resume, NaN and bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from align.cli import main
+from conftest import ALIGN, ROOT, read_jsonl, run_align
+
+CONFIG = ROOT / "configs" / "demo_rlhf.yaml"
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight sync: after each sync the engine scores fixed responses exactly as the policy does.
+# ---------------------------------------------------------------------------------------------
+
+
+def _engine_logprobs(engine, seqs: list[list[int]]) -> list[list[float]]:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    outs = engine.llm.generate([TokensPrompt(prompt_token_ids=s) for s in seqs], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+    return [[step[tok].logprob for tok, step in zip(s[1:], o.prompt_logprobs[1:])] for s, o in zip(seqs, outs)]
+
+
+def _policy_logprobs(policy, seqs: list[list[int]]) -> list[list[float]]:
+    from align.rl.rollout import token_logprobs
+
+    with torch.no_grad():
+        return [token_logprobs(policy, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))[0][0].tolist() for s in seqs]
+
+
+def _max_gap(a, b) -> float:
+    return max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(tiny_model):
+    from sampling.engines import build_engine
+
+    engine = build_engine("vllm", str(tiny_model), max_model_len=64, kv_cache_gb=0.25)
+    yield engine
+    engine.close()
+
+
+def test_sync_matches_policy_logprobs_full_and_lora(vllm_engine, tiny_model):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from align.stages.rlhf import sync_engine
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    seqs = [tok(f"<|user|>{a}+{b}=<|end|><|assistant|>{a + b}<|end|>", add_special_tokens=False).input_ids
+            for a, b in [(12, 30), (7, 99), (55, 5)]]
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model)
+    gaps = []
+    for round_ in range(2):  # two successive updates + syncs
+        with torch.no_grad():
+            for p in policy.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        before = _engine_logprobs(vllm_engine, seqs)
+        sync_engine(vllm_engine, policy)
+        after = _engine_logprobs(vllm_engine, seqs)
+        gaps.append(_max_gap(after, _policy_logprobs(policy, seqs)))
+        assert _max_gap(before, after) > 1e-2  # the engine really changed
+    assert max(gaps) < 1e-4, gaps
+
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                          LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False))
+    sync_engine(vllm_engine, lora)
+    assert _max_gap(_engine_logprobs(vllm_engine, seqs), _policy_logprobs(lora, seqs)) < 1e-4
+    # the adapter is unmerged again after the sync: the base weights are back (up to float rounding)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    q = "base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"
+    assert torch.allclose(dict(lora.named_parameters())[q], base.model.layers[0].self_attn.q_proj.weight, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every optimizer learns on the demo task.
+# ---------------------------------------------------------------------------------------------
+
+LEARNING = {
+    "rloo": [],
+    "grpo": [],
+    "mdloo": ["--inner_steps", "4"],
+    "online_dpo": ["--learning_rate", "5e-4"],
+    "ppo": ["--inner_steps", "4", "--learning_rate", "1e-4"],
+}
+
+
+@pytest.mark.parametrize("optimizer", list(LEARNING))
+def test_optimizer_learns(optimizer, tmp_path, sft_model, demo_data):
+    out = tmp_path / optimizer
+    run_align("rlhf", "--config", CONFIG, "--model_name_or_path", sft_model, "--dataset", demo_data / "prompts.jsonl",
+              "--eval_dataset", demo_data / "test.jsonl", "--optimizer", optimizer, "--output_dir", out,
+              *LEARNING[optimizer], check=True)
+    record = json.loads((out / "stage.json").read_text())
+    s = record["summary"]
+    print(optimizer, {k: round(v, 3) if isinstance(v, float) else v for k, v in s.items()})
+    assert s["reward_last_10pct"] >= s["reward_first_10pct"] + 0.1, s
+    assert s["eval_mean_reward"] >= s["eval_mean_reward_before"], s
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 41))
+    for key in ("reward_mean", "reward_std", "entropy", "response_length", "time_generate", "time_score", "time_train", "time_sync"):
+        assert all(isinstance(r[key], float) for r in rows), key
+    assert (out / "model" / "model.safetensors").exists() and (out / "reward.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Crash safety and bad input
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_prompts(demo_data, tmp_path_factory) -> Path:
+    """48 demo prompts plus one far longer than the engine's max length (counted and skipped)."""
+    rows = read_jsonl(demo_data / "prompts.jsonl")[:48]
+    rows.append({"prompt": [{"role": "user", "content": "1+" * 60 + "1="}], "answer": "61", "prompt_id": "too_long"})
+    path = tmp_path_factory.mktemp("rl") / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _rl_args(model, data, out, *extra):
+    return ["rlhf", "--config", CONFIG, "--model_name_or_path", model, "--dataset", data, "--output_dir", out,
+            "--num_iterations", "8", "--save_every", "2", "--prompts_per_iteration", "8", *extra]
+
+
+def test_kill_and_resume_reproduces_next_batch(tmp_path, sft_model, small_prompts):
+    from align.evaluation import load_prompts
+    from align.stages.rlhf import batch_indices
+
+    out = tmp_path / "rl"
+    args = _rl_args(sft_model, small_prompts, out)
+    proc = subprocess.Popen([*ALIGN, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT, start_new_session=True)
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "checkpoint-4").exists():
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert time.time() < deadline
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "stage.json").exists()
+
+    resumed = run_align(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    record = json.loads((out / "stage.json").read_text())
+    assert record["summary"]["resumed_from_iteration"] >= 4
+    assert record["summary"]["skipped_long_prompts"] == 1 and record["summary"]["prompts"] == 48
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 9))  # none lost, none twice
+    ids = [r["prompt_id"] for r in load_prompts(str(small_prompts)) if r["prompt_id"] != "too_long"]
+    for row in rows:
+        expected = [ids[i] for i in batch_indices(len(ids), 8, row["step"] - 1, seed=0)]
+        assert row["batch"] == hashlib.sha1(",".join(expected).encode()).hexdigest()[:12]
+
+
+def test_nan_reward_stops_naming_prompt_and_keeps_checkpoint(tmp_path, sft_model, small_prompts):
+    from align.evaluation import load_prompts
+    from align.stages.rlhf import batch_indices
+
+    ids = [r["prompt_id"] for r in load_prompts(str(small_prompts)) if r["prompt_id"] != "too_long"]
+    seen = {ids[i] for it in range(2) for i in batch_indices(len(ids), 8, it, seed=0)}
+    victim = next(ids[i] for i in batch_indices(len(ids), 8, 2, seed=0) if ids[i] not in seen)  # first seen in iteration 3
+    out = tmp_path / "nan"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "ALIGN_TEST_NAN_PROMPT": victim}
+    proc = subprocess.run([*ALIGN, *map(str, _rl_args(sft_model, small_prompts, out, "--reward", "rl_scorers:nan_for_one_prompt"))],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"returned nan for prompt {victim}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert (out / "checkpoints" / "checkpoint-2" / "state.pt").exists()
+    assert not (out / "stage.json").exists() and not (out / "model").exists()
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--optimizer", "reinforce"], "unknown optimizer 'reinforce'"),
+    (["--optimizer", "rloo", "--num_samples", "1"], "optimizer 'rloo' needs num_samples >= 2"),
+    (["--optimizer", "grpo", "--num_samples", "1"], "optimizer 'grpo' needs num_samples >= 2"),
+])
+def test_bad_input(capsys, tmp_path, extra, message):
+    code = main(["rlhf", "--model_name_or_path", "m", "--dataset", "d", "--reward", "rule:arithmetic",
+                 "--output_dir", str(tmp_path), *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err
+    if "unknown" in message:
+        assert "valid: grpo, rloo, mdloo, online_dpo, ppo" in err

@@ -1,0 +1,162 @@
+"""sampling/: selection strategies (pure), and the two engines' shared contract on the SFT model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from align.errors import ConfigError
+from sampling import STRATEGIES, SamplingParams, Scored, SelectOptions, dedupe, get_strategy
+from sampling.engines import build_engine
+
+ROW = {"prompt": [{"role": "user", "content": "1+2="}], "answer": "3", "prompt_id": "add_01_02"}
+
+
+def cands(*rewards: float) -> list[Scored]:
+    return [Scored(i, f"t{i}", r) for i, r in enumerate(rewards)]
+
+
+def test_registry_lists_strategies_and_rejects_unknown_names():
+    assert list(STRATEGIES) == ["best", "pairs", "all"]
+    with pytest.raises(ConfigError, match=r"unknown selection strategy 'pair' \(did you mean 'pairs'\?\); valid: best, pairs, all"):
+        get_strategy("pair")
+    with pytest.raises(ConfigError, match=r"unknown engine 'hf'; valid: auto, transformers, vllm"):
+        build_engine("hf", "x")
+
+
+def test_best_keeps_the_top_candidate_first_index_on_ties():
+    best = get_strategy("best")
+    (row,) = best(ROW, cands(0.0, 1.0, 1.0, 0.5), SelectOptions())
+    assert row == {"prompt": ROW["prompt"], "answer": "3", "prompt_id": "add_01_02",
+                   "completion": [{"role": "assistant", "content": "t1"}], "candidate_index": 1, "reward": 1.0}
+    assert list(row)[:1] == ["prompt"]
+    assert best(ROW, cands(0.0, 0.5), SelectOptions(min_reward=1.0)) == []
+    assert len(best(ROW, cands(0.0, 1.0), SelectOptions(min_reward=1.0))) == 1
+
+
+def test_pairs_best_vs_worst_skip_ties_and_small_margins():
+    pairs = get_strategy("pairs")
+    (row,) = pairs(ROW, cands(0.2, 1.0, 0.0, 0.0), SelectOptions())
+    assert row["chosen"] == [{"role": "assistant", "content": "t1"}]
+    assert row["rejected"] == [{"role": "assistant", "content": "t2"}]  # first of the tied worst
+    assert (row["chosen_index"], row["rejected_index"], row["chosen_reward"], row["rejected_reward"]) == (1, 2, 1.0, 0.0)
+    assert pairs(ROW, cands(1.0, 1.0, 1.0), SelectOptions()) == []  # all tied: no preference
+    assert pairs(ROW, cands(0.7), SelectOptions()) == []  # a single distinct candidate
+    assert pairs(ROW, cands(0.5, 0.3), SelectOptions(min_margin=0.25)) == []
+    assert len(pairs(ROW, cands(0.5, 0.25), SelectOptions(min_margin=0.25))) == 1
+
+
+def test_all_keeps_every_candidate_in_index_order():
+    rows = get_strategy("all")(ROW, [Scored(3, "c", 0.1), Scored(0, "a", 0.9)], SelectOptions())
+    assert [(r["candidate_index"], r["completion"][0]["content"], r["reward"]) for r in rows] == [(0, "a", 0.9), (3, "c", 0.1)]
+    assert all(r["prompt_id"] == "add_01_02" for r in rows)
+
+
+def test_dedupe_points_duplicates_at_their_first_occurrence():
+    assert dedupe(["a", "b", "a", "a", "c", "b"]) == [None, None, 0, 0, None, 1]
+    assert dedupe([]) == []
+
+
+def test_sampling_params_reject_empty_requests():
+    with pytest.raises(ValueError, match="n and max_tokens must be >= 1"):
+        SamplingParams(n=0)
+    assert SamplingParams(seed=5).prompt_seed(3) == 8 and SamplingParams().prompt_seed(3) is None
+
+
+# ------------------------------------------------------------------------------- real engines
+
+PROMPTS = [[{"role": "user", "content": f"{a}+{b}="}] for a, b in [(12, 34), (5, 7), (99, 1), (40, 40), (3, 58), (77, 16)]]
+
+
+@pytest.fixture(scope="module")
+def hf_engine(sft_model):
+    return build_engine("transformers", str(sft_model), max_model_len=64)
+
+
+def forward_logprobs(model, prompt_ids: list[int], completion_ids: list[int]) -> list[float]:
+    """log p(token) of each completion token under a plain transformers forward pass (fp32)."""
+    ids = torch.tensor([prompt_ids + completion_ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0].float(), dim=-1)
+    pos = torch.arange(len(prompt_ids) - 1, len(prompt_ids) + len(completion_ids) - 1)
+    return logp[pos, torch.tensor(completion_ids)].tolist()
+
+
+@pytest.mark.slow
+def test_engines_agree_on_greedy_answers_and_the_output_contract(sft_vllm, hf_engine):
+    eos = hf_engine.tokenizer.eos_token_id
+    params = SamplingParams(temperature=0.0, max_tokens=8)
+    vllm_out, hf_out = sft_vllm.generate(PROMPTS, params), hf_engine.generate(PROMPTS, params)
+    assert [len(c) for c in vllm_out] == [1] * len(PROMPTS)
+    assert [c[0].token_ids for c in vllm_out] == [c[0].token_ids for c in hf_out]
+    assert [c[0].text for c in vllm_out] == [c[0].text for c in hf_out]
+    for (cand,) in vllm_out:
+        # The trained model stops: EOS ends the ids (an RL loss needs it), not the text.
+        assert cand.finish_reason == "stop" and cand.token_ids[-1] == eos
+        assert cand.text == hf_engine.tokenizer.decode(cand.token_ids[:-1]) and cand.text.isdigit()
+
+
+@pytest.mark.slow
+def test_vllm_sampling_is_seeded_per_prompt(sft_vllm):
+    params = SamplingParams(n=8, temperature=1.5, max_tokens=8, seed=11)
+    full = sft_vllm.generate(PROMPTS, params)
+    assert [len(c) for c in full] == [8] * len(PROMPTS)
+    assert len({c.text for c in full[0]}) > 1  # real sampling
+    again = sft_vllm.generate(PROMPTS, params)
+    assert [[c.token_ids for c in p] for p in again] == [[c.token_ids for c in p] for p in full]
+    # Prompt i is sampled with seed + i: a slice with seed + offset gives the same candidates.
+    tail = sft_vllm.generate(PROMPTS[2:], SamplingParams(n=8, temperature=1.5, max_tokens=8, seed=13))
+    assert [[c.text for c in p] for p in tail] == [[c.text for c in p] for p in full[2:]]
+    other = sft_vllm.generate(PROMPTS, SamplingParams(n=8, temperature=1.5, max_tokens=8, seed=12))
+    assert [[c.text for c in p] for p in other] != [[c.text for c in p] for p in full]
+
+
+@pytest.mark.slow
+def test_transformers_engine_logprobs_are_the_models(hf_engine):
+    out = hf_engine.generate(PROMPTS[:3], SamplingParams(n=2, temperature=1.0, top_k=5, max_tokens=6, seed=0, logprobs=True))
+    ids = [hf_engine.tokenizer(t, add_special_tokens=False).input_ids for t in
+           [hf_engine.tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in PROMPTS[:3]]]
+    for prompt_ids, cands in zip(ids, out):
+        for cand in cands:
+            assert len(cand.logprobs) == len(cand.token_ids) > 0
+            ref = forward_logprobs(hf_engine.model, prompt_ids, cand.token_ids)
+            assert max(abs(a - b) for a, b in zip(cand.logprobs, ref)) < 1e-4
+
+
+@pytest.mark.slow
+def test_vllm_load_weights_then_logprobs_match_transformers(sft_vllm, tiny_model, sft_model):
+    """After load_weights the engine samples from the new weights, with log-probs equal (fp32) to
+    a transformers forward pass of the same weights; loading the old ones back restores it."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    greedy = SamplingParams(temperature=0.0, max_tokens=8)
+    before = [c[0].text for c in sft_vllm.generate(PROMPTS, greedy)]
+    new = load_file(str(tiny_model / "model.safetensors"))  # same architecture, random weights
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    sft_vllm.load_weights(new.items())
+    try:
+        out = sft_vllm.generate(PROMPTS, SamplingParams(n=4, temperature=1.0, max_tokens=8, seed=3, logprobs=True))
+        prompt_ids = [sft_vllm.tokenizer(sft_vllm.tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True),
+                                         add_special_tokens=False).input_ids for p in PROMPTS]
+        worst, checked = 0.0, 0
+        for ids, cands in zip(prompt_ids, out):
+            for cand in cands:
+                ref = forward_logprobs(reference, ids, cand.token_ids)
+                worst = max(worst, max(abs(a - b) for a, b in zip(cand.logprobs, ref)))
+                checked += len(ref)
+        assert checked >= 4 * len(PROMPTS) * 4
+        assert worst < 1e-4, worst
+        assert [c[0].text for c in sft_vllm.generate(PROMPTS, greedy)] != before  # the random model's answers
+    finally:
+        sft_vllm.load_weights(load_file(str(sft_model / "model.safetensors")).items())
+    assert [c[0].text for c in sft_vllm.generate(PROMPTS, greedy)] == before
+
+
+@pytest.mark.slow
+def test_vllm_seeded_sampling_with_more_prompt_tokens_than_one_step(sft_vllm):
+    """256 sequences x ~45 prompt tokens > one step's 4096-token budget: with chunked prefill a
+    seeded prompt would be split across steps, which crashes vLLM 0.32 on CPU."""
+    long = [[{"role": "user", "content": "1+1=" * 10 + f"{i}+{i}="}] for i in range(32)]
+    out = sft_vllm.generate(long, SamplingParams(n=8, temperature=1.0, max_tokens=4, seed=0))
+    assert [len(c) for c in out] == [8] * 32 and all(c.token_ids for cands in out for c in cands)
