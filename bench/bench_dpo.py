@@ -12,8 +12,9 @@ Each configuration trains one epoch in its own subprocess (so peak memory is tha
 * ``align_cache_hit``  ``align dpo`` again: reference log-probs read from the on-disk cache.
 
 Time per epoch is the wall time of ``trainer.train()`` (for align: ``train_seconds`` in
-stage.json); for the cache miss, the reference pass happens before training and is reported
-separately as ``setup_seconds``. Goals: align_live <= 1.05x trl, align_cache_hit <= 0.7x trl,
+stage.json) and its CPU time (``train_cpu_seconds``); the goals are judged on CPU time, which a
+busy shared machine disturbs far less than wall time (runs use ``--threads 1`` by default). For
+the cache miss, the reference pass happens before training and is reported as ``setup_seconds``. Goals: align_live <= 1.05x trl, align_cache_hit <= 0.7x trl,
 peak memory no higher than trl. Prints a table and writes bench/results/bench_dpo.json.
 """
 
@@ -52,9 +53,10 @@ def worker_trl(model: str, pairs: str, work: Path) -> dict:
                          train_dataset=datasets.Dataset.from_list(rows),
                          processing_class=AutoTokenizer.from_pretrained(model))
     setup = time.time() - started
-    started = time.time()
+    started, cpu_started = time.time(), time.process_time()
     trainer.train()
-    return {"train_seconds": time.time() - started, "setup_seconds": setup, "steps": trainer.state.global_step}
+    return {"train_seconds": time.time() - started, "train_cpu_seconds": time.process_time() - cpu_started,
+            "setup_seconds": setup, "steps": trainer.state.global_step}
 
 
 def worker_align(model: str, pairs: str, work: Path, precompute: bool, out: str) -> dict:
@@ -69,8 +71,8 @@ def worker_align(model: str, pairs: str, work: Path, precompute: bool, out: str)
         "--ref_cache_dir", str(work / "ref_cache"),
     ])
     s = run_dpo(cfg)["summary"]
-    return {"train_seconds": s["train_seconds"], "setup_seconds": s["setup_seconds"], "steps": s["global_step"],
-            "ref_logps": s["ref_logps"]}
+    return {"train_seconds": s["train_seconds"], "train_cpu_seconds": s["train_cpu_seconds"],
+            "setup_seconds": s["setup_seconds"], "steps": s["global_step"], "ref_logps": s["ref_logps"]}
 
 
 WORKERS = {
@@ -81,8 +83,9 @@ WORKERS = {
 }
 
 
-def run_worker(mode: str, model: str, pairs: str, work: Path) -> dict:
-    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+def run_worker(mode: str, model: str, pairs: str, work: Path, threads: int) -> dict:
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+           "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.run([sys.executable, __file__, "--worker", mode, "--model", model, "--pairs", pairs,
                            "--work", str(work)], capture_output=True, text=True, env=env, cwd=ROOT)
     if proc.returncode != 0:
@@ -104,6 +107,7 @@ def main() -> None:
     parser.add_argument("--pairs", help="preference pairs (default: the demo pairs.jsonl, 2000 pairs)")
     parser.add_argument("--work", help="scratch folder (default: a temporary one)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per configuration; the fastest is kept")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run (1: CPU time is stable on a busy machine)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "bench_dpo.json"))
     parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -118,28 +122,32 @@ def main() -> None:
     model, pairs = (args.model, args.pairs) if args.model and args.pairs else prepare_inputs(work)
     results: dict[str, dict] = {}
     for mode in WORKERS:  # cache_miss fills the cache that cache_hit reads
-        runs = [run_worker(mode, model, pairs, work) for _ in range(args.repeats)]
+        runs = [run_worker(mode, model, pairs, work, args.threads) for _ in range(args.repeats)]
         results[mode] = min(runs, key=lambda r: r["train_seconds"])
         results[mode]["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
     base = results["trl"]
     ratios = {
-        mode: {"time": r["train_seconds"] / base["train_seconds"], "peak_rss": r["peak_rss_mb"] / base["peak_rss_mb"]}
+        mode: {"time": r["train_seconds"] / base["train_seconds"],
+               "cpu_time": r["train_cpu_seconds"] / base["train_cpu_seconds"],
+               "peak_rss": r["peak_rss_mb"] / base["peak_rss_mb"]}
         for mode, r in results.items()
     }
     goals = {"align_live_time": 1.05, "align_cache_hit_time": 0.7, "peak_rss": 1.0}
     report = {
-        "model": model, "pairs": pairs, "batch": BATCH, "max_length": MAX_LENGTH, "cpu_count": os.cpu_count(),
+        "model": model, "pairs": pairs, "batch": BATCH, "threads": args.threads, "max_length": MAX_LENGTH, "cpu_count": os.cpu_count(),
         "load_average": os.getloadavg(), "results": results, "ratios_vs_trl": ratios, "goals": goals,
         "met": {
-            "align_live_time": ratios["align_live"]["time"] <= goals["align_live_time"],
-            "align_cache_hit_time": ratios["align_cache_hit"]["time"] <= goals["align_cache_hit_time"],
+            "align_live_time": ratios["align_live"]["cpu_time"] <= goals["align_live_time"],
+            "align_cache_hit_time": ratios["align_cache_hit"]["cpu_time"] <= goals["align_cache_hit_time"],
             "peak_rss": all(ratios[m]["peak_rss"] <= goals["peak_rss"] for m in ratios),
         },
     }
-    print(f"{'config':<18}{'steps':>6}{'epoch s':>9}{'x trl':>7}{'setup s':>9}{'peak MB':>9}{'x trl':>7}")
+    print(f"{'config':<18}{'steps':>6}{'epoch s':>9}{'x trl':>7}{'cpu s':>8}{'x trl':>7}{'setup s':>9}"
+          f"{'peak MB':>9}{'x trl':>7}")
     for mode, r in results.items():
         print(f"{mode:<18}{r['steps']:>6}{r['train_seconds']:>9.2f}{ratios[mode]['time']:>7.2f}"
-              f"{r['setup_seconds']:>9.2f}{r['peak_rss_mb']:>9.0f}{ratios[mode]['peak_rss']:>7.2f}")
+              f"{r['train_cpu_seconds']:>8.2f}{ratios[mode]['cpu_time']:>7.2f}{r['setup_seconds']:>9.2f}"
+              f"{r['peak_rss_mb']:>9.0f}{ratios[mode]['peak_rss']:>7.2f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report["met"]))

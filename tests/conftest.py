@@ -69,6 +69,7 @@ def sft_run(artifacts, tiny_model, demo_data) -> Path:
         "--max_steps", SFT_STEPS,
         *SFT_FLAGS,
         check=True,
+        timeout=1800,
     )
     return out
 
@@ -116,10 +117,3 @@ def rm_run(artifacts, sft_model, demo_data) -> Path:
 def rm_model(rm_run) -> Path:
     """The demo reward model folder: `model:` + this path is a scorer spec."""
     return rm_run / "model"
-
-
-# Register every command in align.cli's order before any test module imports a stage module
-# (which would register that command first and reorder the generated docs/configs.md).
-from align.cli import _load_commands  # noqa: E402
-
-_load_commands()

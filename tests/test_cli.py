@@ -40,10 +40,12 @@ def test_docs_are_generated_from_configs():
 
 
 def test_every_shipped_config_parses():
+    from align.cli import _load_commands
     from align.config import parse_config
 
+    _load_commands()
     for path in sorted((ROOT / "configs").glob("*.yaml")):
-        command = {"demo_sft": "sft", "demo_rs": "rs", "demo_dpo": "dpo", "demo_rm": "rm"}[path.stem]
+        command = {"demo_sft": "sft", "demo_rs": "rs", "demo_dpo": "dpo", "demo_rm": "rm", "demo_rlhf": "rlhf"}[path.stem]
         cfg = parse_config(COMMANDS[command].config, ["--config", str(path), "--model_name_or_path", "m", "--dataset", "d", "--output_dir", "o"])
         assert getattr(cfg, "max_steps", 1) > 0  # training stages; rs has none
 

@@ -252,20 +252,19 @@ def test_dpo_learns_preferences_from_the_sft_model(dpo_run, sft_run, sft_model, 
     assert record["config"]["loss"] == ["sigmoid", "nll:0.2"] and record["config"]["model_name_or_path"] == str(sft_model)
     s = record["summary"]
     assert s["pairs_in"] == 2000 and s["train_pairs"] == 2000 and s["identical_skipped"] == 0
-    assert s["global_step"] == 200 and s["num_processes"] == 1
+    assert s["global_step"] == 300 and s["num_processes"] == 1
     tok_ids = s["masked_token_ids"]
     assert len(tok_ids) == 4
     assert s["ref_logps"] == "computed" and s["ref_precompute_batches"] == 63  # ceil(2000 / 32)
     assert Path(s["ref_cache_file"]).parent == cache and Path(s["ref_cache_file"]).is_file()
-    # It learns the preferences. Measured on this config: 0.45 at step 10 -> 0.79 at step 200.
-    # The target (>= 0.9, held-out exact match >= the SFT model's) is NOT met yet: the
-    # 600-step SFT model answers ~10% of held-out sums, and DPO here keeps it at 8-9% (see report).
-    assert s["reward_accuracy"] >= 0.7, s
+    # It learns: preference accuracy (last 10 steps) and held-out greedy exact match vs the SFT
+    # model (measured: 0.92, and 0.565 vs 0.275).
+    assert s["reward_accuracy"] >= 0.9, s
     sft_reward = json.loads((sft_run / "stage.json").read_text())["summary"]["eval_mean_reward"]
-    assert s["eval_prompts"] == 200 and s["eval_mean_reward"] >= sft_reward - 0.03, (s["eval_mean_reward"], sft_reward)
+    assert s["eval_prompts"] == 200 and s["eval_mean_reward"] >= sft_reward, (s["eval_mean_reward"], sft_reward)
     rows = read_jsonl(out / "metrics.jsonl")
     steps = [r["step"] for r in rows if "rewards/accuracies" in r]
-    assert steps == list(range(10, 201, 10))
+    assert steps == list(range(10, 301, 10))
     assert rows[0]["rewards/accuracies"] < s["reward_accuracy"]
     assert (out / "model" / "model.safetensors").is_file() and len(read_jsonl(out / "eval.jsonl")) == 200
     assert not (out / "checkpoints").exists()

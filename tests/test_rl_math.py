@@ -74,9 +74,18 @@ def test_clipped_value_loss():
 def test_mirror_descent():
     logp = torch.tensor([[math.log(2.0)], [0.0]])
     loss, stats = L.mirror_descent(logp, torch.zeros(2, 1), torch.tensor([1.0, -1.0]), torch.ones(2, 1), t=2.0)
-    # ratios 2 and 1: -(2*1 + 1*-1)/2 = -0.5; KL = mean(2 log 2, 0) = log 2, weighted 1/t.
-    assert loss.item() == pytest.approx(-0.5 + math.log(2) / 2)
-    assert stats["kl_old"] == pytest.approx(math.log(2))
+    # ratios 2 and 1: -(2*1 + 1*-1)/2 = -0.5; KL terms r log r - (r - 1) = 2 log 2 - 1 and 0,
+    # mean (2 log 2 - 1) / 2, weighted 1/t.
+    kl = (2 * math.log(2) - 1) / 2
+    assert loss.item() == pytest.approx(-0.5 + kl / 2)
+    assert stats["kl_old"] == pytest.approx(kl)
+
+
+def test_mirror_descent_kl_has_no_pull_at_the_previous_policy():
+    logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
+    loss, _ = L.mirror_descent(logp, logp.detach().clone(), torch.tensor([0.0]), torch.ones(1, 2))
+    loss.backward()
+    assert torch.allclose(logp.grad, torch.zeros(1, 2))
 
 
 def test_dpo_sigmoid():

@@ -89,12 +89,17 @@ def test_sync_matches_policy_logprobs_full_and_lora(vllm_engine, tiny_model):
 # Every optimizer learns on the demo task.
 # ---------------------------------------------------------------------------------------------
 
+# Per-optimizer settings on top of configs/demo_rlhf.yaml and the least gain in mean reward (last
+# 10% of iterations over the first 10%) each must show, from a sweep on the demo task (issue note:
+# rloo +0.18, grpo +0.18, mdloo +0.19, ppo +0.15, online_dpo +0.07; 512 samples per iteration, so
+# the std of a 3-iteration mean is about 0.01). Online DPO learns from best-vs-worst pairs only and
+# moves slowest; the sequence-level updates (mdloo, ppo) take more inner steps per batch.
 LEARNING = {
-    "rloo": [],
-    "grpo": [],
-    "mdloo": ["--inner_steps", "4"],
-    "online_dpo": ["--learning_rate", "5e-4"],
-    "ppo": ["--inner_steps", "4", "--learning_rate", "1e-4"],
+    "rloo": ([], 0.1),
+    "grpo": ([], 0.1),
+    "mdloo": (["--inner_steps", "4"], 0.1),
+    "ppo": (["--inner_steps", "4"], 0.1),
+    "online_dpo": (["--learning_rate", "2e-4", "--inner_steps", "1", "--nll_coef", "0.2"], 0.05),
 }
 
 
@@ -103,14 +108,14 @@ def test_optimizer_learns(optimizer, tmp_path, sft_model, demo_data):
     out = tmp_path / optimizer
     run_align("rlhf", "--config", CONFIG, "--model_name_or_path", sft_model, "--dataset", demo_data / "prompts.jsonl",
               "--eval_dataset", demo_data / "test.jsonl", "--optimizer", optimizer, "--output_dir", out,
-              *LEARNING[optimizer], check=True)
+              *LEARNING[optimizer][0], check=True)
     record = json.loads((out / "stage.json").read_text())
     s = record["summary"]
     print(optimizer, {k: round(v, 3) if isinstance(v, float) else v for k, v in s.items()})
-    assert s["reward_last_10pct"] >= s["reward_first_10pct"] + 0.1, s
+    assert s["reward_last_10pct"] >= s["reward_first_10pct"] + LEARNING[optimizer][1], s
     assert s["eval_mean_reward"] >= s["eval_mean_reward_before"], s
     rows = read_jsonl(out / "metrics.jsonl")
-    assert [r["step"] for r in rows] == list(range(1, 41))
+    assert [r["step"] for r in rows] == list(range(1, 31))
     for key in ("reward_mean", "reward_std", "entropy", "response_length", "time_generate", "time_score", "time_train", "time_sync"):
         assert all(isinstance(r[key], float) for r in rows), key
     assert (out / "model" / "model.safetensors").exists() and (out / "reward.png").exists()

@@ -53,16 +53,17 @@ def mirror_descent(logp, logp_old, advantages, mask, t: float = 1.0, max_log_rat
 
     Mirror Descent Policy Optimization (Tomar et al. 2020) replaces PPO's clipping by a KL term
     toward the previous iterate pi_k. The whole response is one action, so ``ratio_i`` is the
-    sequence ratio pi_theta(y_i|x) / pi_k(y_i|x). Departure: the sequence log-ratio is clamped to
+    sequence ratio pi_theta(y_i|x) / pi_k(y_i|x). Departures: the sequence log-ratio is clamped to
     +-``max_log_ratio`` before exponentiating, so one long response cannot overflow; the KL is
-    the k3 estimate summed over the response tokens (samples come from pi_k, so we estimate
-    KL(pi_theta || pi_k) with importance weights exp(logp - logp_old) on each token).
+    estimated per token from pi_k's samples as r log r - (r - 1) with r = pi_theta / pi_k (the
+    f-divergence form of KL(pi_theta || pi_k); the -(r - 1) term has zero mean and makes each
+    sample's estimate >= 0 with zero gradient at pi_theta = pi_k), summed over the response.
     """
     log_ratio = seq_sum(logp - logp_old, mask).clamp(-max_log_ratio, max_log_ratio)
     ratio = torch.exp(log_ratio)
-    token_ratio = torch.exp(logp - logp_old)
-    # KL(pi_theta || pi_k) = E_{pi_theta}[log pi_theta - log pi_k], importance-weighted from pi_k samples.
-    kl = seq_sum(token_ratio * (logp - logp_old), mask)
+    token_log_ratio = logp - logp_old
+    token_ratio = torch.exp(token_log_ratio)
+    kl = seq_sum(token_ratio * token_log_ratio - (token_ratio - 1), mask)
     loss = -(ratio * advantages).mean() + kl.mean() / t
     return loss, {"kl_old": kl.mean().item(), "ratio_mean": ratio.mean().item()}
 

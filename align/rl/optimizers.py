@@ -181,6 +181,8 @@ class OnlineDPO(PolicyOptimizer):
     """Qwen2's online DPO: the best and worst of the K samples (by reward) form a DPO pair.
 
     Prompts whose K rewards are all equal give no pair and are skipped (counted in ``pairs``).
+    Optional (``nll_coef`` > 0): Llama 3's NLL term on the chosen response, per token, which keeps
+    DPO from lowering the likelihood of the preferred answers along with the rejected ones.
     """
 
     name = "online_dpo"
@@ -201,6 +203,10 @@ class OnlineDPO(PolicyOptimizer):
         seq = L.seq_sum(logp, r.mask)
         ref = L.seq_sum(r.logp_ref, r.mask)
         loss, stats = L.dpo_sigmoid(seq[chosen], seq[rejected], ref[chosen], ref[rejected], self.cfg.beta)
+        if self.cfg.nll_coef > 0:  # Llama 3's NLL term on the chosen response (per token)
+            nll = -(seq[chosen] / r.mask[chosen].sum(-1).clamp(min=1)).mean()
+            loss = loss + self.cfg.nll_coef * nll
+            stats["nll"] = nll.item()
         return loss, {**stats, "pairs": float(len(chosen))}
 
 

@@ -210,7 +210,7 @@ def run_dpo(cfg: DPOStageConfig) -> dict:
     import datasets
 
     from align.data import load_rows
-    from align.stages.sft import _quiet_trainer
+    from align.tracking import last_value, quiet_trainer
     from align.tracking import StageCallback, plot_metrics
 
     datasets.disable_progress_bars()
@@ -225,10 +225,10 @@ def run_dpo(cfg: DPOStageConfig) -> dict:
     started = time.time()
     trainer = build_trainer(cfg, train, stage, callbacks=[StageCallback(stage, "dpo")])
     setup_seconds = time.time() - started
-    _quiet_trainer(trainer)
-    started = time.time()
+    quiet_trainer(trainer)
+    started, cpu_started = time.time(), time.process_time()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    train_seconds = time.time() - started
+    train_seconds, train_cpu_seconds = time.time() - started, time.process_time() - cpu_started
 
     cache = trainer.ref_cache
     trainer.accelerator.wait_for_everyone()
@@ -243,9 +243,9 @@ def run_dpo(cfg: DPOStageConfig) -> dict:
         "train_pairs": len(trainer.train_dataset),
         "global_step": trainer.state.global_step,
         "train_loss": result.training_loss,
-        "final_loss": _last(rows_logged, "loss"),
-        "reward_accuracy": _last(rows_logged, "rewards/accuracies"),
-        "reward_margin": _last(rows_logged, "rewards/margins"),
+        "final_loss": last_value(rows_logged, "loss"),
+        "reward_accuracy": last_value(rows_logged, "rewards/accuracies"),
+        "reward_margin": last_value(rows_logged, "rewards/margins"),
         "masked_token_ids": list(trainer.data_collator.mask_ids),
         "ref_logps": "live" if cache is None else ("cache_hit" if cache.hit else "computed"),
         "ref_precompute_batches": trainer.ref_forward_batches,  # on this process; 0 on a cache hit
@@ -254,11 +254,12 @@ def run_dpo(cfg: DPOStageConfig) -> dict:
         "resumed_from_step": int(checkpoint.name.split("-")[-1]) if checkpoint else 0,
         "setup_seconds": round(setup_seconds, 2),
         "train_seconds": round(train_seconds, 2),
+        "train_cpu_seconds": round(train_cpu_seconds, 2),  # this process, all threads
     }
     if cfg.eval_dataset:
-        from align.stages.sft import _evaluate
+        from align.tracking import evaluate_trained
 
-        summary.update(_evaluate(trainer.model, tokenizer, cfg, stage))
+        summary.update(evaluate_trained(trainer.model, tokenizer, cfg, stage))
     plot = plot_metrics(rows_logged, ["loss", "rewards/accuracies", "rewards/margins"], stage.dir / "loss.png",
                         f"dpo: {cfg.output_dir}")
     if plot:
@@ -320,8 +321,3 @@ def _reference_identity(cfg: DPOStageConfig, mask_ids: list[int]) -> dict[str, A
         "masked_token_ids": mask_ids,
         "trl": version("trl"),
     }
-
-
-def _last(rows: list[dict], key: str):
-    values = [r[key] for r in rows if key in r]
-    return values[-1] if values else None

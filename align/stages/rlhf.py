@@ -58,6 +58,7 @@ class RLHFConfig(EngineOptions, ModelOptions, BaseConfig):
     clip_eps: float = option(0.2, "Ratio clipping for ppo/grpo/rloo (and value clipping for ppo).")
     kl_coef: float = option(0.05, "KL-to-reference coefficient (reward shaping for ppo/rloo, AFM's beta for mdloo, loss term for grpo); 0 skips the reference.")
     beta: float = option(0.1, "online_dpo: DPO beta.")
+    nll_coef: float = option(0.0, "online_dpo: weight of an NLL term on the chosen response (Llama 3 used 0.2); 0 is Qwen2's plain DPO.")
     mdloo_t: float = option(1.0, "mdloo: mirror-descent step size t (the KL-to-previous-policy term is weighted 1/t).")
     vf_coef: float = option(0.1, "ppo: value loss weight.")
     gamma: float = option(1.0, "ppo: discount.")

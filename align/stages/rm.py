@@ -324,7 +324,7 @@ def run_rm(cfg: RMStageConfig) -> dict:
     from trl import RewardConfig
 
     from align.data import load_rows
-    from align.stages.sft import _last, _quiet_trainer
+    from align.tracking import last_value, quiet_trainer
     from align.tracking import StageCallback, plot_metrics
 
     stage = Stage("rm", cfg, cfg.output_dir)
@@ -356,7 +356,7 @@ def run_rm(cfg: RMStageConfig) -> dict:
     )
     if cfg.grade_heads:
         add_grade_heads(trainer.model, cfg.grade_heads, cfg.grade_levels)
-    _quiet_trainer(trainer)
+    quiet_trainer(trainer)
     started = time.time()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.time() - started
@@ -369,8 +369,8 @@ def run_rm(cfg: RMStageConfig) -> dict:
         "dropped_rows": dropped,
         "global_step": trainer.state.global_step,
         "train_loss": result.training_loss,
-        "final_loss": _last(stage.metrics(), "loss"),
-        "final_train_accuracy": _last(stage.metrics(), "accuracy"),
+        "final_loss": last_value(stage.metrics(), "loss"),
+        "final_train_accuracy": last_value(stage.metrics(), "accuracy"),
         "resumed_from_step": int(checkpoint.name.split("-")[-1]) if checkpoint else 0,
         "train_seconds": round(train_seconds, 2),
     }

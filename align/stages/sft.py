@@ -52,7 +52,7 @@ def run_sft(cfg: SFTStageConfig) -> dict:
     """Run the SFT stage; returns the stage record (also written to output_dir/stage.json)."""
     from trl import SFTConfig, SFTTrainer
 
-    from align.tracking import StageCallback, plot_metrics
+    from align.tracking import StageCallback, evaluate_trained, last_value, plot_metrics, quiet_trainer
 
     stage = Stage("sft", cfg, cfg.output_dir)
     if not stage.prepare(overwrite=cfg.overwrite, resume=cfg.resume):
@@ -73,7 +73,7 @@ def run_sft(cfg: SFTStageConfig) -> dict:
         peft_config=peft_config(cfg),
         callbacks=[StageCallback(stage, "sft")],
     )
-    _quiet_trainer(trainer)
+    quiet_trainer(trainer)
     started = time.time()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.time() - started
@@ -83,12 +83,12 @@ def run_sft(cfg: SFTStageConfig) -> dict:
         "train_rows": len(train),
         "global_step": trainer.state.global_step,
         "train_loss": result.training_loss,
-        "final_loss": _last(stage.metrics(), "loss"),
+        "final_loss": last_value(stage.metrics(), "loss"),
         "resumed_from_step": int(checkpoint.name.split("-")[-1]) if checkpoint else 0,
         "train_seconds": round(train_seconds, 2),
     }
     if cfg.eval_dataset:
-        summary.update(_evaluate(trainer.model, tokenizer, cfg, stage))
+        summary.update(evaluate_trained(trainer.model, tokenizer, cfg, stage))
     plot = plot_metrics(stage.metrics(), ["loss", "learning_rate"], stage.dir / "loss.png", f"sft: {cfg.output_dir}")
     if plot:
         artifacts["plot"] = str(plot)
@@ -96,33 +96,6 @@ def run_sft(cfg: SFTStageConfig) -> dict:
     if not cfg.keep_checkpoints:
         shutil.rmtree(stage.checkpoints_dir, ignore_errors=True)
     return record
-
-
-def _evaluate(model, tokenizer, cfg: SFTStageConfig, stage: Stage) -> dict:
-    from align.evaluation import evaluate
-    from align.stage import atomic_write_text
-    from sampling.hf import TransformersEngine
-
-    import json
-
-    report = evaluate(TransformersEngine(model, tokenizer), cfg.eval_dataset, cfg.eval_reward, cfg.eval_max_tokens)
-    atomic_write_text(stage.dir / "eval.jsonl", "".join(json.dumps(r) + "\n" for r in report["results"]))
-    return {"eval_mean_reward": report["mean_reward"], "eval_prompts": report["num_prompts"]}
-
-
-def _quiet_trainer(trainer) -> None:
-    """Our StageCallback logs and shows progress; drop transformers' printer of raw log dicts."""
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-    from transformers.utils import logging as hf_logging
-
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
-    hf_logging.disable_progress_bar()
-
-
-def _last(rows: list[dict], key: str):
-    values = [r[key] for r in rows if key in r]
-    return values[-1] if values else None
 
 
 def stage_record(output_dir: str) -> dict:
