@@ -44,45 +44,42 @@ def _max_gap(a, b) -> float:
     return max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
 
 
-@pytest.fixture(scope="module")
-def vllm_engine(tiny_model):
-    from sampling.engines import build_engine
-
-    engine = build_engine("vllm", str(tiny_model), max_model_len=64, kv_cache_gb=0.25)
-    yield engine
-    engine.close()
-
-
-def test_sync_matches_policy_logprobs_full_and_lora(vllm_engine, tiny_model):
+def test_sync_matches_policy_logprobs_full_and_lora(sft_vllm, sft_model):
+    """Uses the session's engine (one vLLM per process: a second one's teardown would take the
+    shared distributed state with it) and puts the SFT weights back afterwards."""
     from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from align.stages.rlhf import sync_engine
 
-    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tok = AutoTokenizer.from_pretrained(sft_model)
     seqs = [tok(f"<|user|>{a}+{b}=<|end|><|assistant|>{a + b}<|end|>", add_special_tokens=False).input_ids
             for a, b in [(12, 30), (7, 99), (55, 5)]]
-    policy = AutoModelForCausalLM.from_pretrained(tiny_model)
-    gaps = []
-    for round_ in range(2):  # two successive updates + syncs
-        with torch.no_grad():
-            for p in policy.parameters():
-                p.add_(torch.randn_like(p) * 0.05)
-        before = _engine_logprobs(vllm_engine, seqs)
-        sync_engine(vllm_engine, policy)
-        after = _engine_logprobs(vllm_engine, seqs)
-        gaps.append(_max_gap(after, _policy_logprobs(policy, seqs)))
-        assert _max_gap(before, after) > 1e-2  # the engine really changed
-    assert max(gaps) < 1e-4, gaps
+    policy = AutoModelForCausalLM.from_pretrained(sft_model)
+    try:
+        gaps = []
+        for _ in range(2):  # two successive updates + syncs
+            with torch.no_grad():
+                for p in policy.parameters():
+                    p.add_(torch.randn_like(p) * 0.05)
+            before = _engine_logprobs(sft_vllm, seqs)
+            sync_engine(sft_vllm, policy)
+            after = _engine_logprobs(sft_vllm, seqs)
+            gaps.append(_max_gap(after, _policy_logprobs(policy, seqs)))
+            assert _max_gap(before, after) > 1e-2  # the engine really changed
+        assert max(gaps) < 1e-4, gaps
 
-    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
-                          LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False))
-    sync_engine(vllm_engine, lora)
-    assert _max_gap(_engine_logprobs(vllm_engine, seqs), _policy_logprobs(lora, seqs)) < 1e-4
-    # the adapter is unmerged again after the sync: the base weights are back (up to float rounding)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model)
-    q = "base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"
-    assert torch.allclose(dict(lora.named_parameters())[q], base.model.layers[0].self_attn.q_proj.weight, atol=1e-6)
+        lora = get_peft_model(AutoModelForCausalLM.from_pretrained(sft_model),
+                              LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False))
+        sync_engine(sft_vllm, lora)
+        assert _max_gap(_engine_logprobs(sft_vllm, seqs), _policy_logprobs(lora, seqs)) < 1e-4
+        # the adapter is unmerged again after the sync: the base weights are back (up to float rounding)
+        base = AutoModelForCausalLM.from_pretrained(sft_model)
+        q = "base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"
+        assert torch.allclose(dict(lora.named_parameters())[q], base.model.layers[0].self_attn.q_proj.weight, atol=1e-6)
+    finally:
+        sft_vllm.load_weights(load_file(str(sft_model / "model.safetensors")).items())
 
 
 # ---------------------------------------------------------------------------------------------
