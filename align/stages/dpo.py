@@ -28,7 +28,6 @@ import dataclasses
 import difflib
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -37,7 +36,7 @@ from align.cli import command
 from align.config import BaseConfig, option, required
 from align.errors import ConfigError, DataError
 from align.models import ModelOptions, load_causal_lm, load_tokenizer, peft_config, save_model
-from align.stage import Stage, read_stage
+from align.stage import CheckpointOptions, Stage, read_stage
 from align.training import TrainOptions, trl_args
 
 
@@ -106,7 +105,7 @@ def default_cache_dir() -> Path:
 
 
 @dataclasses.dataclass
-class DPOStageConfig(TrainOptions, ModelOptions, BaseConfig):
+class DPOStageConfig(TrainOptions, ModelOptions, CheckpointOptions, BaseConfig):
     run_control = ("overwrite", "resume", "ref_cache_dir")
 
     dataset: str = required("Preference pairs: JSONL/JSON/Parquet, a `datasets` folder or a Hub id (TRL prompt/chosen/rejected, implicit-prompt, Alpaca or ShareGPT).")
@@ -129,9 +128,6 @@ class DPOStageConfig(TrainOptions, ModelOptions, BaseConfig):
     eval_reward: str = option("rule:arithmetic", "Scorer for eval_dataset answers (rule:NAME or module:function).")
     eval_max_tokens: int = option(16, "Longest generated answer in evaluation.")
     seed: int = option(0, "Random seed (data order, dropout).")
-    keep_checkpoints: bool = option(False, "Keep output_dir/checkpoints after success (they hold optimizer state: ~3x the model).")
-    overwrite: bool = option(False, "Replace a finished or unfinished stage in output_dir.")
-    resume: bool = option(False, "Continue from the newest checkpoint in output_dir/checkpoints.")
 
     def validate(self) -> None:
         self.validate_training()
@@ -264,10 +260,7 @@ def run_dpo(cfg: DPOStageConfig) -> dict:
                         f"dpo: {cfg.output_dir}")
     if plot:
         artifacts["plot"] = str(plot)
-    record = stage.finish(summary, artifacts)
-    if not cfg.keep_checkpoints:
-        shutil.rmtree(stage.checkpoints_dir, ignore_errors=True)
-    return record
+    return stage.finish(summary, artifacts, keep_checkpoints=cfg.keep_checkpoints)
 
 
 def build_trainer(cfg: DPOStageConfig, train, stage: Stage, callbacks: list | None = None):

@@ -35,12 +35,12 @@ from align.cli import command
 from align.config import BaseConfig, option, required
 from align.errors import ConfigError
 from align.models import ModelOptions, load_causal_lm, load_tokenizer, peft_config, save_model
-from align.stage import Stage, read_stage, staging_dir
+from align.stage import CheckpointOptions, Stage, read_stage, staging_dir
 from sampling.engines import EngineOptions
 
 
 @dataclasses.dataclass
-class RLHFConfig(EngineOptions, ModelOptions, BaseConfig):
+class RLHFConfig(EngineOptions, ModelOptions, CheckpointOptions, BaseConfig):
     dataset: str = required("Prompts to train on (prompt rows; extra columns such as `answer` reach the scorers).")
     output_dir: str = required("Stage directory: stage.json, metrics.jsonl, model/, checkpoints/.")
     reward: list[str] = required("Scorer spec(s): rule:NAME, model:PATH or module:function (comma-separated to combine).")
@@ -69,9 +69,6 @@ class RLHFConfig(EngineOptions, ModelOptions, BaseConfig):
     eval_reward: list[str] | None = option(None, "Scorer(s) for eval_dataset (default: reward).")
     eval_max_tokens: int = option(16, "Longest answer in evaluation.")
     seed: int = option(0, "Seed for the prompt order, sampling and initialization.")
-    keep_checkpoints: bool = option(False, "Keep output_dir/checkpoints after success.")
-    overwrite: bool = option(False, "Replace a finished or unfinished stage in output_dir.")
-    resume: bool = option(False, "Continue from the newest checkpoint in output_dir/checkpoints.")
 
     def validate(self) -> None:
         from align.rl.optimizers import get_optimizer
@@ -315,12 +312,7 @@ def run_rlhf(cfg: RLHFConfig) -> dict:
     plot = plot_metrics(stage.metrics(), ["reward_mean", "kl_ref", "response_length"], stage.dir / "reward.png", f"rlhf {cfg.optimizer}")
     if plot:
         artifacts["plot"] = str(plot)
-    record = stage.finish(summary, artifacts)
-    if not cfg.keep_checkpoints:
-        import shutil
-
-        shutil.rmtree(stage.checkpoints_dir, ignore_errors=True)
-    return record
+    return stage.finish(summary, artifacts, keep_checkpoints=cfg.keep_checkpoints)
 
 
 __all__ = ["RLHFConfig", "run_rlhf", "batch_indices", "sync_engine", "policy_weights"]

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import shutil
 import time
 from typing import Any, Literal
 
@@ -40,7 +39,7 @@ from align.cli import command
 from align.config import BaseConfig, option, required
 from align.errors import ConfigError, DataError, ModelError
 from align.models import DTYPES, ModelOptions, _check_exists, _first_line, save_model
-from align.stage import Stage, read_stage
+from align.stage import CheckpointOptions, Stage, read_stage
 from align.training import TrainOptions, trl_args
 from reward.losses import (
     IGNORE_GRADE, LLAMA2_MARGINS, LOSSES, RewardBatch, SOFT_LABELS, get_loss, grade_cross_entropy,
@@ -52,7 +51,7 @@ RESPONSES = ("edited", "chosen", "rejected")  # best first
 
 
 @dataclasses.dataclass
-class RMStageConfig(TrainOptions, ModelOptions, BaseConfig):
+class RMStageConfig(TrainOptions, ModelOptions, CheckpointOptions, BaseConfig):
     dataset: str = required("Preference data: a JSONL/JSON/Parquet file, a `datasets` folder or a Hub id (TRL, ShareGPT or Alpaca preference format).")
     output_dir: str = required("Stage directory: stage.json, metrics.jsonl, model/ and checkpoints/ go here.")
     loss: str = option("bradley_terry", f"Reward loss: {', '.join(LOSSES)} (reward/losses.py).")
@@ -67,9 +66,6 @@ class RMStageConfig(TrainOptions, ModelOptions, BaseConfig):
     eval_split: float = option(0.0, "Fraction of dataset held out (shuffled with seed) for eval_accuracy when no eval_dataset.")
     score_batch_size: int = option(32, "Sequences per batch when scoring the eval split (sorted by length).")
     seed: int = option(0, "Random seed (head init, data order, eval split).")
-    keep_checkpoints: bool = option(False, "Keep output_dir/checkpoints after success (they hold optimizer state: ~3x the model).")
-    overwrite: bool = option(False, "Replace a finished or unfinished stage in output_dir.")
-    resume: bool = option(False, "Continue from the newest checkpoint in output_dir/checkpoints.")
 
     def validate(self) -> None:
         self.validate_training()
@@ -381,7 +377,4 @@ def run_rm(cfg: RMStageConfig) -> dict:
     plot = plot_metrics(stage.metrics(), ["loss", "accuracy"], stage.dir / "loss.png", f"rm: {cfg.output_dir}")
     if plot:
         artifacts["plot"] = str(plot)
-    record = stage.finish(summary, artifacts)
-    if not cfg.keep_checkpoints:
-        shutil.rmtree(stage.checkpoints_dir, ignore_errors=True)
-    return record
+    return stage.finish(summary, artifacts, keep_checkpoints=cfg.keep_checkpoints)

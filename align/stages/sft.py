@@ -15,7 +15,6 @@ TRL's SFTTrainer does the training; we add what a pipeline needs around it:
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import time
 
 from align.cli import command
@@ -23,21 +22,18 @@ from align.config import BaseConfig, option, required
 from align.data import load_dataset
 from align.errors import ConfigError
 from align.models import ModelOptions, load_causal_lm, load_tokenizer, peft_config, save_model
-from align.stage import Stage
+from align.stage import CheckpointOptions, Stage
 from align.training import TrainOptions, trl_args
 
 
 @dataclasses.dataclass
-class SFTStageConfig(TrainOptions, ModelOptions, BaseConfig):
+class SFTStageConfig(TrainOptions, ModelOptions, CheckpointOptions, BaseConfig):
     dataset: str = required("Training data: a JSONL/JSON/Parquet file, a `datasets` folder or a Hub id (TRL, Alpaca or ShareGPT format).")
     output_dir: str = required("Stage directory: stage.json, metrics.jsonl, model/ and checkpoints/ go here.")
     eval_dataset: str | None = option(None, "Held-out prompts to answer greedily after training (e.g. the demo's test.jsonl).")
     eval_reward: str = option("rule:arithmetic", "Scorer for eval_dataset answers (rule:NAME or module:function).")
     eval_max_tokens: int = option(16, "Longest generated answer in evaluation.")
     seed: int = option(0, "Random seed (model init of heads, data order, dropout).")
-    keep_checkpoints: bool = option(False, "Keep output_dir/checkpoints after success (they hold optimizer state: ~3x the model).")
-    overwrite: bool = option(False, "Replace a finished or unfinished stage in output_dir.")
-    resume: bool = option(False, "Continue from the newest checkpoint in output_dir/checkpoints.")
 
     def validate(self) -> None:
         self.validate_training()
@@ -92,10 +88,7 @@ def run_sft(cfg: SFTStageConfig) -> dict:
     plot = plot_metrics(stage.metrics(), ["loss", "learning_rate"], stage.dir / "loss.png", f"sft: {cfg.output_dir}")
     if plot:
         artifacts["plot"] = str(plot)
-    record = stage.finish(summary, artifacts)
-    if not cfg.keep_checkpoints:
-        shutil.rmtree(stage.checkpoints_dir, ignore_errors=True)
-    return record
+    return stage.finish(summary, artifacts, keep_checkpoints=cfg.keep_checkpoints)
 
 
 def stage_record(output_dir: str) -> dict:
