@@ -72,26 +72,25 @@ def _plain(value: Any) -> Any:
 
 
 def plot_metrics(rows: list[dict[str, Any]], keys: list[str], path: Path, title: str) -> Path | None:
-    """Plot ``keys`` against step from metrics rows into a PNG; None if there is nothing to plot."""
+    """Plot ``keys`` against step from metrics rows into a PNG; None if there is nothing to plot
+    (or drawing failed: a warning, the stage still finishes).
+
+    Drawn in a child process: matplotlib adds ~25 MB to whatever process imports it, which would
+    count against the trainer's own peak memory (bench/bench_dpo.py compares that with TRL's).
+    """
+    import json
+    import subprocess
+
     series = {k: [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))] for k in keys}
     series = {k: v for k, v in series.items() if v}
     if not series:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(series), figsize=(5 * len(series), 3.5), squeeze=False)
-    for ax, (key, points) in zip(axes[0], series.items()):
-        ax.plot([p[0] for p in points], [p[1] for p in points])
-        ax.set_xlabel("step")
-        ax.set_title(key)
-        ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    job = json.dumps({"series": series, "path": str(path), "title": title})
+    proc = subprocess.run([sys.executable, "-m", "align.plot"], input=job, text=True, capture_output=True)
+    if proc.returncode != 0:  # a plot is a convenience: warn, never fail a finished stage
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        print(f"warning: could not draw {path}: {last}", file=sys.stderr)
+        return None
     return path
 
 
@@ -123,3 +122,4 @@ def evaluate_trained(model, tokenizer, cfg: Any, stage: Stage) -> dict[str, Any]
     report = evaluate(TransformersEngine(model, tokenizer), cfg.eval_dataset, cfg.eval_reward, cfg.eval_max_tokens)
     atomic_write_text(stage.dir / "eval.jsonl", "".join(json.dumps(r) + "\n" for r in report["results"]))
     return {"eval_mean_reward": report["mean_reward"], "eval_prompts": report["num_prompts"]}
+

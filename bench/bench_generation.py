@@ -1,6 +1,11 @@
 """Generation throughput: the vLLM engine vs the transformers engine, and `align rs` vs generation.
 
-    python bench/bench_generation.py [--model DIR] [--prompts 64] [--k 8] [--max_tokens 32] [--rounds 3]
+    python bench/bench_generation.py [--model DIR] [--dataset FILE|demo] [--prompts 64] [--k 8] [--max_tokens 64]
+
+Prompts: real Alpaca instructions (../shared/data/real/alpaca_en_demo.json, varied lengths, ~50
+tokens) when that file is there, else the demo task's; ``--dataset demo`` forces the demo's
+(``a+b=``: all the same few tokens, the transformers engine's best case, with nothing to pad
+and a prompt too short for sharing its KV pages across the K samples to matter).
 
 Same tiny model, prompts (demo task), K and max_tokens for every row, in one run:
 1. tokens/s of the vLLM engine (in-process, fp32, prefix caching) vs the transformers engine
@@ -29,12 +34,15 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+REAL_PROMPTS = ROOT.parent / "shared" / "data" / "real" / "alpaca_en_demo.json"
 sys.path.insert(0, str(ROOT))
 
 from align.demo import write_demo_data  # noqa: E402
 from align.evaluation import load_prompts  # noqa: E402
 from align.tiny import make_tiny_model  # noqa: E402
 from sampling import SamplingParams, build_engine  # noqa: E402
+from sampling.base import encode_prompts  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
 
 
 def timed_generate(engine, prompts, params) -> tuple[float, int]:
@@ -46,10 +54,15 @@ def timed_generate(engine, prompts, params) -> tuple[float, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", help="model folder (default: a tiny random llama/char model)")
+    ap.add_argument("--model", help="model folder (default: a random tiny llama, --hidden_size/--layers/--tokenizer)")
+    ap.add_argument("--dataset", default=str(REAL_PROMPTS) if REAL_PROMPTS.is_file() else "demo",
+                    help="prompt file in any format align reads, or 'demo' (default: real Alpaca prompts if present)")
+    ap.add_argument("--hidden_size", type=int, default=128, help="width of the random tiny model")
+    ap.add_argument("--layers", type=int, default=4, help="layers of the random tiny model")
+    ap.add_argument("--tokenizer", default="bpe", choices=["char", "bpe"], help="tokenizer of the random tiny model")
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--k", type=int, default=8)
-    ap.add_argument("--max_tokens", type=int, default=32)
+    ap.add_argument("--max_tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch threads for both engines (vLLM serves with 1)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "bench_generation.json"))
@@ -58,18 +71,25 @@ def main() -> None:
     from align.stages.rs import RSConfig, run_rs
 
     work = Path(tempfile.mkdtemp(prefix="bench_generation."))
-    model = Path(args.model) if args.model else make_tiny_model(work / "tiny", seed=0)
+    model = Path(args.model) if args.model else make_tiny_model(
+        work / "tiny", tokenizer=args.tokenizer, seed=0, hidden_size=args.hidden_size, num_layers=args.layers,
+        intermediate_size=2 * args.hidden_size, num_heads=max(1, args.hidden_size // 64))
     write_demo_data(work / "demo", seed=0, num_prompts=max(args.prompts, 1000))
-    dataset = str(work / "demo" / "prompts.jsonl")
-    prompts = [r["prompt"] for r in load_prompts(dataset, args.prompts)]
+    dataset = str(work / "demo" / "prompts.jsonl")  # align rs below scores rule:arithmetic on these
+    # The first --prompts prompts that fit the engines' context (512 tokens) with max_tokens to spare.
+    every = [r["prompt"] for r in load_prompts(dataset if args.dataset == "demo" else args.dataset)]
+    lengths = [len(ids) for ids in encode_prompts(AutoTokenizer.from_pretrained(model), every, None)]
+    fitting = [(p, n) for p, n in zip(every, lengths) if n + args.max_tokens <= 512][: args.prompts]
+    prompts = [p for p, _ in fitting]
+    prompt_tokens = sum(n for _, n in fitting)
     params = SamplingParams(n=args.k, temperature=1.0, max_tokens=args.max_tokens, seed=0)
     warmup = SamplingParams(n=2, temperature=1.0, max_tokens=4, seed=0)
     torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
 
     engines = {
-        "transformers generate": build_engine("transformers", str(model), max_model_len=128, batch_size=64),
-        "vLLM engine": build_engine("vllm", str(model), max_model_len=128, kv_cache_gb=1.0, seed=0, threads=args.threads),
+        "transformers generate": build_engine("transformers", str(model), max_model_len=512, batch_size=64),
+        "vLLM engine": build_engine("vllm", str(model), max_model_len=512, kv_cache_gb=2.0, seed=0, threads=args.threads),
     }
     rounds: dict[str, list[tuple[float, int]]] = {name: [] for name in engines}
     for engine in engines.values():
@@ -93,7 +113,8 @@ def main() -> None:
     v_s, v_tok = rows["vLLM engine"]
     gen = summary["generate_seconds"]
     result = {
-        "model": str(model) if args.model else "tiny random llama/char (align.tiny, seed 0)",
+        "model": str(model) if args.model else f"tiny random llama/{args.tokenizer} (align.tiny, seed 0, hidden {args.hidden_size}, {args.layers} layers)",
+        "dataset": "demo prompts (a+b=)" if args.dataset == "demo" else args.dataset, "mean_prompt_tokens": round(prompt_tokens / len(prompts), 1),
         "prompts": args.prompts, "k": args.k, "max_tokens": args.max_tokens, "rounds": args.rounds,
         "all_rounds_seconds": {name: [round(s, 3) for s, _ in times] for name, times in rounds.items()},
         "machine": f"{platform.machine()}, {threads} torch threads, Python {platform.python_version()}",
@@ -105,8 +126,8 @@ def main() -> None:
         "score_select_over_generate": round((summary["score_seconds"] + summary["select_seconds"]) / gen, 4),
         "rs_wall_over_generate": round(rs_wall / gen, 3),
     }
-    print(f"{args.prompts} prompts x K={args.k} x {args.max_tokens} tokens, fp32 CPU, {threads} torch threads,"
-          f" fastest of {args.rounds} alternating rounds")
+    print(f"{args.prompts} prompts ({result['dataset']}, {result['mean_prompt_tokens']} tokens on average) x K={args.k}"
+          f" x {args.max_tokens} tokens, fp32 CPU, {threads} torch threads, fastest of {args.rounds} alternating rounds")
     print(f"{'path':<34}{'seconds':>10}{'tokens':>9}{'tokens/s':>11}")
     for name, (s, tok) in rows.items():
         print(f"{name:<34}{s:>10.2f}{tok:>9}{tok / s:>11,.0f}")

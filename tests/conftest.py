@@ -56,22 +56,25 @@ def demo_data(artifacts) -> Path:
     return artifacts / "demo"
 
 
-@pytest.fixture(scope="session")
-def sft_run(artifacts, tiny_model, demo_data) -> Path:
-    """`align sft` through the CLI on the demo task, from the shipped config."""
-    out = artifacts / "sft"
+def demo_sft(out: Path, tiny_model: Path, demo_data: Path, *flags) -> Path:
+    """`align sft` through the CLI on the demo task, from the shipped config plus ``flags``."""
     run_align(
         "sft", "--config", ROOT / "configs" / "demo_sft.yaml",
         "--model_name_or_path", tiny_model,
         "--dataset", demo_data / "sft.jsonl",
         "--eval_dataset", demo_data / "test.jsonl",
         "--output_dir", out,
-        "--max_steps", SFT_STEPS,
-        *SFT_FLAGS,
+        *flags,
         check=True,
         timeout=1800,
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def sft_run(artifacts, tiny_model, demo_data) -> Path:
+    """The short demo SFT run later stages start from (see SFT_STEPS)."""
+    return demo_sft(artifacts / "sft", tiny_model, demo_data, "--max_steps", SFT_STEPS, *SFT_FLAGS)
 
 
 @pytest.fixture(scope="session")
@@ -99,16 +102,36 @@ def sft_vllm(sft_model):
 
 
 @pytest.fixture(scope="session")
-def rm_run(artifacts, sft_model, demo_data) -> Path:
-    """`align rm` through the CLI from the demo SFT model on the demo pairs (10% held out);
-    tests/test_rm.py asserts its eval accuracy."""
+def quickstart_sft_run(artifacts, tiny_model, demo_data) -> Path:
+    """`align sft` with configs/demo_sft.yaml exactly as the quickstart runs it (1800 steps,
+    cosine): the model a user trains a reward model from. tests/test_sft.py asserts its figure."""
+    return demo_sft(artifacts / "sft_quickstart", tiny_model, demo_data)
+
+
+@pytest.fixture(scope="session")
+def rm_pairs(artifacts) -> Path:
+    """9,000 demo preference pairs (the same split and test set as ``demo_data``): a reward
+    model has to learn to check sums, which takes more distinct pairs than DPO's 2,000."""
+    from align.demo import write_demo_data
+
+    return write_demo_data(artifacts / "demo_rm", seed=0, num_pairs=RM_PAIRS)["pairs"]
+
+
+RM_PAIRS = 9000
+
+
+@pytest.fixture(scope="session")
+def rm_run(artifacts, quickstart_sft_run, rm_pairs) -> Path:
+    """`align rm` through the CLI from the quickstart SFT model on the demo pairs (5% held out),
+    from configs/demo_rm.yaml; tests/test_rm.py asserts its eval accuracy."""
     out = artifacts / "rm"
     run_align(
         "rm", "--config", ROOT / "configs" / "demo_rm.yaml",
-        "--model_name_or_path", sft_model,
-        "--dataset", demo_data / "pairs.jsonl",
+        "--model_name_or_path", quickstart_sft_run / "model",
+        "--dataset", rm_pairs,
         "--output_dir", out,
         check=True,
+        timeout=1800,
     )
     return out
 

@@ -126,3 +126,48 @@ def test_policy_weights_strip_peft_names(tiny_model):
     names = {n for n, _ in policy_weights(base)}
     peft = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), LoraConfig(r=4, target_modules=["q_proj"]))
     assert {n for n, _ in policy_weights(peft)} == names
+
+
+def test_length_grouped_forward_matches_one_pass(tiny_model, monkeypatch):
+    """token_logprobs in passes of 2 rows grouped by length (each cut to its longest) gives the
+    one-pass log-probs, entropies, hidden states and gradients."""
+    from transformers import AutoModelForCausalLM
+
+    from align.rl import rollout
+    from align.rl.rollout import token_logprobs
+
+    widths = []
+    one_pass = rollout._token_logprobs
+    monkeypatch.setattr(rollout, "_token_logprobs", lambda m, ids, *a: widths.append(ids.shape) or one_pass(m, ids, *a))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    seqs = [[5, 6, 7, 8, 9, 10, 11, 12], [5, 6], [7, 8, 9], [9, 10, 11, 12, 13], [4, 4, 4, 4, 4, 4]]
+    r = build_rollouts([s[:1] for s in seqs], [[s[1:]] for s in seqs], [[False]] * 5, [0.0] * 5, eos_id=2, pad_id=0)
+    results = []
+    for batch_size in (None, 2):
+        model.zero_grad()
+        logp, entropy, hidden = token_logprobs(model, r.input_ids, r.attention_mask, with_hidden=True, batch_size=batch_size)
+        (logp * r.mask).sum().backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+        results.append((logp * r.mask, entropy * r.mask, hidden * r.mask[..., None], grads))
+    # one pass of 5 x 8, then passes cut to their longest row: lengths 8,6 | 5,3 | 2
+    assert [tuple(w) for w in widths] == [(5, 8), (2, 8), (2, 5), (1, 2)]
+    for one, grouped in zip(*results):
+        assert one.shape == grouped.shape
+        torch.testing.assert_close(grouped, one, atol=1e-5, rtol=1e-5)
+    assert results[0][0].abs().sum() > 0
+
+
+def test_iteration_metrics_pool_every_rank():
+    from align.stages.rlhf import iteration_metrics
+
+    parts = [
+        {"scores": [1.0, 0.0], "lengths": [2, 4], "stats": {"loss": 1.0, "pairs": 1.0},
+         "times": {"generate": 1.0, "score": 0.1, "train": 2.0, "sync": 0.1}},
+        {"scores": [1.0, 1.0], "lengths": [3, 3], "stats": {"loss": 3.0},
+         "times": {"generate": 2.0, "score": 0.1, "train": 1.0, "sync": 0.1}},
+    ]
+    row = iteration_metrics(parts)
+    assert row["reward_mean"] == 0.75 and row["samples"] == 4 and row["response_length"] == 3.0
+    assert row["loss"] == 2.0 and row["pairs"] == 1.0  # a stat only one rank reports is its own
+    assert row["time_generate"] == 2.0 and row["time_train"] == 2.0  # the slowest rank's
+    assert row["samples_per_s"] == pytest.approx(4 / 4.2)

@@ -14,7 +14,7 @@ from conftest import REAL_DATA, read_jsonl
 from reward.model import RewardModel
 from reward.scorers import build_scorer
 
-DEMO_RM_STEPS = 300  # configs/demo_rm.yaml
+DEMO_RM_STEPS, DEMO_RM_LOGGING = 1000, 20  # configs/demo_rm.yaml
 
 
 def call(capsys, *argv) -> tuple[int, str]:
@@ -22,19 +22,19 @@ def call(capsys, *argv) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-def test_rm_on_demo_pairs(rm_run, rm_model, demo_data):
+def test_rm_on_demo_pairs(rm_run, rm_model, rm_pairs):
     record = json.loads((rm_run / "stage.json").read_text())
     assert record["stage"] == "rm" and record["status"] == "complete"
     summary = record["summary"]
-    assert summary["train_rows"] == 1800 and summary["eval_rows"] == 200 and summary["dropped_rows"] == 0
+    assert summary["train_rows"] == 8550 and summary["eval_rows"] == 450 and summary["dropped_rows"] == 0
     assert summary["global_step"] == DEMO_RM_STEPS
-    # Correct vs plausible wrong sums (off by one or ten, dropped carry, swapped digits). From the
-    # short demo SFT model the figure stays near chance (about 0.52-0.59 seen): reported, not asserted.
-    assert 0.0 <= summary["eval_accuracy"] <= 1.0 and math.isfinite(summary["eval_mean_margin"])
+    # Correct vs plausible wrong sums (off by one or ten, dropped carry, swapped digits), 450 held-out
+    # pairs: chance is 0.5 +- 0.024 (one sd), 0.79-0.81 seen. 0.7 is over eight sd above chance.
     print(f"demo RM eval accuracy {summary['eval_accuracy']:.3f} (margin {summary['eval_mean_margin']:.3f})")
+    assert summary["eval_accuracy"] >= 0.7 and summary["eval_mean_margin"] > 0.5
     assert record["artifacts"]["model"] == str(rm_model)
     metrics = read_jsonl(rm_run / "metrics.jsonl")
-    assert [r["step"] for r in metrics if "loss" in r] == list(range(10, DEMO_RM_STEPS + 1, 10))
+    assert [r["step"] for r in metrics if "loss" in r] == list(range(DEMO_RM_LOGGING, DEMO_RM_STEPS + 1, DEMO_RM_LOGGING))
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in metrics if "accuracy" in r)
     assert not (rm_run / "checkpoints").exists()
     config = json.loads((rm_model / "config.json").read_text())
@@ -42,11 +42,11 @@ def test_rm_on_demo_pairs(rm_run, rm_model, demo_data):
     assert (rm_model / "model.safetensors").is_file() and not list(rm_model.glob("*.bin"))
 
     # `model:` loads the saved model directly and reproduces the stage's eval figures on the
-    # same held-out rows (eval_split 0.1 shuffled with seed 0)
+    # same held-out rows (eval_split 0.05 shuffled with seed 0)
     from align.data import load_rows
     from align.stages.rm import _split
 
-    held_out = _split(load_rows(str(demo_data / "pairs.jsonl"), "preference"), 0.1, 0)[1]
+    held_out = _split(load_rows(str(rm_pairs), "preference"), 0.05, 0)[1]
     scorer = build_scorer(f"model:{rm_model}")
     prompts = [r["prompt"][0]["content"] for r in held_out]
     chosen = scorer.score(prompts, [r["chosen"][0]["content"] for r in held_out], [{}] * len(held_out))
@@ -55,12 +55,12 @@ def test_rm_on_demo_pairs(rm_run, rm_model, demo_data):
     assert sum(c - r for c, r in zip(chosen, rejected)) / len(held_out) == pytest.approx(summary["eval_mean_margin"], abs=1e-5)
 
 
-def test_rerun_is_a_no_op(rm_run, sft_model, demo_data, capsys):
+def test_rerun_is_a_no_op(rm_run, quickstart_sft_run, rm_pairs, capsys):
     from conftest import ROOT
 
     before = (rm_run / "stage.json").read_text()
-    code, err = call(capsys, "rm", "--config", ROOT / "configs" / "demo_rm.yaml", "--model_name_or_path", sft_model,
-                     "--dataset", demo_data / "pairs.jsonl", "--output_dir", rm_run)
+    code, err = call(capsys, "rm", "--config", ROOT / "configs" / "demo_rm.yaml", "--model_name_or_path",
+                     quickstart_sft_run / "model", "--dataset", rm_pairs, "--output_dir", rm_run)
     assert code == 0, err
     assert (rm_run / "stage.json").read_text() == before
 

@@ -20,6 +20,7 @@ from torch import nn
 from align.errors import ConfigError
 from align.rl import estimators as est
 from align.rl import losses as L
+from align.rl import parallel
 from align.rl.rollout import Rollouts, token_logprobs
 
 OPTIMIZERS: dict[str, type["PolicyOptimizer"]] = {}
@@ -77,12 +78,11 @@ class PolicyOptimizer:
 
     # -- shared ------------------------------------------------------------------------------
     @torch.no_grad()
-    def prepare(self, r: Rollouts) -> dict[str, float]:
-        """Log-probs under the sampling policy and the reference (computed once per batch)."""
-        logp, entropy, hidden = token_logprobs(self.policy, r.input_ids, r.attention_mask, with_hidden=bool(self.extra))
-        r.logp_old = logp
+    def prepare(self, r: Rollouts, logp: torch.Tensor, entropy: torch.Tensor, hidden: torch.Tensor | None) -> dict[str, float]:
+        """Fix this batch's log-probs (and values) under the sampling policy, and the reference's."""
+        r.logp_old = logp.detach()
         if self.extra:
-            r.values_old = self.values(hidden)
+            r.values_old = self.values(hidden.detach())
         stats = {"entropy": L.masked_mean(entropy, r.mask).item()}
         if self.needs_ref:
             r.logp_ref = self.ref_logprobs(r.input_ids, r.attention_mask)
@@ -91,17 +91,29 @@ class PolicyOptimizer:
 
     def update(self, r: Rollouts) -> dict[str, float]:
         self.policy.train()
-        stats = self.prepare(r)
+
+        def forward():
+            return token_logprobs(self.policy, r.input_ids, r.attention_mask, with_hidden=bool(self.extra),
+                                  batch_size=self.cfg.forward_batch_size)
+
+        if self.cfg.inner_steps == 1:
+            # One step from pi_old: its own forward gives pi_old's log-probs (detached), so a
+            # separate no-grad pass would only repeat it (TRL's GRPO/RLOO do the same).
+            first = forward()
+        else:
+            with torch.no_grad():
+                first = forward()
+        stats = self.prepare(r, *first)
         totals: dict[str, float] = {}
-        for _ in range(self.cfg.inner_steps):
-            logp, entropy, hidden = token_logprobs(self.policy, r.input_ids, r.attention_mask, with_hidden=bool(self.extra))
+        for step in range(self.cfg.inner_steps):
+            logp, entropy, hidden = first if step == 0 and self.cfg.inner_steps == 1 else forward()
             loss, step_stats = self.loss(r, logp, entropy, hidden)
             self.optimizer.zero_grad(set_to_none=True)
-            if loss.requires_grad:
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-                self.optimizer.step()
-                step_stats["grad_norm"] = float(grad_norm)
+            loss.backward()  # every loss keeps a graph, even one with nothing to learn (zero)
+            parallel.average_gradients(self.params)  # data parallel: the same step on every rank
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+            self.optimizer.step()
+            step_stats["grad_norm"] = float(grad_norm)
             step_stats["loss"] = loss.item()
             for key, value in step_stats.items():
                 totals[key] = totals.get(key, 0.0) + value / self.cfg.inner_steps
@@ -231,8 +243,8 @@ class PPO(PolicyOptimizer):
         return {"value_head": head.to(next(self.policy.parameters()).device)}
 
     @torch.no_grad()
-    def prepare(self, r):
-        stats = super().prepare(r)
+    def prepare(self, r, logp, entropy, hidden):
+        stats = super().prepare(r, logp, entropy, hidden)
         rewards = torch.zeros_like(r.logp_old)
         if self.needs_ref:
             rewards -= self.cfg.kl_coef * (r.logp_old - r.logp_ref) * r.mask

@@ -58,15 +58,43 @@ def build_rollouts(prompt_ids: list[list[int]], responses: list[list[list[int]]]
                     torch.tensor(scores, dtype=torch.float32, device=device), k)
 
 
-def token_logprobs(model, input_ids, attention_mask, with_hidden: bool = False):
+def token_logprobs(model, input_ids, attention_mask, with_hidden: bool = False, batch_size: int | None = None):
     """Per-token log-probs of each next token, their entropies, and optionally the last hidden states.
 
-    Returns ``(logp [B, L-1], entropy [B, L-1], hidden [B, L-1, H] | None)``.
+    Returns ``(logp [B, L-1], entropy [B, L-1], hidden [B, L-1, H] | None)``. With ``batch_size``,
+    the (right-padded) rows go through the model in passes of that many rows grouped by length,
+    each cut to its own longest row: the same numbers (padding never reaches a real token under
+    the causal mask) for far less work when lengths vary, as with real prompts. TRL's online
+    trainers pad the whole batch to its longest row instead. When grouping would save less than
+    a quarter of the padded tokens (lengths nearly equal), one pass is cheaper and is used.
     """
+    rows, width = input_ids.shape
+    if batch_size is None or batch_size >= rows:
+        return _token_logprobs(model, input_ids, attention_mask, with_hidden)
+    lengths = attention_mask.sum(-1)
+    order = torch.argsort(lengths, descending=True)
+    groups = order.split(batch_size)
+    if sum(len(idx) * int(lengths[idx].max()) for idx in groups) > 0.75 * rows * width:
+        return _token_logprobs(model, input_ids, attention_mask, with_hidden)
+    parts = []
+    for idx in groups:
+        w = int(lengths[idx].max())
+        logp, entropy, hidden = _token_logprobs(model, input_ids[idx, :w], attention_mask[idx, :w], with_hidden)
+        pad = width - w  # back to [rows, width - 1]; the padded targets are masked out anyway
+        parts.append((F.pad(logp, (0, pad)), F.pad(entropy, (0, pad)), F.pad(hidden, (0, 0, 0, pad)) if with_hidden else None))
+    inverse = torch.argsort(order)
+    logp = torch.cat([p[0] for p in parts])[inverse]
+    entropy = torch.cat([p[1] for p in parts])[inverse]
+    hidden = torch.cat([p[2] for p in parts])[inverse] if with_hidden else None
+    return logp, entropy, hidden
+
+
+def _token_logprobs(model, input_ids, attention_mask, with_hidden: bool):
     out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=with_hidden)
     logits = out.logits[:, :-1].float()
     logp_all = F.log_softmax(logits, dim=-1)
     logp = logp_all.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    with torch.no_grad():  # a statistic only: no graph for it
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
     hidden = out.hidden_states[-1][:, :-1] if with_hidden else None
     return logp, entropy, hidden

@@ -15,9 +15,11 @@ Each iteration, read top to bottom in ``run_rlhf``:
 Why our own loop: TRL's online trainers each own generation and cannot swap the optimizer, TRL
 has no PPO or MDLOO, and its colocated vLLM sync fails on CPU in fp32 (stack.md).
 
-Multi-process: not supported yet. The intended design (one engine per rank, each generating for
-its own shard of the prompt batch, gradients all-reduced by accelerate, every rank syncing its
-own engine after the step) is what ``accelerate launch`` would run; today the loop is single-process.
+Multi-process (``accelerate launch``, e.g. configs/accelerate/cpu_2proc.yaml): data parallel with
+an engine per rank. Each rank generates, scores and computes the loss for its shard of every
+prompt batch, gradients are averaged across ranks (``align.rl.parallel`` says why not DDP's
+wrapper and not one engine with a broadcast), every rank syncs its own engine, and the main
+process logs metrics gathered from all ranks and writes every file.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from align.cli import command
 from align.config import BaseConfig, option, required
 from align.errors import ConfigError
 from align.models import ModelOptions, load_causal_lm, load_tokenizer, peft_config, save_model
+from align.rl import parallel
 from align.stage import CheckpointOptions, Stage, read_stage, staging_dir
 from sampling.engines import EngineOptions
 
@@ -54,6 +57,7 @@ class RLHFConfig(EngineOptions, ModelOptions, CheckpointOptions, BaseConfig):
     temperature: float = option(1.0, "Sampling temperature for rollouts.")
     top_p: float = option(1.0, "Nucleus sampling for rollouts.")
     learning_rate: float = option(1e-5, "AdamW learning rate for the policy (and value head).")
+    forward_batch_size: int = option(32, "Sequences per training forward pass, grouped by length so each pass pads only to its own longest.")
     inner_steps: int = option(1, "Optimizer steps per iteration on the same rollouts (PPO epochs; MDLOO's mirror-descent steps).")
     clip_eps: float = option(0.2, "Ratio clipping for ppo/grpo/rloo (and value clipping for ppo).")
     kl_coef: float = option(0.05, "KL-to-reference coefficient (reward shaping for ppo/rloo, AFM's beta for mdloo, loss term for grpo); 0 skips the reference.")
@@ -80,7 +84,7 @@ class RLHFConfig(EngineOptions, ModelOptions, CheckpointOptions, BaseConfig):
                 f"optimizer '{self.optimizer}' needs num_samples >= {opt.min_samples} (its baseline compares the"
                 f" K samples of a prompt), got {self.num_samples}"
             )
-        for key in ("num_iterations", "prompts_per_iteration", "num_samples", "max_tokens", "inner_steps", "save_every"):
+        for key in ("num_iterations", "prompts_per_iteration", "num_samples", "max_tokens", "inner_steps", "save_every", "forward_batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"'{key}' must be >= 1, got {getattr(self, key)}")
         if self.learning_rate <= 0 or self.kl_coef < 0 or self.mdloo_t <= 0:
@@ -142,7 +146,7 @@ def make_reference(cfg: RLHFConfig, policy):
         @torch.no_grad()
         def ref(input_ids, attention_mask):
             with policy.disable_adapter():
-                return token_logprobs(policy, input_ids, attention_mask)[0]
+                return token_logprobs(policy, input_ids, attention_mask, batch_size=cfg.forward_batch_size)[0]
         return ref
     frozen = load_causal_lm(cfg).eval()
     for p in frozen.parameters():
@@ -150,7 +154,7 @@ def make_reference(cfg: RLHFConfig, policy):
 
     @torch.no_grad()
     def ref(input_ids, attention_mask):
-        return token_logprobs(frozen, input_ids, attention_mask)[0]
+        return token_logprobs(frozen, input_ids, attention_mask, batch_size=cfg.forward_batch_size)[0]
 
     return ref
 
@@ -181,7 +185,29 @@ def load_checkpoint(path: Path, policy, optimizer) -> dict[str, Any]:
     return state
 
 
-def _live_view(cfg: RLHFConfig, start: int):
+def iteration_metrics(parts: list[dict[str, Any]]) -> dict[str, float]:
+    """One metrics row from every rank's part (scores, lengths, optimizer stats, phase times).
+
+    Rewards and lengths are over all samples; optimizer stats are the mean over the ranks that
+    report them; each phase takes the slowest rank's time (the others wait for it).
+    """
+    scores = torch.tensor([s for p in parts for s in p["scores"]])
+    lengths = [n for p in parts for n in p["lengths"]]
+    keys = sorted({k for p in parts for k in p["stats"]})
+    stats = {k: sum(p["stats"][k] for p in parts if k in p["stats"]) / sum(k in p["stats"] for p in parts) for k in keys}
+    times = {k: max(p["times"][k] for p in parts) for k in parts[0]["times"]}
+    return {
+        "reward_mean": scores.mean().item(),
+        "reward_std": scores.std(unbiased=False).item(),
+        "response_length": sum(lengths) / len(lengths),
+        **stats,
+        **{f"time_{k}": v for k, v in times.items()},
+        "samples": len(scores),
+        "samples_per_s": len(scores) / sum(times.values()),
+    }
+
+
+def _live_view(cfg: RLHFConfig, start: int, show: bool):
     import sys
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -189,7 +215,7 @@ def _live_view(cfg: RLHFConfig, start: int):
     progress = Progress(
         TextColumn(f"[bold]rlhf {cfg.optimizer}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-        disable=not sys.stderr.isatty(),
+        disable=not (show and sys.stderr.isatty()),
     )
     task = progress.add_task("rlhf", total=cfg.num_iterations, completed=start, status="")
     return progress, task
@@ -208,6 +234,10 @@ def run_rlhf(cfg: RLHFConfig) -> dict:
     from align.tracking import plot_metrics
     from sampling.base import SamplingParams, encode_prompts
 
+    rank, world = parallel.init(cfg.resolved_device())
+    if cfg.prompts_per_iteration % world:
+        raise ConfigError(f"'prompts_per_iteration' ({cfg.prompts_per_iteration}) must be a multiple of the"
+                          f" {world} processes: each generates for an equal shard of the batch")
     stage = Stage("rlhf", cfg, cfg.output_dir)
     if not stage.prepare(overwrite=cfg.overwrite, resume=cfg.resume):
         return read_stage(cfg.output_dir)
@@ -236,7 +266,7 @@ def run_rlhf(cfg: RLHFConfig) -> dict:
     optimizer_cls = get_optimizer(cfg.optimizer)
     reference = make_reference(cfg, policy) if optimizer_cls.uses_reference(cfg) else None
     opt = optimizer_cls(cfg, policy, reference)
-    engine = cfg.build_engine(cfg.model_name_or_path, seed=cfg.seed)
+    engine = cfg.build_engine(cfg.model_name_or_path, seed=cfg.seed + rank)
     device = next(policy.parameters()).device
 
     start = 0
@@ -251,17 +281,18 @@ def run_rlhf(cfg: RLHFConfig) -> dict:
     before = {}
     if checkpoint is not None:
         before = state["before"]
-    elif cfg.eval_dataset:
+    elif cfg.eval_dataset and stage.is_main:
         before = {"eval_mean_reward_before": evaluate(engine, cfg.eval_dataset, eval_reward, cfg.eval_max_tokens)["mean_reward"]}
     summary: dict[str, Any] = {"prompts": len(rows), "skipped_long_prompts": skipped_long, "resumed_from_iteration": start, **before}
 
-    progress, task = _live_view(cfg, start)
+    progress, task = _live_view(cfg, start, show=stage.is_main)
     progress.start()
     try:
         for it in range(start, cfg.num_iterations):
-            batch = [rows[i] for i in batch_indices(len(rows), cfg.prompts_per_iteration, it, cfg.seed)]
+            whole = [rows[i] for i in batch_indices(len(rows), cfg.prompts_per_iteration, it, cfg.seed)]
+            batch = whole[rank::world]  # this rank's shard
             params = SamplingParams(n=cfg.num_samples, temperature=cfg.temperature, top_p=cfg.top_p,
-                                    max_tokens=cfg.max_tokens, seed=cfg.seed * 1_000_003 + it * 10_007)
+                                    max_tokens=cfg.max_tokens, seed=cfg.seed * 1_000_003 + it * 10_007 + rank * 7_919)
             t0 = time.perf_counter()
             candidates = engine.generate([r["prompt"] for r in batch], params)
             t1 = time.perf_counter()
@@ -278,24 +309,27 @@ def run_rlhf(cfg: RLHFConfig) -> dict:
             sync_engine(engine, policy)
             t4 = time.perf_counter()
 
-            flat = rollouts.scores
-            row = {
-                "step": it + 1,
-                "reward_mean": flat.mean().item(),
-                "reward_std": flat.std(unbiased=False).item(),
-                "response_length": sum(len(c.token_ids) for cands in candidates for c in cands) / flat.numel(),
-                **stats,
-                "time_generate": t1 - t0, "time_score": t2 - t1, "time_train": t3 - t2, "time_sync": t4 - t3,
-                "samples_per_s": flat.numel() / (t4 - t0),
-                "batch": hashlib.sha1(",".join(r["prompt_id"] for r in batch).encode()).hexdigest()[:12],
-            }
+            row = iteration_metrics(parallel.gather({
+                "scores": rollouts.scores.tolist(), "lengths": [len(c.token_ids) for cands in candidates for c in cands],
+                "stats": stats, "times": {"generate": t1 - t0, "score": t2 - t1, "train": t3 - t2, "sync": t4 - t3},
+            }))
+            row = {"step": it + 1, **row, "batch": hashlib.sha1(",".join(r["prompt_id"] for r in whole).encode()).hexdigest()[:12]}
             stage.log(row)
             progress.update(task, completed=it + 1, status=f"reward {row['reward_mean']:.3f}  kl {row.get('kl_ref', 0.0):.3f}")
-            if (it + 1) % cfg.save_every == 0 or it + 1 == cfg.num_iterations:
+            if stage.is_main and ((it + 1) % cfg.save_every == 0 or it + 1 == cfg.num_iterations):
                 save_checkpoint(stage, it + 1, policy, opt, {"before": before})
     finally:
         progress.stop()
 
+    if cfg.eval_dataset and stage.is_main:
+        after = evaluate(engine, cfg.eval_dataset, eval_reward, cfg.eval_max_tokens)["mean_reward"]
+    # Data parallel keeps the replicas identical; check it (as DDP checks at start) before the
+    # process group goes: closing an engine ends it, so every rank must be done with it.
+    checksums = parallel.gather(sum(p.detach().double().sum().item() for p in policy.parameters()))
+    parallel.barrier()
+    engine.close()
+    if not stage.is_main:
+        return {"stage": "rlhf", "status": "complete", "rank": rank}
     metrics = [r for r in stage.metrics() if "reward_mean" in r]
     tenth = max(1, len(metrics) // 10)
     summary.update({
@@ -305,9 +339,9 @@ def run_rlhf(cfg: RLHFConfig) -> dict:
         "sync_fraction": sum(r["time_sync"] for r in metrics) / max(1e-9, sum(r["time_generate"] + r["time_score"] + r["time_train"] + r["time_sync"] for r in metrics)),
     })
     if cfg.eval_dataset:
-        report = evaluate(engine, cfg.eval_dataset, eval_reward, cfg.eval_max_tokens)
-        summary["eval_mean_reward"] = report["mean_reward"]
-    engine.close()
+        summary["eval_mean_reward"] = after
+    summary["num_processes"] = world
+    summary["replica_weight_gap"] = max(checksums) - min(checksums)  # 0.0: every rank ended with the same policy
     artifacts = save_model(policy, tokenizer, stage.dir, merge_lora=cfg.merge_lora or lora is not None)
     plot = plot_metrics(stage.metrics(), ["reward_mean", "kl_ref", "response_length"], stage.dir / "reward.png", f"rlhf {cfg.optimizer}")
     if plot:
