@@ -12,11 +12,13 @@ the SFT stage's held-out evaluation share.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
 from typing import Any
 
+from align.config import option, required
 from align.data import load_rows
 from align.errors import DataError
 from reward.scorers import build_scorer, check_finite
@@ -65,6 +67,27 @@ def load_prompts(spec: str, max_prompts: int | None = None) -> list[dict[str, An
 def make_scorer(specs: list[str] | str, weights: list[float] | None = None, combine: str = "weighted"):
     """One scorer for the ``--reward`` spec(s); several are combined by ``weights``/``combine``."""
     return build_scorer(specs, weights=weights, combine=combine)
+
+
+@dataclasses.dataclass
+class RewardOptions:
+    """The scorer fields of every command that scores text: rs, eval, rlhf (mixed into configs)."""
+
+    reward: list[str] = required("Scorer spec(s): rule:NAME (e.g. rule:arithmetic), model:PATH or module:function; several are combined.")
+    reward_weights: list[float] | None = option(None, "One weight per --reward scorer for reward_combine 'weighted' (default: equal).")
+    reward_combine: str = option("weighted", "How several scorers combine: weighted, mean or min (reward.scorers).")
+
+    def build_scorer(self):
+        return make_scorer(self.reward, self.reward_weights, self.reward_combine)
+
+
+@dataclasses.dataclass
+class EvalOptions:
+    """Greedy evaluation on held-out prompts after training: sft, dpo (mixed into configs)."""
+
+    eval_dataset: str | None = option(None, "Held-out prompts to answer greedily after training (e.g. the demo's test.jsonl).")
+    eval_reward: str = option("rule:arithmetic", "Scorer for eval_dataset answers (rule:NAME or module:function).")
+    eval_max_tokens: int = option(16, "Longest generated answer in evaluation.")
 
 
 def check_scorer_accepts(scorer, rows: list[dict[str, Any]], dataset: str) -> None:

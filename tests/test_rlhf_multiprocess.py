@@ -40,12 +40,14 @@ def test_two_cpu_processes(sft_model, demo_data, tmp_path):
     assert (out / "model" / "model.safetensors").is_file()
 
 
-def test_batch_must_split_evenly(sft_model, demo_data, tmp_path):
-    proc = subprocess.run(
-        [ACCELERATE, "launch", "--config_file", str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"), "-m", "align",
-         "rlhf", "--model_name_or_path", str(sft_model), "--dataset", str(demo_data / "prompts.jsonl"),
-         "--reward", "rule:arithmetic", "--prompts_per_iteration", "7", "--output_dir", str(tmp_path / "odd")],
-        capture_output=True, text=True, timeout=600, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert proc.returncode != 0
-    assert "'prompts_per_iteration' (7) must be a multiple of the 2 processes" in proc.stderr
+def test_batch_must_split_evenly(sft_model, demo_data, tmp_path, monkeypatch, capsys):
+    """Checked before anything is written (in-process, as rank 0 of 2: no launch needed)."""
+    from align.cli import main
+    from align.rl import parallel
+
+    monkeypatch.setattr(parallel, "init", lambda device: (0, 2))
+    code = main(["rlhf", "--model_name_or_path", str(sft_model), "--dataset", str(demo_data / "prompts.jsonl"),
+                 "--reward", "rule:arithmetic", "--prompts_per_iteration", "7", "--output_dir", str(tmp_path / "odd")])
+    assert code == 2
+    assert "'prompts_per_iteration' (7) must be a multiple of the 2 processes" in capsys.readouterr().err
+    assert not (tmp_path / "odd").exists()

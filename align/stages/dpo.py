@@ -34,6 +34,7 @@ from typing import Any, Literal
 
 from align.cli import command
 from align.config import BaseConfig, option, required
+from align.evaluation import EvalOptions
 from align.errors import ConfigError, DataError
 from align.models import ModelOptions, load_causal_lm, load_tokenizer, peft_config, save_model
 from align.stage import CheckpointOptions, Stage, read_stage
@@ -105,7 +106,7 @@ def default_cache_dir() -> Path:
 
 
 @dataclasses.dataclass
-class DPOStageConfig(TrainOptions, ModelOptions, CheckpointOptions, BaseConfig):
+class DPOStageConfig(TrainOptions, ModelOptions, EvalOptions, CheckpointOptions, BaseConfig):
     run_control = ("overwrite", "resume", "ref_cache_dir")
 
     dataset: str = required("Preference pairs: JSONL/JSON/Parquet, a `datasets` folder or a Hub id (TRL prompt/chosen/rejected, implicit-prompt, Alpaca or ShareGPT).")
@@ -124,9 +125,6 @@ class DPOStageConfig(TrainOptions, ModelOptions, CheckpointOptions, BaseConfig):
     keep_preferences: list[str] = option([], "Keep only pairs whose preference_column value is one of these (Llama 3 keeps 'significantly better,better'); empty keeps all.")
     drop_duplicates: bool = option(True, "Drop repeated (prompt, chosen, rejected) pairs after the first.")
     near_identical_ratio: float | None = option(None, "Drop pairs whose chosen and rejected texts are at least this similar (difflib ratio in (0, 1], e.g. 0.95); null keeps them.")
-    eval_dataset: str | None = option(None, "Held-out prompts to answer greedily after training (e.g. the demo's test.jsonl).")
-    eval_reward: str = option("rule:arithmetic", "Scorer for eval_dataset answers (rule:NAME or module:function).")
-    eval_max_tokens: int = option(16, "Longest generated answer in evaluation.")
     seed: int = option(0, "Random seed (data order, dropout).")
 
     def validate(self) -> None:

@@ -19,7 +19,7 @@ from typing import ClassVar
 from align.cli import command
 from align.config import BaseConfig, option, required
 from align.errors import ConfigError
-from align.evaluation import check_scorer_accepts, evaluate, load_prompts, make_scorer
+from align.evaluation import RewardOptions, check_scorer_accepts, evaluate, load_prompts
 from align.stage import Stage, atomic_write_text, read_stage
 from sampling.base import SamplingParams
 from sampling.engines import EngineOptions
@@ -28,16 +28,13 @@ RESULTS = "eval.jsonl"
 
 
 @dataclasses.dataclass
-class EvalConfig(EngineOptions, BaseConfig):
+class EvalConfig(RewardOptions, EngineOptions, BaseConfig):
     # Memory knobs that do not change the samples: a rerun with other values continues / is a no-op.
     run_control: ClassVar[tuple[str, ...]] = ("overwrite", "resume", "kv_cache_gb", "max_num_seqs")
 
     model_name_or_path: str = required("Policy to evaluate: a Hugging Face model folder or Hub id.")
     dataset: str = required("Prompt set (e.g. the demo's test.jsonl); extra columns such as `answer` reach the scorer.")
     output_dir: str = required("Stage directory: stage.json and eval.jsonl (per-prompt results).")
-    reward: list[str] = required("Scorer spec(s): rule:NAME (e.g. rule:arithmetic), model:PATH or module:function.")
-    reward_weights: list[float] | None = option(None, "Weights of several --reward scorers (default: equal).")
-    reward_combine: str = option("weighted", "How several scorers combine (see reward.scorers).")
     num_samples: int = option(1, "Answers per prompt: 1 = greedy; K > 1 samples K (set temperature > 0).")
     temperature: float = option(0.0, "0 = greedy; > 0 samples.")
     top_p: float = option(1.0, "Nucleus sampling threshold (sampled evaluation only).")
@@ -60,7 +57,7 @@ class EvalConfig(EngineOptions, BaseConfig):
 def run_eval(cfg: EvalConfig, engine=None) -> dict:
     """Run the stage; returns the stage record. ``engine`` reuses a live engine (it is not closed)."""
     rows = load_prompts(cfg.dataset, cfg.max_prompts)
-    scorer = make_scorer(cfg.reward, cfg.reward_weights, cfg.reward_combine)
+    scorer = cfg.build_scorer()
     check_scorer_accepts(scorer, rows, cfg.dataset)
     stage = Stage("eval", cfg, cfg.output_dir)
     if not stage.prepare(overwrite=cfg.overwrite):

@@ -36,6 +36,7 @@ import torch
 from align.cli import command
 from align.config import BaseConfig, option, required
 from align.errors import ConfigError
+from align.evaluation import RewardOptions
 from align.models import ModelOptions, load_causal_lm, load_tokenizer, peft_config, save_model
 from align.rl import parallel
 from align.stage import CheckpointOptions, Stage, read_stage, staging_dir
@@ -43,12 +44,9 @@ from sampling.engines import EngineOptions
 
 
 @dataclasses.dataclass
-class RLHFConfig(EngineOptions, ModelOptions, CheckpointOptions, BaseConfig):
+class RLHFConfig(RewardOptions, EngineOptions, ModelOptions, CheckpointOptions, BaseConfig):
     dataset: str = required("Prompts to train on (prompt rows; extra columns such as `answer` reach the scorers).")
     output_dir: str = required("Stage directory: stage.json, metrics.jsonl, model/, checkpoints/.")
-    reward: list[str] = required("Scorer spec(s): rule:NAME, model:PATH or module:function (comma-separated to combine).")
-    reward_weights: list[float] | None = option(None, "One weight per scorer for combine 'weighted' (default: equal).")
-    reward_combine: str = option("weighted", "How several scorers combine: weighted, mean or min.")
     optimizer: str = option("rloo", "Policy optimizer: online_dpo, ppo, mdloo, grpo or rloo.")
     num_iterations: int = option(100, "Experience iterations (generate -> score -> update -> sync).")
     prompts_per_iteration: int = option(16, "Prompts sampled per iteration.")
@@ -228,7 +226,7 @@ def _live_view(cfg: RLHFConfig, start: int, show: bool):
 
 @command("rlhf", RLHFConfig, "Online RL: generate with vLLM, score, update with a pluggable optimizer, sync, repeat.")
 def run_rlhf(cfg: RLHFConfig) -> dict:
-    from align.evaluation import check_scorer_accepts, columns, evaluate, load_prompts, make_scorer, prompt_text, score_candidates
+    from align.evaluation import check_scorer_accepts, evaluate, load_prompts, score_candidates
     from align.rl.optimizers import get_optimizer
     from align.rl.rollout import build_rollouts
     from align.tracking import plot_metrics
@@ -246,7 +244,7 @@ def run_rlhf(cfg: RLHFConfig) -> dict:
 
     # Data and scorers first: bad input fails before any model is loaded.
     rows = load_prompts(cfg.dataset)
-    scorer = make_scorer(cfg.reward, cfg.reward_weights, cfg.reward_combine)
+    scorer = cfg.build_scorer()
     check_scorer_accepts(scorer, rows, cfg.dataset)
     tokenizer = load_tokenizer(cfg)
     limit = cfg.max_model_len - cfg.max_tokens

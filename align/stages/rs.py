@@ -39,7 +39,7 @@ from typing import Any, ClassVar
 from align.cli import command
 from align.config import BaseConfig, option, required
 from align.errors import ConfigError, DataError
-from align.evaluation import check_scorer_accepts, load_prompts, make_scorer, score_candidates
+from align.evaluation import RewardOptions, check_scorer_accepts, load_prompts, score_candidates
 from align.stage import Stage, atomic_write_json, atomic_write_text, read_stage, staging_dir
 from sampling.base import SamplingParams
 from sampling.engines import EngineOptions
@@ -50,16 +50,13 @@ CANDIDATES = "candidates.jsonl"
 
 
 @dataclasses.dataclass
-class RSConfig(EngineOptions, BaseConfig):
+class RSConfig(RewardOptions, EngineOptions, BaseConfig):
     # Memory knobs that do not change the samples: a rerun with other values continues / is a no-op.
     run_control: ClassVar[tuple[str, ...]] = ("overwrite", "resume", "kv_cache_gb", "max_num_seqs")
 
     model_name_or_path: str = required("Policy to sample from: a Hugging Face model folder or Hub id (e.g. the SFT stage's model/).")
     dataset: str = required("Prompts (TRL prompt-only, messages, ShareGPT or Alpaca); extra columns such as `answer` reach the scorer.")
     output_dir: str = required("Stage directory: data/, candidates.jsonl, stage.json, metrics.jsonl.")
-    reward: list[str] = required("Scorer spec(s): rule:NAME (e.g. rule:arithmetic), model:PATH or module:function; several are combined.")
-    reward_weights: list[float] | None = option(None, "Weights of several --reward scorers (default: equal).")
-    reward_combine: str = option("weighted", "How several scorers combine (see reward.scorers).")
     num_samples: int = option(8, "K: candidates sampled per prompt.")
     max_tokens: int = option(64, "Longest generated response, in tokens.")
     temperature: float = option(1.0, "Sampling temperature (0 = greedy, which makes the K samples identical).")
@@ -125,7 +122,7 @@ class ShardStore:
 def run_rs(cfg: RSConfig, engine=None) -> dict:
     """Run the stage; returns the stage record. ``engine`` reuses a live engine (it is not closed)."""
     rows = load_prompts(cfg.dataset, cfg.max_prompts)
-    scorer = make_scorer(cfg.reward, cfg.reward_weights, cfg.reward_combine)
+    scorer = cfg.build_scorer()
     check_scorer_accepts(scorer, rows, cfg.dataset)
     stage = Stage("rs", cfg, cfg.output_dir)
     if not stage.prepare(overwrite=cfg.overwrite):

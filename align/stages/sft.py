@@ -19,6 +19,7 @@ import time
 
 from align.cli import command
 from align.config import BaseConfig, option, required
+from align.evaluation import EvalOptions
 from align.data import load_dataset
 from align.errors import ConfigError
 from align.models import ModelOptions, load_causal_lm, load_tokenizer, peft_config, save_model
@@ -27,12 +28,9 @@ from align.training import TrainOptions, trl_args
 
 
 @dataclasses.dataclass
-class SFTStageConfig(TrainOptions, ModelOptions, CheckpointOptions, BaseConfig):
+class SFTStageConfig(TrainOptions, ModelOptions, EvalOptions, CheckpointOptions, BaseConfig):
     dataset: str = required("Training data: a JSONL/JSON/Parquet file, a `datasets` folder or a Hub id (TRL, Alpaca or ShareGPT format).")
     output_dir: str = required("Stage directory: stage.json, metrics.jsonl, model/ and checkpoints/ go here.")
-    eval_dataset: str | None = option(None, "Held-out prompts to answer greedily after training (e.g. the demo's test.jsonl).")
-    eval_reward: str = option("rule:arithmetic", "Scorer for eval_dataset answers (rule:NAME or module:function).")
-    eval_max_tokens: int = option(16, "Longest generated answer in evaluation.")
     seed: int = option(0, "Random seed (model init of heads, data order, dropout).")
 
     def validate(self) -> None:
