@@ -11,7 +11,10 @@
 2. **Prompt-length policy**: prompts longer than ``max_prompt_length`` tokens are truncated (the
    last tokens are kept, nearest the response) or skipped, and counted. TRL silently drops
    prompts that fill ``max_length``; we count them instead.
-3. **Reference log-probs cached on disk**: with ``precompute_ref_log_probs``, the per-pair
+3. **Length-grouped batches** (``group_by_length``): a ``length`` column (prompt + longer
+   response) lets transformers' LengthGroupedSampler batch pairs of similar length. TRL's
+   DPOTrainer cannot use it: the sampler looks for ``input_ids``, which its pairs lack.
+4. **Reference log-probs cached on disk**: with ``precompute_ref_log_probs``, the per-pair
    reference log-probs are stored in ``CACHE_DIR/<key>.safetensors``, keyed by the reference
    model's identity, the tokenized pairs and every setting that changes them (``RefLogpsCache``).
    A rerun, a resumed run or a run with another learning rate reuses them without any reference
@@ -141,6 +144,9 @@ class RefLogpsCache:
         atomic_write_json(self.dir / f"{key}.json", {"identity": self.identity, "rows": len(chosen)})
 
 
+LENGTH_COLUMN = "length"
+
+
 class AlignDPOTrainer(DPOTrainer):
     """DPOTrainer with the prompt-length policy and the on-disk reference log-prob cache.
 
@@ -166,6 +172,12 @@ class AlignDPOTrainer(DPOTrainer):
             dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         finally:
             args.max_length = max_length
+        dataset = self._apply_prompt_policy(dataset)
+        if args.train_sampling_strategy == "group_by_length":
+            dataset = dataset.map(lambda ex: {LENGTH_COLUMN: len(ex["prompt_ids"]) + max(len(ex["chosen_ids"]), len(ex["rejected_ids"]))})
+        return dataset
+
+    def _apply_prompt_policy(self, dataset):
         limit = self.max_prompt_length
         if limit is None:
             return dataset
@@ -178,6 +190,11 @@ class AlignDPOTrainer(DPOTrainer):
             return dataset.select([i for i in range(len(dataset)) if i not in drop])
         self.prompt_report["long_prompts_truncated"] += len(too_long)
         return dataset.map(lambda ex: {"prompt_ids": ex["prompt_ids"][-limit:]})
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if self.args.train_sampling_strategy == "group_by_length" and LENGTH_COLUMN not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, LENGTH_COLUMN]  # kept for the sampler
 
     def compute_ref_log_probs(self, model, inputs):
         self.ref_forward_batches += 1

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_dpo.py                       # builds a tiny model and the demo pairs
     .venv/bin/python bench/bench_dpo.py --model runs/sft/model --pairs runs/demo/pairs.jsonl
+    .venv/bin/python bench/bench_dpo.py --pairs ../shared/data/real/dpo_en_demo.json --tokenizer bpe --max_length 512
 
 Each configuration trains one epoch in its own subprocess (so peak memory is that process's
 ``ru_maxrss``, from start to exit) with the same loss (DPO + 0.2 NLL), batch, length and seed:
@@ -10,6 +11,10 @@ Each configuration trains one epoch in its own subprocess (so peak memory is tha
 * ``align_live``       ``align dpo --precompute_ref_log_probs false``: live reference, no caching.
 * ``align_cache_miss`` ``align dpo``: reference log-probs computed before training, then cached.
 * ``align_cache_hit``  ``align dpo`` again: reference log-probs read from the on-disk cache.
+
+The align runs pass ``--group_by_length true`` (batches of similar length; TRL's DPOTrainer
+cannot group: its pairs have no ``input_ids``). On the demo pairs, all about the same length,
+that changes nothing; on real pairs of varied length it cuts padding.
 
 Time per epoch is the wall time of ``trainer.train()`` (for align: ``train_seconds`` in
 stage.json) and its CPU time (``train_cpu_seconds``); the goals are judged on CPU time, which a
@@ -31,7 +36,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BATCH, MAX_LENGTH, LR, SEED = 32, 64, 1e-4, 0
+BATCH, LR, SEED = 32, 1e-4, 0
+MAX_LENGTH = 64  # set from --max_length (workers get it on their command line)
 
 
 def worker_trl(model: str, pairs: str, work: Path) -> dict:
@@ -67,7 +73,7 @@ def worker_align(model: str, pairs: str, work: Path, precompute: bool, out: str)
         "--model_name_or_path", model, "--dataset", pairs, "--output_dir", str(work / out), "--overwrite",
         "--loss", "sigmoid,nll:0.2", "--per_device_train_batch_size", str(BATCH), "--num_train_epochs", "1",
         "--learning_rate", str(LR), "--max_length", str(MAX_LENGTH), "--seed", str(SEED), "--save_steps", "100000",
-        "--logging_steps", "10", "--precompute_ref_log_probs", str(precompute).lower(),
+        "--logging_steps", "10", "--precompute_ref_log_probs", str(precompute).lower(), "--group_by_length", "true",
         "--ref_cache_dir", str(work / "ref_cache"),
     ])
     s = run_dpo(cfg)["summary"]
@@ -87,18 +93,18 @@ def run_worker(mode: str, model: str, pairs: str, work: Path, threads: int) -> d
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
            "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.run([sys.executable, __file__, "--worker", mode, "--model", model, "--pairs", pairs,
-                           "--work", str(work)], capture_output=True, text=True, env=env, cwd=ROOT)
+                           "--work", str(work), "--max_length", str(MAX_LENGTH)], capture_output=True, text=True, env=env, cwd=ROOT)
     if proc.returncode != 0:
         raise SystemExit(f"{mode} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def prepare_inputs(work: Path) -> tuple[str, str]:
+def prepare_inputs(work: Path, pairs: str | None, tokenizer: str) -> tuple[str, str]:
     from align.demo import write_demo_data
     from align.tiny import make_tiny_model
 
-    model = make_tiny_model(work / "tiny", arch="llama", tokenizer="char", seed=0)
-    return str(model), str(write_demo_data(work / "demo", seed=0)["pairs"])
+    model = make_tiny_model(work / "tiny", arch="llama", tokenizer=tokenizer, seed=0)
+    return str(model), pairs or str(write_demo_data(work / "demo", seed=0)["pairs"])
 
 
 def main() -> None:
@@ -106,11 +112,15 @@ def main() -> None:
     parser.add_argument("--model", help="policy folder (default: a fresh tiny model)")
     parser.add_argument("--pairs", help="preference pairs (default: the demo pairs.jsonl, 2000 pairs)")
     parser.add_argument("--work", help="scratch folder (default: a temporary one)")
+    parser.add_argument("--tokenizer", default="char", choices=["char", "bpe"], help="tokenizer of the tiny model built without --model")
+    parser.add_argument("--max_length", type=int, default=64, help="max_length (prompt + response tokens) for both trainers")
     parser.add_argument("--repeats", type=int, default=1, help="runs per configuration; the fastest is kept")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (1: CPU time is stable on a busy machine)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "bench_dpo.json"))
     parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global MAX_LENGTH
+    MAX_LENGTH = args.max_length
 
     if args.worker:
         result = WORKERS[args.worker](args.model, args.pairs, Path(args.work))
@@ -119,7 +129,7 @@ def main() -> None:
         return
 
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_dpo."))
-    model, pairs = (args.model, args.pairs) if args.model and args.pairs else prepare_inputs(work)
+    model, pairs = (args.model, args.pairs) if args.model and args.pairs else prepare_inputs(work, args.pairs, args.tokenizer)
     results: dict[str, dict] = {}
     for mode in WORKERS:  # cache_miss fills the cache that cache_hit reads
         runs = [run_worker(mode, model, pairs, work, args.threads) for _ in range(args.repeats)]

@@ -363,3 +363,30 @@ def test_all_pairs_identical_fails_cleanly(capsys, tiny_model, tmp_path):
     err = capsys.readouterr().err
     assert code == 2 and f"{data}: no preference pairs left after filtering" in err and "identical_skipped=1" in err
     assert not (tmp_path / "o" / "stage.json").exists()
+
+
+def test_group_by_length_batches_pairs_of_similar_length(tiny_model, tmp_path):
+    """--group_by_length: the sampler batches pairs of similar length, so the padded batches hold
+    far fewer tokens than in dataset order; every pair is still seen once per epoch. (400 pairs:
+    the sampler sorts within mega-batches of up to 50 batches, at most a quarter of the data.)"""
+    import datasets
+
+    from align.stage import Stage
+
+    rng = __import__("random").Random(0)
+    pairs = [{"prompt": [{"role": "user", "content": f"{i}+{i}="}],
+              "chosen": [{"role": "assistant", "content": "7" * n}], "rejected": [{"role": "assistant", "content": "8" * n}]}
+             for i, n in enumerate(rng.choice([1, 40]) for _ in range(400))]
+
+    def padded_tokens(*flags):
+        cfg = config("--model_name_or_path", tiny_model, "--output_dir", tmp_path / "o", "--ref_cache_dir", tmp_path / "c",
+                     "--max_length", 64, "--per_device_train_batch_size", 8, *flags)
+        trainer = build_trainer(cfg, datasets.Dataset.from_list(pairs), Stage("dpo", cfg, cfg.output_dir))
+        batches = list(trainer.get_train_dataloader())
+        assert sum(len(b["input_ids"]) for b in batches) == 2 * len(pairs)  # chosen + rejected rows, each pair once
+        return sum(b["input_ids"].numel() for b in batches), trainer
+
+    plain, _ = padded_tokens()
+    grouped, trainer = padded_tokens("--group_by_length", "true")
+    assert type(trainer._get_train_sampler()).__name__ == "LengthGroupedSampler"
+    assert grouped < 0.75 * plain, (grouped, plain)

@@ -115,6 +115,7 @@ class DPOStageConfig(TrainOptions, ModelOptions, EvalOptions, CheckpointOptions,
     beta: float = option(0.1, "DPO beta: strength of the pull toward the reference (Llama 3: 0.1).")
     label_smoothing: float = option(0.0, "Probability that a preference label is flipped, in [0, 0.5); used by the robust loss only.")
     ref_model: str | None = option(None, "Reference model folder or Hub id; default: the starting policy (with use_lora: its base, adapter disabled).")
+    group_by_length: bool = option(False, "Batch pairs of similar length (transformers' LengthGroupedSampler: random mega-batches, sorted inside), so batches pad far less on data of varied lengths; TRL's DPOTrainer cannot (its pairs have no input_ids).")
     precompute_ref_log_probs: bool = option(True, "Compute the reference log-probs once before training and cache them on disk (no reference model in memory while training).")
     ref_cache_dir: str | None = option(None, "Where cached reference log-probs live; default $XDG_CACHE_HOME/align/ref_logps (~/.cache/align/ref_logps). Keyed by reference model, tokenized pairs and settings.")
     mask_formatting_tokens: bool = option(True, "Llama 3: leave the chat format's header and termination special tokens out of the log-probs of chosen and rejected.")
@@ -267,7 +268,7 @@ def build_trainer(cfg: DPOStageConfig, train, stage: Stage, callbacks: list | No
     ``precompute_ref_log_probs``) fills the reference log-probs from the cache or computes them."""
     from trl import DPOConfig
 
-    from align.dpo_trainer import AlignDPOTrainer, MaskingPreferenceCollator, RefLogpsCache, formatting_token_ids
+    from align.dpo_trainer import LENGTH_COLUMN, AlignDPOTrainer, MaskingPreferenceCollator, RefLogpsCache, formatting_token_ids
 
     tokenizer = load_tokenizer(cfg)
     model = load_causal_lm(cfg)
@@ -278,6 +279,7 @@ def build_trainer(cfg: DPOStageConfig, train, stage: Stage, callbacks: list | No
         **trl_args(cfg, stage), max_length=cfg.max_length, beta=cfg.beta, loss_type=loss_type,
         loss_weights=loss_weights, label_smoothing=cfg.label_smoothing,
         precompute_ref_log_probs=cfg.precompute_ref_log_probs, ddp_find_unused_parameters=False,
+        **({"train_sampling_strategy": "group_by_length", "length_column_name": LENGTH_COLUMN} if cfg.group_by_length else {}),
     )
     cache = None
     if cfg.precompute_ref_log_probs:
