@@ -122,4 +122,3 @@ def evaluate_trained(model, tokenizer, cfg: Any, stage: Stage) -> dict[str, Any]
     report = evaluate(TransformersEngine(model, tokenizer), cfg.eval_dataset, cfg.eval_reward, cfg.eval_max_tokens)
     atomic_write_text(stage.dir / "eval.jsonl", "".join(json.dumps(r) + "\n" for r in report["results"]))
     return {"eval_mean_reward": report["mean_reward"], "eval_prompts": report["num_prompts"]}
-

@@ -34,15 +34,12 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-REAL_PROMPTS = ROOT.parent / "shared" / "data" / "real" / "alpaca_en_demo.json"
 sys.path.insert(0, str(ROOT))
 
 from align.demo import write_demo_data  # noqa: E402
-from align.evaluation import load_prompts  # noqa: E402
 from align.tiny import make_tiny_model  # noqa: E402
 from sampling import SamplingParams, build_engine  # noqa: E402
-from sampling.base import encode_prompts  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
+from real_prompts import CONTEXT, default_dataset, fitting_rows  # noqa: E402  (bench/, beside this file)
 
 
 def timed_generate(engine, prompts, params) -> tuple[float, int]:
@@ -55,7 +52,7 @@ def timed_generate(engine, prompts, params) -> tuple[float, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", help="model folder (default: a random tiny llama, --hidden_size/--layers/--tokenizer)")
-    ap.add_argument("--dataset", default=str(REAL_PROMPTS) if REAL_PROMPTS.is_file() else "demo",
+    ap.add_argument("--dataset", default=default_dataset(),
                     help="prompt file in any format align reads, or 'demo' (default: real Alpaca prompts if present)")
     ap.add_argument("--hidden_size", type=int, default=128, help="width of the random tiny model")
     ap.add_argument("--layers", type=int, default=4, help="layers of the random tiny model")
@@ -76,11 +73,8 @@ def main() -> None:
         intermediate_size=2 * args.hidden_size, num_heads=max(1, args.hidden_size // 64))
     write_demo_data(work / "demo", seed=0, num_prompts=max(args.prompts, 1000))
     dataset = str(work / "demo" / "prompts.jsonl")  # align rs below scores rule:arithmetic on these
-    # The first --prompts prompts that fit the engines' context (512 tokens) with max_tokens to spare.
-    every = [r["prompt"] for r in load_prompts(dataset if args.dataset == "demo" else args.dataset)]
-    lengths = [len(ids) for ids in encode_prompts(AutoTokenizer.from_pretrained(model), every, None)]
-    fitting = [(p, n) for p, n in zip(every, lengths) if n + args.max_tokens <= 512][: args.prompts]
-    prompts = [p for p, _ in fitting]
+    fitting = fitting_rows(dataset if args.dataset == "demo" else args.dataset, model, args.prompts, args.max_tokens)
+    prompts = [r["prompt"] for r, _ in fitting]
     prompt_tokens = sum(n for _, n in fitting)
     params = SamplingParams(n=args.k, temperature=1.0, max_tokens=args.max_tokens, seed=0)
     warmup = SamplingParams(n=2, temperature=1.0, max_tokens=4, seed=0)
@@ -88,8 +82,8 @@ def main() -> None:
     threads = torch.get_num_threads()
 
     engines = {
-        "transformers generate": build_engine("transformers", str(model), max_model_len=512, batch_size=64),
-        "vLLM engine": build_engine("vllm", str(model), max_model_len=512, kv_cache_gb=2.0, seed=0, threads=args.threads),
+        "transformers generate": build_engine("transformers", str(model), max_model_len=CONTEXT, batch_size=64),
+        "vLLM engine": build_engine("vllm", str(model), max_model_len=CONTEXT, kv_cache_gb=2.0, seed=0, threads=args.threads),
     }
     rounds: dict[str, list[tuple[float, int]]] = {name: [] for name in engines}
     for engine in engines.values():

@@ -29,7 +29,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-REAL_PROMPTS = ROOT.parent / "shared" / "data" / "real" / "alpaca_en_demo.json"
+
+from real_prompts import CONTEXT, default_dataset, fitting_rows  # noqa: E402  (bench/, beside this file)
+
 MAX_CHARS = 40  # length_penalty's budget on real prompts: rewards vary, so advantages are not all zero
 
 TRL_SCRIPT = r"""
@@ -49,7 +51,7 @@ cfg = RLOOConfig(output_dir=args["out"], per_device_train_batch_size=args["n_pro
     learning_rate=args["lr"], epsilon=0.2, beta=args["kl"], temperature=1.0, bf16=False, use_cpu=True,
     report_to="none", logging_steps=1, save_strategy="no", gradient_checkpointing=False, disable_tqdm=True,
     use_vllm=args["vllm"], vllm_mode="colocate", vllm_gpu_memory_utilization=0.2,
-    vllm_max_model_length=512, shuffle_dataset=False, seed=0)
+    vllm_max_model_length=CONTEXT, shuffle_dataset=False, seed=0)
 trainer = RLOOTrainer(model=args["model"], reward_funcs=globals()[args["reward"]], args=cfg, train_dataset=ds)
 out = trainer.train()
 print("RESULT", json.dumps({"train_runtime": out.metrics["train_runtime"]}))
@@ -60,7 +62,7 @@ def run_trl(model: str, prompts: Path, a, use_vllm: bool, tmp: Path) -> dict:
     spec = {"model": model, "prompts": str(prompts), "reward": a.reward, "n_prompts": a.prompts, "k": a.k, "max_tokens": a.max_tokens,
             "steps": a.iterations, "lr": a.lr, "kl": a.kl, "vllm": use_vllm, "out": str(tmp / f"trl-{use_vllm}")}
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
-    script = TRL_SCRIPT.replace("MAX_CHARS", str(MAX_CHARS))
+    script = TRL_SCRIPT.replace("MAX_CHARS", str(MAX_CHARS)).replace("CONTEXT", str(CONTEXT))
     proc = subprocess.run([sys.executable, "-c", script, json.dumps(spec)], capture_output=True, text=True, env=env, timeout=3600)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -75,7 +77,7 @@ def run_ours(model: str, prompts: Path, a, tmp: Path) -> dict:
     cmd = [str(Path(sys.executable).parent / "align"), "rlhf", "--model_name_or_path", model, "--dataset", str(prompts),
            "--reward", f"rule:{a.reward}", "--optimizer", "rloo", "--num_iterations", str(a.iterations),
            "--prompts_per_iteration", str(a.prompts), "--num_samples", str(a.k), "--max_tokens", str(a.max_tokens),
-           "--learning_rate", str(a.lr), "--kl_coef", str(a.kl), "--clip_eps", "0.2", "--max_model_len", "512",
+           "--learning_rate", str(a.lr), "--kl_coef", str(a.kl), "--clip_eps", "0.2", "--max_model_len", str(CONTEXT),
            "--save_every", str(a.iterations), "--output_dir", str(out)]
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=3600)
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
@@ -86,16 +88,9 @@ def run_ours(model: str, prompts: Path, a, tmp: Path) -> dict:
 
 
 def write_prompts(dataset: str, n: int, model: str, max_tokens: int, out: Path) -> Path:
-    """The first ``n`` prompts of ``dataset`` that fit 512 tokens with ``max_tokens`` to spare,
+    """The first ``n`` prompts of ``dataset`` that fit the context with ``max_tokens`` to spare,
     as prompt rows with a ``max_chars`` budget."""
-    from transformers import AutoTokenizer
-
-    from align.evaluation import load_prompts
-    from sampling.base import encode_prompts
-
-    rows = load_prompts(dataset)
-    lengths = [len(ids) for ids in encode_prompts(AutoTokenizer.from_pretrained(model), [r["prompt"] for r in rows], None)]
-    rows = [r for r, length in zip(rows, lengths) if length + max_tokens <= 512][:n]
+    rows = [r for r, _ in fitting_rows(dataset, model, n, max_tokens)]
     out.write_text("".join(json.dumps({"prompt": r["prompt"], "prompt_id": r["prompt_id"], "max_chars": MAX_CHARS}) + "\n" for r in rows))
     return out
 
@@ -103,7 +98,7 @@ def write_prompts(dataset: str, n: int, model: str, max_tokens: int, out: Path) 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", help="policy folder (default: a random tiny llama, BPE tokenizer)")
-    ap.add_argument("--dataset", default=str(REAL_PROMPTS) if REAL_PROMPTS.is_file() else "demo",
+    ap.add_argument("--dataset", default=default_dataset(),
                     help="prompt file, or 'demo' for the a+b= task (default: real Alpaca prompts if present)")
     ap.add_argument("--iterations", type=int, default=10)
     ap.add_argument("--prompts", type=int, default=32)

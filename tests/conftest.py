@@ -26,6 +26,7 @@ ALIGN = [str(Path(sys.executable).parent / "align")]
 # but leaves room for rejection sampling, DPO and RL to show an improvement.
 SFT_STEPS = 900
 SFT_FLAGS = ("--lr_scheduler_type", "constant_with_warmup", "--learning_rate", "2e-3")
+RM_PAIRS = 9000  # demo pairs for the reward model (see rm_pairs)
 
 
 def run_align(*args: str, timeout: float = 900, check: bool = False) -> subprocess.CompletedProcess:
@@ -116,8 +117,6 @@ def rm_pairs(artifacts) -> Path:
 
     return write_demo_data(artifacts / "demo_rm", seed=0, num_pairs=RM_PAIRS)["pairs"]
 
-
-RM_PAIRS = 9000
 
 
 @pytest.fixture(scope="session")

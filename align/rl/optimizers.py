@@ -96,17 +96,15 @@ class PolicyOptimizer:
             return token_logprobs(self.policy, r.input_ids, r.attention_mask, with_hidden=bool(self.extra),
                                   batch_size=self.cfg.forward_batch_size)
 
-        if self.cfg.inner_steps == 1:
-            # One step from pi_old: its own forward gives pi_old's log-probs (detached), so a
-            # separate no-grad pass would only repeat it (TRL's GRPO/RLOO do the same).
+        # One step from pi_old: its own forward gives pi_old's log-probs (detached), so a separate
+        # no-grad pass would only repeat it (TRL's GRPO/RLOO do the same).
+        one_step = self.cfg.inner_steps == 1
+        with torch.set_grad_enabled(one_step):
             first = forward()
-        else:
-            with torch.no_grad():
-                first = forward()
         stats = self.prepare(r, *first)
         totals: dict[str, float] = {}
-        for step in range(self.cfg.inner_steps):
-            logp, entropy, hidden = first if step == 0 and self.cfg.inner_steps == 1 else forward()
+        for _ in range(self.cfg.inner_steps):
+            logp, entropy, hidden = first if one_step else forward()
             loss, step_stats = self.loss(r, logp, entropy, hidden)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()  # every loss keeps a graph, even one with nothing to learn (zero)

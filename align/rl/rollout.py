@@ -74,11 +74,11 @@ def token_logprobs(model, input_ids, attention_mask, with_hidden: bool = False, 
     lengths = attention_mask.sum(-1)
     order = torch.argsort(lengths, descending=True)
     groups = order.split(batch_size)
-    if sum(len(idx) * int(lengths[idx].max()) for idx in groups) > 0.75 * rows * width:
+    widths = [int(lengths[idx].max()) for idx in groups]
+    if sum(len(idx) * w for idx, w in zip(groups, widths)) > 0.75 * rows * width:
         return _token_logprobs(model, input_ids, attention_mask, with_hidden)
     parts = []
-    for idx in groups:
-        w = int(lengths[idx].max())
+    for idx, w in zip(groups, widths):
         logp, entropy, hidden = _token_logprobs(model, input_ids[idx, :w], attention_mask[idx, :w], with_hidden)
         pad = width - w  # back to [rows, width - 1]; the padded targets are masked out anyway
         parts.append((F.pad(logp, (0, pad)), F.pad(entropy, (0, pad)), F.pad(hidden, (0, 0, 0, pad)) if with_hidden else None))
