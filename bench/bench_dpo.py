@@ -1,8 +1,12 @@
 """Benchmark: ``align dpo`` against plain TRL ``DPOTrainer`` on the same tiny model and pairs.
 
-    .venv/bin/python bench/bench_dpo.py                       # builds a tiny model and the demo pairs
+    .venv/bin/python bench/bench_dpo.py                 # tiny BPE model, real pairs (demo pairs if absent)
+    .venv/bin/python bench/bench_dpo.py --pairs demo --tokenizer char --max_length 64
     .venv/bin/python bench/bench_dpo.py --model runs/sft/model --pairs runs/demo/pairs.jsonl
-    .venv/bin/python bench/bench_dpo.py --pairs ../shared/data/real/dpo_en_demo.json --tokenizer bpe --max_length 512
+
+Default pairs: the real ones beside the project (../shared/data/real/dpo_en_demo.json: 300 pairs
+of varied length, read, never copied in), else ``demo`` (the demo task's pairs.jsonl, 2000 pairs
+of ~20 tokens each).
 
 Each configuration trains one epoch in its own subprocess (so peak memory is that process's
 ``ru_maxrss``, from start to exit) with the same loss (DPO + 0.2 NLL), batch, length and seed:
@@ -15,6 +19,13 @@ Each configuration trains one epoch in its own subprocess (so peak memory is tha
 The align runs pass ``--group_by_length true`` (batches of similar length; TRL's DPOTrainer
 cannot group: its pairs have no ``input_ids``). On the demo pairs, all about the same length,
 that changes nothing; on real pairs of varied length it cuts padding.
+
+Peak memory comes from one more run per configuration with ``MALLOC_MMAP_THRESHOLD_=131072``:
+glibc then maps every large tensor on its own and unmaps it when freed, so ``ru_maxrss`` is the
+peak of live memory. With glibc's default (dynamic) threshold, freed memory is kept or returned
+depending on the order of allocations, and the same run's peak varied by +-5% (TRL 2.83-3.09 GB
+on the real pairs); with the fixed threshold repeated runs agree within 1 MB. Timed runs keep
+the default allocator (mapping every tensor costs time).
 
 Time per epoch is the wall time of ``trainer.train()`` (for align: ``train_seconds`` in
 stage.json) and its CPU time (``train_cpu_seconds``); the goals are judged on CPU time, which a
@@ -29,6 +40,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -69,6 +81,8 @@ def worker_align(model: str, pairs: str, work: Path, precompute: bool, out: str)
     from align.config import parse_config
     from align.stages.dpo import DPOStageConfig, run_dpo
 
+    if out == "align_cache_miss":  # every miss run starts from an empty cache and leaves it filled for the hits
+        shutil.rmtree(work / "ref_cache", ignore_errors=True)
     cfg = parse_config(DPOStageConfig, [
         "--model_name_or_path", model, "--dataset", pairs, "--output_dir", str(work / out), "--overwrite",
         "--loss", "sigmoid,nll:0.2", "--per_device_train_batch_size", str(BATCH), "--num_train_epochs", "1",
@@ -89,9 +103,13 @@ WORKERS = {
 }
 
 
-def run_worker(mode: str, model: str, pairs: str, work: Path, threads: int) -> dict:
+EXPECTED_REF = {"align_live": "live", "align_cache_miss": "computed", "align_cache_hit": "cache_hit"}
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}  # peak RSS = peak live memory (module docstring)
+
+
+def run_worker(mode: str, model: str, pairs: str, work: Path, threads: int, memory: bool = False) -> dict:
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
-           "OMP_NUM_THREADS": str(threads)}
+           "OMP_NUM_THREADS": str(threads), **(MEMORY_ENV if memory else {})}
     proc = subprocess.run([sys.executable, __file__, "--worker", mode, "--model", model, "--pairs", pairs,
                            "--work", str(work), "--max_length", str(MAX_LENGTH)], capture_output=True, text=True, env=env, cwd=ROOT)
     if proc.returncode != 0:
@@ -99,22 +117,30 @@ def run_worker(mode: str, model: str, pairs: str, work: Path, threads: int) -> d
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def prepare_inputs(work: Path, pairs: str | None, tokenizer: str) -> tuple[str, str]:
+REAL_PAIRS = ROOT.parent / "shared" / "data" / "real" / "dpo_en_demo.json"
+
+
+def prepare_inputs(work: Path, model: str | None, pairs: str, tokenizer: str) -> tuple[str, str]:
+    """The policy (``model``, else a fresh tiny llama) and the pairs file (``demo``: written here)."""
     from align.demo import write_demo_data
     from align.tiny import make_tiny_model
 
-    model = make_tiny_model(work / "tiny", arch="llama", tokenizer=tokenizer, seed=0)
-    return str(model), pairs or str(write_demo_data(work / "demo", seed=0)["pairs"])
+    if model is None:
+        model = make_tiny_model(work / "tiny", arch="llama", tokenizer=tokenizer, seed=0)
+    if pairs == "demo":
+        pairs = write_demo_data(work / "demo", seed=0)["pairs"]
+    return str(model), str(pairs)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="policy folder (default: a fresh tiny model)")
-    parser.add_argument("--pairs", help="preference pairs (default: the demo pairs.jsonl, 2000 pairs)")
+    parser.add_argument("--pairs", default=str(REAL_PAIRS) if REAL_PAIRS.is_file() else "demo",
+                        help="preference pairs file, or 'demo' (default: the real pairs when present, else demo)")
     parser.add_argument("--work", help="scratch folder (default: a temporary one)")
-    parser.add_argument("--tokenizer", default="char", choices=["char", "bpe"], help="tokenizer of the tiny model built without --model")
-    parser.add_argument("--max_length", type=int, default=64, help="max_length (prompt + response tokens) for both trainers")
-    parser.add_argument("--repeats", type=int, default=1, help="runs per configuration; the fastest is kept")
+    parser.add_argument("--tokenizer", default="bpe", choices=["char", "bpe"], help="tokenizer of the tiny model built without --model")
+    parser.add_argument("--max_length", type=int, default=512, help="max_length (prompt + response tokens) for both trainers")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per configuration; the fastest is kept")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (1: CPU time is stable on a busy machine)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "bench_dpo.json"))
     parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
@@ -129,12 +155,15 @@ def main() -> None:
         return
 
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_dpo."))
-    model, pairs = (args.model, args.pairs) if args.model and args.pairs else prepare_inputs(work, args.pairs, args.tokenizer)
+    model, pairs = prepare_inputs(work, args.model, args.pairs, args.tokenizer)
     results: dict[str, dict] = {}
     for mode in WORKERS:  # cache_miss fills the cache that cache_hit reads
         runs = [run_worker(mode, model, pairs, work, args.threads) for _ in range(args.repeats)]
         results[mode] = min(runs, key=lambda r: r["train_seconds"])
-        results[mode]["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
+        results[mode]["peak_rss_mb_default_malloc"] = max(r["peak_rss_mb"] for r in runs)
+        results[mode]["peak_rss_mb"] = run_worker(mode, model, pairs, work, args.threads, memory=True)["peak_rss_mb"]
+        if mode in EXPECTED_REF and any(r["ref_logps"] != EXPECTED_REF[mode] for r in runs):
+            raise SystemExit(f"{mode}: expected ref_logps={EXPECTED_REF[mode]}, got {[r['ref_logps'] for r in runs]}")
     base = results["trl"]
     ratios = {
         mode: {"time": r["train_seconds"] / base["train_seconds"],

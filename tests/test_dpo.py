@@ -175,10 +175,15 @@ def test_parity_with_trl_dpo_trainer(policy_pair, demo_data, tmp_path):
         train_dataset=datasets.Dataset.from_list(pairs),
         processing_class=AutoTokenizer.from_pretrained(policy),
     )
+    live = _trainer(policy, reference, pairs, tmp_path, "--loss", "sigmoid", "--mask_formatting_tokens", "false",
+                    "--precompute_ref_log_probs", "false")
     for column in ("prompt_ids", "chosen_ids", "rejected_ids"):
-        assert ours.train_dataset[column] == trl.train_dataset[column]
+        assert ours.train_dataset[column] == trl.train_dataset[column] == live.train_dataset[column]
     ours_values = _per_example(ours, [ours.train_dataset[i] for i in range(8)])
     trl_values = _per_example(trl, [trl.train_dataset[i] for i in range(8)])
+    live_values = _per_example(live, [live.train_dataset[i] for i in range(8)])
+    flat = lambda values: [x for pair in values for x in pair]  # noqa: E731
+    assert flat(live_values) == pytest.approx(flat(trl_values), abs=1e-6)  # our live reference (run first): TRL's numbers
 
     policy_model = AutoModelForCausalLM.from_pretrained(policy)
     ref_model = AutoModelForCausalLM.from_pretrained(reference)
@@ -193,6 +198,22 @@ def test_parity_with_trl_dpo_trainer(policy_pair, demo_data, tmp_path):
         assert margin == pytest.approx(0.1 * delta, abs=1e-5)
         assert loss == pytest.approx(-F.logsigmoid(torch.tensor(0.1 * delta)).item(), abs=1e-5)
     assert len({round(m, 4) for _, m in ours_values}) > 1  # the policy really differs from the reference
+
+
+def test_live_reference_runs_before_the_policy(policy_pair, demo_data, tmp_path):
+    """The live reference forward comes first, so its buffers are freed before the policy's
+    activations are stored (TRL runs it second); it is a no-grad pass, the policy's is not."""
+    policy, reference = policy_pair
+    pairs = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in read_jsonl(demo_data / "pairs.jsonl")[:2]]
+    trainer = _trainer(policy, reference, pairs, tmp_path, "--precompute_ref_log_probs", "false")
+    calls = []
+    for name, module in (("reference", trainer.ref_model), ("policy", trainer.model)):
+        module.register_forward_hook(lambda m, args, out, name=name: calls.append((name, torch.is_grad_enabled())))
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]]))
+    assert calls == [("reference", False), ("policy", True)]
+    assert loss.requires_grad and trainer.precompute_ref_logps is False  # the flag is restored after the step
+    assert trainer.ref_forward_batches == 0  # counts precompute passes only
 
 
 def test_masked_tokens_do_not_contribute(policy_pair, tiny_model, tmp_path):

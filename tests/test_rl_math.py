@@ -11,7 +11,7 @@ from align.rl import estimators as est
 from align.rl import losses as L
 from align.rl.optimizers import OPTIMIZERS, get_optimizer
 from align.rl.rollout import build_rollouts
-from align.stages.rlhf import batch_indices, policy_weights
+from align.stages.rlhf import batch_indices, policy_weights, run_summary
 from align.errors import ConfigError
 
 
@@ -171,3 +171,11 @@ def test_iteration_metrics_pool_every_rank():
     assert row["loss"] == 2.0 and row["pairs"] == 1.0  # a stat only one rank reports is its own
     assert row["time_generate"] == 2.0 and row["time_train"] == 2.0  # the slowest rank's
     assert row["samples_per_s"] == pytest.approx(4 / 4.2)
+
+
+def test_run_summary_first_and_last_tenth_and_sync_share():
+    logged = [{"step": i + 1, "reward_mean": float(i), "time_generate": 1.0, "time_score": 0.5, "time_train": 2.0,
+               "time_sync": 0.5} for i in range(20)]
+    logged.append({"step": 20, "eval_mean_reward": 0.9})  # rows without reward_mean are not iterations
+    assert run_summary(logged) == {"reward_first_10pct": 0.5, "reward_last_10pct": 18.5, "sync_fraction": 0.125}
+    assert run_summary(logged[:3])["reward_first_10pct"] == 0.0  # fewer than 10 iterations: the first one

@@ -214,6 +214,7 @@ def run_dpo(cfg: DPOStageConfig) -> dict:
         return read_stage(cfg.output_dir)
     rows, report = filter_pairs(load_rows(cfg.dataset, "preference"), cfg, cfg.dataset)
     train = datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
+    del rows  # the Arrow table holds the pairs from here on; the Python copy would only add to peak memory
     checkpoint = stage.latest_checkpoint() if cfg.resume else None
     if checkpoint is not None:
         stage.truncate_metrics(after_step=int(checkpoint.name.split("-")[-1]))

@@ -205,6 +205,32 @@ def iteration_metrics(parts: list[dict[str, Any]]) -> dict[str, float]:
     }
 
 
+def fitting_prompts(rows: list[dict], tokenizer, cfg: RLHFConfig) -> tuple[list[dict], int]:
+    """The rows whose prompt (chat template and system prompt applied) leaves ``max_tokens`` free
+    in ``max_model_len``, and how many were skipped."""
+    from sampling.base import encode_prompts
+
+    limit = cfg.max_model_len - cfg.max_tokens
+    lengths = [len(ids) for ids in encode_prompts(tokenizer, [r["prompt"] for r in rows], cfg.system_prompt)]
+    kept = [r for r, n in zip(rows, lengths) if n <= limit]
+    if not kept:
+        raise ConfigError(f"every prompt of {cfg.dataset} is longer than max_model_len - max_tokens = {limit} tokens; raise --max_model_len")
+    return kept, len(rows) - len(kept)
+
+
+def run_summary(logged: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean reward over the first and last tenth of the iterations, and the share of the loop's
+    time spent syncing weights into the engine."""
+    metrics = [r for r in logged if "reward_mean" in r]
+    tenth = max(1, len(metrics) // 10)
+    loop_seconds = sum(r["time_generate"] + r["time_score"] + r["time_train"] + r["time_sync"] for r in metrics)
+    return {
+        "reward_first_10pct": sum(r["reward_mean"] for r in metrics[:tenth]) / tenth,
+        "reward_last_10pct": sum(r["reward_mean"] for r in metrics[-tenth:]) / tenth,
+        "sync_fraction": sum(r["time_sync"] for r in metrics) / max(1e-9, loop_seconds),
+    }
+
+
 def _live_view(cfg: RLHFConfig, start: int, show: bool):
     import sys
 
@@ -247,13 +273,7 @@ def run_rlhf(cfg: RLHFConfig) -> dict:
     scorer = cfg.build_scorer()
     check_scorer_accepts(scorer, rows, cfg.dataset)
     tokenizer = load_tokenizer(cfg)
-    limit = cfg.max_model_len - cfg.max_tokens
-    lengths = [len(ids) for ids in encode_prompts(tokenizer, [r["prompt"] for r in rows], cfg.system_prompt)]
-    kept = [r for r, n in zip(rows, lengths) if n <= limit]
-    skipped_long = len(rows) - len(kept)
-    if not kept:
-        raise ConfigError(f"every prompt of {cfg.dataset} is longer than max_model_len - max_tokens = {limit} tokens; raise --max_model_len")
-    rows = kept
+    rows, skipped_long = fitting_prompts(rows, tokenizer, cfg)
 
     policy = load_causal_lm(cfg)
     lora = peft_config(cfg)
@@ -328,14 +348,7 @@ def run_rlhf(cfg: RLHFConfig) -> dict:
     engine.close()
     if not stage.is_main:
         return {"stage": "rlhf", "status": "complete", "rank": rank}
-    metrics = [r for r in stage.metrics() if "reward_mean" in r]
-    tenth = max(1, len(metrics) // 10)
-    summary.update({
-        "iterations": cfg.num_iterations,
-        "reward_first_10pct": sum(r["reward_mean"] for r in metrics[:tenth]) / tenth,
-        "reward_last_10pct": sum(r["reward_mean"] for r in metrics[-tenth:]) / tenth,
-        "sync_fraction": sum(r["time_sync"] for r in metrics) / max(1e-9, sum(r["time_generate"] + r["time_score"] + r["time_train"] + r["time_sync"] for r in metrics)),
-    })
+    summary.update({"iterations": cfg.num_iterations, **run_summary(stage.metrics())})
     if cfg.eval_dataset:
         summary["eval_mean_reward"] = after
     summary["num_processes"] = world
