@@ -1,17 +1,34 @@
-"""User-facing errors.
+"""User-facing errors and the exit codes schedulers rely on.
 
 Anything a user can fix (bad flags, bad config, malformed data, a missing model) raises an
 ``AlignError``. The CLI turns it into one line on stderr and exit code 2, with no traceback
 unless ``--debug`` is given. Internal bugs stay ordinary exceptions.
+
+Exit codes (every command, ``align run`` included; cron wrappers and Slurm scripts branch on them):
+
+====  ==================  ======================================================================
+0     ``EXIT_OK``          done (or nothing to do: every stage was already up to date)
+1     ``EXIT_FAILED``      a stage failed with an internal error; the traceback is shown
+2     ``EXIT_USAGE``       bad recipe, config, data or path: one line says what and where
+3     ``EXIT_INTERRUPTED`` stopped by SIGTERM/SIGUSR1 (or Ctrl-C) at a safe point after writing a
+                           checkpoint; rerunning the same command resumes from it
+75    ``EXIT_LOCKED``      another run holds the workdir's lock (sysexits EX_TEMPFAIL): try later
+====  ==================  ======================================================================
 """
 
 from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 3
+EXIT_LOCKED = 75
 
 
 class AlignError(Exception):
     """A problem the user can fix. ``str(err)`` is the one-line message shown to them."""
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
 class ConfigError(AlignError):
@@ -24,3 +41,15 @@ class DataError(AlignError):
 
 class ModelError(AlignError):
     """A model or tokenizer that cannot be found or loaded."""
+
+
+class Interrupted(AlignError):
+    """A stop asked for by a signal, honoured at a safe point after a checkpoint was written."""
+
+    exit_code = EXIT_INTERRUPTED
+
+
+class Locked(AlignError):
+    """Another process holds the lock of the stage dir or workdir."""
+
+    exit_code = EXIT_LOCKED
