@@ -16,7 +16,7 @@ import dataclasses
 import json
 from typing import ClassVar
 
-from align.cli import command
+from align.registry import command
 from align.config import BaseConfig, option, required
 from align.errors import ConfigError
 from align.evaluation import RewardOptions, check_scorer_accepts, evaluate, load_prompts

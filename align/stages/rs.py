@@ -36,14 +36,14 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar
 
-from align.cli import command
+from align.registry import command
 from align.config import BaseConfig, option, required
 from align.errors import ConfigError, DataError
 from align.evaluation import RewardOptions, check_scorer_accepts, load_prompts, score_candidates
 from align.stage import Stage, atomic_write_json, atomic_write_text, read_stage, staging_dir
 from sampling.base import SamplingParams
 from sampling.engines import EngineOptions
-from sampling.select import Scored, SelectOptions, dedupe, get_strategy
+from sampling.select import STRATEGIES, Scored, SelectOptions, dedupe
 
 SHARDS = "shards"
 CANDIDATES = "candidates.jsonl"
@@ -63,7 +63,8 @@ class RSConfig(RewardOptions, EngineOptions, BaseConfig):
     top_p: float = option(1.0, "Nucleus sampling: keep the smallest token set with this much probability.")
     top_k: int = option(0, "Sample among the k most likely tokens (0 = off).")
     seed: int = option(0, "Sampling seed: prompt i is sampled with seed + i (vLLM), so reruns reproduce.")
-    select: str = option("best", "Selection strategy: best (best-of-K SFT rows), pairs (best vs worst preference rows), all (every candidate).")
+    select: str = option("best", "Selection strategy: best (best-of-K SFT rows), pairs (best vs worst preference rows), all (every candidate).",
+                         choices=STRATEGIES)
     min_margin: float = option(0.0, "pairs: keep a pair only if chosen - rejected reward >= this (ties are always skipped).")
     min_reward: float | None = option(None, "best: drop prompts whose best reward is below this (e.g. 1.0: only correct answers).")
     max_prompts: int | None = option(None, "Use only the first N prompts of the dataset.")
@@ -72,7 +73,6 @@ class RSConfig(RewardOptions, EngineOptions, BaseConfig):
 
     def validate(self) -> None:
         self.validate_engine()
-        get_strategy(self.select)
         if self.num_samples < 1:
             raise ConfigError(f"'num_samples' must be >= 1 (K candidates per prompt), got {self.num_samples}")
         for key in ("max_tokens", "shard_size"):
@@ -183,7 +183,7 @@ def _progress(done: int, total: int, shard: dict[str, Any]) -> None:
 
 def select_rows(cfg: RSConfig, rows: list[dict], records: list[dict]) -> list[dict]:
     """Apply the selection strategy to every prompt's distinct candidates, in prompt order."""
-    strategy = get_strategy(cfg.select)
+    strategy = STRATEGIES[cfg.select]
     opts = SelectOptions(min_margin=cfg.min_margin, min_reward=cfg.min_reward)
     out = []
     for row, record in zip(rows, records):
