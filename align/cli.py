@@ -40,8 +40,18 @@ def overview() -> str:
     return "\n".join(lines)
 
 
+# Library warnings a user can do nothing about, each matched by its text and the module that
+# issues it: (category, message regex, module regex). Found by running every command with
+# --debug (which shows all warnings); any other warning, a user scorer's included, is shown.
+NOISY_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
+    # vLLM 0.32's kernel dispatcher probes every torch.distributed attribute once at import.
+    (FutureWarning, r"`torch\.distributed\.reduce_op` is deprecated", r"vllm\."),
+)
+
+
 def _quiet_libraries() -> None:
-    """Silence library chatter (per-call progress bars, log dumps) so a stage shows one rich bar."""
+    """Silence library chatter (per-call progress bars, log dumps, ``NOISY_WARNINGS``) so a stage
+    shows one rich bar and the warnings that concern the user."""
     import logging
     import warnings
 
@@ -52,9 +62,8 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
     for name in ("bitsandbytes", "vllm", "datasets", "accelerate", "torch"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    for category, message, module in NOISY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
 
 
 def main(argv: list[str] | None = None) -> int:

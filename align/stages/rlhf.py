@@ -5,7 +5,7 @@
 
 Each iteration, read top to bottom in ``run_rlhf``:
   1. take the next ``prompts_per_iteration`` prompts (a seeded order per epoch: resumable);
-  2. the in-process engine (vLLM when it imports) samples K = ``num_samples`` responses each;
+  2. the in-process engine (vLLM when it is installed) samples K = ``num_samples`` responses each;
   3. the scorers score the decoded text (own tokenizers; NaN stops the run naming the prompt);
   4. the optimizer computes log-probs under the policy (and reference) and takes its steps;
   5. the new weights go into the engine (LoRA: merged, sent, unmerged);
@@ -351,6 +351,7 @@ def run_rlhf(cfg: RLHFConfig) -> dict:
     if cfg.eval_dataset:
         summary["eval_mean_reward"] = after
     summary["num_processes"] = world
+    summary["engine"] = engine.name
     summary["replica_weight_gap"] = max(checksums) - min(checksums)  # 0.0: every rank ended with the same policy
     artifacts = save_model(policy, tokenizer, stage.dir, merge_lora=cfg.merge_lora or lora is not None)
     plot = plot_metrics(stage.metrics(), ["reward_mean", "kl_ref", "response_length"], stage.dir / "reward.png", f"rlhf {cfg.optimizer}")

@@ -14,7 +14,8 @@ Output in DIR:
                     its ``prompt_id`` (and ``candidate_index`` / rewards)
   candidates.jsonl  every candidate: prompt_id, candidate_index, text, reward, num_tokens,
                     finish_reason, duplicate_of (the earlier identical candidate, if any)
-  stage.json        prompts, candidates, kept rows, mean/max reward, tokens/s (written last)
+  stage.json        prompts, candidates, kept rows, mean/max reward, tokens/s, the engine used
+                    (written last)
   metrics.jsonl     one row per shard
 
 Crash safety: prompts are processed in shards of ``shard_size``; each finished shard (candidates
@@ -165,7 +166,7 @@ def _run_shard(engine, scorer, cfg: RSConfig, rows: list[dict], offset: int, dat
              "duplicate_of": d}
             for k, (c, s, d) in enumerate(zip(cands, scores, dups))
         ]})
-    return {"start": offset, "generate_seconds": generated - started, "score_seconds": time.perf_counter() - generated,
+    return {"start": offset, "engine": engine.name, "generate_seconds": generated - started, "score_seconds": time.perf_counter() - generated,
             "tokens": sum(len(c.token_ids) for cands in outputs for c in cands), "prompts": prompts}
 
 
@@ -214,6 +215,7 @@ def _finish(stage: Stage, cfg: RSConfig, rows: list[dict], shards: list[dict], r
         "distinct_candidates": sum(c["duplicate_of"] is None for r in records for c in r["candidates"]),
         "kept_rows": len(selected),
         "select": cfg.select,
+        "engine": "+".join(sorted({s.get("engine", "unknown") for s in shards})),  # the one(s) that generated
         "mean_reward": sum(rewards) / len(rewards),
         "max_reward": max(rewards),
         "mean_best_reward": sum(max(c["reward"] for c in r["candidates"]) for r in records) / len(records),
