@@ -1,44 +1,20 @@
 """The ``align`` command line: ``align <command> [--config FILE.yaml] [--key value ...]``.
 
-A thin layer, as in TRL's CLI: each command maps to (typed config class, run function) in
-``COMMANDS``; the run functions are the same ones the Python API exposes. User errors
-(``AlignError``) become one line on stderr and exit code 2; ``--debug`` shows the traceback.
+A thin layer, as in TRL's CLI, on top of the stages: each command registers (typed config class,
+run function) in ``align.registry.COMMANDS``; this module imports the modules that register them
+(no stage imports this one). The run functions are the same ones the Python API exposes. User
+errors (``AlignError``) become one line on stderr and exit code 2; ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import os
 import sys
 import traceback
-from typing import Any, Callable
 
-from align.config import BaseConfig, help_text, parse_config
+from align.config import help_text, parse_config
 from align.errors import AlignError
-
-
-@dataclasses.dataclass(frozen=True)
-class Command:
-    name: str
-    config: type[BaseConfig]
-    run: Callable[[Any], Any]
-    summary: str
-
-
-COMMANDS: dict[str, Command] = {}
-
-
-def command(name: str, config: type[BaseConfig], summary: str) -> Callable:
-    """Register ``fn(config)`` as ``align <name>``. Duplicate names are a bug."""
-
-    def register(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
-        if name in COMMANDS:
-            raise ValueError(f"command {name!r} registered twice")
-        COMMANDS[name] = Command(name, config, fn, summary)
-        return fn
-
-    return register
+from align.registry import COMMANDS
 
 
 def _load_commands() -> None:
@@ -64,8 +40,18 @@ def overview() -> str:
     return "\n".join(lines)
 
 
+# Library warnings a user can do nothing about, each matched by its text and the module that
+# issues it: (category, message regex, module regex). Found by running every command with
+# --debug (which shows all warnings); any other warning, a user scorer's included, is shown.
+NOISY_WARNINGS: tuple[tuple[type[Warning], str, str], ...] = (
+    # vLLM 0.32's kernel dispatcher probes every torch.distributed attribute once at import.
+    (FutureWarning, r"`torch\.distributed\.reduce_op` is deprecated", r"vllm\."),
+)
+
+
 def _quiet_libraries() -> None:
-    """Silence library chatter (per-call progress bars, log dumps) so a stage shows one rich bar."""
+    """Silence library chatter (per-call progress bars, log dumps, ``NOISY_WARNINGS``) so a stage
+    shows one rich bar and the warnings that concern the user."""
     import logging
     import warnings
 
@@ -76,9 +62,8 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
     for name in ("bitsandbytes", "vllm", "datasets", "accelerate", "torch"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    for category, message, module in NOISY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,10 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        close = difflib.get_close_matches(name, list(COMMANDS), n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        print(f"align: error: unknown command '{name}'{hint} (valid: {', '.join(COMMANDS)})", file=sys.stderr)
-        return 2
+        err = COMMANDS.unknown(name)
+        print(f"align: error: {err}", file=sys.stderr)
+        return err.exit_code
     cmd = COMMANDS[name]
     if "-h" in rest or "--help" in rest:
         print(help_text(name, cmd.config, cmd.summary))

@@ -10,7 +10,7 @@ import dataclasses
 import json
 from typing import ClassVar, Literal
 
-from align.cli import command
+from align.registry import command
 from align.config import BaseConfig, option, required
 
 

@@ -26,16 +26,28 @@ from align.errors import ConfigError
 MISSING = dataclasses.MISSING
 
 
-def option(default: Any = None, help: str = "", **kwargs: Any) -> Any:
-    """A config field with its documentation. Lists use ``default_factory`` automatically."""
+def option(default: Any = None, help: str = "", *, choices: Any = None, names: Any = None, **kwargs: Any) -> Any:
+    """A config field with its documentation. Lists use ``default_factory`` automatically.
+
+    ``choices=REGISTRY`` (an ``align.registry.Registry``): a ``str`` field whose value must be one
+    of the registry's names (checked when the config is built; ``--help`` shows them as its type).
+    ``names=REGISTRY``: a field whose values are parsed elsewhere but built from the registry's
+    names (``rule:NAME``, ``NAME:WEIGHT``); ``--help`` lists those names after the help text.
+    Both are read when help is rendered, so names registered later show too.
+    """
+    metadata = _metadata(help, choices=choices, names=names)
     if isinstance(default, list):
-        return dataclasses.field(default_factory=lambda d=default: list(d), metadata={"help": help}, **kwargs)
-    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+        return dataclasses.field(default_factory=lambda d=default: list(d), metadata=metadata, **kwargs)
+    return dataclasses.field(default=default, metadata=metadata, **kwargs)
 
 
-def required(help: str) -> Any:
-    """A field the user must set (in the YAML or as a flag)."""
-    return dataclasses.field(default=None, metadata={"help": help, "required": True})
+def required(help: str, *, choices: Any = None, names: Any = None) -> Any:
+    """A field the user must set (in the YAML or as a flag); ``choices``/``names`` as in ``option``."""
+    return dataclasses.field(default=None, metadata=_metadata(help, required=True, choices=choices, names=names))
+
+
+def _metadata(help: str, **extra: Any) -> dict[str, Any]:
+    return {"help": help, **{key: value for key, value in extra.items() if value is not None}}
 
 
 @dataclasses.dataclass
@@ -269,6 +281,9 @@ def build_config(cls: type[BaseConfig], values: dict[str, Any], sources: dict[st
             ) from None
     config = cls(**kwargs)
     for name, f in fields.items():
+        choices = f.metadata.get("choices")
+        if choices is not None and getattr(config, name) is not None and getattr(config, name) not in choices:
+            raise choices.unknown(getattr(config, name))
         if f.metadata.get("required") and getattr(config, name) in (None, ""):
             flag = f"DIR positional argument or --{name}" if cls.positional == name else f"--{name}"
             raise ConfigError(f"missing required '{name}': set it in the YAML or pass {flag} ({f.metadata['help']})")
@@ -316,8 +331,22 @@ def field_rows(cls: type[BaseConfig]) -> list[tuple[str, str, str, str]]:
             default = repr(f.default_factory())  # type: ignore[misc]
         else:
             default = repr(f.default)
-        rows.append((f.name, _describe(hints[f.name]), default, f.metadata.get("help", "")))
+        rows.append((f.name, _field_type(f, hints[f.name]), default, _field_help(f)))
     return rows
+
+
+def _field_type(f: dataclasses.Field, tp: Any) -> str:
+    choices = f.metadata.get("choices")
+    if choices is None:
+        return _describe(tp)
+    return "one of " + ", ".join(repr(name) for name in choices) + (" (or null)" if _describe(tp).endswith("(or null)") else "")
+
+
+def _field_help(f: dataclasses.Field) -> str:
+    text, names = f.metadata.get("help", ""), f.metadata.get("names")
+    if names is None:
+        return text
+    return f"{text} {names.kind[0].upper() + names.kind[1:]} names: {', '.join(names)}."
 
 
 def help_text(command: str, cls: type[BaseConfig], summary: str) -> str:

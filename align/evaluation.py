@@ -3,7 +3,6 @@ the SFT stage's held-out evaluation share.
 
 * ``load_prompts``: prompt rows with a stable, unique ``prompt_id`` (the dataset's own, else a
   hash of the prompt's messages, so it survives reordering the file).
-* ``make_scorer``: one scorer from one or several ``--reward`` specs.
 * ``score_candidates``: score K candidates per prompt, each distinct text once, and stop on a
   NaN/inf reward naming the prompt id.
 * ``evaluate``: greedy (or sampled) answers on a prompt set -> mean reward (for
@@ -21,7 +20,8 @@ from typing import Any
 from align.config import option, required
 from align.data import load_rows
 from align.errors import DataError
-from reward.scorers import build_scorer, check_finite
+from reward.rules import RULES
+from reward.scorers import COMBINERS, build_scorer, check_finite
 from sampling.base import Candidate, SamplingParams
 from sampling.select import dedupe
 
@@ -64,21 +64,17 @@ def load_prompts(spec: str, max_prompts: int | None = None) -> list[dict[str, An
     return rows
 
 
-def make_scorer(specs: list[str] | str, weights: list[float] | None = None, combine: str = "weighted"):
-    """One scorer for the ``--reward`` spec(s); several are combined by ``weights``/``combine``."""
-    return build_scorer(specs, weights=weights, combine=combine)
-
-
 @dataclasses.dataclass
 class RewardOptions:
     """The scorer fields of every command that scores text: rs, eval, rlhf (mixed into configs)."""
 
-    reward: list[str] = required("Scorer spec(s): rule:NAME (e.g. rule:arithmetic), model:PATH or module:function; several are combined.")
+    reward: list[str] = required("Scorer spec(s): rule:NAME (e.g. rule:arithmetic), model:PATH or module:function; several are combined.",
+                                 names=RULES)
     reward_weights: list[float] | None = option(None, "One weight per --reward scorer for reward_combine 'weighted' (default: equal).")
-    reward_combine: str = option("weighted", "How several scorers combine: weighted, mean or min (reward.scorers).")
+    reward_combine: str = option("weighted", "How several scorers combine (reward.scorers).", choices=COMBINERS)
 
     def build_scorer(self):
-        return make_scorer(self.reward, self.reward_weights, self.reward_combine)
+        return build_scorer(self.reward, weights=self.reward_weights, combine=self.reward_combine)
 
 
 @dataclasses.dataclass
@@ -86,7 +82,7 @@ class EvalOptions:
     """Greedy evaluation on held-out prompts after training: sft, dpo (mixed into configs)."""
 
     eval_dataset: str | None = option(None, "Held-out prompts to answer greedily after training (e.g. the demo's test.jsonl).")
-    eval_reward: str = option("rule:arithmetic", "Scorer for eval_dataset answers (rule:NAME or module:function).")
+    eval_reward: str = option("rule:arithmetic", "Scorer for eval_dataset answers (rule:NAME or module:function).", names=RULES)
     eval_max_tokens: int = option(16, "Longest generated answer in evaluation.")
 
 
@@ -123,7 +119,7 @@ def evaluate(engine, dataset: str, reward: list[str] | str, max_tokens: int = 32
     if rows is None:
         rows = load_prompts(dataset, max_samples)
     if scorer is None:
-        scorer = make_scorer(reward)
+        scorer = build_scorer(reward)
         check_scorer_accepts(scorer, rows, dataset)
     params = params or SamplingParams(n=1, temperature=0.0, max_tokens=max_tokens)
     started = time.perf_counter()

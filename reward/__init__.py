@@ -5,6 +5,6 @@ committees of several); ``reward.rules`` holds the rule registry, ``reward.model
 reward-model scorer and ``reward.losses`` the reward-model training losses used by ``align rm``.
 """
 
-from reward.rules import RULES, Rule, arithmetic, exact_match, get_rule, length_penalty, regex, register_rule
+from reward.rules import RULES, Rule, exact_match, get_rule, length_penalty, regex, register_rule
 
-__all__ = ["RULES", "Rule", "arithmetic", "exact_match", "get_rule", "length_penalty", "regex", "register_rule"]
+__all__ = ["RULES", "Rule", "exact_match", "get_rule", "length_penalty", "regex", "register_rule"]

@@ -22,13 +22,13 @@ have 2 or 3), and the per-row margin and soft label. The formulas (recipes.md):
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from align.errors import ConfigError, DataError
+from align.errors import DataError
+from align.registry import Registry
 
 # AFM's soft labels for "significantly / better / slightly / negligibly better" (recipes.md).
 SOFT_LABELS: dict[str, float] = {"significantly": 0.95, "better": 0.85, "slightly": 0.75, "negligibly": 0.65}
@@ -107,28 +107,18 @@ class Loss:
     uses_edited: bool  # rows may carry a third, edited response
 
 
-LOSSES: dict[str, Loss] = {}
+LOSSES: Registry[Loss] = Registry("reward loss")
+get_loss = LOSSES.get  # an unknown name is a ConfigError listing the valid ones
 
 
 def register_loss(name: str, needs_level: bool = False, uses_edited: bool = False):
     """Add ``fn(batch: RewardBatch) -> scalar`` to ``LOSSES``; a taken name is a ValueError."""
 
     def decorator(fn: Callable[[RewardBatch], torch.Tensor]):
-        if name in LOSSES:
-            raise ValueError(f"reward loss {name!r} is already registered")
-        LOSSES[name] = Loss(name, fn, needs_level, uses_edited)
+        LOSSES.register(name, Loss(name, fn, needs_level, uses_edited))
         return fn
 
     return decorator
-
-
-def get_loss(name: str) -> Loss:
-    """The loss registered as ``name``; unknown names are a ConfigError listing the valid ones."""
-    if name in LOSSES:
-        return LOSSES[name]
-    close = difflib.get_close_matches(name, LOSSES, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise ConfigError(f"unknown reward loss {name!r}{hint}; valid: {', '.join(LOSSES)}")
 
 
 @register_loss("bradley_terry")

@@ -6,45 +6,23 @@ columns of the dataset row (e.g. ``answer``). Register one with ``@register_rule
 it up with ``get_rule("name")``; a scorer spec names it as ``rule:NAME``.
 
 Rules read their parameters from the row, so one spec string serves a whole dataset whose rows
-differ: ``exact_match`` and ``arithmetic`` read ``answer``, ``regex`` reads ``pattern``, and
-``length_penalty`` reads ``max_chars`` (optional).
+differ: ``exact_match`` (also registered as ``arithmetic``, the name the demo configs use) reads
+``answer``, ``regex`` reads ``pattern``, and ``length_penalty`` reads ``max_chars`` (optional).
 """
 
 from __future__ import annotations
 
-import difflib
 import re
 from typing import Callable
 
-from align.errors import ConfigError, DataError
+from align.errors import DataError
+from align.registry import Registry
 
 Rule = Callable[..., float]
 
-RULES: dict[str, Rule] = {}
-
-
-def register_rule(name: str) -> Callable[[Rule], Rule]:
-    """Decorator adding a rule to ``RULES`` under ``name``; a name already taken is a ValueError."""
-
-    def decorator(fn: Rule) -> Rule:
-        if name in RULES:
-            raise ValueError(f"rule {name!r} is already registered (by {RULES[name].__qualname__})")
-        RULES[name] = fn
-        return fn
-
-    return decorator
-
-
-def get_rule(name: str) -> Rule:
-    """The rule registered as ``name``; an unknown name is a ConfigError listing the valid ones."""
-    try:
-        return RULES[name]
-    except KeyError:
-        pass
-    close = difflib.get_close_matches(str(name), RULES, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    valid = ", ".join(sorted(RULES))
-    raise ConfigError(f"unknown reward rule {name!r}{hint}; valid: {valid}")
+RULES: Registry[Rule] = Registry("reward rule")
+register_rule = RULES.register  # @register_rule("name"); a name already taken is a ValueError
+get_rule = RULES.get  # an unknown name is a ConfigError listing the valid ones
 
 
 def _column(rule: str, columns: dict, column: str, what: str = "the reference answer"):
@@ -58,17 +36,11 @@ def _column(rule: str, columns: dict, column: str, what: str = "the reference an
     return columns[column]
 
 
+@register_rule("arithmetic")  # the demo's sums: the answer is the number, nothing around it
 @register_rule("exact_match")
 def exact_match(prompt: str, response: str, **columns) -> float:
     """1.0 when the stripped response equals the stripped ``answer`` column, else 0.0."""
     answer = _column("exact_match", columns, "answer")
-    return 1.0 if response.strip() == str(answer).strip() else 0.0
-
-
-@register_rule("arithmetic")
-def arithmetic(prompt: str, response: str, **columns) -> float:
-    """1.0 when the response (stripped) is exactly the ``answer`` column's number, else 0.0."""
-    answer = _column("arithmetic", columns, "answer")
     return 1.0 if response.strip() == str(answer).strip() else 0.0
 
 
@@ -98,4 +70,4 @@ def length_penalty(prompt: str, response: str, **columns) -> float:
     return -max(0, len(response) - max_chars) / max_chars
 
 
-__all__ = ["DEFAULT_MAX_CHARS", "RULES", "Rule", "arithmetic", "exact_match", "get_rule", "length_penalty", "regex", "register_rule"]
+__all__ = ["DEFAULT_MAX_CHARS", "RULES", "Rule", "exact_match", "get_rule", "length_penalty", "regex", "register_rule"]

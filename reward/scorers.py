@@ -18,12 +18,12 @@ reward model weigh as intended. Combiners (``COMBINERS``): ``weighted`` sum (wei
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import math
 from typing import Any, Callable, Protocol
 
 from align.errors import ConfigError, DataError
+from align.registry import Registry
 from reward.rules import get_rule
 
 
@@ -67,7 +67,10 @@ def _user_function(spec: str) -> Scorer:
     return FunctionScorer(spec, fn)
 
 
-SCORER_KINDS: dict[str, Callable[[str], Scorer]] = {"rule": _rule, "model": _model}
+# The ``KIND:`` prefixes of a spec; any other ``module:function`` is user code.
+SCORER_KINDS: Registry[Callable[[str], Scorer]] = Registry("scorer kind")
+SCORER_KINDS.register("rule", _rule)
+SCORER_KINDS.register("model", _model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,24 +85,23 @@ def z_normalize(scores: list[float]) -> list[float]:
     return [0.0] * len(scores) if std == 0 else [(s - mean) / std for s in scores]
 
 
+# name -> fn(per-scorer score lists, weights) -> combined scores
+COMBINERS: Registry[Callable[[list[list[float]], list[float]], list[float]]] = Registry("reward combine")
+
+
+@COMBINERS.register("weighted")
 def _weighted(columns: list[list[float]], weights: list[float]) -> list[float]:
     return [sum(w * s for w, s in zip(weights, item)) for item in zip(*columns)]
 
 
+@COMBINERS.register("mean")
 def _mean(columns: list[list[float]], weights: list[float]) -> list[float]:
     return [sum(item) / len(item) for item in zip(*columns)]
 
 
+@COMBINERS.register("min")
 def _min(columns: list[list[float]], weights: list[float]) -> list[float]:
     return [min(item) for item in zip(*columns)]
-
-
-# name -> fn(per-scorer score lists, weights) -> combined scores
-COMBINERS: dict[str, Callable[[list[list[float]], list[float]], list[float]]] = {
-    "weighted": _weighted,
-    "mean": _mean,
-    "min": _min,
-}
 
 
 class CommitteeScorer:
@@ -142,10 +144,7 @@ def build_scorer(
     normalize: bool = False,
 ) -> Scorer:
     """Build a scorer from one spec string, or a committee from several (module docstring)."""
-    if combine not in COMBINERS:
-        close = difflib.get_close_matches(combine, COMBINERS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"unknown reward combine {combine!r}{hint}; valid: {', '.join(COMBINERS)}")
+    COMBINERS[combine]  # an unknown name fails before anything is built
     specs = [specs] if isinstance(specs, str) else list(specs)
     if not specs:
         raise ConfigError("no reward given; pass at least one scorer spec (e.g. rule:arithmetic)")

@@ -18,10 +18,10 @@ An engine turns chat prompts into K candidates each. Both engines follow the sam
 from __future__ import annotations
 
 import dataclasses
-import difflib
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Iterable, Protocol
 
-from align.errors import ConfigError, DataError
+from align.errors import DataError
+from align.registry import Registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +57,7 @@ class Candidate:
 
 
 class Engine(Protocol):
+    name: str  # the ENGINES name it is registered under (what stage.json records)
     tokenizer: Any
 
     def generate(self, prompts: list[list[dict]], params: SamplingParams) -> list[list[Candidate]]:
@@ -99,28 +100,5 @@ def encode_prompts(
     return encoded
 
 
-# ---------------------------------------------------------------------------------------------
 # Engine registry: name -> class with ``from_pretrained(model_path, **options)``.
-# ---------------------------------------------------------------------------------------------
-
-ENGINES: dict[str, Callable[..., Engine]] = {}
-
-
-def register_engine(name: str) -> Callable:
-    """Class decorator adding an engine under ``name``; a name already taken is a bug."""
-
-    def register(cls):
-        if name in ENGINES:
-            raise ValueError(f"engine {name!r} registered twice")
-        ENGINES[name] = cls
-        return cls
-
-    return register
-
-
-def unknown_name(kind: str, name: str, valid: Iterable[str]) -> ConfigError:
-    """The error for a registry miss: lists the valid names, suggests the closest."""
-    valid = list(valid)
-    close = difflib.get_close_matches(str(name), valid, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return ConfigError(f"unknown {kind} {name!r}{hint}; valid: {', '.join(valid)}")
+ENGINES: Registry[Any] = Registry("engine")

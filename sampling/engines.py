@@ -1,48 +1,64 @@
 """Build an engine by name from a stage config: the options every generating stage shares.
 
-``engine: auto`` picks vLLM whenever it imports, else transformers ``generate``.
+``engine: auto`` picks vLLM when it is installed, else transformers ``generate``, and says so
+on stderr when it falls back. Only a missing vLLM falls back: an installed vLLM that fails to
+import or to start (a broken build, a setting it rejects) stops the run with its own error,
+rather than becoming a several-times slower run nobody notices. Each stage records the engine
+it used (``engine.name``) in its stage.json summary.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import re
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
 from align.config import option
 from align.errors import ConfigError, ModelError
 from sampling import hf, vllm_engine  # noqa: F401  register the engines
-from sampling.base import ENGINES, Engine, unknown_name
+from sampling.base import ENGINES, Engine
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 def default_engine() -> str:
-    """'vllm' when it imports (CPU or GPU build), else 'transformers'."""
-    try:
-        import vllm  # noqa: F401
-    except Exception:  # ImportError, or a broken install (e.g. the torchvision trap in stack.md)
-        return "transformers"
-    return "vllm"
+    """'vllm' when it is installed (CPU or GPU build), else 'transformers'.
+
+    Installed means importable by name (``importlib.util.find_spec``); whether it then imports
+    and starts is the vLLM engine's business, and its errors propagate.
+    """
+    return "vllm" if importlib.util.find_spec("vllm") is not None else "transformers"
+
+
+@ENGINES.register("auto")
+class AutoEngine:
+    """Not an engine of its own: ``from_pretrained`` builds ``default_engine()``'s."""
+
+    @classmethod
+    def from_pretrained(cls, model_path: str, **options: Any) -> Engine:
+        name = default_engine()
+        if name != "vllm":
+            print(f"engine auto: vLLM is not installed, generating with {name} (slower; install vllm,"
+                  f" or pass --engine {name} to choose it)", file=sys.stderr, flush=True)
+        return ENGINES[name].from_pretrained(model_path, **options)
 
 
 def build_engine(name: str, model_path: str, **options: Any) -> Engine:
-    """The engine ``name`` ('auto', 'vllm', 'transformers') serving ``model_path``."""
-    if name == "auto":
-        name = default_engine()
-    if name not in ENGINES:
-        raise unknown_name("engine", name, ["auto", *ENGINES])
+    """The engine ``name`` (one of ``ENGINES``: 'auto', 'vllm', 'transformers') serving ``model_path``."""
+    factory = ENGINES[name]
     if not (Path(model_path).expanduser().exists() or _HUB_ID.match(str(model_path))):
         raise ModelError(f"model not found: {model_path} (give a Hugging Face model folder or a Hub id)")
-    return ENGINES[name].from_pretrained(str(model_path), **options)
+    return factory.from_pretrained(str(model_path), **options)
 
 
 @dataclasses.dataclass
 class EngineOptions:
     """Engine fields shared by every stage that generates (mixed into stage configs)."""
 
-    engine: str = option("auto", "Generation engine: 'vllm', 'transformers', or 'auto' (vLLM whenever it imports).")
+    engine: str = option("auto", "Generation engine; auto: vLLM when it is installed, else transformers (said on stderr).", choices=ENGINES)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option("float32", "Engine weights dtype; float32 keeps log-probs equal to the trainer's.")
     max_model_len: int = option(512, "Longest prompt + response, in tokens (vLLM sizes its KV pages from it).")
     kv_cache_gb: float = option(1.0, "vLLM KV-cache size in GiB (on CPU it is host RAM).")
@@ -52,8 +68,6 @@ class EngineOptions:
     trust_remote_code: bool = option(False, "Run model code shipped with a Hub repo. Off by default.")
 
     def validate_engine(self) -> None:
-        if self.engine != "auto" and self.engine not in ENGINES:
-            raise unknown_name("engine", self.engine, ["auto", *ENGINES])
         for key in ("max_model_len", "max_num_seqs", "batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"'{key}' must be >= 1, got {getattr(self, key)}")

@@ -11,11 +11,13 @@ from typing import Any, Iterable
 
 import torch
 
-from sampling.base import Candidate, SamplingParams, encode_prompts, register_engine
+from sampling.base import ENGINES, Candidate, SamplingParams, encode_prompts
 
 
-@register_engine("transformers")
+@ENGINES.register("transformers")
 class TransformersEngine:
+    name = "transformers"
+
     def __init__(self, model, tokenizer, batch_size: int = 64, system_prompt: str | None = None,
                  max_model_len: int | None = None):
         self.model = model

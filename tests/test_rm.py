@@ -11,6 +11,7 @@ import torch
 
 from align.cli import main
 from conftest import REAL_DATA, read_jsonl
+from reward.losses import LOSSES
 from reward.model import RewardModel
 from reward.scorers import build_scorer
 
@@ -133,7 +134,7 @@ def test_bad_input_exits_2_with_one_line(tiny_model, demo_data, tmp_path, capsys
 
     code, err = call(capsys, *base, "--dataset", demo_data / "pairs.jsonl", "--loss", "hinge")
     assert code == 2
-    assert err == "align rm: error: unknown reward loss 'hinge'; valid: bradley_terry, ranking, soft_label\n"
+    assert err == f"align rm: error: unknown reward loss 'hinge'; valid: {', '.join(LOSSES)}\n"
 
     code, err = call(capsys, *base, "--dataset", demo_data / "pairs.jsonl", "--loss", "soft_label")
     assert code == 2 and "row 1: --loss soft_label needs a 'preference_level' column" in err

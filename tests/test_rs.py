@@ -18,7 +18,7 @@ from align.config import parse_config
 from align.data import load_rows
 from align.stages.rs import RSConfig, run_rs
 from conftest import ALIGN, ROOT, read_jsonl
-from sampling import SamplingParams
+from sampling import ENGINES, STRATEGIES, SamplingParams
 
 K = 8
 
@@ -174,16 +174,16 @@ def test_prompts_without_the_answer_column(rs_cli, tmp_path):
     data = tmp_path / "no_answer.jsonl"
     data.write_text(json.dumps({"prompt": [{"role": "user", "content": "1+2="}], "prompt_id": "q1"}) + "\n")
     err = rs_cli(dataset=data)
-    assert f"{data} (prompt q1): rule 'arithmetic' needs an 'answer' column" in err
+    assert f"{data} (prompt q1): rule 'exact_match' needs an 'answer' column" in err  # rule:arithmetic is exact_match
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("extra, message", [
     (["--num_samples", "0"], "'num_samples' must be >= 1 (K candidates per prompt), got 0"),
-    (["--select", "bestof"], "unknown selection strategy 'bestof' (did you mean 'best'?); valid: best, pairs, all"),
+    (["--select", "bestof"], f"unknown selection strategy 'bestof' (did you mean 'best'?); valid: {', '.join(STRATEGIES)}"),
     (["--reward", "rule:arithmetc"], "unknown reward rule 'arithmetc' (did you mean 'arithmetic'?); valid:"),
     (["--reward", "nonsense"], "reward 'nonsense' is not a scorer spec; use one of:"),
-    (["--engine", "hf"], "unknown engine 'hf'; valid: auto, transformers, vllm"),
+    (["--engine", "hf"], f"unknown engine 'hf'; valid: {', '.join(ENGINES)}"),
 ])
 def test_bad_options_exit_2(rs_cli, extra, message):
     assert message in rs_cli(*extra)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from reward.rules import arithmetic
+from reward.rules import exact_match as arithmetic  # the rule rule:arithmetic names
 
 NAN_PROMPT = "add_05_07"
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from align.errors import ConfigError
-from sampling import STRATEGIES, SamplingParams, Scored, SelectOptions, dedupe, get_strategy
+from sampling import ENGINES, STRATEGIES, SamplingParams, Scored, SelectOptions, dedupe, get_strategy
 from sampling.engines import build_engine
 
 ROW = {"prompt": [{"role": "user", "content": "1+2="}], "answer": "3", "prompt_id": "add_01_02"}
@@ -16,12 +16,20 @@ def cands(*rewards: float) -> list[Scored]:
     return [Scored(i, f"t{i}", r) for i, r in enumerate(rewards)]
 
 
-def test_registry_lists_strategies_and_rejects_unknown_names():
-    assert list(STRATEGIES) == ["best", "pairs", "all"]
-    with pytest.raises(ConfigError, match=r"unknown selection strategy 'pair' \(did you mean 'pairs'\?\); valid: best, pairs, all"):
+def test_registry_rejects_unknown_names():
+    with pytest.raises(ConfigError) as err:
         get_strategy("pair")
-    with pytest.raises(ConfigError, match=r"unknown engine 'hf'; valid: auto, transformers, vllm"):
+    assert str(err.value) == f"unknown selection strategy 'pair' (did you mean 'pairs'?); valid: {', '.join(STRATEGIES)}"
+    with pytest.raises(ConfigError) as err:
         build_engine("hf", "x")
+    assert str(err.value) == f"unknown engine 'hf'; valid: {', '.join(ENGINES)}"
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_every_strategy_keeps_the_prompt_and_its_columns(name):
+    rows = get_strategy(name)(ROW, cands(0.0, 1.0), SelectOptions())
+    assert rows and all(list(r)[0] == "prompt" and r["prompt"] == ROW["prompt"] for r in rows)
+    assert all(r["answer"] == "3" and r["prompt_id"] == "add_01_02" for r in rows)
 
 
 def test_best_keeps_the_top_candidate_first_index_on_ties():

@@ -17,30 +17,19 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
-from align.errors import ConfigError
+from align.registry import Registry
 from align.rl import estimators as est
 from align.rl import losses as L
 from align.rl import parallel
 from align.rl.rollout import Rollouts, token_logprobs
 
-OPTIMIZERS: dict[str, type["PolicyOptimizer"]] = {}
+OPTIMIZERS: Registry[type["PolicyOptimizer"]] = Registry("optimizer")
+get_optimizer = OPTIMIZERS.get  # an unknown name is a ConfigError listing the valid ones
 
 
 def register_optimizer(cls: type["PolicyOptimizer"]) -> type["PolicyOptimizer"]:
-    if cls.name in OPTIMIZERS:
-        raise ValueError(f"optimizer {cls.name!r} registered twice")
-    OPTIMIZERS[cls.name] = cls
-    return cls
-
-
-def get_optimizer(name: str) -> type["PolicyOptimizer"]:
-    if name not in OPTIMIZERS:
-        import difflib
-
-        close = difflib.get_close_matches(name, list(OPTIMIZERS), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"unknown optimizer {name!r}{hint}; valid: {', '.join(OPTIMIZERS)}")
-    return OPTIMIZERS[name]
+    """Class decorator: register ``cls`` under its ``name``; a name already taken is a ValueError."""
+    return OPTIMIZERS.register(cls.name, cls)
 
 
 class PolicyOptimizer:

@@ -32,11 +32,12 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from align.cli import command
+from align.registry import command
 from align.config import BaseConfig, option, required
 from align.evaluation import EvalOptions
 from align.errors import ConfigError, DataError
 from align.models import ModelOptions, load_causal_lm, load_tokenizer, peft_config, save_model
+from align.registry import Registry
 from align.stage import CheckpointOptions, Stage, read_stage
 from align.training import TrainOptions, trl_args
 
@@ -54,20 +55,12 @@ class Loss:
     source: str
 
 
-LOSSES: dict[str, Loss] = {}
-
-
-def register_loss(name: str, loss: Loss) -> None:
-    if name in LOSSES:
-        raise ValueError(f"loss {name!r} registered twice")
-    LOSSES[name] = loss
-
-
-register_loss("sigmoid", Loss("sigmoid", 1.0, True, "DPO, Rafailov et al. 2023 eq. 7: -log sigmoid(beta * margin)"))
-register_loss("ipo", Loss("ipo", 1.0, True, "IPO, Azar et al. 2023 eq. 17: (margin / tokens - 1 / (2 beta))^2"))
-register_loss("robust", Loss("robust", 1.0, True, "robust DPO, Chowdhury et al. 2024: label noise label_smoothing"))
-register_loss("hinge", Loss("hinge", 1.0, True, "SLiC, Zhao et al. 2023: max(0, 1 - beta * margin)"))
-register_loss("nll", Loss("sft", 0.2, False, "Llama 3: NLL of the chosen response (mean per token), weight 0.2"))
+LOSSES: Registry[Loss] = Registry("loss")
+LOSSES.register("sigmoid", Loss("sigmoid", 1.0, True, "DPO, Rafailov et al. 2023 eq. 7: -log sigmoid(beta * margin)"))
+LOSSES.register("ipo", Loss("ipo", 1.0, True, "IPO, Azar et al. 2023 eq. 17: (margin / tokens - 1 / (2 beta))^2"))
+LOSSES.register("robust", Loss("robust", 1.0, True, "robust DPO, Chowdhury et al. 2024: label noise label_smoothing"))
+LOSSES.register("hinge", Loss("hinge", 1.0, True, "SLiC, Zhao et al. 2023: max(0, 1 - beta * margin)"))
+LOSSES.register("nll", Loss("sft", 0.2, False, "Llama 3: NLL of the chosen response (mean per token), weight 0.2"))
 
 
 def resolve_losses(specs: list[str]) -> tuple[list[str], list[float]]:
@@ -76,18 +69,15 @@ def resolve_losses(specs: list[str]) -> tuple[list[str], list[float]]:
     for spec in specs:
         name, _, weight = spec.partition(":")
         name = name.strip()
-        if name not in LOSSES:
-            close = difflib.get_close_matches(name, LOSSES, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"unknown loss '{name}'{hint}; valid: {', '.join(sorted(LOSSES))}")
+        loss = LOSSES[name]  # an unknown name is a ConfigError listing the valid ones
         if name in names:
             raise ConfigError(f"loss '{name}' is listed twice in 'loss'")
         try:
-            value = float(weight) if weight else LOSSES[name].weight
+            value = float(weight) if weight else loss.weight
         except ValueError:
             raise ConfigError(f"loss '{spec}': the weight after ':' must be a number (e.g. nll:0.2)") from None
         names.append(name)
-        types.append(LOSSES[name].trl_type)
+        types.append(loss.trl_type)
         weights.append(value)
     if not any(LOSSES[n].preference for n in names):
         raise ConfigError(f"'loss' needs a preference loss ({', '.join(n for n, l in LOSSES.items() if l.preference)});"
@@ -111,7 +101,7 @@ class DPOStageConfig(TrainOptions, ModelOptions, EvalOptions, CheckpointOptions,
 
     dataset: str = required("Preference pairs: JSONL/JSON/Parquet, a `datasets` folder or a Hub id (TRL prompt/chosen/rejected, implicit-prompt, Alpaca or ShareGPT).")
     output_dir: str = required("Stage directory: stage.json, metrics.jsonl, model/ and checkpoints/ go here.")
-    loss: list[str] = option(["sigmoid", "nll"], "Losses summed, as NAME or NAME:WEIGHT, from: " + "; ".join(f"{n} ({l.source})" for n, l in LOSSES.items()) + ". Default: Llama 3's DPO + 0.2 NLL.")
+    loss: list[str] = option(["sigmoid", "nll"], "Losses summed, as NAME or NAME:WEIGHT: " + "; ".join(f"{n} ({l.source})" for n, l in LOSSES.items()) + ". Default: Llama 3's DPO + 0.2 NLL.", names=LOSSES)
     beta: float = option(0.1, "DPO beta: strength of the pull toward the reference (Llama 3: 0.1).")
     label_smoothing: float = option(0.0, "Probability that a preference label is flipped, in [0, 0.5); used by the robust loss only.")
     ref_model: str | None = option(None, "Reference model folder or Hub id; default: the starting policy (with use_lora: its base, adapter disabled).")

@@ -5,9 +5,9 @@
 
 Greedy by default (one answer per prompt); ``--num_samples K --temperature T`` samples K and
 reports both the mean over all samples and ``best_of_k`` (pass@K for a 0/1 reward). Writes
-``stage.json`` with ``mean_reward`` (for ``rule:arithmetic`` the exact-match accuracy) and
-``eval.jsonl`` with each prompt's response(s) and reward. The quickstart's progress table is
-built from these stage.json files.
+``stage.json`` with ``mean_reward`` (for ``rule:arithmetic`` the exact-match accuracy) and the
+engine used, and ``eval.jsonl`` with each prompt's response(s) and reward. The quickstart's
+progress table is built from these stage.json files.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import dataclasses
 import json
 from typing import ClassVar
 
-from align.cli import command
+from align.registry import command
 from align.config import BaseConfig, option, required
 from align.errors import ConfigError
 from align.evaluation import RewardOptions, check_scorer_accepts, evaluate, load_prompts
@@ -68,7 +68,7 @@ def run_eval(cfg: EvalConfig, engine=None) -> dict:
     params = SamplingParams(n=cfg.num_samples, temperature=cfg.temperature, top_p=cfg.top_p,
                             max_tokens=cfg.max_tokens, seed=cfg.seed)
     try:
-        report = evaluate(engine, cfg.dataset, cfg.reward, params=params, scorer=scorer, rows=rows)
+        report = {**evaluate(engine, cfg.dataset, cfg.reward, params=params, scorer=scorer, rows=rows), "engine": engine.name}
     finally:
         if own_engine:
             engine.close()

@@ -5,7 +5,7 @@
 
 Each iteration, read top to bottom in ``run_rlhf``:
   1. take the next ``prompts_per_iteration`` prompts (a seeded order per epoch: resumable);
-  2. the in-process engine (vLLM when it imports) samples K = ``num_samples`` responses each;
+  2. the in-process engine (vLLM when it is installed) samples K = ``num_samples`` responses each;
   3. the scorers score the decoded text (own tokenizers; NaN stops the run naming the prompt);
   4. the optimizer computes log-probs under the policy (and reference) and takes its steps;
   5. the new weights go into the engine (LoRA: merged, sent, unmerged);
@@ -33,13 +33,15 @@ from typing import Any
 
 import torch
 
-from align.cli import command
+from align.registry import command
 from align.config import BaseConfig, option, required
 from align.errors import ConfigError
 from align.evaluation import RewardOptions
 from align.models import ModelOptions, load_causal_lm, load_tokenizer, peft_config, save_model
 from align.rl import parallel
+from align.rl.optimizers import OPTIMIZERS
 from align.stage import CheckpointOptions, Stage, read_stage, staging_dir
+from reward.rules import RULES
 from sampling.engines import EngineOptions
 
 
@@ -47,7 +49,7 @@ from sampling.engines import EngineOptions
 class RLHFConfig(RewardOptions, EngineOptions, ModelOptions, CheckpointOptions, BaseConfig):
     dataset: str = required("Prompts to train on (prompt rows; extra columns such as `answer` reach the scorers).")
     output_dir: str = required("Stage directory: stage.json, metrics.jsonl, model/, checkpoints/.")
-    optimizer: str = option("rloo", "Policy optimizer: online_dpo, ppo, mdloo, grpo or rloo.")
+    optimizer: str = option("rloo", "Policy optimizer (align/rl/optimizers.py).", choices=OPTIMIZERS)
     num_iterations: int = option(100, "Experience iterations (generate -> score -> update -> sync).")
     prompts_per_iteration: int = option(16, "Prompts sampled per iteration.")
     num_samples: int = option(4, "K: responses sampled per prompt.")
@@ -68,15 +70,13 @@ class RLHFConfig(RewardOptions, EngineOptions, ModelOptions, CheckpointOptions, 
     max_grad_norm: float = option(1.0, "Gradient clipping norm.")
     save_every: int = option(10, "Write a resumable checkpoint every N iterations.")
     eval_dataset: str | None = option(None, "Held-out prompts answered greedily before and after training.")
-    eval_reward: list[str] | None = option(None, "Scorer(s) for eval_dataset (default: reward).")
+    eval_reward: list[str] | None = option(None, "Scorer(s) for eval_dataset (default: reward).", names=RULES)
     eval_max_tokens: int = option(16, "Longest answer in evaluation.")
     seed: int = option(0, "Seed for the prompt order, sampling and initialization.")
 
     def validate(self) -> None:
-        from align.rl.optimizers import get_optimizer
-
         self.validate_engine()
-        opt = get_optimizer(self.optimizer)
+        opt = OPTIMIZERS[self.optimizer]
         if self.num_samples < opt.min_samples:
             raise ConfigError(
                 f"optimizer '{self.optimizer}' needs num_samples >= {opt.min_samples} (its baseline compares the"
@@ -253,7 +253,6 @@ def _live_view(cfg: RLHFConfig, start: int, show: bool):
 @command("rlhf", RLHFConfig, "Online RL: generate with vLLM, score, update with a pluggable optimizer, sync, repeat.")
 def run_rlhf(cfg: RLHFConfig) -> dict:
     from align.evaluation import check_scorer_accepts, evaluate, load_prompts, score_candidates
-    from align.rl.optimizers import get_optimizer
     from align.rl.rollout import build_rollouts
     from align.tracking import plot_metrics
     from sampling.base import SamplingParams, encode_prompts
@@ -281,7 +280,7 @@ def run_rlhf(cfg: RLHFConfig) -> dict:
         from peft import get_peft_model
 
         policy = get_peft_model(policy, lora)
-    optimizer_cls = get_optimizer(cfg.optimizer)
+    optimizer_cls = OPTIMIZERS[cfg.optimizer]
     reference = make_reference(cfg, policy) if optimizer_cls.uses_reference(cfg) else None
     opt = optimizer_cls(cfg, policy, reference)
     engine = cfg.build_engine(cfg.model_name_or_path, seed=cfg.seed + rank)
@@ -352,6 +351,7 @@ def run_rlhf(cfg: RLHFConfig) -> dict:
     if cfg.eval_dataset:
         summary["eval_mean_reward"] = after
     summary["num_processes"] = world
+    summary["engine"] = engine.name
     summary["replica_weight_gap"] = max(checksums) - min(checksums)  # 0.0: every rank ended with the same policy
     artifacts = save_model(policy, tokenizer, stage.dir, merge_lora=cfg.merge_lora or lora is not None)
     plot = plot_metrics(stage.metrics(), ["reward_mean", "kl_ref", "response_length"], stage.dir / "reward.png", f"rlhf {cfg.optimizer}")

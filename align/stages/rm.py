@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 import torch
 
-from align.cli import command
+from align.registry import command
 from align.config import BaseConfig, option, required
 from align.errors import ConfigError, DataError, ModelError
 from align.models import DTYPES, ModelOptions, _check_exists, _first_line, save_model
@@ -54,7 +54,7 @@ RESPONSES = ("edited", "chosen", "rejected")  # best first
 class RMStageConfig(TrainOptions, ModelOptions, CheckpointOptions, BaseConfig):
     dataset: str = required("Preference data: a JSONL/JSON/Parquet file, a `datasets` folder or a Hub id (TRL, ShareGPT or Alpaca preference format).")
     output_dir: str = required("Stage directory: stage.json, metrics.jsonl, model/ and checkpoints/ go here.")
-    loss: str = option("bradley_terry", f"Reward loss: {', '.join(LOSSES)} (reward/losses.py).")
+    loss: str = option("bradley_terry", "Reward loss (reward/losses.py).", choices=LOSSES)
     margin: Literal["none", "column", "level"] = option(
         "none", "Bradley-Terry margin m: none (Llama 3), the row's `margin` column (TRL), or Llama 2's margin by preference_level (1, 2/3, 1/3, 0)."
     )
@@ -69,7 +69,6 @@ class RMStageConfig(TrainOptions, ModelOptions, CheckpointOptions, BaseConfig):
 
     def validate(self) -> None:
         self.validate_training()
-        get_loss(self.loss)
         for level in self.keep_levels:
             parse_level(level, "keep_levels")
         if self.margin != "none" and self.loss != "bradley_terry":

@@ -14,7 +14,8 @@ Output in DIR:
                     its ``prompt_id`` (and ``candidate_index`` / rewards)
   candidates.jsonl  every candidate: prompt_id, candidate_index, text, reward, num_tokens,
                     finish_reason, duplicate_of (the earlier identical candidate, if any)
-  stage.json        prompts, candidates, kept rows, mean/max reward, tokens/s (written last)
+  stage.json        prompts, candidates, kept rows, mean/max reward, tokens/s, the engine used
+                    (written last)
   metrics.jsonl     one row per shard
 
 Crash safety: prompts are processed in shards of ``shard_size``; each finished shard (candidates
@@ -36,14 +37,14 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar
 
-from align.cli import command
+from align.registry import command
 from align.config import BaseConfig, option, required
 from align.errors import ConfigError, DataError
 from align.evaluation import RewardOptions, check_scorer_accepts, load_prompts, score_candidates
 from align.stage import Stage, atomic_write_json, atomic_write_text, read_stage, staging_dir
 from sampling.base import SamplingParams
 from sampling.engines import EngineOptions
-from sampling.select import Scored, SelectOptions, dedupe, get_strategy
+from sampling.select import STRATEGIES, Scored, SelectOptions, dedupe
 
 SHARDS = "shards"
 CANDIDATES = "candidates.jsonl"
@@ -63,7 +64,8 @@ class RSConfig(RewardOptions, EngineOptions, BaseConfig):
     top_p: float = option(1.0, "Nucleus sampling: keep the smallest token set with this much probability.")
     top_k: int = option(0, "Sample among the k most likely tokens (0 = off).")
     seed: int = option(0, "Sampling seed: prompt i is sampled with seed + i (vLLM), so reruns reproduce.")
-    select: str = option("best", "Selection strategy: best (best-of-K SFT rows), pairs (best vs worst preference rows), all (every candidate).")
+    select: str = option("best", "Selection strategy: best (best-of-K SFT rows), pairs (best vs worst preference rows), all (every candidate).",
+                         choices=STRATEGIES)
     min_margin: float = option(0.0, "pairs: keep a pair only if chosen - rejected reward >= this (ties are always skipped).")
     min_reward: float | None = option(None, "best: drop prompts whose best reward is below this (e.g. 1.0: only correct answers).")
     max_prompts: int | None = option(None, "Use only the first N prompts of the dataset.")
@@ -72,7 +74,6 @@ class RSConfig(RewardOptions, EngineOptions, BaseConfig):
 
     def validate(self) -> None:
         self.validate_engine()
-        get_strategy(self.select)
         if self.num_samples < 1:
             raise ConfigError(f"'num_samples' must be >= 1 (K candidates per prompt), got {self.num_samples}")
         for key in ("max_tokens", "shard_size"):
@@ -165,7 +166,7 @@ def _run_shard(engine, scorer, cfg: RSConfig, rows: list[dict], offset: int, dat
              "duplicate_of": d}
             for k, (c, s, d) in enumerate(zip(cands, scores, dups))
         ]})
-    return {"start": offset, "generate_seconds": generated - started, "score_seconds": time.perf_counter() - generated,
+    return {"start": offset, "engine": engine.name, "generate_seconds": generated - started, "score_seconds": time.perf_counter() - generated,
             "tokens": sum(len(c.token_ids) for cands in outputs for c in cands), "prompts": prompts}
 
 
@@ -183,7 +184,7 @@ def _progress(done: int, total: int, shard: dict[str, Any]) -> None:
 
 def select_rows(cfg: RSConfig, rows: list[dict], records: list[dict]) -> list[dict]:
     """Apply the selection strategy to every prompt's distinct candidates, in prompt order."""
-    strategy = get_strategy(cfg.select)
+    strategy = STRATEGIES[cfg.select]
     opts = SelectOptions(min_margin=cfg.min_margin, min_reward=cfg.min_reward)
     out = []
     for row, record in zip(rows, records):
@@ -214,6 +215,7 @@ def _finish(stage: Stage, cfg: RSConfig, rows: list[dict], shards: list[dict], r
         "distinct_candidates": sum(c["duplicate_of"] is None for r in records for c in r["candidates"]),
         "kept_rows": len(selected),
         "select": cfg.select,
+        "engine": "+".join(sorted({s.get("engine", "unknown") for s in shards})),  # the one(s) that generated
         "mean_reward": sum(rewards) / len(rewards),
         "max_reward": max(rewards),
         "mean_best_reward": sum(max(c["reward"] for c in r["candidates"]) for r in records) / len(records),

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from align.cli import command
+from align.registry import command
 from align.config import BaseConfig, option, required
 from align.evaluation import EvalOptions
 from align.data import load_dataset

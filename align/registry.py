@@ -1,0 +1,107 @@
+"""Name -> object registries, and the registry of ``align`` commands.
+
+One small class serves every pluggable part looked up by name: commands, DPO losses, RL
+optimizers, reward rules, reward-model losses, scorer combiners, engines and selection
+strategies. A lookup miss is a ``ConfigError`` (exit 2) in one line that names the kind,
+suggests the closest valid name and lists them all; ``--help`` and ``docs/configs.md`` list a
+registry-backed option's choices from the same registry (``option(..., choices=REGISTRY)``).
+
+This module imports nothing but ``align.errors``, so ``sampling/`` and ``reward/`` (which
+already import ``align.errors`` and ``align.config``) use it without importing any stage, and
+every stage registers its command here without importing ``align.cli``, which sits on top and
+imports the stages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any, Callable, Generic, Iterator, TypeVar, overload
+
+from align.errors import ConfigError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """Objects by name, in registration order. ``kind`` names them in errors ("selection strategy")."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._items: dict[str, T] = {}
+
+    @overload
+    def register(self, name: str) -> Callable[[T], T]: ...
+    @overload
+    def register(self, name: str, obj: T) -> T: ...
+
+    def register(self, name: str, obj: Any = dataclasses.MISSING) -> Any:
+        """``@REG.register("name")`` above a function or class, or ``REG.register("name", obj)``.
+        Returns the object, so decorators stack; a name already taken is a ValueError (a bug)."""
+        if obj is dataclasses.MISSING:
+            return lambda target: self.register(name, target)
+        if name in self._items:
+            raise ValueError(f"{self.kind} {name!r} is already registered")
+        self._items[name] = obj
+        return obj
+
+    def unknown(self, name: object) -> ConfigError:
+        """The one-line error for a name that is not registered."""
+        close = difflib.get_close_matches(str(name), list(self._items), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return ConfigError(f"unknown {self.kind} {name!r}{hint}; valid: {', '.join(self._items)}")
+
+    def __getitem__(self, name: str) -> T:
+        try:
+            return self._items[name]
+        except (KeyError, TypeError):
+            raise self.unknown(name) from None
+
+    get = __getitem__
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def keys(self) -> list[str]:
+        return list(self._items)
+
+    def items(self) -> list[tuple[str, T]]:
+        return list(self._items.items())
+
+    def values(self) -> list[T]:
+        return list(self._items.values())
+
+    def __repr__(self) -> str:
+        return f"Registry({self.kind!r}: {', '.join(self._items)})"
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """``align <name>``: its typed config class, its run function and a one-line summary."""
+
+    name: str
+    config: type
+    run: Callable[[Any], Any]
+    summary: str
+
+
+COMMANDS: Registry[Command] = Registry("command")
+
+
+def command(name: str, config: type, summary: str) -> Callable:
+    """Register ``fn(config)`` as ``align <name>`` (a decorator); returns ``fn`` unchanged."""
+
+    def register(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        COMMANDS.register(name, Command(name, config, fn, summary))
+        return fn
+
+    return register
+
+
+__all__ = ["COMMANDS", "Command", "Registry", "command"]
