@@ -141,7 +141,15 @@ def _sequence_advantage_loss(r: Rollouts, logp, advantages: torch.Tensor, clip_e
 
 @register_optimizer
 class GRPO(PolicyOptimizer):
-    """GRPO (Shao et al. 2024): group-normalized advantages, clipped ratio, k3 KL in the loss."""
+    """GRPO (Shao et al. 2024): group-normalized advantages, clipped ratio, k3 KL in the loss.
+
+    Departure from the paper: the loss is averaged over all response tokens of the batch (sum of
+    the per-token terms over every sequence, divided by the batch's total response-token count),
+    not per sequence (1/|o_i|) and then over the group (1/G) as in the paper's eq. 3. Every token
+    weighs the same, so a long response counts more than a short one (DAPO's token-level loss).
+    Under data parallel each process averages over the tokens of its own shard and the gradients
+    are then averaged over processes.
+    """
 
     name = "grpo"
     min_samples = 2
