@@ -25,7 +25,7 @@ from reward.scorers import COMBINERS, build_scorer, check_finite
 from sampling.base import Candidate, SamplingParams
 from sampling.select import dedupe
 
-PROMPT_COLUMNS = ("prompt", "completion", "chosen", "rejected")
+RESPONSE_COLUMNS = ("completion", "chosen", "rejected")
 
 
 def prompt_text(messages: list[dict]) -> str:
@@ -35,8 +35,10 @@ def prompt_text(messages: list[dict]) -> str:
 
 
 def columns(row: dict[str, Any]) -> dict[str, Any]:
-    """The columns a scorer sees besides prompt and response (``answer``, ``prompt_id``, ...)."""
-    return {k: v for k, v in row.items() if k not in PROMPT_COLUMNS}
+    """The row a scorer sees with each response: the prompt's messages (``prompt``: system prompt
+    and earlier turns included, which a reward model renders whole, as ``align rm`` trained it)
+    and the other columns (``answer``, ``prompt_id``, ...); response columns are left out."""
+    return {k: v for k, v in row.items() if k not in RESPONSE_COLUMNS}
 
 
 def _content_id(messages: list[dict]) -> str:

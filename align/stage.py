@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -31,6 +32,10 @@ from align.errors import ConfigError
 STAGE_FILE = "stage.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
+# A checkpoint is complete once its marker, the file written last, holds whole JSON: transformers'
+# Trainer writes trainer_state.json last; ``checkpoint_dir`` writes checkpoint.json last.
+CHECKPOINT_RECORD = "checkpoint.json"
+CHECKPOINT_MARKERS = ("trainer_state.json", CHECKPOINT_RECORD)
 # What a stage owns inside its dir; --overwrite removes exactly these and nothing else.
 OWNED = (STAGE_FILE, METRICS_FILE, CHECKPOINTS, "model", "data", "adapter", "merged", "eval.jsonl", "shards", "candidates.jsonl",
          "loss.png", "reward.png")
@@ -78,6 +83,29 @@ def staging_dir(final: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def checkpoint_dir(final: Path, record: dict[str, Any]) -> Iterator[Path]:
+    """Yield a temporary folder to fill with a checkpoint; then ``record`` (plain JSON data) is
+    written to checkpoint.json, the completion marker, and the folder renamed to ``final``. A kill
+    at any point leaves the earlier checkpoints as they were and no incomplete ``final``."""
+    with staging_dir(final) as tmp:
+        yield tmp
+        atomic_write_json(tmp / CHECKPOINT_RECORD, record)
+
+
+def checkpoint_complete(path: Path) -> bool:
+    """Whether the checkpoint folder's marker (``CHECKPOINT_MARKERS``) is there and whole."""
+    for name in CHECKPOINT_MARKERS:
+        marker = path / name
+        if marker.is_file():
+            try:
+                json.loads(marker.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                return False
+            return True
+    return False
 
 
 def package_versions() -> dict[str, str]:
@@ -160,11 +188,17 @@ class Stage:
         return self.dir / CHECKPOINTS
 
     def latest_checkpoint(self) -> Path | None:
-        """The newest complete ``checkpoint-N`` folder (transformers' naming), if any."""
+        """The newest complete ``checkpoint-N`` folder (transformers' naming), if any; newer
+        incomplete ones (cut short by a crash: see ``checkpoint_complete``) are skipped with a warning."""
         if not self.checkpoints_dir.is_dir():
             return None
-        found = [p for p in self.checkpoints_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-        return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
+        found = [p for p in self.checkpoints_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and p.is_dir()]
+        for path in sorted(found, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
+            if checkpoint_complete(path):
+                return path
+            print(f"warning: skipping incomplete checkpoint {path} (no whole {' or '.join(CHECKPOINT_MARKERS)}:"
+                  " its write was cut short)", file=sys.stderr)
+        return None
 
     def truncate_metrics(self, after_step: int) -> None:
         """On resume, drop logged rows past the checkpoint so no step is recorded twice."""

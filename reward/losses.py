@@ -34,8 +34,6 @@ from align.registry import Registry
 SOFT_LABELS: dict[str, float] = {"significantly": 0.95, "better": 0.85, "slightly": 0.75, "negligibly": 0.65}
 # Llama 2's "margin small" (Touvron et al. 2023, table 28), by the same levels.
 LLAMA2_MARGINS: dict[str, float] = {"significantly": 1.0, "better": 2 / 3, "slightly": 1 / 3, "negligibly": 0.0}
-# Llama 3 kept only these levels for reward modeling and DPO.
-LLAMA3_LEVELS = ("significantly", "better")
 IGNORE_GRADE = -100
 
 
@@ -145,7 +143,7 @@ def pairwise_metrics(better: list[float], worse: list[float]) -> dict[str, float
 
 
 __all__ = [
-    "LLAMA2_MARGINS", "LLAMA3_LEVELS", "LOSSES", "Loss", "RewardBatch", "SOFT_LABELS", "bradley_terry",
+    "LLAMA2_MARGINS", "LOSSES", "Loss", "RewardBatch", "SOFT_LABELS", "bradley_terry",
     "get_loss", "grade_cross_entropy", "ordered_pairs", "pairwise_metrics", "parse_level", "ranking",
     "register_loss", "soft_label",
 ]

@@ -31,18 +31,21 @@ class Scorer(Protocol):
     name: str
 
     def score(self, prompts: list[str], responses: list[str], rows: list[dict[str, Any]]) -> list[float]:
-        """One float per (prompt, response); ``rows`` holds each prompt's other dataset columns."""
+        """One float per (prompt, response); ``rows`` holds each prompt's dataset row: its
+        ``prompt`` messages (the whole chat; ``prompts`` has the last user turn) and other columns."""
 
 
 class FunctionScorer:
-    """Applies ``fn(prompt, response, **columns) -> float`` to each item (rules and user code)."""
+    """Applies ``fn(prompt, response, **columns) -> float`` to each item (rules and user code);
+    ``columns`` are the row's columns but its ``prompt`` messages (``prompt`` is the text)."""
 
     def __init__(self, name: str, fn: Callable[..., float]):
         self.name = name
         self.fn = fn
 
     def score(self, prompts: list[str], responses: list[str], rows: list[dict[str, Any]]) -> list[float]:
-        return [float(self.fn(p, r, **row)) for p, r, row in zip(prompts, responses, rows)]
+        return [float(self.fn(p, r, **{k: v for k, v in row.items() if k != "prompt"}))
+                for p, r, row in zip(prompts, responses, rows)]
 
 
 def _rule(name: str) -> Scorer:

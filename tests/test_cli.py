@@ -39,15 +39,44 @@ def test_docs_are_generated_from_configs():
     assert (ROOT / "docs" / "configs.md").read_text() == render(), "run: python -m align.docs > docs/configs.md"
 
 
-def test_every_shipped_config_parses():
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_parses(path):
+    """configs/demo_COMMAND.yaml parses as COMMAND's config and every value it sets lands there."""
     from align.cli import _load_commands
-    from align.config import parse_config
+    from align.config import fields_of, load_yaml, parse_config
 
     _load_commands()
-    for path in sorted((ROOT / "configs").glob("*.yaml")):
-        command = {"demo_sft": "sft", "demo_rs": "rs", "demo_dpo": "dpo", "demo_rm": "rm", "demo_rlhf": "rlhf"}[path.stem]
-        cfg = parse_config(COMMANDS[command].config, ["--config", str(path), "--model_name_or_path", "m", "--dataset", "d", "--output_dir", "o"])
-        assert getattr(cfg, "max_steps", 1) > 0  # training stages; rs has none
+    command = COMMANDS[path.stem.removeprefix("demo_")]
+    values = load_yaml(path)
+    assert values and set(values) <= set(fields_of(command.config))
+    required = [a for k in ("model_name_or_path", "dataset", "output_dir") if k not in values for a in (f"--{k}", "x")]
+    cfg = parse_config(command.config, ["--config", str(path), *required])
+    for key, value in values.items():
+        parsed = getattr(cfg, key)
+        assert parsed == ([value] if isinstance(parsed, list) and not isinstance(value, list) else value), key
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_accelerate_config_loads_in_accelerate(path):
+    """accelerate's own loader reads each file (unknown keys fail there), and `accelerate launch`
+    ends up with every value the file sets, nested deepspeed_config / fsdp_config ones included."""
+    import yaml
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    values = yaml.safe_load(path.read_text())
+    loaded = load_config_from_file(str(path))
+    for key, value in values.items():
+        assert getattr(loaded, key) == value, key
+    parser = launch_command_parser()
+    options = vars(parser.parse_args(["x.py"]))
+    args, _, _ = _validate_launch_command(parser.parse_args(["--config_file", str(path), "x.py"]))
+    nested = {("fsdp_" + k if name == "fsdp_config" and not k.startswith("fsdp_") else k): v
+              for name, section in values.items() if isinstance(section, dict) for k, v in section.items()}
+    for key, value in nested.items():
+        assert key in options, f"{path.name}: {key} is not an accelerate launch option"
+        assert getattr(args, key) == value, key
+    assert args.num_processes == values["num_processes"]
 
 
 @pytest.fixture()

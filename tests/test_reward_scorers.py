@@ -179,3 +179,37 @@ def test_reward_model_scores_another_tokenizers_outputs(tiny_model, bpe_policy, 
             with torch.no_grad():
                 direct = rm.model(input_ids=torch.tensor([ids])).logits[0, 0].item()
             assert score == pytest.approx(direct, abs=1e-5)
+
+
+# Multi-turn prompts with a system prompt: what `align rm` trains on and what scoring must render.
+CHATS = [
+    [{"role": "system", "content": "Answer with the sum only."}, {"role": "user", "content": "1+2="},
+     {"role": "assistant", "content": "3"}, {"role": "user", "content": "12+30="}],
+    [{"role": "system", "content": "You add numbers."}, {"role": "user", "content": "5+5="}],
+    [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "7+8="}],
+]
+
+
+def test_rs_scores_the_whole_conversation_with_a_reward_model(llama_rm, tiny_model, tmp_path, capsys):
+    """`align rs --reward model:...` gives each candidate the reward the model computes on the
+    full chat (system prompt and earlier turns), not on the last user turn alone."""
+    import json
+
+    from align.cli import main
+    from conftest import read_jsonl
+
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"prompt": c, "prompt_id": f"c{i}", "answer": "0"}) + "\n" for i, c in enumerate(CHATS)))
+    out = tmp_path / "rs"
+    code = main(["rs", "--model_name_or_path", str(tiny_model), "--dataset", str(data), "--output_dir", str(out),
+                 "--reward", f"model:{llama_rm}", "--engine", "transformers", "--num_samples", "3", "--max_tokens", "5"])
+    assert code == 0, capsys.readouterr().err
+    table = read_jsonl(out / "candidates.jsonl")
+    assert len(table) == 9
+    chats = {f"c{i}": c for i, c in enumerate(CHATS)}
+    rm = RewardModel.from_pretrained(llama_rm)
+    answers = [[{"role": "assistant", "content": t["text"]}] for t in table]
+    full = rm.score_messages([chats[t["prompt_id"]] for t in table], answers)
+    last_turn = rm.score_messages([[chats[t["prompt_id"]][-1]] for t in table], answers)
+    assert [t["reward"] for t in table] == pytest.approx(full, abs=1e-5)
+    assert all(abs(f - s) > 1e-4 for f, s in zip(full, last_turn))  # the context changes the reward

@@ -12,7 +12,7 @@ from pathlib import Path
 import datasets
 import pytest
 
-import test_rs_scorers
+import rs_scorers
 from align.cli import main
 from align.config import parse_config
 from align.data import load_rows
@@ -107,7 +107,7 @@ def test_kill_9_then_rerun_continues_and_matches_an_uninterrupted_run(sft_vllm, 
     out, n, shard = tmp_path / "killed", 160, 16
     argv = [*ALIGN, "rs", "--config", ROOT / "configs" / "demo_rs.yaml", "--model_name_or_path", sft_model,
             "--dataset", demo_data / "prompts.jsonl", "--output_dir", out, "--max_prompts", n, "--shard_size", shard,
-            "--reward", "test_rs_scorers:slow_arithmetic", "--engine", "vllm"]
+            "--reward", "rs_scorers:slow_arithmetic", "--engine", "vllm"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
     log = tmp_path / "killed.log"
     with open(log, "w") as f:
@@ -192,10 +192,10 @@ def test_bad_options_exit_2(rs_cli, extra, message):
 @pytest.mark.slow
 def test_nan_reward_names_the_prompt(rs_cli, demo_data, monkeypatch):
     bad = load_rows(str(demo_data / "prompts.jsonl"), "prompt")[2]["prompt_id"]
-    monkeypatch.setattr(test_rs_scorers, "NAN_PROMPT", bad)
-    err = rs_cli("--reward", "test_rs_scorers:nan_for_one", "--engine", "transformers", "--max_prompts", 4,
+    monkeypatch.setattr(rs_scorers, "NAN_PROMPT", bad)
+    err = rs_cli("--reward", "rs_scorers:nan_for_one", "--engine", "transformers", "--max_prompts", 4,
                  "--num_samples", 2)
-    assert f"scorer test_rs_scorers:nan_for_one returned nan for prompt {bad}; fix the scorer" in err
+    assert f"scorer rs_scorers:nan_for_one returned nan for prompt {bad}; fix the scorer" in err
 
 
 @pytest.mark.slow

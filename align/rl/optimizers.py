@@ -32,13 +32,34 @@ def register_optimizer(cls: type["PolicyOptimizer"]) -> type["PolicyOptimizer"]:
     return OPTIMIZERS.register(cls.name, cls)
 
 
+def disable_dropout(model: nn.Module) -> None:
+    """Turn off every dropout of ``model`` in place, as TRL's ``disable_dropout_in_model`` does.
+
+    The policy trains in train mode, so with dropout on, pi_old's log-probs (one forward) and the
+    first inner step's (another forward) see different dropout masks and the PPO/GRPO ratio is
+    noise instead of exactly 1. Sets ``p = 0`` on every ``nn.Dropout`` (LoRA's ``lora_dropout``
+    is one) and, beyond TRL, zeroes the ``attention_dropout`` rate that Hugging Face attention
+    modules apply functionally in train mode.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), (int, float)):
+            module.attention_dropout = 0.0
+
+
 class PolicyOptimizer:
-    """Base: subclasses set ``name``/``min_samples`` and implement ``loss`` (and maybe ``prepare``)."""
+    """Base: subclasses set ``name``/``min_samples`` and implement ``loss`` (and maybe ``prepare``).
+
+    The policy's dropout is turned off here (``disable_dropout``): the loop trains it in train
+    mode, and the ratio to pi_old must be exactly 1 before the first step.
+    """
 
     name: ClassVar[str]
     min_samples: ClassVar[int] = 1  # K needed per prompt (2 for leave-one-out and group baselines)
 
     def __init__(self, cfg: Any, policy: nn.Module, ref_logprobs: Callable | None):
+        disable_dropout(policy)
         self.cfg = cfg
         self.policy = policy
         self.ref_logprobs = ref_logprobs
@@ -130,7 +151,15 @@ def _sequence_advantage_loss(r: Rollouts, logp, advantages: torch.Tensor, clip_e
 
 @register_optimizer
 class GRPO(PolicyOptimizer):
-    """GRPO (Shao et al. 2024): group-normalized advantages, clipped ratio, k3 KL in the loss."""
+    """GRPO (Shao et al. 2024): group-normalized advantages, clipped ratio, k3 KL in the loss.
+
+    Departure from the paper: the loss is averaged over all response tokens of the batch (sum of
+    the per-token terms over every sequence, divided by the batch's total response-token count),
+    not per sequence (1/|o_i|) and then over the group (1/G) as in the paper's eq. 3. Every token
+    weighs the same, so a long response counts more than a short one (DAPO's token-level loss).
+    Under data parallel each process averages over the tokens of its own shard and the gradients
+    are then averaged over processes.
+    """
 
     name = "grpo"
     min_samples = 2

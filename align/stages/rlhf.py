@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import random
 import time
 from pathlib import Path
@@ -35,12 +36,12 @@ import torch
 
 from align.registry import command
 from align.config import BaseConfig, option, required
-from align.errors import ConfigError
+from align.errors import ConfigError, ModelError
 from align.evaluation import RewardOptions
 from align.models import ModelOptions, load_causal_lm, load_tokenizer, peft_config, save_model
 from align.rl import parallel
 from align.rl.optimizers import OPTIMIZERS
-from align.stage import CheckpointOptions, Stage, read_stage, staging_dir
+from align.stage import CHECKPOINT_RECORD, CheckpointOptions, Stage, checkpoint_dir, read_stage
 from reward.rules import RULES
 from sampling.engines import EngineOptions
 
@@ -158,29 +159,79 @@ def make_reference(cfg: RLHFConfig, policy):
 
 
 def save_checkpoint(stage: Stage, iteration: int, policy, optimizer, extra: dict[str, Any]) -> Path:
-    """checkpoints/checkpoint-N: policy weights (safetensors), optimizer + value head, RNG, position."""
+    """checkpoints/checkpoint-N: policy weights (safetensors), optimizer state + value head and
+    the torch RNG (tensors, ``state.pt``), then checkpoint.json (iteration, Python RNG, ``extra``:
+    plain JSON) as the completion marker (``align.stage.checkpoint_dir``)."""
     final = stage.checkpoints_dir / f"checkpoint-{iteration}"
-    with staging_dir(final) as tmp:
+    record = {"iteration": iteration, "python_rng": random.getstate(), **extra}
+    with checkpoint_dir(final, record) as tmp:
         policy.save_pretrained(tmp, safe_serialization=True)
-        torch.save({"iteration": iteration, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-                    "python_rng": random.getstate(), **extra}, tmp / "state.pt")
+        torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
     return final
 
 
-def load_checkpoint(path: Path, policy, optimizer) -> dict[str, Any]:
+def _with_tied(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``found`` plus the weights save_pretrained writes once for several names (an output layer
+    tied to the embeddings), under each name of ``expected`` that shares storage with a found one."""
+    names = {expected[k].data_ptr(): k for k in found if k in expected}
+    tied = {k: found[names[t.data_ptr()]] for k, t in expected.items() if k not in found and t.data_ptr() in names}
+    return {**found, **tied}
+
+
+def _weights_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str:
+    """What keeps ``found`` from loading into ``expected`` ("" when nothing): missing and
+    unexpected names, and shapes that differ, each counted with a first example."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    reshaped = [f"{k} {list(found[k].shape)} vs {list(expected[k].shape)}"
+                for k in expected if k in found and found[k].shape != expected[k].shape]
+    parts = [f"{len(names)} {what} (e.g. {names[0]})" for names, what in
+             ((missing, "missing weights"), (unexpected, "unexpected weights"), (reshaped, "of another shape")) if names]
+    return ", ".join(parts)
+
+
+def load_policy_weights(path: Path, policy) -> None:
+    """Load the checkpoint's policy weights (a LoRA policy: its adapter) strictly: a checkpoint
+    written for another model or LoRA setting fails naming what differs, before anything loads."""
     from safetensors.torch import load_file
 
-    if hasattr(policy, "peft_config"):
-        from peft import set_peft_model_state_dict
+    is_peft = hasattr(policy, "peft_config")
+    files = [path / "adapter_model.safetensors"] if is_peft else sorted(path.glob("model*.safetensors"))
+    files = [f for f in files if f.is_file()]
+    advice = "resume with the model and LoRA settings it was written with, or pass --overwrite to start over"
+    if not files:
+        kind = "LoRA adapter (adapter_model.safetensors)" if is_peft else "full model weights (model.safetensors)"
+        raise ModelError(f"checkpoint {path} holds no {kind}, which this policy needs; {advice}")
+    found = {k: v for f in files for k, v in load_file(f).items()}
+    if is_peft:
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-        set_peft_model_state_dict(policy, load_file(path / "adapter_model.safetensors"))
+        expected = get_peft_model_state_dict(policy)
     else:
-        policy.load_state_dict(load_file(path / "model.safetensors"), strict=False)
-    state = torch.load(path / "state.pt", weights_only=False)  # our own file, written by save_checkpoint
+        expected = policy.state_dict()
+        found = _with_tied(expected, found)
+    mismatch = _weights_mismatch(expected, found)
+    if mismatch:
+        raise ModelError(f"checkpoint {path} does not fit the policy: {mismatch}; {advice}")
+    if is_peft:
+        set_peft_model_state_dict(policy, found)
+    else:
+        policy.load_state_dict(found, strict=True)
+
+
+def load_checkpoint(path: Path, policy, optimizer) -> dict[str, Any]:
+    """Policy weights and optimizer state from ``path``; returns checkpoint.json's record with the
+    torch RNG state added (``restore_rng`` applies both RNGs)."""
+    load_policy_weights(path, policy)
+    state = torch.load(path / "state.pt", weights_only=True)  # tensors and plain containers only
     optimizer.load_state_dict(state["optimizer"])
+    return {**json.loads((path / CHECKPOINT_RECORD).read_text()), "torch_rng": state["torch_rng"]}
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python_rng"]  # JSON made the tuples lists
+    random.setstate((version, tuple(internal), gauss))
     torch.set_rng_state(state["torch_rng"])
-    random.setstate(state["python_rng"])
-    return state
 
 
 def iteration_metrics(parts: list[dict[str, Any]]) -> dict[str, float]:
@@ -283,22 +334,21 @@ def run_rlhf(cfg: RLHFConfig) -> dict:
     optimizer_cls = OPTIMIZERS[cfg.optimizer]
     reference = make_reference(cfg, policy) if optimizer_cls.uses_reference(cfg) else None
     opt = optimizer_cls(cfg, policy, reference)
-    engine = cfg.build_engine(cfg.model_name_or_path, seed=cfg.seed + rank)
     device = next(policy.parameters()).device
 
-    start = 0
+    start, before = 0, {}
     checkpoint = stage.latest_checkpoint() if cfg.resume else None
-    if checkpoint is not None:
+    if checkpoint is not None:  # before the engine starts: a checkpoint that does not fit fails fast
         state = load_checkpoint(checkpoint, policy, opt)
-        start = state["iteration"]
+        start, before = state["iteration"], state["before"]
         stage.truncate_metrics(after_step=start)
+    engine = cfg.build_engine(cfg.model_name_or_path, seed=cfg.seed + rank)
+    if checkpoint is not None:
+        restore_rng(state)
         sync_engine(engine, policy)
 
     eval_reward = cfg.eval_reward or cfg.reward
-    before = {}
-    if checkpoint is not None:
-        before = state["before"]
-    elif cfg.eval_dataset and stage.is_main:
+    if checkpoint is None and cfg.eval_dataset and stage.is_main:
         before = {"eval_mean_reward_before": evaluate(engine, cfg.eval_dataset, eval_reward, cfg.eval_max_tokens)["mean_reward"]}
     summary: dict[str, Any] = {"prompts": len(rows), "skipped_long_prompts": skipped_long, "resumed_from_iteration": start, **before}
 

@@ -23,7 +23,7 @@ from align.evaluation import EvalOptions
 from align.data import load_dataset
 from align.errors import ConfigError
 from align.models import ModelOptions, load_causal_lm, load_tokenizer, peft_config, save_model
-from align.stage import CheckpointOptions, Stage
+from align.stage import CheckpointOptions, Stage, read_stage
 from align.training import TrainOptions, trl_args
 
 
@@ -50,7 +50,7 @@ def run_sft(cfg: SFTStageConfig) -> dict:
 
     stage = Stage("sft", cfg, cfg.output_dir)
     if not stage.prepare(overwrite=cfg.overwrite, resume=cfg.resume):
-        return stage_record(cfg.output_dir)
+        return read_stage(cfg.output_dir)
     train = load_dataset(cfg.dataset, "sft").select_columns(["prompt", "completion"])
     tokenizer = load_tokenizer(cfg)
     model = load_causal_lm(cfg)
@@ -87,9 +87,3 @@ def run_sft(cfg: SFTStageConfig) -> dict:
     if plot:
         artifacts["plot"] = str(plot)
     return stage.finish(summary, artifacts, keep_checkpoints=cfg.keep_checkpoints)
-
-
-def stage_record(output_dir: str) -> dict:
-    from align.stage import read_stage
-
-    return read_stage(output_dir)

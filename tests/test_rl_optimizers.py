@@ -1,0 +1,57 @@
+"""The policy optimizers on a real tiny model: no dropout noise in the ratio to pi_old."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from align.config import parse_config
+from align.rl.optimizers import get_optimizer
+from align.rl.rollout import build_rollouts
+from align.stages.rlhf import RLHFConfig
+
+
+def _lora_policy(tiny_model, cfg):
+    """The tiny model with the config's LoRA (default lora_dropout 0.05) and 10% attention dropout."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from align.models import peft_config
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, attention_dropout=0.1)
+    return get_peft_model(base, peft_config(cfg))
+
+
+@pytest.mark.parametrize("name", ["grpo", "ppo"])
+def test_ratio_is_exactly_one_at_the_first_inner_step_with_lora(name, tiny_model, tmp_path):
+    cfg = parse_config(RLHFConfig, [
+        "--model_name_or_path", str(tiny_model), "--dataset", "unused", "--reward", "rule:arithmetic",
+        "--output_dir", str(tmp_path), "--optimizer", name, "--use_lora", "true", "--inner_steps", "2",
+        "--kl_coef", "0", "--learning_rate", "1e-2", "--forward_batch_size", "8"])
+    assert cfg.lora_dropout == 0.05  # the default the loop must neutralize
+    policy = _lora_policy(tiny_model, cfg)
+    opt = get_optimizer(name)(cfg, policy, None)
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(5, 40, (4,), generator=gen).tolist() for _ in range(2)]
+    responses = [[torch.randint(5, 40, (6,), generator=gen).tolist() for _ in range(4)] for _ in prompts]
+    rollouts = build_rollouts(prompts, responses, [[False] * 4] * 2, [0.0, 1.0, 0.5, 0.2, 1.0, 0.0, 0.3, 0.9],
+                              eos_id=2, pad_id=0)
+
+    ratios = []
+    loss = opt.loss
+
+    def recording_loss(r, logp, entropy, hidden):
+        ratios.append(torch.exp(logp - r.logp_old)[r.mask.bool()].detach())
+        return loss(r, logp, entropy, hidden)
+
+    opt.loss = recording_loss
+    # Two iterations: LoRA's B starts at zero (its dropout cannot show yet); from the second on it is not.
+    for _ in range(2):
+        opt.update(rollouts)
+    first_steps, second_steps = ratios[0::2], ratios[1::2]
+    for ratio in first_steps:
+        assert torch.equal(ratio, torch.ones_like(ratio)), ratio
+    for ratio in second_steps:  # the step in between really moved the policy
+        assert (ratio - 1).abs().max() > 1e-4
+    assert all(m.p == 0.0 for m in policy.modules() if isinstance(m, torch.nn.Dropout))
