@@ -199,7 +199,11 @@ class Stage:
     # -- after ------------------------------------------------------------------------------
     def finish(self, summary: dict[str, Any], artifacts: dict[str, str] | None = None,
                keep_checkpoints: bool = True) -> dict[str, Any]:
-        """Write stage.json (the stage is complete from here on), then drop the checkpoints unless kept."""
+        """Write stage.json (the stage is complete from here on), then drop the checkpoints unless kept.
+
+        Only the main process writes or removes anything; under a multi-process launch the caller
+        makes the other processes wait for it (``accelerator.wait_for_everyone()``) before this.
+        """
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None
@@ -216,8 +220,8 @@ class Stage:
         }
         if self.is_main:
             atomic_write_json(self.dir / STAGE_FILE, record)
-        if not keep_checkpoints:
-            shutil.rmtree(self.checkpoints_dir, ignore_errors=True)
+            if not keep_checkpoints:
+                shutil.rmtree(self.checkpoints_dir, ignore_errors=True)
         return record
 
 

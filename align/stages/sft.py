@@ -72,6 +72,9 @@ def run_sft(cfg: SFTStageConfig) -> dict:
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.time() - started
 
+    trainer.accelerator.wait_for_everyone()
+    if not trainer.is_world_process_zero():  # the main process saves, evaluates, plots and writes stage.json
+        return {}
     artifacts = save_model(trainer.model, tokenizer, stage.dir, merge_lora=cfg.merge_lora)
     summary = {
         "train_rows": len(train),
@@ -80,6 +83,7 @@ def run_sft(cfg: SFTStageConfig) -> dict:
         "final_loss": last_value(stage.metrics(), "loss"),
         "resumed_from_step": int(checkpoint.name.split("-")[-1]) if checkpoint else 0,
         "train_seconds": round(train_seconds, 2),
+        "num_processes": trainer.accelerator.num_processes,
     }
     if cfg.eval_dataset:
         summary.update(evaluate_trained(trainer.model, tokenizer, cfg, stage))
