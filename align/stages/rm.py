@@ -320,7 +320,7 @@ def run_rm(cfg: RMStageConfig) -> dict:
     from trl import RewardConfig
 
     from align.data import load_rows
-    from align.tracking import last_value, quiet_trainer
+    from align.tracking import last_value, quiet_trainer, route_tensorboard
     from align.tracking import StageCallback, plot_metrics
 
     stage = Stage("rm", cfg, cfg.output_dir)
@@ -353,6 +353,7 @@ def run_rm(cfg: RMStageConfig) -> dict:
     if cfg.grade_heads:
         add_grade_heads(trainer.model, cfg.grade_heads, cfg.grade_levels)
     quiet_trainer(trainer)
+    route_tensorboard(trainer.callback_handler.callbacks, stage)
     started = time.time()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.time() - started

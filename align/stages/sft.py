@@ -46,7 +46,7 @@ def run_sft(cfg: SFTStageConfig) -> dict:
     """Run the SFT stage; returns the stage record (also written to output_dir/stage.json)."""
     from trl import SFTConfig, SFTTrainer
 
-    from align.tracking import StageCallback, evaluate_trained, last_value, plot_metrics, quiet_trainer
+    from align.tracking import StageCallback, evaluate_trained, last_value, plot_metrics, quiet_trainer, route_tensorboard
 
     stage = Stage("sft", cfg, cfg.output_dir)
     if not stage.prepare(overwrite=cfg.overwrite, resume=cfg.resume):
@@ -68,6 +68,7 @@ def run_sft(cfg: SFTStageConfig) -> dict:
         callbacks=[StageCallback(stage, "sft")],
     )
     quiet_trainer(trainer)
+    route_tensorboard(trainer.callback_handler.callbacks, stage)
     started = time.time()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.time() - started
