@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
+import tempfile
 import types
 import typing
 from pathlib import Path
@@ -59,6 +61,8 @@ class BaseConfig:
     # Fields that steer how a run happens, not what it produces: they are left out of the
     # comparison that decides whether a finished stage dir already holds this result.
     run_control: typing.ClassVar[tuple[str, ...]] = ("overwrite", "resume")
+    # Fields naming a folder the command writes into: checked by ``check_output_dir`` at parse time.
+    output_dirs: typing.ClassVar[tuple[str, ...]] = ("output_dir",)
 
     def validate(self) -> None:
         """Cross-field checks; raise ConfigError. Called after every field has its type."""
@@ -288,7 +292,31 @@ def build_config(cls: type[BaseConfig], values: dict[str, Any], sources: dict[st
             flag = f"DIR positional argument or --{name}" if cls.positional == name else f"--{name}"
             raise ConfigError(f"missing required '{name}': set it in the YAML or pass {flag} ({f.metadata['help']})")
     config.validate()
+    for name in cls.output_dirs:
+        if getattr(config, name, None):
+            check_output_dir(getattr(config, name), name, sources.get(name, ""))
     return config
+
+
+def check_output_dir(value: str, key: str, where: str = "") -> None:
+    """Fail before anything is written when ``value`` cannot be, or become, a folder we can write.
+
+    An existing file, a path below a file, and a folder in which no file can be created (read-only
+    mounts, permissions, /proc) each give one ConfigError naming the path. The write check creates
+    and removes an empty probe folder in the nearest existing ancestor, so nothing is left behind.
+    """
+    path = Path(value).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"'{key}'{where}: {path} is an existing file, not a folder; choose another path")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"'{key}'{where}: cannot create {path}: {existing} is a file, not a folder; choose another path")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".align-write-check-", dir=existing))
+    except OSError as err:
+        raise ConfigError(f"'{key}'{where}: cannot write to {path}: {err.strerror} in {existing}; choose another path") from None
 
 
 def parse_config(cls: type[BaseConfig], argv: list[str]) -> BaseConfig:

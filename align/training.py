@@ -12,6 +12,10 @@ from typing import Any, Literal
 from align.config import option
 from align.stage import Stage
 
+REPORT_TO_HELP = ("Experiment trackers that also get every logged row (transformers' integrations: tensorboard, wandb,"
+                  " trackio, mlflow, ...; empty: none). metrics.jsonl is always written; TensorBoard logs go to"
+                  " output_dir/tensorboard.")
+
 
 @dataclasses.dataclass
 class TrainOptions:
@@ -30,6 +34,7 @@ class TrainOptions:
     save_total_limit: int = option(2, "Keep at most N checkpoints.")
     gradient_checkpointing: bool = option(False, "Recompute activations to save memory (slower).")
     bf16: bool = option(False, "bfloat16 mixed precision (GPUs; slow on most CPUs).")
+    report_to: list[str] = option([], REPORT_TO_HELP)
 
     def validate_training(self) -> None:
         from align.errors import ConfigError
@@ -41,10 +46,16 @@ class TrainOptions:
             raise ConfigError(f"'learning_rate' must be positive, got {self.learning_rate}")
         if self.max_steps == 0 or self.max_steps < -1:
             raise ConfigError(f"'max_steps' must be positive or -1 (use epochs), got {self.max_steps}")
+        if self.report_to:
+            from align.tracking import check_trackers
+
+            check_trackers(self.report_to)
 
 
 def trl_args(cfg: Any, stage: Stage) -> dict[str, Any]:
     """Keyword arguments common to TRL's SFTConfig / DPOConfig / RewardConfig."""
+    from align.tracking import report_to
+
     return {
         "output_dir": str(stage.checkpoints_dir),
         "learning_rate": cfg.learning_rate,
@@ -66,7 +77,7 @@ def trl_args(cfg: Any, stage: Stage) -> dict[str, Any]:
         "fp16": False,
         "use_cpu": cfg.resolved_device() == "cpu",
         "gradient_checkpointing": cfg.gradient_checkpointing,
-        "report_to": "none",
+        "report_to": report_to(cfg.report_to),
         "disable_tqdm": True,
         "dataloader_num_workers": 0,
         "save_only_model": False,  # optimizer, scheduler and RNG state are what make --resume exact

@@ -98,6 +98,7 @@ def default_cache_dir() -> Path:
 @dataclasses.dataclass
 class DPOStageConfig(TrainOptions, ModelOptions, EvalOptions, CheckpointOptions, BaseConfig):
     run_control = ("overwrite", "resume", "ref_cache_dir")
+    output_dirs = ("output_dir", "ref_cache_dir")
 
     dataset: str = required("Preference pairs: JSONL/JSON/Parquet, a `datasets` folder or a Hub id (TRL prompt/chosen/rejected, implicit-prompt, Alpaca or ShareGPT).")
     output_dir: str = required("Stage directory: stage.json, metrics.jsonl, model/ and checkpoints/ go here.")
@@ -195,7 +196,7 @@ def run_dpo(cfg: DPOStageConfig) -> dict:
     import datasets
 
     from align.data import load_rows
-    from align.tracking import last_value, quiet_trainer
+    from align.tracking import last_value, quiet_trainer, route_tensorboard
     from align.tracking import StageCallback, plot_metrics
 
     datasets.disable_progress_bars()
@@ -212,6 +213,7 @@ def run_dpo(cfg: DPOStageConfig) -> dict:
     trainer = build_trainer(cfg, train, stage, callbacks=[StageCallback(stage, "dpo")])
     setup_seconds = time.time() - started
     quiet_trainer(trainer)
+    route_tensorboard(trainer.callback_handler.callbacks, stage)
     started, cpu_started = time.time(), time.process_time()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds, train_cpu_seconds = time.time() - started, time.process_time() - cpu_started

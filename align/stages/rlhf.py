@@ -42,6 +42,7 @@ from align.models import ModelOptions, load_causal_lm, load_tokenizer, peft_conf
 from align.rl import parallel
 from align.rl.optimizers import OPTIMIZERS
 from align.stage import CHECKPOINT_RECORD, CheckpointOptions, Stage, checkpoint_dir, read_stage
+from align.training import REPORT_TO_HELP
 from reward.rules import RULES
 from sampling.engines import EngineOptions
 
@@ -74,6 +75,7 @@ class RLHFConfig(RewardOptions, EngineOptions, ModelOptions, CheckpointOptions, 
     eval_reward: list[str] | None = option(None, "Scorer(s) for eval_dataset (default: reward).", names=RULES)
     eval_max_tokens: int = option(16, "Longest answer in evaluation.")
     seed: int = option(0, "Seed for the prompt order, sampling and initialization.")
+    report_to: list[str] = option([], REPORT_TO_HELP)
 
     def validate(self) -> None:
         self.validate_engine()
@@ -88,6 +90,10 @@ class RLHFConfig(RewardOptions, EngineOptions, ModelOptions, CheckpointOptions, 
                 raise ConfigError(f"'{key}' must be >= 1, got {getattr(self, key)}")
         if self.learning_rate <= 0 or self.kl_coef < 0 or self.mdloo_t <= 0:
             raise ConfigError("'learning_rate' and 'mdloo_t' must be > 0 and 'kl_coef' >= 0")
+        if self.report_to:
+            from align.tracking import check_trackers
+
+            check_trackers(self.report_to)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,7 +311,7 @@ def _live_view(cfg: RLHFConfig, start: int, show: bool):
 def run_rlhf(cfg: RLHFConfig) -> dict:
     from align.evaluation import check_scorer_accepts, evaluate, load_prompts, score_candidates
     from align.rl.rollout import build_rollouts
-    from align.tracking import plot_metrics
+    from align.tracking import Trackers, plot_metrics
     from sampling.base import SamplingParams, encode_prompts
 
     rank, world = parallel.init(cfg.resolved_device())
@@ -352,6 +358,7 @@ def run_rlhf(cfg: RLHFConfig) -> dict:
         before = {"eval_mean_reward_before": evaluate(engine, cfg.eval_dataset, eval_reward, cfg.eval_max_tokens)["mean_reward"]}
     summary: dict[str, Any] = {"prompts": len(rows), "skipped_long_prompts": skipped_long, "resumed_from_iteration": start, **before}
 
+    trackers = Trackers(cfg.report_to, stage, use_cpu=cfg.resolved_device() == "cpu", model=policy)
     progress, task = _live_view(cfg, start, show=stage.is_main)
     progress.start()
     try:
@@ -382,11 +389,13 @@ def run_rlhf(cfg: RLHFConfig) -> dict:
             }))
             row = {"step": it + 1, **row, "batch": hashlib.sha1(",".join(r["prompt_id"] for r in whole).encode()).hexdigest()[:12]}
             stage.log(row)
+            trackers.log(row)
             progress.update(task, completed=it + 1, status=f"reward {row['reward_mean']:.3f}  kl {row.get('kl_ref', 0.0):.3f}")
             if stage.is_main and ((it + 1) % cfg.save_every == 0 or it + 1 == cfg.num_iterations):
                 save_checkpoint(stage, it + 1, policy, opt, {"before": before})
     finally:
         progress.stop()
+        trackers.close()
 
     if cfg.eval_dataset and stage.is_main:
         after = evaluate(engine, cfg.eval_dataset, eval_reward, cfg.eval_max_tokens)["mean_reward"]

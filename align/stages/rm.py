@@ -319,7 +319,7 @@ def run_rm(cfg: RMStageConfig) -> dict:
     from trl import RewardConfig
 
     from align.data import load_rows
-    from align.tracking import last_value, quiet_trainer
+    from align.tracking import last_value, quiet_trainer, route_tensorboard
     from align.tracking import StageCallback, plot_metrics
 
     stage = Stage("rm", cfg, cfg.output_dir)
@@ -352,10 +352,14 @@ def run_rm(cfg: RMStageConfig) -> dict:
     if cfg.grade_heads:
         add_grade_heads(trainer.model, cfg.grade_heads, cfg.grade_levels)
     quiet_trainer(trainer)
+    route_tensorboard(trainer.callback_handler.callbacks, stage)
     started = time.time()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.time() - started
 
+    trainer.accelerator.wait_for_everyone()
+    if not trainer.is_world_process_zero():  # the main process saves, evaluates, plots and writes stage.json
+        return {}
     trainer.model.eval()
     artifacts = save_model(trainer.model, tokenizer, stage.dir)
     summary = {
@@ -368,6 +372,7 @@ def run_rm(cfg: RMStageConfig) -> dict:
         "final_train_accuracy": last_value(stage.metrics(), "accuracy"),
         "resumed_from_step": int(checkpoint.name.split("-")[-1]) if checkpoint else 0,
         "train_seconds": round(train_seconds, 2),
+        "num_processes": trainer.accelerator.num_processes,
     }
     if evals:
         scorer = RewardModel(trainer.model, tokenizer, batch_size=cfg.score_batch_size, max_length=cfg.max_length)

@@ -46,7 +46,7 @@ def run_sft(cfg: SFTStageConfig) -> dict:
     """Run the SFT stage; returns the stage record (also written to output_dir/stage.json)."""
     from trl import SFTConfig, SFTTrainer
 
-    from align.tracking import StageCallback, evaluate_trained, last_value, plot_metrics, quiet_trainer
+    from align.tracking import StageCallback, evaluate_trained, last_value, plot_metrics, quiet_trainer, route_tensorboard
 
     stage = Stage("sft", cfg, cfg.output_dir)
     if not stage.prepare(overwrite=cfg.overwrite, resume=cfg.resume):
@@ -68,10 +68,14 @@ def run_sft(cfg: SFTStageConfig) -> dict:
         callbacks=[StageCallback(stage, "sft")],
     )
     quiet_trainer(trainer)
+    route_tensorboard(trainer.callback_handler.callbacks, stage)
     started = time.time()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.time() - started
 
+    trainer.accelerator.wait_for_everyone()
+    if not trainer.is_world_process_zero():  # the main process saves, evaluates, plots and writes stage.json
+        return {}
     artifacts = save_model(trainer.model, tokenizer, stage.dir, merge_lora=cfg.merge_lora)
     summary = {
         "train_rows": len(train),
@@ -80,6 +84,7 @@ def run_sft(cfg: SFTStageConfig) -> dict:
         "final_loss": last_value(stage.metrics(), "loss"),
         "resumed_from_step": int(checkpoint.name.split("-")[-1]) if checkpoint else 0,
         "train_seconds": round(train_seconds, 2),
+        "num_processes": trainer.accelerator.num_processes,
     }
     if cfg.eval_dataset:
         summary.update(evaluate_trained(trainer.model, tokenizer, cfg, stage))
