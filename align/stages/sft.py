@@ -46,7 +46,7 @@ def run_sft(cfg: SFTStageConfig) -> dict:
     """Run the SFT stage; returns the stage record (also written to output_dir/stage.json)."""
     from trl import SFTConfig, SFTTrainer
 
-    from align.tracking import StageCallback, evaluate_trained, last_value, plot_metrics, quiet_trainer
+    from align.tracking import StageCallback, evaluate_trained, last_value, plot_metrics, quiet_trainer, stop_if_preempted
 
     stage = Stage("sft", cfg, cfg.output_dir)
     if not stage.prepare(overwrite=cfg.overwrite, resume=cfg.resume):
@@ -70,6 +70,7 @@ def run_sft(cfg: SFTStageConfig) -> dict:
     quiet_trainer(trainer)
     started = time.time()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    stop_if_preempted(trainer, stage)
     train_seconds = time.time() - started
 
     artifacts = save_model(trainer.model, tokenizer, stage.dir, merge_lora=cfg.merge_lora)
