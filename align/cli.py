@@ -4,6 +4,7 @@ A thin layer, as in TRL's CLI, on top of the stages: each command registers (typ
 run function) in ``align.registry.COMMANDS``; this module imports the modules that register them
 (no stage imports this one). The run functions are the same ones the Python API exposes. User
 errors (``AlignError``) become one line on stderr and exit code 2; ``--debug`` shows the traceback.
+SIGTERM/SIGUSR1 stop a command at its next safe point with exit code 3 (``align.preempt``).
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import os
 import sys
 import traceback
 
+from align import preempt
 from align.config import help_text, parse_config
-from align.errors import AlignError
+from align.errors import EXIT_INTERRUPTED, AlignError, Interrupted
 from align.registry import COMMANDS
 
 
@@ -90,15 +92,20 @@ def main(argv: list[str] | None = None) -> int:
     if "-h" in rest or "--help" in rest:
         print(help_text(name, cmd.config, cmd.summary))
         return 0
+    preempt.install()
     try:
         config = parse_config(cmd.config, rest)
         cmd.run(config)
     except AlignError as err:
         if debug:
             traceback.print_exc()
-        print(f"align {name}: error: {err}", file=sys.stderr)
+        print(f"align {name}: {'interrupted' if isinstance(err, Interrupted) else 'error'}: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print(f"align {name}: interrupted", file=sys.stderr)
         return 130
+    if preempt.requested():  # the stop signal came too late to cut the command short: say so to the scheduler
+        print(f"align {name}: interrupted: {preempt.received()} received; the command finished first, a rerun is a no-op",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0

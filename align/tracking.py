@@ -1,7 +1,9 @@
 """Progress and metrics for trainer-based stages: a rich progress bar with ETA, metrics.jsonl, a PNG.
 
 Replaces the transformers tqdm bar (``disable_tqdm=True``) with one rich bar per stage, and
-appends every ``on_log`` row to the stage's ``metrics.jsonl`` as it happens.
+appends every ``on_log`` row to the stage's ``metrics.jsonl`` as it happens. It is also the
+trainer stages' preemption safe point (``align.preempt``): after a stop signal, the next step end
+writes a checkpoint and ends training.
 
 Experiment trackers (``--report_to tensorboard,wandb,...``) are transformers' integration
 callbacks, fed the same rows: by the Trainer in sft, rm and dpo, by ``Trackers`` in the rlhf loop.
@@ -19,6 +21,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from align import preempt
 from align.errors import ConfigError
 from align.stage import TENSORBOARD_DIR, Stage
 
@@ -96,13 +99,15 @@ class Trackers:
 
 
 class StageCallback(TrainerCallback):
-    """Log rows to ``metrics.jsonl`` and drive a rich progress bar (ETA included)."""
+    """Log rows to ``metrics.jsonl``, drive a rich progress bar (ETA included), and checkpoint and
+    stop at the step end after a stop signal (``stopped_at`` is then that step)."""
 
     def __init__(self, stage: Stage, description: str):
         self.stage = stage
         self.description = description
         self.progress = None
         self.task = None
+        self.stopped_at: int | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
@@ -126,6 +131,10 @@ class StageCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.progress is not None:
             self.progress.update(self.task, completed=state.global_step)
+        if state.global_step < state.max_steps and preempt.agreed():
+            control.should_save = True
+            control.should_training_stop = True
+            self.stopped_at = state.global_step
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
@@ -140,6 +149,15 @@ class StageCallback(TrainerCallback):
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+
+def stop_if_preempted(trainer, stage: Stage) -> None:
+    """After ``trainer.train()``: raise ``Interrupted`` if a stop signal ended training early
+    (the checkpoint of that step is on disk); return if training ran to its end."""
+    for cb in trainer.callback_handler.callbacks:
+        if isinstance(cb, StageCallback) and cb.stopped_at is not None:
+            kept = f"checkpoint {stage.checkpoints_dir / f'checkpoint-{cb.stopped_at}'} written"
+            raise preempt.stopped(f"at step {cb.stopped_at}/{trainer.state.max_steps}", kept)
 
 
 def _plain(value: Any) -> Any:

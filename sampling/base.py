@@ -12,7 +12,9 @@ An engine turns chat prompts into K candidates each. Both engines follow the sam
   computes for the same tokens;
 * with ``SamplingParams.seed`` set, a call is reproducible: the vLLM engine samples prompt ``i``
   with seed ``seed + i`` (so a caller passing ``seed + offset`` for a slice of a prompt set gets
-  the same candidates however it slices), the transformers engine seeds each batch.
+  the same candidates however it slices), or ``seeds[i]`` when a caller gives one seed per prompt
+  (``align rs --shard``: a prompt keeps its seed in whichever part it lands); the transformers
+  engine seeds each batch.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     logprobs: bool = False
+    seeds: tuple[int, ...] | None = None  # one per prompt of the call; overrides seed + i (vLLM engine)
 
     def __post_init__(self) -> None:
         if self.n < 1 or self.max_tokens < 1:
@@ -43,6 +46,8 @@ class SamplingParams:
 
     def prompt_seed(self, i: int) -> int | None:
         """The seed of the ``i``-th prompt of a call (None: unseeded)."""
+        if self.seeds is not None:
+            return self.seeds[i]
         return None if self.seed is None else self.seed + i
 
 

@@ -197,7 +197,7 @@ def run_dpo(cfg: DPOStageConfig) -> dict:
 
     from align.data import load_rows
     from align.tracking import last_value, quiet_trainer, route_tensorboard
-    from align.tracking import StageCallback, plot_metrics
+    from align.tracking import StageCallback, plot_metrics, stop_if_preempted
 
     datasets.disable_progress_bars()
     stage = Stage("dpo", cfg, cfg.output_dir)
@@ -216,6 +216,7 @@ def run_dpo(cfg: DPOStageConfig) -> dict:
     route_tensorboard(trainer.callback_handler.callbacks, stage)
     started, cpu_started = time.time(), time.process_time()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    stop_if_preempted(trainer, stage)
     train_seconds, train_cpu_seconds = time.time() - started, time.process_time() - cpu_started
 
     cache = trainer.ref_cache

@@ -10,7 +10,9 @@ Each iteration, read top to bottom in ``run_rlhf``:
   4. the optimizer computes log-probs under the policy (and reference) and takes its steps;
   5. the new weights go into the engine (LoRA: merged, sent, unmerged);
   6. one metrics row (reward, KL, entropy, length, clip fraction, time split) and a checkpoint
-     every ``save_every`` iterations.
+     every ``save_every`` iterations;
+  7. after SIGTERM/SIGUSR1 (``align.preempt``): a checkpoint of this iteration, then exit code 3;
+     ``--resume`` continues with the next iteration.
 
 Why our own loop: TRL's online trainers each own generation and cannot swap the optimizer, TRL
 has no PPO or MDLOO, and its colocated vLLM sync fails on CPU in fp32 (stack.md).
@@ -34,6 +36,7 @@ from typing import Any
 
 import torch
 
+from align import preempt
 from align.registry import command
 from align.config import BaseConfig, option, required
 from align.errors import ConfigError, ModelError
@@ -302,6 +305,17 @@ def _live_view(cfg: RLHFConfig, start: int, show: bool):
     return progress, task
 
 
+def _preempted(cfg: RLHFConfig, stage: Stage, iteration: int, policy, optimizer, before: dict, engine):
+    """The preemption safe point at the end of an iteration: checkpoint it (unless that was just
+    done), close the engine on every rank, and return the ``Interrupted`` to raise."""
+    path = stage.checkpoints_dir / f"checkpoint-{iteration}"
+    if stage.is_main and not path.exists():
+        save_checkpoint(stage, iteration, policy, optimizer, {"before": before})
+    parallel.barrier()
+    engine.close()
+    return preempt.stopped(f"after iteration {iteration}/{cfg.num_iterations}", f"checkpoint {path} written")
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------
@@ -393,6 +407,8 @@ def run_rlhf(cfg: RLHFConfig) -> dict:
             progress.update(task, completed=it + 1, status=f"reward {row['reward_mean']:.3f}  kl {row.get('kl_ref', 0.0):.3f}")
             if stage.is_main and ((it + 1) % cfg.save_every == 0 or it + 1 == cfg.num_iterations):
                 save_checkpoint(stage, it + 1, policy, opt, {"before": before})
+            if it + 1 < cfg.num_iterations and preempt.agreed():
+                raise _preempted(cfg, stage, it + 1, policy, opt, before, engine)
     finally:
         progress.stop()
         trackers.close()

@@ -320,7 +320,7 @@ def run_rm(cfg: RMStageConfig) -> dict:
 
     from align.data import load_rows
     from align.tracking import last_value, quiet_trainer, route_tensorboard
-    from align.tracking import StageCallback, plot_metrics
+    from align.tracking import StageCallback, plot_metrics, stop_if_preempted
 
     stage = Stage("rm", cfg, cfg.output_dir)
     if not stage.prepare(overwrite=cfg.overwrite, resume=cfg.resume):
@@ -355,6 +355,7 @@ def run_rm(cfg: RMStageConfig) -> dict:
     route_tensorboard(trainer.callback_handler.callbacks, stage)
     started = time.time()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    stop_if_preempted(trainer, stage)
     train_seconds = time.time() - started
 
     trainer.accelerator.wait_for_everyone()

@@ -24,12 +24,24 @@ kill continues after the last complete shard (DIR/shards/manifest.json records t
 another config there fails unless ``--overwrite``). The vLLM engine seeds prompt ``i`` with
 ``seed + i``, so the resumed result is the one an uninterrupted run gives. When every shard is
 done, data/ and candidates.jsonl are written, then stage.json, then shards/ is removed; a rerun
-of a finished stage is a no-op.
+of a finished stage is a no-op. SIGTERM/SIGUSR1 stop the run after the current shard is written
+(exit code 3, ``align.preempt``); the rerun continues from there.
+
+Scale-out (``--shard I/N``, ``--merge``): ``--shard I/N`` (I from 0) samples only the prompts
+whose id hashes to part I of N (a stable hash of the prompt id, not its position: adding prompts
+moves no other prompt to another part), into a normal stage dir; prompt ``i`` keeps its seed
+``seed + i``, so its candidates do not depend on the part it lands in. ``--merge D0,D1,...`` with
+the same config as the parts (and no ``--shard``) checks that they come from that config and
+cover every part exactly once, then writes into ``--output_dir`` the output the unsharded run
+gives: the same data/ rows and candidates.jsonl, in the same order, and the same stage identity
+(a later unsharded run with that config there is a no-op). Exact equality needs the vLLM engine
+(the transformers engine seeds per batch).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 import sys
@@ -37,6 +49,7 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar
 
+from align import preempt
 from align.registry import command
 from align.config import BaseConfig, option, required
 from align.errors import ConfigError, DataError
@@ -53,7 +66,7 @@ CANDIDATES = "candidates.jsonl"
 @dataclasses.dataclass
 class RSConfig(RewardOptions, EngineOptions, BaseConfig):
     # Memory knobs that do not change the samples: a rerun with other values continues / is a no-op.
-    run_control: ClassVar[tuple[str, ...]] = ("overwrite", "resume", "kv_cache_gb", "max_num_seqs")
+    run_control: ClassVar[tuple[str, ...]] = ("overwrite", "resume", "kv_cache_gb", "max_num_seqs", "merge")
 
     model_name_or_path: str = required("Policy to sample from: a Hugging Face model folder or Hub id (e.g. the SFT stage's model/).")
     dataset: str = required("Prompts (TRL prompt-only, messages, ShareGPT or Alpaca); extra columns such as `answer` reach the scorer.")
@@ -71,9 +84,18 @@ class RSConfig(RewardOptions, EngineOptions, BaseConfig):
     max_prompts: int | None = option(None, "Use only the first N prompts of the dataset.")
     shard_size: int = option(256, "Prompts per shard: the unit written to disk as it completes (and resumed from).")
     overwrite: bool = option(False, "Replace a finished or unfinished stage in output_dir.")
+    shard: str | None = option(None, "I/N: sample only part I (0 to N-1) of N of the prompts, chosen by a hash of the prompt id (merge the parts with --merge).")
+    merge: list[str] | None = option(None, "Stage dirs of --shard runs (comma-separated) to combine into output_dir; give the parts' config, without --shard.")
 
     def validate(self) -> None:
         self.validate_engine()
+        if self.shard is not None:
+            shard_of(self.shard)
+            if self.merge:
+                raise ConfigError("--shard and --merge exclude each other: run each part with --shard, then merge them without it")
+            if self.engine == "transformers":
+                raise ConfigError("--shard needs the vllm engine: the transformers engine seeds per batch, so the parts would not"
+                                  " add up to the unsharded run")
         if self.num_samples < 1:
             raise ConfigError(f"'num_samples' must be >= 1 (K candidates per prompt), got {self.num_samples}")
         for key in ("max_tokens", "shard_size"):
@@ -88,9 +110,27 @@ class RSConfig(RewardOptions, EngineOptions, BaseConfig):
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward):
             raise ConfigError(f"'reward_weights' has {len(self.reward_weights)} values for {len(self.reward)} --reward specs")
 
-    def sampling_params(self, offset: int = 0) -> SamplingParams:
+    def sampling_params(self, positions: list[int]) -> SamplingParams:
+        """Prompt ``i`` of the whole prompt set is sampled with seed ``seed + i``."""
         return SamplingParams(n=self.num_samples, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                              max_tokens=self.max_tokens, seed=self.seed + offset)
+                              max_tokens=self.max_tokens, seeds=tuple(self.seed + i for i in positions))
+
+
+def shard_of(spec: str) -> tuple[int, int]:
+    """``"I/N"`` -> (I, N), with 0 <= I < N."""
+    part, _, total = spec.partition("/")
+    try:
+        index, count = int(part), int(total)
+    except ValueError:
+        index, count = -1, 0
+    if not 0 <= index < count:
+        raise ConfigError(f"'shard' must be I/N with 0 <= I < N (e.g. 0/4 ... 3/4), got {spec!r}")
+    return index, count
+
+
+def in_shard(prompt_id: str, index: int, count: int) -> bool:
+    """Whether a prompt belongs to part ``index`` of ``count``: a stable hash of its id."""
+    return int.from_bytes(hashlib.sha256(prompt_id.encode()).digest()[:8], "big") % count == index
 
 
 class ShardStore:
@@ -123,9 +163,17 @@ class ShardStore:
 def run_rs(cfg: RSConfig, engine=None) -> dict:
     """Run the stage; returns the stage record. ``engine`` reuses a live engine (it is not closed)."""
     rows = load_prompts(cfg.dataset, cfg.max_prompts)
+    positions = list(range(len(rows)))
+    if cfg.shard is not None:
+        positions = [i for i, r in enumerate(rows) if in_shard(r["prompt_id"], *shard_of(cfg.shard))]
+        if not positions:
+            raise DataError(f"{cfg.dataset}: shard {cfg.shard} holds none of its {len(rows)} prompts; use fewer shards")
+        rows = [rows[i] for i in positions]
     scorer = cfg.build_scorer()
     check_scorer_accepts(scorer, rows, cfg.dataset)
     stage = Stage("rs", cfg, cfg.output_dir)
+    if cfg.merge:
+        return merge_parts(stage, cfg, rows, [Path(d) for d in cfg.merge])
     if not stage.prepare(overwrite=cfg.overwrite):
         return read_stage(cfg.output_dir)
     store = ShardStore(stage.dir / SHARDS, cfg.identity())
@@ -138,21 +186,24 @@ def run_rs(cfg: RSConfig, engine=None) -> dict:
         engine = cfg.build_engine(cfg.model_name_or_path, seed=cfg.seed)
     try:
         for i in todo:
-            shard = rows[starts[i] : starts[i] + cfg.shard_size]
-            done[i] = _run_shard(engine, scorer, cfg, shard, starts[i], cfg.dataset)
+            part = slice(starts[i], starts[i] + cfg.shard_size)
+            done[i] = _run_shard(engine, scorer, cfg, rows[part], positions[part], cfg.dataset)
             store.write(i, done[i])
             stage.log(_shard_metrics(i, done[i]))
             _progress(i + 1, len(starts), done[i])
+            if preempt.requested() and i != todo[-1]:  # safe point: this shard is on disk
+                raise preempt.stopped(f"after shard {i + 1}/{len(starts)}", f"{len(done)} shards kept in {store.root}",
+                                      rerun="rerun the same command")
     finally:
         if own_engine:
             engine.close()
     return _finish(stage, cfg, rows, [done[i] for i in range(len(starts))], resumed=len(starts) - len(todo))
 
 
-def _run_shard(engine, scorer, cfg: RSConfig, rows: list[dict], offset: int, dataset: str) -> dict[str, Any]:
+def _run_shard(engine, scorer, cfg: RSConfig, rows: list[dict], positions: list[int], dataset: str) -> dict[str, Any]:
     """Generate, score and record one shard (selection happens at the end, from the records)."""
     started = time.perf_counter()
-    outputs = engine.generate([r["prompt"] for r in rows], cfg.sampling_params(offset))
+    outputs = engine.generate([r["prompt"] for r in rows], cfg.sampling_params(positions))
     generated = time.perf_counter()
     try:
         rewards = score_candidates(scorer, rows, outputs)
@@ -166,7 +217,7 @@ def _run_shard(engine, scorer, cfg: RSConfig, rows: list[dict], offset: int, dat
              "duplicate_of": d}
             for k, (c, s, d) in enumerate(zip(cands, scores, dups))
         ]})
-    return {"start": offset, "engine": engine.name, "generate_seconds": generated - started, "score_seconds": time.perf_counter() - generated,
+    return {"start": positions[0], "engine": engine.name, "generate_seconds": generated - started, "score_seconds": time.perf_counter() - generated,
             "tokens": sum(len(c.token_ids) for cands in outputs for c in cands), "prompts": prompts}
 
 
@@ -193,7 +244,8 @@ def select_rows(cfg: RSConfig, rows: list[dict], records: list[dict]) -> list[di
     return out
 
 
-def _finish(stage: Stage, cfg: RSConfig, rows: list[dict], shards: list[dict], resumed: int) -> dict:
+def _finish(stage: Stage, cfg: RSConfig, rows: list[dict], shards: list[dict], resumed: int,
+            extra: dict[str, Any] | None = None) -> dict:
     records = [p for s in shards for p in s["prompts"]]
     if [r["prompt_id"] for r in records] != [r["prompt_id"] for r in rows]:  # shards must tile the prompts
         raise RuntimeError("rs shards do not cover the prompts exactly once; rerun with --overwrite")
@@ -226,6 +278,8 @@ def _finish(stage: Stage, cfg: RSConfig, rows: list[dict], shards: list[dict], r
         "select_seconds": round(select_seconds, 3),
         "shards": len(shards),
         "resumed_shards": resumed,
+        **({"shard": cfg.shard} if cfg.shard else {}),
+        **(extra or {}),
     }
     record = stage.finish(summary, {"data": str(stage.dir / "data"), "candidates": str(stage.dir / CANDIDATES)})
     shutil.rmtree(stage.dir / SHARDS, ignore_errors=True)
@@ -239,3 +293,55 @@ def _write_dataset(final: Path, rows: list[dict]) -> None:
 
     with staging_dir(final) as tmp:
         datasets.Dataset.from_list(rows).save_to_disk(str(tmp))
+
+
+def merge_parts(stage: Stage, cfg: RSConfig, rows: list[dict], parts: list[Path]) -> dict:
+    """Combine the stage dirs of ``--shard I/N`` runs into the output of the unsharded run.
+
+    Each part must be a finished rs stage whose config equals ``cfg`` but for ``shard`` (and
+    output_dir and the memory knobs); together they must hold parts 0..N-1 exactly once. Their
+    candidates are put back in prompt order and selected again with the same code as an
+    unsharded run, so data/ is row for row the unsharded run's.
+    """
+    if not stage.prepare(overwrite=cfg.overwrite):
+        return read_stage(cfg.output_dir)
+    want = {k: v for k, v in cfg.identity().items() if k not in ("shard", "output_dir")}
+    seen: dict[int, Path] = {}
+    counts = set()
+    candidates: dict[str, list[dict]] = {}
+    timing = {"generate_seconds": 0.0, "score_seconds": 0.0}
+    for part in parts:
+        record = read_stage(part)
+        if record is None or record.get("stage") != "rs":
+            raise ConfigError(f"--merge: {part} is not a finished rs stage (no stage.json); run `align rs --shard I/N` into it first")
+        got = {k: v for k, v in record["config"].items() if k not in (*cfg.run_control, "shard", "output_dir")}
+        changed = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+        if changed:
+            k = changed[0]
+            raise ConfigError(f"--merge: {part} was sampled with another config ({k}: {got.get(k)!r}, here {want.get(k)!r});"
+                              " merge parts of one run, given with that run's config")
+        if not record["config"].get("shard"):
+            raise ConfigError(f"--merge: {part} is an unsharded rs run; merge the dirs of `align rs --shard I/N` runs")
+        index, count = shard_of(record["config"]["shard"])
+        if index in seen:
+            raise ConfigError(f"--merge: shard {index}/{count} given twice ({seen[index]} and {part})")
+        seen[index] = part
+        counts.add(count)
+        for key in timing:
+            timing[key] += record["summary"][key]
+        for line in (part / CANDIDATES).read_text().splitlines():
+            c = json.loads(line)
+            candidates.setdefault(c.pop("prompt_id"), []).append({"index": c.pop("candidate_index"), **c})
+    if len(counts) > 1:
+        raise ConfigError(f"--merge: the parts split the prompts in different ways (N = {', '.join(map(str, sorted(counts)))})")
+    missing = sorted(set(range(counts.pop())) - set(seen))
+    if missing:
+        raise ConfigError(f"--merge: shard(s) {', '.join(f'{i}/{len(seen) + len(missing)}' for i in missing)} missing;"
+                          " run them, then merge all parts")
+    ids = [r["prompt_id"] for r in rows]
+    if sorted(candidates) != sorted(ids):
+        raise DataError(f"--merge: the parts sampled {len(candidates)} prompts, {cfg.dataset} now holds {len(ids)} other or"
+                        " more; was it changed since the parts ran? Rerun the parts")
+    records = [{"prompt_id": pid, "candidates": candidates[pid]} for pid in ids]
+    whole = {**timing, "tokens": sum(c["num_tokens"] for r in records for c in r["candidates"]), "prompts": records}
+    return _finish(stage, cfg, rows, [whole], resumed=0, extra={"merged_parts": len(parts)})

@@ -46,7 +46,8 @@ def run_sft(cfg: SFTStageConfig) -> dict:
     """Run the SFT stage; returns the stage record (also written to output_dir/stage.json)."""
     from trl import SFTConfig, SFTTrainer
 
-    from align.tracking import StageCallback, evaluate_trained, last_value, plot_metrics, quiet_trainer, route_tensorboard
+    from align.tracking import (StageCallback, evaluate_trained, last_value, plot_metrics, quiet_trainer, route_tensorboard,
+                                stop_if_preempted)
 
     stage = Stage("sft", cfg, cfg.output_dir)
     if not stage.prepare(overwrite=cfg.overwrite, resume=cfg.resume):
@@ -71,6 +72,7 @@ def run_sft(cfg: SFTStageConfig) -> dict:
     route_tensorboard(trainer.callback_handler.callbacks, stage)
     started = time.time()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    stop_if_preempted(trainer, stage)
     train_seconds = time.time() - started
 
     trainer.accelerator.wait_for_everyone()

@@ -1,0 +1,141 @@
+"""Preemption: SIGTERM/SIGUSR1 to a real `align` process -> a checkpoint, exit code 3, and a rerun that continues."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from align import preempt
+from align.cli import main
+from align.errors import EXIT_INTERRUPTED
+from align.evaluation import load_prompts
+from conftest import ALIGN, ROOT, read_jsonl, run_align
+
+STOP_WITHIN = 120  # seconds from the signal to the exit: one step / iteration / shard, plus the checkpoint
+
+
+def start(args: list, log: Path, env: dict | None = None) -> subprocess.Popen:
+    with open(log, "w") as f:
+        return subprocess.Popen([*ALIGN, *map(str, args)], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
+
+
+def signal_when(proc: subprocess.Popen, log: Path, ready, sig: int, timeout: float = 600) -> None:
+    """Send ``sig`` once ``ready()`` holds (the run is past its start), then wait for the exit."""
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.time() < deadline, "the run did not get going in time"
+        time.sleep(0.05)
+    sent = time.time()
+    os.kill(proc.pid, sig)
+    proc.wait(timeout=STOP_WITHIN)
+    assert time.time() - sent < STOP_WITHIN
+
+
+def logged_steps(out: Path) -> list[int]:
+    return [r["step"] for r in read_jsonl(out / "metrics.jsonl")] if (out / "metrics.jsonl").is_file() else []
+
+
+def last_line(log: Path) -> str:
+    return [line for line in log.read_text().splitlines() if line.strip()][-1]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_sft_at_a_checkpoint_and_resume_continues_from_it(tiny_model, demo_data, tmp_path):
+    out, log, steps = tmp_path / "sft", tmp_path / "sft.log", 60
+    args = ["sft", "--config", ROOT / "configs" / "demo_sft.yaml", "--model_name_or_path", tiny_model,
+            "--dataset", demo_data / "sft.jsonl", "--output_dir", out, "--max_steps", steps, "--save_steps", 1000,
+            "--logging_steps", 2, "--per_device_train_batch_size", 16]
+    proc = start(args, log)
+    signal_when(proc, log, lambda: len(logged_steps(out)) >= 2, signal.SIGTERM)
+
+    assert proc.returncode == EXIT_INTERRUPTED, log.read_text()[-3000:]
+    ckpts = sorted((out / "checkpoints").glob("checkpoint-*"))
+    assert len(ckpts) == 1  # save_steps is far away: this is the preemption checkpoint
+    stopped = int(ckpts[0].name.split("-")[1])
+    assert 4 <= stopped < steps and (ckpts[0] / "optimizer.pt").is_file()
+    assert last_line(log) == (f"align sft: interrupted: stopped by SIGTERM at step {stopped}/{steps}; checkpoint {ckpts[0]}"
+                              " written; rerun the same command with --resume to continue")
+    assert not (out / "stage.json").exists() and not (out / "model").exists()
+
+    again = run_align(*args, "--resume", timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = json.loads((out / "stage.json").read_text())["summary"]
+    assert summary["resumed_from_step"] == stopped and summary["global_step"] == steps
+    loss_steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
+    assert loss_steps == list(range(2, steps + 1, 2))  # no step lost or logged twice
+
+
+@pytest.mark.slow
+def test_sigusr1_stops_rlhf_after_the_iteration_and_resume_continues(tiny_model, demo_data, tmp_path):
+    out, log, iterations = tmp_path / "rl", tmp_path / "rl.log", 40
+    args = ["rlhf", "--config", ROOT / "configs" / "demo_rlhf.yaml", "--model_name_or_path", tiny_model,
+            "--dataset", demo_data / "test.jsonl", "--output_dir", out, "--num_iterations", iterations,
+            "--save_every", 1000, "--prompts_per_iteration", 8, "--num_samples", 4, "--kv_cache_gb", 0.25]
+    proc = start(args, log)
+    signal_when(proc, log, lambda: len(logged_steps(out)) >= 2, signal.SIGUSR1)
+
+    assert proc.returncode == EXIT_INTERRUPTED, log.read_text()[-3000:]
+    ckpts = sorted((out / "checkpoints").glob("checkpoint-*"))
+    assert len(ckpts) == 1 and (ckpts[0] / "state.pt").is_file()
+    stopped = int(ckpts[0].name.split("-")[1])
+    assert 2 <= stopped < iterations and logged_steps(out) == list(range(1, stopped + 1))
+    assert last_line(log) == (f"align rlhf: interrupted: stopped by SIGUSR1 after iteration {stopped}/{iterations};"
+                              f" checkpoint {ckpts[0]} written; rerun the same command with --resume to continue")
+    assert not (out / "stage.json").exists() and not (out / "model").exists()
+
+    again = run_align(*args, "--resume", timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = json.loads((out / "stage.json").read_text())["summary"]
+    assert summary["resumed_from_iteration"] == stopped
+    assert logged_steps(out) == list(range(1, iterations + 1))  # no iteration lost or run twice
+
+
+@pytest.mark.slow
+def test_sigterm_stops_rs_after_a_shard_and_the_rerun_completes(tiny_model, demo_data, tmp_path):
+    out, log, n, shard = tmp_path / "rs", tmp_path / "rs.log", 96, 8
+    args = ["rs", "--config", ROOT / "configs" / "demo_rs.yaml", "--model_name_or_path", tiny_model,
+            "--dataset", demo_data / "prompts.jsonl", "--output_dir", out, "--max_prompts", n, "--shard_size", shard,
+            "--min_reward", "null", "--reward", "test_rs_scorers:slow_arithmetic", "--engine", "vllm", "--kv_cache_gb", 0.25]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.environ.get("PYTHONPATH", ""), str(ROOT / "tests")])}
+    proc = start(args, log, env)
+    signal_when(proc, log, lambda: len(list((out / "shards").glob("shard-*.json"))) >= 1, signal.SIGTERM)
+
+    assert proc.returncode == EXIT_INTERRUPTED, log.read_text()[-3000:]
+    kept = len(list((out / "shards").glob("shard-*.json")))
+    assert 1 <= kept < n // shard and not (out / "stage.json").exists() and not (out / "data").exists()
+    assert last_line(log) == (f"align rs: interrupted: stopped by SIGTERM after shard {kept}/{n // shard}; {kept} shards"
+                              f" kept in {out / 'shards'}; rerun the same command to continue")
+
+    again = subprocess.run([*ALIGN, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = json.loads((out / "stage.json").read_text())["summary"]
+    assert summary["resumed_shards"] == kept and summary["prompts"] == n
+    ids = [r["prompt_id"] for r in load_prompts(str(demo_data / "prompts.jsonl"), n)]
+    table = read_jsonl(out / "candidates.jsonl")
+    assert [t["prompt_id"] for t in table[::8]] == ids and len(table) == 8 * n  # none lost, none twice
+
+
+def test_a_signal_after_the_last_safe_point_still_exits_3(tmp_path, capsys):
+    """A stop that comes too late to cut a command short (here: before it starts, in-process) lets it
+    finish, then exits 3 so a wrapper stops the pipeline there; the finished stage stays whole."""
+    before = {sig: signal.getsignal(sig) for sig in preempt.SIGNALS}
+    try:
+        assert preempt.install() and not preempt.requested()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        code = main(["make-tiny-model", str(tmp_path / "tiny")])
+    finally:
+        preempt.reset()
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+    err = capsys.readouterr().err
+    assert code == EXIT_INTERRUPTED
+    assert err.strip().splitlines()[-1] == ("align make-tiny-model: interrupted: SIGUSR1 received; the command finished"
+                                           " first, a rerun is a no-op")
+    assert (tmp_path / "tiny" / "model.safetensors").is_file()
