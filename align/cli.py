@@ -24,18 +24,19 @@ class Command:
     config: type[BaseConfig]
     run: Callable[[Any], Any]
     summary: str
+    parse: Callable[[type[BaseConfig], list[str]], Any] = parse_config  # argv -> config
 
 
 COMMANDS: dict[str, Command] = {}
 
 
-def command(name: str, config: type[BaseConfig], summary: str) -> Callable:
-    """Register ``fn(config)`` as ``align <name>``. Duplicate names are a bug."""
+def command(name: str, config: type[BaseConfig], summary: str, parse: Callable = parse_config) -> Callable:
+    """Register ``fn(config)`` as ``align <name>``; ``parse`` turns its argv into the config. Duplicate names are a bug."""
 
     def register(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
         if name in COMMANDS:
             raise ValueError(f"command {name!r} registered twice")
-        COMMANDS[name] = Command(name, config, fn, summary)
+        COMMANDS[name] = Command(name, config, fn, summary, parse)
         return fn
 
     return register
@@ -50,6 +51,7 @@ def _load_commands() -> None:
     import align.stages.dpo  # noqa: F401
     import align.stages.rm  # noqa: F401
     import align.stages.rlhf  # noqa: F401
+    import align.stages.run  # noqa: F401  run, status, report
 
 
 def overview() -> str:
@@ -107,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         print(help_text(name, cmd.config, cmd.summary))
         return 0
     try:
-        config = parse_config(cmd.config, rest)
-        cmd.run(config)
+        config = cmd.parse(cmd.config, rest)
+        code = cmd.run(config)
     except AlignError as err:
         if debug:
             traceback.print_exc()
@@ -117,4 +119,4 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"align {name}: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code if isinstance(code, int) and not isinstance(code, bool) else 0

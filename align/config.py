@@ -47,6 +47,9 @@ class BaseConfig:
     # Fields that steer how a run happens, not what it produces: they are left out of the
     # comparison that decides whether a finished stage dir already holds this result.
     run_control: typing.ClassVar[tuple[str, ...]] = ("overwrite", "resume")
+    # Fields naming input artifacts (datasets, model folders, ``model:PATH`` scorer specs): the
+    # stage's identity covers their content too (``align.fingerprint``), not just the string.
+    inputs: typing.ClassVar[tuple[str, ...]] = ()
 
     def validate(self) -> None:
         """Cross-field checks; raise ConfigError. Called after every field has its type."""
