@@ -71,7 +71,7 @@ def commands() -> dict:
 
 def stage_kinds() -> list[str]:
     """Every registered command that writes a stage dir (has ``output_dir``): what ``kind`` may be."""
-    return [name for name, cmd in commands().items() if "output_dir" in fields_of(cmd.config)]
+    return sorted(name for name, cmd in commands().items() if "output_dir" in fields_of(cmd.config))
 
 
 @dataclasses.dataclass
@@ -224,9 +224,8 @@ class Recipe:
         forced = name in force or spec.base in force
         if forced:
             action, reason = "overwrite" if state != "new" else "run", "forced (--force)"
-        elif upstream:
-            action = "run" if state == "new" else "overwrite"
-            reason = f"upstream {', '.join(upstream)} reruns"
+        elif upstream and state != "new":
+            action, reason = "overwrite", f"upstream {', '.join(upstream)} rerun{'s' if len(upstream) == 1 else ''}"
         else:
             action, reason = _ACTIONS[state], _REASONS[state] + (f": {detail}" if detail else "")
         return {**row, "state": state, "detail": detail, "action": action, "reason": reason}
