@@ -28,6 +28,7 @@ def _load_commands() -> None:
     import align.stages.dpo  # noqa: F401
     import align.stages.rm  # noqa: F401
     import align.stages.rlhf  # noqa: F401
+    import align.stages.run  # noqa: F401  run, status, report
 
 
 def overview() -> str:
@@ -94,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     preempt.install()
     try:
-        config = parse_config(cmd.config, rest)
-        cmd.run(config)
+        config = (cmd.parse or parse_config)(cmd.config, rest)
+        code = cmd.run(config)
     except AlignError as err:
         if debug:
             traceback.print_exc()
@@ -108,4 +109,4 @@ def main(argv: list[str] | None = None) -> int:
         print(f"align {name}: interrupted: {preempt.received()} received; the command finished first, a rerun is a no-op",
               file=sys.stderr)
         return EXIT_INTERRUPTED
-    return 0
+    return code if isinstance(code, int) and not isinstance(code, bool) else 0

@@ -63,6 +63,9 @@ class BaseConfig:
     run_control: typing.ClassVar[tuple[str, ...]] = ("overwrite", "resume")
     # Fields naming a folder the command writes into: checked by ``check_output_dir`` at parse time.
     output_dirs: typing.ClassVar[tuple[str, ...]] = ("output_dir",)
+    # Fields naming input artifacts (datasets, model folders, ``model:PATH`` scorer specs): the
+    # stage's identity covers their content too (``align.fingerprint``), not just the string.
+    inputs: typing.ClassVar[tuple[str, ...]] = ()
 
     def validate(self) -> None:
         """Cross-field checks; raise ConfigError. Called after every field has its type."""

@@ -89,16 +89,20 @@ class Command:
     config: type
     run: Callable[[Any], Any]
     summary: str
+    parse: Callable[[type, list[str]], Any] | None = None  # argv -> config; None: align.config.parse_config
 
 
 COMMANDS: Registry[Command] = Registry("command")
 
 
-def command(name: str, config: type, summary: str) -> Callable:
-    """Register ``fn(config)`` as ``align <name>`` (a decorator); returns ``fn`` unchanged."""
+def command(name: str, config: type, summary: str, parse: Callable | None = None) -> Callable:
+    """Register ``fn(config)`` as ``align <name>`` (a decorator); returns ``fn`` unchanged.
+
+    ``parse(config_class, argv)`` replaces the standard ``--config FILE --key value`` parser where a
+    command takes other arguments (``align run``'s repeatable ``--set``)."""
 
     def register(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
-        COMMANDS.register(name, Command(name, config, fn, summary))
+        COMMANDS.register(name, Command(name, config, fn, summary, parse))
         return fn
 
     return register

@@ -6,9 +6,12 @@
 ``DIR/metrics.jsonl`` one JSON object per logged step, appended and flushed as they come.
 ``DIR/model/`` or ``DIR/data/``  the artifact, moved into place before stage.json is written.
 
-Rerunning a finished stage with the same resolved config is a no-op (exit 0), so schedulers
-(cron, Slurm array retries, ``align run``) can rerun it blindly; a different config fails unless
-``--overwrite``.
+A stage's identity is its resolved config (less the run-control fields) plus the fingerprints
+of its input artifacts (``align.fingerprint``: datasets, model folders, ``model:PATH`` scorers),
+taken before it runs and recorded in stage.json as ``inputs``. Rerunning a finished stage with
+the same identity is a no-op (exit 0), so schedulers (cron, Slurm array retries, ``align run``)
+can rerun it blindly; another config, or an input whose content changed, fails unless
+``--overwrite`` (DVC and open-instruct miss the second case: a regenerated dataset is not seen).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Any, Iterator
 
 from align.config import option
 from align.errors import ConfigError
+from align.fingerprint import input_fingerprints
 
 STAGE_FILE = "stage.json"
 METRICS_FILE = "metrics.jsonl"
@@ -132,6 +136,40 @@ def read_stage(output_dir: str | Path) -> dict[str, Any] | None:
     return json.loads(path.read_text())
 
 
+# What ``stage_state`` can say about a stage dir, and what ``align run`` does about it.
+STATES = ("new", "up_to_date", "config_changed", "input_changed", "incomplete")
+
+
+def has_partial_work(output_dir: str | Path) -> bool:
+    """True when the dir holds checkpoints or rs shards of a run that did not finish."""
+    root = Path(output_dir)
+    return any((root / CHECKPOINTS).glob("checkpoint-*")) or any((root / "shards").glob("shard-*"))
+
+
+def stage_state(kind: str, config: Any, output_dir: str | Path, inputs: dict[str, Any] | None = None) -> tuple[str, str]:
+    """(state, detail) of ``output_dir`` for a run of stage ``kind`` with ``config``; pure apart from reading.
+
+    ``inputs`` are the current input fingerprints (computed when not given). ``detail`` says which
+    config keys or inputs changed, in words. Used by ``Stage.prepare`` and by ``align run``'s plan.
+    """
+    done = read_stage(output_dir)
+    if done is None:
+        return ("incomplete", "unfinished run found") if has_partial_work(output_dir) else ("new", "")
+    if done.get("stage") != kind:
+        return "config_changed", f"holds a '{done.get('stage')}' stage, not '{kind}'"
+    old, new = _identity(done.get("config", {}), config), config.identity()
+    if old != new:
+        return "config_changed", _diff(old, new)
+    inputs = input_fingerprints(config) if inputs is None else inputs
+    recorded = done.get("inputs")
+    if recorded is None and inputs:
+        return "input_changed", "no input fingerprints recorded (made before align recorded them)"
+    changed = [k for k in sorted(set(inputs) | set(recorded or {})) if inputs.get(k) != (recorded or {}).get(k)]
+    if changed:
+        return "input_changed", ", ".join(f"{k} ({getattr(config, k, None)}) content changed" for k in changed)
+    return "up_to_date", ""
+
+
 class Stage:
     """One run of one stage into ``output_dir``. Use ``prepare()``, then ``log()``, then ``finish()``.
 
@@ -146,22 +184,25 @@ class Stage:
         self.started = time.time()
         self._metrics = None
         self.is_main = is_main_process()
+        self.inputs: dict[str, Any] = {}
 
     # -- before -----------------------------------------------------------------------------
     def prepare(self, overwrite: bool = False, resume: bool = False) -> bool:
         """Decide whether to run. Returns False when the dir already holds this exact result.
 
-        A finished dir with another config fails unless ``overwrite``; an unfinished dir with a
-        checkpoint fails unless ``resume`` or ``overwrite`` (so no work is silently thrown away).
+        Input fingerprints are taken here, before any work, and recorded by ``finish``. A finished
+        dir with another config or changed inputs fails unless ``overwrite``; an unfinished dir
+        with a checkpoint fails unless ``resume`` or ``overwrite`` (no work is silently thrown away).
         """
-        done = read_stage(self.dir)
-        if done is not None and not overwrite:
-            if done.get("stage") == self.name and _identity(done.get("config", {}), self.config) == self.config.identity():
-                return False
-            changed = _diff(_identity(done.get("config", {}), self.config), self.config.identity())
+        self.inputs = input_fingerprints(self.config)
+        state, detail = stage_state(self.name, self.config, self.dir, self.inputs)
+        if state == "up_to_date" and not overwrite:
+            return False
+        if state in ("config_changed", "input_changed") and not overwrite:
+            what = "a different config" if state == "config_changed" else "changed inputs"
             raise ConfigError(
-                f"{self.dir} already holds a finished '{done.get('stage')}' stage with a different config"
-                f" ({changed}); pass --overwrite to replace it or choose another --output_dir"
+                f"{self.dir} already holds a finished '{read_stage(self.dir).get('stage')}' stage with {what}"
+                f" ({detail}); pass --overwrite to replace it or choose another --output_dir"
             )
         if overwrite:
             if self.is_main:
@@ -246,6 +287,7 @@ class Stage:
             "stage": self.name,
             "status": "complete",
             "config": self.config.resolved(),
+            "inputs": self.inputs,
             "summary": summary,
             "artifacts": artifacts or {},
             "started_at": _iso(self.started),

@@ -99,6 +99,7 @@ def default_cache_dir() -> Path:
 class DPOStageConfig(TrainOptions, ModelOptions, EvalOptions, CheckpointOptions, BaseConfig):
     run_control = ("overwrite", "resume", "ref_cache_dir")
     output_dirs = ("output_dir", "ref_cache_dir")
+    inputs = ("model_name_or_path", "ref_model", "dataset", "eval_dataset", "eval_reward")
 
     dataset: str = required("Preference pairs: JSONL/JSON/Parquet, a `datasets` folder or a Hub id (TRL prompt/chosen/rejected, implicit-prompt, Alpaca or ShareGPT).")
     output_dir: str = required("Stage directory: stage.json, metrics.jsonl, model/ and checkpoints/ go here.")

@@ -31,6 +31,7 @@ RESULTS = "eval.jsonl"
 class EvalConfig(RewardOptions, EngineOptions, BaseConfig):
     # Memory knobs that do not change the samples: a rerun with other values continues / is a no-op.
     run_control: ClassVar[tuple[str, ...]] = ("overwrite", "resume", "kv_cache_gb", "max_num_seqs")
+    inputs: ClassVar[tuple[str, ...]] = ("model_name_or_path", "dataset", "reward")
 
     model_name_or_path: str = required("Policy to evaluate: a Hugging Face model folder or Hub id.")
     dataset: str = required("Prompt set (e.g. the demo's test.jsonl); extra columns such as `answer` reach the scorer.")

@@ -52,6 +52,7 @@ from sampling.engines import EngineOptions
 
 @dataclasses.dataclass
 class RLHFConfig(RewardOptions, EngineOptions, ModelOptions, CheckpointOptions, BaseConfig):
+    inputs = ("model_name_or_path", "dataset", "reward", "eval_dataset", "eval_reward")
     dataset: str = required("Prompts to train on (prompt rows; extra columns such as `answer` reach the scorers).")
     output_dir: str = required("Stage directory: stage.json, metrics.jsonl, model/, checkpoints/.")
     optimizer: str = option("rloo", "Policy optimizer (align/rl/optimizers.py).", choices=OPTIMIZERS)

@@ -52,6 +52,7 @@ RESPONSES = ("edited", "chosen", "rejected")  # best first
 
 @dataclasses.dataclass
 class RMStageConfig(TrainOptions, ModelOptions, CheckpointOptions, BaseConfig):
+    inputs = ("model_name_or_path", "dataset", "eval_dataset")
     dataset: str = required("Preference data: a JSONL/JSON/Parquet file, a `datasets` folder or a Hub id (TRL, ShareGPT or Alpaca preference format).")
     output_dir: str = required("Stage directory: stage.json, metrics.jsonl, model/ and checkpoints/ go here.")
     loss: str = option("bradley_terry", "Reward loss (reward/losses.py).", choices=LOSSES)

@@ -67,6 +67,7 @@ CANDIDATES = "candidates.jsonl"
 class RSConfig(RewardOptions, EngineOptions, BaseConfig):
     # Memory knobs that do not change the samples: a rerun with other values continues / is a no-op.
     run_control: ClassVar[tuple[str, ...]] = ("overwrite", "resume", "kv_cache_gb", "max_num_seqs", "merge")
+    inputs: ClassVar[tuple[str, ...]] = ("model_name_or_path", "dataset", "reward")
 
     model_name_or_path: str = required("Policy to sample from: a Hugging Face model folder or Hub id (e.g. the SFT stage's model/).")
     dataset: str = required("Prompts (TRL prompt-only, messages, ShareGPT or Alpaca); extra columns such as `answer` reach the scorer.")

@@ -29,6 +29,7 @@ from align.training import TrainOptions, trl_args
 
 @dataclasses.dataclass
 class SFTStageConfig(TrainOptions, ModelOptions, EvalOptions, CheckpointOptions, BaseConfig):
+    inputs = ("model_name_or_path", "dataset", "eval_dataset", "eval_reward")
     dataset: str = required("Training data: a JSONL/JSON/Parquet file, a `datasets` folder or a Hub id (TRL, Alpaca or ShareGPT format).")
     output_dir: str = required("Stage directory: stage.json, metrics.jsonl, model/ and checkpoints/ go here.")
     seed: int = option(0, "Random seed (model init of heads, data order, dropout).")

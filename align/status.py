@@ -1,0 +1,192 @@
+"""What a workdir holds: ``align status W`` (a table, or ``--json``) and ``align report W`` (PNGs + report.md).
+
+Both read only files: ``<workdir>/run.json`` (written by ``align run``: the recipe, its profile and
+``--set`` values, each stage's status in the last run), each stage's stage.json and metrics.jsonl,
+and the workdir lock (a live holder means a run is going on). The recipe named in run.json is
+loaded again to tell ``done`` from ``stale`` (config or inputs changed since, or an upstream stage
+reruns), exactly as ``align run --dry-run`` would.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from align.errors import AlignError, ConfigError
+from align.recipe import Recipe
+from align.runner import RUN_FILE, holder
+from align.stage import METRICS_FILE, read_stage
+
+
+def _eval_metrics(s: dict[str, Any]) -> dict[str, Any]:
+    return {"held_out": s.get("eval_mean_reward")}
+
+
+# The key figures of each stage kind, read from its stage.json summary; ``held_out`` is the
+# held-out score (for the demo's rule:arithmetic, exact match) that the progress table follows.
+KEY_METRICS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "sft": _eval_metrics,
+    "dpo": _eval_metrics,
+    "eval": lambda s: {"held_out": s.get("mean_reward")},
+    "rm": lambda s: {"eval_accuracy": s.get("eval_accuracy")},
+    "rs": lambda s: {"kept_rows": s.get("kept_rows"), "mean_reward": s.get("mean_reward")},
+    "rlhf": lambda s: {"held_out": s.get("eval_mean_reward"), "train_reward": s.get("reward_last_10pct")},
+}
+
+
+def key_metrics(kind: str, record: dict[str, Any] | None) -> dict[str, Any]:
+    if not record:
+        return {}
+    found = KEY_METRICS.get(kind, lambda s: {})(record.get("summary") or {})
+    return {k: v for k, v in found.items() if v is not None}
+
+
+def workdir_status(workdir: str | Path) -> list[dict[str, Any]]:
+    """One dict per stage: name, kind, status, why, metrics, duration_s, finished_at, dir."""
+    workdir = Path(workdir)
+    run = _read_run(workdir)
+    live = holder(workdir)
+    plan = _plan(run, workdir)
+    rows = []
+    for name, entry in run["stages"].items():
+        record = read_stage(workdir / name)
+        status, why = _status(entry, plan.get(name), record, live)
+        rows.append({
+            "name": name, "kind": entry.get("kind"), "status": status, "why": why,
+            "metrics": key_metrics(entry.get("kind", ""), record),
+            "duration_s": (record or {}).get("duration_s", entry.get("duration_s")),
+            "finished_at": (record or {}).get("finished_at"),
+            "dir": str(workdir / name),
+        })
+    return rows
+
+
+def _read_run(workdir: Path) -> dict[str, Any]:
+    path = workdir / RUN_FILE
+    if not path.is_file():
+        raise ConfigError(f"{workdir} has no {RUN_FILE}: it is not the workdir of an `align run` (or nothing ran yet)")
+    return json.loads(path.read_text())
+
+
+def _plan(run: dict[str, Any], workdir: Path) -> dict[str, dict[str, Any]]:
+    """The dry-run plan of the recorded recipe, or {} when it can no longer be loaded."""
+    try:
+        recipe = Recipe.load(run["recipe"], profile=run.get("profile"), sets=run.get("sets") or [], workdir=str(workdir))
+        return {row["name"]: row for row in recipe.plan()}
+    except AlignError:
+        return {}
+
+
+def _status(entry: dict[str, Any], plan: dict[str, Any] | None, record: dict[str, Any] | None,
+            live: dict[str, Any] | None) -> tuple[str, str]:
+    recorded = entry.get("status", "pending")
+    if recorded == "running" and live is not None:
+        return "running", f"pid {live.get('pid')} on {live.get('host')}"
+    if recorded == "failed":
+        return "failed", f"exit {entry.get('exit_code')}; see {entry.get('log')}"
+    if record is not None:
+        if plan is None or plan["action"] == "skip":
+            return "done", ""
+        return "stale", plan["reason"]
+    if recorded == "interrupted" or (plan or {}).get("state") == "incomplete":
+        return "incomplete", "resumes on the next run"
+    return "pending", ""
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+
+
+def status_table(rows: list[dict[str, Any]], title: str):
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("stage", "kind", "status", "key metric", "duration"):
+        table.add_column(column, justify="right" if column == "duration" else "left")
+    for row in rows:
+        status = row["status"] + (f" ({row['why']})" if row["why"] else "")
+        duration = f"{row['duration_s']:.0f}s" if isinstance(row["duration_s"], (int, float)) else ""
+        table.add_row(row["name"], row["kind"] or "", status, format_metrics(row["metrics"]), duration)
+    return table
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+
+def write_report(workdir: str | Path) -> dict[str, str]:
+    """Write ``<workdir>/report/``: heldout.png, rewards.png (if online stages ran) and report.md."""
+    workdir = Path(workdir)
+    rows = workdir_status(workdir)
+    out = workdir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, str] = {}
+    held = [(r["name"], r["metrics"]["held_out"]) for r in rows if "held_out" in r["metrics"]]
+    if held:
+        _bar_chart(held, out / "heldout.png", "held-out score after each stage")
+        written["heldout"] = str(out / "heldout.png")
+    curves = {r["name"]: _curve(workdir / r["name"], "reward_mean") for r in rows if r["kind"] == "rlhf"}
+    curves = {k: v for k, v in curves.items() if v}
+    if curves:
+        _line_chart(curves, out / "rewards.png", "training reward per iteration (online stages)")
+        written["rewards"] = str(out / "rewards.png")
+    lines = [f"# Report: {workdir}", "", "| stage | kind | status | key metric | duration |", "|---|---|---|---|---|"]
+    for r in rows:
+        duration = f"{r['duration_s']:.0f}s" if isinstance(r["duration_s"], (int, float)) else ""
+        status = r["status"] + (f" ({r['why']})" if r["why"] else "")
+        lines.append(f"| {r['name']} | {r['kind']} | {status} | {format_metrics(r['metrics'])} | {duration} |")
+    if held:
+        first, last = held[0], held[-1]
+        lines += ["", f"Held-out score: {first[1]:.3f} after {first[0]} -> {last[1]:.3f} after {last[0]}"
+                      f" ({(last[1] - first[1]) * 100:+.1f} points)."]
+    lines += [""] + [f"![{k}]({Path(v).name})" for k, v in written.items()]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    written["markdown"] = str(out / "report.md")
+    return written
+
+
+def _curve(stage_dir: Path, key: str) -> list[tuple[float, float]]:
+    path = stage_dir / METRICS_FILE
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [(r["step"], r[key]) for r in rows if key in r and "step" in r]
+
+
+def _bar_chart(points: list[tuple[str, float]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(points)), 3.5))
+    ax.bar([p[0] for p in points], [p[1] for p in points], color="tab:blue")
+    for i, (_, value) in enumerate(points):
+        ax.text(i, value, f"{value:.2f}", ha="center", va="bottom")
+    ax.set_ylabel("held-out score")
+    ax.set_title(title)
+    ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _line_chart(curves: dict[str, list[tuple[float, float]]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, points in curves.items():
+        ax.plot([p[0] for p in points], [p[1] for p in points], label=name)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("reward_mean")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,276 @@
+"""Recipes and stage identity without training: parsing, validation errors, references, profiles,
+input fingerprints (cached), stage_state, the standalone commands' input check, and the workdir lock."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from align.cli import main
+from align.config import build_config
+from align.errors import ConfigError
+from align.fingerprint import DigestCache, fingerprint, input_fingerprints
+from align.recipe import Recipe
+from align.stage import Stage, stage_state
+from align.stages.eval import EvalConfig
+from conftest import ROOT, run_align
+
+QUICKSTART = ROOT / "configs" / "recipes" / "quickstart.yaml"
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ALIGN_FINGERPRINT_CACHE", str(tmp_path / "fp-cache.json"))
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+GOOD = """\
+    workdir: {workdir}
+    vars: {{steps: 7}}
+    profiles:
+      small: {{vars: {{steps: 3}}, stages: {{ev: {{max_prompts: 2}}}}}}
+    stages:
+      - {{name: data, kind: demo-data}}
+      - {{name: tiny, kind: make-tiny-model}}
+      - name: sft
+        kind: sft
+        model_name_or_path: ${{tiny.model}}
+        dataset: ${{data.data}}/sft.jsonl
+        max_steps: ${{vars.steps}}
+      - repeat: 2
+        stages:
+          - name: dpo
+            kind: dpo
+            model_name_or_path: ${{prev.dpo.model|sft.model}}
+            ref_model: ${{sft.model}}
+            dataset: ${{data.data}}/pairs.jsonl
+            seed: ${{round}}
+          - name: ev
+            kind: eval
+            model_name_or_path: ${{dpo.model}}
+            dataset: ${{data.data}}/test.jsonl
+            reward: [rule:arithmetic]
+      - name: last
+        kind: eval
+        model_name_or_path: ${{dpo.model}}
+        dataset: ${{data.data}}/test.jsonl
+        reward: [rule:arithmetic]
+"""
+
+
+def test_references_rounds_profiles_and_sets(tmp_path):
+    path = write(tmp_path / "r.yaml", GOOD.format(workdir=tmp_path / "w"))
+    recipe = Recipe.load(path)
+    w = tmp_path / "w"
+    assert [s.name for s in recipe.stages] == ["data", "tiny", "sft", "dpo_r1", "ev_r1", "dpo_r2", "ev_r2", "last"]
+    sft = recipe.config("sft")
+    assert (sft.model_name_or_path, sft.dataset, sft.max_steps) == (str(w / "tiny/model"), f"{w}/data/data/sft.jsonl", 7)
+    assert sft.output_dir == str(w / "sft")
+    assert recipe.config("tiny").output_dir == str(w / "tiny/model")  # make-tiny-model writes its model there
+    d1, d2 = recipe.config("dpo_r1"), recipe.config("dpo_r2")
+    assert d1.model_name_or_path == str(w / "sft/model") and d2.model_name_or_path == str(w / "dpo_r1/model")
+    assert d1.ref_model == d2.ref_model == str(w / "sft/model") and (d1.seed, d2.seed) == (1, 2)
+    assert recipe.config("ev_r2").model_name_or_path == str(w / "dpo_r2/model")  # same round
+    assert recipe.config("last").model_name_or_path == str(w / "dpo_r2/model")  # after the block: the last round
+    assert recipe.deps("dpo_r2") == ["data", "sft", "dpo_r1"]
+
+    small = Recipe.load(path, profile="small", sets=["sft.learning_rate=3e-4", "ev_r2.max_prompts=5"], workdir=str(tmp_path / "o"))
+    assert small.config("sft").max_steps == 3 and small.config("sft").learning_rate == 3e-4
+    assert (small.config("ev_r1").max_prompts, small.config("ev_r2").max_prompts) == (2, 5)
+    assert small.config("sft").output_dir == str(tmp_path / "o" / "sft")
+    assert small.set("vars.steps", 11).config("sft").max_steps == 11
+    assert small.config("sft").max_steps == 3  # set() returns a copy
+
+
+BAD = {
+    "unknown kind": ("  - {name: x, kind: sfx}\n", "stage 'x': unknown kind 'sfx'; did you mean 'sft'? (valid: demo-data, dpo, eval, make-tiny-model, rlhf, rm, rs, sft)"),
+    "forward reference": ("  - {name: x, kind: eval, model_name_or_path: '${later.model}', dataset: d, reward: [rule:arithmetic]}\n"
+                          "  - {name: later, kind: demo-data}\n",
+                          "stage 'x', key 'model_name_or_path': ${later.model}: stage 'later' comes later"),
+    "unknown reference": ("  - {name: x, kind: eval, model_name_or_path: '${sfy.model}', dataset: d, reward: [rule:arithmetic]}\n",
+                          "stage 'x', key 'model_name_or_path': ${sfy.model}: no stage named 'sfy'"),
+    "key typo": ("  - {name: x, kind: demo-data, num_tests: 3}\n",
+                 "stage 'x': unknown key 'num_tests' (stage 'x' in"),
+    "wrong type": ("  - {name: x, kind: demo-data, num_test: many}\n",
+                   "stage 'x': config key 'num_test' (stage 'x' in"),
+    "unknown attribute": ("  - {name: a, kind: demo-data}\n  - {name: x, kind: sft, model_name_or_path: m, dataset: '${a.weights}'}\n",
+                          "${a.weights}: unknown attribute 'weights' (use model, data, dir or summary.KEY)"),
+    "prev in round 1": ("  - repeat: 2\n    stages:\n      - {name: x, kind: sft, dataset: d, model_name_or_path: '${prev.x.model}'}\n",
+                        "${prev.x.model} has no previous round in round 1"),
+    "runner's key": ("  - {name: x, kind: demo-data, output_dir: elsewhere}\n", "'output_dir' is set by align run"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_recipe_one_line_exit_2_before_any_work(tmp_path, capsys, case):
+    stages, message = BAD[case]
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"workdir: {tmp_path / 'w'}\nstages:\n{stages}")
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "w").exists()  # nothing started, not even the workdir
+
+
+def test_bad_recipe_yaml_syntax_typo_hint_and_options(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("stages:\n  - name: x\n    kind: [demo-data\n")
+    assert main(["run", str(path)]) == 2
+    assert "bad.yaml:4: " in capsys.readouterr().err
+    path.write_text("stages:\n  - {name: x, kind: demo-data, num_promts: 3}\n")
+    assert main(["run", str(path)]) == 2
+    assert "did you mean num_prompts?" in capsys.readouterr().err
+    good = write(tmp_path / "r.yaml", GOOD.format(workdir=tmp_path / "w"))
+    for argv, message in [(["--profile", "huge"], "--profile huge: "), (["--set", "sfx.max_steps=3"], "no stage named 'sfx' in "),
+                          (["--set", "sft.max_steps=lots"], "config key 'max_steps' (stage 'sft' in"),
+                          (["--force", "nope"], "--force nope: no such stage")]:
+        assert main(["run", str(good), "--dry-run", *argv]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_quickstart_recipe_validates_in_every_profile():
+    for profile in (None, "test"):
+        recipe = Recipe.load(QUICKSTART, profile=profile)
+        assert [s.kind for s in recipe.stages] == ["demo-data", "make-tiny-model", "sft", "eval", "rm", "rs", "sft", "eval",
+                                                   "rs", "dpo", "eval", "rlhf", "eval"]
+    assert Recipe.load(QUICKSTART).config("rs_pairs").reward == ["rule:arithmetic", "model:runs/quickstart/rm/model"]
+
+
+# -- fingerprints and stage identity -----------------------------------------------------------
+
+
+def test_fingerprints_are_content_hashes_cached_by_size_and_mtime(tmp_path):
+    data = write(tmp_path / "d.jsonl", '{"a": 1}\n')
+    folder = tmp_path / "model"
+    write(folder / "w.bin", "weights")
+    write(folder / ".hidden", "ignored")
+    cache = DigestCache(tmp_path / "cache.json")
+    first = fingerprint(str(data), cache)
+    assert first.startswith("sha256:") and fingerprint(f"model:{folder}", cache).startswith("model:tree:")
+    assert fingerprint("rule:arithmetic", cache) == "rule:arithmetic" and fingerprint(["x", None], cache) == ["x", None]
+    cache.save()
+    again = DigestCache(tmp_path / "cache.json")
+    assert fingerprint(str(data), again) == first and fingerprint(f"model:{folder}", again) and again.hashed == 0
+    tree = fingerprint(str(folder), again)
+    (folder / ".hidden").write_text("changed")  # dotfiles are not part of a folder's fingerprint
+    assert fingerprint(str(folder), again) == tree
+    data.write_text('{"a": 2}\n')
+    assert fingerprint(str(data), again) != first and again.hashed == 1
+
+
+def _eval_config(tmp_path: Path) -> EvalConfig:
+    write(tmp_path / "model" / "config.json", "{}")
+    write(tmp_path / "test.jsonl", '{"prompt": "1+1=", "answer": "2"}\n')
+    return build_config(EvalConfig, {"model_name_or_path": str(tmp_path / "model"), "dataset": str(tmp_path / "test.jsonl"),
+                                     "reward": ["rule:arithmetic"], "output_dir": str(tmp_path / "out")})
+
+
+def test_stage_state_covers_inputs_and_prepare_names_them(tmp_path):
+    cfg = _eval_config(tmp_path)
+    assert stage_state("eval", cfg, cfg.output_dir) == ("new", "")
+    stage = Stage("eval", cfg, cfg.output_dir)
+    assert stage.prepare()
+    record = stage.finish({"mean_reward": 0.5})
+    assert set(record["inputs"]) == {"model_name_or_path", "dataset", "reward"}
+    assert record["inputs"]["dataset"].startswith("sha256:") and record["inputs"]["reward"] == ["rule:arithmetic"]
+    assert stage_state("eval", cfg, cfg.output_dir) == ("up_to_date", "")
+    assert not Stage("eval", cfg, cfg.output_dir).prepare()
+
+    other = build_config(EvalConfig, {**{k: getattr(cfg, k) for k in ("model_name_or_path", "dataset", "reward", "output_dir")},
+                                      "max_tokens": 9})
+    assert stage_state("eval", other, cfg.output_dir) == ("config_changed", "max_tokens: 32 -> 9")
+    assert stage_state("rs", cfg, cfg.output_dir)[0] == "config_changed"
+
+    (tmp_path / "test.jsonl").write_text('{"prompt": "2+2=", "answer": "4"}\n')
+    state, detail = stage_state("eval", cfg, cfg.output_dir)
+    assert state == "input_changed" and detail == f"dataset ({tmp_path / 'test.jsonl'}) content changed"
+    with pytest.raises(ConfigError, match=r"changed inputs \(dataset .* content changed\); pass --overwrite"):
+        Stage("eval", cfg, cfg.output_dir).prepare()
+    (tmp_path / "model" / "config.json").write_text('{"x": 1}')
+    assert "model_name_or_path" in stage_state("eval", cfg, cfg.output_dir)[1]
+    assert Stage("eval", cfg, cfg.output_dir).prepare(overwrite=True)
+    (tmp_path / "out" / "checkpoints" / "checkpoint-3").mkdir(parents=True)
+    assert stage_state("eval", cfg, cfg.output_dir)[0] == "incomplete"
+
+
+def test_every_stage_declares_its_input_fields():
+    from align.recipe import commands, stage_kinds
+    from align.config import fields_of
+
+    pathlike = {"model_name_or_path", "dataset", "eval_dataset", "ref_model", "reward", "eval_reward"}
+    for kind in stage_kinds():
+        cls = commands()[kind].config
+        fields = set(fields_of(cls))
+        assert set(cls.inputs) <= fields, kind
+        assert fields & pathlike <= set(cls.inputs), (kind, fields & pathlike - set(cls.inputs))
+    assert input_fingerprints(commands()["demo-data"].config(output_dir="x")) == {}
+
+
+def test_standalone_command_sees_a_regenerated_dataset(tmp_path, tiny_model):
+    """The issue's new-user case: regenerate the data, rerun the same command: it must not say 'done'."""
+    data = write(tmp_path / "test.jsonl", "".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(4)))
+    args = ["eval", "--model_name_or_path", tiny_model, "--dataset", data, "--reward", "rule:arithmetic", "--engine", "transformers",
+            "--max_tokens", "2", "--output_dir", tmp_path / "ev"]
+    env_cache = os.environ["ALIGN_FINGERPRINT_CACHE"]
+    assert env_cache  # the subprocess inherits this test's cache file
+    first = run_align(*args, check=True)
+    assert "mean reward" in first.stdout
+    finished = json.loads((tmp_path / "ev" / "stage.json").read_text())["finished_at"]
+    assert run_align(*args, check=True).returncode == 0  # same data: a no-op
+    assert json.loads((tmp_path / "ev" / "stage.json").read_text())["finished_at"] == finished
+    data.write_text(data.read_text().replace('"1+1="', '"1+2="').replace('"answer": "2"', '"answer": "3"'))
+    again = run_align(*args)
+    assert again.returncode == 2, again.stderr
+    assert f"changed inputs (dataset ({data}) content changed); pass --overwrite" in again.stderr
+    assert run_align(*args, "--overwrite", check=True).returncode == 0
+    assert json.loads((tmp_path / "ev" / "eval.jsonl").read_text().splitlines()[1])["prompt"] == "1+2="
+
+
+# -- the workdir lock ----------------------------------------------------------------------------
+
+
+def test_second_run_exits_75_naming_the_holder_and_kill_9_frees_the_lock(tmp_path):
+    workdir = tmp_path / "w"
+    recipe = write(tmp_path / "r.yaml", f"workdir: {workdir}\nstages:\n  - {{name: data, kind: demo-data, num_test: 4, num_prompts: 4, num_pairs: 4}}\n")
+    hold = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from align.runner import WorkdirLock
+        with WorkdirLock(Path({str(workdir)!r})):
+            print("held", flush=True)
+            time.sleep(600)
+    """)], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert hold.stdout.readline().strip() == "held"
+        started = time.time()
+        second = run_align("run", recipe)
+        assert second.returncode == 75, second.stderr
+        assert time.time() - started < 30
+        import socket
+
+        assert f"is in use by another align run (pid {hold.pid} on {socket.gethostname()}, started 20" in second.stderr
+        assert second.stderr.count("\n") == 1
+        assert not (workdir / "data").exists()
+        status = run_align("status", workdir)
+        assert status.returncode == 2 and "has no run.json" in status.stderr
+    finally:
+        hold.send_signal(signal.SIGKILL)
+        hold.wait()
+    third = run_align("run", recipe)
+    assert third.returncode == 0, third.stderr
+    assert (workdir / "data" / "stage.json").exists() and (workdir / "data" / "data" / "test.jsonl").exists()
+    assert json.loads((workdir / "run.json").read_text())["stages"]["data"]["status"] == "done"

@@ -1,0 +1,227 @@
+"""`align run` end to end with real stages: the quickstart recipe on its small `test` profile, then
+no-op reruns, `--set` and replaced inputs (asserted from stage timestamps), status/report, and real
+kills: kill -9 of the runner during rs and during rlhf, SIGTERM during sft."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ALIGN, ROOT, read_jsonl, run_align
+
+QUICKSTART = ROOT / "configs" / "recipes" / "quickstart.yaml"
+STAGES = ["data", "tiny", "sft", "eval_sft", "rm", "rs", "sft_rs", "eval_sft_rs", "rs_pairs", "dpo", "eval_dpo", "rlhf", "eval_rlhf"]
+EVALS = ["eval_sft", "eval_sft_rs", "eval_dpo", "eval_rlhf"]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """The runner and its children share one fingerprint cache, private to this module."""
+    cache = tmp_path_factory.mktemp("fp") / "cache.json"
+    return {**os.environ, "ALIGN_FINGERPRINT_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
+
+
+def align(env, *args, timeout=1800):
+    return subprocess.run([*ALIGN, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+
+
+def finished(workdir: Path) -> dict[str, str]:
+    return {name: json.loads((workdir / name / "stage.json").read_text())["finished_at"] for name in STAGES}
+
+
+def touch_seconds():
+    """stage.json timestamps have one-second resolution: let a second pass between runs."""
+    time.sleep(1.1)
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory, env):
+    workdir = tmp_path_factory.mktemp("quickstart") / "w"
+    proc = align(env, "run", QUICKSTART, "--profile", "test", "--workdir", workdir)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return workdir, proc
+
+
+def test_quickstart_runs_every_stage_and_ends_with_the_table(quickstart, env):
+    workdir, proc = quickstart
+    run = json.loads((workdir / "run.json").read_text())
+    assert list(run["stages"]) == STAGES and run["exit_code"] == 0
+    assert all(s["status"] == "done" and s["action"] == ("run" if s["reason"] == "new" else "overwrite") for s in run["stages"].values())
+    status = json.loads(align(env, "status", workdir, "--json").stdout)
+    assert [r["name"] for r in status] == STAGES and {r["status"] for r in status} == {"done"}
+    by_name = {r["name"]: r for r in status}
+    for name in EVALS:  # the table's numbers come from each eval's stage.json
+        summary = json.loads((workdir / name / "stage.json").read_text())["summary"]
+        assert by_name[name]["metrics"]["held_out"] == summary["mean_reward"]
+        assert summary["num_prompts"] == 16 and 0.0 <= summary["mean_reward"] <= 1.0
+        assert f"held_out {summary['mean_reward']:.3f}" in proc.stdout
+    assert by_name["rm"]["metrics"]["eval_accuracy"] == json.loads((workdir / "rm/stage.json").read_text())["summary"]["eval_accuracy"]
+    assert by_name["rs"]["metrics"]["kept_rows"] == json.loads((workdir / "rs/stage.json").read_text())["summary"]["kept_rows"]
+    for name in STAGES:  # each stage ran in its own process, its output teed to its log
+        assert (workdir / name / "log.txt").read_text().startswith("=== ")
+    assert json.loads((workdir / "sft_rs/stage.json").read_text())["config"]["dataset"] == str(workdir / "rs" / "data")
+    assert "sha256:" in json.dumps(json.loads((workdir / "sft/stage.json").read_text())["inputs"])
+
+
+def test_rerun_is_a_fast_no_op(quickstart, env):
+    workdir, _ = quickstart
+    before = finished(workdir)
+    logs = {name: (workdir / name / "log.txt").stat().st_size for name in STAGES}
+    started = time.time()
+    proc = align(env, "run", QUICKSTART, "--profile", "test", "--workdir", workdir)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert time.time() - started < 30
+    assert finished(workdir) == before
+    assert {name: (workdir / name / "log.txt").stat().st_size for name in STAGES} == logs  # no child started
+    assert "align run:" not in proc.stdout
+
+
+def test_set_reruns_exactly_that_stage_and_its_consumers(quickstart, env):
+    workdir, _ = quickstart
+    dry = align(env, "run", QUICKSTART, "--profile", "test", "--workdir", workdir, "--set", "rlhf.num_iterations=3", "--dry-run")
+    assert dry.returncode == 0
+    assert "config changed: num_iterations: 2 -> 3" in dry.stdout and "upstream rlhf reruns" in dry.stdout
+    before = finished(workdir)
+    touch_seconds()
+    proc = align(env, "run", QUICKSTART, "--profile", "test", "--workdir", workdir, "--set", "rlhf.num_iterations=3")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    after = finished(workdir)
+    assert [n for n in STAGES if after[n] != before[n]] == ["rlhf", "eval_rlhf"]
+    assert [r["step"] for r in read_jsonl(workdir / "rlhf" / "metrics.jsonl")] == [1, 2, 3]
+    # status follows the recipe of the last run: without the --set, rlhf is stale again
+    status = {r["name"]: r for r in json.loads(align(env, "status", workdir, "--json").stdout)}
+    assert status["rlhf"]["status"] == "done"
+
+
+def test_replaced_input_file_reruns_the_stages_that_read_it(quickstart, env):
+    workdir, _ = quickstart
+    test_file = workdir / "data" / "data" / "test.jsonl"
+    rows = test_file.read_text().splitlines()
+    test_file.write_text("\n".join(rows[:12]) + "\n")
+    before = finished(workdir)
+    status = {r["name"]: r for r in json.loads(align(env, "status", workdir, "--json").stdout)}
+    assert status["eval_sft"]["status"] == "stale" and "input changed: dataset" in status["eval_sft"]["why"]
+    assert status["sft"]["status"] == "done"
+    touch_seconds()
+    proc = align(env, "run", QUICKSTART, "--profile", "test", "--workdir", workdir, "--set", "rlhf.num_iterations=3")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    after = finished(workdir)
+    assert [n for n in STAGES if after[n] != before[n]] == EVALS
+    assert json.loads((workdir / "eval_sft" / "stage.json").read_text())["summary"]["num_prompts"] == 12
+
+
+def test_report_writes_plots_and_summary(quickstart, env):
+    workdir, _ = quickstart
+    proc = align(env, "report", workdir)
+    assert proc.returncode == 0, proc.stderr
+    report = workdir / "report"
+    assert (report / "heldout.png").stat().st_size > 1000 and (report / "rewards.png").stat().st_size > 1000
+    text = (report / "report.md").read_text()
+    held = json.loads((workdir / "eval_rlhf" / "stage.json").read_text())["summary"]["mean_reward"]
+    assert f"| eval_rlhf | eval | done | held_out {held:.3f} |" in text
+    assert "Held-out score:" in text and "![heldout](heldout.png)" in text
+
+
+# -- real kills -------------------------------------------------------------------------------------
+
+
+def _single_stage_recipe(path: Path, workdir: Path, stage: str) -> Path:
+    path.write_text(f"workdir: {workdir}\nstages:\n{stage}")
+    return path
+
+
+def _kill_runner_when(proc: subprocess.Popen, ready, timeout: float = 900) -> None:
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def _child_gone(stage_dir: Path, timeout: float = 30) -> None:
+    """The stage child died with the runner (PR_SET_PDEATHSIG): nothing writes into the dir any more."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        out = subprocess.run(["pgrep", "-f", str(stage_dir / "config.yaml")], capture_output=True, text=True).stdout
+        if not out.strip():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"a child of the killed runner still runs: {out}")
+
+
+def test_kill_9_during_rs_then_rerun_has_every_candidate_once(quickstart, env, tmp_path):
+    workdir, _ = quickstart
+    model, prompts = workdir / "sft" / "model", workdir / "data" / "data" / "prompts.jsonl"
+    recipe = _single_stage_recipe(tmp_path / "rs.yaml", tmp_path / "w", textwrap_stage(
+        "rs", "rs", model_name_or_path=model, dataset=prompts, reward="[rule:arithmetic]", num_samples=4, max_tokens=8,
+        max_model_len=64, shard_size=6, max_prompts=36, select="all"))
+    proc = subprocess.Popen([*ALIGN, "run", str(recipe)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    shards = tmp_path / "w" / "rs" / "shards"
+    _kill_runner_when(proc, lambda: len(list(shards.glob("shard-*.json"))) >= 1)
+    _child_gone(tmp_path / "w" / "rs")
+    assert not (tmp_path / "w" / "rs" / "stage.json").exists()
+    dry = align(env, "run", recipe, "--dry-run")
+    assert "incomplete, resumes" in dry.stdout
+    rerun = align(env, "run", recipe)
+    assert rerun.returncode == 0, rerun.stdout[-3000:]
+    record = json.loads((tmp_path / "w" / "rs" / "stage.json").read_text())
+    assert record["summary"]["resumed_shards"] >= 1
+    keys = [(c["prompt_id"], c["candidate_index"]) for c in read_jsonl(tmp_path / "w" / "rs" / "candidates.jsonl")]
+    assert len(keys) == len(set(keys)) == 36 * 4
+
+
+def test_kill_9_during_rlhf_then_rerun_has_every_iteration_once(quickstart, env, tmp_path):
+    workdir, _ = quickstart
+    model, prompts = workdir / "sft" / "model", workdir / "data" / "data" / "prompts.jsonl"
+    recipe = _single_stage_recipe(tmp_path / "rl.yaml", tmp_path / "w", textwrap_stage(
+        "rl", "rlhf", config=ROOT / "configs" / "demo_rlhf.yaml", model_name_or_path=model, dataset=prompts,
+        num_iterations=6, save_every=1, prompts_per_iteration=8, num_samples=4))
+    proc = subprocess.Popen([*ALIGN, "run", str(recipe)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    checkpoints = tmp_path / "w" / "rl" / "checkpoints"
+    _kill_runner_when(proc, lambda: (checkpoints / "checkpoint-2").exists())
+    _child_gone(tmp_path / "w" / "rl")
+    rerun = align(env, "run", recipe)
+    assert rerun.returncode == 0, rerun.stdout[-3000:]
+    record = json.loads((tmp_path / "w" / "rl" / "stage.json").read_text())
+    assert record["summary"]["resumed_from_iteration"] >= 2
+    assert [r["step"] for r in read_jsonl(tmp_path / "w" / "rl" / "metrics.jsonl")] == list(range(1, 7))
+
+
+def test_sigterm_during_sft_exits_3_and_the_rerun_resumes(quickstart, env, tmp_path):
+    workdir, _ = quickstart
+    recipe = _single_stage_recipe(tmp_path / "sft.yaml", tmp_path / "w", textwrap_stage(
+        "sft", "sft", model_name_or_path=workdir / "tiny" / "model", dataset=workdir / "data" / "data" / "sft.jsonl",
+        max_steps=400, save_steps=5, per_device_train_batch_size=8, logging_steps=5))
+    proc = subprocess.Popen([*ALIGN, "run", str(recipe)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    checkpoints = tmp_path / "w" / "sft" / "checkpoints"
+    deadline = time.time() + 900
+    while not any(checkpoints.glob("checkpoint-*/trainer_state.json")):  # a whole checkpoint
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    sent = time.time()
+    assert proc.wait(timeout=120) == 3, proc.stdout.read()[-3000:]
+    assert time.time() - sent < 120
+    assert "interrupted during stage 'sft'" in proc.stdout.read()
+    assert any(checkpoints.glob("checkpoint-*")) and not (tmp_path / "w" / "sft" / "stage.json").exists()
+    assert json.loads((tmp_path / "w" / "run.json").read_text())["stages"]["sft"]["status"] == "interrupted"
+    rerun = align(env, "run", recipe)
+    assert rerun.returncode == 0, rerun.stdout[-3000:]
+    assert json.loads((tmp_path / "w" / "sft" / "stage.json").read_text())["summary"]["resumed_from_step"] >= 5
+
+
+def textwrap_stage(name: str, kind: str, **keys) -> str:
+    body = "".join(f"    {k}: {v}\n" for k, v in keys.items())
+    return f"  - name: {name}\n    kind: {kind}\n{body}"
