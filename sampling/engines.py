@@ -6,17 +6,12 @@
 from __future__ import annotations
 
 import dataclasses
-import re
-from pathlib import Path
 from typing import Any, Literal
 
 from align.config import option
-from align.errors import ConfigError, ModelError
+from align.errors import ConfigError
 from sampling import hf, vllm_engine  # noqa: F401  register the engines
 from sampling.base import ENGINES, Engine, unknown_name
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
 
 def default_engine() -> str:
     """'vllm' when it imports (CPU or GPU build), else 'transformers'."""
@@ -33,9 +28,9 @@ def build_engine(name: str, model_path: str, **options: Any) -> Engine:
         name = default_engine()
     if name not in ENGINES:
         raise unknown_name("engine", name, ["auto", *ENGINES])
-    if not (Path(model_path).expanduser().exists() or _HUB_ID.match(str(model_path))):
-        raise ModelError(f"model not found: {model_path} (give a Hugging Face model folder or a Hub id)")
-    return ENGINES[name].from_pretrained(str(model_path), **options)
+    from align.models import resolve_model_path
+
+    return ENGINES[name].from_pretrained(resolve_model_path(str(model_path)), **options)
 
 
 @dataclasses.dataclass
