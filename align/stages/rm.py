@@ -38,7 +38,7 @@ import torch
 from align.registry import command
 from align.config import BaseConfig, option, required
 from align.errors import ConfigError, DataError, ModelError
-from align.models import DTYPES, ModelOptions, _check_exists, _first_line, save_model
+from align.models import DTYPES, ModelOptions, _first_line, resolve_model_path, save_model
 from align.stage import CheckpointOptions, Stage, read_stage
 from align.training import TrainOptions, trl_args
 from reward.losses import (
@@ -199,13 +199,13 @@ def load_backbone(cfg: RMStageConfig):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl.trainer.reward_trainer import suppress_seqcls_warning
 
-    _check_exists(cfg.model_name_or_path)
+    path = resolve_model_path(cfg.model_name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
         torch.manual_seed(cfg.seed)  # the fresh head
         with suppress_seqcls_warning():
             model = AutoModelForSequenceClassification.from_pretrained(
-                cfg.model_name_or_path, num_labels=1, dtype=DTYPES[cfg.dtype], use_safetensors=True,
+                path, num_labels=1, dtype=DTYPES[cfg.dtype], use_safetensors=True,
                 trust_remote_code=cfg.trust_remote_code,
             )
     except (OSError, ValueError) as err:
