@@ -39,12 +39,13 @@ from align.errors import ConfigError
 from align.evaluation import RewardOptions
 from align.models import ModelOptions, load_causal_lm, load_tokenizer, peft_config, save_model
 from align.rl import parallel
+from align.rl.merging_optimizer import OnlineMergingOptions
 from align.stage import CheckpointOptions, Stage, read_stage, staging_dir
 from sampling.engines import EngineOptions
 
 
 @dataclasses.dataclass
-class RLHFConfig(RewardOptions, EngineOptions, ModelOptions, CheckpointOptions, BaseConfig):
+class RLHFConfig(RewardOptions, EngineOptions, ModelOptions, OnlineMergingOptions, CheckpointOptions, BaseConfig):
     dataset: str = required("Prompts to train on (prompt rows; extra columns such as `answer` reach the scorers).")
     output_dir: str = required("Stage directory: stage.json, metrics.jsonl, model/, checkpoints/.")
     optimizer: str = option("rloo", "Policy optimizer: online_dpo, ppo, mdloo, grpo or rloo.")
@@ -87,6 +88,7 @@ class RLHFConfig(RewardOptions, EngineOptions, ModelOptions, CheckpointOptions, 
                 raise ConfigError(f"'{key}' must be >= 1, got {getattr(self, key)}")
         if self.learning_rate <= 0 or self.kl_coef < 0 or self.mdloo_t <= 0:
             raise ConfigError("'learning_rate' and 'mdloo_t' must be > 0 and 'kl_coef' >= 0")
+        self.validate_merging(lora=self.use_lora or self.load_in_4bit)
 
 
 # ---------------------------------------------------------------------------------------------
