@@ -135,7 +135,7 @@ def test_dpo_with_onties_trains_sparse_merged_updates(sft_model, tiny_model, dem
     assert math.isfinite(s["final_loss"]) and math.isfinite(s["train_loss"])
     after, before = load_file(str(out / "model" / "model.safetensors")), load_file(str(sft_model / "model.safetensors"))
     fraction = changed_fraction(after, before, "model.layers.0.self_attn.q_proj.weight")
-    assert 0 < fraction <= steps * 0.02 + 1e-3, fraction
+    assert 0 < fraction <= steps * 0.02 + 1e-3, fraction  # measured 0.037 (AdamW: all entries)
 
 
 def test_rlhf_online_dpo_step_with_ondare(tiny_model, tmp_path):
@@ -168,3 +168,43 @@ def test_rlhf_online_dpo_step_with_ondare(tiny_model, tmp_path):
     key = "model.layers.0.mlp.up_proj.weight"
     fraction = changed_fraction(policy.state_dict(), before, key)
     assert 0.05 < fraction < 0.3, fraction  # DARE keeps ~10% of D; tau~'s ~10% (times alpha) moves others (measured 0.19)
+
+
+def test_dpo_resume_continues_the_same_merged_run(tiny_model, demo_data, tmp_path, monkeypatch):
+    """Crash after the step-2 checkpoint, resume: the same weights as an uninterrupted run, so the
+    checkpoint restored the sparsified tau, the Adam moments and the DARE generator."""
+    from align import tracking
+    from align.config import parse_config
+    from align.stages.dpo import DPOStageConfig, run_dpo
+    from align.tiny import make_tiny_model
+
+    sft = make_tiny_model(tmp_path / "sft", seed=1)  # the "SFT" policy; tiny_model is its "base"
+    head = tmp_path / "pairs.jsonl"
+    head.write_text("".join((demo_data / "pairs.jsonl").read_text().splitlines(keepends=True)[:32]))
+
+    def flags(out):
+        return list(map(str, ["--model_name_or_path", sft, "--dataset", head, "--output_dir", out,
+                              "--ref_cache_dir", tmp_path / "cache", "--max_steps", 4, "--save_steps", 2,
+                              "--per_device_train_batch_size", 8, "--max_length", 64, "--learning_rate", "1e-3",
+                              "--optimizer_merge", "ondare", "--merge_base", tiny_model, "--merge_reserve_p", "0.3",
+                              "--merge_alpha", "0.01"]))
+
+    run_dpo(parse_config(DPOStageConfig, flags(tmp_path / "straight")))
+    original = tracking.StageCallback.on_step_end
+
+    def crash_at_step_3(self, args, state, control, **kwargs):
+        if state.global_step == 3:
+            raise RuntimeError("simulated crash")
+        return original(self, args, state, control, **kwargs)
+
+    monkeypatch.setattr(tracking.StageCallback, "on_step_end", crash_at_step_3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_dpo(parse_config(DPOStageConfig, flags(tmp_path / "resumed")))
+    monkeypatch.setattr(tracking.StageCallback, "on_step_end", original)
+    record = run_dpo(parse_config(DPOStageConfig, [*flags(tmp_path / "resumed"), "--resume"]))
+    assert record["summary"]["resumed_from_step"] == 2 and record["summary"]["global_step"] == 4
+    straight = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
+    resumed = load_file(str(tmp_path / "resumed" / "model" / "model.safetensors"))
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert not torch.equal(straight["model.layers.0.mlp.up_proj.weight"],
+                           load_file(str(sft / "model.safetensors"))["model.layers.0.mlp.up_proj.weight"])
