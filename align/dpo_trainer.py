@@ -24,6 +24,8 @@
    policy's, while the policy's activations are held for backward, so the reference's transient
    buffers add to the step's peak memory. We run it before (same computation, same numbers), so
    they are freed first: a lower peak at no cost in time.
+6. **Online Merging Optimizer** (``online_merging``): ``create_optimizer`` builds
+   ``align.rl.merging_optimizer.OnlineMergingAdamW`` over Trainer's usual parameter groups.
 """
 
 from __future__ import annotations
@@ -160,13 +162,30 @@ class AlignDPOTrainer(DPOTrainer):
     """
 
     def __init__(self, *args, max_prompt_length: int | None = None, long_prompts: str = "skip",
-                 ref_cache: RefLogpsCache | None = None, **kwargs):
+                 ref_cache: RefLogpsCache | None = None, online_merging=None, **kwargs):
         self.max_prompt_length = max_prompt_length
+        self.online_merging = online_merging  # OnlineMergingOptions: train with OnlineMergingAdamW
         self.long_prompts = long_prompts
         self.ref_cache = ref_cache
         self.prompt_report = {"long_prompts_truncated": 0, "long_prompts_skipped": 0}
         self.ref_forward_batches = 0
         super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model=None):
+        if self.online_merging is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        # Trainer's grouping (no decay on norms and biases) with our class; the task vectors are taken
+        # here, when the policy still holds the starting weights, and dropped once sparsified.
+        from align.rl.merging_optimizer import OnlineMergingAdamW
+
+        args = self.args
+        self.optimizer_cls_and_kwargs = (OnlineMergingAdamW, {
+            **self.online_merging.merging_kwargs(self.model, seed=args.seed), "lr": args.learning_rate,
+            "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon})
+        try:
+            return super().create_optimizer(model)
+        finally:
+            self.optimizer_cls_and_kwargs = None
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         # Tokenize without TRL's silent drop of over-long prompts (max_length=None skips it), then

@@ -21,6 +21,7 @@ from align.registry import Registry
 from align.rl import estimators as est
 from align.rl import losses as L
 from align.rl import parallel
+from align.rl.merging_optimizer import OnlineMergingAdamW
 from align.rl.rollout import Rollouts, token_logprobs
 
 OPTIMIZERS: Registry[type["PolicyOptimizer"]] = Registry("optimizer")
@@ -67,7 +68,10 @@ class PolicyOptimizer:
         params = [p for p in policy.parameters() if p.requires_grad]
         params += [p for m in self.extra.values() for p in m.parameters()]
         self.params = params
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+        if cfg.optimizer_merge == "none":
+            self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+        else:  # Qwen2's Online Merging Optimizer (align.rl.merging_optimizer)
+            self.optimizer = OnlineMergingAdamW(params, lr=cfg.learning_rate, **cfg.merging_kwargs(policy, seed=cfg.seed))
 
     # -- hooks -------------------------------------------------------------------------------
     def extra_modules(self) -> dict[str, nn.Module]:

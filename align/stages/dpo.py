@@ -20,6 +20,8 @@ collator and a small subclass. What this stage adds, and where it departs from t
 5. The stage contract (``align.stage``), ``--resume``, an optional greedy evaluation like
    ``align sft``'s, and multi-process runs under ``accelerate launch`` (only the main process
    writes stage.json, metrics and the model).
+6. ``--optimizer_merge ondare|onties``: Qwen2's Online Merging Optimizer in place of AdamW
+   (``align.rl.merging_optimizer``), with the task vector taken against ``--merge_base``.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from align.evaluation import EvalOptions
 from align.errors import ConfigError, DataError
 from align.models import ModelOptions, load_causal_lm, load_tokenizer, peft_config, save_model
 from align.registry import Registry
+from align.rl.merging_optimizer import OnlineMergingOptions
 from align.stage import CheckpointOptions, Stage, read_stage
 from align.training import TrainOptions, trl_args
 
@@ -96,7 +99,7 @@ def default_cache_dir() -> Path:
 
 
 @dataclasses.dataclass
-class DPOStageConfig(TrainOptions, ModelOptions, EvalOptions, CheckpointOptions, BaseConfig):
+class DPOStageConfig(TrainOptions, ModelOptions, EvalOptions, OnlineMergingOptions, CheckpointOptions, BaseConfig):
     run_control = ("overwrite", "resume", "ref_cache_dir")
     output_dirs = ("output_dir", "ref_cache_dir")
     inputs = ("model_name_or_path", "ref_model", "dataset", "eval_dataset", "eval_reward")
@@ -138,6 +141,7 @@ class DPOStageConfig(TrainOptions, ModelOptions, EvalOptions, CheckpointOptions,
             raise ConfigError(f"'warmup_ratio' must be in [0, 1), got {self.warmup_ratio}")
         if self.merge_lora and not (self.use_lora or self.load_in_4bit):
             raise ConfigError("'merge_lora' needs use_lora (or load_in_4bit); a full fine-tune is already merged")
+        self.validate_merging(lora=self.use_lora or self.load_in_4bit)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,6 +296,7 @@ def build_trainer(cfg: DPOStageConfig, train, stage: Stage, callbacks: list | No
         max_prompt_length=cfg.max_prompt_length or cfg.max_length - 1,
         long_prompts=cfg.long_prompts,
         ref_cache=cache,
+        online_merging=cfg if cfg.optimizer_merge != "none" else None,
     )
 
 

@@ -43,6 +43,7 @@ from align.errors import ConfigError, ModelError
 from align.evaluation import RewardOptions
 from align.models import ModelOptions, load_causal_lm, load_tokenizer, peft_config, save_model
 from align.rl import parallel
+from align.rl.merging_optimizer import OnlineMergingOptions
 from align.rl.optimizers import OPTIMIZERS
 from align.stage import CHECKPOINT_RECORD, CheckpointOptions, Stage, checkpoint_dir, read_stage
 from align.training import REPORT_TO_HELP
@@ -51,7 +52,7 @@ from sampling.engines import EngineOptions
 
 
 @dataclasses.dataclass
-class RLHFConfig(RewardOptions, EngineOptions, ModelOptions, CheckpointOptions, BaseConfig):
+class RLHFConfig(RewardOptions, EngineOptions, ModelOptions, OnlineMergingOptions, CheckpointOptions, BaseConfig):
     inputs = ("model_name_or_path", "dataset", "reward", "eval_dataset", "eval_reward")
     dataset: str = required("Prompts to train on (prompt rows; extra columns such as `answer` reach the scorers).")
     output_dir: str = required("Stage directory: stage.json, metrics.jsonl, model/, checkpoints/.")
@@ -98,6 +99,7 @@ class RLHFConfig(RewardOptions, EngineOptions, ModelOptions, CheckpointOptions, 
             from align.tracking import check_trackers
 
             check_trackers(self.report_to)
+        self.validate_merging(lora=self.use_lora or self.load_in_4bit)
 
 
 # ---------------------------------------------------------------------------------------------
