@@ -10,8 +10,8 @@ import dataclasses
 import json
 from typing import ClassVar, Literal
 
-from align.registry import command
 from align.config import BaseConfig, option, required
+from align.registry import command
 
 
 @dataclasses.dataclass

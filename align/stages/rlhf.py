@@ -33,11 +33,11 @@ from typing import Any
 
 import torch
 
-from align.registry import command
 from align.config import BaseConfig, option, required
 from align.errors import ConfigError
 from align.evaluation import RewardOptions
 from align.models import ModelOptions, load_causal_lm, load_tokenizer, peft_config, save_model
+from align.registry import command
 from align.rl import parallel
 from align.rl.optimizers import OPTIMIZERS
 from align.stage import CheckpointOptions, Stage, read_stage, staging_dir

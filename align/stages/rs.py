@@ -37,10 +37,10 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar
 
-from align.registry import command
 from align.config import BaseConfig, option, required
 from align.errors import ConfigError, DataError
 from align.evaluation import RewardOptions, check_scorer_accepts, load_prompts, score_candidates
+from align.registry import command
 from align.stage import Stage, atomic_write_json, atomic_write_text, read_stage, staging_dir
 from sampling.base import SamplingParams
 from sampling.engines import EngineOptions
