@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from align.registry import command
 from align.config import BaseConfig, option, required
+from align.registry import command
 
 
 @dataclasses.dataclass

@@ -112,6 +112,7 @@ def test_optimizer_learns(optimizer, tmp_path, sft_model, demo_data):
     print(optimizer, {k: round(v, 3) if isinstance(v, float) else v for k, v in s.items()})
     assert s["reward_last_10pct"] >= s["reward_first_10pct"] + LEARNING[optimizer][1], s
     assert s["eval_mean_reward"] >= s["eval_mean_reward_before"], s
+    assert s["engine"] == "vllm"  # engine auto, with vLLM installed
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 31))
     for key in ("reward_mean", "reward_std", "entropy", "response_length", "time_generate", "time_score", "time_train", "time_sync"):

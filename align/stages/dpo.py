@@ -34,12 +34,11 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from align.registry import command
 from align.config import BaseConfig, option, required
 from align.evaluation import EvalOptions
 from align.errors import ConfigError, DataError
 from align.models import ModelOptions, load_causal_lm, load_tokenizer, peft_config, save_model
-from align.registry import Registry
+from align.registry import Registry, command
 from align.rl.merging_optimizer import OnlineMergingOptions
 from align.stage import CheckpointOptions, Stage, read_stage
 from align.training import TrainOptions, trl_args

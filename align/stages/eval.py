@@ -16,10 +16,10 @@ import dataclasses
 import json
 from typing import ClassVar
 
-from align.registry import command
 from align.config import BaseConfig, option, required
 from align.errors import ConfigError
 from align.evaluation import RewardOptions, check_scorer_accepts, evaluate, load_prompts
+from align.registry import command
 from align.stage import Stage, atomic_write_text, read_stage
 from sampling.base import SamplingParams
 from sampling.engines import EngineOptions

@@ -35,10 +35,10 @@ from typing import Any, Literal
 
 import torch
 
-from align.registry import command
 from align.config import BaseConfig, option, required
 from align.errors import ConfigError, DataError, ModelError
 from align.models import DTYPES, ModelOptions, _first_line, resolve_model_path, save_model
+from align.registry import command
 from align.stage import CheckpointOptions, Stage, read_stage
 from align.training import TrainOptions, trl_args
 from reward.losses import (

@@ -17,12 +17,12 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from align.registry import command
 from align.config import BaseConfig, option, required
 from align.evaluation import EvalOptions
 from align.data import load_dataset
 from align.errors import ConfigError
 from align.models import ModelOptions, load_causal_lm, load_tokenizer, peft_config, save_model
+from align.registry import command
 from align.stage import CheckpointOptions, Stage, read_stage
 from align.training import TrainOptions, trl_args
 
