@@ -249,6 +249,30 @@ class Recipe:
                 raise ConfigError(f"--force {name}: no such stage in {self.path}{_did_you_mean(name, known)}")
         return set(force)
 
+    # -- running (the Python API behind align run / status) ---------------------------------------
+    def run(self, force: list[str] | tuple[str, ...] = ()) -> int:
+        """Run the recipe as ``align run`` does (lock, one child per stage); returns the exit code."""
+        from align.runner import Run
+
+        return Run(self, force).execute()
+
+    def run_stage(self, name: str, force: bool = False) -> int:
+        """Run only stage ``name`` (a round name or a base name: all its rounds), if it is not up to date."""
+        from align.runner import Run
+
+        return Run(self, [name] if force else (), only=name).execute()
+
+    def results(self) -> dict[str, Any]:
+        """``{"stages": [status rows], "metrics": DataFrame}``: one row per stage with its key metrics."""
+        import pandas as pd
+
+        from align.status import workdir_status
+
+        rows = workdir_status(self.workdir)
+        table = pd.DataFrame([{"stage": r["name"], "kind": r["kind"], "status": r["status"], **r["metrics"],
+                               "duration_s": r["duration_s"]} for r in rows])
+        return {"stages": rows, "metrics": table}
+
     def set(self, key: str, value: Any) -> "Recipe":
         """A copy with ``NAME.key`` (or ``vars.x``) set to ``value``, validated like ``--set``."""
         raw = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()

@@ -205,6 +205,9 @@ class Run:
                 entry["status"] = "done"
                 self._save()
                 continue
+            if self.children.signalled is not None:  # a signal between stages: start nothing new
+                code = EXIT_INTERRUPTED
+                break
             rerun.add(spec.name)
             self.echo(f"align run: {spec.name} ({spec.kind}): {decision['action']} ({decision['reason']})")
             code = self._run_stage(spec.name, decision["action"], entry)

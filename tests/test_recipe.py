@@ -274,3 +274,22 @@ def test_second_run_exits_75_naming_the_holder_and_kill_9_frees_the_lock(tmp_pat
     assert third.returncode == 0, third.stderr
     assert (workdir / "data" / "stage.json").exists() and (workdir / "data" / "data" / "test.jsonl").exists()
     assert json.loads((workdir / "run.json").read_text())["stages"]["data"]["status"] == "done"
+
+
+def test_python_api_runs_one_stage_and_reads_results(tmp_path):
+    """Recipe.load -> .set -> .plan -> .run_stage -> .results, without the CLI."""
+    path = write(tmp_path / "r.yaml", f"""\
+        workdir: {tmp_path / 'w'}
+        stages:
+          - {{name: data, kind: demo-data, num_test: 4, num_prompts: 4, num_pairs: 4}}
+          - {{name: more, kind: demo-data, num_test: 5, num_prompts: 4, num_pairs: 4}}
+    """)
+    recipe = Recipe.load(path).set("data.num_test", 6)
+    assert [(r["name"], r["action"], r["reason"]) for r in recipe.plan()] == [("data", "run", "new"), ("more", "run", "new")]
+    assert recipe.run_stage("data") == 0
+    assert len((tmp_path / "w" / "data" / "data" / "test.jsonl").read_text().splitlines()) == 6
+    assert [r["action"] for r in recipe.plan()] == ["skip", "run"]
+    results = recipe.results()
+    assert [(r["name"], r["status"]) for r in results["stages"]] == [("data", "done"), ("more", "pending")]
+    assert list(results["metrics"]["stage"]) == ["data", "more"]
+    assert Recipe.load(path).plan()[0]["reason"] == "config changed: num_test: 6 -> 4"
