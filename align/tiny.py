@@ -17,7 +17,7 @@ from typing import Callable
 
 from align.errors import ConfigError
 
-# vLLM's CPU attention accepts only these head sizes (stack.md, trap 2).
+# vLLM's CPU attention accepts only these head sizes (docs/vllm-cpu.md#2).
 VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 PAD, BOS, UNK = "<|pad|>", "<|bos|>", "<|unk|>"
@@ -187,7 +187,7 @@ def _common(vocab_size, hidden_size, num_layers, num_heads, intermediate_size, m
         num_key_value_heads=num_heads,
         intermediate_size=intermediate_size,
         max_position_embeddings=max_pos,
-        tie_word_embeddings=False,  # stack.md trap 3: tied lm_head does not reload in vLLM CPU
+        tie_word_embeddings=False,  # docs/vllm-cpu.md#3: tied lm_head may not reload in vLLM CPU
         **ids,
     )
 

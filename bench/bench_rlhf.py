@@ -7,11 +7,11 @@ max response length, learning rate and clip range, for the same number of optimi
 Prompts: real Alpaca instructions (../shared/data/real/alpaca_en_demo.json) when present,
 rewarded by a 40-character length budget (``rule:length_penalty``, reimplemented for TRL);
 ``--dataset demo``: the a+b= task with ``rule:arithmetic`` (tiny prompts and answers: per-step
-overheads dominate there, see the issue notes).
+overheads dominate there: generation's per-step cost and the fixed weight-reload cost).
 Samples/s = completions generated and trained on / seconds of the training loop (model loading and
 engine start excluded on both sides: our per-iteration time split; TRL's ``train_runtime``).
 
-TRL's colocated vLLM mode is tried first; on CPU in fp32 its weight sync fails (stack.md), in
+TRL's colocated vLLM mode is tried first; on CPU in fp32 its weight sync fails on some machines (docs/vllm-cpu.md#9), in
 which case TRL runs with transformers generation and the table says so. Also reports the share
 of our iteration time spent on weight sync (goal: at most 5%). Writes bench/results/rlhf.json.
 """

@@ -4,7 +4,7 @@
 
 Every loss reads a ``RewardBatch``: the scalar rewards of each row's responses laid out best
 first (``rewards[b, 0]`` is the preferred one), a mask of which slots hold a response (rows may
-have 2 or 3), and the per-row margin and soft label. The formulas (recipes.md):
+have 2 or 3), and the per-row margin and soft label. The formulas (docs/methods.md):
 
 * ``bradley_terry``: -log sigmoid(r_c - r_r - m). Llama 2 (Touvron et al. 2023, eq. 2) uses a
   margin m by preference level; Llama 3 (Dubey et al. 2024, sec. 4.1.2) removes it (m = 0,
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from align.errors import DataError
 from align.registry import Registry
 
-# AFM's soft labels for "significantly / better / slightly / negligibly better" (recipes.md).
+# AFM's soft labels for "significantly / better / slightly / negligibly better" (docs/methods.md).
 SOFT_LABELS: dict[str, float] = {"significantly": 0.95, "better": 0.85, "slightly": 0.75, "negligibly": 0.65}
 # Llama 2's "margin small" (Touvron et al. 2023, table 28), by the same levels.
 LLAMA2_MARGINS: dict[str, float] = {"significantly": 1.0, "better": 2 / 3, "slightly": 1 / 3, "negligibly": 0.0}

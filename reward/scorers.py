@@ -8,7 +8,7 @@ Spec strings, as given to ``--reward``:
   ``model:PATH``        a reward model folder (``align rm``'s ``model/`` or any HF seq-cls folder)
   ``pkg.module:func``   user code, imported only from this explicit ``module:function``
 
-Several specs make a committee (AFM's iTeC scores with one; recipes.md):
+Several specs make a committee (AFM's iTeC scores with one; docs/methods.md):
 ``build_scorer(["rule:arithmetic", "model:runs/rm/model"], weights=[0.5, 0.5], combine="weighted",
 normalize=True)``. With ``normalize`` each member's scores are z-normalized over the batch
 ((s - mean) / std; all zeros when std is 0) before combining, so a 0/1 rule and an unbounded

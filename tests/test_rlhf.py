@@ -88,8 +88,8 @@ def test_sync_matches_policy_logprobs_full_and_lora(sft_vllm, sft_model):
 # ---------------------------------------------------------------------------------------------
 
 # Per-optimizer settings on top of configs/demo_rlhf.yaml and the least gain in mean reward (last
-# 10% of iterations over the first 10%) each must show, from a sweep on the demo task (issue note:
-# rloo +0.18, grpo +0.18, mdloo +0.19, ppo +0.15, online_dpo +0.07; 512 samples per iteration, so
+# 10% of iterations over the first 10%) each must show, from a sweep on the demo task (measured
+# gains: rloo +0.18, grpo +0.18, mdloo +0.19, ppo +0.15, online_dpo +0.07; 512 samples per iteration, so
 # the std of a 3-iteration mean is about 0.01). Online DPO learns from best-vs-worst pairs only and
 # moves slowest; the sequence-level updates (mdloo, ppo) take more inner steps per batch.
 LEARNING = {

@@ -136,8 +136,8 @@ VLLM_KWARGS = dict(dtype="float32", enforce_eager=True, max_model_len=128, seed=
 def vllm_engine(tmp_path_factory):
     """A real in-process vLLM engine on the llama/char tiny model; cleaned up after the module.
 
-    vLLM's CPU worker replaces ``torch.set_num_threads`` with a no-op in its process (stack.md,
-    trap 8): put it back afterwards so the rest of the session keeps its thread settings.
+    vLLM's CPU worker replaces ``torch.set_num_threads`` with a no-op in its process
+    (docs/vllm-cpu.md#8): put it back afterwards so the rest of the session keeps its thread settings.
     """
     pytest.importorskip("vllm")
     path = make_tiny_model(tmp_path_factory.mktemp("vllm") / "tiny", arch="llama", tokenizer="char")

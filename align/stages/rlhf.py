@@ -15,7 +15,7 @@ Each iteration, read top to bottom in ``run_rlhf``:
      ``--resume`` continues with the next iteration.
 
 Why our own loop: TRL's online trainers each own generation and cannot swap the optimizer, TRL
-has no PPO or MDLOO, and its colocated vLLM sync fails on CPU in fp32 (stack.md).
+has no PPO or MDLOO, and its colocated vLLM sync fails on CPU in fp32 (docs/vllm-cpu.md#9).
 
 Multi-process (``accelerate launch``, e.g. configs/accelerate/cpu_2proc.yaml): data parallel with
 an engine per rank. Each rank generates, scores and computes the loss for its shard of every

@@ -18,7 +18,7 @@ Data: TRL preference rows (any format ``align.data`` reads) plus optional column
   ``chosen_grades`` / ``rejected_grades`` / ``edited_grades``  {head name: level 0..grade_levels-1},
                         AFM's single-sided grades for ``--grade_heads`` (missing grades are skipped)
 
-How this departs from the reports (recipes.md):
+How this departs from the reports (docs/methods.md):
 1. The responses of one prompt are scored as separate sequences (Llama 3 packs them into one row).
 2. AFM's grade heads are extra outputs of the same linear head on the last-token embedding
    (output 0 is the reward), so ``model/`` stays a standard sequence-classification folder.
