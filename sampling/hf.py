@@ -130,6 +130,9 @@ def _cut_at_stop(text: str, reason: str, stop: tuple[str, ...]) -> tuple[str, st
 
 
 def _sampled_logprobs(logits: tuple[torch.Tensor, ...], sampled: torch.Tensor) -> list[list[float]]:
-    """Log-probs of the sampled tokens under the raw (unwarped) logits: what a trainer computes."""
-    steps = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in logits], dim=1)
-    return steps.gather(-1, sampled[:, : steps.shape[1]].unsqueeze(-1)).squeeze(-1).tolist()
+    """Log-probs of the sampled tokens under the raw (unwarped) logits: what a trainer computes
+    (step by step, never the full-vocabulary log-softmax of every step at once)."""
+    from align.rl.rollout import selective_logprobs
+
+    steps = [selective_logprobs(s.unsqueeze(0), sampled[None, :, i])[0] for i, s in enumerate(logits)]
+    return torch.stack(steps, dim=1).tolist()

@@ -91,10 +91,70 @@ def token_logprobs(model, input_ids, attention_mask, with_hidden: bool = False, 
 
 def _token_logprobs(model, input_ids, attention_mask, with_hidden: bool):
     out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=with_hidden)
-    logits = out.logits[:, :-1].float()
-    logp_all = F.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    with torch.no_grad():  # a statistic only: no graph for it
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    logits = out.logits[:, :-1]
+    logp = selective_logprobs(logits, input_ids[:, 1:])
+    entropy = chunked_entropy(logits)
     hidden = out.hidden_states[-1][:, :-1] if with_hidden else None
     return logp, entropy, hidden
+
+
+# Positions per chunk in the two functions below: 1,024 x 49,152 x 4 bytes = 200 MB of fp32
+# temporaries at a time at SmolLM2's vocabulary, whatever the batch.
+CHUNK_TOKENS = 1024
+
+
+def _chunks(logits: torch.Tensor, chunk_tokens: int):
+    """(row, position slice) chunks of [B, T, V] logits, each a view (no copy of the logits)."""
+    for row in range(logits.shape[0]):
+        for start in range(0, logits.shape[1], chunk_tokens):
+            yield row, slice(start, start + chunk_tokens)
+
+
+def selective_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
+    """log softmax(logits)[target] per position, [B, T, V] x [B, T] -> [B, T] fp32, with gradients.
+
+    The same numbers as ``log_softmax(logits.float()).gather(targets)`` without the full-vocabulary
+    fp32 log-softmax (B x T x V x 4 bytes, 1.6 GB for 64 x 128 tokens at a 49k vocabulary) and
+    without keeping one for the backward pass: the forward keeps only logsumexp per position,
+    and the backward writes softmax-minus-one-hot chunk by chunk into the one gradient tensor.
+    TRL's ``selective_log_softmax`` loops over rows for the forward the same way.
+    """
+    return _SelectiveLogprobs.apply(logits, targets, chunk_tokens)
+
+
+class _SelectiveLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, chunk_tokens):
+        logp = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
+        lse = torch.empty_like(logp)
+        for row, cols in _chunks(logits, chunk_tokens):
+            chunk = logits[row, cols].float()
+            lse[row, cols] = torch.logsumexp(chunk, dim=-1)
+            logp[row, cols] = chunk.gather(-1, targets[row, cols].unsqueeze(-1)).squeeze(-1) - lse[row, cols]
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.chunk_tokens = chunk_tokens
+        return logp
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logp):
+        logits, targets, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for row, cols in _chunks(logits, ctx.chunk_tokens):
+            g = grad_logp[row, cols].unsqueeze(-1)
+            chunk = -(logits[row, cols].float() - lse[row, cols].unsqueeze(-1)).exp() * g  # -softmax * g
+            chunk.scatter_add_(-1, targets[row, cols].unsqueeze(-1), g)  # + one-hot * g
+            grad[row, cols] = chunk
+        return grad, None, None
+
+
+@torch.no_grad()  # a statistic only: no graph for it
+def chunked_entropy(logits: torch.Tensor, chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
+    """Entropy of softmax(logits) per position, [B, T, V] -> [B, T] fp32, in chunks:
+    H = logsumexp(x) - sum softmax(x) * x."""
+    entropy = torch.empty(logits.shape[:2], dtype=torch.float32, device=logits.device)
+    for row, cols in _chunks(logits, chunk_tokens):
+        chunk = logits[row, cols].float()
+        lse = torch.logsumexp(chunk, dim=-1)
+        entropy[row, cols] = lse - (torch.softmax(chunk, dim=-1) * chunk).sum(-1)
+    return entropy
