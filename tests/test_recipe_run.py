@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ALIGN, ROOT, read_jsonl, run_align
+from conftest import ALIGN, ROOT, read_jsonl
 
 QUICKSTART = ROOT / "configs" / "recipes" / "quickstart.yaml"
 STAGES = ["data", "tiny", "sft", "eval_sft", "rm", "rs", "sft_rs", "eval_sft_rs", "rs_pairs", "dpo", "eval_dpo", "rlhf", "eval_rlhf"]
