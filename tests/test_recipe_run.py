@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 def env(tmp_path_factory):
     """The runner and its children share one fingerprint cache, private to this module."""
     cache = tmp_path_factory.mktemp("fp") / "cache.json"
-    return {**os.environ, "ALIGN_FINGERPRINT_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
+    return {**os.environ, "ALIGN_FINGERPRINT_CACHE": str(cache), "PYTHONPATH": str(ROOT), "COLUMNS": "250"}  # unwrapped tables
 
 
 def align(env, *args, timeout=1800):
