@@ -136,10 +136,6 @@ def read_stage(output_dir: str | Path) -> dict[str, Any] | None:
     return json.loads(path.read_text())
 
 
-# What ``stage_state`` can say about a stage dir, and what ``align run`` does about it.
-STATES = ("new", "up_to_date", "config_changed", "input_changed", "incomplete")
-
-
 def has_partial_work(output_dir: str | Path) -> bool:
     """True when the dir holds checkpoints or rs shards of a run that did not finish."""
     root = Path(output_dir)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ALIGN, ROOT, read_jsonl, run_align
+from conftest import ALIGN, ROOT, read_jsonl
 
 QUICKSTART = ROOT / "configs" / "recipes" / "quickstart.yaml"
 STAGES = ["data", "tiny", "sft", "eval_sft", "rm", "rs", "sft_rs", "eval_sft_rs", "rs_pairs", "dpo", "eval_dpo", "rlhf", "eval_rlhf"]
@@ -27,7 +26,7 @@ pytestmark = pytest.mark.slow
 def env(tmp_path_factory):
     """The runner and its children share one fingerprint cache, private to this module."""
     cache = tmp_path_factory.mktemp("fp") / "cache.json"
-    return {**os.environ, "ALIGN_FINGERPRINT_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
+    return {**os.environ, "ALIGN_FINGERPRINT_CACHE": str(cache), "PYTHONPATH": str(ROOT), "COLUMNS": "250"}  # unwrapped tables
 
 
 def align(env, *args, timeout=1800):
@@ -97,7 +96,7 @@ def test_set_reruns_exactly_that_stage_and_its_consumers(quickstart, env):
     after = finished(workdir)
     assert [n for n in STAGES if after[n] != before[n]] == ["rlhf", "eval_rlhf"]
     assert [r["step"] for r in read_jsonl(workdir / "rlhf" / "metrics.jsonl")] == [1, 2, 3]
-    # status follows the recipe of the last run: without the --set, rlhf is stale again
+    # status loads the recipe with the last run's --set values: rlhf is up to date for it
     status = {r["name"]: r for r in json.loads(align(env, "status", workdir, "--json").stdout)}
     assert status["rlhf"]["status"] == "done"
 
@@ -139,10 +138,16 @@ def _single_stage_recipe(path: Path, workdir: Path, stage: str) -> Path:
     return path
 
 
+def start_runner(recipe: Path, env, tmp_path: Path) -> subprocess.Popen:
+    """`align run RECIPE` in the background, its output to a file (a full pipe would block it)."""
+    with open(tmp_path / "runner.log", "w") as log:
+        return subprocess.Popen([*ALIGN, "run", str(recipe)], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+
+
 def _kill_runner_when(proc: subprocess.Popen, ready, timeout: float = 900) -> None:
     deadline = time.time() + timeout
     while not ready():
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert proc.poll() is None, proc.args
         assert time.time() < deadline
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
@@ -166,7 +171,7 @@ def test_kill_9_during_rs_then_rerun_has_every_candidate_once(quickstart, env, t
     recipe = _single_stage_recipe(tmp_path / "rs.yaml", tmp_path / "w", textwrap_stage(
         "rs", "rs", model_name_or_path=model, dataset=prompts, reward="[rule:arithmetic]", num_samples=4, max_tokens=8,
         max_model_len=64, shard_size=6, max_prompts=36, select="all"))
-    proc = subprocess.Popen([*ALIGN, "run", str(recipe)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    proc = start_runner(recipe, env, tmp_path)
     shards = tmp_path / "w" / "rs" / "shards"
     _kill_runner_when(proc, lambda: len(list(shards.glob("shard-*.json"))) >= 1)
     _child_gone(tmp_path / "w" / "rs")
@@ -187,7 +192,7 @@ def test_kill_9_during_rlhf_then_rerun_has_every_iteration_once(quickstart, env,
     recipe = _single_stage_recipe(tmp_path / "rl.yaml", tmp_path / "w", textwrap_stage(
         "rl", "rlhf", config=ROOT / "configs" / "demo_rlhf.yaml", model_name_or_path=model, dataset=prompts,
         num_iterations=6, save_every=1, prompts_per_iteration=8, num_samples=4))
-    proc = subprocess.Popen([*ALIGN, "run", str(recipe)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    proc = start_runner(recipe, env, tmp_path)
     checkpoints = tmp_path / "w" / "rl" / "checkpoints"
     _kill_runner_when(proc, lambda: (checkpoints / "checkpoint-2").exists())
     _child_gone(tmp_path / "w" / "rl")
@@ -203,18 +208,18 @@ def test_sigterm_during_sft_exits_3_and_the_rerun_resumes(quickstart, env, tmp_p
     recipe = _single_stage_recipe(tmp_path / "sft.yaml", tmp_path / "w", textwrap_stage(
         "sft", "sft", model_name_or_path=workdir / "tiny" / "model", dataset=workdir / "data" / "data" / "sft.jsonl",
         max_steps=400, save_steps=5, per_device_train_batch_size=8, logging_steps=5))
-    proc = subprocess.Popen([*ALIGN, "run", str(recipe)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    proc = start_runner(recipe, env, tmp_path)
     checkpoints = tmp_path / "w" / "sft" / "checkpoints"
     deadline = time.time() + 900
     while not any(checkpoints.glob("checkpoint-*/trainer_state.json")):  # a whole checkpoint
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert proc.poll() is None, (tmp_path / "runner.log").read_text()[-3000:]
         assert time.time() < deadline
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     sent = time.time()
-    assert proc.wait(timeout=120) == 3, proc.stdout.read()[-3000:]
+    assert proc.wait(timeout=120) == 3, (tmp_path / "runner.log").read_text()[-3000:]
     assert time.time() - sent < 120
-    assert "interrupted during stage 'sft'" in proc.stdout.read()
+    assert "interrupted during stage 'sft'" in (tmp_path / "runner.log").read_text()
     assert any(checkpoints.glob("checkpoint-*")) and not (tmp_path / "w" / "sft" / "stage.json").exists()
     assert json.loads((tmp_path / "w" / "run.json").read_text())["stages"]["sft"]["status"] == "interrupted"
     rerun = align(env, "run", recipe)
