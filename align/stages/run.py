@@ -25,6 +25,7 @@ from align.errors import ConfigError
 
 @dataclasses.dataclass
 class RunConfig(BaseConfig):
+    output_dirs: ClassVar[tuple[str, ...]] = ("workdir",)
     positional: ClassVar[str] = "recipe"
     run_control: ClassVar[tuple[str, ...]] = ()
 
@@ -89,6 +90,7 @@ def plan_table(rows: list[dict[str, Any]], title: str):
 @dataclasses.dataclass
 class StatusConfig(BaseConfig):
     positional: ClassVar[str] = "workdir"
+    output_dirs: ClassVar[tuple[str, ...]] = ()  # reads only
 
     workdir: str = required("The workdir of an `align run` (holds run.json).")
     json: bool = option(False, "Print the stages as JSON (for scripts) instead of a table.")
@@ -111,6 +113,7 @@ def run_status(cfg: StatusConfig) -> int:
 @dataclasses.dataclass
 class ReportConfig(BaseConfig):
     positional: ClassVar[str] = "workdir"
+    output_dirs: ClassVar[tuple[str, ...]] = ("workdir",)  # writes WORKDIR/report/
 
     workdir: str = required("The workdir of an `align run` (holds run.json).")
 
