@@ -102,7 +102,7 @@ def test_sigterm_stops_rs_after_a_shard_and_the_rerun_completes(tiny_model, demo
     out, log, n, shard = tmp_path / "rs", tmp_path / "rs.log", 96, 8
     args = ["rs", "--config", ROOT / "configs" / "demo_rs.yaml", "--model_name_or_path", tiny_model,
             "--dataset", demo_data / "prompts.jsonl", "--output_dir", out, "--max_prompts", n, "--shard_size", shard,
-            "--min_reward", "null", "--reward", "test_rs_scorers:slow_arithmetic", "--engine", "vllm", "--kv_cache_gb", 0.25]
+            "--min_reward", "null", "--reward", "rs_scorers:slow_arithmetic", "--engine", "vllm", "--kv_cache_gb", 0.25]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.environ.get("PYTHONPATH", ""), str(ROOT / "tests")])}
     proc = start(args, log, env)
     signal_when(proc, log, lambda: len(list((out / "shards").glob("shard-*.json"))) >= 1, signal.SIGTERM)

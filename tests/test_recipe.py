@@ -18,7 +18,7 @@ from align.cli import main
 from align.config import build_config
 from align.errors import ConfigError
 from align.fingerprint import DigestCache, fingerprint, input_fingerprints
-from align.recipe import Recipe
+from align.recipe import Recipe, stage_kinds
 from align.stage import Stage, stage_state
 from align.stages.eval import EvalConfig
 from conftest import ROOT, run_align
@@ -96,7 +96,7 @@ def test_references_rounds_profiles_and_sets(tmp_path):
 
 
 BAD = {
-    "unknown kind": ("  - {name: x, kind: sfx}\n", "stage 'x': unknown kind 'sfx'; did you mean 'sft'? (valid: demo-data, dpo, eval, make-tiny-model, rlhf, rm, rs, sft)"),
+    "unknown kind": ("  - {name: x, kind: sfx}\n", "stage 'x': unknown kind 'sfx'; did you mean 'sft'? (valid: " + ", ".join(stage_kinds()) + ")"),
     "forward reference": ("  - {name: x, kind: eval, model_name_or_path: '${later.model}', dataset: d, reward: [rule:arithmetic]}\n"
                           "  - {name: later, kind: demo-data}\n",
                           "stage 'x', key 'model_name_or_path': ${later.model}: stage 'later' comes later"),
