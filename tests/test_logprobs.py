@@ -111,6 +111,7 @@ def test_memory_at_a_real_vocabulary():
         logp = fn(logits, targets)
         return allocations(lambda: logp.sum().backward())
 
-    assert sum(size >= full for size in backward(naive_logp)) >= 4
+    naive_big = sum(size >= full for size in backward(naive_logp))  # 3 or 4, by torch's kernel choice
     big = [size for size in backward(chunked) if size > chunk]
     assert big == [full, full]  # the gradient and (under the watch) its copy into .grad, nothing else
+    assert naive_big > len(big)  # the check fails on the naive version
