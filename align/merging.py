@@ -26,6 +26,8 @@ from typing import Any, Callable
 
 import torch
 
+from align.registry import Registry
+
 # Below this angle (radians) between two task vectors, sin(omega) is too small to divide by and
 # SLERP equals linear interpolation to float64 precision anyway.
 PARALLEL_OMEGA = 1e-6
@@ -84,18 +86,11 @@ class MergeMethod:
     source: str
 
 
-METHODS: dict[str, MergeMethod] = {}
+METHODS: Registry[MergeMethod] = Registry("merge method")
 
-
-def register_method(name: str, method: MergeMethod) -> None:
-    if name in METHODS:
-        raise ValueError(f"merge method {name!r} registered twice")
-    METHODS[name] = method
-
-
-register_method("average", MergeMethod(
+METHODS.register("average", MergeMethod(
     lambda tensors, base, cfg: (average(tensors, cfg.resolved_weights()), False), needs_base=False, max_models=None,
     source="Llama 3 model soup: weighted mean of the weights"))
-register_method("slerp", MergeMethod(
+METHODS.register("slerp", MergeMethod(
     lambda tensors, base, cfg: warp(base, tensors[0], tensors[1], cfg.t, cfg.eta), needs_base=True, max_models=2,
     source="WARP (Gemma 2): base + eta * slerp(task vectors; t)"))

@@ -20,7 +20,6 @@ one model in RAM.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 from pathlib import Path
 from typing import Any, ClassVar
@@ -39,7 +38,8 @@ class MergeConfig(BaseConfig):
 
     models: list[str] = required("Models to merge, comma-separated: model folders or stage dirs (DIR/model, else DIR/adapter merged into its base).")
     output_dir: str = required("Stage directory: stage.json and model/ go here.")
-    method: str = option("average", "Merge method: " + "; ".join(f"{n} ({m.source})" for n, m in METHODS.items()) + ".")
+    method: str = option("average", "Merge method: " + "; ".join(f"{n} ({m.source})" for n, m in METHODS.items()) + ".",
+                         choices=METHODS)
     weights: list[float] = option([], "average: one weight per model (normalized to sum 1); empty: uniform.")
     base: str | None = option(None, "slerp: the model the task vectors start from (model folder or stage dir), e.g. the SFT model both RL runs started from.")
     t: float = option(0.5, "slerp: interpolation between the two task vectors, in [0, 1] (0: the first model's, 1: the second's).")
@@ -47,10 +47,6 @@ class MergeConfig(BaseConfig):
     overwrite: bool = option(False, "Replace a finished stage in output_dir.")
 
     def validate(self) -> None:
-        if self.method not in METHODS:
-            close = difflib.get_close_matches(self.method, METHODS, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"unknown merge method '{self.method}'{hint}; valid: {', '.join(METHODS)}")
         method = METHODS[self.method]
         if len(self.models) < 2:
             raise ConfigError(f"'models' needs at least two models to merge, got {len(self.models)}")
