@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 from align.config import BaseConfig, option, required
+from align.demo import PROMPT_STYLES
 from align.registry import command
 
 
@@ -56,13 +57,16 @@ class DemoDataConfig(BaseConfig):
     num_test: int = option(200, "Held-out test prompts (disjoint from all training files).")
     num_prompts: int = option(1000, "Training prompts for rejection sampling and RL.")
     num_pairs: int = option(2000, "Preference pairs (correct vs plausible wrong answer).")
+    style: str = option("equation", "How the sum is asked: " + "; ".join(f"{k} ('{v.format(a=12, b=34)}')" for k, v in PROMPT_STYLES.items())
+                        + ". question suits chat models; judge it with rule:numeric_answer.", choices=PROMPT_STYLES)
 
 
 @command("demo-data", DemoDataConfig, "Write the two-digit addition demo task (SFT rows, prompts, test set, pairs).")
 def run_demo_data(cfg: DemoDataConfig) -> dict:
     from align.demo import write_demo_data
 
-    paths = write_demo_data(cfg.output_dir, seed=cfg.seed, num_test=cfg.num_test, num_prompts=cfg.num_prompts, num_pairs=cfg.num_pairs)
+    paths = write_demo_data(cfg.output_dir, seed=cfg.seed, num_test=cfg.num_test, num_prompts=cfg.num_prompts, num_pairs=cfg.num_pairs,
+                            style=cfg.style)
     print(json.dumps({k: str(v) for k, v in paths.items()}))
     return paths
 

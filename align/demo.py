@@ -1,7 +1,9 @@
 """The demo task: two-digit addition.
 
 A prompt is one user message whose content is exactly ``f"{a}+{b}="`` with ``a, b`` in 0..99,
-and the answer is ``str(a + b)``. ``write_demo_data`` writes every dataset the pipeline needs
+and the answer is ``str(a + b)``. The ``question`` style asks the same sum in words, as a chat model
+is asked ("What is 12+34? Answer with the number only."), for real models that answer in
+sentences (judge those with the ``numeric_answer`` rule). ``write_demo_data`` writes every dataset the pipeline needs
 (SFT conversations, RL prompts, preference pairs and a held-out test set) as JSONL. A tiny model
 learns the task in minutes on a CPU, so every stage can be run and checked end to end.
 """
@@ -16,15 +18,22 @@ import re
 from typing import Iterable
 
 from align.errors import ConfigError, DataError
+from align.registry import Registry
 
 DEMO_PROMPT_RE = re.compile(r"^(\d{1,2})\+(\d{1,2})=$")
 NUM_OPERANDS = 100  # a and b range over 0..99
 ALL_PAIRS = [(a, b) for a in range(NUM_OPERANDS) for b in range(NUM_OPERANDS)]
 
 
-def prompt_text(a: int, b: int) -> str:
-    """The user message for ``a + b``."""
-    return f"{a}+{b}="
+# Prompt styles: name -> the user message for ``a + b`` (a format string).
+PROMPT_STYLES: Registry[str] = Registry("prompt style")
+PROMPT_STYLES.register("equation", "{a}+{b}=")
+PROMPT_STYLES.register("question", "What is {a}+{b}? Answer with the number only.")
+
+
+def prompt_text(a: int, b: int, style: str = "equation") -> str:
+    """The user message for ``a + b`` in ``style`` (a key of ``PROMPT_STYLES``)."""
+    return PROMPT_STYLES[style].format(a=a, b=b)
 
 
 def prompt_id(a: int, b: int) -> str:
@@ -57,12 +66,12 @@ def wrong_answer(a: int, b: int, rng: random.Random) -> str:
     return str(rng.choice(valid))
 
 
-def _user(a: int, b: int) -> list[dict]:
-    return [{"role": "user", "content": prompt_text(a, b)}]
+def _user(a: int, b: int, style: str) -> list[dict]:
+    return [{"role": "user", "content": prompt_text(a, b, style)}]
 
 
-def _prompt_row(a: int, b: int) -> dict:
-    return {"prompt": _user(a, b), "answer": str(a + b), "prompt_id": prompt_id(a, b)}
+def _prompt_row(a: int, b: int, style: str) -> dict:
+    return {"prompt": _user(a, b, style), "answer": str(a + b), "prompt_id": prompt_id(a, b)}
 
 
 def _write_jsonl(path: pathlib.Path, rows: Iterable[dict]) -> None:
@@ -86,6 +95,7 @@ def write_demo_data(
     num_test: int = 200,
     num_prompts: int = 1000,
     num_pairs: int = 2000,
+    style: str = "equation",
 ) -> dict[str, pathlib.Path]:
     """Write the addition datasets to ``output_dir`` and return their paths by name.
 
@@ -96,8 +106,9 @@ def write_demo_data(
       answer; training pairs are reused in turn when ``num_pairs`` exceeds their number.
 
     The same arguments give byte-identical files. The held-out set depends only on ``seed`` and
-    ``num_test``.
+    ``num_test`` (not on ``style``, so both styles hold out the same sums).
     """
+    PROMPT_STYLES[style]  # an unknown style: ConfigError naming the valid ones
     total = len(ALL_PAIRS)
     counts = {"num_test": num_test, "num_prompts": num_prompts, "num_pairs": num_pairs}
     for name, value in counts.items():
@@ -132,17 +143,17 @@ def write_demo_data(
     _write_jsonl(
         paths["sft"],
         (
-            {"messages": _user(a, b) + [{"role": "assistant", "content": str(a + b)}]}
+            {"messages": _user(a, b, style) + [{"role": "assistant", "content": str(a + b)}]}
             for a, b in sft
         ),
     )
-    _write_jsonl(paths["prompts"], (_prompt_row(a, b) for a, b in prompts))
-    _write_jsonl(paths["test"], (_prompt_row(a, b) for a, b in sorted(test)))
+    _write_jsonl(paths["prompts"], (_prompt_row(a, b, style) for a, b in prompts))
+    _write_jsonl(paths["test"], (_prompt_row(a, b, style) for a, b in sorted(test)))
     _write_jsonl(
         paths["pairs"],
         (
             {
-                "prompt": _user(a, b),
+                "prompt": _user(a, b, style),
                 "chosen": [{"role": "assistant", "content": str(a + b)}],
                 "rejected": [{"role": "assistant", "content": wrong_answer(a, b, pair_rng)}],
             }
@@ -154,6 +165,7 @@ def write_demo_data(
 
 __all__ = [
     "DEMO_PROMPT_RE",
+    "PROMPT_STYLES",
     "answer_of",
     "prompt_id",
     "prompt_text",

@@ -129,3 +129,24 @@ def test_answer_of():
     assert answer_of("0+7=") == "7"
     with pytest.raises(DataError, match="not a demo prompt"):
         answer_of("12*34=")
+
+
+def test_question_style_asks_the_same_held_out_sums_in_words(tmp_path):
+    from reward.rules import numeric_answer
+
+    eq = write_demo_data(tmp_path / "eq", num_test=20, num_prompts=10, num_pairs=5)
+    q = write_demo_data(tmp_path / "q", num_test=20, num_prompts=10, num_pairs=5, style="question")
+    rows_eq = [json.loads(line) for line in eq["test"].read_text().splitlines()]
+    rows_q = [json.loads(line) for line in q["test"].read_text().splitlines()]
+    assert [r["prompt_id"] for r in rows_q] == [r["prompt_id"] for r in rows_eq]
+    assert [r["answer"] for r in rows_q] == [r["answer"] for r in rows_eq]
+    for row in rows_q:
+        a, b = (int(x) for x in row["prompt_id"].split("_")[1:])
+        assert row["prompt"] == [{"role": "user", "content": f"What is {a}+{b}? Answer with the number only."}]
+        assert numeric_answer(row["prompt"][0]["content"], f"The answer is {a + b}.", answer=row["answer"]) == 1.0
+        assert numeric_answer(row["prompt"][0]["content"], f"{a + b + 1}", answer=row["answer"]) == 0.0
+
+
+def test_unknown_style_is_one_line_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown prompt style 'questio' \(did you mean 'question'\?\); valid: equation, question"):
+        write_demo_data(tmp_path, style="questio")
