@@ -5,6 +5,7 @@ Later stages (rs, rm, dpo, rlhf) start from the same SFT model, so the suite tra
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -81,6 +82,28 @@ def sft_run(artifacts, tiny_model, demo_data) -> Path:
 @pytest.fixture(scope="session")
 def sft_model(sft_run) -> Path:
     return sft_run / "model"
+
+
+@pytest.fixture
+def crash_at_step_3(monkeypatch):
+    """A context manager: a trainer stage run inside it raises ``RuntimeError("simulated crash")``
+    at the end of step 3 (so after a ``save_steps 2`` checkpoint) and the block expects exactly that."""
+    from align import tracking
+
+    original = tracking.StageCallback.on_step_end
+
+    def crash(self, args, state, control, **kwargs):
+        if state.global_step == 3:
+            raise RuntimeError("simulated crash")
+        return original(self, args, state, control, **kwargs)
+
+    @contextlib.contextmanager
+    def crashing():
+        with monkeypatch.context() as patch, pytest.raises(RuntimeError, match="simulated crash"):
+            patch.setattr(tracking.StageCallback, "on_step_end", crash)
+            yield
+
+    return crashing
 
 
 def read_jsonl(path: Path) -> list[dict]:

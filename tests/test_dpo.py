@@ -329,26 +329,15 @@ def test_cache_key_changes_with_settings(policy_pair, demo_data, tmp_path):
     assert isinstance(first.ref_cache, RefLogpsCache)
 
 
-def test_resume_after_crash(tiny_model, demo_data, tmp_path, monkeypatch):
-    from align import tracking
-
+def test_resume_after_crash(tiny_model, demo_data, tmp_path, crash_at_step_3):
     head = tmp_path / "pairs.jsonl"
     head.write_text("".join((demo_data / "pairs.jsonl").read_text().splitlines(keepends=True)[:64]))
     flags = ["--model_name_or_path", tiny_model, "--dataset", head, "--output_dir", tmp_path / "out",
              "--ref_cache_dir", tmp_path / "cache", "--max_steps", 6, "--save_steps", 2, "--logging_steps", 1,
              "--per_device_train_batch_size", 8, "--max_length", 64, "--learning_rate", "1e-4"]
 
-    original = tracking.StageCallback.on_step_end
-
-    def crash_at_step_3(self, args, state, control, **kwargs):
-        if state.global_step == 3:
-            raise RuntimeError("simulated crash")
-        return original(self, args, state, control, **kwargs)
-
-    monkeypatch.setattr(tracking.StageCallback, "on_step_end", crash_at_step_3)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with crash_at_step_3():
         run_dpo(parse_config(DPOStageConfig, list(map(str, flags))))
-    monkeypatch.setattr(tracking.StageCallback, "on_step_end", original)
     assert (tmp_path / "out" / "checkpoints" / "checkpoint-2").is_dir()
     assert not (tmp_path / "out" / "stage.json").exists()
 

@@ -170,10 +170,9 @@ def test_rlhf_online_dpo_step_with_ondare(tiny_model, tmp_path):
     assert 0.05 < fraction < 0.3, fraction  # DARE keeps ~10% of D; tau~'s ~10% (times alpha) moves others (measured 0.19)
 
 
-def test_dpo_resume_continues_the_same_merged_run(tiny_model, demo_data, tmp_path, monkeypatch):
+def test_dpo_resume_continues_the_same_merged_run(tiny_model, demo_data, tmp_path, crash_at_step_3):
     """Crash after the step-2 checkpoint, resume: the same weights as an uninterrupted run, so the
     checkpoint restored the sparsified tau, the Adam moments and the DARE generator."""
-    from align import tracking
     from align.config import parse_config
     from align.stages.dpo import DPOStageConfig, run_dpo
     from align.tiny import make_tiny_model
@@ -190,17 +189,8 @@ def test_dpo_resume_continues_the_same_merged_run(tiny_model, demo_data, tmp_pat
                               "--merge_alpha", "0.01"]))
 
     run_dpo(parse_config(DPOStageConfig, flags(tmp_path / "straight")))
-    original = tracking.StageCallback.on_step_end
-
-    def crash_at_step_3(self, args, state, control, **kwargs):
-        if state.global_step == 3:
-            raise RuntimeError("simulated crash")
-        return original(self, args, state, control, **kwargs)
-
-    monkeypatch.setattr(tracking.StageCallback, "on_step_end", crash_at_step_3)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with crash_at_step_3():
         run_dpo(parse_config(DPOStageConfig, flags(tmp_path / "resumed")))
-    monkeypatch.setattr(tracking.StageCallback, "on_step_end", original)
     record = run_dpo(parse_config(DPOStageConfig, [*flags(tmp_path / "resumed"), "--resume"]))
     assert record["summary"]["resumed_from_step"] == 2 and record["summary"]["global_step"] == 4
     straight = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))

@@ -87,17 +87,22 @@ def test_sync_matches_policy_logprobs_full_and_lora(sft_vllm, sft_model):
 # Every optimizer learns on the demo task.
 # ---------------------------------------------------------------------------------------------
 
-# Per-optimizer settings on top of configs/demo_rlhf.yaml and the least gain in mean reward (last
-# 10% of iterations over the first 10%) each must show, from a sweep on the demo task (measured
-# gains: rloo +0.18, grpo +0.18, mdloo +0.19, ppo +0.15, online_dpo +0.07; 512 samples per iteration, so
-# the std of a 3-iteration mean is about 0.01). Online DPO learns from best-vs-worst pairs only and
-# moves slowest; the sequence-level updates (mdloo, ppo) take more inner steps per batch.
+# Per-optimizer settings on top of configs/demo_rlhf.yaml (cut to ITERATIONS iterations) and the
+# least gain in mean reward (last 10% of iterations over the first 10%: here the last iteration
+# over the first, which samples from the SFT model itself) every optimizer must show. From a sweep on the demo
+# task (30 iterations; the learning rate is constant, so the first 8 are an 8-iteration run): the
+# reward climbs from 0.54 to its plateau (0.85-0.9) within 4-7 iterations, and iteration 8 over
+# iteration 1 gains rloo +0.34, grpo +0.35, mdloo +0.36, ppo +0.35, online_dpo +0.35 (+0.27 at the
+# least over iterations 6-10). Each iteration draws 64 prompts (512 samples): batches differ in
+# difficulty by a few hundredths, which MIN_GAIN leaves room for. Online DPO learns from
+# best-vs-worst pairs only; the sequence-level updates (mdloo, ppo) take more inner steps per batch.
+ITERATIONS, MIN_GAIN = 8, 0.2
 LEARNING = {
-    "rloo": ([], 0.1),
-    "grpo": ([], 0.1),
-    "mdloo": (["--inner_steps", "4"], 0.1),
-    "ppo": (["--inner_steps", "4"], 0.1),
-    "online_dpo": (["--learning_rate", "2e-4", "--inner_steps", "1", "--nll_coef", "0.2"], 0.05),
+    "rloo": [],
+    "grpo": [],
+    "mdloo": ["--inner_steps", "4"],
+    "ppo": ["--inner_steps", "4"],
+    "online_dpo": ["--learning_rate", "2e-4", "--inner_steps", "1", "--nll_coef", "0.2"],
 }
 
 
@@ -106,15 +111,15 @@ def test_optimizer_learns(optimizer, tmp_path, sft_model, demo_data):
     out = tmp_path / optimizer
     run_align("rlhf", "--config", CONFIG, "--model_name_or_path", sft_model, "--dataset", demo_data / "prompts.jsonl",
               "--eval_dataset", demo_data / "test.jsonl", "--optimizer", optimizer, "--output_dir", out,
-              *LEARNING[optimizer][0], check=True)
+              "--num_iterations", ITERATIONS, *LEARNING[optimizer], check=True)
     record = json.loads((out / "stage.json").read_text())
     s = record["summary"]
     print(optimizer, {k: round(v, 3) if isinstance(v, float) else v for k, v in s.items()})
-    assert s["reward_last_10pct"] >= s["reward_first_10pct"] + LEARNING[optimizer][1], s
+    assert s["reward_last_10pct"] >= s["reward_first_10pct"] + MIN_GAIN, s
     assert s["eval_mean_reward"] >= s["eval_mean_reward_before"], s
     assert s["engine"] == "vllm"  # engine auto, with vLLM installed
     rows = read_jsonl(out / "metrics.jsonl")
-    assert [r["step"] for r in rows] == list(range(1, 31))
+    assert [r["step"] for r in rows] == list(range(1, ITERATIONS + 1))
     for key in ("reward_mean", "reward_std", "entropy", "response_length", "time_generate", "time_score", "time_train", "time_sync"):
         assert all(isinstance(r[key], float) for r in rows), key
     assert (out / "model" / "model.safetensors").exists() and (out / "reward.png").exists()

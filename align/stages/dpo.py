@@ -197,6 +197,10 @@ def _counts(report: dict[str, int]) -> str:
 @command("dpo", DPOStageConfig, "Offline preference optimization (TRL DPOTrainer) with Llama 3's masking and NLL term.")
 def run_dpo(cfg: DPOStageConfig) -> dict:
     """Run the DPO stage; returns the stage record (also written to output_dir/stage.json)."""
+    stage = Stage("dpo", cfg, cfg.output_dir)
+    if not stage.prepare(overwrite=cfg.overwrite, resume=cfg.resume):
+        return read_stage(cfg.output_dir)
+    # the trainer stack (seconds to import) only for a run that trains
     import datasets
 
     from align.data import load_rows
@@ -204,9 +208,6 @@ def run_dpo(cfg: DPOStageConfig) -> dict:
     from align.tracking import StageCallback, plot_metrics, stop_if_preempted
 
     datasets.disable_progress_bars()
-    stage = Stage("dpo", cfg, cfg.output_dir)
-    if not stage.prepare(overwrite=cfg.overwrite, resume=cfg.resume):
-        return read_stage(cfg.output_dir)
     rows, report = filter_pairs(load_rows(cfg.dataset, "preference"), cfg, cfg.dataset)
     train = datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
     del rows  # the Arrow table holds the pairs from here on; the Python copy would only add to peak memory

@@ -316,6 +316,10 @@ def evaluate_pairs(scorer: RewardModel, examples: list[dict]) -> dict[str, float
 @command("rm", RMStageConfig, "Train a reward model on preference pairs (TRL RewardTrainer; Bradley-Terry, Llama 3 ranking, AFM soft labels).")
 def run_rm(cfg: RMStageConfig) -> dict:
     """Run the reward-model stage; returns the stage record (also output_dir/stage.json)."""
+    stage = Stage("rm", cfg, cfg.output_dir)
+    if not stage.prepare(overwrite=cfg.overwrite, resume=cfg.resume):
+        return read_stage(cfg.output_dir)
+    # the trainer stack (seconds to import) only for a run that trains
     import datasets
     from trl import RewardConfig
 
@@ -323,9 +327,6 @@ def run_rm(cfg: RMStageConfig) -> dict:
     from align.tracking import last_value, quiet_trainer, route_tensorboard
     from align.tracking import StageCallback, plot_metrics, stop_if_preempted
 
-    stage = Stage("rm", cfg, cfg.output_dir)
-    if not stage.prepare(overwrite=cfg.overwrite, resume=cfg.resume):
-        return read_stage(cfg.output_dir)
     rows = list(enumerate(load_rows(cfg.dataset, "preference"), start=1))  # numbered for error messages
     eval_rows = list(enumerate(load_rows(cfg.eval_dataset, "preference"), start=1)) if cfg.eval_dataset else []
     if cfg.eval_split:

@@ -45,14 +45,15 @@ class SFTStageConfig(TrainOptions, ModelOptions, EvalOptions, CheckpointOptions,
 @command("sft", SFTStageConfig, "Supervised fine-tuning (TRL SFTTrainer) on conversational data.")
 def run_sft(cfg: SFTStageConfig) -> dict:
     """Run the SFT stage; returns the stage record (also written to output_dir/stage.json)."""
+    stage = Stage("sft", cfg, cfg.output_dir)
+    if not stage.prepare(overwrite=cfg.overwrite, resume=cfg.resume):
+        return read_stage(cfg.output_dir)
+    # TRL and the trainer callbacks import the trainer stack (seconds): only for a run that trains
     from trl import SFTConfig, SFTTrainer
 
     from align.tracking import (StageCallback, evaluate_trained, last_value, plot_metrics, quiet_trainer, route_tensorboard,
                                 stop_if_preempted)
 
-    stage = Stage("sft", cfg, cfg.output_dir)
-    if not stage.prepare(overwrite=cfg.overwrite, resume=cfg.resume):
-        return read_stage(cfg.output_dir)
     train = load_dataset(cfg.dataset, "sft").select_columns(["prompt", "completion"])
     tokenizer = load_tokenizer(cfg)
     model = load_causal_lm(cfg)
