@@ -39,7 +39,7 @@ import copy
 import dataclasses
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -250,11 +250,12 @@ class Recipe:
         return set(force)
 
     # -- running (the Python API behind align run / status) ---------------------------------------
-    def run(self, force: list[str] | tuple[str, ...] = ()) -> int:
-        """Run the recipe as ``align run`` does (lock, one child per stage); returns the exit code."""
+    def run(self, force: list[str] | tuple[str, ...] = (), echo: Callable[[str], None] = print) -> int:
+        """Run the recipe as ``align run`` does (lock, one child per stage); returns the exit code.
+        ``echo`` gets each line of output (the stages' own and the runner's ``align run: ...`` lines)."""
         from align.runner import Run
 
-        return Run(self, force).execute()
+        return Run(self, force, echo=echo).execute()
 
     def run_stage(self, name: str, force: bool = False) -> int:
         """Run only stage ``name`` (a round name or a base name: all its rounds), if it is not up to date."""

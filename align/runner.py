@@ -187,7 +187,10 @@ class Run:
     def _stages(self) -> int:
         recipe = self.recipe
         self.record = {
-            "recipe": str(recipe.path.resolve()), "profile": recipe.profile, "sets": recipe.sets,
+            "recipe": str(recipe.path.resolve()),
+            "recipe_from_workdir": os.path.relpath(recipe.path.resolve(), recipe.workdir.resolve()),
+            "workdir": str(recipe.workdir), "cwd": os.getcwd(),  # relative paths in the stage configs are from here
+            "profile": recipe.profile, "sets": recipe.sets,
             "pid": os.getpid(), "host": socket.gethostname(), "started_at": now_iso(), "finished_at": None,
             "exit_code": None,
             "stages": {s.name: {"kind": s.kind, "status": "pending"} for s in recipe.stages},

@@ -40,6 +40,10 @@ CHECKPOINTS = "checkpoints"
 # Trainer writes trainer_state.json last; ``checkpoint_dir`` writes checkpoint.json last.
 CHECKPOINT_RECORD = "checkpoint.json"
 CHECKPOINT_MARKERS = ("trainer_state.json", CHECKPOINT_RECORD)
+# The input fingerprints an unfinished run started from, beside its checkpoints (rs keeps them in
+# its shard manifest): a resume whose inputs changed since is refused or restarted, not continued.
+CHECKPOINT_INPUTS = "inputs.json"
+SHARD_MANIFEST = "manifest.json"
 TENSORBOARD_DIR = "tensorboard"  # event files of --report_to tensorboard
 # What a stage owns inside its dir; --overwrite removes exactly these and nothing else.
 OWNED = (STAGE_FILE, METRICS_FILE, CHECKPOINTS, TENSORBOARD_DIR, "model", "data", "adapter", "merged", "eval.jsonl", "shards", "candidates.jsonl",
@@ -142,15 +146,40 @@ def has_partial_work(output_dir: str | Path) -> bool:
     return any((root / CHECKPOINTS).glob("checkpoint-*")) or any((root / "shards").glob("shard-*"))
 
 
+def partial_inputs(output_dir: str | Path) -> dict[str, Any] | None:
+    """The input fingerprints recorded by the unfinished run in ``output_dir`` (``CHECKPOINT_INPUTS``
+    beside trainer checkpoints, or the rs shard manifest's ``inputs``), or None when none were."""
+    root = Path(output_dir)
+    for path, key in ((root / CHECKPOINTS / CHECKPOINT_INPUTS, None), (root / "shards" / SHARD_MANIFEST, "inputs")):
+        try:
+            found = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        found = found.get(key) if key else found
+        if isinstance(found, dict):
+            return found
+    return None
+
+
 def stage_state(kind: str, config: Any, output_dir: str | Path, inputs: dict[str, Any] | None = None) -> tuple[str, str]:
     """(state, detail) of ``output_dir`` for a run of stage ``kind`` with ``config``; pure apart from reading.
 
     ``inputs`` are the current input fingerprints (computed when not given). ``detail`` says which
     config keys or inputs changed, in words. Used by ``Stage.prepare`` and by ``align run``'s plan.
+    An unfinished run (checkpoints or rs shards) whose recorded inputs differ from the current
+    ones is ``input_changed`` too: resuming it would mix two datasets or two models in one result.
     """
     done = read_stage(output_dir)
     if done is None:
-        return ("incomplete", "unfinished run found") if has_partial_work(output_dir) else ("new", "")
+        if not has_partial_work(output_dir):
+            return "new", ""
+        recorded = partial_inputs(output_dir)
+        inputs = input_fingerprints(config) if inputs is None else inputs
+        changed = _changed(recorded, inputs) if recorded is not None else []
+        if changed:
+            return "input_changed", ", ".join(f"{k} ({getattr(config, k, None)}) content changed since the unfinished run"
+                                              for k in changed)
+        return "incomplete", "unfinished run found"
     if done.get("stage") != kind:
         return "config_changed", f"holds a '{done.get('stage')}' stage, not '{kind}'"
     old, new = _identity(done.get("config", {}), config), config.identity()
@@ -160,7 +189,7 @@ def stage_state(kind: str, config: Any, output_dir: str | Path, inputs: dict[str
     recorded = done.get("inputs")
     if recorded is None and inputs:
         return "input_changed", "no input fingerprints recorded (made before align recorded them)"
-    changed = [k for k in sorted(set(inputs) | set(recorded or {})) if inputs.get(k) != (recorded or {}).get(k)]
+    changed = _changed(recorded or {}, inputs)
     if changed:
         return "input_changed", ", ".join(f"{k} ({getattr(config, k, None)}) content changed" for k in changed)
     return "up_to_date", ""
@@ -186,30 +215,33 @@ class Stage:
     def prepare(self, overwrite: bool = False, resume: bool = False) -> bool:
         """Decide whether to run. Returns False when the dir already holds this exact result.
 
-        Input fingerprints are taken here, before any work, and recorded by ``finish``. A finished
-        dir with another config or changed inputs fails unless ``overwrite``; an unfinished dir
-        with a checkpoint fails unless ``resume`` or ``overwrite`` (no work is silently thrown away).
+        Input fingerprints are taken here, before any work, and recorded by ``finish`` (and, for a
+        stage with checkpoints, in ``checkpoints/inputs.json`` right away). A finished dir with
+        another config or changed inputs fails unless ``overwrite``; so does an unfinished one whose
+        inputs changed since it started; an unfinished dir with a checkpoint fails unless ``resume``
+        or ``overwrite`` (no work is silently thrown away).
         """
         self.inputs = input_fingerprints(self.config)
         state, detail = stage_state(self.name, self.config, self.dir, self.inputs)
         if state == "up_to_date" and not overwrite:
             return False
         if state in ("config_changed", "input_changed") and not overwrite:
+            done = read_stage(self.dir)
             what = "a different config" if state == "config_changed" else "changed inputs"
-            raise ConfigError(
-                f"{self.dir} already holds a finished '{read_stage(self.dir).get('stage')}' stage with {what}"
-                f" ({detail}); pass --overwrite to replace it or choose another --output_dir"
-            )
+            held = f"a finished '{done.get('stage')}' stage" if done else f"an unfinished '{self.name}' run"
+            raise ConfigError(f"{self.dir} already holds {held} with {what} ({detail}); pass --overwrite to replace it"
+                              " or choose another --output_dir")
+        latest = None if overwrite else self.latest_checkpoint()
         if overwrite:
             if self.is_main:
                 self.clear()
-        elif not resume and self.latest_checkpoint() is not None:
-            raise ConfigError(
-                f"{self.dir} holds an unfinished run ({self.latest_checkpoint().name}); pass --resume to continue"
-                " it or --overwrite to start over"
-            )
+        elif not resume and latest is not None:
+            raise ConfigError(f"{self.dir} holds an unfinished run ({latest.name}); pass --resume to continue it"
+                              " or --overwrite to start over")
         if self.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
+            if hasattr(self.config, "resume") and not (resume and latest is not None):
+                atomic_write_json(self.checkpoints_dir / CHECKPOINT_INPUTS, self.inputs)
         return True
 
     def clear(self) -> None:
@@ -296,6 +328,10 @@ class Stage:
             if not keep_checkpoints:
                 shutil.rmtree(self.checkpoints_dir, ignore_errors=True)
         return record
+
+
+def _changed(recorded: dict[str, Any], inputs: dict[str, Any]) -> list[str]:
+    return [k for k in sorted(set(inputs) | set(recorded)) if inputs.get(k) != recorded.get(k)]
 
 
 def _identity(recorded: dict[str, Any], config: Any) -> dict[str, Any]:

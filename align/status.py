@@ -2,13 +2,16 @@
 
 Both read only files: ``<workdir>/run.json`` (written by ``align run``: the recipe, its profile and
 ``--set`` values, each stage's status in the last run), each stage's stage.json and metrics.jsonl,
-and the workdir lock (a live holder means a run is going on). The recipe named in run.json is
+and the workdir lock (a live holder means a run is going on). The recipe named in run.json (or,
+when that path is gone, the file at the same place relative to the workdir: a moved checkout) is
 loaded again to tell ``done`` from ``stale`` (config or inputs changed since, or an upstream stage
-reruns), exactly as ``align run --dry-run`` would.
+reruns), exactly as ``align run --dry-run`` would; when it cannot be, finished stages show as
+``done`` with the reason they were not checked.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -47,11 +50,13 @@ def workdir_status(workdir: str | Path) -> list[dict[str, Any]]:
     workdir = Path(workdir)
     run = _read_run(workdir)
     live = holder(workdir)
-    plan = _plan(run, workdir)
+    plan, unchecked = _plan(run, workdir)
     rows = []
     for name, entry in run["stages"].items():
         record = read_stage(workdir / name)
         status, why = _status(entry, plan.get(name), record, live)
+        if status == "done" and name not in plan:
+            why = unchecked
         rows.append({
             "name": name, "kind": entry.get("kind"), "status": status, "why": why,
             "metrics": key_metrics(entry.get("kind", ""), record),
@@ -69,13 +74,31 @@ def _read_run(workdir: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def _plan(run: dict[str, Any], workdir: Path) -> dict[str, dict[str, Any]]:
-    """The dry-run plan of the recorded recipe, or {} when it can no longer be loaded."""
+def recipe_path(run: dict[str, Any], workdir: Path) -> Path | None:
+    """The recipe file of the run recorded in run.json: its recorded path, else the same place
+    relative to the workdir (a checkout moved or cloned elsewhere); None when neither is there."""
+    for candidate in (Path(run["recipe"]), workdir / run.get("recipe_from_workdir", "")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _plan(run: dict[str, Any], workdir: Path) -> tuple[dict[str, dict[str, Any]], str]:
+    """The dry-run plan of the recorded recipe, or ({}, why not) when it can no longer be loaded."""
+    path = recipe_path(run, workdir)
+    if path is None:
+        return {}, f"not checked for changes: recipe {run['recipe']} not found"
+    # Plan as the run did: from its working directory with its spelling of the workdir (stage configs
+    # record paths as spelled), when that is still this folder; else with the workdir as given here.
+    cwd, spelled = Path(run.get("cwd") or "."), run.get("workdir") or str(workdir)
+    same = (cwd / spelled).resolve() == workdir.resolve()
     try:
-        recipe = Recipe.load(run["recipe"], profile=run.get("profile"), sets=run.get("sets") or [], workdir=str(workdir))
-        return {row["name"]: row for row in recipe.plan()}
-    except AlignError:
-        return {}
+        with contextlib.chdir(cwd if same else Path.cwd()):
+            recipe = Recipe.load(path.resolve(), profile=run.get("profile"), sets=run.get("sets") or [],
+                                 workdir=spelled if same else str(workdir))
+            return {row["name"]: row for row in recipe.plan()}, ""
+    except AlignError as err:
+        return {}, f"not checked for changes: {err}"
 
 
 def _status(entry: dict[str, Any], plan: dict[str, Any] | None, record: dict[str, Any] | None,

@@ -49,8 +49,10 @@ def last_line(log: Path) -> str:
 @pytest.mark.slow
 def test_sigterm_stops_sft_at_a_checkpoint_and_resume_continues_from_it(tiny_model, demo_data, tmp_path):
     out, log, steps = tmp_path / "sft", tmp_path / "sft.log", 60
+    data, rows = tmp_path / "sft.jsonl", (demo_data / "sft.jsonl").read_text()
+    data.write_text(rows)
     args = ["sft", "--config", ROOT / "configs" / "demo_sft.yaml", "--model_name_or_path", tiny_model,
-            "--dataset", demo_data / "sft.jsonl", "--output_dir", out, "--max_steps", steps, "--save_steps", 1000,
+            "--dataset", data, "--output_dir", out, "--max_steps", steps, "--save_steps", 1000,
             "--logging_steps", 2, "--per_device_train_batch_size", 16]
     proc = start(args, log)
     signal_when(proc, log, lambda: len(logged_steps(out)) >= 2, signal.SIGTERM)
@@ -63,6 +65,15 @@ def test_sigterm_stops_sft_at_a_checkpoint_and_resume_continues_from_it(tiny_mod
     assert last_line(log) == (f"align sft: interrupted: stopped by SIGTERM at step {stopped}/{steps}; checkpoint {ckpts[0]}"
                               " written; rerun the same command with --resume to continue")
     assert not (out / "stage.json").exists() and not (out / "model").exists()
+
+    # the checkpoint records the inputs it was trained on: a resume on another dataset is refused
+    data.write_text(rows.replace('"content": "1', '"content": "2', 1))
+    changed = run_align(*args, "--resume", timeout=300)
+    assert changed.returncode == 2 and changed.stderr.strip() == (
+        f"align sft: error: {out} already holds an unfinished 'sft' run with changed inputs (dataset ({data}) content"
+        " changed since the unfinished run); pass --overwrite to replace it or choose another --output_dir")
+    assert sorted((out / "checkpoints").glob("checkpoint-*")) == ckpts
+    data.write_text(rows)  # the same content again (a new mtime): the resume goes on
 
     again = run_align(*args, "--resume", timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -100,8 +111,10 @@ def test_sigusr1_stops_rlhf_after_the_iteration_and_resume_continues(tiny_model,
 @pytest.mark.slow
 def test_sigterm_stops_rs_after_a_shard_and_the_rerun_completes(tiny_model, demo_data, tmp_path):
     out, log, n, shard = tmp_path / "rs", tmp_path / "rs.log", 96, 8
+    prompts, rows = tmp_path / "prompts.jsonl", (demo_data / "prompts.jsonl").read_text()
+    prompts.write_text(rows)
     args = ["rs", "--config", ROOT / "configs" / "demo_rs.yaml", "--model_name_or_path", tiny_model,
-            "--dataset", demo_data / "prompts.jsonl", "--output_dir", out, "--max_prompts", n, "--shard_size", shard,
+            "--dataset", prompts, "--output_dir", out, "--max_prompts", n, "--shard_size", shard,
             "--min_reward", "null", "--reward", "rs_scorers:slow_arithmetic", "--engine", "vllm", "--kv_cache_gb", 0.25]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.environ.get("PYTHONPATH", ""), str(ROOT / "tests")])}
     proc = start(args, log, env)
@@ -112,6 +125,17 @@ def test_sigterm_stops_rs_after_a_shard_and_the_rerun_completes(tiny_model, demo
     assert 1 <= kept < n // shard and not (out / "stage.json").exists() and not (out / "data").exists()
     assert last_line(log) == (f"align rs: interrupted: stopped by SIGTERM after shard {kept}/{n // shard}; {kept} shards"
                               f" kept in {out / 'shards'}; rerun the same command to continue")
+
+    # the shard manifest records the inputs: a rerun on other prompts is refused, not mixed in
+    assert json.loads((out / "shards" / "manifest.json").read_text())["inputs"]["dataset"].startswith("sha256:")
+    first, second, *rest = rows.splitlines(keepends=True)
+    prompts.write_text("".join([second, first, *rest]))  # two prompts swapped
+    changed = subprocess.run([*ALIGN, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert changed.returncode == 2 and changed.stderr.strip() == (
+        f"align rs: error: {out} already holds an unfinished 'rs' run with changed inputs (dataset ({prompts}) content"
+        " changed since the unfinished run); pass --overwrite to replace it or choose another --output_dir")
+    assert len(list((out / "shards").glob("shard-*.json"))) == kept
+    prompts.write_text(rows)
 
     again = subprocess.run([*ALIGN, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]

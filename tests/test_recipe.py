@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from align.fingerprint import DigestCache, fingerprint, input_fingerprints
 from align.recipe import Recipe, stage_kinds
 from align.stage import Stage, stage_state
 from align.stages.eval import EvalConfig
-from conftest import ROOT, run_align
+from conftest import ALIGN, ROOT, run_align
 
 QUICKSTART = ROOT / "configs" / "recipes" / "quickstart.yaml"
 
@@ -207,6 +208,35 @@ def test_stage_state_covers_inputs_and_prepare_names_them(tmp_path):
     assert stage_state("eval", cfg, cfg.output_dir)[0] == "incomplete"
 
 
+def test_an_unfinished_stage_whose_input_changed_restarts_instead_of_resuming(tmp_path):
+    """A trainer records the input fingerprints it starts from beside its checkpoints; when they no
+    longer match, `align run` restarts the stage (overwrite) and a standalone --resume is refused."""
+    write(tmp_path / "model" / "config.json", "{}")
+    data = write(tmp_path / "sft.jsonl", '{"prompt": "1+1=", "completion": "2"}\n')
+    path = write(tmp_path / "r.yaml", f"""\
+        workdir: {tmp_path / 'w'}
+        stages:
+          - {{name: sft, kind: sft, model_name_or_path: {tmp_path / 'model'}, dataset: {data}, max_steps: 4}}
+    """)
+    recipe = Recipe.load(path)
+    cfg, out = recipe.config("sft"), recipe.stage_dir("sft")
+    assert Stage("sft", cfg, out).prepare()  # what `align sft` does before training
+    recorded = json.loads((out / "checkpoints" / "inputs.json").read_text())
+    assert recorded == input_fingerprints(cfg) and recorded["dataset"].startswith("sha256:")
+    write(out / "checkpoints" / "checkpoint-2" / "trainer_state.json", "{}")  # then killed after a checkpoint
+    assert [(r["action"], r["reason"]) for r in recipe.plan()] == [("resume", "incomplete, resumes: unfinished run found")]
+
+    data.write_text('{"prompt": "1+2=", "completion": "3"}\n')
+    changed = f"dataset ({data}) content changed since the unfinished run"
+    assert [(r["action"], r["reason"]) for r in recipe.plan()] == [("overwrite", f"input changed: {changed}")]
+    with pytest.raises(ConfigError, match=re.escape(f"holds an unfinished 'sft' run with changed inputs ({changed});"
+                                                    " pass --overwrite")):
+        Stage("sft", cfg, out).prepare(resume=True)
+    assert Stage("sft", cfg, out).prepare(overwrite=True)  # what the runner's overwrite does: start over
+    assert not (out / "checkpoints" / "checkpoint-2").exists()
+    assert json.loads((out / "checkpoints" / "inputs.json").read_text()) == input_fingerprints(cfg) != recorded
+
+
 def test_every_stage_declares_its_input_fields():
     from align.recipe import commands, stage_kinds
     from align.config import fields_of
@@ -274,6 +304,41 @@ def test_second_run_exits_75_naming_the_holder_and_kill_9_frees_the_lock(tmp_pat
     assert third.returncode == 0, third.stderr
     assert (workdir / "data" / "stage.json").exists() and (workdir / "data" / "data" / "test.jsonl").exists()
     assert json.loads((workdir / "run.json").read_text())["stages"]["data"]["status"] == "done"
+
+
+def test_status_needs_only_the_workdir_and_reloads_the_recipe_run_json_names(tmp_path, monkeypatch):
+    """`align status W` takes the recipe from W/run.json (the recorded path, or, when the checkout
+    moved, the same place relative to W) and plans from the run's working directory, so W may be
+    spelled any way; without the recipe, finished stages say they were not checked."""
+    import shutil
+
+    from align.status import workdir_status
+
+    clone = tmp_path / "clone"
+    recipe = write(clone / "configs" / "r.yaml", """\
+        stages:
+          - {name: data, kind: demo-data, num_test: 4, num_prompts: 4, num_pairs: 4}
+    """)
+    ran = subprocess.run([*ALIGN, "run", "configs/r.yaml", "--workdir", "runs/w"], cwd=clone, capture_output=True, text=True)
+    assert ran.returncode == 0, ran.stderr
+    run = json.loads((clone / "runs" / "w" / "run.json").read_text())
+    assert (run["recipe"], run["recipe_from_workdir"], run["workdir"]) == (str(recipe), "../../configs/r.yaml", "runs/w")
+    status = subprocess.run([*ALIGN, "status", "clone/runs/w"], cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "COLUMNS": "200"})
+    assert status.returncode == 0 and status.stderr == ""
+    assert [line.split("\u2502")[1:4] for line in status.stdout.splitlines() if "demo-data" in line] == [
+        [" data  ", " demo-data ", " done   "]]
+    assert [(r["status"], r["why"]) for r in workdir_status(clone / "runs" / "w")] == [("done", "")]  # absolute W too
+
+    recipe.write_text(recipe.read_text().replace("num_test: 4", "num_test: 5"))  # the recipe, not W, changed
+    assert [(r["status"], r["why"]) for r in workdir_status(clone / "runs" / "w")] == [
+        ("stale", "config changed: num_test: 4 -> 5")]
+    shutil.move(clone, tmp_path / "moved")  # the recorded paths are gone; the one relative to W is there
+    monkeypatch.chdir(tmp_path / "moved")
+    assert [(r["status"], r["why"]) for r in workdir_status("runs/w")] == [("stale", "config changed: num_test: 4 -> 5")]
+    (tmp_path / "moved" / "configs" / "r.yaml").unlink()
+    assert [(r["status"], r["why"]) for r in workdir_status("runs/w")] == [
+        ("done", f"not checked for changes: recipe {recipe} not found")]
 
 
 def test_python_api_runs_one_stage_and_reads_results(tmp_path):

@@ -1,5 +1,6 @@
-"""`align run` end to end with real stages: the quickstart recipe on its small `test` profile, then
-no-op reruns, `--set` and replaced inputs (asserted from stage timestamps), status/report, and real
+"""`align run` end to end with real stages: the quickstart recipe on its small `test` profile, run
+once by executing examples/quickstart.ipynb (the Python API), then with the CLI: no-op reruns
+(ending with the table), `--set` and replaced inputs (asserted from stage timestamps), status/report, and real
 kills: kill -9 of the runner during rs and during rlhf, SIGTERM during sft."""
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pytest
 from conftest import ALIGN, ROOT, read_jsonl
 
 QUICKSTART = ROOT / "configs" / "recipes" / "quickstart.yaml"
+NOTEBOOK = ROOT / "examples" / "quickstart.ipynb"
 STAGES = ["data", "tiny", "sft", "eval_sft", "rm", "rs", "sft_rs", "eval_sft_rs", "rs_pairs", "dpo", "eval_dpo", "rlhf", "eval_rlhf"]
 EVALS = ["eval_sft", "eval_sft_rs", "eval_dpo", "eval_rlhf"]
 
@@ -44,25 +46,59 @@ def touch_seconds():
 
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory, env):
+    """The one pipeline run of this module: the notebook, executed from examples/ as Jupyter would,
+    on the recipe's `test` profile into a fresh workdir (both passed through its environment)."""
+    import nbformat
+    from nbclient import NotebookClient
+
     workdir = tmp_path_factory.mktemp("quickstart") / "w"
-    proc = align(env, "run", QUICKSTART, "--profile", "test", "--workdir", workdir)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return workdir, proc
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    NotebookClient(nb, timeout=1800, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute(
+        env={**env, "ALIGN_NOTEBOOK_WORKDIR": str(workdir), "ALIGN_NOTEBOOK_PROFILE": "test"})
+    return workdir, nb
 
 
-def test_quickstart_runs_every_stage_and_ends_with_the_table(quickstart, env):
-    workdir, proc = quickstart
+def cell_output(nb, source_start: str) -> tuple[str, list[dict]]:
+    """(the text the code cell starting with ``source_start`` printed or returned, its outputs)."""
+    [cell] = [c for c in nb.cells if c.cell_type == "code" and c.source.startswith(source_start)]
+    text = "".join(o.get("text", "") or o.get("data", {}).get("text/plain", "") for o in cell.outputs)
+    return text, cell.outputs
+
+
+def test_quickstart_notebook_runs_every_stage_and_shows_the_table(quickstart, env):
+    workdir, nb = quickstart
     run = json.loads((workdir / "run.json").read_text())
     assert list(run["stages"]) == STAGES and run["exit_code"] == 0
     assert all(s["status"] == "done" and s["action"] == ("run" if s["reason"] == "new" else "overwrite") for s in run["stages"].values())
+    assert not [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    plan, _ = cell_output(nb, "import pandas")
+    assert [line.split()[1:4] for line in plan.splitlines()[1:]] == [[name, kind, "run"] for name, kind in
+                                                                      ((n, run["stages"][n]["kind"]) for n in STAGES)]
+    ran, _ = cell_output(nb, "import time")
+    kinds = {name: run["stages"][name]["kind"] for name in STAGES}
+    assert [line for line in ran.splitlines() if line.startswith("align run:")] == [
+        f"align run: {name} ({kinds[name]}): run (new)" for name in STAGES]
+    assert ran.splitlines()[-1].startswith("exit code 0 after ")
+
     status = json.loads(align(env, "status", workdir, "--json").stdout)
     assert [r["name"] for r in status] == STAGES and {r["status"] for r in status} == {"done"}
     by_name = {r["name"]: r for r in status}
-    for name in EVALS:  # the table's numbers come from each eval's stage.json
+    table, _ = cell_output(nb, "results = ")
+    held = {}
+    for i, name in enumerate(STAGES):  # the table's numbers come from each stage's stage.json
+        [row] = [line.split() for line in table.splitlines() if line.split()[:2] == [str(i), name]]
+        assert row[2:4] == [kinds[name], "done"]
+    for name in EVALS:
         summary = json.loads((workdir / name / "stage.json").read_text())["summary"]
-        assert by_name[name]["metrics"]["held_out"] == summary["mean_reward"]
-        assert summary["num_prompts"] == 16 and 0.0 <= summary["mean_reward"] <= 1.0
-        assert f"held_out {summary['mean_reward']:.3f}" in proc.stdout
+        held[name] = summary["mean_reward"]
+        assert by_name[name]["metrics"]["held_out"] == held[name]
+        assert summary["num_prompts"] == 16 and 0.0 <= held[name] <= 1.0
+    first, last = held["eval_sft"], held["eval_rlhf"]
+    summary_line, _ = cell_output(nb, "held = ")
+    assert summary_line == (f"held-out exact match: {first:.3f} after eval_sft -> {last:.3f} after eval_rlhf"
+                            f" ({(last - first) * 100:+.1f} points)\n")
+    _, images = cell_output(nb, "from IPython.display")
+    assert [sorted(o.data) for o in images] == [["image/png", "text/plain"]] * 2
     assert by_name["rm"]["metrics"]["eval_accuracy"] == json.loads((workdir / "rm/stage.json").read_text())["summary"]["eval_accuracy"]
     assert by_name["rs"]["metrics"]["kept_rows"] == json.loads((workdir / "rs/stage.json").read_text())["summary"]["kept_rows"]
     for name in STAGES:  # each stage ran in its own process, its output teed to its log
@@ -82,6 +118,9 @@ def test_rerun_is_a_fast_no_op(quickstart, env):
     assert finished(workdir) == before
     assert {name: (workdir / name / "log.txt").stat().st_size for name in STAGES} == logs  # no child started
     assert "align run:" not in proc.stdout
+    for name in EVALS:  # the run ends with the status table, numbers from each eval's stage.json
+        held = json.loads((workdir / name / "stage.json").read_text())["summary"]["mean_reward"]
+        assert f"held_out {held:.3f}" in proc.stdout
 
 
 def test_set_reruns_exactly_that_stage_and_its_consumers(quickstart, env):

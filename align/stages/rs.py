@@ -20,9 +20,10 @@ Output in DIR:
 
 Crash safety: prompts are processed in shards of ``shard_size``; each finished shard (candidates
 and rewards) is written atomically to DIR/shards/. Rerunning the same command after a crash or
-kill continues after the last complete shard (DIR/shards/manifest.json records the config;
-another config there fails unless ``--overwrite``). The vLLM engine seeds prompt ``i`` with
-``seed + i``, so the resumed result is the one an uninterrupted run gives. When every shard is
+kill continues after the last complete shard (DIR/shards/manifest.json records the config and
+the input fingerprints; another config or a changed input there fails unless ``--overwrite``).
+The vLLM engine seeds prompt ``i`` with ``seed + i``, so the resumed result is the one an
+uninterrupted run gives. When every shard is
 done, data/ and candidates.jsonl are written, then stage.json, then shards/ is removed; a rerun
 of a finished stage is a no-op. SIGTERM/SIGUSR1 stop the run after the current shard is written
 (exit code 3, ``align.preempt``); the rerun continues from there.
@@ -54,7 +55,7 @@ from align.registry import command
 from align.config import BaseConfig, option, required
 from align.errors import ConfigError, DataError
 from align.evaluation import RewardOptions, check_scorer_accepts, load_prompts, score_candidates
-from align.stage import Stage, atomic_write_json, atomic_write_text, read_stage, staging_dir
+from align.stage import SHARD_MANIFEST, Stage, atomic_write_json, atomic_write_text, read_stage, staging_dir
 from sampling.base import SamplingParams
 from sampling.engines import EngineOptions
 from sampling.select import STRATEGIES, Scored, SelectOptions, dedupe
@@ -135,17 +136,20 @@ def in_shard(prompt_id: str, index: int, count: int) -> bool:
 
 
 class ShardStore:
-    """DIR/shards/: ``manifest.json`` (the config) and ``shard-NNNNN.json``, each written atomically."""
+    """DIR/shards/: ``manifest.json`` (the config and the input fingerprints the run started from)
+    and ``shard-NNNNN.json``, each written atomically. Changed inputs are caught before this, by
+    ``align.stage.stage_state`` reading the manifest's ``inputs``."""
 
-    def __init__(self, root: Path, identity: dict[str, Any]):
+    def __init__(self, root: Path, identity: dict[str, Any], inputs: dict[str, Any]):
         self.root = root
         self.identity = identity
+        self.inputs = inputs
 
     def open(self) -> dict[int, dict[str, Any]]:
         """Check or write the manifest; return the complete shards already on disk."""
-        manifest = self.root / "manifest.json"
+        manifest = self.root / SHARD_MANIFEST
         if manifest.is_file():
-            old = json.loads(manifest.read_text())
+            old = {k: v for k, v in json.loads(manifest.read_text()).items() if k != "inputs"}
             if old != self.identity:
                 changed = ", ".join(k for k in sorted(set(old) | set(self.identity)) if old.get(k) != self.identity.get(k))
                 raise ConfigError(
@@ -153,7 +157,7 @@ class ShardStore:
                     " that config to continue it, or pass --overwrite to start over"
                 )
         else:
-            atomic_write_json(manifest, self.identity)
+            atomic_write_json(manifest, {**self.identity, "inputs": self.inputs})
         return {int(p.stem.split("-")[1]): json.loads(p.read_text()) for p in sorted(self.root.glob("shard-*.json"))}
 
     def write(self, index: int, record: dict[str, Any]) -> None:
@@ -177,7 +181,7 @@ def run_rs(cfg: RSConfig, engine=None) -> dict:
         return merge_parts(stage, cfg, rows, [Path(d) for d in cfg.merge])
     if not stage.prepare(overwrite=cfg.overwrite):
         return read_stage(cfg.output_dir)
-    store = ShardStore(stage.dir / SHARDS, cfg.identity())
+    store = ShardStore(stage.dir / SHARDS, cfg.identity(), stage.inputs)
     done = store.open()
     starts = range(0, len(rows), cfg.shard_size)
     todo = [i for i in range(len(starts)) if i not in done]
