@@ -212,7 +212,9 @@ sys.exit(code)
 
 
 @pytest.fixture(scope="module")
-def real_rlhf(real_sft, sums, workdir) -> tuple[Path, list[dict]]:
+def real_rlhf(real_sft, minilm_rm, sums, workdir) -> tuple[Path, list[dict]]:
+    """`align rlhf` with LoRA for two iterations, rewarded by the MiniLM RM: a 0/1 rule on a model
+    that gets about 2% of sampled sums right would leave every advantage 0 and the policy unmoved."""
     import subprocess
     import sys
 
@@ -224,7 +226,7 @@ def real_rlhf(real_sft, sums, workdir) -> tuple[Path, list[dict]]:
     seqs = [tok(s, add_special_tokens=False).input_ids for s in seqs]
     out, report = workdir / "rlhf", workdir / "sync_gaps.json"
     argv = ["rlhf", "--model_name_or_path", real_sft / "model", "--dataset", sums, "--output_dir", out,
-            "--reward", "rule:numeric_answer", "--use_lora", "true", "--num_iterations", "2",
+            "--reward", f"model:{minilm_rm}", "--use_lora", "true", "--num_iterations", "2",
             "--prompts_per_iteration", "2", "--num_samples", "2", "--max_tokens", "16", "--learning_rate", "1e-3",
             *ENGINE]
     proc = subprocess.run([sys.executable, "-c", SYNC_PROBE, json.dumps(seqs), report, *map(str, argv)],
@@ -245,7 +247,7 @@ def test_rlhf_lora_sync_matches_policy_logprobs(real_rlhf):
     summary = json.loads((out / "stage.json").read_text())["summary"]
     assert summary["iterations"] == 2 and summary["engine"] == "vllm"
     rows = read_jsonl(out / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [1, 2] and all(0.0 <= r["reward_mean"] <= 1.0 for r in rows)
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["reward_mean"]) for r in rows)
     assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "model" / "model.safetensors").is_file()
 
 
