@@ -19,6 +19,7 @@ from align.cli import main
 from align.data import load_rows
 from align.errors import EXIT_INTERRUPTED
 from align.stages.rs import format_wins
+from align.status import key_metrics
 from conftest import ALIGN, ROOT, read_jsonl
 from sampling import Scored, SelectOptions, get_strategy
 
@@ -50,9 +51,11 @@ def committee(tiny_model, sft_model, demo_data, tmp_path_factory) -> Path:
 
 
 def test_the_better_model_wins_most_rows_and_rows_name_their_model(committee, tiny_model, sft_model):
-    summary = json.loads((committee / "stage.json").read_text())["summary"]
+    record = json.loads((committee / "stage.json").read_text())
+    summary = record["summary"]
     rows = datasets.load_from_disk(str(committee / "data")).to_list()
     worse, better = str(tiny_model), str(sft_model)
+    assert key_metrics("rs", record)["wins"] == format_wins(summary["wins"])  # the align status column
     counted = {m: sum(r["model"] == m for r in rows) for m in (worse, better)}
     assert summary["wins"] == counted and sum(counted.values()) == summary["kept_rows"] == len(rows) > 0
     assert counted[better] > 3 * counted[worse]  # most rows come from the trained model
@@ -130,6 +133,7 @@ def test_pairs_take_the_rejected_side_from_another_member():
 def test_wins_read_as_the_last_two_path_parts():
     assert format_wins({"/w/sft/model": 30, "/w/dpo/model": 2, "HuggingFaceTB/SmolLM2-135M": 0}) == \
         "sft/model 30, dpo/model 2, HuggingFaceTB/SmolLM2-135M 0"
+    assert key_metrics("rs", {"summary": {"kept_rows": 3, "wins": {"/w/sft/model": 3}}}) == {"kept_rows": 3}  # one model
 
 
 @pytest.mark.parametrize("value, message", [
