@@ -30,8 +30,8 @@ Output in DIR:
   metrics.jsonl     one row per shard
 
 Crash safety: prompts are processed in shards of ``shard_size``; each finished shard of each
-member (candidates and rewards) is written atomically to DIR/shards/. Rerunning the same command after a crash or
-kill continues after the last complete shard (DIR/shards/manifest.json records the config;
+member (candidates and rewards) is written atomically to DIR/shards/. Rerunning the same command
+after a crash or kill continues after the last complete shard (DIR/shards/manifest.json records the config;
 another config there fails unless ``--overwrite``). The vLLM engine seeds prompt ``i`` with
 ``seed + i``, so the resumed result is the one an uninterrupted run gives. When every shard is
 done, data/ and candidates.jsonl are written, then stage.json, then shards/ is removed; a rerun
@@ -224,11 +224,12 @@ def run_rs(cfg: RSConfig, engine: Engine | None = None) -> dict:
                 part = slice(starts[i], starts[i] + cfg.shard_size)
                 done[m, i] = _run_shard(current, scorer, cfg, m, rows[part], positions[part], cfg.dataset)
                 store.write(m, i, done[m, i])
-                stage.log(_shard_metrics(units.index((m, i)), done[m, i], member))
-                _progress(units.index((m, i)) + 1, len(units), done[m, i], member if len(members) > 1 else None)
+                step = m * len(starts) + i  # the position of (m, i) in units
+                stage.log(_shard_metrics(step, done[m, i], member))
+                _progress(step + 1, len(units), done[m, i], member if len(members) > 1 else None)
                 if preempt.requested() and (m, i) != todo[-1]:  # safe point: this shard is on disk
-                    raise preempt.stopped(f"after shard {units.index((m, i)) + 1}/{len(units)}",
-                                          f"{len(done)} shards kept in {store.root}", rerun="rerun the same command")
+                    raise preempt.stopped(f"after shard {step + 1}/{len(units)}", f"{len(done)} shards kept in {store.root}",
+                                          rerun="rerun the same command")
         finally:
             if live is None:
                 current.close()
