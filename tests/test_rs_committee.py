@@ -152,7 +152,7 @@ def test_bad_committees_exit_2(tiny_model, demo_data, tmp_path, capsys, value, m
 def test_vllm_committee_loads_one_member_at_a_time(tiny_model, sft_model, demo_data, tmp_path):
     out = tmp_path / "rs"
     argv = flags(tiny_model, sft_model, demo_data, out, "--engine", "vllm", "--kv_cache_gb", "0.25", "--max_prompts", 16)
-    proc = subprocess.run([*ALIGN, *argv[1:]], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([*ALIGN, *argv], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "stage.json").read_text())["summary"]
     assert summary["engine"] == "vllm" and summary["candidates"] == 16 * 2 * K
