@@ -126,3 +126,27 @@ def test_bad_options_exit_2_with_one_line(capsys, flags, message):
     assert main(["distill", "--model_name_or_path", "s", "--teacher", "t", "--dataset", "d", "--output_dir", "o", *flags]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
+
+
+def test_distill_is_a_recipe_stage_kind(tmp_path):
+    from align.recipe import Recipe, stage_kinds
+
+    assert "distill" in stage_kinds()
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"workdir: {tmp_path / 'w'}\n"
+        "stages:\n"
+        "  - {name: data, kind: demo-data}\n"
+        "  - {name: tiny, kind: make-tiny-model}\n"
+        "  - {name: sft, kind: sft, model_name_or_path: '${tiny.model}', dataset: '${data.data}/sft.jsonl'}\n"
+        "  - name: kd\n"
+        "    kind: distill\n"
+        "    model_name_or_path: ${tiny.model}\n"
+        "    teacher: ${sft.model}\n"
+        "    dataset: ${data.data}/sft.jsonl\n"
+        "    lmbda: 1.0\n"
+    )
+    cfg = Recipe.load(recipe).config("kd")
+    w = tmp_path / "w"
+    assert (cfg.teacher, cfg.model_name_or_path, cfg.lmbda, cfg.output_dir) == (
+        str(w / "sft/model"), str(w / "tiny/model"), 1.0, str(w / "kd"))
