@@ -19,7 +19,7 @@ from align.recipe import Recipe
 from conftest import ALIGN, ROOT
 
 RECIPES = sorted((ROOT / "configs" / "recipes").glob("*.yaml"))
-REPORT_RECIPES = {"qwen2", "llama3"}
+REPORT_RECIPES = {"qwen2", "llama3", "gemma2", "afm"}
 
 
 def profiles_of(path: Path) -> list[str | None]:
@@ -82,8 +82,8 @@ def test_llama3_rounds_chain_through_the_averaged_model(tmp_path):
     recipe = Recipe.load(ROOT / "configs" / "recipes" / "llama3.yaml", workdir=str(tmp_path))
     assert [s.name for s in recipe.stages if s.base == "merge"] == [f"merge_r{r}" for r in range(1, 7)]
     sft = str(tmp_path / "sft" / "model")
-    assert recipe.config("rs_r1").model_name_or_path == sft and recipe.config("sft_rs_r1").model_name_or_path == sft
-    assert recipe.config("rs_r2").model_name_or_path == str(tmp_path / "merge_r1" / "model")
+    assert recipe.config("rs_r1").model_name_or_path == [sft] and recipe.config("sft_rs_r1").model_name_or_path == sft
+    assert recipe.config("rs_r2").model_name_or_path == [str(tmp_path / "merge_r1" / "model")]
     assert recipe.config("rs_r2").num_samples == 10 and recipe.config("rs_r2").reward == [f"model:{tmp_path}/rm_r2/model"]
     for seed, name in ((1, "dpo_a_r3"), (2, "dpo_b_r3")):
         dpo = recipe.config(name)
@@ -92,6 +92,48 @@ def test_llama3_rounds_chain_through_the_averaged_model(tmp_path):
     merge = recipe.config("merge_r3")
     assert (merge.method, merge.models) == ("average", [str(tmp_path / "dpo_a_r3"), str(tmp_path / "dpo_b_r3")])
     assert len(Recipe.load(recipe.path, profile="tiny", sets=["vars.rounds=1"], workdir=str(tmp_path)).stages) == 11
+
+
+def test_gemma2_distils_then_merges_two_rloo_runs_toward_the_sft_model(tmp_path):
+    recipe = Recipe.load(ROOT / "configs" / "recipes" / "gemma2.yaml", workdir=str(tmp_path))
+    sft = recipe.config("sft")
+    assert (recipe.by_name["sft"].kind, sft.teacher, sft.model_name_or_path) == ("distill", "google/gemma-2-9b-it", "google/gemma-2-2b")
+    assert (sft.lmbda, sft.beta) == (0.5, 0.0)
+    assert recipe.config("rm").model_name_or_path == "google/gemma-2-27b"
+    for seed, name in ((1, "rlhf_a"), (2, "rlhf_b")):
+        rl = recipe.config(name)
+        assert (rl.optimizer, rl.model_name_or_path, rl.seed, rl.reward) == ("rloo", str(tmp_path / "sft" / "model"), seed,
+                                                                            [f"model:{tmp_path}/rm/model"])
+        assert rl.kl_coef > 0
+    merge = recipe.config("merge")
+    assert (merge.method, merge.base, merge.models) == ("slerp", str(tmp_path / "sft"), [str(tmp_path / "rlhf_a"), str(tmp_path / "rlhf_b")])
+    assert 0 < merge.eta < 1
+    tiny = Recipe.load(recipe.path, profile="tiny", workdir=str(tmp_path / "t"))
+    assert [s.name for s in tiny.stages[:4]] == ["data", "tiny", "teacher_init", "teacher"]
+    assert tiny.config("sft").teacher == str(tmp_path / "t" / "teacher" / "model")
+    assert tiny.config("teacher").model_name_or_path == str(tmp_path / "t" / "teacher_init" / "model")
+    assert tiny.config("teacher_init").hidden_size > tiny.config("tiny").hidden_size
+    assert tiny.config("teacher_init").num_layers > tiny.config("tiny").num_layers
+
+
+def test_afm_rounds_sample_a_committee_and_refresh_the_reward_model(tmp_path):
+    recipe = Recipe.load(ROOT / "configs" / "recipes" / "afm.yaml", workdir=str(tmp_path))
+    rm = recipe.config("rm")
+    assert (rm.loss, rm.grade_levels) == ("soft_label", 3) and len(rm.grade_heads) == 4
+    rs1, rs2 = recipe.config("rs_r1"), recipe.config("rs_r2")
+    assert rs1.model_name_or_path == [str(tmp_path / "sft" / "model"), "Qwen/Qwen2.5-3B"]
+    assert rs2.model_name_or_path == [str(tmp_path / "mdloo_r1" / "model"), str(tmp_path / "dpo_r1" / "model")]
+    assert (rs1.select, rs1.reward, rs2.reward) == ("pairs", [f"model:{tmp_path}/rm/model"], [f"model:{tmp_path}/rm_refresh_r1/model"])
+    refresh = recipe.config("rm_refresh_r2")
+    assert (refresh.dataset, refresh.model_name_or_path) == (str(tmp_path / "rs_r2" / "data"), str(tmp_path / "sft" / "model"))
+    dpo, mdloo = recipe.config("dpo_r2"), recipe.config("mdloo_r2")
+    assert (dpo.dataset, dpo.ref_model, dpo.model_name_or_path) == (str(tmp_path / "rs_r2" / "data"), str(tmp_path / "sft" / "model"),
+                                                                    str(tmp_path / "mdloo_r1" / "model"))
+    assert (mdloo.optimizer, mdloo.reward, mdloo.model_name_or_path) == ("mdloo", [f"model:{tmp_path}/rm_refresh_r2/model"],
+                                                                         str(tmp_path / "mdloo_r1" / "model"))
+    tiny = Recipe.load(recipe.path, profile="tiny", workdir=str(tmp_path / "t"))
+    assert tiny.config("rs_r1").model_name_or_path == [str(tmp_path / "t" / "sft" / "model"), str(tmp_path / "t" / "tiny" / "model")]
+    assert (tiny.config("rm").loss, tiny.config("rm").grade_heads) == ("bradley_terry", [])  # the demo pairs have no levels/grades
 
 
 # -- the two recipe features ------------------------------------------------------------------
@@ -154,8 +196,19 @@ TEST_BUDGET = {
                "sft_rs.max_steps=4", "sft_rs.per_device_train_batch_size=8", "sft_rs.save_steps=2",
                "dpo_a.max_steps=4", "dpo_a.per_device_train_batch_size=4", "dpo_a.save_steps=2",
                "dpo_b.max_steps=4", "dpo_b.per_device_train_batch_size=4", "dpo_b.save_steps=2"],
+    "gemma2": [*SMALL_DEMO, "teacher_init.hidden_size=64", "teacher_init.num_heads=1", "teacher_init.num_layers=2",
+               "teacher_init.intermediate_size=128", "teacher.max_steps=30", "teacher.save_steps=10",
+               "teacher.per_device_train_batch_size=16", "sft.eval_max_prompts=8",
+               "rm.max_steps=4", "rm.per_device_train_batch_size=8", "rm.eval_split=0.25", "rm.save_steps=2",
+               *(f"{rl}.{k}" for rl in ("rlhf_a", "rlhf_b")
+                 for k in ("num_iterations=2", "prompts_per_iteration=8", "num_samples=4", "save_every=1"))],
+    "afm": [*SMALL_DEMO, "vars.rounds=1", "vars.rs_prompts=24", "rm.max_steps=4", "rm.per_device_train_batch_size=8",
+            "rm.eval_split=0.25", "rm.save_steps=2", "rs.num_samples=2",
+            "rm_refresh.max_steps=4", "rm_refresh.per_device_train_batch_size=8", "rm_refresh.eval_split=0.25",
+            "rm_refresh.save_steps=2", "dpo.max_steps=4", "dpo.per_device_train_batch_size=4", "dpo.save_steps=2",
+            "mdloo.num_iterations=2", "mdloo.prompts_per_iteration=8", "mdloo.num_samples=4", "mdloo.save_every=1"],
 }
-KEY_METRIC = {"eval": "held_out", "rm": "eval_accuracy", "rs": "kept_rows"}
+KEY_METRIC = {"eval": "held_out", "rm": "eval_accuracy", "rs": "kept_rows", "distill": "heldout_kl"}
 
 
 @pytest.mark.slow
@@ -179,11 +232,38 @@ def test_tiny_profile_runs_end_to_end(name, tmp_path):
             assert summary["num_prompts"] == 16
         elif metric:
             assert row["metrics"][metric] == summary[metric]
-    if name == "qwen2":
-        for stage in ("dpo", "rlhf"):
-            config = json.loads((workdir / stage / "stage.json").read_text())["config"]
-            assert (config["optimizer_merge"], config["merge_base"]) == ("ondare", str(workdir / "tiny" / "model"))
-    else:
-        merged = json.loads((workdir / "merge_r1" / "stage.json").read_text())
-        assert merged["config"]["models"] == [str(workdir / "dpo_a_r1"), str(workdir / "dpo_b_r1")]
-        assert json.loads((workdir / "rs_r1" / "stage.json").read_text())["config"]["model_name_or_path"] == str(workdir / "sft" / "model")
+    RECIPE_CHECKS[name](workdir, lambda stage: json.loads((workdir / stage / "stage.json").read_text()))
+
+
+def check_qwen2(workdir: Path, stage_json) -> None:
+    for stage in ("dpo", "rlhf"):
+        config = stage_json(stage)["config"]
+        assert (config["optimizer_merge"], config["merge_base"]) == ("ondare", str(workdir / "tiny" / "model"))
+
+
+def check_llama3(workdir: Path, stage_json) -> None:
+    assert stage_json("merge_r1")["config"]["models"] == [str(workdir / "dpo_a_r1"), str(workdir / "dpo_b_r1")]
+    assert stage_json("rs_r1")["config"]["model_name_or_path"] == [str(workdir / "sft" / "model")]
+
+
+def check_gemma2(workdir: Path, stage_json) -> None:
+    distill = stage_json("sft")
+    assert distill["config"]["teacher"] == str(workdir / "teacher" / "model")
+    assert distill["summary"]["heldout_kl"] > 0 and distill["summary"]["heldout_kl_before"] > 0
+    merge = stage_json("merge")["config"]
+    assert (merge["method"], merge["base"]) == ("slerp", str(workdir / "sft"))
+    assert merge["models"] == [str(workdir / "rlhf_a"), str(workdir / "rlhf_b")]
+    assert [stage_json(rl)["config"]["seed"] for rl in ("rlhf_a", "rlhf_b")] == [1, 2]
+
+
+def check_afm(workdir: Path, stage_json) -> None:
+    rs = stage_json("rs_r1")
+    members = [str(workdir / "sft" / "model"), str(workdir / "tiny" / "model")]
+    assert rs["config"]["model_name_or_path"] == members and rs["config"]["select"] == "pairs"
+    assert set(rs["summary"]["wins"]) <= set(members) and sum(rs["summary"]["wins"].values()) == rs["summary"]["kept_rows"] > 0
+    assert stage_json("rm_refresh_r1")["config"]["dataset"] == str(workdir / "rs_r1" / "data")
+    assert stage_json("dpo_r1")["config"]["dataset"] == str(workdir / "rs_r1" / "data")
+    assert stage_json("mdloo_r1")["config"]["optimizer"] == "mdloo"
+
+
+RECIPE_CHECKS = {"qwen2": check_qwen2, "llama3": check_llama3, "gemma2": check_gemma2, "afm": check_afm}
