@@ -53,7 +53,7 @@ TOP_KEYS = ("workdir", "vars", "profiles", "stages", "description")
 PROFILE_KEYS = ("workdir", "vars", "stages")
 RESERVED = ("vars", "prev", "round")
 # Keys of a stage entry that are the runner's, not the stage config's.
-ENTRY_KEYS = ("name", "kind", "config")
+ENTRY_KEYS = ("name", "kind", "config", "profiles")
 # Kinds that write their artifact straight into output_dir (no stage contract of their own): the
 # runner points output_dir at <stage dir>/<artifact> and writes the stage.json itself.
 WRAPPED = {"make-tiny-model": "model", "demo-data": "data", "import-model": "model"}
@@ -111,7 +111,8 @@ class Recipe:
         data = _apply_profile(copy.deepcopy(data), profile, path)
         self._profile_overrides = data.pop("_overrides", [])
         self.vars: dict[str, Any] = dict(data.get("vars") or {})
-        self.stages = _expand(data.get("stages"), path)
+        _apply_var_sets(self.vars, self.sets)  # before expanding: 'repeat: ${vars.rounds}' reads them
+        self.stages = _expand(data.get("stages"), path, self.vars, profile)
         _apply_sets(self, self.sets)
         self.workdir = Path(workdir or data.get("workdir") or Path("runs") / path.stem)
         self.by_name = {s.name: s for s in self.stages}
@@ -328,19 +329,25 @@ def _apply_profile(data: dict[str, Any], profile: str | None, path: Path) -> dic
     return data
 
 
-def _expand(entries: list[Any], path: Path) -> list[StageSpec]:
-    """Stage entries and repeat blocks -> StageSpecs in run order, with base configs merged."""
+def _expand(entries: list[Any], path: Path, variables: dict[str, Any], profile: str | None) -> list[StageSpec]:
+    """Stage entries and repeat blocks -> StageSpecs in run order, with base configs merged; an entry
+    with ``profiles: [...]`` exists only under one of those profiles."""
     out: list[StageSpec] = []
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict):
             raise ConfigError(f"{path}: stages[{i}] must be a mapping with name and kind")
+        if not _in_profile(entry, profile, path, f"stages[{i}]"):
+            continue
         if "repeat" in entry:
-            rounds, inner = entry.get("repeat"), entry.get("stages")
-            extra = [k for k in entry if k not in ("repeat", "stages")]
+            rounds, inner = _rounds(entry.get("repeat"), variables, path, i), entry.get("stages")
+            extra = [k for k in entry if k not in ("repeat", "stages", "profiles")]
             if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1 or not isinstance(inner, list) or extra:
-                raise ConfigError(f"{path}: stages[{i}]: a repeat block is 'repeat: N' (N >= 1) and 'stages: [...]' only")
+                raise ConfigError(f"{path}: stages[{i}]: a repeat block is 'repeat: N' (N >= 1, or ${{vars.NAME}})"
+                                  " and 'stages: [...]' only")
             for r in range(1, rounds + 1):
                 for j, sub in enumerate(inner):
+                    if not _in_profile(sub, profile, path, f"stages[{i}].stages[{j}]"):
+                        continue
                     spec = _entry(sub, path, f"stages[{i}].stages[{j}]")
                     out.append(dataclasses.replace(spec, name=f"{spec.base}_r{r}", round=r, block=i, rounds=rounds))
         else:
@@ -351,6 +358,38 @@ def _expand(entries: list[Any], path: Path) -> list[StageSpec]:
             raise ConfigError(f"{path}: two stages are named '{spec.name}'; stage names must be unique")
         seen.add(spec.name)
     return out
+
+
+def _in_profile(entry: Any, profile: str | None, path: Path, where: str) -> bool:
+    """False for an entry whose ``profiles`` list does not name the active profile."""
+    if not isinstance(entry, dict) or "profiles" not in entry:
+        return True
+    names = entry["profiles"]
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"{path}: {where}: 'profiles' must be a non-empty list of profile names (e.g. [tiny])")
+    return profile in names
+
+
+def _rounds(value: Any, variables: dict[str, Any], path: Path, i: int) -> Any:
+    """``repeat: N`` or ``repeat: ${vars.NAME}`` (the var after the profile and ``--set vars.NAME=``)."""
+    whole = REF.fullmatch(value.strip()) if isinstance(value, str) else None
+    if whole and whole.group(1).strip().startswith("vars."):
+        name = whole.group(1).strip().removeprefix("vars.")
+        if name not in variables:
+            raise ConfigError(f"{path}: stages[{i}]: repeat: ${{vars.{name}}} is not defined in vars")
+        return variables[name]
+    return value
+
+
+def _apply_var_sets(variables: dict[str, Any], sets: list[str]) -> None:
+    """The ``--set vars.NAME=value`` items, applied early (the rest go through _apply_sets)."""
+    for item in sets:
+        target, eq, raw = item.partition("=")
+        if eq and target.startswith("vars.") and len(target) > len("vars."):
+            try:
+                variables[target.removeprefix("vars.")] = yaml.safe_load(raw) if raw.strip() else ""
+            except yaml.YAMLError:
+                variables[target.removeprefix("vars.")] = raw
 
 
 def _entry(entry: Any, path: Path, where: str) -> StageSpec:

@@ -26,6 +26,14 @@ def _eval_metrics(s: dict[str, Any]) -> dict[str, Any]:
     return {"held_out": s.get("eval_mean_reward")}
 
 
+def _committee_wins(s: dict[str, Any]) -> str | None:
+    """rs over a committee: the rows each member supplied (``sft/model 30, dpo/model 2``)."""
+    from align.stages.rs import format_wins
+
+    wins = s.get("wins") or {}
+    return format_wins(wins) if len(wins) > 1 else None
+
+
 # The key figures of each stage kind, read from its stage.json summary; ``held_out`` is the
 # held-out score (for the demo's rule:arithmetic, exact match) that the progress table follows.
 KEY_METRICS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
@@ -33,8 +41,9 @@ KEY_METRICS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "dpo": _eval_metrics,
     "eval": lambda s: {"held_out": s.get("mean_reward")},
     "rm": lambda s: {"eval_accuracy": s.get("eval_accuracy")},
-    "rs": lambda s: {"kept_rows": s.get("kept_rows"), "mean_reward": s.get("mean_reward")},
+    "rs": lambda s: {"kept_rows": s.get("kept_rows"), "mean_reward": s.get("mean_reward"), "wins": _committee_wins(s)},
     "rlhf": lambda s: {"held_out": s.get("eval_mean_reward"), "train_reward": s.get("reward_last_10pct")},
+    "distill": lambda s: {"held_out": s.get("eval_mean_reward"), "heldout_kl": s.get("heldout_kl")},
 }
 
 

@@ -14,7 +14,7 @@ An engine turns chat prompts into K candidates each. Both engines follow the sam
   with seed ``seed + i`` (so a caller passing ``seed + offset`` for a slice of a prompt set gets
   the same candidates however it slices), or ``seeds[i]`` when a caller gives one seed per prompt
   (``align rs --shard``: a prompt keeps its seed in whichever part it lands); the transformers
-  engine seeds each batch.
+  engine seeds each batch (with ``seeds``, by its first prompt's: per prompt at batch size 1).
 """
 
 from __future__ import annotations

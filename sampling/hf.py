@@ -2,7 +2,8 @@
 
 Batched with left padding, sorted by prompt length so batches waste little padding; the K
 samples of a prompt come from ``num_return_sequences`` (each re-computes the prompt: no shared
-KV pages, which is much of why vLLM is faster). Batch ``b`` is seeded with ``seed + b``.
+KV pages, which is much of why vLLM is faster). Batch ``b`` is seeded with ``seed + b`` (with
+per-prompt ``seeds``, with its first prompt's seed: see ``_batch_seed``).
 """
 
 from __future__ import annotations
@@ -52,9 +53,10 @@ class TransformersEngine:
         self.model.eval()
         try:
             for b, start in enumerate(range(0, len(order), self.batch_size)):
-                if params.seed is not None:
-                    torch.manual_seed(params.seed + b)
                 idx = order[start : start + self.batch_size]
+                seed = _batch_seed(params, b, idx[0])
+                if seed is not None:
+                    torch.manual_seed(seed)
                 for i, cands in zip(idx, self._generate_batch([encoded[i] for i in idx], params)):
                     results[i] = cands
         finally:
@@ -112,6 +114,15 @@ class TransformersEngine:
 
     def close(self) -> None:
         self.model = None
+
+
+def _batch_seed(params: SamplingParams, batch: int, first: int) -> int | None:
+    """Batch ``batch`` is seeded with ``seed + batch``, or, when the caller gives one seed per prompt,
+    with the seed of its first prompt: at ``batch_size=1`` every prompt then has its own seed, so its
+    candidates do not depend on which other prompts share the call (``align rs --shard``)."""
+    if params.seeds is not None:
+        return params.seeds[first]
+    return None if params.seed is None else params.seed + batch
 
 
 def _trim(ids: list[int], eos: int, pad: int) -> tuple[list[int], str]:

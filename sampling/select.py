@@ -9,8 +9,15 @@ Registered by name (``--select``):
 * ``pairs``: best vs worst -> one preference row ``prompt``/``chosen``/``rejected`` (as in
   RLHFlow's and Llama 3's on-policy pair building). Kept only when the reward margin is
   positive and at least ``min_margin``: ties carry no preference and are skipped. Among equal
-  rewards the lowest candidate index is taken, for chosen and rejected alike.
+  rewards the lowest candidate index is taken, for chosen and rejected alike. Over a committee
+  (candidates of several models, AFM's iTeC preference collection, Gunter et al. 2024, sec. 5.2)
+  the rejected side is the worst candidate of *another* member than the chosen one's, when some
+  other member's candidate scores below the chosen: pairs then compare models, as iTeC's
+  annotators did; the scorer stands in for the annotators.
 * ``all``: every candidate with its reward -> ``prompt``/``completion`` rows plus ``reward``.
+
+Each candidate carries the ``model`` it was sampled from; rows record it (``model``, or
+``chosen_model`` / ``rejected_model``).
 
 Identical candidates (same text) are de-duplicated before selection (``dedupe``), so a pair is
 never a response against itself and ``all`` holds each distinct response once. Every row keeps
@@ -32,6 +39,7 @@ class Scored:
     index: int
     text: str
     reward: float
+    model: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,12 +85,15 @@ def best_of_k(row: dict[str, Any], cands: list[Scored], opts: SelectOptions) -> 
     top = _best(cands)
     if opts.min_reward is not None and top.reward < opts.min_reward:
         return []
-    return [{**_base(row), "completion": _assistant(top.text), "candidate_index": top.index, "reward": top.reward}]
+    return [{**_base(row), "completion": _assistant(top.text), "candidate_index": top.index, "reward": top.reward,
+             "model": top.model}]
 
 
 @STRATEGIES.register("pairs")
 def best_vs_worst(row: dict[str, Any], cands: list[Scored], opts: SelectOptions) -> list[dict[str, Any]]:
-    chosen, rejected = _best(cands), _worst(cands)
+    chosen = _best(cands)
+    others = [c for c in cands if c.model != chosen.model and c.reward < chosen.reward]
+    rejected = _worst(others or cands)
     margin = chosen.reward - rejected.reward
     if margin <= 0 or margin < opts.min_margin:
         return []
@@ -90,12 +101,13 @@ def best_vs_worst(row: dict[str, Any], cands: list[Scored], opts: SelectOptions)
         **_base(row), "chosen": _assistant(chosen.text), "rejected": _assistant(rejected.text),
         "chosen_index": chosen.index, "rejected_index": rejected.index,
         "chosen_reward": chosen.reward, "rejected_reward": rejected.reward,
+        "chosen_model": chosen.model, "rejected_model": rejected.model,
     }]
 
 
 @STRATEGIES.register("all")
 def every_candidate(row: dict[str, Any], cands: list[Scored], opts: SelectOptions) -> list[dict[str, Any]]:
     return [
-        {**_base(row), "completion": _assistant(c.text), "candidate_index": c.index, "reward": c.reward}
+        {**_base(row), "completion": _assistant(c.text), "candidate_index": c.index, "reward": c.reward, "model": c.model}
         for c in sorted(cands, key=lambda c: c.index)
     ]

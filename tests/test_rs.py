@@ -44,7 +44,7 @@ def test_best_of_k_data_is_far_more_accurate_than_greedy(sft_vllm, sft_model, de
     greedy_acc = sum(c[0].text.strip() == p["answer"] for c, p in zip(greedy, prompts)) / n
 
     data = datasets.load_from_disk(str(tmp_path / "rs" / "data"))
-    assert data.column_names == ["prompt", "answer", "prompt_id", "completion", "candidate_index", "reward"]
+    assert data.column_names == ["prompt", "answer", "prompt_id", "completion", "candidate_index", "reward", "model"]
     assert data["prompt_id"] == [p["prompt_id"] for p in prompts]  # every prompt once, in order
     rows = data.to_list()
     data_acc = sum(map(exact, rows)) / n

@@ -106,7 +106,7 @@ def test_parts_tile_the_prompts_evenly(demo_data):
     (["--shard", "3/3"], "'shard' must be I/N with 0 <= I < N (e.g. 0/4 ... 3/4), got '3/3'"),
     (["--shard", "a/b"], "'shard' must be I/N with 0 <= I < N"),
     (["--shard", "0/2", "--merge", "x,y"], "--shard and --merge exclude each other"),
-    (["--shard", "0/2", "--engine", "transformers"], "--shard needs the vllm engine"),
+    (["--shard", "0/2", "--engine", "transformers"], "--shard with the transformers engine needs --batch_size 1"),
 ])
 def test_bad_shard_options_exit_2(tiny_model, demo_data, tmp_path, capsys, extra, message):
     code = main(["rs", *rs_flags(tiny_model, demo_data, tmp_path / "out", *extra)])

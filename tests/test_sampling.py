@@ -36,7 +36,8 @@ def test_best_keeps_the_top_candidate_first_index_on_ties():
     best = get_strategy("best")
     (row,) = best(ROW, cands(0.0, 1.0, 1.0, 0.5), SelectOptions())
     assert row == {"prompt": ROW["prompt"], "answer": "3", "prompt_id": "add_01_02",
-                   "completion": [{"role": "assistant", "content": "t1"}], "candidate_index": 1, "reward": 1.0}
+                   "completion": [{"role": "assistant", "content": "t1"}], "candidate_index": 1, "reward": 1.0,
+                   "model": ""}
     assert list(row)[:1] == ["prompt"]
     assert best(ROW, cands(0.0, 0.5), SelectOptions(min_reward=1.0)) == []
     assert len(best(ROW, cands(0.0, 1.0), SelectOptions(min_reward=1.0))) == 1

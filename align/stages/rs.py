@@ -8,6 +8,17 @@ reward model, fine-tune on it); Qwen2 used it for math with a correctness rule. 
 picks what is kept (``sampling.select``): ``best`` -> SFT rows, ``pairs`` -> preference pairs,
 ``all`` -> every scored candidate.
 
+Committee (AFM's iTeC, Gunter et al. 2024, sec. 5.2): ``--model_name_or_path A,B,...`` (a YAML
+list) samples K candidates per prompt from each member and selects across all of them: ``best``
+keeps the best response per prompt over the whole committee (committee distillation), ``pairs``
+draws chosen and rejected from different members where it can (iTeC's new preference pairs, the
+scorer standing in for the annotators). Every candidate and row records its ``model`` (the path
+as given); stage.json's ``wins`` counts the rows each member supplied (for pairs, the chosen
+side). Member ``m``'s candidates are numbered ``m*K .. m*K+K-1``, so ties go to the member listed
+first: list the model you prefer on ties first. Members share the seeds (prompt ``i``: ``seed +
+i``), so a model listed twice is refused. One engine at a time: a member is loaded, samples every
+prompt, and is freed before the next one loads, so a committee needs one model's memory.
+
 Output in DIR:
   data/             the selected rows, a ``datasets`` folder (``load_from_disk``; also accepted
                     as ``--dataset`` by later stages) in TRL's conversational formats, each row with
@@ -18,12 +29,12 @@ Output in DIR:
                     (written last)
   metrics.jsonl     one row per shard
 
-Crash safety: prompts are processed in shards of ``shard_size``; each finished shard (candidates
-and rewards) is written atomically to DIR/shards/. Rerunning the same command after a crash or
-kill continues after the last complete shard (DIR/shards/manifest.json records the config and
-the input fingerprints; another config or a changed input there fails unless ``--overwrite``).
-The vLLM engine seeds prompt ``i`` with ``seed + i``, so the resumed result is the one an
-uninterrupted run gives. When every shard is
+Crash safety: prompts are processed in shards of ``shard_size``; each finished shard of each
+member (candidates and rewards) is written atomically to DIR/shards/. Rerunning the same command
+after a crash or kill continues after the last complete shard (DIR/shards/manifest.json records
+the config and the input fingerprints; another config or a changed input there fails unless
+``--overwrite``). The vLLM engine seeds prompt ``i`` with ``seed + i``, so the resumed result is
+the one an uninterrupted run gives. When every shard is
 done, data/ and candidates.jsonl are written, then stage.json, then shards/ is removed; a rerun
 of a finished stage is a no-op. SIGTERM/SIGUSR1 stop the run after the current shard is written
 (exit code 3, ``align.preempt``); the rerun continues from there.
@@ -35,8 +46,8 @@ moves no other prompt to another part), into a normal stage dir; prompt ``i`` ke
 the same config as the parts (and no ``--shard``) checks that they come from that config and
 cover every part exactly once, then writes into ``--output_dir`` the output the unsharded run
 gives: the same data/ rows and candidates.jsonl, in the same order, and the same stage identity
-(a later unsharded run with that config there is a no-op). Exact equality needs the vLLM engine
-(the transformers engine seeds per batch).
+(a later unsharded run with that config there is a no-op). With the transformers engine this
+needs ``--batch_size 1`` (it seeds per batch: at 1, per prompt), which ``--shard`` checks.
 """
 
 from __future__ import annotations
@@ -56,7 +67,7 @@ from align.config import BaseConfig, option, required
 from align.errors import ConfigError, DataError
 from align.evaluation import RewardOptions, check_scorer_accepts, load_prompts, score_candidates
 from align.stage import SHARD_MANIFEST, Stage, atomic_write_json, atomic_write_text, read_stage, staging_dir
-from sampling.base import SamplingParams
+from sampling.base import Engine, SamplingParams
 from sampling.engines import EngineOptions
 from sampling.select import STRATEGIES, Scored, SelectOptions, dedupe
 
@@ -70,7 +81,9 @@ class RSConfig(RewardOptions, EngineOptions, BaseConfig):
     run_control: ClassVar[tuple[str, ...]] = ("overwrite", "resume", "kv_cache_gb", "max_num_seqs", "merge")
     inputs: ClassVar[tuple[str, ...]] = ("model_name_or_path", "dataset", "reward")
 
-    model_name_or_path: str = required("Policy to sample from: a Hugging Face model folder or Hub id (e.g. the SFT stage's model/).")
+    model_name_or_path: list[str] = required(
+        "Policy to sample from: a Hugging Face model folder or Hub id (e.g. the SFT stage's model/); several"
+        " (comma-separated, or a YAML list) sample as a committee, one engine at a time, selecting across all of them.")
     dataset: str = required("Prompts (TRL prompt-only, messages, ShareGPT or Alpaca); extra columns such as `answer` reach the scorer.")
     output_dir: str = required("Stage directory: data/, candidates.jsonl, stage.json, metrics.jsonl.")
     num_samples: int = option(8, "K: candidates sampled per prompt.")
@@ -89,15 +102,25 @@ class RSConfig(RewardOptions, EngineOptions, BaseConfig):
     shard: str | None = option(None, "I/N: sample only part I (0 to N-1) of N of the prompts, chosen by a hash of the prompt id (merge the parts with --merge).")
     merge: list[str] | None = option(None, "Stage dirs of --shard runs (comma-separated) to combine into output_dir; give the parts' config, without --shard.")
 
+    def __post_init__(self) -> None:
+        if isinstance(self.model_name_or_path, str):  # RSConfig(model_name_or_path="path") from Python: one member
+            self.model_name_or_path = [self.model_name_or_path]
+
     def validate(self) -> None:
         self.validate_engine()
         if self.shard is not None:
             shard_of(self.shard)
             if self.merge:
                 raise ConfigError("--shard and --merge exclude each other: run each part with --shard, then merge them without it")
-            if self.engine == "transformers":
-                raise ConfigError("--shard needs the vllm engine: the transformers engine seeds per batch, so the parts would not"
-                                  " add up to the unsharded run")
+            if self.engine == "transformers" and self.batch_size != 1:
+                raise ConfigError("--shard with the transformers engine needs --batch_size 1: it seeds per batch, so with"
+                                  " larger batches the parts would not add up to the unsharded run")
+        if not self.model_name_or_path:
+            raise ConfigError("'model_name_or_path' names no model; give one, or several (comma-separated) for a committee")
+        repeated = sorted({m for m in self.model_name_or_path if self.model_name_or_path.count(m) > 1})
+        if repeated:
+            raise ConfigError(f"'model_name_or_path' lists {repeated[0]} twice; committee members share the sampling seeds,"
+                              " so a repeat adds only copies: list each model once")
         if self.num_samples < 1:
             raise ConfigError(f"'num_samples' must be >= 1 (K candidates per prompt), got {self.num_samples}")
         for key in ("max_tokens", "shard_size"):
@@ -137,16 +160,17 @@ def in_shard(prompt_id: str, index: int, count: int) -> bool:
 
 class ShardStore:
     """DIR/shards/: ``manifest.json`` (the config and the input fingerprints the run started from)
-    and ``shard-NNNNN.json``, each written atomically. Changed inputs are caught before this, by
-    ``align.stage.stage_state`` reading the manifest's ``inputs``."""
+    and ``shard-NNNNN-MM.json`` (prompt shard N of committee member M), each written atomically.
+    Changed inputs are caught before this, by ``align.stage.stage_state`` reading the manifest's
+    ``inputs``."""
 
     def __init__(self, root: Path, identity: dict[str, Any], inputs: dict[str, Any]):
         self.root = root
         self.identity = identity
         self.inputs = inputs
 
-    def open(self) -> dict[int, dict[str, Any]]:
-        """Check or write the manifest; return the complete shards already on disk."""
+    def open(self) -> dict[tuple[int, int], dict[str, Any]]:
+        """Check or write the manifest; return the complete shards already on disk, by (member, shard)."""
         manifest = self.root / SHARD_MANIFEST
         if manifest.is_file():
             old = {k: v for k, v in json.loads(manifest.read_text()).items() if k != "inputs"}
@@ -158,15 +182,20 @@ class ShardStore:
                 )
         else:
             atomic_write_json(manifest, {**self.identity, "inputs": self.inputs})
-        return {int(p.stem.split("-")[1]): json.loads(p.read_text()) for p in sorted(self.root.glob("shard-*.json"))}
+        found = {}
+        for path in sorted(self.root.glob("shard-*.json")):
+            _, index, member = path.stem.split("-")
+            found[int(member), int(index)] = json.loads(path.read_text())
+        return found
 
-    def write(self, index: int, record: dict[str, Any]) -> None:
-        atomic_write_text(self.root / f"shard-{index:05d}.json", json.dumps(record) + "\n")
+    def write(self, member: int, index: int, record: dict[str, Any]) -> None:
+        atomic_write_text(self.root / f"shard-{index:05d}-{member:02d}.json", json.dumps(record) + "\n")
 
 
-@command("rs", RSConfig, "Rejection sampling: K samples per prompt, scored, best-of-K / pairs / all -> dataset.")
-def run_rs(cfg: RSConfig, engine=None) -> dict:
-    """Run the stage; returns the stage record. ``engine`` reuses a live engine (it is not closed)."""
+@command("rs", RSConfig, "Rejection sampling: K samples per prompt (from one model or a committee), scored, best-of-K / pairs / all -> dataset.")
+def run_rs(cfg: RSConfig, engine: Engine | None = None) -> dict:
+    """Run the stage; returns the stage record. ``engine`` is a live engine serving the first
+    member, reused (it is not closed); the other members are loaded and freed one at a time."""
     rows = load_prompts(cfg.dataset, cfg.max_prompts)
     positions = list(range(len(rows)))
     if cfg.shard is not None:
@@ -184,29 +213,37 @@ def run_rs(cfg: RSConfig, engine=None) -> dict:
     store = ShardStore(stage.dir / SHARDS, cfg.identity(), stage.inputs)
     done = store.open()
     starts = range(0, len(rows), cfg.shard_size)
-    todo = [i for i in range(len(starts)) if i not in done]
+    members = cfg.model_name_or_path
+    units = [(m, i) for m in range(len(members)) for i in range(len(starts))]  # one member at a time
+    todo = [u for u in units if u not in done]
     stage.truncate_metrics(after_step=len(done))
-    own_engine = engine is None and bool(todo)
-    if own_engine:
-        engine = cfg.build_engine(cfg.model_name_or_path, seed=cfg.seed)
-    try:
-        for i in todo:
-            part = slice(starts[i], starts[i] + cfg.shard_size)
-            done[i] = _run_shard(engine, scorer, cfg, rows[part], positions[part], cfg.dataset)
-            store.write(i, done[i])
-            stage.log(_shard_metrics(i, done[i]))
-            _progress(i + 1, len(starts), done[i])
-            if preempt.requested() and i != todo[-1]:  # safe point: this shard is on disk
-                raise preempt.stopped(f"after shard {i + 1}/{len(starts)}", f"{len(done)} shards kept in {store.root}",
-                                      rerun="rerun the same command")
-    finally:
-        if own_engine:
-            engine.close()
-    return _finish(stage, cfg, rows, [done[i] for i in range(len(starts))], resumed=len(starts) - len(todo))
+    for m, member in enumerate(members):
+        mine = [i for mm, i in todo if mm == m]
+        if not mine:
+            continue
+        live = engine if m == 0 and engine is not None else None
+        current = live or cfg.build_engine(member, seed=cfg.seed)
+        try:
+            for i in mine:
+                part = slice(starts[i], starts[i] + cfg.shard_size)
+                done[m, i] = _run_shard(current, scorer, cfg, m, rows[part], positions[part], cfg.dataset)
+                store.write(m, i, done[m, i])
+                step = m * len(starts) + i  # the position of (m, i) in units
+                stage.log(_shard_metrics(step, done[m, i], member))
+                _progress(step + 1, len(units), done[m, i], member if len(members) > 1 else None)
+                if preempt.requested() and (m, i) != todo[-1]:  # safe point: this shard is on disk
+                    raise preempt.stopped(f"after shard {step + 1}/{len(units)}", f"{len(done)} shards kept in {store.root}",
+                                          rerun="rerun the same command")
+        finally:
+            if live is None:
+                current.close()
+    shards = [_join_members([done[m, i] for m in range(len(members))]) for i in range(len(starts))]
+    return _finish(stage, cfg, rows, shards, resumed=len(units) - len(todo))
 
 
-def _run_shard(engine, scorer, cfg: RSConfig, rows: list[dict], positions: list[int], dataset: str) -> dict[str, Any]:
-    """Generate, score and record one shard (selection happens at the end, from the records)."""
+def _run_shard(engine, scorer, cfg: RSConfig, member: int, rows: list[dict], positions: list[int],
+               dataset: str) -> dict[str, Any]:
+    """Generate, score and record one shard of one member (selection happens at the end, from the records)."""
     started = time.perf_counter()
     outputs = engine.generate([r["prompt"] for r in rows], cfg.sampling_params(positions))
     generated = time.perf_counter()
@@ -214,28 +251,40 @@ def _run_shard(engine, scorer, cfg: RSConfig, rows: list[dict], positions: list[
         rewards = score_candidates(scorer, rows, outputs)
     except DataError as err:
         raise DataError(f"{dataset}: {err}") from None
+    first = member * cfg.num_samples  # member m's candidates are numbered m*K .. m*K+K-1
+    model = cfg.model_name_or_path[member]
     prompts = []
     for row, cands, scores in zip(rows, outputs, rewards):
         dups = dedupe([c.text for c in cands])
         prompts.append({"prompt_id": row["prompt_id"], "candidates": [
-            {"index": k, "text": c.text, "reward": s, "num_tokens": len(c.token_ids), "finish_reason": c.finish_reason,
-             "duplicate_of": d}
+            {"index": first + k, "model": model, "text": c.text, "reward": s, "num_tokens": len(c.token_ids),
+             "finish_reason": c.finish_reason, "duplicate_of": None if d is None else first + d}
             for k, (c, s, d) in enumerate(zip(cands, scores, dups))
         ]})
     return {"start": positions[0], "engine": engine.name, "generate_seconds": generated - started, "score_seconds": time.perf_counter() - generated,
             "tokens": sum(len(c.token_ids) for cands in outputs for c in cands), "prompts": prompts}
 
 
-def _shard_metrics(index: int, shard: dict[str, Any]) -> dict[str, Any]:
+def _join_members(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One prompt shard's records of every member -> one record, each prompt's candidates in member order."""
+    return {
+        "engine": "+".join(sorted({p["engine"] for p in parts})),
+        **{key: sum(p[key] for p in parts) for key in ("generate_seconds", "score_seconds", "tokens")},
+        "prompts": [{"prompt_id": group[0]["prompt_id"], "candidates": [c for p in group for c in p["candidates"]]}
+                    for group in zip(*(p["prompts"] for p in parts))],
+    }
+
+
+def _shard_metrics(index: int, shard: dict[str, Any], model: str) -> dict[str, Any]:
     rewards = [c["reward"] for p in shard["prompts"] for c in p["candidates"]]
-    return {"step": index + 1, "prompts": len(shard["prompts"]), "mean_reward": sum(rewards) / len(rewards),
+    return {"step": index + 1, "model": model, "prompts": len(shard["prompts"]), "mean_reward": sum(rewards) / len(rewards),
             "tokens_per_s": shard["tokens"] / max(shard["generate_seconds"], 1e-9)}
 
 
-def _progress(done: int, total: int, shard: dict[str, Any]) -> None:
-    m = _shard_metrics(done - 1, shard)
-    print(f"rs: shard {done}/{total}: {m['prompts']} prompts, mean reward {m['mean_reward']:.3f},"
-          f" {m['tokens_per_s']:,.0f} tokens/s", file=sys.stderr, flush=True)
+def _progress(done: int, total: int, shard: dict[str, Any], member: str | None) -> None:
+    m = _shard_metrics(done - 1, shard, member or "")
+    print(f"rs: shard {done}/{total}{f' ({member})' if member else ''}: {m['prompts']} prompts, mean reward"
+          f" {m['mean_reward']:.3f}, {m['tokens_per_s']:,.0f} tokens/s", file=sys.stderr, flush=True)
 
 
 def select_rows(cfg: RSConfig, rows: list[dict], records: list[dict]) -> list[dict]:
@@ -244,7 +293,8 @@ def select_rows(cfg: RSConfig, rows: list[dict], records: list[dict]) -> list[di
     opts = SelectOptions(min_margin=cfg.min_margin, min_reward=cfg.min_reward)
     out = []
     for row, record in zip(rows, records):
-        distinct = [Scored(c["index"], c["text"], c["reward"]) for c in record["candidates"] if c["duplicate_of"] is None]
+        distinct = [Scored(c["index"], c["text"], c["reward"], c["model"])
+                    for c in record["candidates"] if c["duplicate_of"] is None]
         out.extend(strategy(row, distinct, opts))
     return out
 
@@ -259,7 +309,7 @@ def _finish(stage: Stage, cfg: RSConfig, rows: list[dict], shards: list[dict], r
     select_seconds = time.perf_counter() - started
     _write_dataset(stage.dir / "data", selected)
     atomic_write_text(stage.dir / CANDIDATES, "".join(
-        json.dumps({"prompt_id": r["prompt_id"], "candidate_index": c["index"], "text": c["text"], "reward": c["reward"],
+        json.dumps({"prompt_id": r["prompt_id"], "candidate_index": c["index"], "model": c["model"], "text": c["text"], "reward": c["reward"],
                     "num_tokens": c["num_tokens"], "finish_reason": c["finish_reason"], "duplicate_of": c["duplicate_of"]}) + "\n"
         for r in records for c in r["candidates"]
     ))
@@ -276,6 +326,7 @@ def _finish(stage: Stage, cfg: RSConfig, rows: list[dict], shards: list[dict], r
         "mean_reward": sum(rewards) / len(rewards),
         "max_reward": max(rewards),
         "mean_best_reward": sum(max(c["reward"] for c in r["candidates"]) for r in records) / len(records),
+        **committee_summary(cfg.model_name_or_path, records, selected),
         "tokens": tokens,
         "tokens_per_s": round(tokens / generate_seconds, 1) if generate_seconds > 0 else None,
         "generate_seconds": round(generate_seconds, 3),
@@ -288,9 +339,29 @@ def _finish(stage: Stage, cfg: RSConfig, rows: list[dict], shards: list[dict], r
     }
     record = stage.finish(summary, {"data": str(stage.dir / "data"), "candidates": str(stage.dir / CANDIDATES)})
     shutil.rmtree(stage.dir / SHARDS, ignore_errors=True)
-    print(f"rs: kept {len(selected)} {cfg.select} rows from {len(records)} prompts x {cfg.num_samples} samples"
+    members = cfg.model_name_or_path
+    per = f" x {len(members)} models (rows per model: {format_wins(summary['wins'])})" if len(members) > 1 else ""
+    print(f"rs: kept {len(selected)} {cfg.select} rows from {len(records)} prompts x {cfg.num_samples} samples{per}"
           f" (mean reward {summary['mean_reward']:.4f}, best-of-K {summary['mean_best_reward']:.4f}) -> {stage.dir / 'data'}")
     return record
+
+
+def committee_summary(members: list[str], records: list[dict], selected: list[dict]) -> dict[str, Any]:
+    """``wins``: kept rows per member (a pair counts for its chosen side's); ``member_mean_reward``."""
+    wins = dict.fromkeys(members, 0)
+    for row in selected:
+        wins[row.get("chosen_model", row.get("model"))] += 1
+    rewards: dict[str, list[float]] = {m: [] for m in members}
+    for r in records:
+        for c in r["candidates"]:
+            rewards[c["model"]].append(c["reward"])
+    return {"members": list(members), "wins": wins,
+            "member_mean_reward": {m: sum(v) / len(v) for m, v in rewards.items()}}
+
+
+def format_wins(wins: dict[str, int]) -> str:
+    """``{"runs/sft/model": 30, "runs/dpo/model": 2}`` -> ``"sft/model 30, dpo/model 2"`` (the last two path parts)."""
+    return ", ".join(f"{'/'.join(Path(m).parts[-2:])} {n}" for m, n in wins.items())
 
 
 def _write_dataset(final: Path, rows: list[dict]) -> None:
