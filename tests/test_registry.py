@@ -81,6 +81,9 @@ BACKED = {
     "dpo": {"loss": "names", "eval_reward": "names"},
     "rm": {"loss": "choices"},
     "sft": {"eval_reward": "names"},
+    "demo-data": {"style": "choices"},
+    "merge": {"method": "choices"},
+    "distill": {"eval_reward": "names"},
 }
 
 
