@@ -67,6 +67,9 @@ class BaseConfig:
     # Fields naming input artifacts (datasets, model folders, ``model:PATH`` scorer specs): the
     # stage's identity covers their content too (``align.fingerprint``), not just the string.
     inputs: typing.ClassVar[tuple[str, ...]] = ()
+    # List fields that took one string before they took several (rs's model_name_or_path): a
+    # one-item list is recorded as that string, so a stage finished before still matches.
+    one_or_many: typing.ClassVar[tuple[str, ...]] = ()
 
     def validate(self) -> None:
         """Cross-field checks; raise ConfigError. Called after every field has its type."""
@@ -77,7 +80,13 @@ class BaseConfig:
 
     def identity(self) -> dict[str, Any]:
         """The part of the config that determines the stage's result."""
-        return {k: v for k, v in self.resolved().items() if k not in self.run_control}
+        return {k: self.recorded(k, v) for k, v in self.resolved().items() if k not in self.run_control}
+
+    def recorded(self, name: str, value: Any) -> Any:
+        """``value`` of field ``name`` as identities and fingerprints record it (see ``one_or_many``)."""
+        if name in self.one_or_many and isinstance(value, list) and len(value) == 1:
+            return value[0]
+        return value
 
 
 # ---------------------------------------------------------------------------------------------

@@ -100,7 +100,8 @@ def input_fingerprints(config: Any, cache: DigestCache | None = None) -> dict[st
     """{field: fingerprint} for every field the config class declares in ``inputs``."""
     own = cache is None
     cache = cache or DigestCache()
-    found = {name: fingerprint(getattr(config, name), cache) for name in getattr(config, "inputs", ())}
+    record = getattr(config, "recorded", lambda name, value: value)
+    found = {name: fingerprint(record(name, getattr(config, name)), cache) for name in getattr(config, "inputs", ())}
     if own:
         cache.save()
     return found

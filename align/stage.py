@@ -335,7 +335,8 @@ def _changed(recorded: dict[str, Any], inputs: dict[str, Any]) -> list[str]:
 
 
 def _identity(recorded: dict[str, Any], config: Any) -> dict[str, Any]:
-    return {k: v for k, v in recorded.items() if k not in config.run_control}
+    record = getattr(config, "recorded", lambda name, value: value)
+    return {k: record(k, v) for k, v in recorded.items() if k not in config.run_control}
 
 
 def _diff(old: dict[str, Any], new: dict[str, Any]) -> str:

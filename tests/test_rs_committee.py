@@ -158,3 +158,23 @@ def test_vllm_committee_loads_one_member_at_a_time(tiny_model, sft_model, demo_d
     assert summary["engine"] == "vllm" and summary["candidates"] == 16 * 2 * K
     assert summary["wins"][str(sft_model)] > summary["wins"][str(tiny_model)]
     assert "rs: shard 1/4 (" in proc.stderr and "rs: shard 3/4 (" in proc.stderr
+
+
+def test_one_model_is_recorded_as_before_committees_existed(tmp_path):
+    """A one-member list records as the string rs took before committees, so a stage finished then
+    stays up to date (identity and input fingerprints alike); two members stay a list."""
+    from align.fingerprint import input_fingerprints
+    from align.stage import _identity
+    from align.stages.rs import RSConfig
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    one = RSConfig(model_name_or_path=[str(tmp_path / "m")], dataset="d.jsonl", output_dir=str(tmp_path / "o"), reward=["rule:arithmetic"])
+    assert one.identity()["model_name_or_path"] == str(tmp_path / "m")
+    assert input_fingerprints(one)["model_name_or_path"].startswith("tree:")
+    assert _identity(one.resolved(), one) == one.identity()  # a stage.json written now (a list) matches too
+    old = {**one.resolved(), "model_name_or_path": str(tmp_path / "m")}  # written before committees
+    assert _identity(old, one) == one.identity()
+    two = RSConfig(model_name_or_path=[str(tmp_path / "m"), "other"], dataset="d.jsonl", output_dir=str(tmp_path / "o"), reward=["rule:arithmetic"])
+    assert two.identity()["model_name_or_path"] == [str(tmp_path / "m"), "other"]
+    assert isinstance(input_fingerprints(two)["model_name_or_path"], list)

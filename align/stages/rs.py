@@ -80,6 +80,7 @@ class RSConfig(RewardOptions, EngineOptions, BaseConfig):
     # Memory knobs that do not change the samples: a rerun with other values continues / is a no-op.
     run_control: ClassVar[tuple[str, ...]] = ("overwrite", "resume", "kv_cache_gb", "max_num_seqs", "merge")
     inputs: ClassVar[tuple[str, ...]] = ("model_name_or_path", "dataset", "reward")
+    one_or_many: ClassVar[tuple[str, ...]] = ("model_name_or_path",)
 
     model_name_or_path: list[str] = required(
         "Policy to sample from: a Hugging Face model folder or Hub id (e.g. the SFT stage's model/); several"
@@ -390,7 +391,7 @@ def merge_parts(stage: Stage, cfg: RSConfig, rows: list[dict], parts: list[Path]
         record = read_stage(part)
         if record is None or record.get("stage") != "rs":
             raise ConfigError(f"--merge: {part} is not a finished rs stage (no stage.json); run `align rs --shard I/N` into it first")
-        got = {k: v for k, v in record["config"].items() if k not in (*cfg.run_control, "shard", "output_dir")}
+        got = {k: cfg.recorded(k, v) for k, v in record["config"].items() if k not in (*cfg.run_control, "shard", "output_dir")}
         changed = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
         if changed:
             k = changed[0]
