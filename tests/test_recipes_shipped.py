@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -211,46 +210,15 @@ TEST_BUDGET = {
 KEY_METRIC = {"eval": "held_out", "rm": "eval_accuracy", "rs": "kept_rows", "distill": "heldout_kl"}
 
 
-# The tiny runs' stages are mostly single-threaded start-up (imports, model loads, engine starts),
-# so they run two recipes at a time, one torch thread each, overlapping those on the two cores.
-PARALLEL = 2
-RUN_TIMEOUT_S = 900
-
-
-@pytest.fixture(scope="module")
-def tiny_runs(tmp_path_factory) -> dict[str, tuple[int, Path, dict, str]]:
-    """Every report recipe's tiny profile on its TEST_BUDGET, PARALLEL at a time:
-    name -> (exit code, workdir, env, log)."""
-    root = tmp_path_factory.mktemp("tiny_runs")
-    pending, running, done = sorted(REPORT_RECIPES), {}, {}
-    while pending or running:
-        while pending and len(running) < PARALLEL:
-            name = pending.pop(0)
-            path, workdir, log = ROOT / "configs" / "recipes" / f"{name}.yaml", root / name / "w", root / f"{name}.log"
-            env = {**os.environ, "ALIGN_FINGERPRINT_CACHE": str(root / f"{name}-fp.json"), "PYTHONPATH": str(ROOT),
-                   "COLUMNS": "250", "OMP_NUM_THREADS": "1"}
-            sets = [arg for item in TEST_BUDGET[name] for arg in ("--set", item)]
-            with log.open("w") as out:
-                proc = subprocess.Popen([*ALIGN, "run", path, "--profile", "tiny", "--workdir", workdir, *sets],
-                                        stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
-            running[name] = (proc, workdir, env, log, time.monotonic())
-        for name, (proc, workdir, env, log, started) in list(running.items()):
-            if proc.poll() is None and time.monotonic() - started > RUN_TIMEOUT_S:
-                proc.kill()
-                proc.wait()
-            if proc.poll() is not None:
-                done[name] = (proc.returncode, workdir, env, log.read_text())
-                del running[name]
-        time.sleep(0.5)
-    return done
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(REPORT_RECIPES))
-def test_tiny_profile_runs_end_to_end(name, tiny_runs):
-    path = ROOT / "configs" / "recipes" / f"{name}.yaml"
-    code, workdir, env, log = tiny_runs[name]
-    assert code == 0, log[-6000:]
+def test_tiny_profile_runs_end_to_end(name, tmp_path):
+    path, workdir = ROOT / "configs" / "recipes" / f"{name}.yaml", tmp_path / "w"
+    env = {**os.environ, "ALIGN_FINGERPRINT_CACHE": str(tmp_path / "fp.json"), "PYTHONPATH": str(ROOT), "COLUMNS": "250"}
+    sets = [arg for item in TEST_BUDGET[name] for arg in ("--set", item)]
+    proc = subprocess.run([*ALIGN, "run", path, "--profile", "tiny", "--workdir", workdir, *sets],
+                          capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     expected = [s.name for s in Recipe.load(path, profile="tiny", sets=TEST_BUDGET[name], workdir=str(workdir)).stages]
     status = json.loads(subprocess.run([*ALIGN, "status", workdir, "--json"], capture_output=True, text=True,
                                        cwd=ROOT, env=env, check=True).stdout)
