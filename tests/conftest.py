@@ -1,13 +1,19 @@
-"""Shared, session-scoped artifacts: build each tiny model, demo set and SFT run once per session.
+"""Shared, session-scoped artifacts: build each tiny model, demo set and SFT run once per test run.
 
-Later stages (rs, rm, dpo, rlhf) start from the same SFT model, so the suite trains it once.
+Later stages (rs, rm, dpo, rlhf) start from the same SFT model, so the suite trains it once. With
+pytest-xdist (scripts/test.sh runs two workers) the workers share one artifacts folder: the first
+worker to need an artifact builds it under a file lock and the others wait for it and reuse it
+(``built_once``), so nothing is trained twice. Whole test files go to one worker (``--dist
+loadfile``), so module fixtures are never duplicated either.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +22,12 @@ import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Several xdist workers on a few cores: one torch thread share each (their `align` subprocesses
+# inherit it), or the workers' OpenMP pools oversubscribe the cores and all of them slow down.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault(
+        "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    )
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = ROOT.parent / "shared" / "data" / "real"
@@ -40,22 +52,43 @@ def run_align(*args: str, timeout: float = 900, check: bool = False) -> subproce
 
 @pytest.fixture(scope="session")
 def artifacts(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("artifacts")
+    """One folder per test run; under xdist, the workers' common parent (shared by all of them)."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "artifacts"
+    root.mkdir(exist_ok=True)
+    return root
+
+
+def built_once(path: Path, build) -> Path:
+    """``build()`` makes ``path`` unless an earlier call (in any xdist worker) finished it.
+
+    A lock file serialises the workers; a ``.done`` marker written after ``build`` returns tells a
+    finished artifact from one a failed build left half-made (that one is removed and rebuilt).
+    """
+    path = Path(path)
+    done = path.with_name(path.name + ".done")
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            if path.exists():
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            build()
+            done.touch()
+    return path
 
 
 @pytest.fixture(scope="session")
 def tiny_model(artifacts) -> Path:
     from align.tiny import make_tiny_model
 
-    return make_tiny_model(artifacts / "tiny", arch="llama", tokenizer="char", seed=0)
+    return built_once(artifacts / "tiny", lambda: make_tiny_model(artifacts / "tiny", arch="llama", tokenizer="char", seed=0))
 
 
 @pytest.fixture(scope="session")
 def demo_data(artifacts) -> Path:
     from align.demo import write_demo_data
 
-    write_demo_data(artifacts / "demo", seed=0)
-    return artifacts / "demo"
+    return built_once(artifacts / "demo", lambda: write_demo_data(artifacts / "demo", seed=0))
 
 
 def demo_sft(out: Path, tiny_model: Path, demo_data: Path, *flags) -> Path:
@@ -76,7 +109,8 @@ def demo_sft(out: Path, tiny_model: Path, demo_data: Path, *flags) -> Path:
 @pytest.fixture(scope="session")
 def sft_run(artifacts, tiny_model, demo_data) -> Path:
     """The short demo SFT run later stages start from (see SFT_STEPS)."""
-    return demo_sft(artifacts / "sft", tiny_model, demo_data, "--max_steps", SFT_STEPS, *SFT_FLAGS)
+    out = artifacts / "sft"
+    return built_once(out, lambda: demo_sft(out, tiny_model, demo_data, "--max_steps", SFT_STEPS, *SFT_FLAGS))
 
 
 @pytest.fixture(scope="session")
@@ -129,7 +163,8 @@ def sft_vllm(sft_model):
 def quickstart_sft_run(artifacts, tiny_model, demo_data) -> Path:
     """`align sft` with configs/demo_sft.yaml exactly as the quickstart runs it (1800 steps,
     cosine): the model a user trains a reward model from. tests/test_sft.py asserts its figure."""
-    return demo_sft(artifacts / "sft_quickstart", tiny_model, demo_data)
+    out = artifacts / "sft_quickstart"
+    return built_once(out, lambda: demo_sft(out, tiny_model, demo_data))
 
 
 @pytest.fixture(scope="session")
@@ -138,7 +173,8 @@ def rm_pairs(artifacts) -> Path:
     model has to learn to check sums, which takes more distinct pairs than DPO's 2,000."""
     from align.demo import write_demo_data
 
-    return write_demo_data(artifacts / "demo_rm", seed=0, num_pairs=RM_PAIRS)["pairs"]
+    built_once(artifacts / "demo_rm", lambda: write_demo_data(artifacts / "demo_rm", seed=0, num_pairs=RM_PAIRS))
+    return artifacts / "demo_rm" / "pairs.jsonl"
 
 
 
@@ -147,15 +183,14 @@ def rm_run(artifacts, quickstart_sft_run, rm_pairs) -> Path:
     """`align rm` through the CLI from the quickstart SFT model on the demo pairs (5% held out),
     from configs/demo_rm.yaml; tests/test_rm.py asserts its eval accuracy."""
     out = artifacts / "rm"
-    run_align(
+    return built_once(out, lambda: run_align(
         "rm", "--config", ROOT / "configs" / "demo_rm.yaml",
         "--model_name_or_path", quickstart_sft_run / "model",
         "--dataset", rm_pairs,
         "--output_dir", out,
         check=True,
         timeout=1800,
-    )
-    return out
+    ))
 
 
 @pytest.fixture(scope="session")
@@ -181,5 +216,15 @@ def smollm2(artifacts) -> Path:
     """SmolLM2-135M-Instruct as a Hugging Face folder, converted once with `align import-model smollm2`."""
     smollm2_gguf()
     out = artifacts / "smollm2"
-    run_align("import-model", "smollm2", out, check=True, timeout=600)
-    return out
+    return built_once(out, lambda: run_align("import-model", "smollm2", out, check=True, timeout=600))
+
+
+# The longest test files first, so that two xdist workers finish together instead of one starting
+# the longest file last (longest-processing-time-first scheduling; measured with --durations).
+LONGEST_FIRST = ["test_recipes_shipped.py", "test_real_model.py", "test_recipe_run.py", "test_rlhf.py",
+                 "test_preempt.py", "test_dpo.py", "test_rm.py", "test_train_multiprocess.py"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
