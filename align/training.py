@@ -1,4 +1,5 @@
-"""Training options shared by the trainer-based stages (sft, rm, dpo) and their mapping to TRL.
+"""Training options shared by the trainer-based stages (sft, rm, dpo, distill), their mapping to TRL,
+and the resume-train-stop sequence every one of them runs (``resume_checkpoint``, ``train_to_end``).
 
 TRL's configs default to ``bf16=True`` and ``gradient_checkpointing=True``, which are wrong on a
 CPU and for tiny models; we set every such default explicitly from our own typed fields.
@@ -7,6 +8,8 @@ CPU and for tiny models; we set every such default explicitly from our own typed
 from __future__ import annotations
 
 import dataclasses
+import time
+from pathlib import Path
 from typing import Any, Literal
 
 from align.config import option
@@ -81,4 +84,48 @@ def trl_args(cfg: Any, stage: Stage) -> dict[str, Any]:
         "disable_tqdm": True,
         "dataloader_num_workers": 0,
         "save_only_model": False,  # optimizer, scheduler and RNG state are what make --resume exact
+    }
+
+
+def checkpoint_step(checkpoint: Path | None) -> int:
+    """The global step of a ``checkpoint-N`` folder (0 for none)."""
+    return int(checkpoint.name.split("-")[-1]) if checkpoint else 0
+
+
+def resume_checkpoint(cfg: Any, stage: Stage) -> Path | None:
+    """The checkpoint ``--resume`` continues from (None for a fresh run); the metrics logged after
+    it are dropped, since the resumed run logs those steps again."""
+    checkpoint = stage.latest_checkpoint() if cfg.resume else None
+    if checkpoint is not None:
+        stage.truncate_metrics(after_step=checkpoint_step(checkpoint))
+    return checkpoint
+
+
+def train_to_end(trainer, stage: Stage, checkpoint: Path | None) -> dict[str, Any] | None:
+    """Run a transformers/TRL ``trainer`` to its end the way every trainer stage does.
+
+    Quiet console (our progress bar instead of tqdm), TensorBoard logs under the stage, resume
+    from ``checkpoint``, a clean exit after the checkpoint a preemption signal asked for, then a
+    barrier. Returns the summary fields all trainer stages share on the main process, None on the
+    others (only the main process saves, evaluates, plots and writes stage.json).
+    """
+    from align.tracking import last_value, quiet_trainer, route_tensorboard, stop_if_preempted
+
+    quiet_trainer(trainer)
+    route_tensorboard(trainer.callback_handler.callbacks, stage)
+    started, cpu_started = time.time(), time.process_time()
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    stop_if_preempted(trainer, stage)
+    seconds, cpu_seconds = time.time() - started, time.process_time() - cpu_started
+    trainer.accelerator.wait_for_everyone()
+    if not trainer.is_world_process_zero():
+        return None
+    return {
+        "global_step": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "final_loss": last_value(stage.metrics(), "loss"),
+        "resumed_from_step": checkpoint_step(checkpoint),
+        "train_seconds": round(seconds, 2),
+        "train_cpu_seconds": round(cpu_seconds, 2),  # this process, all threads
+        "num_processes": trainer.accelerator.num_processes,
     }

@@ -31,7 +31,6 @@ With ``eval_reward`` the trained student's greedy answers are also scored, as in
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Any
 
 from align.config import BaseConfig, option, required
@@ -41,7 +40,7 @@ from align.evaluation import EvalOptions, load_prompts
 from align.models import DTYPES, ModelOptions, load_causal_lm, load_tokenizer, peft_config, resolve_model_path, save_model
 from align.registry import command
 from align.stage import CheckpointOptions, Stage, read_stage
-from align.training import TrainOptions, trl_args
+from align.training import TrainOptions, resume_checkpoint, train_to_end, trl_args
 
 
 @dataclasses.dataclass
@@ -201,17 +200,14 @@ def run_distill(cfg: DistillStageConfig) -> dict:
         warnings.simplefilter("ignore", TRLExperimentalWarning)
         from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-    from align.tracking import (StageCallback, evaluate_trained, last_value, plot_metrics, quiet_trainer, route_tensorboard,
-                                stop_if_preempted)
+    from align.tracking import StageCallback, evaluate_trained, plot_metrics
 
     tokenizer = load_tokenizer(cfg)
     train = conversations(cfg.dataset)
     heldout = load_prompts(cfg.eval_dataset, cfg.eval_max_prompts) if cfg.eval_dataset else []
     model = load_causal_lm(cfg)
     teacher = load_teacher(cfg)
-    checkpoint = stage.latest_checkpoint() if cfg.resume else None
-    if checkpoint is not None:
-        stage.truncate_metrics(after_step=int(checkpoint.name.split("-")[-1]))
+    checkpoint = resume_checkpoint(cfg, stage)
 
     summary: dict[str, Any] = {}
     if heldout:
@@ -229,26 +225,11 @@ def run_distill(cfg: DistillStageConfig) -> dict:
         peft_config=peft_config(cfg),
         callbacks=[StageCallback(stage, "distill")],
     )
-    quiet_trainer(trainer)
-    route_tensorboard(trainer.callback_handler.callbacks, stage)
-    started = time.time()
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    stop_if_preempted(trainer, stage)
-    train_seconds = time.time() - started
-
-    trainer.accelerator.wait_for_everyone()
-    if not trainer.is_world_process_zero():  # the main process saves, evaluates, plots and writes stage.json
+    run = train_to_end(trainer, stage, checkpoint)
+    if run is None:  # not the main process
         return {}
     artifacts = save_model(trainer.model, tokenizer, stage.dir, merge_lora=cfg.merge_lora)
-    summary.update({
-        "train_rows": len(train),
-        "global_step": trainer.state.global_step,
-        "train_loss": result.training_loss,
-        "final_loss": last_value(stage.metrics(), "loss"),
-        "resumed_from_step": int(checkpoint.name.split("-")[-1]) if checkpoint else 0,
-        "train_seconds": round(train_seconds, 2),
-        "num_processes": trainer.accelerator.num_processes,
-    })
+    summary.update({"train_rows": len(train), **run})
     if heldout:
         summary["heldout_kl"], summary["heldout_kl_tokens"] = heldout_kl(trainer.model, teacher, sequences, tokenizer.pad_token_id)
         summary["heldout_kl_prompts"] = len(heldout)

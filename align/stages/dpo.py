@@ -41,7 +41,7 @@ from align.models import ModelOptions, load_causal_lm, load_tokenizer, peft_conf
 from align.registry import Registry, command
 from align.rl.merging_optimizer import OnlineMergingOptions
 from align.stage import CheckpointOptions, Stage, read_stage
-from align.training import TrainOptions, trl_args
+from align.training import TrainOptions, resume_checkpoint, train_to_end, trl_args
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,30 +204,20 @@ def run_dpo(cfg: DPOStageConfig) -> dict:
     import datasets
 
     from align.data import load_rows
-    from align.tracking import last_value, quiet_trainer, route_tensorboard
-    from align.tracking import StageCallback, plot_metrics, stop_if_preempted
+    from align.tracking import StageCallback, last_value, plot_metrics
 
     datasets.disable_progress_bars()
     rows, report = filter_pairs(load_rows(cfg.dataset, "preference"), cfg, cfg.dataset)
     train = datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
     del rows  # the Arrow table holds the pairs from here on; the Python copy would only add to peak memory
-    checkpoint = stage.latest_checkpoint() if cfg.resume else None
-    if checkpoint is not None:
-        stage.truncate_metrics(after_step=int(checkpoint.name.split("-")[-1]))
+    checkpoint = resume_checkpoint(cfg, stage)
     started = time.time()
     trainer = build_trainer(cfg, train, stage, callbacks=[StageCallback(stage, "dpo")])
     setup_seconds = time.time() - started
-    quiet_trainer(trainer)
-    route_tensorboard(trainer.callback_handler.callbacks, stage)
-    started, cpu_started = time.time(), time.process_time()
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    stop_if_preempted(trainer, stage)
-    train_seconds, train_cpu_seconds = time.time() - started, time.process_time() - cpu_started
-
-    cache = trainer.ref_cache
-    trainer.accelerator.wait_for_everyone()
-    if not trainer.is_world_process_zero():  # the main process saves, evaluates and writes stage.json
+    run = train_to_end(trainer, stage, checkpoint)
+    if run is None:  # not the main process
         return {}
+    cache = trainer.ref_cache
     tokenizer = trainer.processing_class
     artifacts = save_model(trainer.model, tokenizer, stage.dir, merge_lora=cfg.merge_lora)
     rows_logged = stage.metrics()
@@ -235,20 +225,14 @@ def run_dpo(cfg: DPOStageConfig) -> dict:
         **report,
         **trainer.prompt_report,
         "train_pairs": len(trainer.train_dataset),
-        "global_step": trainer.state.global_step,
-        "train_loss": result.training_loss,
-        "final_loss": last_value(rows_logged, "loss"),
+        **run,
         "reward_accuracy": last_value(rows_logged, "rewards/accuracies"),
         "reward_margin": last_value(rows_logged, "rewards/margins"),
         "masked_token_ids": list(trainer.data_collator.mask_ids),
         "ref_logps": "live" if cache is None else ("cache_hit" if cache.hit else "computed"),
         "ref_precompute_batches": trainer.ref_forward_batches,  # on this process; 0 on a cache hit
         "ref_cache_file": str(cache.path) if cache else None,
-        "num_processes": trainer.accelerator.num_processes,
-        "resumed_from_step": int(checkpoint.name.split("-")[-1]) if checkpoint else 0,
         "setup_seconds": round(setup_seconds, 2),
-        "train_seconds": round(train_seconds, 2),
-        "train_cpu_seconds": round(train_cpu_seconds, 2),  # this process, all threads
     }
     if cfg.eval_dataset:
         from align.tracking import evaluate_trained

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import time
 from typing import Any, Literal
 
 import torch
@@ -40,7 +39,7 @@ from align.errors import ConfigError, DataError, ModelError
 from align.models import DTYPES, ModelOptions, _first_line, resolve_model_path, save_model
 from align.registry import command
 from align.stage import CheckpointOptions, Stage, read_stage
-from align.training import TrainOptions, trl_args
+from align.training import TrainOptions, resume_checkpoint, train_to_end, trl_args
 from reward.losses import (
     IGNORE_GRADE, LLAMA2_MARGINS, LOSSES, RewardBatch, SOFT_LABELS, get_loss, grade_cross_entropy,
     ordered_pairs, pairwise_metrics, parse_level,
@@ -324,8 +323,7 @@ def run_rm(cfg: RMStageConfig) -> dict:
     from trl import RewardConfig
 
     from align.data import load_rows
-    from align.tracking import last_value, quiet_trainer, route_tensorboard
-    from align.tracking import StageCallback, plot_metrics, stop_if_preempted
+    from align.tracking import StageCallback, last_value, plot_metrics
 
     rows = list(enumerate(load_rows(cfg.dataset, "preference"), start=1))  # numbered for error messages
     eval_rows = list(enumerate(load_rows(cfg.eval_dataset, "preference"), start=1)) if cfg.eval_dataset else []
@@ -334,9 +332,7 @@ def run_rm(cfg: RMStageConfig) -> dict:
     model, tokenizer = load_backbone(cfg)
     train, dropped = prepare_examples(rows, cfg.dataset, cfg, tokenizer)
     evals = prepare_examples(eval_rows, cfg.eval_dataset or cfg.dataset, cfg, tokenizer)[0] if eval_rows else []
-    checkpoint = stage.latest_checkpoint() if cfg.resume else None
-    if checkpoint is not None:
-        stage.truncate_metrics(after_step=int(checkpoint.name.split("-")[-1]))
+    checkpoint = resume_checkpoint(cfg, stage)
 
     args = RewardConfig(**trl_args(cfg, stage), max_length=None, disable_dropout=True)
     trainer = _trainer_class()(
@@ -353,15 +349,8 @@ def run_rm(cfg: RMStageConfig) -> dict:
     )
     if cfg.grade_heads:
         add_grade_heads(trainer.model, cfg.grade_heads, cfg.grade_levels)
-    quiet_trainer(trainer)
-    route_tensorboard(trainer.callback_handler.callbacks, stage)
-    started = time.time()
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    stop_if_preempted(trainer, stage)
-    train_seconds = time.time() - started
-
-    trainer.accelerator.wait_for_everyone()
-    if not trainer.is_world_process_zero():  # the main process saves, evaluates, plots and writes stage.json
+    run = train_to_end(trainer, stage, checkpoint)
+    if run is None:  # not the main process
         return {}
     trainer.model.eval()
     artifacts = save_model(trainer.model, tokenizer, stage.dir)
@@ -369,13 +358,8 @@ def run_rm(cfg: RMStageConfig) -> dict:
         "loss": cfg.loss,
         "train_rows": len(train),
         "dropped_rows": dropped,
-        "global_step": trainer.state.global_step,
-        "train_loss": result.training_loss,
-        "final_loss": last_value(stage.metrics(), "loss"),
         "final_train_accuracy": last_value(stage.metrics(), "accuracy"),
-        "resumed_from_step": int(checkpoint.name.split("-")[-1]) if checkpoint else 0,
-        "train_seconds": round(train_seconds, 2),
-        "num_processes": trainer.accelerator.num_processes,
+        **run,
     }
     if evals:
         scorer = RewardModel(trainer.model, tokenizer, batch_size=cfg.score_batch_size, max_length=cfg.max_length)

@@ -15,7 +15,6 @@ TRL's SFTTrainer does the training; we add what a pipeline needs around it:
 from __future__ import annotations
 
 import dataclasses
-import time
 
 from align.config import BaseConfig, option, required
 from align.evaluation import EvalOptions
@@ -24,7 +23,7 @@ from align.errors import ConfigError
 from align.models import ModelOptions, load_causal_lm, load_tokenizer, peft_config, save_model
 from align.registry import command
 from align.stage import CheckpointOptions, Stage, read_stage
-from align.training import TrainOptions, trl_args
+from align.training import TrainOptions, resume_checkpoint, train_to_end, trl_args
 
 
 @dataclasses.dataclass
@@ -51,15 +50,12 @@ def run_sft(cfg: SFTStageConfig) -> dict:
     # TRL and the trainer callbacks import the trainer stack (seconds): only for a run that trains
     from trl import SFTConfig, SFTTrainer
 
-    from align.tracking import (StageCallback, evaluate_trained, last_value, plot_metrics, quiet_trainer, route_tensorboard,
-                                stop_if_preempted)
+    from align.tracking import StageCallback, evaluate_trained, plot_metrics
 
     train = load_dataset(cfg.dataset, "sft").select_columns(["prompt", "completion"])
     tokenizer = load_tokenizer(cfg)
     model = load_causal_lm(cfg)
-    checkpoint = stage.latest_checkpoint() if cfg.resume else None
-    if checkpoint is not None:
-        stage.truncate_metrics(after_step=int(checkpoint.name.split("-")[-1]))
+    checkpoint = resume_checkpoint(cfg, stage)
 
     args = SFTConfig(**trl_args(cfg, stage), max_length=cfg.max_length, completion_only_loss=True)
     trainer = SFTTrainer(
@@ -70,26 +66,11 @@ def run_sft(cfg: SFTStageConfig) -> dict:
         peft_config=peft_config(cfg),
         callbacks=[StageCallback(stage, "sft")],
     )
-    quiet_trainer(trainer)
-    route_tensorboard(trainer.callback_handler.callbacks, stage)
-    started = time.time()
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    stop_if_preempted(trainer, stage)
-    train_seconds = time.time() - started
-
-    trainer.accelerator.wait_for_everyone()
-    if not trainer.is_world_process_zero():  # the main process saves, evaluates, plots and writes stage.json
+    run = train_to_end(trainer, stage, checkpoint)
+    if run is None:  # not the main process
         return {}
     artifacts = save_model(trainer.model, tokenizer, stage.dir, merge_lora=cfg.merge_lora)
-    summary = {
-        "train_rows": len(train),
-        "global_step": trainer.state.global_step,
-        "train_loss": result.training_loss,
-        "final_loss": last_value(stage.metrics(), "loss"),
-        "resumed_from_step": int(checkpoint.name.split("-")[-1]) if checkpoint else 0,
-        "train_seconds": round(train_seconds, 2),
-        "num_processes": trainer.accelerator.num_processes,
-    }
+    summary = {"train_rows": len(train), **run}
     if cfg.eval_dataset:
         summary.update(evaluate_trained(trainer.model, tokenizer, cfg, stage))
     plot = plot_metrics(stage.metrics(), ["loss", "learning_rate"], stage.dir / "loss.png", f"sft: {cfg.output_dir}")
