@@ -140,10 +140,16 @@ def read_stage(output_dir: str | Path) -> dict[str, Any] | None:
     return json.loads(path.read_text())
 
 
+def shard_files(output_dir: str | Path) -> list[Path]:
+    """The complete shard files of an rs run in ``output_dir`` (``shards/shard-NNNNN-MM.json``: shard,
+    committee member), in order. Each is written atomically, so every one listed is whole."""
+    return sorted((Path(output_dir) / "shards").glob("shard-*.json"))
+
+
 def has_partial_work(output_dir: str | Path) -> bool:
     """True when the dir holds checkpoints or rs shards of a run that did not finish."""
     root = Path(output_dir)
-    return any((root / CHECKPOINTS).glob("checkpoint-*")) or any((root / "shards").glob("shard-*"))
+    return any((root / CHECKPOINTS).glob("checkpoint-*")) or bool(shard_files(root))
 
 
 def partial_inputs(output_dir: str | Path) -> dict[str, Any] | None:
@@ -216,7 +222,8 @@ class Stage:
         """Decide whether to run. Returns False when the dir already holds this exact result.
 
         Input fingerprints are taken here, before any work, and recorded by ``finish`` (and, for a
-        stage with checkpoints, in ``checkpoints/inputs.json`` right away). A finished dir with
+        stage with checkpoints, in ``checkpoints/inputs.json`` when training begins: ``record_inputs``,
+        so a run refused while loading its model or data leaves nothing behind). A finished dir with
         another config or changed inputs fails unless ``overwrite``; so does an unfinished one whose
         inputs changed since it started; an unfinished dir with a checkpoint fails unless ``resume``
         or ``overwrite`` (no work is silently thrown away).
@@ -240,9 +247,14 @@ class Stage:
                               " or --overwrite to start over")
         if self.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
-            if hasattr(self.config, "resume") and not (resume and latest is not None):
-                atomic_write_json(self.checkpoints_dir / CHECKPOINT_INPUTS, self.inputs)
         return True
+
+    def record_inputs(self) -> None:
+        """Write the input fingerprints beside the checkpoints (``CHECKPOINT_INPUTS``) once the
+        model and data have loaded and training begins, before its first checkpoint: an unfinished
+        run is then resumed only from the inputs it started from (``stage_state``)."""
+        if self.is_main and hasattr(self.config, "resume"):
+            atomic_write_json(self.checkpoints_dir / CHECKPOINT_INPUTS, self.inputs)
 
     def clear(self) -> None:
         for name in OWNED:

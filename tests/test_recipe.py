@@ -220,7 +220,10 @@ def test_an_unfinished_stage_whose_input_changed_restarts_instead_of_resuming(tm
     """)
     recipe = Recipe.load(path)
     cfg, out = recipe.config("sft"), recipe.stage_dir("sft")
-    assert Stage("sft", cfg, out).prepare()  # what `align sft` does before training
+    stage = Stage("sft", cfg, out)
+    assert stage.prepare()  # what `align sft` does before loading the model and data
+    assert not (out / "checkpoints" / "inputs.json").exists()
+    stage.record_inputs()  # what it does when training begins (StageCallback.on_train_begin)
     recorded = json.loads((out / "checkpoints" / "inputs.json").read_text())
     assert recorded == input_fingerprints(cfg) and recorded["dataset"].startswith("sha256:")
     write(out / "checkpoints" / "checkpoint-2" / "trainer_state.json", "{}")  # then killed after a checkpoint
@@ -232,8 +235,10 @@ def test_an_unfinished_stage_whose_input_changed_restarts_instead_of_resuming(tm
     with pytest.raises(ConfigError, match=re.escape(f"holds an unfinished 'sft' run with changed inputs ({changed});"
                                                     " pass --overwrite")):
         Stage("sft", cfg, out).prepare(resume=True)
-    assert Stage("sft", cfg, out).prepare(overwrite=True)  # what the runner's overwrite does: start over
+    stage = Stage("sft", cfg, out)
+    assert stage.prepare(overwrite=True)  # what the runner's overwrite does: start over
     assert not (out / "checkpoints" / "checkpoint-2").exists()
+    stage.record_inputs()
     assert json.loads((out / "checkpoints" / "inputs.json").read_text()) == input_fingerprints(cfg) != recorded
 
 

@@ -32,7 +32,7 @@ import json
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -54,6 +54,7 @@ from sampling.engines import EngineOptions
 @dataclasses.dataclass
 class RLHFConfig(RewardOptions, EngineOptions, ModelOptions, OnlineMergingOptions, CheckpointOptions, BaseConfig):
     inputs = ("model_name_or_path", "dataset", "reward", "eval_dataset", "eval_reward")
+    run_control: ClassVar[tuple[str, ...]] = ("overwrite", "resume", "threads")
     dataset: str = required("Prompts to train on (prompt rows; extra columns such as `answer` reach the scorers).")
     output_dir: str = required("Stage directory: stage.json, metrics.jsonl, model/, checkpoints/.")
     optimizer: str = option("rloo", "Policy optimizer (align/rl/optimizers.py).", choices=OPTIMIZERS)
@@ -366,6 +367,7 @@ def run_rlhf(cfg: RLHFConfig) -> dict:
         start, before = state["iteration"], state["before"]
         stage.truncate_metrics(after_step=start)
     engine = cfg.build_engine(cfg.model_name_or_path, seed=cfg.seed + rank)
+    stage.record_inputs()
     if checkpoint is not None:
         restore_rng(state)
         sync_engine(engine, policy)
