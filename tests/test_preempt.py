@@ -15,6 +15,7 @@ from align import preempt
 from align.cli import main
 from align.errors import EXIT_INTERRUPTED
 from align.evaluation import load_prompts
+from align.stage import shard_files
 from conftest import ALIGN, ROOT, read_jsonl, run_align
 
 STOP_WITHIN = 120  # seconds from the signal to the exit: one step / iteration / shard, plus the checkpoint
@@ -118,10 +119,10 @@ def test_sigterm_stops_rs_after_a_shard_and_the_rerun_completes(tiny_model, demo
             "--min_reward", "null", "--reward", "rs_scorers:slow_arithmetic", "--engine", "vllm", "--kv_cache_gb", 0.25]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.environ.get("PYTHONPATH", ""), str(ROOT / "tests")])}
     proc = start(args, log, env)
-    signal_when(proc, log, lambda: len(list((out / "shards").glob("shard-*.json"))) >= 1, signal.SIGTERM)
+    signal_when(proc, log, lambda: len(shard_files(out)) >= 1, signal.SIGTERM)
 
     assert proc.returncode == EXIT_INTERRUPTED, log.read_text()[-3000:]
-    kept = len(list((out / "shards").glob("shard-*.json")))
+    kept = len(shard_files(out))
     assert 1 <= kept < n // shard and not (out / "stage.json").exists() and not (out / "data").exists()
     assert last_line(log) == (f"align rs: interrupted: stopped by SIGTERM after shard {kept}/{n // shard}; {kept} shards"
                               f" kept in {out / 'shards'}; rerun the same command to continue")
@@ -134,7 +135,7 @@ def test_sigterm_stops_rs_after_a_shard_and_the_rerun_completes(tiny_model, demo
     assert changed.returncode == 2 and changed.stderr.strip() == (
         f"align rs: error: {out} already holds an unfinished 'rs' run with changed inputs (dataset ({prompts}) content"
         " changed since the unfinished run); pass --overwrite to replace it or choose another --output_dir")
-    assert len(list((out / "shards").glob("shard-*.json"))) == kept
+    assert len(shard_files(out)) == kept
     prompts.write_text(rows)
 
     again = subprocess.run([*ALIGN, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)

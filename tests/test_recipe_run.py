@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from align.stage import shard_files
 from conftest import ALIGN, ROOT, read_jsonl
 
 QUICKSTART = ROOT / "configs" / "recipes" / "quickstart.yaml"
@@ -212,7 +213,7 @@ def test_kill_9_during_rs_then_rerun_has_every_candidate_once(quickstart, env, t
         max_model_len=64, shard_size=6, max_prompts=36, select="all"))
     proc = start_runner(recipe, env, tmp_path)
     shards = tmp_path / "w" / "rs" / "shards"
-    _kill_runner_when(proc, lambda: len(list(shards.glob("shard-*.json"))) >= 1)
+    _kill_runner_when(proc, lambda: len(shard_files(shards.parent)) >= 1)
     _child_gone(tmp_path / "w" / "rs")
     assert not (tmp_path / "w" / "rs" / "stage.json").exists()
     dry = align(env, "run", recipe, "--dry-run")

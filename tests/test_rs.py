@@ -17,6 +17,7 @@ from align.cli import main
 from align.config import parse_config
 from align.data import load_rows
 from align.stages.rs import RSConfig, run_rs
+from align.stage import shard_files
 from conftest import ALIGN, ROOT, read_jsonl
 from sampling import ENGINES, STRATEGIES, SamplingParams
 
@@ -113,14 +114,14 @@ def test_kill_9_then_rerun_continues_and_matches_an_uninterrupted_run(sft_vllm, 
     with open(log, "w") as f:
         proc = subprocess.Popen([str(a) for a in argv], env=env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
     deadline = time.time() + 240
-    while len(list((out / "shards").glob("shard-*.json"))) < 2:
+    while len(shard_files(out)) < 2:
         assert proc.poll() is None, log.read_text()[-2000:]
         assert time.time() < deadline, "no shard written in time"
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    written = len(list((out / "shards").glob("shard-*.json")))
+    written = len(shard_files(out))
     assert 2 <= written < n // shard and not (out / "stage.json").exists() and not (out / "data").exists()
 
     done = subprocess.run([str(a) for a in argv], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -19,6 +19,7 @@ from align.cli import main
 from align.data import load_rows
 from align.errors import EXIT_INTERRUPTED
 from align.stages.rs import format_wins
+from align.stage import shard_files
 from align.status import key_metrics
 from conftest import ALIGN, ROOT, read_jsonl
 from sampling import Scored, SelectOptions, get_strategy
@@ -109,9 +110,9 @@ def test_interrupted_committee_resumes_to_the_uninterrupted_result(committee, ti
                                                                     monkeypatch):
     out = tmp_path / "rs"
     # A stop request once 6 of the 8 (member, shard) units are on disk: inside the second member.
-    monkeypatch.setattr(preempt, "requested", lambda: len(list((out / "shards").glob("shard-*.json"))) == 6)
+    monkeypatch.setattr(preempt, "requested", lambda: len(shard_files(out)) == 6)
     assert main(flags(tiny_model, sft_model, demo_data, out)) == EXIT_INTERRUPTED
-    kept = {p.name for p in (out / "shards").glob("shard-*.json")}
+    kept = {p.name for p in shard_files(out)}
     assert kept == {f"shard-{i:05d}-00.json" for i in range(4)} | {f"shard-{i:05d}-01.json" for i in range(2)}
     monkeypatch.setattr(preempt, "requested", lambda: False)
     assert main(flags(tiny_model, sft_model, demo_data, out)) == 0

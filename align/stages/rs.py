@@ -66,7 +66,7 @@ from align.registry import command
 from align.config import BaseConfig, option, required
 from align.errors import ConfigError, DataError
 from align.evaluation import RewardOptions, check_scorer_accepts, load_prompts, score_candidates
-from align.stage import SHARD_MANIFEST, Stage, atomic_write_json, atomic_write_text, read_stage, staging_dir
+from align.stage import SHARD_MANIFEST, Stage, atomic_write_json, atomic_write_text, read_stage, shard_files, staging_dir
 from sampling.base import Engine, SamplingParams
 from sampling.engines import EngineOptions
 from sampling.select import STRATEGIES, Scored, SelectOptions, dedupe
@@ -78,7 +78,7 @@ CANDIDATES = "candidates.jsonl"
 @dataclasses.dataclass
 class RSConfig(RewardOptions, EngineOptions, BaseConfig):
     # Memory knobs that do not change the samples: a rerun with other values continues / is a no-op.
-    run_control: ClassVar[tuple[str, ...]] = ("overwrite", "resume", "kv_cache_gb", "max_num_seqs", "merge")
+    run_control: ClassVar[tuple[str, ...]] = ("overwrite", "resume", "kv_cache_gb", "max_num_seqs", "threads", "merge")
     inputs: ClassVar[tuple[str, ...]] = ("model_name_or_path", "dataset", "reward")
     one_or_many: ClassVar[tuple[str, ...]] = ("model_name_or_path",)
 
@@ -184,7 +184,7 @@ class ShardStore:
         else:
             atomic_write_json(manifest, {**self.identity, "inputs": self.inputs})
         found = {}
-        for path in sorted(self.root.glob("shard-*.json")):
+        for path in shard_files(self.root.parent):
             _, index, member = path.stem.split("-")
             found[int(member), int(index)] = json.loads(path.read_text())
         return found
