@@ -60,11 +60,15 @@ class EngineOptions:
     kv_cache_gb: float = option(1.0, "vLLM KV-cache size in GiB (on CPU it is host RAM).")
     max_num_seqs: int = option(256, "vLLM: most sequences decoded together (each of the K samples of a prompt counts).")
     batch_size: int = option(64, "transformers engine: prompts per generate call.")
+    threads: int = option(1, "vLLM: torch threads that decode. 1 (vLLM's CPU default) when other work shares the cores;"
+                             " the core count when generation has them to itself (2 threads decode SmolLM2-135M about"
+                             " 2.4x faster than 1 on 2 idle cores, docs/vllm-cpu.md). A speed setting, not part of the"
+                             " stage's identity.")
     system_prompt: str | None = option(None, "System message put before each prompt that has none (steers tone and format).")
     trust_remote_code: bool = option(False, "Run model code shipped with a Hub repo. Off by default.")
 
     def validate_engine(self) -> None:
-        for key in ("max_model_len", "max_num_seqs", "batch_size"):
+        for key in ("max_model_len", "max_num_seqs", "batch_size", "threads"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"'{key}' must be >= 1, got {getattr(self, key)}")
         if self.kv_cache_gb <= 0:
@@ -73,6 +77,7 @@ class EngineOptions:
     def build_engine(self, model_path: str, seed: int = 0) -> Engine:
         return build_engine(
             self.engine, model_path, dtype=self.dtype, max_model_len=self.max_model_len,
-            kv_cache_gb=self.kv_cache_gb, max_num_seqs=self.max_num_seqs, batch_size=self.batch_size, system_prompt=self.system_prompt,
+            kv_cache_gb=self.kv_cache_gb, max_num_seqs=self.max_num_seqs, batch_size=self.batch_size, threads=self.threads,
+            system_prompt=self.system_prompt,
             trust_remote_code=self.trust_remote_code, seed=seed,
         )

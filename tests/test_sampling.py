@@ -169,3 +169,23 @@ def test_vllm_seeded_sampling_with_more_prompt_tokens_than_one_step(sft_vllm):
     long = [[{"role": "user", "content": "1+1=" * 10 + f"{i}+{i}="}] for i in range(32)]
     out = sft_vllm.generate(long, SamplingParams(n=8, temperature=1.0, max_tokens=4, seed=0))
     assert [len(c) for c in out] == [8] * 32 and all(c.token_ids for cands in out for c in cands)
+
+
+def test_engine_threads_reach_the_engine_and_are_a_speed_setting_only(monkeypatch, tmp_path):
+    """`threads` is passed to the engine a stage builds, must be >= 1, and is run control: a
+    finished rs, eval or rlhf stage stays up to date when only its thread count changes."""
+    import sampling.engines
+    from align.stages.eval import EvalConfig
+    from align.stages.rlhf import RLHFConfig
+    from align.stages.rs import RSConfig
+
+    seen = {}
+    monkeypatch.setattr(sampling.engines, "build_engine", lambda name, path, **kw: seen.update(kw, name=name))
+    base = {"model_name_or_path": str(tmp_path), "dataset": "p.jsonl", "output_dir": str(tmp_path / "o"), "reward": ["rule:arithmetic"]}
+    RSConfig(**base, engine="vllm", threads=2).build_engine(str(tmp_path))
+    assert (seen["name"], seen["threads"]) == ("vllm", 2)
+    for kind in (RSConfig, EvalConfig, RLHFConfig):
+        one, two = (kind(**base, threads=n) for n in (1, 2))
+        assert "threads" in kind.run_control and one.identity() == two.identity(), kind.__name__
+    with pytest.raises(ConfigError, match="'threads' must be >= 1, got 0"):
+        RSConfig(**base, threads=0).validate_engine()
