@@ -1,6 +1,6 @@
 """Generation throughput: the vLLM engine vs the transformers engine, and `align rs` vs generation.
 
-    python bench/bench_generation.py [--model DIR] [--dataset FILE|demo] [--prompts 64] [--k 8] [--max_tokens 64]
+    python bench/bench_generation.py [--model DIR|smollm2] [--dataset FILE|demo] [--prompts 64] [--k 8] [--max_tokens 64] [--threads 2]
 
 Prompts: real Alpaca instructions (../shared/data/real/alpaca_en_demo.json, varied lengths, ~50
 tokens) when that file is there, else the demo task's; ``--dataset demo`` forces the demo's
@@ -20,7 +20,10 @@ sequences per step (``max_num_seqs``; the engine's default, 256, would split 64 
 waves). Both engines use the same number of torch threads (``--threads``, default 1: vLLM's own choice
 for CPU serving). The two engines are timed in alternating rounds and each keeps its fastest round, so a busy
 machine (other jobs on the same cores) skews both alike. Without --model a tiny random model is built (it rarely emits EOS, so every candidate runs to
-max_tokens: a fair token count for both engines). Prints a table and writes
+max_tokens: a fair token count for both engines). ``--model smollm2`` takes the real
+SmolLM2-135M-Instruct (bench/machine.py). Each engine's tokens/s is also given as a share of the
+machine's measured fp32 matmul peak at the same thread count (2 x parameters FLOPs per token), and
+the JSON records the CPU model and its SIMD flags. Prints a table and writes
 bench/results/bench_generation.json.
 """
 
@@ -42,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 from align.demo import write_demo_data  # noqa: E402
 from align.tiny import make_tiny_model  # noqa: E402
 from sampling import SamplingParams, build_engine  # noqa: E402
+from machine import cpu_info, matmul_peak_gflops, parameter_count, peak_fraction, resolve_model  # noqa: E402
 from real_prompts import CONTEXT, default_dataset, fitting_rows  # noqa: E402  (bench/, beside this file)
 
 
@@ -54,7 +58,7 @@ def timed_generate(engine, prompts, params) -> tuple[float, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", help="model folder (default: a random tiny llama, --hidden_size/--layers/--tokenizer)")
+    ap.add_argument("--model", help="model folder, .gguf file or 'smollm2' (default: a random tiny llama, --hidden_size/--layers/--tokenizer)")
     ap.add_argument("--dataset", default=default_dataset(),
                     help="prompt file in any format align reads, or 'demo' (default: real Alpaca prompts if present)")
     ap.add_argument("--hidden_size", type=int, default=128, help="width of the random tiny model")
@@ -71,7 +75,7 @@ def main() -> None:
     from align.stages.rs import RSConfig, run_rs
 
     work = Path(tempfile.mkdtemp(prefix="bench_generation."))
-    model = Path(args.model) if args.model else make_tiny_model(
+    model = Path(resolve_model(args.model)) if args.model else make_tiny_model(
         work / "tiny", tokenizer=args.tokenizer, seed=0, hidden_size=args.hidden_size, num_layers=args.layers,
         intermediate_size=2 * args.hidden_size, num_heads=max(1, args.hidden_size // 64))
     write_demo_data(work / "demo", seed=0, num_prompts=max(args.prompts, 1000))
@@ -83,6 +87,8 @@ def main() -> None:
     warmup = SamplingParams(n=2, temperature=1.0, max_tokens=4, seed=0)
     torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
+    peak = matmul_peak_gflops(threads)
+    flops_per_token = 2 * parameter_count(str(model))
 
     engines = {
         "transformers generate": build_engine("transformers", str(model), max_model_len=CONTEXT, batch_size=args.prompts),
@@ -100,7 +106,7 @@ def main() -> None:
 
     cfg = RSConfig(model_name_or_path=str(model), dataset=dataset, output_dir=str(work / "rs"), reward=["rule:arithmetic"],
                    num_samples=args.k, max_tokens=args.max_tokens, max_prompts=args.prompts, select="best",
-                   shard_size=args.prompts)
+                   shard_size=args.prompts, threads=args.threads)
     started = time.perf_counter()
     summary = run_rs(cfg, engine=vllm)["summary"]
     rs_wall = time.perf_counter() - started
@@ -115,8 +121,11 @@ def main() -> None:
         "prompts": args.prompts, "k": args.k, "max_tokens": args.max_tokens, "rounds": args.rounds,
         "all_rounds_seconds": {name: [round(s, 3) for s, _ in times] for name, times in rounds.items()},
         "machine": f"{platform.machine()}, {threads} torch threads, Python {platform.python_version()}",
-        "transformers": {"seconds": round(hf_s, 3), "tokens": hf_tok, "tokens_per_s": round(hf_tok / hf_s, 1)},
-        "vllm": {"seconds": round(v_s, 3), "tokens": v_tok, "tokens_per_s": round(v_tok / v_s, 1)},
+        **cpu_info(), "threads": threads, "matmul_peak_gflops": round(peak, 1), "flops_per_token": flops_per_token,
+        "transformers": {"seconds": round(hf_s, 3), "tokens": hf_tok, "tokens_per_s": round(hf_tok / hf_s, 1),
+                         "peak_fraction": round(peak_fraction(hf_tok / hf_s, flops_per_token, peak), 3)},
+        "vllm": {"seconds": round(v_s, 3), "tokens": v_tok, "tokens_per_s": round(v_tok / v_s, 1),
+                 "peak_fraction": round(peak_fraction(v_tok / v_s, flops_per_token, peak), 3)},
         "vllm_over_transformers": round((v_tok / v_s) / (hf_tok / hf_s), 2),
         "per_round_ratios": [round((vt / vs) / (ht / hs), 2) for (hs, ht), (vs, vt)
                              in zip(rounds["transformers generate"], rounds["vLLM engine"])],
@@ -127,9 +136,10 @@ def main() -> None:
     }
     print(f"{args.prompts} prompts ({result['dataset']}, {result['mean_prompt_tokens']} tokens on average) x K={args.k}"
           f" x {args.max_tokens} tokens, fp32 CPU, {threads} torch threads, fastest of {args.rounds} alternating rounds")
-    print(f"{'path':<34}{'seconds':>10}{'tokens':>9}{'tokens/s':>11}")
+    print(f"{result['cpu']}; matmul peak {peak:.0f} GFLOP/s on {threads} threads; {flops_per_token / 1e6:.0f} MFLOP per token")
+    print(f"{'path':<34}{'seconds':>10}{'tokens':>9}{'tokens/s':>11}{'of peak':>9}")
     for name, (s, tok) in rows.items():
-        print(f"{name:<34}{s:>10.2f}{tok:>9}{tok / s:>11,.0f}")
+        print(f"{name:<34}{s:>10.2f}{tok:>9}{tok / s:>11,.0f}{peak_fraction(tok / s, flops_per_token, peak):>9.1%}")
     print(f"{'align rs (generate+score+select)':<34}{rs_wall:>10.2f}")
     print(f"vLLM / transformers tokens/s: {result['vllm_over_transformers']:.2f}x (goal >= 3x); round by round: "
           + ", ".join(f"{r:.2f}x" for r in result["per_round_ratios"]))

@@ -1,0 +1,77 @@
+"""What every benchmark records beside its ratios: the CPU, the machine's fp32 matmul peak, and
+the model (a folder, or ``smollm2``: the real SmolLM2-135M-Instruct the set-up installs).
+
+The peak is measured, not looked up: the best of a few 2048^3 fp32 ``torch.mm`` calls at the
+benchmark's thread count. A generated token costs about 2 x parameters FLOPs (one multiply-add
+per weight) and a trained token about 6 x parameters (forward + backward), so ``peak_fraction``
+puts a measured tokens/s next to the physical limit of the same machine.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+PACKAGED_MODELS = ("smollm2",)  # names align.gguf.packaged_gguf knows
+
+
+def cpu_info() -> dict[str, object]:
+    """CPU model name, logical cores, and the SIMD flags that decide fp32 matmul speed."""
+    model, flags = platform.processor() or platform.machine(), []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = sorted(f for f in value.split() if f.startswith(("avx", "amx", "fma")))
+                break
+    except OSError:
+        pass
+    return {"cpu": model, "logical_cores": os.cpu_count(), "simd": flags}
+
+
+def matmul_peak_gflops(threads: int, size: int = 2048, reps: int = 5) -> float:
+    """Best fp32 GFLOP/s of a size^3 ``torch.mm`` on ``threads`` threads (restored afterwards)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        torch.mm(a, b)  # warm-up
+        best = float("inf")
+        for _ in range(reps):
+            started = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - started)
+        return 2 * size**3 / best / 1e9
+    finally:
+        torch.set_num_threads(before)
+
+
+def resolve_model(name: str) -> str:
+    """A model folder, a .gguf file, or a packaged model's name (``smollm2``) -> a folder to load."""
+    from align.models import resolve_model_path
+
+    if name in PACKAGED_MODELS:
+        from align.gguf import packaged_gguf
+
+        name = str(packaged_gguf(name))
+    return resolve_model_path(name)
+
+
+def parameter_count(model_dir: str) -> int:
+    """Parameters of the model in ``model_dir`` (tied embeddings counted once), from its config."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    return sum(p.numel() for p in model.parameters())
+
+
+def peak_fraction(tokens_per_s: float, flops_per_token: float, peak_gflops: float) -> float:
+    """The share of the matmul peak a rate reaches (tokens/s x FLOPs per token / peak FLOP/s)."""
+    return tokens_per_s * flops_per_token / (peak_gflops * 1e9)
