@@ -316,8 +316,12 @@ def check_output_dir(value: str, key: str, where: str = "") -> None:
 
     An existing file, a path below a file, and a folder in which no file can be created (read-only
     mounts, permissions, /proc) each give one ConfigError naming the path. The write check creates
-    and removes an empty probe folder in the nearest existing ancestor, so nothing is left behind.
+    and removes an empty probe folder in the nearest existing ancestor, so nothing is left behind;
+    only the main process of a distributed launch probes (it is the one that writes the output, and
+    another rank's probe could land inside the folder rank 0 has just made).
     """
+    from align.stage import is_main_process
+
     path = Path(value).expanduser()
     if path.exists() and not path.is_dir():
         raise ConfigError(f"'{key}'{where}: {path} is an existing file, not a folder; choose another path")
@@ -326,6 +330,8 @@ def check_output_dir(value: str, key: str, where: str = "") -> None:
         existing = existing.parent
     if not existing.is_dir():
         raise ConfigError(f"'{key}'{where}: cannot create {path}: {existing} is a file, not a folder; choose another path")
+    if not is_main_process():
+        return
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".align-write-check-", dir=existing))
     except OSError as err:
