@@ -1,8 +1,14 @@
-"""Benchmark: ``align dpo`` against plain TRL ``DPOTrainer`` on the same tiny model and pairs.
+"""Benchmark: ``align dpo`` against plain TRL ``DPOTrainer`` on the same model and pairs.
 
     .venv/bin/python bench/bench_dpo.py                 # tiny BPE model, real pairs (demo pairs if absent)
     .venv/bin/python bench/bench_dpo.py --pairs demo --tokenizer char --max_length 64
     .venv/bin/python bench/bench_dpo.py --model runs/sft/model --pairs runs/demo/pairs.jsonl
+    .venv/bin/python bench/bench_dpo.py --model smollm2 --use_lora --max_pairs 32 --batch 8 --max_length 256 --threads 2 --repeats 2
+
+``--model smollm2`` is the real SmolLM2-135M-Instruct (bench/machine.py); ``--use_lora`` trains
+LoRA adapters on both sides (align's defaults, r 16, alpha 32, dropout 0.05, all linear layers;
+TRL gets the same ``LoraConfig``), and then both use the base with the adapter disabled as the
+reference (no second copy of the model). ``--max_pairs`` takes the first N pairs.
 
 Default pairs: the real ones beside the project (../shared/data/real/dpo_en_demo.json: 300 pairs
 of varied length, read, never copied in), else ``demo`` (the demo task's pairs.jsonl, 2000 pairs
@@ -41,18 +47,18 @@ import json
 import os
 import resource
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_info, resolve_model, run_json_worker  # bench/, beside this file
+
 ROOT = Path(__file__).resolve().parents[1]
-BATCH, LR, SEED = 32, 1e-4, 0
-MAX_LENGTH = 64  # set from --max_length (workers get it on their command line)
+LR, SEED = 1e-4, 0
+LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05}  # align's defaults (align/models.py)
 
 
-def worker_trl(model: str, pairs: str, work: Path) -> dict:
+def worker_trl(model: str, pairs: str, work: Path, opts: dict) -> dict:
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
@@ -61,15 +67,20 @@ def worker_trl(model: str, pairs: str, work: Path) -> dict:
 
     rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in load_rows(pairs, "preference")]
     args = DPOConfig(
-        output_dir=str(work / "trl"), per_device_train_batch_size=BATCH, num_train_epochs=1, learning_rate=LR,
-        max_length=MAX_LENGTH, beta=0.1, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.2], seed=SEED,
+        output_dir=str(work / "trl"), per_device_train_batch_size=opts["batch"], num_train_epochs=1, learning_rate=LR,
+        max_length=opts["max_length"], beta=0.1, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.2], seed=SEED,
         bf16=False, use_cpu=True, report_to="none", gradient_checkpointing=False, save_strategy="no",
         logging_steps=10, disable_tqdm=True, dataloader_num_workers=0,
     )
+    peft_config = None
+    if opts["use_lora"]:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(target_modules="all-linear", task_type="CAUSAL_LM", **LORA)
     started = time.time()
     trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(model, dtype="float32"), args=args,
                          train_dataset=datasets.Dataset.from_list(rows),
-                         processing_class=AutoTokenizer.from_pretrained(model))
+                         processing_class=AutoTokenizer.from_pretrained(model), peft_config=peft_config)
     setup = time.time() - started
     started, cpu_started = time.time(), time.process_time()
     trainer.train()
@@ -77,7 +88,7 @@ def worker_trl(model: str, pairs: str, work: Path) -> dict:
             "setup_seconds": setup, "steps": trainer.state.global_step}
 
 
-def worker_align(model: str, pairs: str, work: Path, precompute: bool, out: str) -> dict:
+def worker_align(model: str, pairs: str, work: Path, opts: dict, precompute: bool, out: str) -> dict:
     from align.config import parse_config
     from align.stages.dpo import DPOStageConfig, run_dpo
 
@@ -85,10 +96,12 @@ def worker_align(model: str, pairs: str, work: Path, precompute: bool, out: str)
         shutil.rmtree(work / "ref_cache", ignore_errors=True)
     cfg = parse_config(DPOStageConfig, [
         "--model_name_or_path", model, "--dataset", pairs, "--output_dir", str(work / out), "--overwrite",
-        "--loss", "sigmoid,nll:0.2", "--per_device_train_batch_size", str(BATCH), "--num_train_epochs", "1",
-        "--learning_rate", str(LR), "--max_length", str(MAX_LENGTH), "--seed", str(SEED), "--save_steps", "100000",
+        "--loss", "sigmoid,nll:0.2", "--per_device_train_batch_size", str(opts["batch"]), "--num_train_epochs", "1",
+        "--learning_rate", str(LR), "--max_length", str(opts["max_length"]), "--seed", str(SEED), "--save_steps", "100000",
         "--logging_steps", "10", "--precompute_ref_log_probs", str(precompute).lower(), "--group_by_length", "true",
         "--ref_cache_dir", str(work / "ref_cache"),
+        *(["--use_lora", "true", "--lora_r", str(LORA["r"]), "--lora_alpha", str(LORA["lora_alpha"]),
+           "--lora_dropout", str(LORA["lora_dropout"])] if opts["use_lora"] else []),
     ])
     s = run_dpo(cfg)["summary"]
     return {"train_seconds": s["train_seconds"], "train_cpu_seconds": s["train_cpu_seconds"],
@@ -96,45 +109,46 @@ def worker_align(model: str, pairs: str, work: Path, precompute: bool, out: str)
 
 
 WORKERS = {
-    "trl": lambda m, p, w: worker_trl(m, p, w),
-    "align_live": lambda m, p, w: worker_align(m, p, w, False, "align_live"),
-    "align_cache_miss": lambda m, p, w: worker_align(m, p, w, True, "align_cache_miss"),
-    "align_cache_hit": lambda m, p, w: worker_align(m, p, w, True, "align_cache_hit"),
+    "trl": lambda m, p, w, o: worker_trl(m, p, w, o),
+    "align_live": lambda m, p, w, o: worker_align(m, p, w, o, False, "align_live"),
+    "align_cache_miss": lambda m, p, w, o: worker_align(m, p, w, o, True, "align_cache_miss"),
+    "align_cache_hit": lambda m, p, w, o: worker_align(m, p, w, o, True, "align_cache_hit"),
 }
 
 
 EXPECTED_REF = {"align_live": "live", "align_cache_miss": "computed", "align_cache_hit": "cache_hit"}
-MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}  # peak RSS = peak live memory (module docstring)
-
-
-def run_worker(mode: str, model: str, pairs: str, work: Path, threads: int, memory: bool = False) -> dict:
-    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
-           "OMP_NUM_THREADS": str(threads), **(MEMORY_ENV if memory else {})}
-    proc = subprocess.run([sys.executable, __file__, "--worker", mode, "--model", model, "--pairs", pairs,
-                           "--work", str(work), "--max_length", str(MAX_LENGTH)], capture_output=True, text=True, env=env, cwd=ROOT)
-    if proc.returncode != 0:
-        raise SystemExit(f"{mode} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def run_worker(mode: str, model: str, pairs: str, work: Path, opts: dict, threads: int, memory: bool = False) -> dict:
+    """One configuration's epoch in a fresh process (``memory``: with MEMORY_ENV, bench/machine.py)."""
+    return run_json_worker(__file__, ["--worker", mode, "--model", model, "--pairs", pairs, "--work", str(work),
+                                      "--opts", json.dumps(opts)], threads, memory)
 
 
 REAL_PAIRS = ROOT.parent / "shared" / "data" / "real" / "dpo_en_demo.json"
 
 
-def prepare_inputs(work: Path, model: str | None, pairs: str, tokenizer: str) -> tuple[str, str]:
-    """The policy (``model``, else a fresh tiny llama) and the pairs file (``demo``: written here)."""
+def prepare_inputs(work: Path, model: str | None, pairs: str, tokenizer: str, max_pairs: int | None) -> tuple[str, str]:
+    """The policy (a folder, ``smollm2``, else a fresh tiny llama) and the pairs file (``demo``:
+    written here; ``max_pairs``: the first N pairs, written here)."""
+    from align.data import load_rows
     from align.demo import write_demo_data
     from align.tiny import make_tiny_model
 
-    if model is None:
-        model = make_tiny_model(work / "tiny", arch="llama", tokenizer=tokenizer, seed=0)
+    model = resolve_model(model) if model else make_tiny_model(work / "tiny", arch="llama", tokenizer=tokenizer, seed=0)
     if pairs == "demo":
         pairs = write_demo_data(work / "demo", seed=0)["pairs"]
+    if max_pairs:
+        rows = load_rows(pairs, "preference")[:max_pairs]
+        pairs = work / "pairs.jsonl"
+        pairs.write_text("".join(json.dumps({k: r[k] for k in ("prompt", "chosen", "rejected")}) + "\n" for r in rows))
     return str(model), str(pairs)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", help="policy folder (default: a fresh tiny model)")
+    parser.add_argument("--model", help="policy folder, .gguf file or 'smollm2' (default: a fresh tiny model)")
+    parser.add_argument("--use_lora", action="store_true", help="LoRA adapters on both sides (module docstring)")
+    parser.add_argument("--max_pairs", type=int, help="train on the first N pairs only")
+    parser.add_argument("--batch", type=int, default=32, help="pairs per optimizer step on both sides")
     parser.add_argument("--pairs", default=str(REAL_PAIRS) if REAL_PAIRS.is_file() else "demo",
                         help="preference pairs file, or 'demo' (default: the real pairs when present, else demo)")
     parser.add_argument("--work", help="scratch folder (default: a temporary one)")
@@ -144,22 +158,22 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (1: CPU time is stable on a busy machine)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "bench_dpo.json"))
     parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
+    parser.add_argument("--opts", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    global MAX_LENGTH
-    MAX_LENGTH = args.max_length
 
     if args.worker:
-        result = WORKERS[args.worker](args.model, args.pairs, Path(args.work))
+        result = WORKERS[args.worker](args.model, args.pairs, Path(args.work), json.loads(args.opts))
         result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(result))
         return
 
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_dpo."))
-    model, pairs = prepare_inputs(work, args.model, args.pairs, args.tokenizer)
+    model, pairs = prepare_inputs(work, args.model, args.pairs, args.tokenizer, args.max_pairs)
+    opts = {"batch": args.batch, "max_length": args.max_length, "use_lora": args.use_lora}
     results: dict[str, dict] = {}
     for mode in WORKERS:  # cache_miss fills the cache that cache_hit reads
-        runs = [run_worker(mode, model, pairs, work, args.threads) for _ in range(args.repeats)]
-        memory_run = run_worker(mode, model, pairs, work, args.threads, memory=True)
+        runs = [run_worker(mode, model, pairs, work, opts, args.threads) for _ in range(args.repeats)]
+        memory_run = run_worker(mode, model, pairs, work, opts, args.threads, memory=True)
         if mode in EXPECTED_REF and any(r["ref_logps"] != EXPECTED_REF[mode] for r in [*runs, memory_run]):
             raise SystemExit(f"{mode}: expected ref_logps={EXPECTED_REF[mode]}, "
                              f"got {[r['ref_logps'] for r in [*runs, memory_run]]}")
@@ -175,7 +189,8 @@ def main() -> None:
     }
     goals = {"align_live_time": 1.05, "align_cache_hit_time": 0.7, "peak_rss": 1.0}
     report = {
-        "model": model, "pairs": pairs, "batch": BATCH, "threads": args.threads, "max_length": MAX_LENGTH, "cpu_count": os.cpu_count(),
+        "model": args.model or model, "pairs": args.pairs, "max_pairs": args.max_pairs, **opts, "threads": args.threads,
+        **cpu_info(), "cpu_count": os.cpu_count(),
         "load_average": os.getloadavg(), "results": results, "ratios_vs_trl": ratios, "goals": goals,
         "met": {
             "align_live_time": ratios["align_live"]["cpu_time"] <= goals["align_live_time"],

@@ -1,6 +1,6 @@
 """Generation throughput: the vLLM engine vs the transformers engine, and `align rs` vs generation.
 
-    python bench/bench_generation.py [--model DIR|smollm2] [--dataset FILE|demo] [--prompts 64] [--k 8] [--max_tokens 64] [--threads 2]
+    python bench/bench_generation.py [--model DIR|smollm2] [--dataset FILE|demo] [--prompts 64] [--k 8] [--max_tokens 64] [--threads 2] [--enforce_eager false]
 
 Prompts: real Alpaca instructions (../shared/data/real/alpaca_en_demo.json, varied lengths, ~50
 tokens) when that file is there, else the demo task's; ``--dataset demo`` forces the demo's
@@ -69,6 +69,8 @@ def main() -> None:
     ap.add_argument("--max_tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch threads for both engines (vLLM serves with 1)")
+    ap.add_argument("--enforce_eager", default="true", choices=["true", "false"],
+                    help="vLLM: false compiles the model at engine start (torch.compile; the engine's enforce_eager option)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "bench_generation.json"))
     args = ap.parse_args()
 
@@ -90,10 +92,13 @@ def main() -> None:
     peak = matmul_peak_gflops(threads)
     flops_per_token = 2 * parameter_count(str(model))
 
+    eager = args.enforce_eager == "true"
+    started = time.perf_counter()
     engines = {
         "transformers generate": build_engine("transformers", str(model), max_model_len=CONTEXT, batch_size=args.prompts),
-        "vLLM engine": build_engine("vllm", str(model), max_model_len=CONTEXT, kv_cache_gb=2.0, seed=0, threads=args.threads, max_num_seqs=args.prompts * args.k),
+        "vLLM engine": build_engine("vllm", str(model), max_model_len=CONTEXT, kv_cache_gb=2.0, seed=0, threads=args.threads, max_num_seqs=args.prompts * args.k, enforce_eager=eager),
     }
+    engine_start = time.perf_counter() - started  # both engines; vLLM's includes compiling when not eager
     rounds: dict[str, list[tuple[float, int]]] = {name: [] for name in engines}
     for engine in engines.values():
         engine.generate(prompts[:4], warmup)
@@ -106,7 +111,7 @@ def main() -> None:
 
     cfg = RSConfig(model_name_or_path=str(model), dataset=dataset, output_dir=str(work / "rs"), reward=["rule:arithmetic"],
                    num_samples=args.k, max_tokens=args.max_tokens, max_prompts=args.prompts, select="best",
-                   shard_size=args.prompts, threads=args.threads)
+                   shard_size=args.prompts, threads=args.threads, enforce_eager=eager)
     started = time.perf_counter()
     summary = run_rs(cfg, engine=vllm)["summary"]
     rs_wall = time.perf_counter() - started
@@ -117,6 +122,7 @@ def main() -> None:
     gen = summary["generate_seconds"]
     result = {
         "model": str(model) if args.model else f"tiny random llama/{args.tokenizer} (align.tiny, seed 0, hidden {args.hidden_size}, {args.layers} layers)",
+        "enforce_eager": eager, "engines_start_seconds": round(engine_start, 1),
         "dataset": "demo prompts (a+b=)" if args.dataset == "demo" else args.dataset, "mean_prompt_tokens": round(prompt_tokens / len(prompts), 1),
         "prompts": args.prompts, "k": args.k, "max_tokens": args.max_tokens, "rounds": args.rounds,
         "all_rounds_seconds": {name: [round(s, 3) for s, _ in times] for name, times in rounds.items()},
@@ -135,7 +141,8 @@ def main() -> None:
         "rs_wall_over_generate": round(rs_wall / gen, 3),
     }
     print(f"{args.prompts} prompts ({result['dataset']}, {result['mean_prompt_tokens']} tokens on average) x K={args.k}"
-          f" x {args.max_tokens} tokens, fp32 CPU, {threads} torch threads, fastest of {args.rounds} alternating rounds")
+          f" x {args.max_tokens} tokens, fp32 CPU, {threads} torch threads, fastest of {args.rounds} alternating rounds,"
+          f" vLLM {'eager' if eager else 'compiled'} (engines started in {engine_start:.0f} s)")
     print(f"{result['cpu']}; matmul peak {peak:.0f} GFLOP/s on {threads} threads; {flops_per_token / 1e6:.0f} MFLOP per token")
     print(f"{'path':<34}{'seconds':>10}{'tokens':>9}{'tokens/s':>11}{'of peak':>9}")
     for name, (s, tok) in rows.items():

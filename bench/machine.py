@@ -9,8 +9,11 @@ puts a measured tokens/s next to the physical limit of the same machine.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -75,3 +78,20 @@ def parameter_count(model_dir: str) -> int:
 def peak_fraction(tokens_per_s: float, flops_per_token: float, peak_gflops: float) -> float:
     """The share of the matmul peak a rate reaches (tokens/s x FLOPs per token / peak FLOP/s)."""
     return tokens_per_s * flops_per_token / (peak_gflops * 1e9)
+
+
+# glibc then maps every large tensor on its own and unmaps it when freed, so ru_maxrss is the peak
+# of live memory (with the default dynamic threshold the same run's peak varied by +-5%).
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def run_json_worker(script: str, argv: list[str], threads: int, memory: bool = False) -> dict:
+    """Run ``python script argv`` with ``threads`` torch threads (and ``MEMORY_ENV`` when measuring
+    memory); its last stdout line, parsed as JSON. A failed worker ends the benchmark with its stderr."""
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+           "OMP_NUM_THREADS": str(threads), **(MEMORY_ENV if memory else {})}
+    proc = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, env=env,
+                          cwd=Path(script).resolve().parents[1])
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(argv[:2])} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])

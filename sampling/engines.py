@@ -64,6 +64,9 @@ class EngineOptions:
                              " the core count when generation has them to itself (2 threads decode SmolLM2-135M about"
                              " 2.4x faster than 1 on 2 idle cores, docs/vllm-cpu.md). A speed setting, not part of the"
                              " stage's identity.")
+    enforce_eager: bool = option(True, "vLLM: run the model eagerly; false compiles it (torch.compile) when the engine starts,"
+                                       " a one-time cost for faster decoding (bench/bench_generation.py --enforce_eager false)."
+                                       " A speed setting, not part of the stage's identity.")
     system_prompt: str | None = option(None, "System message put before each prompt that has none (steers tone and format).")
     trust_remote_code: bool = option(False, "Run model code shipped with a Hub repo. Off by default.")
 
@@ -78,6 +81,6 @@ class EngineOptions:
         return build_engine(
             self.engine, model_path, dtype=self.dtype, max_model_len=self.max_model_len,
             kv_cache_gb=self.kv_cache_gb, max_num_seqs=self.max_num_seqs, batch_size=self.batch_size, threads=self.threads,
-            system_prompt=self.system_prompt,
+            enforce_eager=self.enforce_eager, system_prompt=self.system_prompt,
             trust_remote_code=self.trust_remote_code, seed=seed,
         )

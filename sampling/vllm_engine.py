@@ -1,7 +1,8 @@
 """The vLLM engine, in-process so that an online loop can update its weights.
 
 In-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set before vLLM is imported): no child
-process, a ~5 s start for a tiny model, and ``load_weights`` is a direct call. fp32 by default
+process, a ~5 s start for a tiny model, and ``load_weights`` is a direct call. Eager by default
+(``enforce_eager``): compiling (``enforce_eager=False``) adds a one-time torch.compile at start-up. fp32 by default
 (``dtype="auto"`` would turn an fp32 checkpoint into bf16 on CPU, and log-probs must match the
 trainer's). Prefix caching is on: the K samples of a prompt are one request with ``n=K``, so
 they share the prompt's KV pages. The KV cache is sized explicitly (``kv_cache_gb``, passed as
@@ -38,7 +39,7 @@ class VLLMEngine:
     def __init__(self, model_path: str, *, dtype: str = "float32", max_model_len: int = 512, kv_cache_gb: float = 1.0,
                  seed: int = 0, system_prompt: str | None = None, trust_remote_code: bool = False,
                  gpu_memory_utilization: float = 0.3, max_num_seqs: int = 256, threads: int = 1,
-                 **_: Any):
+                 enforce_eager: bool = True, **_: Any):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
         # In-process, vLLM's automatic OpenMP binding would pin this whole process (the trainer
@@ -56,7 +57,7 @@ class VLLMEngine:
         self.max_model_len = max_model_len
         self.threads = threads
         self.llm = LLM(
-            model=str(model_path), dtype=dtype, enforce_eager=True, max_model_len=max_model_len, seed=seed,
+            model=str(model_path), dtype=dtype, enforce_eager=enforce_eager, max_model_len=max_model_len, seed=seed,
             enable_prefix_caching=True, trust_remote_code=trust_remote_code,
             kv_cache_memory_bytes=int(kv_cache_gb * 2**30), gpu_memory_utilization=gpu_memory_utilization,
             max_num_seqs=max_num_seqs, enable_chunked_prefill=False, max_num_batched_tokens=max(4096, max_model_len),

@@ -143,8 +143,8 @@ def test_length_grouped_forward_matches_one_pass(tiny_model, monkeypatch):
     from align.rl.rollout import token_logprobs
 
     widths = []
-    one_pass = rollout._token_logprobs
-    monkeypatch.setattr(rollout, "_token_logprobs", lambda m, ids, *a: widths.append(ids.shape) or one_pass(m, ids, *a))
+    one_pass = rollout.forward_logprobs
+    monkeypatch.setattr(rollout, "forward_logprobs", lambda m, ids, *a: widths.append(ids.shape) or one_pass(m, ids, *a))
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     seqs = [[5, 6, 7, 8, 9, 10, 11, 12], [5, 6], [7, 8, 9], [9, 10, 11, 12, 13], [4, 4, 4, 4, 4, 4]]
     r = build_rollouts([s[:1] for s in seqs], [[s[1:]] for s in seqs], [[False]] * 5, [0.0] * 5, eos_id=2, pad_id=0)

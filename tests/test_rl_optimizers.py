@@ -55,3 +55,42 @@ def test_ratio_is_exactly_one_at_the_first_inner_step_with_lora(name, tiny_model
     for ratio in second_steps:  # the step in between really moved the policy
         assert (ratio - 1).abs().max() > 1e-4
     assert all(m.p == 0.0 for m in policy.modules() if isinstance(m, torch.nn.Dropout))
+
+
+@pytest.mark.parametrize("name,inner_steps,kl", [("grpo", 1, "0"), ("grpo", 1, "0.1"), ("rloo", 1, "0"), ("rloo", 1, "0.1"),
+                                                 ("ppo", 2, "0"), ("mdloo", 2, "0.1"), ("online_dpo", 1, "0.1")])
+def test_backward_by_groups_gives_the_whole_batch_gradients(name, inner_steps, kl, tiny_model, tmp_path):
+    """A batch larger than forward_batch_size is backpropagated a length group at a time (memory),
+    right after each group's forward for row-local one-step losses (grpo, rloo without KL shaping),
+    else through log-probs from a pass without gradients; the update must be the one a single
+    backward through the whole batch makes."""
+    from align.stages.rlhf import make_reference
+
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(5, 40, (n,), generator=gen).tolist() for n in (3, 7, 5)]
+    responses = [[torch.randint(5, 40, (n,), generator=gen).tolist() for n in (2, 6, 4, 9)] for _ in prompts]
+    scores = torch.rand(12, generator=gen).tolist()
+    grads, stats = {}, {}
+    for fbs in (64, 5):  # 64: one backward through all 12 rows; 5: three groups
+        cfg = parse_config(RLHFConfig, [
+            "--model_name_or_path", str(tiny_model), "--dataset", "unused", "--reward", "rule:arithmetic",
+            "--output_dir", str(tmp_path), "--optimizer", name, "--use_lora", "true", "--inner_steps", str(inner_steps),
+            "--kl_coef", kl, "--learning_rate", "1e-3", "--forward_batch_size", str(fbs)])
+        policy = _lora_policy(tiny_model, cfg)
+        for key, value in policy.named_parameters():  # LoRA's B off zero: every adapter weight gets a gradient
+            if "lora_B" in key:
+                value.data.normal_(0, 0.02, generator=torch.Generator().manual_seed(hash(key) % 2**31))
+        opt = get_optimizer(name)(cfg, policy, make_reference(cfg, policy))
+        assert opt.row_local() == (name == "grpo" or (name == "rloo" and kl == "0"))
+        rollouts = build_rollouts(prompts, responses, [[True, False, True, False]] * 3, scores, eos_id=2, pad_id=0)
+        stats[fbs] = opt.update(rollouts)
+        # .grad holds the last inner step's gradients (zeroed at the start of each step)
+        grads[fbs] = {k: v.grad.clone() for k, v in policy.named_parameters() if v.requires_grad}
+        grads[fbs].update({f"extra.{k}": v.grad.clone() for m in opt.extra.values() for k, v in m.named_parameters()})
+    assert grads[64].keys() == grads[5].keys() and len(grads[5]) > 0
+    for key, value in grads[64].items():
+        assert value.abs().max() > 0, key  # a gradient to compare
+        torch.testing.assert_close(grads[5][key], value, rtol=1e-3, atol=1e-3 * value.abs().max().item(), msg=key)
+    assert stats[5].keys() == stats[64].keys()
+    for key, value in stats[64].items():
+        assert stats[5][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key

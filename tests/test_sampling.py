@@ -183,9 +183,13 @@ def test_engine_threads_reach_the_engine_and_are_a_speed_setting_only(monkeypatc
     monkeypatch.setattr(sampling.engines, "build_engine", lambda name, path, **kw: seen.update(kw, name=name))
     base = {"model_name_or_path": str(tmp_path), "dataset": "p.jsonl", "output_dir": str(tmp_path / "o"), "reward": ["rule:arithmetic"]}
     RSConfig(**base, engine="vllm", threads=2).build_engine(str(tmp_path))
-    assert (seen["name"], seen["threads"]) == ("vllm", 2)
+    assert (seen["name"], seen["threads"], seen["enforce_eager"]) == ("vllm", 2, True)
+    RSConfig(**base, engine="vllm", enforce_eager=False).build_engine(str(tmp_path))
+    assert seen["enforce_eager"] is False
     for kind in (RSConfig, EvalConfig, RLHFConfig):
         one, two = (kind(**base, threads=n) for n in (1, 2))
         assert "threads" in kind.run_control and one.identity() == two.identity(), kind.__name__
+        eager, compiled = (kind(**base, enforce_eager=e) for e in (True, False))
+        assert "enforce_eager" in kind.run_control and eager.identity() == compiled.identity(), kind.__name__
     with pytest.raises(ConfigError, match="'threads' must be >= 1, got 0"):
         RSConfig(**base, threads=0).validate_engine()

@@ -6,8 +6,9 @@ steps on the policy. They share ``PolicyOptimizer.update`` (prepare old/ref log-
 call the pure functions in ``align.rl.estimators`` and ``align.rl.losses``.
 
 Why our own and not TRL's: TRL 1.16 has no PPO at all, no MDLOO, and its GRPO/RLOO trainers own
-the generation loop (and their colocated vLLM weight sync fails on CPU in fp32); here the loop is
-shared and the optimizer is the pluggable part.
+the generation loop (their colocated vLLM weight sync failed on CPU in fp32 for a full fine-tune;
+with LoRA it ran, 2.4-2.7x slower than this loop: bench/bench_rlhf.py); here the loop is shared
+and the optimizer is the pluggable part.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 from typing import Any, Callable, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from align.registry import Registry
@@ -22,7 +24,7 @@ from align.rl import estimators as est
 from align.rl import losses as L
 from align.rl import parallel
 from align.rl.merging_optimizer import OnlineMergingAdamW
-from align.rl.rollout import Rollouts, token_logprobs
+from align.rl.rollout import Rollouts, backward_by_groups, forward_logprobs, length_groups, token_logprobs
 
 OPTIMIZERS: Registry[type["PolicyOptimizer"]] = Registry("optimizer")
 get_optimizer = OPTIMIZERS.get  # an unknown name is a ConfigError listing the valid ones
@@ -87,6 +89,13 @@ class PolicyOptimizer:
     def needs_ref(self) -> bool:
         return self.uses_reference(self.cfg)
 
+    def row_local(self) -> bool:
+        """Whether the loss is a sum of per-row terms, each depending on its own row's log-probs
+        and on batch constants fixed before the policy's forward (advantages from the scores,
+        the reference's log-probs, the token count). Then a one-step update can backpropagate
+        each length group right after its forward (``update``)."""
+        return False
+
     def loss(self, r: Rollouts, logp, entropy, hidden) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
@@ -99,29 +108,51 @@ class PolicyOptimizer:
             r.values_old = self.values(hidden.detach())
         stats = {"entropy": L.masked_mean(entropy, r.mask).item()}
         if self.needs_ref:
-            r.logp_ref = self.ref_logprobs(r.input_ids, r.attention_mask)
+            if r.logp_ref is None:
+                r.logp_ref = self.ref_logprobs(r.input_ids, r.attention_mask)
             stats["kl_ref"] = L.seq_sum(r.logp_old - r.logp_ref, r.mask).mean().item()
         return stats
 
     def update(self, r: Rollouts) -> dict[str, float]:
-        self.policy.train()
+        """``inner_steps`` optimizer steps on one batch of rollouts; returns their mean stats.
 
-        def forward():
-            return token_logprobs(self.policy, r.input_ids, r.attention_mask, with_hidden=bool(self.extra),
-                                  batch_size=self.cfg.forward_batch_size)
+        A batch of more than ``forward_batch_size`` rows is not backpropagated at once (that keeps
+        every row's activations alive). A one-step update with a ``row_local`` loss (GRPO; RLOO
+        without the KL shaping) backpropagates each length group right after its forward
+        (``_row_local_step``). Otherwise the loss is computed on log-probs from a pass without
+        gradients, and its gradient with respect to them is then pushed through the model one
+        length group at a time (``backward_by_groups``). The same gradients either way; the second
+        costs one more forward pass.
+        """
+        self.policy.train()
+        by_groups = r.input_ids.shape[0] > self.cfg.forward_batch_size
+        if by_groups and self.cfg.inner_steps == 1 and self.row_local():
+            return self._row_local_step(r)
+
+        def forward(grad: bool):
+            with torch.set_grad_enabled(grad):
+                return token_logprobs(self.policy, r.input_ids, r.attention_mask, with_hidden=bool(self.extra),
+                                      batch_size=self.cfg.forward_batch_size)
 
         # One step from pi_old: its own forward gives pi_old's log-probs (detached), so a separate
         # no-grad pass would only repeat it (TRL's GRPO/RLOO do the same).
         one_step = self.cfg.inner_steps == 1
-        with torch.set_grad_enabled(one_step):
-            first = forward()
+        first = forward(grad=one_step and not by_groups)
         stats = self.prepare(r, *first)
         totals: dict[str, float] = {}
-        for _ in range(self.cfg.inner_steps):
-            logp, entropy, hidden = first if one_step else forward()
+        for step in range(self.cfg.inner_steps):
+            if by_groups:  # leaves: the loss's gradient stops at the log-probs (and hidden states)
+                logp, entropy, hidden = first if step == 0 else forward(grad=False)
+                logp = logp.detach().requires_grad_()
+                hidden = hidden.detach().requires_grad_() if hidden is not None else None
+            else:
+                logp, entropy, hidden = first if one_step else forward(grad=True)
             loss, step_stats = self.loss(r, logp, entropy, hidden)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()  # every loss keeps a graph, even one with nothing to learn (zero)
+            if by_groups:
+                backward_by_groups(self.policy, r.input_ids, r.attention_mask, logp.grad,
+                                   hidden.grad if hidden is not None else None, self.cfg.forward_batch_size)
             parallel.average_gradients(self.params)  # data parallel: the same step on every rank
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
             self.optimizer.step()
@@ -130,6 +161,37 @@ class PolicyOptimizer:
             for key, value in step_stats.items():
                 totals[key] = totals.get(key, 0.0) + value / self.cfg.inner_steps
         return {**stats, **totals}
+
+    def _row_local_step(self, r: Rollouts) -> dict[str, float]:
+        """One step, a length group at a time: forward with gradients, loss, backward, and the
+        group's activations are freed before the next group's forward.
+
+        Each group's loss is the whole batch's loss with every other row's log-probs held constant
+        (rows not yet seen: placeholders equal to their pi_old, ratio 1), so its gradient is that
+        group's share of the batch gradient (``row_local``); the groups' gradients add up to the
+        batch's. The loss and stats are computed once more at the end on the finished pi_old.
+        """
+        if self.needs_ref:
+            r.logp_ref = self.ref_logprobs(r.input_ids, r.attention_mask)
+        rows, width = r.input_ids.shape
+        logp_old = torch.zeros(rows, width - 1, device=r.input_ids.device)
+        entropy = torch.zeros_like(logp_old)
+        r.logp_old = logp_old  # filled group by group below
+        self.optimizer.zero_grad(set_to_none=True)
+        for idx, w in length_groups(r.attention_mask, self.cfg.forward_batch_size):
+            logp_g, entropy_g, _ = forward_logprobs(self.policy, r.input_ids[idx, :w], r.attention_mask[idx, :w], False)
+            logp_old[idx, : w - 1] = logp_g.detach()
+            entropy[idx, : w - 1] = entropy_g
+            logp = logp_old.index_put((idx,), F.pad(logp_g, (0, width - w)))  # this group's rows carry gradients
+            loss, _ = self.loss(r, logp, entropy, None)
+            loss.backward()
+        stats = self.prepare(r, logp_old, entropy, None)
+        with torch.no_grad():
+            loss, step_stats = self.loss(r, logp_old, entropy, None)
+        parallel.average_gradients(self.params)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        self.optimizer.step()
+        return {**stats, **step_stats, "grad_norm": float(grad_norm), "loss": loss.item()}
 
     def values(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.extra["value_head"](hidden.float()).squeeze(-1)
@@ -168,6 +230,9 @@ class GRPO(PolicyOptimizer):
     name = "grpo"
     min_samples = 2
 
+    def row_local(self) -> bool:
+        return True
+
     def loss(self, r, logp, entropy, hidden):
         adv = est.group_normalized(r.grouped(r.scores)).flatten()
         return _sequence_advantage_loss(r, logp, adv, self.cfg.clip_eps, self.cfg.kl_coef)
@@ -179,6 +244,9 @@ class RLOO(PolicyOptimizer):
 
     name = "rloo"
     min_samples = 2
+
+    def row_local(self) -> bool:  # with the KL shaping, a row's advantage depends on its group's pi_old
+        return not self.needs_ref
 
     def loss(self, r, logp, entropy, hidden):
         rewards = r.scores

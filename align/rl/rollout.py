@@ -58,6 +58,14 @@ def build_rollouts(prompt_ids: list[list[int]], responses: list[list[list[int]]]
                     torch.tensor(scores, dtype=torch.float32, device=device), k)
 
 
+def length_groups(attention_mask: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, int]]:
+    """Rows in groups of ``batch_size``, longest first, each with its own longest length:
+    ``[(row indices, width), ...]``."""
+    lengths = attention_mask.sum(-1)
+    order = torch.argsort(lengths, descending=True)
+    return [(idx, int(lengths[idx].max())) for idx in order.split(batch_size)]
+
+
 def token_logprobs(model, input_ids, attention_mask, with_hidden: bool = False, batch_size: int | None = None):
     """Per-token log-probs of each next token, their entropies, and optionally the last hidden states.
 
@@ -70,30 +78,50 @@ def token_logprobs(model, input_ids, attention_mask, with_hidden: bool = False, 
     """
     rows, width = input_ids.shape
     if batch_size is None or batch_size >= rows:
-        return _token_logprobs(model, input_ids, attention_mask, with_hidden)
-    lengths = attention_mask.sum(-1)
-    order = torch.argsort(lengths, descending=True)
-    groups = order.split(batch_size)
-    widths = [int(lengths[idx].max()) for idx in groups]
-    if sum(len(idx) * w for idx, w in zip(groups, widths)) > 0.75 * rows * width:
-        return _token_logprobs(model, input_ids, attention_mask, with_hidden)
+        return forward_logprobs(model, input_ids, attention_mask, with_hidden)
+    groups = length_groups(attention_mask, batch_size)
+    if sum(len(idx) * w for idx, w in groups) > 0.75 * rows * width:
+        return forward_logprobs(model, input_ids, attention_mask, with_hidden)
     parts = []
-    for idx, w in zip(groups, widths):
-        logp, entropy, hidden = _token_logprobs(model, input_ids[idx, :w], attention_mask[idx, :w], with_hidden)
+    for idx, w in groups:
+        logp, entropy, hidden = forward_logprobs(model, input_ids[idx, :w], attention_mask[idx, :w], with_hidden)
         pad = width - w  # back to [rows, width - 1]; the padded targets are masked out anyway
         parts.append((F.pad(logp, (0, pad)), F.pad(entropy, (0, pad)), F.pad(hidden, (0, 0, 0, pad)) if with_hidden else None))
-    inverse = torch.argsort(order)
+    inverse = torch.argsort(torch.cat([idx for idx, _ in groups]))
     logp = torch.cat([p[0] for p in parts])[inverse]
     entropy = torch.cat([p[1] for p in parts])[inverse]
     hidden = torch.cat([p[2] for p in parts])[inverse] if with_hidden else None
     return logp, entropy, hidden
 
 
-def _token_logprobs(model, input_ids, attention_mask, with_hidden: bool):
+def backward_by_groups(model, input_ids, attention_mask, grad_logp: torch.Tensor,
+                       grad_hidden: torch.Tensor | None, batch_size: int) -> None:
+    """Accumulate the parameters' gradients of a loss whose gradient with respect to the per-token
+    log-probs (``grad_logp`` [B, L-1]; and the hidden states, ``grad_hidden``) is known, one
+    length group of ``batch_size`` rows at a time (``loss.backward`` reaching ``model``'s
+    parameters through every row at once, by the chain rule).
+
+    Why: one backward through the whole batch keeps every row's activations alive at once (30
+    layers x rows x tokens: ~19 GB for SmolLM2-135M at 64 rows of ~100 tokens); here at most
+    ``batch_size`` rows hold activations. The price is one more forward pass per step (the
+    gradient with respect to the log-probs comes from a pass without gradients first).
+    """
+    for idx, w in length_groups(attention_mask, batch_size):
+        logp, _, hidden = forward_logprobs(model, input_ids[idx, :w], attention_mask[idx, :w], grad_hidden is not None,
+                                          with_entropy=False)
+        outputs, grads = [logp], [grad_logp[idx, : w - 1]]
+        if grad_hidden is not None:
+            outputs.append(hidden)
+            grads.append(grad_hidden[idx, : w - 1])
+        torch.autograd.backward(outputs, grads)
+
+
+def forward_logprobs(model, input_ids, attention_mask, with_hidden: bool, with_entropy: bool = True):
+    """One forward pass of all the rows: ``(logp, entropy | None, hidden | None)``, as ``token_logprobs``."""
     out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=with_hidden)
     logits = out.logits[:, :-1]
     logp = selective_logprobs(logits, input_ids[:, 1:])
-    entropy = chunked_entropy(logits)
+    entropy = chunked_entropy(logits) if with_entropy else None
     hidden = out.hidden_states[-1][:, :-1] if with_hidden else None
     return logp, entropy, hidden
 

@@ -54,7 +54,7 @@ from sampling.engines import EngineOptions
 @dataclasses.dataclass
 class RLHFConfig(RewardOptions, EngineOptions, ModelOptions, OnlineMergingOptions, CheckpointOptions, BaseConfig):
     inputs = ("model_name_or_path", "dataset", "reward", "eval_dataset", "eval_reward")
-    run_control: ClassVar[tuple[str, ...]] = ("overwrite", "resume", "threads")
+    run_control: ClassVar[tuple[str, ...]] = ("overwrite", "resume", "threads", "enforce_eager")
     dataset: str = required("Prompts to train on (prompt rows; extra columns such as `answer` reach the scorers).")
     output_dir: str = required("Stage directory: stage.json, metrics.jsonl, model/, checkpoints/.")
     optimizer: str = option("rloo", "Policy optimizer (align/rl/optimizers.py).", choices=OPTIMIZERS)
@@ -65,7 +65,7 @@ class RLHFConfig(RewardOptions, EngineOptions, ModelOptions, OnlineMergingOption
     temperature: float = option(1.0, "Sampling temperature for rollouts.")
     top_p: float = option(1.0, "Nucleus sampling for rollouts.")
     learning_rate: float = option(1e-5, "AdamW learning rate for the policy (and value head).")
-    forward_batch_size: int = option(32, "Sequences per training forward pass, grouped by length so each pass pads only to its own longest.")
+    forward_batch_size: int = option(32, "Sequences per training forward/backward pass, grouped by length so each pads only to its own longest; at most this many hold activations at once (memory).")
     inner_steps: int = option(1, "Optimizer steps per iteration on the same rollouts (PPO epochs; MDLOO's mirror-descent steps).")
     clip_eps: float = option(0.2, "Ratio clipping for ppo/grpo/rloo (and value clipping for ppo).")
     kl_coef: float = option(0.05, "KL-to-reference coefficient (reward shaping for ppo/rloo, AFM's beta for mdloo, loss term for grpo); 0 skips the reference.")
