@@ -153,10 +153,7 @@ class PolicyOptimizer:
             if by_groups:
                 backward_by_groups(self.policy, r.input_ids, r.attention_mask, logp.grad,
                                    hidden.grad if hidden is not None else None, self.cfg.forward_batch_size)
-            parallel.average_gradients(self.params)  # data parallel: the same step on every rank
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-            self.optimizer.step()
-            step_stats["grad_norm"] = float(grad_norm)
+            step_stats["grad_norm"] = self._apply_gradients()
             step_stats["loss"] = loss.item()
             for key, value in step_stats.items():
                 totals[key] = totals.get(key, 0.0) + value / self.cfg.inner_steps
@@ -188,10 +185,15 @@ class PolicyOptimizer:
         stats = self.prepare(r, logp_old, entropy, None)
         with torch.no_grad():
             loss, step_stats = self.loss(r, logp_old, entropy, None)
+        return {**stats, **step_stats, "grad_norm": self._apply_gradients(), "loss": loss.item()}
+
+    def _apply_gradients(self) -> float:
+        """Average the accumulated gradients over processes (data parallel: the same step on every
+        rank), clip them, step the optimizer; returns the gradient norm before clipping."""
         parallel.average_gradients(self.params)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         self.optimizer.step()
-        return {**stats, **step_stats, "grad_norm": float(grad_norm), "loss": loss.item()}
+        return float(grad_norm)
 
     def values(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.extra["value_head"](hidden.float()).squeeze(-1)
