@@ -109,8 +109,10 @@ def train_to_end(trainer, stage: Stage, checkpoint: Path | None) -> dict[str, An
     barrier. Returns the summary fields all trainer stages share on the main process, None on the
     others (only the main process saves, evaluates, plots and writes stage.json).
     """
+    from align.lora_dropout import use_fast_lora_dropout
     from align.tracking import last_value, quiet_trainer, route_tensorboard, stop_if_preempted
 
+    use_fast_lora_dropout(trainer.model)  # peft's LoRA dropout draws its CPU masks slowly (align/lora_dropout.py)
     quiet_trainer(trainer)
     route_tensorboard(trainer.callback_handler.callbacks, stage)
     started, cpu_started = time.time(), time.process_time()

@@ -38,6 +38,27 @@ def cpu_info() -> dict[str, object]:
     return {"cpu": model, "logical_cores": os.cpu_count(), "simd": flags}
 
 
+def cpu_jiffies() -> dict[str, int]:
+    """The machine's CPU time so far by kind (``/proc/stat``'s first line; empty off Linux)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return {}
+    names = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+    return dict(zip(names, map(int, fields)))
+
+
+def steal_share(before: dict[str, int], after: dict[str, int]) -> float | None:
+    """Share of all CPU time between two ``cpu_jiffies`` the hypervisor gave to other guests.
+
+    On a shared cloud host this "steal" slows a run without showing in its own CPU time: a
+    result taken with a high steal share says more about the neighbours than about the code."""
+    if not before or not after:
+        return None
+    total = sum(after.values()) - sum(before.values())
+    return (after["steal"] - before["steal"]) / total if total > 0 else None
+
+
 def matmul_peak_gflops(threads: int, size: int = 2048, reps: int = 5) -> float:
     """Best fp32 GFLOP/s of a size^3 ``torch.mm`` on ``threads`` threads (restored afterwards)."""
     before = torch.get_num_threads()
@@ -87,11 +108,14 @@ MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 def run_json_worker(script: str, argv: list[str], threads: int, memory: bool = False) -> dict:
     """Run ``python script argv`` with ``threads`` torch threads (and ``MEMORY_ENV`` when measuring
-    memory); its last stdout line, parsed as JSON. A failed worker ends the benchmark with its stderr."""
+    memory); its last stdout line, parsed as JSON, plus ``steal_share`` over the worker's lifetime.
+    A failed worker ends the benchmark with its stderr."""
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
            "OMP_NUM_THREADS": str(threads), **(MEMORY_ENV if memory else {})}
+    before = cpu_jiffies()
     proc = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, env=env,
                           cwd=Path(script).resolve().parents[1])
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(argv[:2])} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    steal = steal_share(before, cpu_jiffies())
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "steal_share": None if steal is None else round(steal, 4)}

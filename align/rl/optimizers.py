@@ -41,11 +41,13 @@ def disable_dropout(model: nn.Module) -> None:
     The policy trains in train mode, so with dropout on, pi_old's log-probs (one forward) and the
     first inner step's (another forward) see different dropout masks and the PPO/GRPO ratio is
     noise instead of exactly 1. Sets ``p = 0`` on every ``nn.Dropout`` (LoRA's ``lora_dropout``
-    is one) and, beyond TRL, zeroes the ``attention_dropout`` rate that Hugging Face attention
+    is one; so is align's ``CpuFastDropout`` where the trainer stages put it) and, beyond TRL, zeroes the ``attention_dropout`` rate that Hugging Face attention
     modules apply functionally in train mode.
     """
+    from align.lora_dropout import CpuFastDropout
+
     for module in model.modules():
-        if isinstance(module, nn.Dropout):
+        if isinstance(module, (nn.Dropout, CpuFastDropout)):
             module.p = 0.0
         if isinstance(getattr(module, "attention_dropout", None), (int, float)):
             module.attention_dropout = 0.0
