@@ -45,13 +45,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from machine import cpu_info, resolve_model, run_json_worker  # bench/, beside this file
+from machine import cpu_info, print_worker_result, resolve_model, run_json_worker, write_result  # bench/, beside this file
 
 ROOT = Path(__file__).resolve().parents[1]
 LR, SEED = 1e-4, 0
@@ -163,8 +162,7 @@ def main() -> None:
 
     if args.worker:
         result = WORKERS[args.worker](args.model, args.pairs, Path(args.work), json.loads(args.opts))
-        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(json.dumps(result))
+        print_worker_result(result)
         return
 
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_dpo."))
@@ -204,10 +202,8 @@ def main() -> None:
         print(f"{mode:<18}{r['steps']:>6}{r['train_seconds']:>9.2f}{ratios[mode]['time']:>7.2f}"
               f"{r['train_cpu_seconds']:>8.2f}{ratios[mode]['cpu_time']:>7.2f}{r['setup_seconds']:>9.2f}"
               f"{r['peak_rss_mb']:>9.0f}{ratios[mode]['peak_rss']:>7.2f}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    write_result(args.out, report)
     print(json.dumps(report["met"]))
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

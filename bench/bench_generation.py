@@ -35,7 +35,6 @@ bench/results/bench_generation.json.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import tempfile
@@ -50,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 from align.demo import write_demo_data  # noqa: E402
 from align.tiny import make_tiny_model  # noqa: E402
 from sampling import SamplingParams, build_engine  # noqa: E402
-from machine import cpu_info, cpu_jiffies, matmul_peak_gflops, parameter_count, peak_fraction, resolve_model, steal_share  # noqa: E402
+from machine import cpu_info, cpu_jiffies, matmul_peak_gflops, parameter_count, peak_fraction, resolve_model, steal_share, write_result  # noqa: E402
 from real_prompts import CONTEXT, default_dataset, fitting_rows  # noqa: E402  (bench/, beside this file)
 
 
@@ -164,9 +163,7 @@ def main() -> None:
           + ", ".join(f"{r:.2f}x" for r in result["per_round_ratios"]))
     print(f"score+select / generate: {result['score_select_over_generate']:.2%} (goal <= 20%); "
           f"rs wall / generate: {result['rs_wall_over_generate']:.2f}x")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

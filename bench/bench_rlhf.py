@@ -57,7 +57,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from machine import cpu_info, matmul_peak_gflops, parameter_count, peak_fraction, resolve_model  # noqa: E402
+from machine import cpu_info, matmul_peak_gflops, parameter_count, peak_fraction, resolve_model, write_result  # noqa: E402
 from real_prompts import CONTEXT, default_dataset, fitting_rows  # noqa: E402  (bench/, beside this file)
 
 MAX_CHARS = 40  # length_penalty's budget on real prompts: rewards vary, so advantages are not all zero
@@ -317,9 +317,7 @@ def main() -> None:
           f"{result['train_peak_fraction']['ours']:.1%} / {result['train_peak_fraction']['bare_loop']:.1%} of the matmul peak")
     if result["peak_rss_over_trl"]:
         print(f"peak RSS ours / TRL: {result['peak_rss_over_trl']:.2f}x (goal <= 1.0x)")
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {a.out}")
+    write_result(a.out, result)
 
 
 if __name__ == "__main__":

@@ -28,12 +28,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import tempfile
 import time
 from pathlib import Path
 
-from machine import cpu_info, resolve_model, run_json_worker  # bench/, beside this file
+from machine import cpu_info, print_worker_result, resolve_model, run_json_worker, write_result  # bench/, beside this file
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_ROWS = ROOT.parent / "shared" / "data" / "real" / "alpaca_en_demo.json"
@@ -126,8 +125,7 @@ def main() -> None:
 
     if args.worker:
         result = WORKERS[args.worker](args.model, args.rows, Path(args.work), json.loads(args.opts))
-        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(json.dumps(result))
+        print_worker_result(result)
         return
 
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_sft."))
@@ -158,9 +156,7 @@ def main() -> None:
               f"{r['train_cpu_seconds']:>8.1f}{r['train_loss']:>9.4f}{r['peak_rss_mb']:>9.0f}")
     print(f"align / TRL: time {ratios['time']:.3f}x (goal <= 1.05x), CPU time {ratios['cpu_time']:.3f}x, "
           f"peak memory {ratios['peak_rss']:.3f}x (goal <= 1.0x)")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, report)
 
 
 if __name__ == "__main__":

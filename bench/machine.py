@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import time
@@ -104,6 +105,19 @@ def peak_fraction(tokens_per_s: float, flops_per_token: float, peak_gflops: floa
 # glibc then maps every large tensor on its own and unmaps it when freed, so ru_maxrss is the peak
 # of live memory (with the default dynamic threshold the same run's peak varied by +-5%).
 MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def print_worker_result(result: dict) -> None:
+    """A worker's side of ``run_json_worker``: its result plus the process's peak RSS (``ru_maxrss``,
+    from start to now), printed as the last stdout line."""
+    print(json.dumps({**result, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def write_result(out: str, report: dict) -> None:
+    """Write a benchmark's JSON report to ``out`` (making its folder) and say where."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 def run_json_worker(script: str, argv: list[str], threads: int, memory: bool = False) -> dict:

@@ -16,7 +16,6 @@ and writes bench/results/profile_generation.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from machine import cpu_info, matmul_peak_gflops, parameter_count, resolve_model  # noqa: E402
+from machine import cpu_info, matmul_peak_gflops, parameter_count, resolve_model, write_result  # noqa: E402
 from real_prompts import CONTEXT, default_dataset, fitting_rows  # noqa: E402
 from sampling import SamplingParams, build_engine  # noqa: E402
 
@@ -101,9 +100,7 @@ def main() -> None:
         for group, seconds in sorted(result["groups"].items(), key=lambda kv: -kv[1]):
             print(f"  {group:<30}{seconds:>8.2f} s {seconds / wall:>6.1%}")
         print("  top ops: " + "; ".join(f"{t['op']} {t['self_seconds']:.2f} s" for t in result["top_ops"][:6]))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, report)
 
 
 if __name__ == "__main__":
