@@ -109,10 +109,12 @@ def train_to_end(trainer, stage: Stage, checkpoint: Path | None) -> dict[str, An
     barrier. Returns the summary fields all trainer stages share on the main process, None on the
     others (only the main process saves, evaluates, plots and writes stage.json).
     """
+    from align.fused_head import tune_fused_lm_head_for_cpu
     from align.lora_dropout import use_fast_lora_dropout
     from align.tracking import last_value, quiet_trainer, route_tensorboard, stop_if_preempted
 
     use_fast_lora_dropout(trainer.model)  # peft's LoRA dropout draws its CPU masks slowly (align/lora_dropout.py)
+    tune_fused_lm_head_for_cpu()  # TRL's fused LM head scores prompt and padding too on CPU (align/fused_head.py)
     quiet_trainer(trainer)
     route_tensorboard(trainer.callback_handler.callbacks, stage)
     started, cpu_started = time.time(), time.process_time()

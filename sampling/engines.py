@@ -57,7 +57,8 @@ class EngineOptions:
     engine: str = option("auto", "Generation engine; auto: vLLM when it is installed, else transformers (said on stderr).", choices=ENGINES)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option("float32", "Engine weights dtype; float32 keeps log-probs equal to the trainer's.")
     max_model_len: int = option(512, "Longest prompt + response, in tokens (vLLM sizes its KV pages from it).")
-    kv_cache_gb: float = option(1.0, "vLLM KV-cache size in GiB (on CPU it is host RAM).")
+    kv_cache_gb: float = option(1.0, "vLLM KV-cache size in GiB (on CPU it is host RAM). Too small a cache makes vLLM decode"
+                                     " the sequences in waves; the engine says on stderr when a call needs more and what would fit.")
     max_num_seqs: int = option(256, "vLLM: most sequences decoded together (each of the K samples of a prompt counts).")
     batch_size: int = option(64, "transformers engine: prompts per generate call.")
     threads: int = option(1, "vLLM: torch threads that decode. 1 (vLLM's CPU default) when other work shares the cores;"

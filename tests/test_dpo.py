@@ -399,3 +399,26 @@ def test_group_by_length_batches_pairs_of_similar_length(tiny_model, tmp_path):
     grouped, trainer = padded_tokens("--group_by_length", "true")
     assert type(trainer._get_train_sampler()).__name__ == "LengthGroupedSampler"
     assert grouped < 0.75 * plain, (grouped, plain)
+
+
+def test_cache_hit_and_miss_train_on_the_same_batches(policy_pair, demo_data, tmp_path):
+    """Computing the reference log-probs (a cache miss) draws nothing from the global RNG, so the
+    run that fills the cache and a later one that reads it shuffle and batch the pairs alike (the
+    miss's reference DataLoader used to take a seed from it, and the hit trained on other batches)."""
+    import datasets
+
+    from align.stage import Stage
+
+    policy, reference = policy_pair
+    pairs = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in read_jsonl(demo_data / "pairs.jsonl")[:24]]
+
+    def batches():
+        cfg = config("--model_name_or_path", policy, "--ref_model", reference, "--output_dir", tmp_path / "o",
+                     "--ref_cache_dir", tmp_path / "c", "--max_length", 64, "--per_device_train_batch_size", 4,
+                     "--group_by_length", "true")
+        trainer = build_trainer(cfg, datasets.Dataset.from_list(pairs), Stage("dpo", cfg, cfg.output_dir))
+        return trainer.ref_cache.hit, [b["input_ids"].tolist() for b in trainer.get_train_dataloader()]
+
+    (miss, on_miss), (hit, on_hit) = batches(), batches()
+    assert (miss, hit) == (False, True)
+    assert len(on_miss) == 6 and on_miss == on_hit

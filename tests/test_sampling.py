@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -193,3 +195,35 @@ def test_engine_threads_reach_the_engine_and_are_a_speed_setting_only(monkeypatc
         assert "enforce_eager" in kind.run_control and eager.identity() == compiled.identity(), kind.__name__
     with pytest.raises(ConfigError, match="'threads' must be >= 1, got 0"):
         RSConfig(**base, threads=0).validate_engine()
+
+
+def test_kv_blocks_needed_counts_the_longest_sequences_decoded_together():
+    from sampling.vllm_engine import kv_blocks_needed
+
+    # sequences of 100 and 300 tokens, 2 samples each, in 128-token blocks: 1 and 3 blocks each
+    assert kv_blocks_needed([100, 300], n=2, block_size=128, max_num_seqs=256) == 2 * 1 + 2 * 3
+    assert kv_blocks_needed([100, 300], n=2, block_size=128, max_num_seqs=3) == 3 + 3 + 1  # the longest first
+    assert kv_blocks_needed([128, 129], n=1, block_size=128, max_num_seqs=8) == 1 + 2
+
+
+def test_vllm_reads_its_kv_cache_size_and_says_once_when_it_is_too_small(sft_vllm, monkeypatch, capsys):
+    """The engine knows its cache in blocks (0.5 GiB over the tiny model's bytes per block); when a
+    call's sequences need more blocks than it has, one stderr line says so and what would fit."""
+    import json
+
+    config = json.loads((Path(sft_vllm.llm.llm_engine.model_config.model) / "config.json").read_text())
+    kv_heads = config.get("num_key_value_heads", config["num_attention_heads"])
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    block_bytes = 2 * config["num_hidden_layers"] * kv_heads * head_dim * 4 * sft_vllm.block_size  # K and V, fp32
+    assert sft_vllm.block_size == 128 and sft_vllm.kv_blocks == int(0.5 * 2**30) // block_bytes
+    sft_vllm.generate(PROMPTS, SamplingParams(n=4, max_tokens=4, seed=0))
+    assert capsys.readouterr().err == ""  # plenty of room
+
+    monkeypatch.setattr(sft_vllm, "kv_blocks", 10)
+    monkeypatch.setattr(sft_vllm, "_said_kv_short", False)
+    lengths = [20] * 6  # 6 prompts x 4 samples, one block each: 24 blocks
+    sft_vllm._check_kv_capacity(lengths, 4)
+    sft_vllm._check_kv_capacity(lengths, 4)
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["align: the vLLM KV cache (0.5 GiB, 10 blocks of 128 tokens) holds fewer than the 24 sequences it"
+                   " could decode together (24 blocks), so it decodes them in waves; --kv_cache_gb 1.2 would hold them all"]

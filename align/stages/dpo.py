@@ -252,6 +252,7 @@ def build_trainer(cfg: DPOStageConfig, train, stage: Stage, callbacks: list | No
     from trl import DPOConfig
 
     from align.dpo_trainer import LENGTH_COLUMN, AlignDPOTrainer, MaskingPreferenceCollator, RefLogpsCache, formatting_token_ids
+    from align.fused_head import tune_fused_lm_head_for_cpu
 
     tokenizer = load_tokenizer(cfg)
     model = load_causal_lm(cfg)
@@ -265,6 +266,7 @@ def build_trainer(cfg: DPOStageConfig, train, stage: Stage, callbacks: list | No
         **({"train_sampling_strategy": "group_by_length", "length_column_name": LENGTH_COLUMN} if cfg.group_by_length else {}),
     )
     cache = None
+    tune_fused_lm_head_for_cpu()  # before the trainer exists: its reference pass runs in __init__
     if cfg.precompute_ref_log_probs:
         cache = RefLogpsCache(cfg.ref_cache_dir or default_cache_dir(), _reference_identity(cfg, mask_ids))
     return AlignDPOTrainer(
