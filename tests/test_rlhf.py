@@ -96,7 +96,13 @@ def test_sync_matches_policy_logprobs_full_and_lora(sft_vllm, sft_model):
 # least over iterations 6-10). Each iteration draws 64 prompts (512 samples): batches differ in
 # difficulty by a few hundredths, which MIN_GAIN leaves room for. Online DPO learns from
 # best-vs-worst pairs only; the sequence-level updates (mdloo, ppo) take more inner steps per batch.
+# From an SFT model whose first iteration scores lower (0.31: the SFT fixture as trained with the
+# CPU-tuned fused LM head, align/fused_head.py), online DPO's iteration 8 reached 0.45-0.49 over
+# lr 2e-4/3e-4 and 1-2 inner steps (+0.14 to +0.18) while its held-out reward rose 0.465 -> 0.725-0.755:
+# it is held to a smaller batch-reward gain and, for all that, to a held-out one.
 ITERATIONS, MIN_GAIN = 8, 0.2
+SMALLER_GAIN = {"online_dpo": 0.12}
+MIN_EVAL_GAIN = {"online_dpo": 0.2}
 LEARNING = {
     "rloo": [],
     "grpo": [],
@@ -115,8 +121,8 @@ def test_optimizer_learns(optimizer, tmp_path, sft_model, demo_data):
     record = json.loads((out / "stage.json").read_text())
     s = record["summary"]
     print(optimizer, {k: round(v, 3) if isinstance(v, float) else v for k, v in s.items()})
-    assert s["reward_last_10pct"] >= s["reward_first_10pct"] + MIN_GAIN, s
-    assert s["eval_mean_reward"] >= s["eval_mean_reward_before"], s
+    assert s["reward_last_10pct"] >= s["reward_first_10pct"] + SMALLER_GAIN.get(optimizer, MIN_GAIN), s
+    assert s["eval_mean_reward"] >= s["eval_mean_reward_before"] + MIN_EVAL_GAIN.get(optimizer, 0.0), s
     assert s["engine"] == "vllm"  # engine auto, with vLLM installed
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, ITERATIONS + 1))
