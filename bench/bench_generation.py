@@ -24,12 +24,14 @@ Both engines decode every sequence at once: the transformers engine takes all pr
 sequences per step (``max_num_seqs``; the engine's default, 256, would split 64 x 8 into two
 waves), with a KV cache that holds all of them at full length (``--kv_cache_gb``; by default sized
 from the model's config and the prompts: 64 x 8 SmolLM2 sequences of ~110 tokens take ~3 GiB, and
-with 2 GiB vLLM held 364 at once; that decoded about as fast, 190-206 vs 202-211 tokens/s). Both engines use the same number of torch threads (``--threads``, default 1: vLLM's own choice
-for CPU serving). The two engines are timed in alternating rounds and each keeps its fastest round, so a busy
+with 2 GiB vLLM held 364 at once; that decoded about as fast, 190-206 vs 202-211 tokens/s). Both
+engines use the same number of torch threads (``--threads``, default 1: vLLM's own choice for CPU
+serving). The two engines are timed in alternating rounds and each keeps its fastest round, so a busy
 machine (other jobs on the same cores) skews both alike. Without --model a tiny random model is built (it rarely emits EOS, so every candidate runs to
 max_tokens: a fair token count for both engines). ``--model smollm2`` takes the real
 SmolLM2-135M-Instruct (bench/machine.py). Each engine's tokens/s is also given as a share of the
-machine's measured fp32 matmul peak at the same thread count (measured at the start and at the end; the higher kept) (2 x parameters FLOPs per token), and
+machine's fp32 matmul peak at the same thread count, measured at the start and at the end (the
+higher kept), at 2 x parameters FLOPs per token; and
 the JSON records the CPU model and its SIMD flags. Prints a table and writes
 bench/results/bench_generation.json.
 """

@@ -102,8 +102,10 @@ class VLLMEngine:
 
     def _check_kv_capacity(self, sequence_lengths: list[int], n: int) -> None:
         """Say once (stderr) when the KV cache cannot hold the sequences vLLM would decode together."""
+        if self._said_kv_short or not self.kv_blocks:
+            return
         needed = kv_blocks_needed(sequence_lengths, n, self.block_size, self.max_num_seqs)
-        if self._said_kv_short or not self.kv_blocks or needed <= self.kv_blocks:
+        if needed <= self.kv_blocks:
             return
         self._said_kv_short = True
         together = min(len(sequence_lengths) * n, self.max_num_seqs)
