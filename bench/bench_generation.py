@@ -23,15 +23,16 @@ Both engines decode every sequence at once: the transformers engine takes all pr
 ``generate`` call (batch_size = prompts, K sequences each) and vLLM may schedule prompts x K
 sequences per step (``max_num_seqs``; the engine's default, 256, would split 64 x 8 into two
 waves), with a KV cache that holds all of them at full length (``--kv_cache_gb``; by default sized
-from the model's config and the prompts: 64 x 8 SmolLM2 sequences of ~110 tokens take ~3 GiB, and
-with 2 GiB vLLM held 364 at once; that decoded about as fast, 190-206 vs 202-211 tokens/s). Both
+from the model's config and the prompts: 64 x 8 SmolLM2 sequences of ~110 tokens take ~3 GiB), paged
+in ``--kv_block_size`` tokens (the engine's default, 32: the K samples of a prompt share its full
+pages; 128, vLLM's CPU default, shares none of a ~50-token prompt). Both
 engines use the same number of torch threads (``--threads``, default 1: vLLM's own choice for CPU
 serving). The two engines are timed in alternating rounds and each keeps its fastest round, so a busy
 machine (other jobs on the same cores) skews both alike. Without --model a tiny random model is built (it rarely emits EOS, so every candidate runs to
 max_tokens: a fair token count for both engines). ``--model smollm2`` takes the real
 SmolLM2-135M-Instruct (bench/machine.py). Each engine's tokens/s is also given as a share of the
-machine's fp32 matmul peak at the same thread count, measured at the start and at the end (the
-higher kept), at 2 x parameters FLOPs per token; and
+machine's fp32 matmul peak at the same thread count (the faster of torch's BLAS and oneDNN:
+bench/machine.py), measured at the start and at the end (the higher kept), at 2 x parameters FLOPs per token; and
 the JSON records the CPU model and its SIMD flags. Prints a table and writes
 bench/results/bench_generation.json.
 """
@@ -53,13 +54,13 @@ sys.path.insert(0, str(ROOT))
 from align.demo import write_demo_data  # noqa: E402
 from align.tiny import make_tiny_model  # noqa: E402
 from sampling import SamplingParams, build_engine  # noqa: E402
-from machine import cpu_info, cpu_jiffies, matmul_peak_gflops, parameter_count, peak_fraction, resolve_model, steal_share, write_result  # noqa: E402
+from machine import cpu_info, cpu_jiffies, matmul_peaks_gflops, parameter_count, peak_fraction, resolve_model, steal_share, write_result  # noqa: E402
 from real_prompts import CONTEXT, default_dataset, fitting_rows  # noqa: E402  (bench/, beside this file)
 
 
-def kv_cache_gb_for(model: Path, sequence_lengths: list[int], k: int, block_size: int = 128) -> float:
+def kv_cache_gb_for(model: Path, sequence_lengths: list[int], k: int, block_size: int = 32) -> float:
     """GiB of fp32 KV cache (to the next 0.25) that holds every sequence at full length at once,
-    in vLLM's CPU blocks; the engine's default would make vLLM decode the 64 x 8 in waves."""
+    in ``block_size``-token blocks; the engine's default would make vLLM decode the 64 x 8 in waves."""
     import json
 
     from sampling.vllm_engine import kv_blocks_needed
@@ -95,7 +96,9 @@ def main() -> None:
     ap.add_argument("--enforce_eager", default="true", choices=["true", "false"],
                     help="vLLM: false compiles the model at engine start (torch.compile; the engine's enforce_eager option)")
     ap.add_argument("--kv_cache_gb", type=float,
-                    help="vLLM KV cache in GiB (default: enough for every prompt x K sequence at once, 128-token blocks)")
+                    help="vLLM KV cache in GiB (default: enough for every prompt x K sequence at once)")
+    ap.add_argument("--kv_block_size", type=int, default=32,
+                    help="vLLM tokens per KV page (the engine's kv_block_size; 128 is vLLM's CPU default, which shares no page of a short prompt across the K samples)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "bench_generation.json"))
     args = ap.parse_args()
 
@@ -115,15 +118,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     jiffies = cpu_jiffies()
-    peak = matmul_peak_gflops(threads)
+    peaks = [matmul_peaks_gflops(threads)]
     flops_per_token = 2 * parameter_count(str(model))
 
     eager = args.enforce_eager == "true"
-    kv_gb = args.kv_cache_gb or kv_cache_gb_for(model, [n + args.max_tokens for _, n in fitting], args.k)
+    kv_gb = args.kv_cache_gb or kv_cache_gb_for(model, [n + args.max_tokens for _, n in fitting], args.k, args.kv_block_size)
     started = time.perf_counter()
     engines = {
         "transformers generate": build_engine("transformers", str(model), max_model_len=CONTEXT, batch_size=args.prompts),
-        "vLLM engine": build_engine("vllm", str(model), max_model_len=CONTEXT, kv_cache_gb=kv_gb, seed=0, threads=args.threads, max_num_seqs=args.prompts * args.k, enforce_eager=eager),
+        "vLLM engine": build_engine("vllm", str(model), max_model_len=CONTEXT, kv_cache_gb=kv_gb, seed=0, threads=args.threads, max_num_seqs=args.prompts * args.k, kv_block_size=args.kv_block_size, enforce_eager=eager),
     }
     engine_start = time.perf_counter() - started  # both engines; vLLM's includes compiling when not eager
     vllm_blocks = engines["vLLM engine"].kv_blocks
@@ -139,7 +142,7 @@ def main() -> None:
 
     cfg = RSConfig(model_name_or_path=str(model), dataset=dataset, output_dir=str(work / "rs"), reward=["rule:arithmetic"],
                    num_samples=args.k, max_tokens=args.max_tokens, max_prompts=args.prompts, select="best",
-                   shard_size=args.prompts, threads=args.threads, enforce_eager=eager)
+                   shard_size=args.prompts, threads=args.threads, kv_block_size=args.kv_block_size, enforce_eager=eager)
     started = time.perf_counter()
     summary = run_rs(cfg, engine=vllm)["summary"]
     rs_wall = time.perf_counter() - started
@@ -147,8 +150,8 @@ def main() -> None:
     # Measured again at the end, and the higher one kept: on a shared VM one measurement read
     # 87, 124 and 176 GFLOP/s in three runs (176 is what 2 AVX2 cores with 2 FMA units each
     # deliver at ~2.75 GHz); a disturbed low measurement would inflate every share of the peak.
-    peaks = [peak, matmul_peak_gflops(threads)]
-    peak = max(peaks)
+    peaks.append(matmul_peaks_gflops(threads))
+    peak = max(max(p.values()) for p in peaks)
 
     hf_s, hf_tok = rows["transformers generate"]
     v_s, v_tok = rows["vLLM engine"]
@@ -156,12 +159,12 @@ def main() -> None:
     result = {
         "model": str(model) if args.model else f"tiny random llama/{args.tokenizer} (align.tiny, seed 0, hidden {args.hidden_size}, {args.layers} layers)",
         "enforce_eager": eager, "engines_start_seconds": round(engine_start, 1),
-        "kv_cache_gb": kv_gb, "kv_blocks": vllm_blocks,
+        "kv_cache_gb": kv_gb, "kv_blocks": vllm_blocks, "kv_block_size": args.kv_block_size,
         "dataset": "demo prompts (a+b=)" if args.dataset == "demo" else args.dataset, "mean_prompt_tokens": round(prompt_tokens / len(prompts), 1),
         "prompts": args.prompts, "k": args.k, "max_tokens": args.max_tokens, "rounds": args.rounds,
         "all_rounds_seconds": {name: [round(s, 3) for s, _ in times] for name, times in rounds.items()},
         "machine": f"{platform.machine()}, {threads} torch threads, Python {platform.python_version()}",
-        **cpu_info(), "threads": threads, "matmul_peak_gflops": round(peak, 1), "matmul_peak_gflops_start_end": [round(p, 1) for p in peaks], "flops_per_token": flops_per_token,
+        **cpu_info(), "threads": threads, "matmul_peak_gflops": round(peak, 1), "matmul_peaks_gflops_start_end": [{k: round(v, 1) for k, v in p.items()} for p in peaks], "flops_per_token": flops_per_token,
         "transformers": {"seconds": round(hf_s, 3), "tokens": hf_tok, "tokens_per_s": round(hf_tok / hf_s, 1),
                          "peak_fraction": round(peak_fraction(hf_tok / hf_s, flops_per_token, peak), 3)},
         "vllm": {"seconds": round(v_s, 3), "tokens": v_tok, "tokens_per_s": round(v_tok / v_s, 1),
@@ -180,9 +183,11 @@ def main() -> None:
     print(f"{args.prompts} prompts ({result['dataset']}, {result['mean_prompt_tokens']} tokens on average) x K={args.k}"
           f" x {args.max_tokens} tokens, fp32 CPU, {threads} torch threads, fastest of {args.rounds} alternating rounds,"
           f" vLLM {'eager' if eager else 'compiled'} (engines started in {engine_start:.0f} s;"
-          f" KV cache {kv_gb:g} GiB, {vllm_blocks} blocks)")
+          f" KV cache {kv_gb:g} GiB, {vllm_blocks} blocks of {args.kv_block_size} tokens)")
     steal = "" if result["steal_share"] is None else f"; CPU time stolen by other guests {result['steal_share']:.1%}"
-    print(f"{result['cpu']}; matmul peak {peak:.0f} GFLOP/s on {threads} threads (best of {peaks[0]:.0f} at the start, {peaks[1]:.0f} at the end); {flops_per_token / 1e6:.0f} MFLOP per token{steal}")
+    by_library = ", ".join(f"{name} {start:.0f} / {peaks[1][name]:.0f}" for name, start in peaks[0].items())
+    print(f"{result['cpu']}; matmul peak {peak:.0f} GFLOP/s on {threads} threads (best at the start / end: {by_library});"
+          f" {flops_per_token / 1e6:.0f} MFLOP per token{steal}")
     print(f"{'path':<34}{'seconds':>10}{'tokens':>9}{'tokens/s':>11}{'of peak':>9}")
     for name, (s, tok) in rows.items():
         print(f"{name:<34}{s:>10.2f}{tok:>9}{tok / s:>11,.0f}{peak_fraction(tok / s, flops_per_token, peak):>9.1%}")

@@ -86,7 +86,7 @@ def main() -> None:
     report = {"model": args.model, **cpu_info(), "threads": args.threads, "matmul_peak_gflops": round(peak, 1),
               "prompts": args.prompts, "k": args.k, "max_tokens": args.max_tokens, "engines": {}}
     for name in args.engines.split(","):
-        options = {"kv_cache_gb": 2.0, "seed": 0, "threads": args.threads, "max_num_seqs": args.prompts * args.k} if name == "vllm" \
+        options = {"kv_cache_gb": 3.0, "seed": 0, "threads": args.threads, "max_num_seqs": args.prompts * args.k} if name == "vllm" \
             else {"batch_size": args.prompts}
         engine = build_engine(name, model, max_model_len=CONTEXT, **options)
         engine.generate(prompts[:2], SamplingParams(n=2, temperature=1.0, max_tokens=4, seed=0))  # warm-up

@@ -5,16 +5,21 @@ process, a ~5 s start for a tiny model, and ``load_weights`` is a direct call. E
 (``enforce_eager``): compiling (``enforce_eager=False``) adds a one-time torch.compile at start-up. fp32 by default
 (``dtype="auto"`` would turn an fp32 checkpoint into bf16 on CPU, and log-probs must match the
 trainer's). Prefix caching is on: the K samples of a prompt are one request with ``n=K``, so
-they share the prompt's KV pages. The KV cache is sized explicitly (``kv_cache_gb``, passed as
-``kv_cache_memory_bytes``), since vLLM on CPU would otherwise size it from host RAM; vLLM's legacy
-``VLLM_CPU_KVCACHE_SPACE`` (whole GiB), when set in the environment, takes precedence. A cache too
-small for the sequences a call could decode together (``max_num_seqs``, or all of them) makes vLLM
-decode them in waves, so ``generate`` says once, on stderr, that the cache is short and what
-``kv_cache_gb`` would hold them all (``kv_blocks_needed``; an upper bound: prompt blocks shared
-across the K samples are counted once per sample). On SmolLM2-135M (64 prompts x K=8 x 64 tokens,
-2 threads) 2 GiB held 364 of the 512 sequences (544 blocks of 128 tokens), yet 3.5 GiB (all of
-them) decoded no faster (202-211 vs 190-206 tokens/s): at 364 sequences a step is already as
-efficient. With a bigger model or longer answers a short cache costs more.
+they share the prompt's KV pages -- but only full pages, and vLLM's CPU backend pages in blocks of
+128 tokens: a ~50-token chat prompt then fills none, and every sample computes the whole prompt
+again (on SmolLM2-135M, 64 prompts x K=8: ~23k prompt tokens through the model for 27k generated).
+The engine pages in ``kv_block_size`` = 32 tokens instead, so the samples share the prompt's first
+full pages and each computes only its tail: 1.4x the tokens/s at that size (2-core AVX-512 EPYC, 2
+threads, blocks of 32 vs 128: eager 661-706 vs 472-512 tokens/s; docs/vllm-cpu.md#6). The KV cache is sized explicitly
+(``kv_cache_gb``, passed as ``kv_cache_memory_bytes``), since vLLM on CPU would otherwise size it
+from host RAM; vLLM's legacy ``VLLM_CPU_KVCACHE_SPACE`` (whole GiB), when set in the environment,
+takes precedence. A cache too small for the sequences a call could decode together
+(``max_num_seqs``, or all of them) makes vLLM decode them in waves, so ``generate`` says once, on
+stderr, that the cache is short and what ``kv_cache_gb`` would hold them all (``kv_blocks_needed``;
+an upper bound: prompt blocks shared across the K samples are counted once per sample). With
+128-token blocks, 2 GiB held 364 of those 512 SmolLM2 sequences, yet a cache for all of them
+decoded no faster (202-211 vs 190-206 tokens/s on an AVX2 machine): at 364 sequences a step is
+already as efficient. With a bigger model or longer answers a short cache costs more.
 
 Chunked prefill is off (vLLM's CPU default is on): vLLM 0.32's CPU runner crashes ("CPU
 Generator does not use offset") when a seeded request's prompt is split across steps, which
@@ -47,8 +52,8 @@ class VLLMEngine:
 
     def __init__(self, model_path: str, *, dtype: str = "float32", max_model_len: int = 512, kv_cache_gb: float = 1.0,
                  seed: int = 0, system_prompt: str | None = None, trust_remote_code: bool = False,
-                 gpu_memory_utilization: float = 0.3, max_num_seqs: int = 256, threads: int = 1,
-                 enforce_eager: bool = True, **_: Any):
+                 gpu_memory_utilization: float = 0.3, max_num_seqs: int = 256, kv_block_size: int = 32,
+                 threads: int = 1, enforce_eager: bool = True, **_: Any):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
         # In-process, vLLM's automatic OpenMP binding would pin this whole process (the trainer
@@ -69,7 +74,7 @@ class VLLMEngine:
             model=str(model_path), dtype=dtype, enforce_eager=enforce_eager, max_model_len=max_model_len, seed=seed,
             enable_prefix_caching=True, trust_remote_code=trust_remote_code,
             kv_cache_memory_bytes=int(kv_cache_gb * 2**30), gpu_memory_utilization=gpu_memory_utilization,
-            max_num_seqs=max_num_seqs, enable_chunked_prefill=False, max_num_batched_tokens=max(4096, max_model_len),
+            max_num_seqs=max_num_seqs, block_size=kv_block_size, enable_chunked_prefill=False, max_num_batched_tokens=max(4096, max_model_len),
         )
         cache = self.llm.llm_engine.vllm_config.cache_config
         self.max_num_seqs, self.kv_cache_gb = max_num_seqs, kv_cache_gb

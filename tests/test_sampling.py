@@ -174,8 +174,8 @@ def test_vllm_seeded_sampling_with_more_prompt_tokens_than_one_step(sft_vllm):
 
 
 def test_engine_threads_reach_the_engine_and_are_a_speed_setting_only(monkeypatch, tmp_path):
-    """`threads` is passed to the engine a stage builds, must be >= 1, and is run control: a
-    finished rs, eval or rlhf stage stays up to date when only its thread count changes."""
+    """`threads` (and `enforce_eager`, `kv_block_size`) are passed to the engine a stage builds, are
+    checked, and are run control: a finished rs, eval or rlhf stage stays up to date when only they change."""
     import sampling.engines
     from align.stages.eval import EvalConfig
     from align.stages.rlhf import RLHFConfig
@@ -187,14 +187,20 @@ def test_engine_threads_reach_the_engine_and_are_a_speed_setting_only(monkeypatc
     RSConfig(**base, engine="vllm", threads=2).build_engine(str(tmp_path))
     assert (seen["name"], seen["threads"], seen["enforce_eager"]) == ("vllm", 2, True)
     RSConfig(**base, engine="vllm", enforce_eager=False).build_engine(str(tmp_path))
-    assert seen["enforce_eager"] is False
+    assert seen["enforce_eager"] is False and seen["kv_block_size"] == 32
+    RSConfig(**base, engine="vllm", kv_block_size=64).build_engine(str(tmp_path))
+    assert seen["kv_block_size"] == 64
     for kind in (RSConfig, EvalConfig, RLHFConfig):
+        small, big = (kind(**base, kv_block_size=n) for n in (32, 128))
+        assert "kv_block_size" in kind.run_control and small.identity() == big.identity(), kind.__name__
         one, two = (kind(**base, threads=n) for n in (1, 2))
         assert "threads" in kind.run_control and one.identity() == two.identity(), kind.__name__
         eager, compiled = (kind(**base, enforce_eager=e) for e in (True, False))
         assert "enforce_eager" in kind.run_control and eager.identity() == compiled.identity(), kind.__name__
     with pytest.raises(ConfigError, match="'threads' must be >= 1, got 0"):
         RSConfig(**base, threads=0).validate_engine()
+    with pytest.raises(ConfigError, match="'kv_block_size' must be a positive multiple of 32, got 16"):
+        RSConfig(**base, kv_block_size=16).validate_engine()
 
 
 def test_kv_blocks_needed_counts_the_longest_sequences_decoded_together():
@@ -206,6 +212,19 @@ def test_kv_blocks_needed_counts_the_longest_sequences_decoded_together():
     assert kv_blocks_needed([128, 129], n=1, block_size=128, max_num_seqs=8) == 1 + 2
 
 
+def test_the_k_samples_of_a_prompt_share_its_full_kv_pages(sft_vllm):
+    """Pages of 32 tokens (``kv_block_size``), not vLLM's CPU default of 128: the 4 samples of a
+    40-token prompt share its first page (vLLM counts those tokens as cached) and each computes
+    only the other 8; with 128-token pages nothing is shared and each sample computes all 40."""
+    from vllm import SamplingParams as VLLMParams
+    from vllm.inputs import TokensPrompt
+
+    ids = [5 + i % 23 for i in range(40)]
+    out = sft_vllm.llm.generate([TokensPrompt(prompt_token_ids=ids)], VLLMParams(n=4, max_tokens=2, seed=0), use_tqdm=False)
+    assert sft_vllm.block_size == 32 and len(out[0].outputs) == 4
+    assert out[0].num_cached_tokens == 32
+
+
 def test_vllm_reads_its_kv_cache_size_and_says_once_when_it_is_too_small(sft_vllm, monkeypatch, capsys):
     """The engine knows its cache in blocks (0.5 GiB over the tiny model's bytes per block); when a
     call's sequences need more blocks than it has, one stderr line says so and what would fit."""
@@ -215,15 +234,15 @@ def test_vllm_reads_its_kv_cache_size_and_says_once_when_it_is_too_small(sft_vll
     kv_heads = config.get("num_key_value_heads", config["num_attention_heads"])
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     block_bytes = 2 * config["num_hidden_layers"] * kv_heads * head_dim * 4 * sft_vllm.block_size  # K and V, fp32
-    assert sft_vllm.block_size == 128 and sft_vllm.kv_blocks == int(0.5 * 2**30) // block_bytes
+    assert sft_vllm.block_size == 32 and sft_vllm.kv_blocks == int(0.5 * 2**30) // block_bytes
     sft_vllm.generate(PROMPTS, SamplingParams(n=4, max_tokens=4, seed=0))
     assert capsys.readouterr().err == ""  # plenty of room
 
     monkeypatch.setattr(sft_vllm, "kv_blocks", 10)
     monkeypatch.setattr(sft_vllm, "_said_kv_short", False)
-    lengths = [20] * 6  # 6 prompts x 4 samples, one block each: 24 blocks
+    lengths = [20] * 6  # 6 prompts x 4 samples, one 32-token block each: 24 blocks
     sft_vllm._check_kv_capacity(lengths, 4)
     sft_vllm._check_kv_capacity(lengths, 4)
     err = capsys.readouterr().err.splitlines()
-    assert err == ["align: the vLLM KV cache (0.5 GiB, 10 blocks of 128 tokens) holds fewer than the 24 sequences it"
+    assert err == ["align: the vLLM KV cache (0.5 GiB, 10 blocks of 32 tokens) holds fewer than the 24 sequences it"
                    " could decode together (24 blocks), so it decodes them in waves; --kv_cache_gb 1.2 would hold them all"]

@@ -54,7 +54,7 @@ from sampling.engines import EngineOptions
 @dataclasses.dataclass
 class RLHFConfig(RewardOptions, EngineOptions, ModelOptions, OnlineMergingOptions, CheckpointOptions, BaseConfig):
     inputs = ("model_name_or_path", "dataset", "reward", "eval_dataset", "eval_reward")
-    run_control: ClassVar[tuple[str, ...]] = ("overwrite", "resume", "threads", "enforce_eager")
+    run_control: ClassVar[tuple[str, ...]] = ("overwrite", "resume", "kv_block_size", "threads", "enforce_eager")
     dataset: str = required("Prompts to train on (prompt rows; extra columns such as `answer` reach the scorers).")
     output_dir: str = required("Stage directory: stage.json, metrics.jsonl, model/, checkpoints/.")
     optimizer: str = option("rloo", "Policy optimizer (align/rl/optimizers.py).", choices=OPTIMIZERS)
