@@ -12,7 +12,9 @@ Same tiny model, prompts (demo task), K and max_tokens for every row, in one run
    (``generate`` with ``num_return_sequences=K``) -- goal: >= 3x on CPU at K=8;
 2. ``align rs`` end to end (generate + score + select, rule:arithmetic) vs generation alone on
    the same engine -- goal: scoring + selection <= 20% of generation time. Its own generation
-   (the same prompts, K and max_tokens, new samples) is a further vLLM pass on the now warm engine:
+   (the same prompts, K and max_tokens, new samples) is a further vLLM pass on the now warm engine
+   (its prefix cache emptied first, as before every timed round: the pages of the same prompts
+   left from an earlier pass would spare it prompt work a real run does):
    the table gives its tokens/s and share of the peak too. On SmolLM2, vLLM's first pass at the
    full batch was up to 13-15% slower than the next one in our runs (one-time costs at batch shapes
    not seen before, we think; not profiled), while transformers' rounds timed alike: the rs row is
@@ -73,7 +75,15 @@ def kv_cache_gb_for(model: Path, sequence_lengths: list[int], k: int, block_size
     return max(0.25, -(-blocks * block_bytes // 2**28) / 4)
 
 
+def forget_prompts(engine) -> None:
+    """Empty vLLM's prefix cache: every round (and the rs pass) then computes its prompts' pages
+    as a first pass over new prompts does, not from the pages an earlier round left cached."""
+    if getattr(engine, "llm", None) is not None and hasattr(engine.llm, "reset_prefix_cache"):
+        engine.llm.reset_prefix_cache()
+
+
 def timed_generate(engine, prompts, params) -> tuple[float, int]:
+    forget_prompts(engine)
     started = time.perf_counter()
     out = engine.generate(prompts, params)
     seconds = time.perf_counter() - started
@@ -143,6 +153,7 @@ def main() -> None:
     cfg = RSConfig(model_name_or_path=str(model), dataset=dataset, output_dir=str(work / "rs"), reward=["rule:arithmetic"],
                    num_samples=args.k, max_tokens=args.max_tokens, max_prompts=args.prompts, select="best",
                    shard_size=args.prompts, threads=args.threads, kv_block_size=args.kv_block_size, enforce_eager=eager)
+    forget_prompts(vllm)
     started = time.perf_counter()
     summary = run_rs(cfg, engine=vllm)["summary"]
     rs_wall = time.perf_counter() - started
