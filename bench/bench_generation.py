@@ -60,7 +60,7 @@ from machine import cpu_info, cpu_jiffies, matmul_peaks_gflops, parameter_count,
 from real_prompts import CONTEXT, default_dataset, fitting_rows  # noqa: E402  (bench/, beside this file)
 
 
-def kv_cache_gb_for(model: Path, sequence_lengths: list[int], k: int, block_size: int = 32) -> float:
+def kv_cache_gb_for(model: Path, sequence_lengths: list[int], k: int, block_size: int) -> float:
     """GiB of fp32 KV cache (to the next 0.25) that holds every sequence at full length at once,
     in ``block_size``-token blocks; the engine's default would make vLLM decode the 64 x 8 in waves."""
     import json
@@ -78,7 +78,7 @@ def kv_cache_gb_for(model: Path, sequence_lengths: list[int], k: int, block_size
 def forget_prompts(engine) -> None:
     """Empty vLLM's prefix cache: every round (and the rs pass) then computes its prompts' pages
     as a first pass over new prompts does, not from the pages an earlier round left cached."""
-    if getattr(engine, "llm", None) is not None and hasattr(engine.llm, "reset_prefix_cache"):
+    if engine.name == "vllm":
         engine.llm.reset_prefix_cache()
 
 
