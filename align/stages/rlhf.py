@@ -40,6 +40,7 @@ from align import preempt
 from align.registry import command
 from align.config import BaseConfig, option, required
 from align.errors import ConfigError, ModelError
+from align.heap import keeps_freed_memory
 from align.evaluation import RewardOptions
 from align.models import ModelOptions, load_causal_lm, load_tokenizer, peft_config, save_model
 from align.rl import parallel
@@ -326,6 +327,7 @@ def _preempted(cfg: RLHFConfig, stage: Stage, iteration: int, policy, optimizer,
 
 
 @command("rlhf", RLHFConfig, "Online RL: generate with vLLM, score, update with a pluggable optimizer, sync, repeat.")
+@keeps_freed_memory  # CPU steps reuse their freed activations instead of page-faulting them in (align/heap.py)
 def run_rlhf(cfg: RLHFConfig) -> dict:
     from align.evaluation import check_scorer_accepts, evaluate, load_prompts, score_candidates
     from align.rl.rollout import build_rollouts
