@@ -1,8 +1,13 @@
-"""align/heap.py: training stages keep freed memory in the process (glibc), and give it back after."""
+"""align/heap.py: rlhf keeps freed memory in the process (glibc), and gives it back after.
+
+Each check runs in a fresh interpreter: in a test worker that has trained before, glibc may serve
+a 64 MiB block from free heap space it already holds, mmap setting or not."""
 
 from __future__ import annotations
 
-import ctypes
+import json
+import subprocess
+import sys
 
 import pytest
 
@@ -10,80 +15,91 @@ from align import heap
 
 pytestmark = pytest.mark.skipif(heap.glibc() is None, reason="glibc only (mallopt, mallinfo2)")
 
-MIB = 2**20
-
+PRELUDE = r'''
+import ctypes, json, os, sys
+from align import heap
 
 class MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
+    _fields_ = [(n, ctypes.c_size_t) for n in
                 ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
+libc = heap.glibc()
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
 
-def mmapped_bytes() -> int:
-    """Bytes glibc currently serves from mmap'd blocks (``mallinfo2().hblkhd``)."""
-    libc = heap.glibc()
-    if not hasattr(libc, "mallinfo2"):
-        pytest.skip("glibc < 2.33 has no mallinfo2")
-    libc.mallinfo2.restype = MallInfo2
-    return libc.mallinfo2().hblkhd
-
-
-def mmapped_by_allocation(size: int) -> int:
-    """How many more mmap'd bytes glibc holds while a block of ``size`` bytes is allocated."""
-    libc = heap.glibc()
-    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-    libc.free.argtypes = [ctypes.c_void_p]
-    before = mmapped_bytes()
+def mmapped(size=64 * 2**20):
+    """How many more bytes glibc serves from mmap'd blocks while a block of ``size`` is allocated."""
+    before = libc.mallinfo2().hblkhd
     block = libc.malloc(size)
-    assert block
     try:
-        return mmapped_bytes() - before
+        return libc.mallinfo2().hblkhd - before
     finally:
         libc.free(block)
+'''
+MIB64 = 64 * 2**20
 
 
-def test_a_large_block_comes_from_the_heap_inside_and_from_mmap_after(monkeypatch):
-    monkeypatch.delenv(heap.ENV, raising=False)
-    assert mmapped_by_allocation(64 * MIB) >= 64 * MIB  # glibc's default: above 32 MiB always mmap
-    with heap.keep_freed_memory() as kept:
-        assert kept is True
-        assert mmapped_by_allocation(64 * MIB) == 0
-    assert mmapped_by_allocation(64 * MIB) >= 64 * MIB  # defaults restored
+def run(body: str, **env: str) -> list:
+    import os
+
+    proc = subprocess.run([sys.executable, "-c", PRELUDE + body], capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in {**os.environ, **env}.items() if v is not None})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_nested_blocks_restore_once_at_the_outermost(monkeypatch):
-    monkeypatch.delenv(heap.ENV, raising=False)
+def test_a_large_block_comes_from_the_heap_inside_and_from_mmap_after():
+    default, inside, kept, after = run('''
+default = mmapped()
+with heap.keep_freed_memory() as kept:
+    inside = mmapped()
+print(json.dumps([default, inside, kept, mmapped()]))
+''', ALIGN_KEEP_FREED_MEMORY="1")
+    assert default >= MIB64  # glibc's default: a block above 32 MiB is always mmap'd
+    assert (inside, kept) == (0, True)
+    assert after >= MIB64  # defaults restored
+
+
+def test_nested_blocks_restore_once_at_the_outermost():
+    between, after = run('''
+with heap.keep_freed_memory():
     with heap.keep_freed_memory():
-        with heap.keep_freed_memory():
-            pass
-        assert mmapped_by_allocation(64 * MIB) == 0  # the inner exit left the outer's setting alone
-    assert mmapped_by_allocation(64 * MIB) >= 64 * MIB
+        pass
+    between = mmapped()
+print(json.dumps([between, mmapped()]))
+''', ALIGN_KEEP_FREED_MEMORY="1")
+    assert between == 0  # the inner exit left the outer's setting alone
+    assert after >= MIB64
 
 
 @pytest.mark.parametrize("value", ["0", "false", "off"])
-def test_the_environment_turns_it_off(monkeypatch, value):
-    monkeypatch.setenv(heap.ENV, value)
-    with heap.keep_freed_memory() as kept:
-        assert kept is False
-        assert mmapped_by_allocation(64 * MIB) >= 64 * MIB
+def test_the_environment_turns_it_off(value):
+    kept, inside = run('''
+with heap.keep_freed_memory() as kept:
+    print(json.dumps([kept, mmapped()]))
+''', ALIGN_KEEP_FREED_MEMORY=value)
+    assert kept is False and inside >= MIB64
 
 
-def test_rlhf_runs_inside_it_and_the_offline_trainers_do_not(monkeypatch):
-    from align.cli import COMMANDS, _load_commands
-
-    _load_commands()
-    seen = []
-    real = heap.keep_freed_memory
-
-    def spy():
-        seen.append(True)
-        return real()
-
-    monkeypatch.setattr(heap, "keep_freed_memory", spy)
-    rlhf = COMMANDS["rlhf"].run
-    assert rlhf.__wrapped__.__name__ == "run_rlhf"
-    with pytest.raises(AttributeError):  # a None config fails at once, after the heap setting is made
-        rlhf(None)
-    assert seen == [True]
-    assert mmapped_by_allocation(64 * MIB) >= 64 * MIB  # and undone when the stage failed
-    for name in ("sft", "rm", "dpo"):  # measured: no gain worth their memory (align/heap.py)
-        assert not hasattr(COMMANDS[name].run, "__wrapped__")
+def test_rlhf_runs_inside_it_and_the_offline_trainers_do_not():
+    seen, error, after, wrapped = run('''
+from align.cli import COMMANDS, _load_commands
+_load_commands()
+seen, real = [], heap.keep_freed_memory
+def spy():
+    seen.append(mmapped.__name__)
+    return real()
+heap.keep_freed_memory = spy
+rlhf = COMMANDS["rlhf"].run
+try:
+    rlhf(None)  # a None config fails at once, after the heap setting is made
+    error = None
+except AttributeError as err:
+    error = type(err).__name__
+print(json.dumps([len(seen), error, mmapped(), {n: hasattr(COMMANDS[n].run, "__wrapped__") for n in ("rlhf", "sft", "rm", "dpo")}]))
+''', ALIGN_KEEP_FREED_MEMORY="1")
+    assert (seen, error) == (1, "AttributeError")
+    assert after >= MIB64  # undone when the stage failed
+    # measured: no gain worth their memory for the offline trainers (align/heap.py)
+    assert wrapped == {"rlhf": True, "sft": False, "rm": False, "dpo": False}
