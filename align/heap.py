@@ -19,7 +19,8 @@ Measured (2-core Intel Xeon, AVX-512, torch 2.13, 2 threads, SmolLM2-135M):
 - ``align rlhf --optimizer grpo --use_lora`` (``bench/bench_rlhf.py``, 16 prompts x K=4 x 32
   tokens): training 25.5 s an iteration instead of 29.0, 2.22x TRL GRPOTrainer's samples/s
   instead of 1.92x; peak RSS 0.99x TRL's instead of 0.95x. Hence it wraps ``run_rlhf``.
-- ``align sft`` with LoRA, 32 rows: 36.1-36.6 s instead of 39.8-40.5 (~10%), the same peak RSS
+- ``align sft`` with LoRA, 32 rows: 36.1 s instead of 39.8-40.5 (~10%; 36.6 with a fixed 32 MiB mmap
+  threshold instead of none), the same peak RSS
   under glibc's defaults (7.8-7.9 GB either way), but the peak of live-plus-retained memory the
   benchmark records (``MALLOC_MMAP_THRESHOLD_`` fixed, ``bench/machine.py``) went from 0.62x to
   1.00x TRL's; ``align dpo``: no gain with a live or cached reference and 1.02-1.03x TRL's memory
