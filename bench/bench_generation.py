@@ -139,7 +139,7 @@ def main() -> None:
         "vLLM engine": build_engine("vllm", str(model), max_model_len=CONTEXT, kv_cache_gb=kv_gb, seed=0, threads=args.threads, max_num_seqs=args.prompts * args.k, kv_block_size=args.kv_block_size, enforce_eager=eager),
     }
     engine_start = time.perf_counter() - started  # both engines; vLLM's includes compiling when not eager
-    vllm_blocks = engines["vLLM engine"].kv_blocks
+    vllm_blocks, vllm_sampler = engines["vLLM engine"].kv_blocks, engines["vLLM engine"].sampler
     rounds: dict[str, list[tuple[float, int]]] = {name: [] for name in engines}
     for engine in engines.values():
         engine.generate(prompts[:4], warmup)
@@ -171,6 +171,7 @@ def main() -> None:
         "model": str(model) if args.model else f"tiny random llama/{args.tokenizer} (align.tiny, seed 0, hidden {args.hidden_size}, {args.layers} layers)",
         "enforce_eager": eager, "engines_start_seconds": round(engine_start, 1),
         "kv_cache_gb": kv_gb, "kv_blocks": vllm_blocks, "kv_block_size": args.kv_block_size,
+        "vllm_sampler": vllm_sampler,
         "dataset": "demo prompts (a+b=)" if args.dataset == "demo" else args.dataset, "mean_prompt_tokens": round(prompt_tokens / len(prompts), 1),
         "prompts": args.prompts, "k": args.k, "max_tokens": args.max_tokens, "rounds": args.rounds,
         "all_rounds_seconds": {name: [round(s, 3) for s, _ in times] for name, times in rounds.items()},

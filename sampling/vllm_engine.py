@@ -43,12 +43,18 @@ import os
 import sys
 from typing import Any, Iterable, Iterator
 
+from align.heap import keep_freed_memory
+from sampling import cpu_sampler
 from sampling.base import ENGINES, Candidate, SamplingParams, encode_prompts
 
 
 @ENGINES.register("vllm")
 class VLLMEngine:
     name = "vllm"
+    # Engines open in this process. vLLM's distributed groups are process-wide and every engine
+    # shares them, so only the last one to close may tear them down.
+    open_engines = 0
+    torch_set_num_threads: Any = None  # torch's own, saved before the first engine replaces it
 
     def __init__(self, model_path: str, *, dtype: str = "float32", max_model_len: int = 512, kv_cache_gb: float = 1.0,
                  seed: int = 0, system_prompt: str | None = None, trust_remote_code: bool = False,
@@ -64,8 +70,11 @@ class VLLMEngine:
         from vllm import LLM
 
         # vLLM's CPU worker replaces torch.set_num_threads with a no-op in this process
-        # (docs/vllm-cpu.md#8); close() puts it back.
-        self._set_num_threads, self._num_threads = torch.set_num_threads, torch.get_num_threads()
+        # (docs/vllm-cpu.md#8); keep the real one (an engine already open has replaced it), and the
+        # last engine to close puts it back.
+        if VLLMEngine.open_engines == 0:
+            VLLMEngine.torch_set_num_threads = torch.set_num_threads
+        self._set_num_threads, self._num_threads = VLLMEngine.torch_set_num_threads, torch.get_num_threads()
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         self.system_prompt = system_prompt
         self.max_model_len = max_model_len
@@ -80,6 +89,8 @@ class VLLMEngine:
         self.max_num_seqs, self.kv_cache_gb = max_num_seqs, kv_cache_gb
         self.kv_blocks, self.block_size = cache.num_gpu_blocks, cache.block_size
         self._said_kv_short = False
+        VLLMEngine.open_engines += 1
+        self.sampler = "align" if cpu_sampler.install(self.llm) else "vllm"  # which draws the samples
 
     @classmethod
     def from_pretrained(cls, model_path: str, **options: Any) -> "VLLMEngine":
@@ -101,7 +112,7 @@ class VLLMEngine:
             for i, ids in enumerate(encoded)
         ]
         self._check_kv_capacity([len(ids) + p.max_tokens for ids, p in zip(encoded, per_prompt)], params.n)
-        with self._torch_threads():
+        with self._torch_threads(), keep_freed_memory():
             outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in encoded], per_prompt, use_tqdm=False)
         return [[_candidate(c, params.logprobs) for c in sorted(out.outputs, key=lambda c: c.index)] for out in outputs]
 
@@ -138,17 +149,33 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
 
     def close(self) -> None:
-        """Shut the engine down and restore torch.set_num_threads for the rest of the process."""
+        """Shut the engine down and restore torch.set_num_threads for the rest of the process.
+
+        vLLM's distributed state (its tensor/pipeline-parallel groups) belongs to the process, not
+        to an engine: tearing it down while another engine is open breaks that one's next step
+        ("pipeline model parallel group is not initialized"). vLLM's ``EngineCore.shutdown`` tears
+        it down regardless, so while other engines are open, close() stands in a plain garbage
+        collection for that teardown; the last engine to close tears it down.
+        """
         if self.llm is None:
             return
-        import torch
-        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+        import gc
 
-        self.llm.llm_engine.engine_core.shutdown()
+        import torch
+        import vllm.v1.engine.core as engine_core
+
+        VLLMEngine.open_engines -= 1
+        teardown = engine_core.cleanup_dist_env_and_memory
+        if VLLMEngine.open_engines > 0:  # EngineCore.shutdown() calls it unconditionally
+            engine_core.cleanup_dist_env_and_memory = gc.collect
+        try:
+            self.llm.llm_engine.engine_core.shutdown()
+        finally:
+            engine_core.cleanup_dist_env_and_memory = teardown
         self.llm = None
-        cleanup_dist_env_and_memory()
-        torch.set_num_threads = self._set_num_threads
-        torch.set_num_threads(self._num_threads)
+        if VLLMEngine.open_engines == 0:
+            torch.set_num_threads = self._set_num_threads
+        self._set_num_threads(self._num_threads)
 
 
 def kv_blocks_needed(sequence_lengths: Iterable[int], n: int, block_size: int, max_num_seqs: int) -> int:

@@ -246,3 +246,22 @@ def test_vllm_reads_its_kv_cache_size_and_says_once_when_it_is_too_small(sft_vll
     err = capsys.readouterr().err.splitlines()
     assert err == ["align: the vLLM KV cache (0.5 GiB, 10 blocks of 32 tokens) holds fewer than the 24 sequences it"
                    " could decode together (24 blocks), so it decodes them in waves; --kv_cache_gb 1.2 would hold them all"]
+
+
+def test_closing_a_second_engine_leaves_the_open_one_working(sft_vllm, tiny_model):
+    """vLLM's distributed groups belong to the process: a run that builds and closes its own engine
+    (``align rs`` called from Python, in the process holding another) must not tear them down under
+    the open one, whose next step would fail with "pipeline model parallel group is not initialized"."""
+    from sampling.vllm_engine import VLLMEngine
+
+    greedy = SamplingParams(n=1, temperature=0.0, max_tokens=8)
+    before = [c[0].text for c in sft_vllm.generate(PROMPTS, greedy)]
+    open_before = VLLMEngine.open_engines
+    other = VLLMEngine(str(tiny_model), max_model_len=64, kv_cache_gb=0.1, threads=2)
+    assert VLLMEngine.open_engines == open_before + 1
+    assert [c[0].text for c in other.generate(PROMPTS, greedy)] != before  # a different (random) model
+    other.close()
+    other.close()  # twice is harmless and counts once
+    assert VLLMEngine.open_engines == open_before
+    assert [c[0].text for c in sft_vllm.generate(PROMPTS, greedy)] == before
+    assert torch.get_num_threads() == other._num_threads
