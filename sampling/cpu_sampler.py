@@ -9,8 +9,8 @@ is drawn where the row's running sum of ``exp(logit - max)`` first exceeds ``u *
 A whole-row ``cumsum`` costs about as much as the Gumbel kernel (a sequential pass, 49k adds per
 row), so :func:`sample_rows` sums the row in chunks of 256 (a vectorized reduction), finds the
 chunk with a prefix sum over ~190 chunk sums, and takes the running sum inside that chunk only:
-in place, it reads the logits about three times, 13 ms for the same 512 x 49,152 (bench: the
-microbenchmark in docs/vllm-cpu.md section 13).
+in place, it reads the logits about three times: 11.9 vs 83.7 ms for the same 512 x 49,152
+(bench/bench_sampler.py; docs/vllm-cpu.md section 13).
 
 The draw is the same distribution, not the same numbers: a seeded request is as reproducible as
 under vLLM's kernel (one uniform from the request's own generator per step, so a row's draws do
