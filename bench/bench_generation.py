@@ -42,6 +42,7 @@ bench/results/bench_generation.json.
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import sys
 import tempfile
@@ -65,14 +66,12 @@ def kv_cache_gb_for(model: Path, sequence_lengths: list[int], k: int, block_size
     in ``block_size``-token blocks; the engine's default would make vLLM decode the 64 x 8 in waves."""
     import json
 
-    from sampling.vllm_engine import kv_blocks_needed
+    from sampling import vllm_engine
 
     cfg = json.loads((Path(model) / "config.json").read_text())
-    heads = cfg["num_attention_heads"]
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-    block_bytes = 2 * cfg["num_hidden_layers"] * cfg.get("num_key_value_heads", heads) * head_dim * 4 * block_size
-    blocks = kv_blocks_needed(sequence_lengths, k, block_size, len(sequence_lengths) * k)
-    return max(0.25, -(-blocks * block_bytes // 2**28) / 4)
+    gib = vllm_engine.kv_cache_gb_for(cfg, sequence_lengths, k, block_size=block_size,
+                                      max_num_seqs=len(sequence_lengths) * k, max_model_len=block_size)
+    return max(0.25, math.ceil(gib * 4) / 4)
 
 
 def forget_prompts(engine) -> None:

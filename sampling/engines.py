@@ -80,15 +80,16 @@ class EngineOptions:
         for key in ("max_model_len", "max_num_seqs", "batch_size", "threads"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"'{key}' must be >= 1, got {getattr(self, key)}")
-        if self.kv_cache_gb <= 0:
+        if self.kv_cache_gb is not None and self.kv_cache_gb <= 0:
             raise ConfigError(f"'kv_cache_gb' must be > 0, got {self.kv_cache_gb}")
         if self.kv_block_size < 1 or self.kv_block_size % 32:  # vLLM's CPU attention needs it; GPU backends take it
             raise ConfigError(f"'kv_block_size' must be a positive multiple of 32, got {self.kv_block_size}")
 
-    def build_engine(self, model_path: str, seed: int = 0) -> Engine:
+    def build_engine(self, model_path: str, seed: int = 0, kv_cache_gb: float | None = None) -> Engine:
+        """The configured engine; ``kv_cache_gb`` stands in for an unset ``self.kv_cache_gb``."""
         return build_engine(
             self.engine, model_path, dtype=self.dtype, max_model_len=self.max_model_len,
-            kv_cache_gb=self.kv_cache_gb, max_num_seqs=self.max_num_seqs, kv_block_size=self.kv_block_size,
+            kv_cache_gb=self.kv_cache_gb or kv_cache_gb or 1.0, max_num_seqs=self.max_num_seqs, kv_block_size=self.kv_block_size,
             batch_size=self.batch_size, threads=self.threads,
             enforce_eager=self.enforce_eager, system_prompt=self.system_prompt,
             trust_remote_code=self.trust_remote_code, seed=seed,

