@@ -157,8 +157,8 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
 
     def close(self) -> None:
-        """Shut the engine down and, when it was the last one, restore torch.set_num_threads and
-        vLLM's process-wide distributed groups go with it (``_teardown_only_when_none_alive``)."""
+        """Shut the engine down. When no other engine is alive, torch.set_num_threads is put back and
+        vLLM's process-wide distributed groups are torn down too (``_teardown_only_when_none_alive``)."""
         if self.llm is None:
             return
         import torch
