@@ -150,7 +150,8 @@ def run_ours(model: str, prompts: Path, a, tmp: Path) -> dict:
     return {"ok": True, "seconds": seconds, "samples_per_s": a.iterations * a.prompts * a.k / seconds,
             "sync_fraction": split["time_sync"] / seconds, "peak_rss_mb": round(rss),
             "train_seconds_per_iteration": [round(r["time_train"], 3) for r in rows],
-            "response_lengths": [r["response_length"] for r in rows], **{k: round(v, 3) for k, v in split.items()}}
+            "response_lengths": [r["response_length"] for r in rows], **{k: round(v, 3) for k, v in split.items()},
+            "kv_cache_gb": json.loads((out / "stage.json").read_text())["summary"]["kv_cache_gb"]}
 
 
 def bare_loop(spec: dict) -> dict:
