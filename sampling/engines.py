@@ -86,10 +86,10 @@ class EngineOptions:
             raise ConfigError(f"'kv_block_size' must be a positive multiple of 32, got {self.kv_block_size}")
 
     def build_engine(self, model_path: str, seed: int = 0, kv_cache_gb: float | None = None) -> Engine:
-        """The configured engine; ``kv_cache_gb`` stands in for an unset ``self.kv_cache_gb``."""
+        """The configured engine; ``kv_cache_gb`` (rlhf passes the size it resolved) overrides ``self.kv_cache_gb``."""
         return build_engine(
             self.engine, model_path, dtype=self.dtype, max_model_len=self.max_model_len,
-            kv_cache_gb=self.kv_cache_gb or kv_cache_gb or 1.0, max_num_seqs=self.max_num_seqs, kv_block_size=self.kv_block_size,
+            kv_cache_gb=kv_cache_gb or self.kv_cache_gb, max_num_seqs=self.max_num_seqs, kv_block_size=self.kv_block_size,
             batch_size=self.batch_size, threads=self.threads,
             enforce_eager=self.enforce_eager, system_prompt=self.system_prompt,
             trust_remote_code=self.trust_remote_code, seed=seed,

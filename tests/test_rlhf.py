@@ -138,15 +138,14 @@ def test_the_kv_cache_holds_an_iterations_longest_rollouts(tmp_path):
     in 32-token pages, plus vLLM's null page; at least one max_model_len sequence."""
     from align.stages.rlhf import RLHFConfig, rollout_kv_cache_gb
 
-    (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 64}))
+    model_config = {"num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 64}
     per_page = 32 * 2 * 2 * 4 * 16 * 4  # 32 tokens x K and V x 2 layers x 4 heads x 16 dims x fp32 = 32 KiB
     cfg = RLHFConfig(model_name_or_path=str(tmp_path), dataset="p.jsonl", output_dir="out", prompts_per_iteration=2,
                      num_samples=4, max_tokens=14, max_model_len=128)
     mib = lambda pages: math.ceil(pages * per_page / 2**20) / 1024  # noqa: E731
     # prompts of 10, 50 and 20 tokens: a batch of 2 may be 50 twice, 64 tokens = 2 pages x 4 samples each
-    assert rollout_kv_cache_gb(cfg, str(tmp_path), [10, 50, 20], world=1) == mib(2 * 4 * 2 + 1)
-    assert rollout_kv_cache_gb(cfg, str(tmp_path), [10, 50, 20], world=2) == mib(max(1 * 4 * 2, 128 // 32) + 1)
-    assert rollout_kv_cache_gb(cfg, str(tmp_path / "missing"), [10, 50, 20], world=1) == 1.0
+    assert rollout_kv_cache_gb(cfg, model_config, [10, 50, 20], world=1) == mib(2 * 4 * 2 + 1)
+    assert rollout_kv_cache_gb(cfg, model_config, [10, 50, 20], world=2) == mib(max(1 * 4 * 2, 128 // 32) + 1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from align.config import BaseConfig, option, required
 from align.errors import ConfigError, ModelError
 from align.heap import keeps_freed_memory
 from align.evaluation import RewardOptions
-from align.models import ModelOptions, load_causal_lm, load_tokenizer, peft_config, resolve_model_path, save_model
+from align.models import ModelOptions, load_causal_lm, load_tokenizer, peft_config, save_model
 from align.rl import parallel
 from align.rl.merging_optimizer import OnlineMergingOptions
 from align.rl.optimizers import OPTIMIZERS
@@ -287,23 +287,19 @@ def fitting_prompts(rows: list[dict], tokenizer, cfg: RLHFConfig) -> tuple[list[
     return [r for r, _ in kept], [n for _, n in kept], len(rows) - len(kept)
 
 
-def rollout_kv_cache_gb(cfg: RLHFConfig, model_path: str, prompt_lengths: list[int], world: int) -> float:
+def rollout_kv_cache_gb(cfg: RLHFConfig, model_config: dict, prompt_lengths: list[int], world: int) -> float:
     """The KV cache (GiB) one rank's rollouts can need at once: its share of an iteration's prompts,
     taken as the longest there are, each sampled ``num_samples`` times to ``max_tokens``
-    (``sampling.vllm_engine.kv_cache_gb_for``). A batch spans at most ``size // n + 2`` epochs of
-    the dataset's order (``batch_indices``), so a prompt appears in it at most that often. A model
-    folder without a readable ``config.json`` gets 1 GiB, the other stages' default."""
+    (``sampling.vllm_engine.kv_cache_gb_for``; ``model_config`` is the policy's, as a dict). A batch
+    spans at most ``size // n + 2`` epochs of the dataset's order (``batch_indices``), so a prompt
+    appears in it at most that often."""
     from sampling.vllm_engine import kv_cache_gb_for
 
     size = cfg.prompts_per_iteration
     pool = sorted(prompt_lengths * (size // len(prompt_lengths) + 2), reverse=True)
-    try:
-        model_config = json.loads((Path(model_path) / "config.json").read_text())
-        return kv_cache_gb_for(model_config, [n + cfg.max_tokens for n in pool[: size // world]], cfg.num_samples,
-                               block_size=cfg.kv_block_size, max_num_seqs=cfg.max_num_seqs, max_model_len=cfg.max_model_len,
-                               dtype=cfg.dtype)
-    except (OSError, ValueError, KeyError):
-        return 1.0
+    return kv_cache_gb_for(model_config, [n + cfg.max_tokens for n in pool[: size // world]], cfg.num_samples,
+                           block_size=cfg.kv_block_size, max_num_seqs=cfg.max_num_seqs, max_model_len=cfg.max_model_len,
+                           dtype=cfg.dtype)
 
 
 def run_summary(logged: list[dict[str, Any]]) -> dict[str, float]:
@@ -391,7 +387,7 @@ def run_rlhf(cfg: RLHFConfig) -> dict:
         state = load_checkpoint(checkpoint, policy, opt)
         start, before = state["iteration"], state["before"]
         stage.truncate_metrics(after_step=start)
-    kv_cache_gb = cfg.kv_cache_gb or rollout_kv_cache_gb(cfg, resolve_model_path(cfg.model_name_or_path), prompt_lengths, world)
+    kv_cache_gb = cfg.kv_cache_gb or rollout_kv_cache_gb(cfg, policy.config.to_dict(), prompt_lengths, world)
     engine = cfg.build_engine(cfg.model_name_or_path, seed=cfg.seed + rank, kv_cache_gb=kv_cache_gb)
     stage.record_inputs()
     if checkpoint is not None:
