@@ -28,6 +28,8 @@ class TinyModelConfig(BaseConfig):
     num_layers: int = option(4, "Decoder layers.")
     num_heads: int = option(2, "Attention heads.")
     intermediate_size: int = option(256, "MLP width.")
+    end_of_text: bool = option(False, "Make the EOS an extra <|endoftext|> token, not the <|end|> that closes each chat turn"
+                                      " (as in Qwen2.5 or gemma-2 base models).")
 
 
 @command("make-tiny-model", TinyModelConfig, "Write a tiny random causal LM + offline tokenizer with a chat template.")
@@ -43,6 +45,7 @@ def run_make_tiny_model(cfg: TinyModelConfig) -> str:
         num_layers=cfg.num_layers,
         num_heads=cfg.num_heads,
         intermediate_size=cfg.intermediate_size,
+        end_of_text=cfg.end_of_text,
     )
     print(f"wrote {cfg.arch}/{cfg.tokenizer} tiny model to {path}")
     return str(path)

@@ -97,13 +97,36 @@ def _sha256(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def hub_commit(repo_id: str) -> str | None:
+    """The commit a Hub id's default branch points to (transformers' ``resolve_revision``, which
+    falls back to the local cache offline), or None when it cannot be resolved."""
+    try:
+        from transformers.utils.hub import resolve_revision
+
+        return getattr(resolve_revision(repo_id, None), "resolved", None)
+    except Exception:  # best effort, like transformers' own resolution: the id still identifies it
+        return None
+
+
 def model_identity(name_or_path: str) -> dict[str, Any]:
-    """What identifies a reference model without hashing its weights: the resolved folder, each
-    weight file's name, size and modification time, and the config's hash. A Hub id (no local
-    folder) is identified by the id alone."""
+    """What identifies a reference model's weights.
+
+    A folder: its resolved path and each weight file's and the config's name, size and
+    modification time (no hashing of the weights). A file (a ``.gguf`` model): its resolved path
+    and the sha256 of its content (``align.fingerprint``'s digest cache, shared with the stage's
+    input fingerprints, so it is read once). A Hub id: the id and the commit its default branch
+    resolves to, so a new upload to the repository is a new reference.
+    """
     path = Path(name_or_path).expanduser()
+    if path.is_file():
+        from align.fingerprint import DigestCache
+
+        digests = DigestCache()
+        digest = digests.file_digest(path)
+        digests.save()
+        return {"path": str(path.resolve()), "sha256": digest}
     if not path.is_dir():
-        return {"hub_id": name_or_path}
+        return {"hub_id": name_or_path, "commit": hub_commit(name_or_path)}
     files = sorted(p for p in path.iterdir() if p.suffix == ".safetensors" or p.name == "config.json")
     return {
         "path": str(path.resolve()),
@@ -114,7 +137,7 @@ def model_identity(name_or_path: str) -> dict[str, Any]:
 class RefLogpsCache:
     """Reference log-probs on disk: ``DIR/<key>.safetensors`` (two float32 vectors) + ``<key>.json``.
 
-    The key hashes ``identity`` (reference model, dtype, masking and length settings, TRL version)
+    The key hashes ``identity`` (reference model, dtype, bf16, masking and length settings, TRL version)
     together with the tokenized pairs, so any change to the data, the tokenizer or the chat
     template yields a new key. ``hit`` and ``forward_batches`` report what happened in this run.
     """

@@ -6,7 +6,8 @@ the SFT stage's held-out evaluation share.
 * ``score_candidates``: score K candidates per prompt, each distinct text once, and stop on a
   NaN/inf reward naming the prompt id.
 * ``evaluate``: greedy (or sampled) answers on a prompt set -> mean reward (for
-  ``rule:arithmetic`` the exact-match accuracy) and per-prompt results.
+  ``rule:arithmetic`` the exact-match accuracy), the share of answers cut at ``max_tokens``
+  and per-prompt results.
 """
 
 from __future__ import annotations
@@ -98,6 +99,12 @@ def check_scorer_accepts(scorer, rows: list[dict[str, Any]], dataset: str) -> No
         raise DataError(f"{dataset} (prompt {row['prompt_id']}): {err}") from None
 
 
+def truncated_fraction(finish_reasons: list[str]) -> float:
+    """The share of responses that hit ``max_tokens`` before a stop token (``finish_reason ==
+    "length"``; TRL logs it as ``completions/clipped_ratio``)."""
+    return sum(reason == "length" for reason in finish_reasons) / len(finish_reasons)
+
+
 def score_candidates(scorer, rows: list[dict[str, Any]], candidates: list[list[Candidate]]) -> list[list[float]]:
     """Rewards for every candidate of every prompt; identical texts of a prompt are scored once."""
     dups = [dedupe([c.text for c in cands]) for cands in candidates]
@@ -130,8 +137,9 @@ def evaluate(engine, dataset: str, reward: list[str] | str, max_tokens: int = 32
     scores = score_candidates(scorer, rows, outputs)
     results = [
         {"prompt_id": row["prompt_id"], "prompt": prompt_text(row["prompt"]),
-         **({"response": cands[0].text, "reward": s[0]} if params.n == 1 else
-            {"responses": [c.text for c in cands], "rewards": s, "reward": sum(s) / len(s)})}
+         **({"response": cands[0].text, "reward": s[0], "finish_reason": cands[0].finish_reason} if params.n == 1 else
+            {"responses": [c.text for c in cands], "rewards": s, "reward": sum(s) / len(s),
+             "finish_reasons": [c.finish_reason for c in cands]})}
         for row, cands, s in zip(rows, outputs, scores)
     ]
     every = [x for s in scores for x in s]
@@ -141,6 +149,7 @@ def evaluate(engine, dataset: str, reward: list[str] | str, max_tokens: int = 32
         "best_of_k": sum(max(s) for s in scores) / len(scores),
         "num_prompts": len(rows),
         "num_samples": params.n,
+        "truncated_frac": truncated_fraction([c.finish_reason for cands in outputs for c in cands]),
         "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None,
         "reward": reward,
         "results": results,

@@ -134,12 +134,14 @@ def save_model(model, tokenizer, out_dir: Path, merge_lora: bool = False) -> dic
     """Write the final model as a Hugging Face folder (safetensors + config + tokenizer + template).
 
     A LoRA model writes its adapter to ``adapter/`` and, with ``merge_lora``, the merged full
-    model to ``model/``; a full fine-tune writes ``model/``. Returns {artifact: path}.
+    model to ``model/``; a full fine-tune writes ``model/``. Its generation config lists every
+    stop id (``stop_at_turn_end``). Returns {artifact: path}.
     """
     from align.stage import staging_dir
 
     artifacts: dict[str, str] = {}
     is_peft = hasattr(model, "peft_config")
+    stop_at_turn_end(model, tokenizer)
     if is_peft:
         with staging_dir(out_dir / "adapter") as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
@@ -153,6 +155,22 @@ def save_model(model, tokenizer, out_dir: Path, merge_lora: bool = False) -> dic
         tokenizer.save_pretrained(tmp)
     artifacts["model"] = str(out_dir / "model")
     return artifacts
+
+
+def stop_at_turn_end(model, tokenizer) -> None:
+    """List every id generation should stop on in ``model.generation_config.eos_token_id``: the
+    tokenizer's EOS, the ids already there, and the chat template's end of turn
+    (``sampling.base.turn_end_id``). After SFT of a base model whose template closes turns with
+    another token than its EOS (Qwen2.5 base, gemma-2 base), vLLM and ``generate`` then stop where
+    the trained turn ends, as TRL's SFTTrainer does when given ``eos_token``."""
+    from sampling.base import stop_ids
+
+    config = getattr(model, "generation_config", None)
+    if config is None:
+        return
+    ids = stop_ids(tokenizer, config.eos_token_id)
+    if ids:
+        config.eos_token_id = ids[0] if len(ids) == 1 else ids
 
 
 def _first_line(err: BaseException) -> str:

@@ -23,6 +23,9 @@ VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 PAD, BOS, UNK = "<|pad|>", "<|bos|>", "<|unk|>"
 SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
 SPECIAL_TOKENS = [PAD, BOS, UNK, SYSTEM, USER, ASSISTANT, END]
+# With ``end_of_text``: the EOS of a base model whose chat template closes turns with another
+# token (Qwen2.5 base: <|endoftext|> vs <|im_end|>; gemma-2 base: <eos> vs <end_of_turn>).
+END_OF_TEXT = "<|endoftext|>"
 
 # Each message is <|role|>content<|end|>. The assistant's content and its <|end|> sit inside
 # {% generation %} so that apply_chat_template(..., return_assistant_tokens_mask=True) (and TRL's
@@ -54,14 +57,14 @@ PRETOKENIZE_REGEX = (
 # ---------------------------------------------------------------------------------- tokenizers
 
 
-def _wrap(tokenizer_object):
+def _wrap(tokenizer_object, eos: str):
     """Wrap a ``tokenizers.Tokenizer`` as a transformers fast tokenizer with our specials."""
     from transformers import PreTrainedTokenizerFast
 
     tok = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer_object,
         bos_token=BOS,
-        eos_token=END,
+        eos_token=eos,
         pad_token=PAD,
         unk_token=UNK,
         additional_special_tokens=[SYSTEM, USER, ASSISTANT],
@@ -106,7 +109,7 @@ def _byte_level_pipeline(tk):
     return tk
 
 
-def _char_tokenizer(vocab_size: int):
+def _char_tokenizer(vocab_size: int, specials: list[str], eos: str):
     """One token per printable ASCII character, plus the special tokens (``vocab_size`` is ignored).
 
     Built as a byte-level BPE with no merges over the printable ASCII bytes, so it never joins two
@@ -116,12 +119,12 @@ def _char_tokenizer(vocab_size: int):
     from tokenizers import Tokenizer, models
 
     byte_symbol = _bytes_to_unicode()
-    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    vocab = {t: i for i, t in enumerate(specials)}
     for ch in CHAR_ALPHABET:
         vocab[byte_symbol[ord(ch)]] = len(vocab)
     tk = _byte_level_pipeline(Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK)))
-    tk.add_special_tokens(SPECIAL_TOKENS)
-    return _wrap(tk)
+    tk.add_special_tokens(specials)
+    return _wrap(tk, eos)
 
 
 _WORDS = (
@@ -151,11 +154,11 @@ def _bpe_corpus(n_lines: int = 3000) -> list[str]:
     return lines
 
 
-def _bpe_tokenizer(vocab_size: int):
+def _bpe_tokenizer(vocab_size: int, specials: list[str], eos: str):
     """A byte-level BPE with ``vocab_size`` entries trained in-process on a built-in corpus."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-    min_size = 256 + len(SPECIAL_TOKENS)
+    min_size = 256 + len(specials)
     if vocab_size < min_size:
         raise ConfigError(
             f"tokenizer 'bpe' needs vocab_size >= {min_size} (256 bytes + special tokens), "
@@ -164,12 +167,12 @@ def _bpe_tokenizer(vocab_size: int):
     tk = _byte_level_pipeline(Tokenizer(models.BPE()))
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tk.train_from_iterator(_bpe_corpus(), trainer=trainer)
-    return _wrap(tk)
+    return _wrap(tk, eos)
 
 
 TOKENIZERS: dict[str, Callable] = {"char": _char_tokenizer, "bpe": _bpe_tokenizer}
@@ -225,12 +228,15 @@ def make_tiny_model(
     intermediate_size: int = 256,
     max_position_embeddings: int = 512,
     vocab_size: int = 512,
+    end_of_text: bool = False,
 ) -> pathlib.Path:
     """Write a seeded random fp32 causal LM with tokenizer and chat template to ``output_dir``.
 
     The same ``seed`` gives identical weights. For ``tokenizer="char"`` the model's vocabulary is
-    the tokenizer's (``vocab_size`` is ignored); for ``"bpe"`` it is ``vocab_size``.
-    Returns the folder's path.
+    the tokenizer's (``vocab_size`` is ignored); for ``"bpe"`` it is ``vocab_size``. The chat
+    template closes every turn with ``<|end|>``, which is also the EOS; with ``end_of_text`` the
+    EOS is an extra ``<|endoftext|>`` token instead, as in a base model whose turns end with a
+    token that is not its EOS. Returns the folder's path.
     """
     build_config = _lookup(ARCHS, "arch", arch)
     build_tokenizer = _lookup(TOKENIZERS, "tokenizer", tokenizer)
@@ -258,7 +264,8 @@ def make_tiny_model(
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    tok = build_tokenizer(vocab_size)
+    specials = SPECIAL_TOKENS + [END_OF_TEXT] if end_of_text else SPECIAL_TOKENS
+    tok = build_tokenizer(vocab_size, specials, END_OF_TEXT if end_of_text else END)
     ids = dict(
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,

@@ -11,12 +11,14 @@ have 2 or 3), and the per-row margin and soft label. The formulas (docs/methods.
   our default).
 * ``ranking``: Llama 3's rows with an edited response rank edited > chosen > rejected; the report
   gives no formula, so we average the Bradley-Terry term over every ordered pair of the row
-  (3 pairs; 1 for an ordinary row, where it equals ``bradley_terry``). Llama 3 packs the
-  responses of one prompt in one sequence; we score them as separate sequences.
+  (3 pairs; 1 for an ordinary row, where it equals ``bradley_terry``), then over rows: each row
+  weighs once, however many responses it has. Llama 3 packs the responses of one prompt in one
+  sequence; we score them as separate sequences.
 * ``soft_label``: AFM (Apple 2024, sec. 5.1): -p log sigmoid(r_c - r_r) - (1 - p) log
   sigmoid(r_r - r_c), with p from the preference level (``SOFT_LABELS``).
 * ``grade_cross_entropy``: AFM's single-sided grades, extra classification heads on the same
-  last-token embedding trained with cross-entropy; added to any loss with weight lambda.
+  last-token embedding trained with cross-entropy, summed over the heads as AFM sums its grading
+  losses; added to any loss with weight lambda.
 """
 
 from __future__ import annotations
@@ -74,12 +76,18 @@ def bradley_terry(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Te
 
 
 def ranking(rewards: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Mean over every ordered pair (i better than j) of -log sigmoid(r_i - r_j).
+    """Mean over rows of the row's mean over its ordered pairs (i better than j) of -log sigmoid(r_i - r_j).
 
-    ``rewards`` [B, K] best first (edited > chosen > rejected), ``valid`` masks empty slots.
+    ``rewards`` [B, K] best first (edited > chosen > rejected), ``valid`` masks empty slots. Each
+    row weighs once: a row of 3 responses (3 pairs) counts as much as one of 2 (1 pair), as in
+    Llama 3, where a row is one prompt's preference annotation. Rows without a pair are left out.
     """
     diff, mask = ordered_pairs(rewards, valid)
-    return -(F.logsigmoid(diff) * mask).sum() / mask.sum().clamp(min=1)
+    mask = mask.to(diff.dtype)
+    pairs = mask.sum(-1)
+    per_row = -(F.logsigmoid(diff) * mask).sum(-1) / pairs.clamp(min=1)
+    rows = (pairs > 0).to(diff.dtype)
+    return (per_row * rows).sum() / rows.sum().clamp(min=1)
 
 
 def soft_label(chosen: torch.Tensor, rejected: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -89,12 +97,18 @@ def soft_label(chosen: torch.Tensor, rejected: torch.Tensor, p: torch.Tensor) ->
 
 
 def grade_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of grade heads: ``logits`` [N, H, C], ``labels`` [N, H] with
-    ``IGNORE_GRADE`` where a response has no grade for that head (0 when nothing is graded)."""
-    flat_labels = labels.reshape(-1)
-    if not (flat_labels != IGNORE_GRADE).any():
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), flat_labels, ignore_index=IGNORE_GRADE)
+    """Sum over grade heads of each head's mean cross-entropy over the responses graded for it.
+
+    ``logits`` [N, H, C], ``labels`` [N, H] with ``IGNORE_GRADE`` where a response has no grade
+    for that head; a head with no grade in the batch adds 0 (0 when nothing is graded). AFM
+    (Apple 2024, sec. 5.1) adds the single-sided grading losses to the preference loss as a sum,
+    so each head weighs fully whatever the number of heads. Departure: AFM does not say how a
+    head's loss averages over responses; we take the mean over the graded ones.
+    """
+    n, heads, classes = logits.shape
+    ce = F.cross_entropy(logits.reshape(-1, classes), labels.reshape(-1), ignore_index=IGNORE_GRADE, reduction="none")
+    graded = (labels != IGNORE_GRADE).to(ce.dtype)
+    return (ce.view(n, heads).sum(0) / graded.sum(0).clamp(min=1)).sum()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,14 +7,22 @@ An engine turns chat prompts into K candidates each. Both engines follow the sam
 * ``Candidate.token_ids`` are the generated ids, ending with the EOS id when generation stopped
   there (an RL loss must see the policy choose to stop); ``Candidate.text`` is their decoded text
   without special tokens;
-* ``Candidate.logprobs`` (on request) are the log-probs of the sampled tokens under the model's
-  own distribution (temperature 1, before top-p/top-k), i.e. what a trainer's forward pass
-  computes for the same tokens;
-* with ``SamplingParams.seed`` set, a call is reproducible: the vLLM engine samples prompt ``i``
-  with seed ``seed + i`` (so a caller passing ``seed + offset`` for a slice of a prompt set gets
-  the same candidates however it slices), or ``seeds[i]`` when a caller gives one seed per prompt
-  (``align rs --shard``: a prompt keeps its seed in whichever part it lands); the transformers
-  engine seeds each batch (with ``seeds``, by its first prompt's: per prompt at batch size 1).
+* ``Candidate.token_ids`` end with the stop token the model chose when it stopped: the
+  tokenizer's EOS or any other id of the model's ``generation_config.eos_token_id`` (a chat
+  model's end of turn, e.g. Gemma-2's ``<end_of_turn>``): both engines stop on every one of them;
+* ``Candidate.logprobs`` (on request) are the log-probs of the sampled tokens under the
+  distribution they were sampled from (the logits divided by the temperature, then top-k/top-p),
+  i.e. what a trainer's forward pass computes for the same tokens at the same temperature;
+* with ``SamplingParams.seed`` set, a call is reproducible: prompt ``i`` has the seed key
+  ``seed + i`` (so a caller passing ``seed + offset`` for a slice of a prompt set gets the same
+  candidates however it slices), or ``seeds[i]`` when a caller gives one key per prompt
+  (``align rs --shard``: a prompt keeps its key in whichever part it lands). A key is not used as
+  a seed directly: vLLM seeds sample ``k`` of a request seeded ``s`` with ``s + k``, so with
+  seeds ``seed + i``, (prompt i, sample k) and (prompt i + 1, sample k - 1) would draw the same
+  random stream. ``stream_seed`` hashes each key to a seed with 16 zero low bits, so each prompt
+  owns a block of 65,536 streams and two prompts share one only if their hashes collide in the
+  high 47 bits. The transformers engine seeds each batch (with ``seeds``, by its first prompt's
+  key: per prompt at batch size 1), hashed the same way.
 """
 
 from __future__ import annotations
@@ -45,10 +53,29 @@ class SamplingParams:
             raise ValueError(f"n and max_tokens must be >= 1, got n={self.n}, max_tokens={self.max_tokens}")
 
     def prompt_seed(self, i: int) -> int | None:
-        """The seed of the ``i``-th prompt of a call (None: unseeded)."""
+        """The seed of the ``i``-th prompt of a call (None: unseeded): its key, ``seeds[i]`` or
+        ``seed + i``, hashed by ``stream_seed``."""
         if self.seeds is not None:
-            return self.seeds[i]
-        return None if self.seed is None else self.seed + i
+            return stream_seed(self.seeds[i])
+        return None if self.seed is None else stream_seed(self.seed + i)
+
+
+STREAM_BITS = 16  # low bits left to the samples of one prompt: up to 65,536 per prompt
+_MASK64 = 2**64 - 1
+
+
+def stream_seed(key: int) -> int:
+    """A seed for the prompt with seed key ``key``: SplitMix64 (Steele et al. 2014, the finalizer
+    of Java's SplittableRandom) of the key, cut to 63 bits with its low ``STREAM_BITS`` zeroed.
+
+    Nearby keys (``seed + i``) map to unrelated seeds, and every seed leaves the ``seed + k``
+    that vLLM gives a request's k-th sample inside the prompt's own block.
+    """
+    z = (key + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    z ^= z >> 31
+    return (z >> 1) & ~(2**STREAM_BITS - 1)
 
 
 @dataclasses.dataclass
@@ -73,6 +100,42 @@ class Engine(Protocol):
 
     def close(self) -> None:
         """Free the engine's memory (and, for vLLM, its worker state)."""
+
+
+_TURN_MARKER = "ALIGNTURNMARKER"
+
+
+def turn_end_id(tokenizer) -> int | None:
+    """The special token the chat template closes an assistant turn with (None: none, or no template).
+
+    Found by rendering a conversation whose answer is a marker and reading the first token after
+    it: ``<|im_end|>`` for Qwen2/SmolLM2, ``<end_of_turn>`` for Gemma 2, ``<|eot_id|>`` for Llama 3.
+    A base model's EOS is often another token (Qwen2.5 base: ``<|endoftext|>``), so an engine that
+    stopped only on the EOS would write the next turn too.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    messages = [{"role": "user", "content": "1"}, {"role": "assistant", "content": _TURN_MARKER}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception:  # a template that needs other roles or raises on these: no end of turn to learn
+        return None
+    if _TURN_MARKER not in text:
+        return None
+    after = tokenizer(text.split(_TURN_MARKER, 1)[1], add_special_tokens=False)["input_ids"]
+    if not after:
+        return None
+    added = getattr(tokenizer, "added_tokens_decoder", {}).get(after[0])
+    special = after[0] in tokenizer.all_special_ids or bool(added is not None and added.special)
+    return after[0] if special else None
+
+
+def stop_ids(tokenizer, generation_eos: int | list[int] | None = None) -> list[int]:
+    """Every id generation stops on: the tokenizer's EOS, the ids of a model's
+    ``generation_config.eos_token_id`` (an int or a list), and the chat template's end of turn."""
+    extra = [generation_eos] if isinstance(generation_eos, int) else list(generation_eos or [])
+    ids = [i for i in [tokenizer.eos_token_id, *extra, turn_end_id(tokenizer)] if i is not None]
+    return list(dict.fromkeys(ids))
 
 
 def render_prompts(tokenizer, prompts: list[list[dict]], system_prompt: str | None = None) -> list[str]:

@@ -74,21 +74,32 @@ def install(llm: Any) -> bool:
 def _install_in_worker(worker: Any) -> bool:
     from vllm.v1.sample.ops.topk_topp_sampler import TopKTopPSampler, apply_top_k_top_p
 
-    sampler = worker.model_runner.sampler.topk_topp_sampler
+    runner_sampler = worker.model_runner.sampler
+    sampler = runner_sampler.topk_topp_sampler
     if getattr(sampler.forward, "__func__", None) is not TopKTopPSampler.forward_cpu or sampler.use_fp64_gumbel:
         return False
+    # vLLM's forward_cpu computes the processed log-probs (a full-vocabulary log_softmax) at every
+    # step in "processed_logprobs" mode, though vLLM reads them only for requests that ask for
+    # log-probs; ours computes them only for a step that has such a request.
+    step = {"logprobs": True}
+    sample = runner_sampler.sample
+
+    def sample_noting_logprobs(logits: torch.Tensor, sampling_metadata: Any, *args: Any, **kwargs: Any):
+        step["logprobs"] = sampling_metadata.max_num_logprobs is not None or bool(sampling_metadata.logprob_token_ids)
+        return sample(logits, sampling_metadata, *args, **kwargs)
 
     def forward(logits: torch.Tensor, generators: dict[int, torch.Generator], k: torch.Tensor | None,
                 p: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         # vLLM's forward_cpu, with its fused Gumbel kernel replaced by sample_rows.
         logits = apply_top_k_top_p(logits, k, p)
         returned = None
-        if sampler.logprobs_mode == "processed_logits":
+        if sampler.logprobs_mode == "processed_logits" and step["logprobs"]:
             returned = logits.clone()
-        elif sampler.logprobs_mode == "processed_logprobs":
+        elif sampler.logprobs_mode == "processed_logprobs" and step["logprobs"]:
             returned = logits.log_softmax(dim=-1, dtype=torch.float32)
         u = uniforms(logits.shape[0], generators)
         return sample_rows(logits.to(torch.float32), u), returned
 
+    runner_sampler.sample = sample_noting_logprobs
     sampler.forward = forward
     return True

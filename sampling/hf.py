@@ -12,7 +12,7 @@ from typing import Any, Iterable
 
 import torch
 
-from sampling.base import ENGINES, Candidate, SamplingParams, encode_prompts
+from sampling.base import ENGINES, Candidate, SamplingParams, encode_prompts, stop_ids, stream_seed
 
 
 @ENGINES.register("transformers")
@@ -74,6 +74,7 @@ class TransformersEngine:
         max_new = params.max_tokens
         if self.max_model_len is not None:
             max_new = min(max_new, self.max_model_len - width)
+        stops = stop_ids(tok, getattr(self.model.generation_config, "eos_token_id", None))
         out = self.model.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention.to(device),
@@ -84,20 +85,20 @@ class TransformersEngine:
             top_k=None if greedy or not params.top_k else params.top_k,
             num_return_sequences=params.n,
             pad_token_id=pad,
-            eos_token_id=tok.eos_token_id,
+            eos_token_id=stops,
             stop_strings=list(params.stop) or None,
             tokenizer=tok if params.stop else None,
-            output_logits=params.logprobs,
+            output_scores=params.logprobs,
             return_dict_in_generate=True,
         )
         new = out.sequences[:, width:].tolist()
-        logprobs = _sampled_logprobs(out.logits, out.sequences[:, width:]) if params.logprobs else None
+        logprobs = _sampled_logprobs(out.scores, out.sequences[:, width:]) if params.logprobs else None
         grouped: list[list[Candidate]] = []
         for row in range(len(batch)):
             cands = []
             for k in range(params.n):
                 flat = row * params.n + k
-                ids, reason = _trim(new[flat], tok.eos_token_id, pad)
+                ids, reason = _trim(new[flat], stops, pad)
                 text = tok.decode(ids, skip_special_tokens=True)
                 text, reason = _cut_at_stop(text, reason, params.stop)
                 lp = logprobs[flat][: len(ids)] if logprobs is not None else None
@@ -117,19 +118,21 @@ class TransformersEngine:
 
 
 def _batch_seed(params: SamplingParams, batch: int, first: int) -> int | None:
-    """Batch ``batch`` is seeded with ``seed + batch``, or, when the caller gives one seed per prompt,
-    with the seed of its first prompt: at ``batch_size=1`` every prompt then has its own seed, so its
-    candidates do not depend on which other prompts share the call (``align rs --shard``)."""
+    """Batch ``batch`` is seeded from the key ``seed + batch``, or, when the caller gives one key per
+    prompt, from its first prompt's: at ``batch_size=1`` every prompt then has its own seed, so its
+    candidates do not depend on which other prompts share the call (``align rs --shard``). Keys
+    are hashed by ``stream_seed`` as the vLLM engine's are."""
     if params.seeds is not None:
-        return params.seeds[first]
-    return None if params.seed is None else params.seed + batch
+        return stream_seed(params.seeds[first])
+    return None if params.seed is None else stream_seed(params.seed + batch)
 
 
-def _trim(ids: list[int], eos: int, pad: int) -> tuple[list[int], str]:
-    """Cut after the first EOS (kept, as vLLM keeps it) and report why generation stopped."""
-    if eos in ids:
-        return ids[: ids.index(eos) + 1], "stop"
-    while ids and ids[-1] == pad and pad != eos:
+def _trim(ids: list[int], stops: list[int], pad: int) -> tuple[list[int], str]:
+    """Cut after the first stop id (kept, as vLLM keeps it) and report why generation stopped."""
+    at = next((n for n, i in enumerate(ids) if i in stops), None)
+    if at is not None:
+        return ids[: at + 1], "stop"
+    while ids and ids[-1] == pad and pad not in stops:
         ids = ids[:-1]
     return ids, "length"
 
@@ -140,10 +143,11 @@ def _cut_at_stop(text: str, reason: str, stop: tuple[str, ...]) -> tuple[str, st
     return (text[: min(cuts)], "stop") if cuts else (text, reason)
 
 
-def _sampled_logprobs(logits: tuple[torch.Tensor, ...], sampled: torch.Tensor) -> list[list[float]]:
-    """Log-probs of the sampled tokens under the raw (unwarped) logits: what a trainer computes
-    (step by step, never the full-vocabulary log-softmax of every step at once)."""
+def _sampled_logprobs(scores: tuple[torch.Tensor, ...], sampled: torch.Tensor) -> list[list[float]]:
+    """Log-probs of the sampled tokens under the processed scores generate sampled from (the logits
+    divided by the temperature, then top-k/top-p: vLLM's ``processed_logprobs``), step by step,
+    never the full-vocabulary log-softmax of every step at once."""
     from align.rl.rollout import selective_logprobs
 
-    steps = [selective_logprobs(s.unsqueeze(0), sampled[None, :, i])[0] for i, s in enumerate(logits)]
+    steps = [selective_logprobs(s.unsqueeze(0), sampled[None, :, i])[0] for i, s in enumerate(scores)]
     return torch.stack(steps, dim=1).tolist()

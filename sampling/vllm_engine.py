@@ -4,7 +4,12 @@ In-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set before vLLM is imported): 
 process, a ~5 s start for a tiny model, and ``load_weights`` is a direct call. Eager by default
 (``enforce_eager``): compiling (``enforce_eager=False``) adds a one-time torch.compile at start-up. fp32 by default
 (``dtype="auto"`` would turn an fp32 checkpoint into bf16 on CPU, and log-probs must match the
-trainer's). Prefix caching is on: the K samples of a prompt are one request with ``n=K``, so
+trainer's). Log-probs are vLLM's ``processed_logprobs``: of the distribution sampled from (after
+temperature and top-k/top-p), as a trainer computes them at the sampling temperature; vLLM's
+default, ``raw_logprobs``, would give temperature-1 log-probs whatever the temperature. Stop
+tokens are the tokenizer's EOS and every id of the model's ``generation_config.eos_token_id``
+(vLLM reads generation_config.json), plus the chat template's end of turn (``turn_end_id``), and
+the one that stopped a sample stays in its ids. Prefix caching is on: the K samples of a prompt are one request with ``n=K``, so
 they share the prompt's KV pages -- but only full pages, and vLLM's CPU backend pages in blocks of
 128 tokens: a ~50-token chat prompt then fills none, and every sample computes the whole prompt
 again (on SmolLM2-135M, 64 prompts x K=8: ~23k prompt tokens through the model for 27k generated).
@@ -47,7 +52,7 @@ from typing import Any, Iterable, Iterator
 
 from align.heap import keep_freed_memory
 from sampling import cpu_sampler
-from sampling.base import ENGINES, Candidate, SamplingParams, encode_prompts
+from sampling.base import ENGINES, Candidate, SamplingParams, encode_prompts, stop_ids
 
 
 @ENGINES.register("vllm")
@@ -87,11 +92,15 @@ class VLLMEngine:
             enable_prefix_caching=True, trust_remote_code=trust_remote_code,
             kv_cache_memory_bytes=int(kv_cache_gb * 2**30), gpu_memory_utilization=gpu_memory_utilization,
             max_num_seqs=max_num_seqs, block_size=kv_block_size, enable_chunked_prefill=False, max_num_batched_tokens=max(4096, max_model_len),
+            logprobs_mode="processed_logprobs",
         )
         cache = self.llm.llm_engine.vllm_config.cache_config
         self.max_num_seqs, self.kv_cache_gb = max_num_seqs, kv_cache_gb
         self.kv_blocks, self.block_size = cache.num_gpu_blocks, cache.block_size
         self._said_kv_short = False
+        # vLLM stops on the EOS and generation_config.json's ids by itself; the template's end of
+        # turn is added for a model whose generation config does not list it (a base model's).
+        self.stop_token_ids = [i for i in stop_ids(self.tokenizer) if i != self.tokenizer.eos_token_id]
         VLLMEngine._alive.add(self)
         self.sampler = "align" if cpu_sampler.install(self.llm) else "vllm"  # which draws the samples
 
@@ -114,7 +123,7 @@ class VLLMEngine:
             VLLMParams(
                 n=params.n, temperature=params.temperature, top_p=1.0 if greedy else params.top_p,
                 top_k=0 if greedy else params.top_k, max_tokens=min(params.max_tokens, self.max_model_len - len(ids)),
-                stop=list(params.stop) or None, seed=params.prompt_seed(i),
+                stop=list(params.stop) or None, stop_token_ids=self.stop_token_ids or None, seed=params.prompt_seed(i),
                 logprobs=0 if params.logprobs else None, skip_special_tokens=True,
             )
             for i, ids in enumerate(encoded)

@@ -113,6 +113,67 @@ def test_same_size_vocabularies_that_map_tokens_differently_are_refused():
     assert why.startswith("teacher t and student s both have 3 ids but map tokens differently (2 differ, e.g. 'b': id 2 vs 1)")
 
 
+def _gkd_step(trainer, batch, on_policy: bool):
+    """One training step on ``batch`` as the training loop runs it (with the ``num_items_in_batch``
+    transformers counts on the batch's labels); returns (that count, loss, gradient of every weight)."""
+    import torch
+
+    trainer.lmbda = 1.0 if on_policy else -1.0  # GKDTrainer draws on-policy when random() <= lmbda
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.model.zero_grad(set_to_none=True)
+    count = trainer._get_num_items_in_batch([batch], trainer.args.device)
+    loss = trainer.training_step(trainer.model, dict(batch), count)
+    grads = torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None])
+    return int(count), loss.item(), grads
+
+
+def test_an_on_policy_step_weighs_as_much_as_a_fixed_one(tmp_path, tiny_model):
+    """The student's sample is the short response: the on-policy step then has the loss and the
+    gradients of a fixed-response step on that response, and both are the mean generalized JSD
+    over its tokens, although the dataset row the on-policy step came from has a longer response."""
+    import warnings
+
+    import datasets
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl.import_utils import TRLExperimentalWarning
+
+    from align.stages.distill import gkd_trainer_class
+    from align.tiny import make_tiny_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TRLExperimentalWarning)
+        from trl.experimental.gkd import GKDConfig
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    teacher = AutoModelForCausalLM.from_pretrained(make_tiny_model(tmp_path / "teacher", seed=1))
+    prompt = [{"role": "user", "content": "2+3="}]
+    rows = [{"messages": prompt + [{"role": "assistant", "content": text}]} for text in ("5", "5, since 2 + 3 = 5")]
+    args = GKDConfig(output_dir=str(tmp_path / "out"), use_cpu=True, bf16=False, report_to="none", beta=0.5,
+                     gradient_checkpointing=False, max_length=64, max_new_tokens=4, per_device_train_batch_size=1)
+    trainer = gkd_trainer_class()(model=AutoModelForCausalLM.from_pretrained(tiny_model), teacher_model=teacher,
+                                  args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tok)
+    short, long = (trainer.data_collator([row]) for row in rows)
+    sample = (short["input_ids"], short["attention_mask"], short["labels"])
+    trainer.generate_on_policy_outputs = lambda model, inputs, generation_config: sample  # the student "samples" it
+
+    fixed_tokens, fixed, fixed_grads = _gkd_step(trainer, short, on_policy=False)
+    dataset_tokens, sampled, sampled_grads = _gkd_step(trainer, long, on_policy=True)
+    assert (fixed_tokens, dataset_tokens) == (2, 19)  # "5<|end|>" vs "5, since 2 + 3 = 5<|end|>", a token a char
+
+    # By hand: JSD_0.5 at each position that predicts a response token, averaged over those 3.
+    with torch.no_grad():
+        s = F.log_softmax(trainer.model(input_ids=short["input_ids"]).logits[0, :-1], -1)
+        t = F.log_softmax(teacher(input_ids=short["input_ids"]).logits[0, :-1], -1)
+    m = torch.logsumexp(torch.stack([s, t]), 0) - torch.log(torch.tensor(2.0))
+    jsd = 0.5 * (t.exp() * (t - m)).sum(-1) + 0.5 * (s.exp() * (s - m)).sum(-1)
+    expected = jsd[short["labels"][0, 1:] != -100].mean().item()
+    assert fixed == pytest.approx(expected, rel=1e-5) and expected > 0.01
+    assert sampled == pytest.approx(fixed, rel=1e-5)
+    torch.testing.assert_close(sampled_grads, fixed_grads, rtol=1e-5, atol=1e-8)
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [

@@ -3,6 +3,7 @@ learning on the demo task, resume after a crash, and bad input."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -32,6 +33,19 @@ def test_loss_registry_maps_to_trl_types_and_weights():
     assert resolve_losses(["ipo", "nll:0.5"]) == (["ipo", "sft"], [1.0, 0.5])
     assert resolve_losses(["robust"]) == (["robust"], [1.0])
     assert config().loss == ["sigmoid", "nll"] and config().beta == 0.1 and config().mask_formatting_tokens
+
+
+def test_methods_doc_offers_no_cdpo_and_credits_hinge_to_rso():
+    """TRL 1.16's sigmoid loss has no label smoothing, so no cDPO is offered; ``hinge`` (relu(1 -
+    beta * margin) on the reference-normalized log-ratios) is RSO's loss, not SLiC's."""
+    text = (ROOT / "docs" / "methods.md").read_text()
+    dpo = " ".join(text[text.index("## DPO"):text.index("## Online optimizers")].split())
+    assert "cDPO (label smoothing)" not in dpo and "SLiC)" not in dpo
+    assert ("cDPO (conservative DPO, the sigmoid loss with label smoothing) is not offered: TRL 1.16's `sigmoid`"
+            " loss has no label smoothing, and `--label_smoothing` applies to the robust loss only.") in dpo
+    assert 'hinge (RSO, Liu et al. 2023, "Statistical Rejection Sampling Improves Preference Optimization":' in dpo
+    assert LOSSES["hinge"].source == "RSO, Liu et al. 2023: SLiC's hinge on the normalized likelihood, max(0, 1 - beta * margin)"
+    assert LOSSES["hinge"].trl_type == "hinge" and "robust" in [n for n, loss in LOSSES.items() if loss.preference]
 
 
 @pytest.mark.parametrize(
@@ -250,6 +264,40 @@ def test_masked_tokens_do_not_contribute(policy_pair, tiny_model, tmp_path):
     assert abs(plain_a - plain_b) > 1e-4 and abs(plain_a - loss_a) > 1e-4
 
 
+def test_nll_term_equals_online_dpo_nll_on_the_same_log_probs(policy_pair, tmp_path):
+    """The ``nll`` loss (TRL's ``sft`` type) and online DPO's NLL term give one value on the same
+    per-token log-probs, for chosen responses of different lengths: both are the mean over every
+    chosen token of the batch (formatting tokens masked), not a per-pair mean."""
+    from align.rl.optimizers import get_optimizer
+    from align.rl.rollout import Rollouts
+    from align.stages.rlhf import RLHFConfig
+
+    policy, reference = policy_pair
+    pairs = [{"prompt": "1+2=", "chosen": "3", "rejected": "4"},
+             {"prompt": "10+20=", "chosen": "30, as 1 + 2 = 3", "rejected": "40"}]
+    trainer = _trainer(policy, reference, pairs, tmp_path, "--loss", "sigmoid:0,nll:1", "--precompute_ref_log_probs", "false")
+    batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])  # rows: chosen 0, 1; rejected 0, 1
+    trainer.model.train()
+    with torch.no_grad():
+        dpo_nll = trainer.compute_loss(trainer.model, batch).item()
+        logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    logp = F.log_softmax(logits.float(), dim=-1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    mask = batch["completion_mask"][:, 1:].float()
+    assert mask[:2].sum(-1).tolist() == [1.0, 16.0]  # the chosen digits (the end token is masked)
+
+    cfg = parse_config(RLHFConfig, ["--model_name_or_path", "m", "--dataset", "d", "--reward", "rule:arithmetic",
+                                    "--output_dir", "o", "--optimizer", "online_dpo", "--nll_coef", "0.2"])
+    opt = get_optimizer("online_dpo")(cfg, torch.nn.Linear(1, 1), None)
+    order = [0, 2, 1, 3]  # online DPO's rows: the K = 2 samples of each prompt, scored chosen 1, rejected 0
+    r = Rollouts(batch["input_ids"][order], batch["attention_mask"][order], mask[order], torch.tensor([1.0, 0.0, 1.0, 0.0]),
+                 k=2, logp_ref=torch.zeros_like(logp))
+    _, stats = opt.loss(r, logp[order], torch.zeros_like(logp), None)
+    by_hand = -(logp[:2] * mask[:2]).sum().item() / 17
+    assert stats["nll"] == pytest.approx(by_hand, rel=1e-6) and dpo_nll == pytest.approx(by_hand, rel=1e-5)
+    per_pair = -((logp[:2] * mask[:2]).sum(-1) / mask[:2].sum(-1)).mean().item()
+    assert abs(per_pair - by_hand) > 1e-3  # 20x the tolerance above: a per-pair mean would fail it
+
+
 # --------------------------------------------------------------------------------- end to end
 
 
@@ -327,6 +375,39 @@ def test_cache_key_changes_with_settings(policy_pair, demo_data, tmp_path):
     stored = json.loads((tmp_path / "cache" / f"{first.ref_cache.path.stem}.json").read_text())
     assert stored["rows"] == 4 and stored["identity"]["reference"]["path"] == str(Path(reference).resolve())
     assert isinstance(first.ref_cache, RefLogpsCache)
+
+
+def test_cache_key_covers_gguf_content_hub_commit_and_bf16(tmp_path, monkeypatch):
+    """The key changes with a .gguf reference's content at the same path, with the commit a Hub id
+    resolves to, and with bf16 (the reference pass runs under its autocast)."""
+    import datasets
+
+    from align import dpo_trainer
+    from align.dpo_trainer import RefLogpsCache
+    from align.stages.dpo import _reference_identity
+
+    monkeypatch.setenv("ALIGN_FINGERPRINT_CACHE", str(tmp_path / "fingerprints.json"))
+    pairs = datasets.Dataset.from_list([{"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4]}])
+
+    def key(*flags) -> str:
+        return RefLogpsCache(tmp_path / "cache", _reference_identity(config(*flags), [])).key(pairs)
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF weights, first upload")
+    first = key("--model_name_or_path", gguf)
+    assert key("--model_name_or_path", gguf) == first
+    gguf.write_bytes(b"GGUF weights, second")
+    assert key("--model_name_or_path", gguf) != first
+    assert _reference_identity(config("--model_name_or_path", gguf), [])["reference"] == {
+        "path": str(gguf.resolve()), "sha256": hashlib.sha256(b"GGUF weights, second").hexdigest()}
+
+    commits = iter(["a" * 40, "a" * 40, "b" * 40])
+    monkeypatch.setattr(dpo_trainer, "hub_commit", lambda repo_id: next(commits))
+    hub = key("--model_name_or_path", "org/model")
+    assert key("--model_name_or_path", "org/model") == hub  # the same commit: a hit
+    assert key("--model_name_or_path", "org/model") != hub  # the repository moved on
+
+    assert key("--model_name_or_path", gguf, "--bf16", "true") != key("--model_name_or_path", gguf)
 
 
 def test_resume_after_crash(tiny_model, demo_data, tmp_path, crash_at_step_3):

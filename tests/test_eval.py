@@ -43,6 +43,8 @@ def test_sampled_eval_reports_best_of_k(sft_vllm, sft_model, demo_data, tmp_path
     assert s["mean_reward"] == pytest.approx(sum(every) / 200)
     assert s["best_of_k"] == pytest.approx(sum(max(r["rewards"]) for r in results) / 50)
     assert s["best_of_k"] > s["mean_reward"]
+    reasons = [x for r in results for x in r["finish_reasons"]]
+    assert s["truncated_frac"] == sum(x == "length" for x in reasons) / 200 and set(reasons) <= {"stop", "length"}
 
 
 @pytest.mark.slow

@@ -115,3 +115,23 @@ def test_memory_at_a_real_vocabulary():
     big = [size for size in backward(chunked) if size > chunk]
     assert big == [full, full]  # the gradient and (under the watch) its copy into .grad, nothing else
     assert naive_big > len(big)  # the check fails on the naive version
+
+
+def test_temperature_scales_the_logits_in_values_gradients_and_entropy():
+    """The RL loss scores the policy that sampled: softmax(logits / T), chunked like T = 1."""
+    torch.manual_seed(2)
+    logits = (torch.randn(2, 11, 500) * 3).requires_grad_()
+    targets = torch.randint(0, 500, (2, 11))
+    weights = torch.randn(2, 11)
+    for temperature in (0.7, 1.3):
+        ref_logp, ref_entropy = naive(logits / temperature, targets)
+        (ref_grad,) = torch.autograd.grad((ref_logp * weights).sum(), logits)
+        logp = selective_logprobs(logits, targets, chunk_tokens=4, temperature=temperature)
+        (grad,) = torch.autograd.grad((logp * weights).sum(), logits)
+        torch.testing.assert_close(logp, ref_logp, atol=1e-5, rtol=0)
+        torch.testing.assert_close(grad, ref_grad, atol=1e-5, rtol=0)
+        entropy = chunked_entropy(logits, chunk_tokens=4, temperature=temperature)
+        torch.testing.assert_close(entropy, ref_entropy.detach(), atol=1e-5, rtol=0)
+    before = logits.detach().clone()
+    selective_logprobs(logits.detach(), targets, temperature=0.5)
+    assert torch.equal(logits.detach(), before)  # fp32 logits are divided out of place

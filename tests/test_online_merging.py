@@ -161,8 +161,8 @@ def test_rlhf_online_dpo_step_with_ondare(tiny_model, tmp_path):
 
     opt = get_optimizer("online_dpo")(cfg, policy, ref)
     assert isinstance(opt.optimizer, OnlineMergingAdamW)
-    rollouts = build_rollouts([[5, 6, 7], [8, 9]], [[[10, 11], [12]], [[13, 14, 15], [16]]], [[True, True], [True, False]],
-                              [1.0, 0.0, 0.0, 1.0], eos_id=1, pad_id=0)
+    rollouts = build_rollouts([[5, 6, 7], [8, 9]], [[[10, 11], [12]], [[13, 14, 15], [16]]], [[False, False], [False, True]],
+                              [1.0, 0.0, 0.0, 1.0], pad_id=0)
     stats = opt.update(rollouts)
     assert stats["pairs"] == 2.0 and math.isfinite(stats["loss"])
     key = "model.layers.0.mlp.up_proj.weight"

@@ -32,15 +32,27 @@ def test_bradley_terry_without_and_with_margin():
 
 
 def test_ranking_every_ordered_pair_and_masked_slots():
-    # edited=3 > chosen=1 > rejected=0: pairs 2, 3, 1; a 2-response row 0.5 < 1.0 (wrong order): -0.5
+    # edited=3 > chosen=1 > rejected=0: pairs 2, 3, 1; a 2-response row 0.5 < 1.0 (wrong order): -0.5.
+    # Each row's mean over its pairs, then the mean over the two rows.
     rewards = t(3.0, 1.0, 0.0, 0.5, 1.0, 99.0).reshape(2, 3)
     valid = torch.tensor([[True, True, True], [True, True, False]])
-    expected = (NLS[2.0] + NLS[3.0] + NLS[1.0] + NLS[-0.5]) / 4
+    expected = ((NLS[2.0] + NLS[3.0] + NLS[1.0]) / 3 + NLS[-0.5]) / 2
     assert ranking(rewards, valid).item() == pytest.approx(expected)
-    assert ranking(rewards, valid).item() == pytest.approx(0.3657135085, abs=1e-9)
+    assert ranking(rewards, valid).item() == pytest.approx(0.5685013338, abs=1e-9)
     # on 2-response rows it is the Bradley-Terry loss
     two = t(2.0, 1.0, 0.0, 1.0).reshape(2, 2)
     assert ranking(two, torch.ones(2, 2, dtype=torch.bool)).item() == pytest.approx(bradley_terry(t(2.0, 0.0), t(1.0, 1.0)).item())
+
+
+def test_ranking_weighs_a_row_once_whatever_its_number_of_pairs():
+    # A row of 4 responses 3 > 2 > 1 > 0 has 6 pairs (diffs 1, 2, 3, 1, 2, 1); a row of 2 has one
+    # pair (0.5 < 1.0: -0.5). Rows weigh 1/2 each, not 6/7 and 1/7.
+    rewards = t(3.0, 2.0, 1.0, 0.0, 0.5, 1.0, 99.0, 99.0).reshape(2, 4)
+    valid = torch.tensor([[True] * 4, [True, True, False, False]])
+    four = (3 * NLS[1.0] + 2 * NLS[2.0] + NLS[3.0]) / 6
+    assert ranking(rewards, valid).item() == pytest.approx((four + NLS[-0.5]) / 2)
+    assert ranking(rewards, valid).item() == pytest.approx(0.5905575284, abs=1e-9)
+    assert ranking(rewards[:1], valid[:1]).item() == pytest.approx(four)
 
 
 def test_soft_label_afm_levels():
@@ -61,6 +73,16 @@ def test_grade_cross_entropy_ignores_missing_grades():
     # (-log 1/2 - log 1/4) / 2
     assert grade_cross_entropy(logits, labels).item() == pytest.approx((math.log(2) + math.log(4)) / 2)
     assert grade_cross_entropy(logits, torch.full((3, 1), IGNORE_GRADE)).item() == 0.0
+
+
+def test_grade_cross_entropy_sums_the_heads():
+    # Head 0 graded on both responses: -log 1/2 and -log 1/4 (mean 1.5 log 2); head 1 on the first
+    # only, uniform over 3 classes: log 3. AFM sums the heads: 1.5 log 2 + log 3.
+    ln2 = math.log(2)
+    logits = t(0, 0, ln2, 0, 0, 0, 0, 0, ln2, 7, 1, 2).reshape(2, 2, 3)
+    labels = torch.tensor([[2, 1], [0, IGNORE_GRADE]])
+    assert grade_cross_entropy(logits, labels).item() == pytest.approx(1.5 * math.log(2) + math.log(3))
+    assert grade_cross_entropy(logits, labels).item() == pytest.approx(2.1383330595, abs=1e-9)
 
 
 def test_registry_losses_read_the_batch():

@@ -94,12 +94,73 @@ def test_dpo_sigmoid():
     assert stats["dpo_accuracy"] == 1.0
 
 
-def test_build_rollouts_masks_response_and_appends_eos():
-    r = build_rollouts([[5, 6], [7]], [[[1], [2, 3]], [[4, 4], []]], [[True, False], [False, True]],
-                       [1.0, 0.0, 0.5, 0.0], eos_id=9, pad_id=0)
-    assert r.input_ids.tolist() == [[5, 6, 1, 9], [5, 6, 2, 3], [7, 4, 4, 0], [7, 9, 0, 0]]
+def test_sequence_clipped_surrogate_clips_one_ratio_per_response():
+    # Row 0: two tokens at ratio 1.1 -> sequence ratio 1.21, A = +1, clipped to 1.2 (no gradient);
+    # row 1: one token at ratio 0.9, A = -1, inside the clip: -0.9. Loss -(1.2 - 0.9) / 2 = -0.15.
+    logp = torch.tensor([[math.log(1.1), math.log(1.1), 5.0], [math.log(0.9), 5.0, 5.0]], requires_grad=True)
+    mask = t([1, 1, 0], [1, 0, 0])
+    loss, stats = L.sequence_clipped_surrogate(logp, torch.zeros(2, 3), t(1, -1), mask, clip_eps=0.2)
+    assert loss.item() == pytest.approx(-0.15)
+    assert stats == {"clip_frac": 0.5, "ratio_mean": pytest.approx((1.21 + 0.9) / 2)}
+    loss.backward()
+    # d/dlogp of -(ratio_1 * -1) / 2 on row 1's one token: ratio_1 / 2 = 0.45; nothing elsewhere.
+    assert torch.allclose(logp.grad, t([0, 0, 0], [0.45, 0, 0]))
+
+
+def test_rloo_loss_is_per_sequence():
+    """RLOO's loss on two responses of one prompt (scores 1 and 0: leave-one-out advantages +1
+    and -1) is the sequence-ratio surrogate above, not the per-token one ((2.2 - 0.9) / 3)."""
+    from align.config import parse_config
+    from align.rl.rollout import Rollouts
+    from align.stages.rlhf import RLHFConfig
+
+    cfg = parse_config(RLHFConfig, ["--model_name_or_path", "m", "--dataset", "d", "--reward", "rule:arithmetic",
+                                    "--output_dir", "o", "--optimizer", "rloo", "--kl_coef", "0", "--clip_eps", "0.2"])
+    opt = get_optimizer("rloo")(cfg, torch.nn.Linear(1, 1), None)
+    mask = t([1, 1, 0], [1, 0, 0])
+    r = Rollouts(torch.zeros(2, 4, dtype=torch.long), torch.ones(2, 4, dtype=torch.long), mask, t(1, 0), k=2,
+                 logp_old=torch.zeros(2, 3))
+    logp = torch.tensor([[math.log(1.1), math.log(1.1), 5.0], [math.log(0.9), 5.0, 5.0]])
+    loss, stats = opt.loss(r, logp, torch.zeros(2, 3), None)
+    assert loss.item() == pytest.approx(-0.15)
+    assert stats["clip_frac"] == 0.5 and opt.row_local()
+
+
+def test_chosen_nll_is_the_mean_over_every_chosen_token():
+    # Chosen responses of 1 and 3 tokens: pooled (1 + 2 + 2 + 2) / 4 = 1.75 (per pair it would be (1 + 2) / 2).
+    logp = t([-1, 9, 9], [-2, -2, -2])
+    assert L.chosen_nll(logp, t([1, 0, 0], [1, 1, 1])).item() == pytest.approx(1.75)
+
+
+def test_online_dpo_nll_term_pools_the_chosen_tokens():
+    """Online DPO's NLL stat on two pairs whose chosen responses have 1 and 3 tokens."""
+    from align.config import parse_config
+    from align.rl.rollout import Rollouts
+    from align.stages.rlhf import RLHFConfig
+
+    cfg = parse_config(RLHFConfig, ["--model_name_or_path", "m", "--dataset", "d", "--reward", "rule:arithmetic",
+                                    "--output_dir", "o", "--optimizer", "online_dpo", "--nll_coef", "0.2"])
+    opt = get_optimizer("online_dpo")(cfg, torch.nn.Linear(1, 1), None)
+    # Prompt 0: chosen row 0 (1 token), rejected row 1; prompt 1: rejected row 2, chosen row 3 (3 tokens).
+    logp = t([-1, 9, 9], [-4, -4, 9], [-3, -3, -3], [-2, -2, -2])
+    mask = t([1, 0, 0], [1, 1, 0], [1, 0, 0], [1, 1, 1])
+    r = Rollouts(torch.zeros(4, 4, dtype=torch.long), torch.ones(4, 4, dtype=torch.long), mask, t(1, 0, 0, 1), k=2,
+                 logp_ref=torch.zeros(4, 3))
+    loss, stats = opt.loss(r, logp, torch.zeros(4, 3), None)
+    assert stats["pairs"] == 2.0 and stats["nll"] == pytest.approx(1.75)  # rows 0 and 3 are chosen
+    dpo, _ = L.dpo_sigmoid(t(-1, -6), t(-8, -3), t(0, 0), t(0, 0), cfg.beta)
+    assert loss.item() == pytest.approx(dpo.item() + 0.2 * 1.75)
+
+
+def test_build_rollouts_masks_response_and_adds_no_token():
+    # Response 0 stopped on a stop id that is not the tokenizer's EOS (9 here): nothing is appended
+    # to it, nor to the empty response or the truncated ones; every trained token was sampled.
+    r = build_rollouts([[5, 6], [7]], [[[1, 8], [2, 3]], [[4, 4], []]], [[False, True], [True, False]],
+                       [1.0, 0.0, 0.5, 0.0], pad_id=0)
+    assert r.input_ids.tolist() == [[5, 6, 1, 8], [5, 6, 2, 3], [7, 4, 4, 0], [7, 0, 0, 0]]
     # mask[t] = 1 when token t+1 is a response token
-    assert r.mask.tolist() == [[0, 1, 1], [0, 1, 1], [1, 1, 0], [1, 0, 0]]
+    assert r.mask.tolist() == [[0, 1, 1], [0, 1, 1], [1, 1, 0], [0, 0, 0]]
+    assert r.truncated.tolist() == [False, True, True, False]
     assert r.k == 2 and r.n_prompts == 2
     assert r.grouped(r.scores).tolist() == [[1.0, 0.0], [0.5, 0.0]]
 
@@ -144,10 +205,10 @@ def test_length_grouped_forward_matches_one_pass(tiny_model, monkeypatch):
 
     widths = []
     one_pass = rollout.forward_logprobs
-    monkeypatch.setattr(rollout, "forward_logprobs", lambda m, ids, *a: widths.append(ids.shape) or one_pass(m, ids, *a))
+    monkeypatch.setattr(rollout, "forward_logprobs", lambda m, ids, *a, **kw: widths.append(ids.shape) or one_pass(m, ids, *a, **kw))
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     seqs = [[5, 6, 7, 8, 9, 10, 11, 12], [5, 6], [7, 8, 9], [9, 10, 11, 12, 13], [4, 4, 4, 4, 4, 4]]
-    r = build_rollouts([s[:1] for s in seqs], [[s[1:]] for s in seqs], [[False]] * 5, [0.0] * 5, eos_id=2, pad_id=0)
+    r = build_rollouts([s[:1] for s in seqs], [[s[1:]] for s in seqs], [[False]] * 5, [0.0] * 5, pad_id=0)
     results = []
     for batch_size in (None, 2):
         model.zero_grad()
@@ -167,13 +228,14 @@ def test_iteration_metrics_pool_every_rank():
     from align.stages.rlhf import iteration_metrics
 
     parts = [
-        {"scores": [1.0, 0.0], "lengths": [2, 4], "stats": {"loss": 1.0, "pairs": 1.0},
+        {"scores": [1.0, 0.0], "lengths": [2, 4], "truncated": [False, True], "stats": {"loss": 1.0, "pairs": 1.0},
          "times": {"generate": 1.0, "score": 0.1, "train": 2.0, "sync": 0.1}},
-        {"scores": [1.0, 1.0], "lengths": [3, 3], "stats": {"loss": 3.0},
+        {"scores": [1.0, 1.0], "lengths": [3, 3], "truncated": [False, False], "stats": {"loss": 3.0},
          "times": {"generate": 2.0, "score": 0.1, "train": 1.0, "sync": 0.1}},
     ]
     row = iteration_metrics(parts)
     assert row["reward_mean"] == 0.75 and row["samples"] == 4 and row["response_length"] == 3.0
+    assert row["truncated_frac"] == 0.25  # one response of the four, on either rank
     assert row["loss"] == 2.0 and row["pairs"] == 1.0  # a stat only one rank reports is its own
     assert row["time_generate"] == 2.0 and row["time_train"] == 2.0  # the slowest rank's
     assert row["samples_per_s"] == pytest.approx(4 / 4.2)
@@ -185,3 +247,7 @@ def test_run_summary_first_and_last_tenth_and_sync_share():
     logged.append({"step": 20, "eval_mean_reward": 0.9})  # rows without reward_mean are not iterations
     assert run_summary(logged) == {"reward_first_10pct": 0.5, "reward_last_10pct": 18.5, "sync_fraction": 0.125}
     assert run_summary(logged[:3])["reward_first_10pct"] == 0.0  # fewer than 10 iterations: the first one
+    for i, row in enumerate(logged[:20]):
+        row["truncated_frac"] = 1.0 - i / 20
+    summary = run_summary(logged)
+    assert (summary["truncated_frac_first_10pct"], summary["truncated_frac_last_10pct"]) == pytest.approx((0.975, 0.075))

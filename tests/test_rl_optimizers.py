@@ -35,8 +35,7 @@ def test_ratio_is_exactly_one_at_the_first_inner_step_with_lora(name, tiny_model
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(5, 40, (4,), generator=gen).tolist() for _ in range(2)]
     responses = [[torch.randint(5, 40, (6,), generator=gen).tolist() for _ in range(4)] for _ in prompts]
-    rollouts = build_rollouts(prompts, responses, [[False] * 4] * 2, [0.0, 1.0, 0.5, 0.2, 1.0, 0.0, 0.3, 0.9],
-                              eos_id=2, pad_id=0)
+    rollouts = build_rollouts(prompts, responses, [[False] * 4] * 2, [0.0, 1.0, 0.5, 0.2, 1.0, 0.0, 0.3, 0.9], pad_id=0)
 
     ratios = []
     loss = opt.loss
@@ -82,7 +81,7 @@ def test_backward_by_groups_gives_the_whole_batch_gradients(name, inner_steps, k
                 value.data.normal_(0, 0.02, generator=torch.Generator().manual_seed(hash(key) % 2**31))
         opt = get_optimizer(name)(cfg, policy, make_reference(cfg, policy))
         assert opt.row_local() == (name == "grpo" or (name == "rloo" and kl == "0"))
-        rollouts = build_rollouts(prompts, responses, [[True, False, True, False]] * 3, scores, eos_id=2, pad_id=0)
+        rollouts = build_rollouts(prompts, responses, [[False, True, False, True]] * 3, scores, pad_id=0)
         stats[fbs] = opt.update(rollouts)
         # .grad holds the last inner step's gradients (zeroed at the start of each step)
         grads[fbs] = {k: v.grad.clone() for k, v in policy.named_parameters() if v.requires_grad}

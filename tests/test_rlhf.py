@@ -84,6 +84,42 @@ def test_sync_matches_policy_logprobs_full_and_lora(sft_vllm, sft_model):
         sft_vllm.load_weights(load_file(str(sft_model / "model.safetensors")).items())
 
 
+def test_vllm_logprobs_at_a_temperature_equal_the_losss(sft_vllm, sft_model):
+    """Rollouts sampled at temperature 0.7: the log-probs vLLM reports for the tokens it drew are
+    the ones the RL loss computes for them (``token_logprobs`` at the same temperature)."""
+    from transformers import AutoModelForCausalLM
+
+    from align.rl.rollout import build_rollouts, token_logprobs
+    from sampling import SamplingParams
+    from sampling.base import encode_prompts
+
+    prompts = [[{"role": "user", "content": f"{a}+{b}="}] for a, b in [(12, 30), (7, 99), (55, 5)]]
+    out = sft_vllm.generate(prompts, SamplingParams(n=4, temperature=0.7, max_tokens=8, seed=1, logprobs=True))
+    r = build_rollouts(encode_prompts(sft_vllm.tokenizer, prompts), [[c.token_ids for c in cands] for cands in out],
+                       [[False] * 4] * 3, [0.0] * 12, pad_id=0)
+    engine = torch.zeros_like(r.mask)
+    for row, c in enumerate(c for cands in out for c in cands):
+        engine[row, r.mask[row].nonzero().squeeze(-1)] = torch.tensor(c.logprobs)
+    policy = AutoModelForCausalLM.from_pretrained(sft_model)
+    with torch.no_grad():
+        at_t = token_logprobs(policy, r.input_ids, r.attention_mask, temperature=0.7)[0]
+        at_1 = token_logprobs(policy, r.input_ids, r.attention_mask)[0]
+    gap = ((engine - at_t).abs() * r.mask).max().item()
+    assert gap < 1e-4, gap
+    assert ((engine - at_1).abs() * r.mask).max().item() > 1e-2  # the temperature-1 policy is another one
+
+
+def test_rlhf_refuses_nucleus_sampling_and_zero_temperature(tmp_path):
+    from align.errors import ConfigError
+    from align.stages.rlhf import RLHFConfig
+
+    base = dict(model_name_or_path=str(tmp_path), dataset="p.jsonl", output_dir=str(tmp_path / "o"), reward=["rule:arithmetic"])
+    with pytest.raises(ConfigError, match="'top_p' must be 1.0 in rlhf, got 0.9: .* lower --temperature instead"):
+        RLHFConfig(**base, top_p=0.9).validate()
+    with pytest.raises(ConfigError, match="'temperature' must be > 0"):
+        RLHFConfig(**base, temperature=0.0).validate()
+
+
 # ---------------------------------------------------------------------------------------------
 # Every optimizer learns on the demo task.
 # ---------------------------------------------------------------------------------------------

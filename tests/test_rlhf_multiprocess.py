@@ -36,6 +36,8 @@ def test_two_cpu_processes(sft_model, demo_data, tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4]  # logged once, by the main process
     # each row covers both shards: 8 prompts x K=4 samples, rewards of the arithmetic rule in [0, 1]
     assert all(r["samples"] == 32 and 0.0 <= r["reward_mean"] <= 1.0 and r["grad_norm"] > 0 for r in rows)
+    assert all((r["truncated_frac"] * 32).is_integer() and 0.0 <= r["truncated_frac"] <= 1.0 for r in rows)
+    assert s["truncated_frac_last_10pct"] == rows[-1]["truncated_frac"]  # 4 iterations: the last tenth is the last one
     assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl", "model", "reward.png", "stage.json"]
     assert (out / "model" / "model.safetensors").is_file()
 

@@ -42,7 +42,7 @@ def _trained(cfg):
     opt = get_optimizer(cfg.optimizer)(cfg, policy, None)
     gen = torch.Generator().manual_seed(0)
     rollouts = build_rollouts([[5, 6, 7]] * 2, [[torch.randint(5, 40, (5,), generator=gen).tolist()] * 2] * 2,
-                              [[True, False]] * 2, [1.0, 0.0, 0.5, 0.2], eos_id=2, pad_id=0)
+                              [[False, True]] * 2, [1.0, 0.0, 0.5, 0.2], pad_id=0)
     opt.update(rollouts)
     return policy, opt
 

@@ -62,7 +62,7 @@ def test_three_parts_merged_equal_the_unsharded_run(parts, sft_vllm, sft_model, 
     assert rows == datasets.load_from_disk(str(whole / "data")).to_list()
     assert 0 < len(rows) < N_PROMPTS  # demo_rs.yaml keeps correct answers only: some prompts drop out
     record = json.loads((merged / "stage.json").read_text())
-    for key in ("prompts", "candidates", "distinct_candidates", "kept_rows", "mean_reward", "mean_best_reward", "tokens"):
+    for key in ("prompts", "candidates", "distinct_candidates", "kept_rows", "mean_reward", "mean_best_reward", "truncated_frac", "tokens"):
         assert record["summary"][key] == unsharded["summary"][key], key
     assert record["summary"]["merged_parts"] == PARTS and record["config"]["shard"] is None
     # The merged dir has the unsharded run's identity: that run into it is a no-op, and so is the merge again.

@@ -72,7 +72,19 @@ def test_dedupe_points_duplicates_at_their_first_occurrence():
 def test_sampling_params_reject_empty_requests():
     with pytest.raises(ValueError, match="n and max_tokens must be >= 1"):
         SamplingParams(n=0)
-    assert SamplingParams(seed=5).prompt_seed(3) == 8 and SamplingParams().prompt_seed(3) is None
+    assert SamplingParams().prompt_seed(3) is None
+
+
+def test_prompt_seeds_own_disjoint_blocks_of_sample_streams():
+    # vLLM seeds sample k of a request seeded s with s + k: the streams of two prompts must never
+    # meet, whichever prompts and samples (with seeds seed + i, prompt i's sample k met prompt
+    # i + 1's sample k - 1).
+    params = SamplingParams(seed=5, n=8)
+    seeds = [params.prompt_seed(i) for i in range(2000)]
+    streams = {s + k for s in seeds for k in range(params.n)}
+    assert len(streams) == 2000 * 8
+    assert all(0 <= s < 2**63 and s % 2**16 == 0 for s in seeds)
+    assert SamplingParams(seeds=(5, 6, 7)).prompt_seed(1) == params.prompt_seed(1)  # a key is a key, however given
 
 
 # ------------------------------------------------------------------------------- real engines
@@ -85,11 +97,17 @@ def hf_engine(sft_model):
     return build_engine("transformers", str(sft_model), max_model_len=64)
 
 
-def forward_logprobs(model, prompt_ids: list[int], completion_ids: list[int]) -> list[float]:
-    """log p(token) of each completion token under a plain transformers forward pass (fp32)."""
+def forward_logprobs(model, prompt_ids: list[int], completion_ids: list[int], temperature: float = 1.0,
+                     top_k: int = 0) -> list[float]:
+    """log p(token) of each completion token under a plain transformers forward pass (fp32), of the
+    distribution sampled at ``temperature`` (and ``top_k``: the k most likely tokens, renormalized)."""
     ids = torch.tensor([prompt_ids + completion_ids])
     with torch.no_grad():
-        logp = torch.log_softmax(model(ids).logits[0].float(), dim=-1)
+        logits = model(ids).logits[0].float() / temperature
+    if top_k:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    logp = torch.log_softmax(logits, dim=-1)
     pos = torch.arange(len(prompt_ids) - 1, len(prompt_ids) + len(completion_ids) - 1)
     return logp[pos, torch.tensor(completion_ids)].tolist()
 
@@ -124,14 +142,29 @@ def test_vllm_sampling_is_seeded_per_prompt(sft_vllm):
 
 
 @pytest.mark.slow
-def test_transformers_engine_logprobs_are_the_models(hf_engine):
-    out = hf_engine.generate(PROMPTS[:3], SamplingParams(n=2, temperature=1.0, top_k=5, max_tokens=6, seed=0, logprobs=True))
+def test_vllm_samples_of_identical_prompts_draw_independent_streams(tiny_model):
+    """Six copies of one prompt, K=4, from a random model: 24 different samples. With seeds
+    seed + i, vLLM's per-sample seeds seed + i + k gave 6 + 4 - 1 = 9 streams for the 24."""
+    pytest.importorskip("vllm")
+    from sampling.vllm_engine import VLLMEngine
+
+    engine = VLLMEngine(str(tiny_model), max_model_len=64, kv_cache_gb=0.1, seed=0)
+    try:
+        out = engine.generate([PROMPTS[0]] * 6, SamplingParams(n=4, temperature=1.0, max_tokens=16, seed=0))
+    finally:
+        engine.close()
+    assert len({tuple(c.token_ids) for cands in out for c in cands}) == 24
+
+
+@pytest.mark.slow
+def test_transformers_engine_logprobs_are_the_sampling_distributions(hf_engine):
+    out = hf_engine.generate(PROMPTS[:3], SamplingParams(n=2, temperature=0.7, top_k=5, max_tokens=6, seed=0, logprobs=True))
     ids = [hf_engine.tokenizer(t, add_special_tokens=False).input_ids for t in
            [hf_engine.tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in PROMPTS[:3]]]
     for prompt_ids, cands in zip(ids, out):
         for cand in cands:
             assert len(cand.logprobs) == len(cand.token_ids) > 0
-            ref = forward_logprobs(hf_engine.model, prompt_ids, cand.token_ids)
+            ref = forward_logprobs(hf_engine.model, prompt_ids, cand.token_ids, temperature=0.7, top_k=5)
             assert max(abs(a - b) for a, b in zip(cand.logprobs, ref)) < 1e-4
 
 

@@ -41,6 +41,25 @@ def clipped_surrogate(logp, logp_old, advantages, mask, clip_eps: float = 0.2):
     return loss, {"clip_frac": clip_frac.item(), "ratio_mean": masked_mean(ratio, mask).item()}
 
 
+def sequence_clipped_surrogate(logp, logp_old, advantages, mask, clip_eps: float = 0.2):
+    """PPO's clipped objective with the whole response as one action, averaged over sequences.
+
+    RLOO (Ahmadian et al. 2024) models a response as a single action, so the importance ratio is
+    the sequence's pi_theta(y|x) / pi_old(y|x) = exp(sum_t (logp_t - logp_old_t)) over the
+    response tokens; the loss is -mean_i min(ratio_i A_i, clip(ratio_i, 1 - eps, 1 + eps) A_i)
+    with one advantage per sequence (``advantages`` is ``[B]``). The paper's RLOO is on-policy
+    and unclipped (ratio 1 at its single step); the clip and the mean over sequences are TRL
+    1.16's ``RLOOTrainer``'s, which this follows (one ``eps`` for both sides: no ``epsilon_high``).
+    A row whose mask is empty has ratio 1 and no gradient, and still counts in the mean.
+    """
+    ratio = torch.exp(seq_sum(logp - logp_old, mask))
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantages
+    loss = -torch.minimum(unclipped, clipped).mean()
+    clip_frac = ((ratio - 1).abs() > clip_eps).float().mean()
+    return loss, {"clip_frac": clip_frac.item(), "ratio_mean": ratio.mean().item()}
+
+
 def clipped_value_loss(values, values_old, returns, mask, clip_eps: float = 0.2):
     """PPO's clipped value loss: 0.5 * max((V - R)^2, (clip(V, V_old +- eps) - R)^2)."""
     clipped = values_old + torch.clamp(values - values_old, -clip_eps, clip_eps)
@@ -66,6 +85,18 @@ def mirror_descent(logp, logp_old, advantages, mask, t: float = 1.0, max_log_rat
     kl = seq_sum(token_ratio * token_log_ratio - (token_ratio - 1), mask)
     loss = -(ratio * advantages).mean() + kl.mean() / t
     return loss, {"kl_old": kl.mean().item(), "ratio_mean": ratio.mean().item()}
+
+
+def chosen_nll(logp, mask):
+    """Llama 3's NLL regularizer of DPO: the mean negative log-likelihood per chosen-response token.
+
+    ``logp`` and ``mask`` hold the chosen responses' rows only. The tokens of all rows are pooled
+    (sum over every masked token / their count), as TRL 1.16's DPO ``sft`` loss type computes the
+    ``nll`` term of ``align dpo``, so both stages weigh the term alike. Departure: Llama 3 cites
+    Pang et al. 2024, who normalize each pair's NLL by its own length and then average over pairs;
+    pooled, a long chosen response weighs more than a short one.
+    """
+    return -masked_mean(logp, mask)
 
 
 def dpo_sigmoid(chosen_logp, rejected_logp, chosen_ref, rejected_ref, beta: float = 0.1):

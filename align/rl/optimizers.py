@@ -24,7 +24,7 @@ from align.rl import estimators as est
 from align.rl import losses as L
 from align.rl import parallel
 from align.rl.merging_optimizer import OnlineMergingAdamW
-from align.rl.rollout import Rollouts, backward_by_groups, forward_logprobs, length_groups, token_logprobs
+from align.rl.rollout import Rollouts, backward_by_groups, forward_logprobs, length_groups, token_logprobs, truncation_view
 
 OPTIMIZERS: Registry[type["PolicyOptimizer"]] = Registry("optimizer")
 get_optimizer = OPTIMIZERS.get  # an unknown name is a ConfigError listing the valid ones
@@ -57,11 +57,14 @@ class PolicyOptimizer:
     """Base: subclasses set ``name``/``min_samples`` and implement ``loss`` (and maybe ``prepare``).
 
     The policy's dropout is turned off here (``disable_dropout``): the loop trains it in train
-    mode, and the ratio to pi_old must be exactly 1 before the first step.
+    mode, and the ratio to pi_old must be exactly 1 before the first step. Every log-prob (the
+    policy's, pi_old's and the reference's) is taken at the rollouts' sampling ``temperature``
+    (``token_logprobs``): the ratios and KL terms then compare the policies that actually sample.
     """
 
     name: ClassVar[str]
     min_samples: ClassVar[int] = 1  # K needed per prompt (2 for leave-one-out and group baselines)
+    masks_truncated: ClassVar[bool] = True  # whether mask_truncated_completions applies (a loss over response tokens)
 
     def __init__(self, cfg: Any, policy: nn.Module, ref_logprobs: Callable | None):
         disable_dropout(policy)
@@ -108,11 +111,11 @@ class PolicyOptimizer:
         r.logp_old = logp.detach()
         if self.extra:
             r.values_old = self.values(hidden.detach())
-        stats = {"entropy": L.masked_mean(entropy, r.mask).item()}
+        stats = {"entropy": L.masked_mean(entropy, r.response_mask).item()}
         if self.needs_ref:
             if r.logp_ref is None:
                 r.logp_ref = self.ref_logprobs(r.input_ids, r.attention_mask)
-            stats["kl_ref"] = L.seq_sum(r.logp_old - r.logp_ref, r.mask).mean().item()
+            stats["kl_ref"] = L.seq_sum(r.logp_old - r.logp_ref, r.response_mask).mean().item()
         return stats
 
     def update(self, r: Rollouts) -> dict[str, float]:
@@ -125,8 +128,14 @@ class PolicyOptimizer:
         gradients, and its gradient with respect to them is then pushed through the model one
         length group at a time (``backward_by_groups``). The same gradients either way; the second
         costs one more forward pass.
+
+        Responses cut at ``max_tokens`` first lose ``missing_eos_penalty`` from their reward and,
+        with ``mask_truncated_completions``, their rows of ``mask`` (``truncation_view``): the loss
+        terms use ``mask``, while rewards, advantages and statistics use every response token
+        (``Rollouts.response_mask``), so a masked response still counts in its group's baseline.
         """
         self.policy.train()
+        r = truncation_view(r, self.cfg.mask_truncated_completions, self.cfg.missing_eos_penalty)
         by_groups = r.input_ids.shape[0] > self.cfg.forward_batch_size
         if by_groups and self.cfg.inner_steps == 1 and self.row_local():
             return self._row_local_step(r)
@@ -134,7 +143,7 @@ class PolicyOptimizer:
         def forward(grad: bool):
             with torch.set_grad_enabled(grad):
                 return token_logprobs(self.policy, r.input_ids, r.attention_mask, with_hidden=bool(self.extra),
-                                      batch_size=self.cfg.forward_batch_size)
+                                      batch_size=self.cfg.forward_batch_size, temperature=self.cfg.temperature)
 
         # One step from pi_old: its own forward gives pi_old's log-probs (detached), so a separate
         # no-grad pass would only repeat it (TRL's GRPO/RLOO do the same).
@@ -154,7 +163,8 @@ class PolicyOptimizer:
             loss.backward()  # every loss keeps a graph, even one with nothing to learn (zero)
             if by_groups:
                 backward_by_groups(self.policy, r.input_ids, r.attention_mask, logp.grad,
-                                   hidden.grad if hidden is not None else None, self.cfg.forward_batch_size)
+                                   hidden.grad if hidden is not None else None, self.cfg.forward_batch_size,
+                                   temperature=self.cfg.temperature)
             step_stats["grad_norm"] = self._apply_gradients()
             step_stats["loss"] = loss.item()
             for key, value in step_stats.items():
@@ -178,7 +188,8 @@ class PolicyOptimizer:
         r.logp_old = logp_old  # filled group by group below
         self.optimizer.zero_grad(set_to_none=True)
         for idx, w in length_groups(r.attention_mask, self.cfg.forward_batch_size):
-            logp_g, entropy_g, _ = forward_logprobs(self.policy, r.input_ids[idx, :w], r.attention_mask[idx, :w], False)
+            logp_g, entropy_g, _ = forward_logprobs(self.policy, r.input_ids[idx, :w], r.attention_mask[idx, :w], False,
+                                                    temperature=self.cfg.temperature)
             logp_old[idx, : w - 1] = logp_g.detach()
             entropy[idx, : w - 1] = entropy_g
             logp = logp_old.index_put((idx,), F.pad(logp_g, (0, width - w)))  # this group's rows carry gradients
@@ -244,7 +255,15 @@ class GRPO(PolicyOptimizer):
 
 @register_optimizer
 class RLOO(PolicyOptimizer):
-    """RLOO (Ahmadian et al. 2024): leave-one-out baseline on the KL-shaped sequence reward, clipped."""
+    """RLOO (Ahmadian et al. 2024): leave-one-out baseline on the KL-shaped sequence reward, clipped.
+
+    The whole response is one action: one ratio per sequence (the exponentiated sum of its
+    token log-ratios), clipped PPO-style and averaged over sequences, as TRL 1.16's RLOOTrainer
+    does (``losses.sequence_clipped_surrogate``). Per-token ratios would clip each token on its
+    own and, averaged over tokens, weigh a sequence by its length (DAPO's choice, which ``GRPO``
+    here makes). With one inner step the ratio is 1 and only that weighting differs: 1/B per
+    sequence rather than 1/(the batch's response tokens) per token.
+    """
 
     name = "rloo"
     min_samples = 2
@@ -255,9 +274,9 @@ class RLOO(PolicyOptimizer):
     def loss(self, r, logp, entropy, hidden):
         rewards = r.scores
         if self.needs_ref:
-            rewards = rewards - self.cfg.kl_coef * L.seq_sum(r.logp_old - r.logp_ref, r.mask)
+            rewards = rewards - self.cfg.kl_coef * L.seq_sum(r.logp_old - r.logp_ref, r.response_mask)
         adv = est.leave_one_out(r.grouped(rewards)).flatten()
-        return _sequence_advantage_loss(r, logp, adv, self.cfg.clip_eps)
+        return L.sequence_clipped_surrogate(logp, r.logp_old, adv, r.mask, self.cfg.clip_eps)
 
 
 @register_optimizer
@@ -273,8 +292,8 @@ class MDLOO(PolicyOptimizer):
     min_samples = 2
 
     def loss(self, r, logp, entropy, hidden):
-        logp_old_seq = L.seq_sum(r.logp_old, r.mask)
-        logp_ref_seq = L.seq_sum(r.logp_ref, r.mask) if self.needs_ref else logp_old_seq
+        logp_old_seq = L.seq_sum(r.logp_old, r.response_mask)
+        logp_ref_seq = L.seq_sum(r.logp_ref, r.response_mask) if self.needs_ref else logp_old_seq
         rewards = est.mdloo_rewards(r.scores, logp_old_seq, logp_ref_seq, self.cfg.kl_coef)
         adv = est.leave_one_out(r.grouped(rewards)).flatten()
         return L.mirror_descent(logp, r.logp_old, adv, r.mask, t=self.cfg.mdloo_t)
@@ -285,12 +304,15 @@ class OnlineDPO(PolicyOptimizer):
     """Qwen2's online DPO: the best and worst of the K samples (by reward) form a DPO pair.
 
     Prompts whose K rewards are all equal give no pair and are skipped (counted in ``pairs``).
-    Optional (``nll_coef`` > 0): Llama 3's NLL term on the chosen response, per token, which keeps
-    DPO from lowering the likelihood of the preferred answers along with the rejected ones.
+    Optional (``nll_coef`` > 0): Llama 3's NLL term on the chosen responses, which keeps DPO from
+    lowering the likelihood of the preferred answers along with the rejected ones: the mean NLL
+    over all chosen tokens of the batch (``losses.chosen_nll``), the normalization of ``align
+    dpo``'s ``nll`` (TRL's ``sft`` loss type).
     """
 
     name = "online_dpo"
     min_samples = 2
+    masks_truncated = False  # a pair is two whole responses: --missing_eos_penalty ranks truncated ones lower instead
 
     @classmethod
     def uses_reference(cls, cfg: Any) -> bool:
@@ -307,8 +329,8 @@ class OnlineDPO(PolicyOptimizer):
         seq = L.seq_sum(logp, r.mask)
         ref = L.seq_sum(r.logp_ref, r.mask)
         loss, stats = L.dpo_sigmoid(seq[chosen], seq[rejected], ref[chosen], ref[rejected], self.cfg.beta)
-        if self.cfg.nll_coef > 0:  # Llama 3's NLL term on the chosen response (per token)
-            nll = -(seq[chosen] / r.mask[chosen].sum(-1).clamp(min=1)).mean()
+        if self.cfg.nll_coef > 0:  # Llama 3's NLL term: per chosen token, pooled as in align dpo
+            nll = L.chosen_nll(logp[chosen], r.mask[chosen])
             loss = loss + self.cfg.nll_coef * nll
             stats["nll"] = nll.item()
         return loss, {**stats, "pairs": float(len(chosen))}
@@ -339,11 +361,11 @@ class PPO(PolicyOptimizer):
         stats = super().prepare(r, logp, entropy, hidden)
         rewards = torch.zeros_like(r.logp_old)
         if self.needs_ref:
-            rewards -= self.cfg.kl_coef * (r.logp_old - r.logp_ref) * r.mask
-        last = (r.mask * torch.arange(r.mask.shape[1], device=r.mask.device)).argmax(-1)
+            rewards -= self.cfg.kl_coef * (r.logp_old - r.logp_ref) * r.response_mask
+        last = (r.response_mask * torch.arange(r.mask.shape[1], device=r.mask.device)).argmax(-1)
         rewards[torch.arange(len(last)), last] += r.scores
-        adv, self._returns = est.gae(rewards, r.values_old * r.mask, r.mask, self.cfg.gamma, self.cfg.lam)
-        self._advantages = est.whiten(adv, r.mask)
+        adv, self._returns = est.gae(rewards, r.values_old * r.response_mask, r.response_mask, self.cfg.gamma, self.cfg.lam)
+        self._advantages = est.whiten(adv, r.response_mask)
         return stats
 
     def loss(self, r, logp, entropy, hidden):

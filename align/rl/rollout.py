@@ -1,9 +1,13 @@
 """Rollouts: the token batch an optimizer trains on, built from the engine's candidates.
 
 Each prompt has K candidates; row ``i * K + k`` of every tensor is candidate k of prompt i.
-Sequences are prompt ids + response ids (+ EOS when the response stopped on it), right-padded;
-``mask`` marks the response tokens as targets of the shifted log-probs, i.e. ``mask[:, t]``
-is 1 when token ``t + 1`` of the sequence is a response token.
+Sequences are prompt ids + the response ids exactly as the engine sampled them, right-padded:
+a response that stopped ends with the stop token the policy chose (the tokenizer's EOS or any
+other id of the model's ``generation_config.eos_token_id``, e.g. Gemma-2's ``<end_of_turn>``), and
+nothing is ever appended, so every trained token is one the policy sampled. ``mask`` marks the
+response tokens as targets of the shifted log-probs, i.e. ``mask[:, t]`` is 1 when token
+``t + 1`` of the sequence is a response token; ``truncated`` marks the responses cut at
+``max_tokens`` (no stop token).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ class Rollouts:
     mask: torch.Tensor  # [B, L-1] response-token targets
     scores: torch.Tensor  # [B] reward from the scorers
     k: int  # samples per prompt
+    truncated: torch.Tensor | None = None  # [B] bool: cut at max_tokens before a stop token
+    full_mask: torch.Tensor | None = None  # [B, L-1] every response token, where ``mask`` leaves rows out of the loss
     logp_old: torch.Tensor | None = None  # [B, L-1] under the policy that sampled
     logp_ref: torch.Tensor | None = None  # [B, L-1] under the reference
     values_old: torch.Tensor | None = None  # [B, L-1] value head (PPO)
@@ -33,17 +39,21 @@ class Rollouts:
         """[B] -> [n_prompts, K]."""
         return values.view(self.n_prompts, self.k)
 
+    @property
+    def response_mask(self) -> torch.Tensor:
+        """Every response token, rows left out of the loss included (``mask_truncated``): the mask of
+        the per-sequence quantities that feed rewards and advantages (KL shaping) and of statistics."""
+        return self.mask if self.full_mask is None else self.full_mask
 
-def build_rollouts(prompt_ids: list[list[int]], responses: list[list[list[int]]], finished: list[list[bool]],
-                   scores: list[float], eos_id: int, pad_id: int, device: str | torch.device = "cpu") -> Rollouts:
-    """Pack K responses per prompt into padded tensors (EOS appended to responses that stopped)."""
+
+def build_rollouts(prompt_ids: list[list[int]], responses: list[list[list[int]]], truncated: list[list[bool]],
+                   scores: list[float], pad_id: int, device: str | torch.device = "cpu") -> Rollouts:
+    """Pack K responses per prompt (the sampled ids, nothing added) into padded tensors;
+    ``truncated[i][k]`` says response k of prompt i hit ``max_tokens`` (``finish_reason == "length"``)."""
     seqs, spans = [], []
-    for ids, cands, stops in zip(prompt_ids, responses, finished):
-        for resp, stopped in zip(cands, stops):
-            resp = list(resp)
-            if stopped and (not resp or resp[-1] != eos_id):
-                resp.append(eos_id)
-            seqs.append(list(ids) + resp)
+    for ids, cands in zip(prompt_ids, responses):
+        for resp in cands:
+            seqs.append(list(ids) + list(resp))
             spans.append((len(ids), len(ids) + len(resp)))
     width = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -54,8 +64,38 @@ def build_rollouts(prompt_ids: list[list[int]], responses: list[list[list[int]]]
         attention[row, : len(seq)] = 1
         mask[row, start - 1 : end - 1] = 1.0
     k = len(responses[0])
+    cut = torch.tensor([t for row in truncated for t in row], dtype=torch.bool, device=device)
     return Rollouts(input_ids.to(device), attention.to(device), mask.to(device),
-                    torch.tensor(scores, dtype=torch.float32, device=device), k)
+                    torch.tensor(scores, dtype=torch.float32, device=device), k, truncated=cut)
+
+
+def penalize_missing_eos(scores: torch.Tensor, truncated: torch.Tensor, penalty: float | None) -> torch.Tensor:
+    """``scores`` with ``penalty`` subtracted from the truncated responses' (a new tensor; ``None``:
+    unchanged). TRL's ``missing_eos_penalty`` (OnlineDPOConfig): ``rewards[~contain_eos] -= penalty``."""
+    if penalty is None:
+        return scores
+    return scores - penalty * truncated.to(scores.dtype)
+
+
+def mask_truncated(r: Rollouts) -> Rollouts:
+    """``r`` with the truncated rows' ``mask`` zeroed, so they carry no loss; their scores stay in
+    the group statistics, and ``full_mask`` keeps every response token for the quantities that feed
+    the advantages and the statistics (``response_mask``).
+
+    TRL's ``mask_truncated_completions`` (GRPOConfig/RLOOConfig; DAPO's overlong filtering, Yu et
+    al. 2025) zeroes these rows of ``completion_mask`` too. Departure: TRL then uses that one mask
+    for the KL it subtracts from RLOO's rewards and for its logged KL, so a truncated response enters
+    its group's baseline with no KL penalty; here its KL is counted as for any other response.
+    """
+    keep = (~r.truncated).to(r.mask.dtype)[:, None]
+    return dataclasses.replace(r, mask=r.mask * keep, full_mask=r.response_mask)
+
+
+def truncation_view(r: Rollouts, mask_rows: bool, missing_eos_penalty: float | None) -> Rollouts:
+    """The rollouts an optimizer trains on under the two options for responses cut at
+    ``max_tokens``: the penalty taken off their rewards, then (``mask_rows``) their loss masked."""
+    r = dataclasses.replace(r, scores=penalize_missing_eos(r.scores, r.truncated, missing_eos_penalty))
+    return mask_truncated(r) if mask_rows else r
 
 
 def length_groups(attention_mask: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, int]]:
@@ -66,8 +106,11 @@ def length_groups(attention_mask: torch.Tensor, batch_size: int) -> list[tuple[t
     return [(idx, int(lengths[idx].max())) for idx in order.split(batch_size)]
 
 
-def token_logprobs(model, input_ids, attention_mask, with_hidden: bool = False, batch_size: int | None = None):
-    """Per-token log-probs of each next token, their entropies, and optionally the last hidden states.
+def token_logprobs(model, input_ids, attention_mask, with_hidden: bool = False, batch_size: int | None = None,
+                   temperature: float = 1.0):
+    """Per-token log-probs of each next token, their entropies, and optionally the last hidden states,
+    under the policy that samples at ``temperature`` (softmax of the logits divided by it, as TRL's
+    GRPO/RLOO trainers compute them): the distribution the rollouts were drawn from.
 
     Returns ``(logp [B, L-1], entropy [B, L-1], hidden [B, L-1, H] | None)``. With ``batch_size``,
     the (right-padded) rows go through the model in passes of that many rows grouped by length,
@@ -78,13 +121,14 @@ def token_logprobs(model, input_ids, attention_mask, with_hidden: bool = False, 
     """
     rows, width = input_ids.shape
     if batch_size is None or batch_size >= rows:
-        return forward_logprobs(model, input_ids, attention_mask, with_hidden)
+        return forward_logprobs(model, input_ids, attention_mask, with_hidden, temperature=temperature)
     groups = length_groups(attention_mask, batch_size)
     if sum(len(idx) * w for idx, w in groups) > 0.75 * rows * width:
-        return forward_logprobs(model, input_ids, attention_mask, with_hidden)
+        return forward_logprobs(model, input_ids, attention_mask, with_hidden, temperature=temperature)
     parts = []
     for idx, w in groups:
-        logp, entropy, hidden = forward_logprobs(model, input_ids[idx, :w], attention_mask[idx, :w], with_hidden)
+        logp, entropy, hidden = forward_logprobs(model, input_ids[idx, :w], attention_mask[idx, :w], with_hidden,
+                                                 temperature=temperature)
         pad = width - w  # back to [rows, width - 1]; the padded targets are masked out anyway
         parts.append((F.pad(logp, (0, pad)), F.pad(entropy, (0, pad)), F.pad(hidden, (0, 0, 0, pad)) if with_hidden else None))
     inverse = torch.argsort(torch.cat([idx for idx, _ in groups]))
@@ -95,7 +139,7 @@ def token_logprobs(model, input_ids, attention_mask, with_hidden: bool = False, 
 
 
 def backward_by_groups(model, input_ids, attention_mask, grad_logp: torch.Tensor,
-                       grad_hidden: torch.Tensor | None, batch_size: int) -> None:
+                       grad_hidden: torch.Tensor | None, batch_size: int, temperature: float = 1.0) -> None:
     """Accumulate the parameters' gradients of a loss whose gradient with respect to the per-token
     log-probs (``grad_logp`` [B, L-1]; and the hidden states, ``grad_hidden``) is known, one
     length group of ``batch_size`` rows at a time (``loss.backward`` reaching ``model``'s
@@ -108,7 +152,7 @@ def backward_by_groups(model, input_ids, attention_mask, grad_logp: torch.Tensor
     """
     for idx, w in length_groups(attention_mask, batch_size):
         logp, _, hidden = forward_logprobs(model, input_ids[idx, :w], attention_mask[idx, :w], grad_hidden is not None,
-                                          with_entropy=False)
+                                          with_entropy=False, temperature=temperature)
         outputs, grads = [logp], [grad_logp[idx, : w - 1]]
         if grad_hidden is not None:
             outputs.append(hidden)
@@ -116,12 +160,13 @@ def backward_by_groups(model, input_ids, attention_mask, grad_logp: torch.Tensor
         torch.autograd.backward(outputs, grads)
 
 
-def forward_logprobs(model, input_ids, attention_mask, with_hidden: bool, with_entropy: bool = True):
+def forward_logprobs(model, input_ids, attention_mask, with_hidden: bool, with_entropy: bool = True,
+                     temperature: float = 1.0):
     """One forward pass of all the rows: ``(logp, entropy | None, hidden | None)``, as ``token_logprobs``."""
     out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=with_hidden)
     logits = out.logits[:, :-1]
-    logp = selective_logprobs(logits, input_ids[:, 1:])
-    entropy = chunked_entropy(logits) if with_entropy else None
+    logp = selective_logprobs(logits, input_ids[:, 1:], temperature=temperature)
+    entropy = chunked_entropy(logits, temperature=temperature) if with_entropy else None
     hidden = out.hidden_states[-1][:, :-1] if with_hidden else None
     return logp, entropy, hidden
 
@@ -138,8 +183,10 @@ def _chunks(logits: torch.Tensor, chunk_tokens: int):
             yield row, slice(start, start + chunk_tokens)
 
 
-def selective_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
-    """log softmax(logits)[target] per position, [B, T, V] x [B, T] -> [B, T] fp32, with gradients.
+def selective_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = CHUNK_TOKENS,
+                       temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / temperature)[target] per position, [B, T, V] x [B, T] -> [B, T] fp32, with
+    gradients. The division happens chunk by chunk in fp32 (no scaled copy of the logits).
 
     The same numbers as ``log_softmax(logits.float()).gather(targets)`` without the full-vocabulary
     fp32 log-softmax (B x T x V x 4 bytes, 1.6 GB for 64 x 128 tokens at a 49k vocabulary) and
@@ -147,20 +194,20 @@ def selective_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk_tokens
     and the backward writes softmax-minus-one-hot chunk by chunk into the one gradient tensor.
     TRL's ``selective_log_softmax`` loops over rows for the forward the same way.
     """
-    return _SelectiveLogprobs.apply(logits, targets, chunk_tokens)
+    return _SelectiveLogprobs.apply(logits, targets, chunk_tokens, float(temperature))
 
 
 class _SelectiveLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, chunk_tokens):
+    def forward(ctx, logits, targets, chunk_tokens, temperature):
         logp = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
         lse = torch.empty_like(logp)
         for row, cols in _chunks(logits, chunk_tokens):
-            chunk = logits[row, cols].float()
+            chunk = _scaled(logits[row, cols], temperature)
             lse[row, cols] = torch.logsumexp(chunk, dim=-1)
             logp[row, cols] = chunk.gather(-1, targets[row, cols].unsqueeze(-1)).squeeze(-1) - lse[row, cols]
         ctx.save_for_backward(logits, targets, lse)
-        ctx.chunk_tokens = chunk_tokens
+        ctx.chunk_tokens, ctx.temperature = chunk_tokens, temperature
         return logp
 
     @staticmethod
@@ -169,20 +216,26 @@ class _SelectiveLogprobs(torch.autograd.Function):
         logits, targets, lse = ctx.saved_tensors
         grad = torch.empty_like(logits)
         for row, cols in _chunks(logits, ctx.chunk_tokens):
-            g = grad_logp[row, cols].unsqueeze(-1)
-            chunk = -(logits[row, cols].float() - lse[row, cols].unsqueeze(-1)).exp() * g  # -softmax * g
+            g = grad_logp[row, cols].unsqueeze(-1) / ctx.temperature  # d(x / T)/dx = 1/T
+            chunk = -(_scaled(logits[row, cols], ctx.temperature) - lse[row, cols].unsqueeze(-1)).exp() * g  # -softmax * g
             chunk.scatter_add_(-1, targets[row, cols].unsqueeze(-1), g)  # + one-hot * g
             grad[row, cols] = chunk
-        return grad, None, None
+        return grad, None, None, None
+
+
+def _scaled(chunk: torch.Tensor, temperature: float) -> torch.Tensor:
+    """A chunk of logits in fp32, divided by the temperature out of place (``.float()`` of fp32
+    logits is the logits themselves)."""
+    return chunk.float() if temperature == 1.0 else chunk.float() / temperature
 
 
 @torch.no_grad()  # a statistic only: no graph for it
-def chunked_entropy(logits: torch.Tensor, chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
-    """Entropy of softmax(logits) per position, [B, T, V] -> [B, T] fp32, in chunks:
-    H = logsumexp(x) - sum softmax(x) * x."""
+def chunked_entropy(logits: torch.Tensor, chunk_tokens: int = CHUNK_TOKENS, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of softmax(logits / temperature) per position, [B, T, V] -> [B, T] fp32, in chunks:
+    H = logsumexp(x) - sum softmax(x) * x with x = logits / temperature."""
     entropy = torch.empty(logits.shape[:2], dtype=torch.float32, device=logits.device)
     for row, cols in _chunks(logits, chunk_tokens):
-        chunk = logits[row, cols].float()
+        chunk = _scaled(logits[row, cols], temperature)
         lse = torch.logsumexp(chunk, dim=-1)
         entropy[row, cols] = lse - (torch.softmax(chunk, dim=-1) * chunk).sum(-1)
     return entropy

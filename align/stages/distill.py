@@ -19,8 +19,15 @@ it implements GKD as published. TRL's ``DistillationTrainer`` is on-policy only 
 responses), so it does not fit. Ours around it: the shared-vocabulary check before any weights
 are loaded (one line naming both models and sizes), the data normalization of ``align sft``
 (TRL, Alpaca or ShareGPT rows; the final assistant turn is the response), the stage output
-contract (``align.stage``: stage.json, metrics.jsonl, ``model/``, ``--resume``), and the
-held-out measure below, which GKDTrainer lacks.
+contract (``align.stage``: stage.json, metrics.jsonl, ``model/``, ``--resume``), the
+held-out measure below, which GKDTrainer lacks, and the per-step normalization of
+``StepMeanGKDTrainer``.
+
+Each micro-batch's loss is the mean divergence over its own response tokens, and micro-batches
+of one optimizer step weigh the same, so ``lmbda`` is the on-policy share of the training signal.
+TRL 1.16's ``GKDTrainer`` divides instead by transformers' ``num_items_in_batch``, the label
+tokens of the dataset batch counted before the swap to generated samples; an on-policy step was
+then scaled by (its sample tokens) / (the dataset response tokens), not by 1.
 
 Held-out KL (``eval_dataset``): the teacher answers each held-out prompt greedily once; the
 student's mean per-token KL(teacher || student) over those answer tokens is measured before and
@@ -132,6 +139,42 @@ def conversations(spec: str):
 
 
 # ---------------------------------------------------------------------------------------------
+# The trainer
+# ---------------------------------------------------------------------------------------------
+
+
+def gkd_trainer_class():
+    """``StepMeanGKDTrainer``: TRL's GKDTrainer with every step normalized by its own tokens."""
+    import warnings
+
+    from trl.import_utils import TRLExperimentalWarning
+
+    with warnings.catch_warnings():  # GKDTrainer is the engine on purpose (module docstring)
+        warnings.simplefilter("ignore", TRLExperimentalWarning)
+        from trl.experimental.gkd import GKDTrainer
+
+    class StepMeanGKDTrainer(GKDTrainer):
+        """GKDTrainer whose loss is the mean generalized JSD over the step's own response tokens.
+
+        GKD (Agarwal et al. 2024) measures a sequence by the mean of its token-level divergences,
+        whether the sequence is the student's sample or a fixed response. TRL 1.16's
+        ``compute_loss`` divides the sum by ``num_items_in_batch``, which transformers counts on
+        the dataset's labels before ``training_step`` swaps in the student's (or teacher's)
+        samples, so it is ignored here: the divergence is averaged over the current labels'
+        tokens (GKDTrainer's own ``batchmean``), and transformers divides by the gradient
+        accumulation steps (``loss_is_scaled_for_ga = False``). Departure from the paper: the
+        mean pools the tokens of the micro-batch's sequences instead of averaging per sequence.
+        """
+
+        loss_is_scaled_for_ga = False
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=None)
+
+    return StepMeanGKDTrainer
+
+
+# ---------------------------------------------------------------------------------------------
 # Held-out KL
 # ---------------------------------------------------------------------------------------------
 
@@ -198,7 +241,7 @@ def run_distill(cfg: DistillStageConfig) -> dict:
 
     with warnings.catch_warnings():  # GKDTrainer is the engine on purpose (module docstring)
         warnings.simplefilter("ignore", TRLExperimentalWarning)
-        from trl.experimental.gkd import GKDConfig, GKDTrainer
+        from trl.experimental.gkd import GKDConfig
 
     from align.tracking import StageCallback, evaluate_trained, plot_metrics
 
@@ -216,7 +259,7 @@ def run_distill(cfg: DistillStageConfig) -> dict:
 
     args = GKDConfig(**trl_args(cfg, stage), max_length=cfg.max_length, lmbda=cfg.lmbda, beta=cfg.beta,
                      temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seq_kd=cfg.seq_kd)
-    trainer = GKDTrainer(
+    trainer = gkd_trainer_class()(
         model=model,
         teacher_model=teacher,
         args=args,

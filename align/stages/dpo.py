@@ -61,8 +61,8 @@ LOSSES: Registry[Loss] = Registry("loss")
 LOSSES.register("sigmoid", Loss("sigmoid", 1.0, True, "DPO, Rafailov et al. 2023 eq. 7: -log sigmoid(beta * margin)"))
 LOSSES.register("ipo", Loss("ipo", 1.0, True, "IPO, Azar et al. 2023 eq. 17: (margin / tokens - 1 / (2 beta))^2"))
 LOSSES.register("robust", Loss("robust", 1.0, True, "robust DPO, Chowdhury et al. 2024: label noise label_smoothing"))
-LOSSES.register("hinge", Loss("hinge", 1.0, True, "SLiC, Zhao et al. 2023: max(0, 1 - beta * margin)"))
-LOSSES.register("nll", Loss("sft", 0.2, False, "Llama 3: NLL of the chosen response (mean per token), weight 0.2"))
+LOSSES.register("hinge", Loss("hinge", 1.0, True, "RSO, Liu et al. 2023: SLiC's hinge on the normalized likelihood, max(0, 1 - beta * margin)"))
+LOSSES.register("nll", Loss("sft", 0.2, False, "Llama 3: NLL of the chosen responses (mean over their tokens), weight 0.2"))
 
 
 def resolve_losses(specs: list[str]) -> tuple[list[str], list[float]]:
@@ -295,6 +295,7 @@ def _reference_identity(cfg: DPOStageConfig, mask_ids: list[int]) -> dict[str, A
     return {
         "reference": model_identity(cfg.ref_model or cfg.model_name_or_path),
         "dtype": cfg.dtype,
+        "bf16": cfg.bf16,  # the reference pass runs under the trainer's autocast
         "load_in_4bit": cfg.load_in_4bit and not cfg.ref_model,
         "max_length": cfg.max_length,
         "masked_token_ids": mask_ids,

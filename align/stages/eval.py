@@ -5,9 +5,10 @@
 
 Greedy by default (one answer per prompt); ``--num_samples K --temperature T`` samples K and
 reports both the mean over all samples and ``best_of_k`` (pass@K for a 0/1 reward). Writes
-``stage.json`` with ``mean_reward`` (for ``rule:arithmetic`` the exact-match accuracy) and the
-engine used, and ``eval.jsonl`` with each prompt's response(s) and reward. The quickstart's
-progress table is built from these stage.json files.
+``stage.json`` with ``mean_reward`` (for ``rule:arithmetic`` the exact-match accuracy),
+``truncated_frac`` (the share of answers cut at ``max_tokens``, whose reward judges an unfinished
+answer) and the engine used, and ``eval.jsonl`` with each prompt's response(s), reward and
+finish reason(s). The quickstart's progress table is built from these stage.json files.
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ Each iteration, read top to bottom in ``run_rlhf``:
   2. the in-process engine (vLLM when it is installed) samples K = ``num_samples`` responses each;
   3. the scorers score the decoded text (own tokenizers; NaN stops the run naming the prompt);
   4. the optimizer computes log-probs under the policy (and reference) and takes its steps;
-  5. the new weights go into the engine (LoRA: merged, sent, unmerged);
-  6. one metrics row (reward, KL, entropy, length, clip fraction, time split) and a checkpoint
+  5. the new weights go into the engine (LoRA: merged into new tensors, the base left as it is);
+  6. one metrics row (reward, KL, entropy, length, truncated share, clip fraction, time split) and a checkpoint
      every ``save_every`` iterations;
   7. after SIGTERM/SIGUSR1 (``align.preempt``): a checkpoint of this iteration, then exit code 3;
      ``--resume`` continues with the next iteration.
@@ -63,8 +63,8 @@ class RLHFConfig(RewardOptions, EngineOptions, ModelOptions, OnlineMergingOption
     prompts_per_iteration: int = option(16, "Prompts sampled per iteration.")
     num_samples: int = option(4, "K: responses sampled per prompt.")
     max_tokens: int = option(64, "Longest sampled response, in tokens.")
-    temperature: float = option(1.0, "Sampling temperature for rollouts.")
-    top_p: float = option(1.0, "Nucleus sampling for rollouts.")
+    temperature: float = option(1.0, "Sampling temperature for rollouts; the policy, old-policy and reference log-probs of the loss are taken at it too (logits / temperature), as TRL's GRPO/RLOO do.")
+    top_p: float = option(1.0, "Nucleus sampling for rollouts. Only 1.0: the loss would need the truncated policy's log-probs, which no optimizer here computes.")
     learning_rate: float = option(1e-5, "AdamW learning rate for the policy (and value head).")
     forward_batch_size: int = option(32, "Sequences per training forward/backward pass, grouped by length so each pads only to its own longest; at most this many hold activations at once (memory).")
     inner_steps: int = option(1, "Optimizer steps per iteration on the same rollouts (PPO epochs; MDLOO's mirror-descent steps).")
@@ -77,6 +77,12 @@ class RLHFConfig(RewardOptions, EngineOptions, ModelOptions, OnlineMergingOption
     gamma: float = option(1.0, "ppo: discount.")
     lam: float = option(0.95, "ppo: GAE lambda.")
     max_grad_norm: float = option(1.0, "Gradient clipping norm.")
+    mask_truncated_completions: bool = option(False, "Responses cut at max_tokens (no stop token) carry no loss; they still count in"
+                                                     " their group's reward statistics (baselines, advantages). DAPO's overlong"
+                                                     " filtering, as TRL's GRPO/RLOO option of this name. Not for online_dpo.")
+    missing_eos_penalty: float | None = option(None, "Subtracted from the reward of every response cut at max_tokens (no stop token)"
+                                                     " before the advantages, as TRL's OnlineDPOConfig option of this name: a reward"
+                                                     " model rescores the text with a closed turn, so it cannot see the cut. Unset: no penalty.")
     save_every: int = option(10, "Write a resumable checkpoint every N iterations.")
     eval_dataset: str | None = option(None, "Held-out prompts answered greedily before and after training.")
     eval_reward: list[str] | None = option(None, "Scorer(s) for eval_dataset (default: reward).", names=RULES)
@@ -99,6 +105,19 @@ class RLHFConfig(RewardOptions, EngineOptions, ModelOptions, OnlineMergingOption
         for key in ("num_iterations", "prompts_per_iteration", "num_samples", "max_tokens", "inner_steps", "save_every", "forward_batch_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"'{key}' must be >= 1, got {getattr(self, key)}")
+        if self.temperature <= 0:
+            raise ConfigError(f"'temperature' must be > 0 for rollouts (the loss divides the logits by it), got {self.temperature}")
+        if self.top_p != 1.0:
+            raise ConfigError(f"'top_p' must be 1.0 in rlhf, got {self.top_p}: the optimizers train on the untruncated"
+                              " policy's log-probs, so nucleus-sampled rollouts would be off-policy; lower --temperature instead")
+        if self.mask_truncated_completions and not opt.masks_truncated:
+            raise ConfigError(f"'mask_truncated_completions' does not apply to optimizer '{self.optimizer}' (its pairs are whole"
+                              " responses, with no per-token loss to mask); use --missing_eos_penalty to rank truncated responses lower")
+        if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
+            raise ConfigError(f"'missing_eos_penalty' must be >= 0 (it is subtracted from the reward), got {self.missing_eos_penalty}")
+        if self.load_in_4bit:
+            raise ConfigError("'load_in_4bit' (QLoRA) is not supported by align rlhf: the engine needs the adapter merged into"
+                              " full-precision weights; use --use_lora true (with --dtype bfloat16 to halve the base's memory)")
         if self.learning_rate <= 0 or self.kl_coef < 0 or self.mdloo_t <= 0:
             raise ConfigError("'learning_rate' and 'mdloo_t' must be > 0 and 'kl_coef' >= 0")
         if self.report_to:
@@ -128,34 +147,89 @@ def batch_indices(n: int, size: int, iteration: int, seed: int) -> list[int]:
     return out
 
 
+def rollout_seed_keys(seed: int, iteration: int, rank: int, world: int, size: int) -> tuple[int, ...]:
+    """Seed keys (``SamplingParams.seeds``) of this rank's prompts of an iteration: one per position
+    of the whole batch, distinct for every (seed, iteration, position) while an iteration has fewer
+    than 2**20 prompts, so the samples do not depend on how many processes share the batch."""
+    return tuple((seed << 40) + (iteration << 20) + pos for pos in range(rank, size, world))
+
+
+def hf_name(name: str) -> str:
+    """A peft model's parameter or module name -> the wrapped Hugging Face model's name."""
+    return name.removeprefix("base_model.model.").replace(".base_layer", "").replace(".original_module", "")
+
+
+@torch.no_grad()
+def lora_merged(layer) -> dict[str, torch.Tensor]:
+    """A peft LoRA layer's base ``weight`` (and ``bias``) with its active adapters added, as new
+    tensors; {} when no adapter changes them. The base layer is only read.
+
+    The same sums as peft's ``LoraLayer.merge`` for plain LoRA: W + ``get_delta_weight(adapter)``
+    (scale * B @ A, transposed for ``fan_in_fan_out``, in the adapter's dtype: fp32 where peft keeps
+    adapters in fp32 beside a bf16 base), rounded once to W's dtype, and b + scale * B's bias for
+    ``lora_bias``. Departure: peft adds them into the base weights in place, and ``unmerge``
+    subtracts them again; in bf16 the two roundings do not cancel, so merging and unmerging at every
+    sync drifts the base, which is also the KL reference (the policy with its adapter disabled).
+    Variants with another merge rule (DoRA) are refused.
+    """
+    base = layer.get_base_layer()
+    merged: dict[str, torch.Tensor] = {}
+    for adapter in layer.active_adapters:
+        if adapter in layer.merged_adapters or adapter not in {*layer.lora_A, *layer.lora_embedding_A}:
+            continue
+        if adapter in layer.lora_variant:
+            raise ModelError(f"LoRA adapter '{adapter}' is a {type(layer.lora_variant[adapter]).__name__}: align rlhf"
+                             " syncs plain LoRA adapters only")
+        weight = merged.get("weight", base.weight)
+        merged["weight"] = (weight + layer.get_delta_weight(adapter)).to(weight.dtype)
+        if layer.lora_bias.get(adapter, False):
+            bias = merged.get("bias", base.bias)
+            merged["bias"] = (bias + layer.lora_B[adapter].bias * layer.scaling[adapter]).to(bias.dtype)
+    return merged
+
+
+@torch.no_grad()
+def merged_adapter_weights(policy) -> dict[str, torch.Tensor]:
+    """Hugging Face name -> new tensor for every weight a peft policy's active adapters replace: the
+    LoRA layers' merged weights (``lora_merged``) and the trained copies of ``modules_to_save`` (as
+    peft's ``merge_and_unload`` keeps them)."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.other import ModulesToSaveWrapper
+
+    out: dict[str, torch.Tensor] = {}
+    for name, module in policy.named_modules():
+        if isinstance(module, LoraLayer):
+            out.update({f"{hf_name(name)}.{k}": v for k, v in lora_merged(module).items()})
+        elif isinstance(module, ModulesToSaveWrapper):
+            for adapter in (a for a in module.active_adapters if a in module.modules_to_save):
+                out.update({f"{hf_name(name)}.{k}": v for k, v in module.modules_to_save[adapter].state_dict().items()})
+    return out
+
+
 def policy_weights(policy) -> list[tuple[str, torch.Tensor]]:
-    """The policy's weights under Hugging Face names; a LoRA model must be merged by the caller."""
+    """The policy's weights under Hugging Face names; a peft policy's with its active adapters
+    merged out of place (``merged_adapter_weights``), its own weights untouched."""
+    replaced = merged_adapter_weights(policy) if hasattr(policy, "peft_config") else {}
     named = []
     for name, tensor in policy.state_dict().items():
-        if "lora_" in name:
+        if "lora_" in name or ".modules_to_save." in name:
             continue
-        name = name.removeprefix("base_model.model.").replace(".base_layer", "")
-        named.append((name, tensor.detach()))
+        name = hf_name(name)
+        named.append((name, replaced.get(name, tensor).detach()))
     return named
 
 
 def sync_engine(engine, policy) -> None:
-    """Send the current weights to the engine (LoRA: merge, send the merged weights, unmerge)."""
-    is_peft = hasattr(policy, "peft_config")
-    if is_peft:
-        policy.merge_adapter()
-    try:
-        engine.load_weights(policy_weights(policy))
-    finally:
-        if is_peft:
-            policy.unmerge_adapter()
+    """Send the current weights to the engine; a LoRA policy's merged into new tensors
+    (``policy_weights``), which for the sync holds one more copy of the adapted weights."""
+    engine.load_weights(policy_weights(policy))
 
 
 def make_reference(cfg: RLHFConfig, policy):
     """A function (input_ids, attention_mask) -> per-token log-probs under the reference policy.
 
     Full fine-tuning keeps a frozen copy of the starting weights; LoRA reuses the base model with
-    the adapter disabled (no second copy in memory).
+    the adapter disabled (no second copy in memory). At the sampling temperature, as the policy's.
     """
     from align.rl.rollout import token_logprobs
 
@@ -163,7 +237,8 @@ def make_reference(cfg: RLHFConfig, policy):
         @torch.no_grad()
         def ref(input_ids, attention_mask):
             with policy.disable_adapter():
-                return token_logprobs(policy, input_ids, attention_mask, batch_size=cfg.forward_batch_size)[0]
+                return token_logprobs(policy, input_ids, attention_mask, batch_size=cfg.forward_batch_size,
+                                      temperature=cfg.temperature)[0]
         return ref
     frozen = load_causal_lm(cfg).eval()
     for p in frozen.parameters():
@@ -171,7 +246,8 @@ def make_reference(cfg: RLHFConfig, policy):
 
     @torch.no_grad()
     def ref(input_ids, attention_mask):
-        return token_logprobs(frozen, input_ids, attention_mask, batch_size=cfg.forward_batch_size)[0]
+        return token_logprobs(frozen, input_ids, attention_mask, batch_size=cfg.forward_batch_size,
+                              temperature=cfg.temperature)[0]
 
     return ref
 
@@ -253,13 +329,16 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 def iteration_metrics(parts: list[dict[str, Any]]) -> dict[str, float]:
-    """One metrics row from every rank's part (scores, lengths, optimizer stats, phase times).
+    """One metrics row from every rank's part (scores, lengths, truncation flags, optimizer stats,
+    phase times).
 
-    Rewards and lengths are over all samples; optimizer stats are the mean over the ranks that
-    report them; each phase takes the slowest rank's time (the others wait for it).
+    Rewards (the scorers', before any ``missing_eos_penalty``), lengths and ``truncated_frac`` (the
+    share of responses cut at ``max_tokens``) are over all samples; optimizer stats are the mean over
+    the ranks that report them; each phase takes the slowest rank's time (the others wait for it).
     """
     scores = torch.tensor([s for p in parts for s in p["scores"]])
     lengths = [n for p in parts for n in p["lengths"]]
+    truncated = [t for p in parts for t in p["truncated"]]
     keys = sorted({k for p in parts for k in p["stats"]})
     stats = {k: sum(p["stats"][k] for p in parts if k in p["stats"]) / sum(k in p["stats"] for p in parts) for k in keys}
     times = {k: max(p["times"][k] for p in parts) for k in parts[0]["times"]}
@@ -267,6 +346,7 @@ def iteration_metrics(parts: list[dict[str, Any]]) -> dict[str, float]:
         "reward_mean": scores.mean().item(),
         "reward_std": scores.std(unbiased=False).item(),
         "response_length": sum(lengths) / len(lengths),
+        "truncated_frac": sum(truncated) / len(truncated),
         **stats,
         **{f"time_{k}": v for k, v in times.items()},
         "samples": len(scores),
@@ -302,17 +382,23 @@ def rollout_kv_cache_gb(cfg: RLHFConfig, model_config: dict, prompt_lengths: lis
                            dtype=cfg.dtype)
 
 
+def first_last_tenth(values: list[float]) -> tuple[float, float]:
+    """The means of the first and of the last tenth of ``values`` (at least one value each)."""
+    tenth = max(1, len(values) // 10)
+    return sum(values[:tenth]) / tenth, sum(values[-tenth:]) / tenth
+
+
 def run_summary(logged: list[dict[str, Any]]) -> dict[str, float]:
-    """Mean reward over the first and last tenth of the iterations, and the share of the loop's
-    time spent syncing weights into the engine."""
+    """Mean reward and share of truncated responses over the first and last tenth of the
+    iterations, and the share of the loop's time spent syncing weights into the engine."""
     metrics = [r for r in logged if "reward_mean" in r]
-    tenth = max(1, len(metrics) // 10)
     loop_seconds = sum(r["time_generate"] + r["time_score"] + r["time_train"] + r["time_sync"] for r in metrics)
-    return {
-        "reward_first_10pct": sum(r["reward_mean"] for r in metrics[:tenth]) / tenth,
-        "reward_last_10pct": sum(r["reward_mean"] for r in metrics[-tenth:]) / tenth,
-        "sync_fraction": sum(r["time_sync"] for r in metrics) / max(1e-9, loop_seconds),
-    }
+    summary = dict(zip(("reward_first_10pct", "reward_last_10pct"), first_last_tenth([r["reward_mean"] for r in metrics])))
+    truncated = [r["truncated_frac"] for r in metrics if "truncated_frac" in r]  # rows logged without it are left out
+    if truncated:
+        summary["truncated_frac_first_10pct"], summary["truncated_frac_last_10pct"] = first_last_tenth(truncated)
+    summary["sync_fraction"] = sum(r["time_sync"] for r in metrics) / max(1e-9, loop_seconds)
+    return summary
 
 
 def _live_view(cfg: RLHFConfig, start: int, show: bool):
@@ -407,7 +493,7 @@ def run_rlhf(cfg: RLHFConfig) -> dict:
             whole = [rows[i] for i in batch_indices(len(rows), cfg.prompts_per_iteration, it, cfg.seed)]
             batch = whole[rank::world]  # this rank's shard
             params = SamplingParams(n=cfg.num_samples, temperature=cfg.temperature, top_p=cfg.top_p,
-                                    max_tokens=cfg.max_tokens, seed=cfg.seed * 1_000_003 + it * 10_007 + rank * 7_919)
+                                    max_tokens=cfg.max_tokens, seeds=rollout_seed_keys(cfg.seed, it, rank, world, len(whole)))
             t0 = time.perf_counter()
             candidates = engine.generate([r["prompt"] for r in batch], params)
             t1 = time.perf_counter()
@@ -416,8 +502,8 @@ def run_rlhf(cfg: RLHFConfig) -> dict:
             rollouts = build_rollouts(
                 encode_prompts(tokenizer, [r["prompt"] for r in batch], cfg.system_prompt),
                 [[c.token_ids for c in cands] for cands in candidates],
-                [[c.finish_reason == "stop" for c in cands] for cands in candidates],
-                [s for group in scores for s in group], tokenizer.eos_token_id, tokenizer.pad_token_id, device,
+                [[c.finish_reason == "length" for c in cands] for cands in candidates],
+                [s for group in scores for s in group], tokenizer.pad_token_id, device,
             )
             stats = opt.update(rollouts)
             t3 = time.perf_counter()
@@ -426,6 +512,7 @@ def run_rlhf(cfg: RLHFConfig) -> dict:
 
             row = iteration_metrics(parallel.gather({
                 "scores": rollouts.scores.tolist(), "lengths": [len(c.token_ids) for cands in candidates for c in cands],
+                "truncated": rollouts.truncated.tolist(),
                 "stats": stats, "times": {"generate": t1 - t0, "score": t2 - t1, "train": t3 - t2, "sync": t4 - t3},
             }))
             row = {"step": it + 1, **row, "batch": hashlib.sha1(",".join(r["prompt_id"] for r in whole).encode()).hexdigest()[:12]}
@@ -466,4 +553,4 @@ def run_rlhf(cfg: RLHFConfig) -> dict:
     return stage.finish(summary, artifacts, keep_checkpoints=cfg.keep_checkpoints)
 
 
-__all__ = ["RLHFConfig", "run_rlhf", "batch_indices", "sync_engine", "policy_weights"]
+__all__ = ["RLHFConfig", "run_rlhf", "batch_indices", "sync_engine", "policy_weights", "merged_adapter_weights"]

@@ -25,8 +25,8 @@ Output in DIR:
                     its ``prompt_id`` (and ``candidate_index`` / rewards)
   candidates.jsonl  every candidate: prompt_id, candidate_index, text, reward, num_tokens,
                     finish_reason, duplicate_of (the earlier identical candidate, if any)
-  stage.json        prompts, candidates, kept rows, mean/max reward, tokens/s, the engine used
-                    (written last)
+  stage.json        prompts, candidates, kept rows, mean/max reward, the share of candidates cut
+                    at max_tokens (truncated_frac), tokens/s, the engine used (written last)
   metrics.jsonl     one row per shard
 
 Crash safety: prompts are processed in shards of ``shard_size``; each finished shard of each
@@ -65,7 +65,7 @@ from align import preempt
 from align.registry import command
 from align.config import BaseConfig, option, required
 from align.errors import ConfigError, DataError
-from align.evaluation import RewardOptions, check_scorer_accepts, load_prompts, score_candidates
+from align.evaluation import RewardOptions, check_scorer_accepts, load_prompts, score_candidates, truncated_fraction
 from align.stage import SHARD_MANIFEST, Stage, atomic_write_json, atomic_write_text, read_stage, shard_files, staging_dir
 from sampling.base import Engine, SamplingParams
 from sampling.engines import EngineOptions
@@ -92,7 +92,7 @@ class RSConfig(RewardOptions, EngineOptions, BaseConfig):
     temperature: float = option(1.0, "Sampling temperature (0 = greedy, which makes the K samples identical).")
     top_p: float = option(1.0, "Nucleus sampling: keep the smallest token set with this much probability.")
     top_k: int = option(0, "Sample among the k most likely tokens (0 = off).")
-    seed: int = option(0, "Sampling seed: prompt i is sampled with seed + i (vLLM), so reruns reproduce.")
+    seed: int = option(0, "Sampling seed: prompt i has the seed key seed + i (hashed to its own block of sample streams), so reruns and any sharding reproduce.")
     select: str = option("best", "Selection strategy: best (best-of-K SFT rows), pairs (best vs worst preference rows), all (every candidate).",
                          choices=STRATEGIES)
     min_margin: float = option(0.0, "pairs: keep a pair only if chosen - rejected reward >= this (ties are always skipped).")
@@ -279,6 +279,7 @@ def _join_members(parts: list[dict[str, Any]]) -> dict[str, Any]:
 def _shard_metrics(index: int, shard: dict[str, Any], model: str) -> dict[str, Any]:
     rewards = [c["reward"] for p in shard["prompts"] for c in p["candidates"]]
     return {"step": index + 1, "model": model, "prompts": len(shard["prompts"]), "mean_reward": sum(rewards) / len(rewards),
+            "truncated_frac": truncated_fraction([c["finish_reason"] for p in shard["prompts"] for c in p["candidates"]]),
             "tokens_per_s": shard["tokens"] / max(shard["generate_seconds"], 1e-9)}
 
 
@@ -327,6 +328,7 @@ def _finish(stage: Stage, cfg: RSConfig, rows: list[dict], shards: list[dict], r
         "mean_reward": sum(rewards) / len(rewards),
         "max_reward": max(rewards),
         "mean_best_reward": sum(max(c["reward"] for c in r["candidates"]) for r in records) / len(records),
+        "truncated_frac": truncated_fraction([c["finish_reason"] for r in records for c in r["candidates"]]),
         **committee_summary(cfg.model_name_or_path, records, selected),
         "tokens": tokens,
         "tokens_per_s": round(tokens / generate_seconds, 1) if generate_seconds > 0 else None,
