@@ -28,6 +28,8 @@ _LAZY = {
     "run_dpo": "align.stages.dpo",
     "RLHFConfig": "align.stages.rlhf",
     "run_rlhf": "align.stages.rlhf",
+    "SelectConfig": "align.stages.select",
+    "run_select": "align.stages.select",
     "evaluate": "align.evaluation",
     "AlignError": "align.errors",
 }

@@ -30,6 +30,7 @@ def _load_commands() -> None:
     import align.stages.rlhf  # noqa: F401
     import align.stages.merge  # noqa: F401
     import align.stages.distill  # noqa: F401
+    import align.stages.select  # noqa: F401
     import align.stages.run  # noqa: F401  run, status, report
 
 

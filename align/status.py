@@ -44,6 +44,7 @@ KEY_METRICS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "rs": lambda s: {"kept_rows": s.get("kept_rows"), "mean_reward": s.get("mean_reward"), "wins": _committee_wins(s)},
     "rlhf": lambda s: {"held_out": s.get("eval_mean_reward"), "train_reward": s.get("reward_last_10pct")},
     "distill": lambda s: {"held_out": s.get("eval_mean_reward"), "heldout_kl": s.get("heldout_kl")},
+    "select": lambda s: {"chosen": s.get("chosen"), "chosen_value": s.get(s.get("metric", ""))},
 }
 
 

@@ -83,7 +83,10 @@ def test_llama3_rounds_chain_through_the_averaged_model(tmp_path):
     assert [s.name for s in recipe.stages if s.base == "merge"] == [f"merge_r{r}" for r in range(1, 7)]
     sft = str(tmp_path / "sft" / "model")
     assert recipe.config("rs_r1").model_name_or_path == [sft] and recipe.config("sft_rs_r1").model_name_or_path == sft
-    assert recipe.config("rs_r2").model_name_or_path == [str(tmp_path / "merge_r1" / "model")]
+    assert recipe.config("rs_r2").model_name_or_path == [str(tmp_path / "best_r1" / "model")]
+    best = recipe.config("best_r2")  # the best model so far: the round's average, or round 1's best
+    assert (best.candidates, best.baseline, best.metric) == ([str(tmp_path / "eval_r2")], str(tmp_path / "best_r1"), "mean_reward")
+    assert recipe.config("best_r1").baseline == str(tmp_path / "eval_sft")
     assert recipe.config("rs_r2").num_samples == 10 and recipe.config("rs_r2").reward == [f"model:{tmp_path}/rm_r2/model"]
     for seed, name in ((1, "dpo_a_r3"), (2, "dpo_b_r3")):
         dpo = recipe.config(name)
@@ -91,7 +94,7 @@ def test_llama3_rounds_chain_through_the_averaged_model(tmp_path):
         assert (dpo.loss, dpo.beta, dpo.learning_rate, dpo.mask_formatting_tokens) == (["sigmoid", "nll:0.2"], 0.1, 1e-5, True)
     merge = recipe.config("merge_r3")
     assert (merge.method, merge.models) == ("average", [str(tmp_path / "dpo_a_r3"), str(tmp_path / "dpo_b_r3")])
-    assert len(Recipe.load(recipe.path, profile="tiny", sets=["vars.rounds=1"], workdir=str(tmp_path)).stages) == 11
+    assert len(Recipe.load(recipe.path, profile="tiny", sets=["vars.rounds=1"], workdir=str(tmp_path)).stages) == 12
 
 
 def test_gemma2_distils_then_merges_two_rloo_runs_toward_the_sft_model(tmp_path):
@@ -122,7 +125,9 @@ def test_afm_rounds_sample_a_committee_and_refresh_the_reward_model(tmp_path):
     assert (rm.loss, rm.grade_levels) == ("soft_label", 3) and len(rm.grade_heads) == 4
     rs1, rs2 = recipe.config("rs_r1"), recipe.config("rs_r2")
     assert rs1.model_name_or_path == [str(tmp_path / "sft" / "model"), "Qwen/Qwen2.5-3B"]
-    assert rs2.model_name_or_path == [str(tmp_path / "mdloo_r1" / "model"), str(tmp_path / "dpo_r1" / "model")]
+    assert rs2.model_name_or_path == [str(tmp_path / "mdloo_r1" / "model"), str(tmp_path / "best_r1" / "model")]  # latest, best
+    best = recipe.config("best_r2")
+    assert (best.candidates, best.baseline) == ([str(tmp_path / "eval_dpo_r2"), str(tmp_path / "eval_r2")], str(tmp_path / "best_r1"))
     assert (rs1.select, rs1.reward, rs2.reward) == ("pairs", [f"model:{tmp_path}/rm/model"], [f"model:{tmp_path}/rm_refresh_r1/model"])
     refresh = recipe.config("rm_refresh_r2")
     assert (refresh.dataset, refresh.model_name_or_path) == (str(tmp_path / "rs_r2" / "data"), str(tmp_path / "sft" / "model"))
@@ -191,7 +196,7 @@ TEST_BUDGET = {
     "qwen2": [*SMALL_DEMO, "dpo.max_steps=4", "dpo.per_device_train_batch_size=4", "dpo.save_steps=2",
               "rm.max_steps=4", "rm.per_device_train_batch_size=8", "rm.eval_split=0.25", "rm.save_steps=2",
               "rlhf.num_iterations=2", "rlhf.prompts_per_iteration=8", "rlhf.num_samples=4", "rlhf.save_every=1"],
-    "llama3": [*SMALL_DEMO, "vars.rounds=1", "vars.rs_prompts=24", "rm.max_steps=4", "rm.per_device_train_batch_size=8",
+    "llama3": [*SMALL_DEMO, "vars.rounds=2", "vars.rs_prompts=24", "rm.max_steps=4", "rm.per_device_train_batch_size=8",
                "rm.eval_split=0.25", "rm.save_steps=2", "rs.num_samples=4", "rs.min_reward=null",
                "sft_rs.max_steps=4", "sft_rs.per_device_train_batch_size=8", "sft_rs.save_steps=2",
                "dpo_a.max_steps=4", "dpo_a.per_device_train_batch_size=4", "dpo_a.save_steps=2",
@@ -207,7 +212,7 @@ TEST_BUDGET = {
             "rm_refresh.save_steps=2", "dpo.max_steps=4", "dpo.per_device_train_batch_size=4", "dpo.save_steps=2",
             "mdloo.num_iterations=2", "mdloo.prompts_per_iteration=8", "mdloo.num_samples=4", "mdloo.save_every=1"],
 }
-KEY_METRIC = {"eval": "held_out", "rm": "eval_accuracy", "rs": "kept_rows", "distill": "heldout_kl"}
+KEY_METRIC = {"eval": "held_out", "rm": "eval_accuracy", "rs": "kept_rows", "distill": "heldout_kl", "select": "chosen"}
 
 
 @pytest.mark.slow
@@ -243,6 +248,15 @@ def check_qwen2(workdir: Path, stage_json) -> None:
 def check_llama3(workdir: Path, stage_json) -> None:
     assert stage_json("merge_r1")["config"]["models"] == [str(workdir / "dpo_a_r1"), str(workdir / "dpo_b_r1")]
     assert stage_json("rs_r1")["config"]["model_name_or_path"] == [str(workdir / "sft" / "model")]
+    # Each round's best: its average if that beats the best so far on held-out sums, else the best so far.
+    baseline = ("eval_sft", stage_json("eval_sft")["summary"]["mean_reward"])
+    for r in (1, 2):
+        merged = stage_json(f"eval_r{r}")["summary"]["mean_reward"]
+        expected = (f"eval_r{r}", merged) if merged > baseline[1] else baseline
+        s = stage_json(f"best_r{r}")["summary"]
+        assert (s["chosen"], s["mean_reward"]) == expected
+        baseline = (f"best_r{r}", expected[1])
+    assert stage_json("rs_r2")["config"]["model_name_or_path"] == [str(workdir / "best_r1" / "model")]
 
 
 def check_gemma2(workdir: Path, stage_json) -> None:
