@@ -30,6 +30,7 @@ def _inputs(tiny_model: Path, demo_data: Path) -> dict[str, list[str]]:
         "rlhf": [*model, "--dataset", str(demo_data / "prompts.jsonl"), "--reward", "rule:arithmetic"],
         "merge": ["--models", f"{tiny_model},{tiny_model}"],
         "distill": [*model, "--teacher", str(tiny_model), "--dataset", str(demo_data / "sft.jsonl")],
+        "select": ["--candidates", str(tiny_model), "--metric", "mean_reward"],
         "import-model": ["smollm2"],
         "run": [str(ROOT / "configs" / "recipes" / "quickstart.yaml")],
         "report": [],
