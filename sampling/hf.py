@@ -26,6 +26,8 @@ class TransformersEngine:
         self.batch_size = batch_size
         self.system_prompt = system_prompt
         self.max_model_len = max_model_len
+        # What generation stops on, as the vLLM engine's (read once: it renders the chat template).
+        self.stop_ids = stop_ids(tokenizer, getattr(getattr(model, "generation_config", None), "eos_token_id", None))
 
     @classmethod
     def from_pretrained(cls, model_path: str, *, dtype: str = "float32", trust_remote_code: bool = False,
@@ -74,7 +76,6 @@ class TransformersEngine:
         max_new = params.max_tokens
         if self.max_model_len is not None:
             max_new = min(max_new, self.max_model_len - width)
-        stops = stop_ids(tok, getattr(self.model.generation_config, "eos_token_id", None))
         out = self.model.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention.to(device),
@@ -85,7 +86,7 @@ class TransformersEngine:
             top_k=None if greedy or not params.top_k else params.top_k,
             num_return_sequences=params.n,
             pad_token_id=pad,
-            eos_token_id=stops,
+            eos_token_id=self.stop_ids,
             stop_strings=list(params.stop) or None,
             tokenizer=tok if params.stop else None,
             output_scores=params.logprobs,
@@ -98,7 +99,7 @@ class TransformersEngine:
             cands = []
             for k in range(params.n):
                 flat = row * params.n + k
-                ids, reason = _trim(new[flat], stops, pad)
+                ids, reason = _trim(new[flat], self.stop_ids, pad)
                 text = tok.decode(ids, skip_special_tokens=True)
                 text, reason = _cut_at_stop(text, reason, params.stop)
                 lp = logprobs[flat][: len(ids)] if logprobs is not None else None
