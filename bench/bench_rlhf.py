@@ -3,7 +3,7 @@
     python bench/bench_rlhf.py [--model DIR|smollm2] [--optimizer rloo|grpo] [--use_lora]
                                [--iterations 10] [--prompts 32] [--k 4] [--max_tokens 64]
 
-The issue's real-model setting (SmolLM2-135M-Instruct, LoRA, GRPO, 16 prompts x K=4 x 32 tokens):
+The real-model setting (SmolLM2-135M-Instruct, LoRA, GRPO, 16 prompts x K=4 x 32 tokens):
 
     python bench/bench_rlhf.py --model smollm2 --optimizer grpo --use_lora --prompts 16 --k 4 --max_tokens 32 --iterations 4
 
@@ -21,7 +21,7 @@ TRL's colocated vLLM mode is tried first (``--trl_generation auto``); on CPU in 
 sync fails on some machines (docs/vllm-cpu.md#9), and TRL then runs with transformers
 generation; the table says which.
 
-Also measured, for the issue's goals:
+Also measured:
 * weight sync's share of our iteration time (goal <= 5%);
 * our training phase (log-probs, reference, loss, backward, step: the ``time_train`` of each
   iteration) against a bare torch loop doing the same passes on the same prompts with responses
@@ -39,7 +39,7 @@ Also measured, for the issue's goals:
 * each process's peak RSS (``ru_maxrss`` from ``wait4``: model, optimizer, engine and its KV
   cache, everything the process held) -- goal: ours no higher than TRL's;
 * the training phase's share of the fp32 matmul peak measured in the same run (6 x parameters
-  FLOPs per trained token, prompt and response tokens, as the issue counts them).
+  FLOPs per trained token, prompt and response tokens).
 
 Prints a table and writes bench/results/rlhf.json (``--out``).
 """
