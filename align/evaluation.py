@@ -137,9 +137,10 @@ def evaluate(engine, dataset: str, reward: list[str] | str, max_tokens: int = 32
     scores = score_candidates(scorer, rows, outputs)
     results = [
         {"prompt_id": row["prompt_id"], "prompt": prompt_text(row["prompt"]),
-         **({"response": cands[0].text, "reward": s[0], "finish_reason": cands[0].finish_reason} if params.n == 1 else
+         **({"response": cands[0].text, "reward": s[0], "finish_reason": cands[0].finish_reason,
+             "num_tokens": len(cands[0].token_ids)} if params.n == 1 else
             {"responses": [c.text for c in cands], "rewards": s, "reward": sum(s) / len(s),
-             "finish_reasons": [c.finish_reason for c in cands]})}
+             "finish_reasons": [c.finish_reason for c in cands], "num_tokens_list": [len(c.token_ids) for c in cands]})}
         for row, cands, s in zip(rows, outputs, scores)
     ]
     every = [x for s in scores for x in s]

@@ -10,8 +10,9 @@ import json
 import sys
 
 
-def draw(series: dict[str, list], path: str, title: str) -> None:
-    """One panel per key (points are (step, value)), written with the Agg backend."""
+def draw(series: dict[str, list], path: str, title: str, x_label: str = "step") -> None:
+    """One panel per key (points are (x, value), x the step unless ``x_label`` says otherwise),
+    written with the Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -19,8 +20,8 @@ def draw(series: dict[str, list], path: str, title: str) -> None:
 
     fig, axes = plt.subplots(1, len(series), figsize=(5 * len(series), 3.5), squeeze=False)
     for ax, (key, points) in zip(axes[0], series.items()):
-        ax.plot([p[0] for p in points], [p[1] for p in points])
-        ax.set_xlabel("step")
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o" if x_label != "step" else None)
+        ax.set_xlabel(x_label)
         ax.set_title(key)
         ax.grid(alpha=0.3)
     fig.suptitle(title)

@@ -56,7 +56,7 @@ RESERVED = ("vars", "prev", "round")
 ENTRY_KEYS = ("name", "kind", "config", "profiles")
 # Kinds that write their artifact straight into output_dir (no stage contract of their own): the
 # runner points output_dir at <stage dir>/<artifact> and writes the stage.json itself.
-WRAPPED = {"make-tiny-model": "model", "demo-data": "data", "import-model": "model"}
+WRAPPED = {"make-tiny-model": "model", "demo-data": "data", "situation-prompts": "data", "import-model": "model"}
 # Attributes of a stage reference and the path each names inside the stage dir.
 PATH_ATTRS = {"model": "model", "data": "data", "dir": ""}
 SET_BY_RUNNER = ("output_dir", "overwrite", "resume")

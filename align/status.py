@@ -26,6 +26,24 @@ def _eval_metrics(s: dict[str, Any]) -> dict[str, Any]:
     return {"held_out": s.get("eval_mean_reward")}
 
 
+def short_spec(spec: str) -> str:
+    """A scorer spec as a column name: ``rule:vader`` -> vader, ``model:runs/x/rm/model`` -> rm
+    (the stage that trained it), ``pkg.mod:fn`` -> fn."""
+    kind, _, rest = spec.partition(":")
+    if kind == "model":
+        parts = Path(rest).parts
+        return parts[-2] if len(parts) > 1 and parts[-1] == "model" else Path(rest).name
+    return rest or kind
+
+
+def _eval_stage_metrics(s: dict[str, Any]) -> dict[str, Any]:
+    """eval: the reward, each judge's mean, and the text checks when a reference was given."""
+    out = {"held_out": s.get("mean_reward"), **{short_spec(k): v for k, v in (s.get("judge_means") or {}).items()}}
+    if "reference_nll" in s:
+        out.update({"length": s.get("mean_length"), "distinct_2": s.get("distinct_2"), "ref_nll": s.get("reference_nll")})
+    return out
+
+
 def _committee_wins(s: dict[str, Any]) -> str | None:
     """rs over a committee: the rows each member supplied (``sft/model 30, dpo/model 2``)."""
     from align.stages.rs import format_wins
@@ -39,10 +57,10 @@ def _committee_wins(s: dict[str, Any]) -> str | None:
 KEY_METRICS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "sft": _eval_metrics,
     "dpo": _eval_metrics,
-    "eval": lambda s: {"held_out": s.get("mean_reward")},
-    "rm": lambda s: {"eval_accuracy": s.get("eval_accuracy")},
+    "eval": _eval_stage_metrics,
+    "rm": lambda s: {"eval_accuracy": s.get("eval_accuracy"), "noise_free": s.get("eval_accuracy_noise_free")},
     "rs": lambda s: {"kept_rows": s.get("kept_rows"), "mean_reward": s.get("mean_reward"), "wins": _committee_wins(s)},
-    "rlhf": lambda s: {"held_out": s.get("eval_mean_reward"), "train_reward": s.get("reward_last_10pct")},
+    "rlhf": lambda s: {"held_out": s.get("eval_mean_reward"), "train_reward": s.get("reward_last_10pct"), "monitor_kl": s.get("monitor_kl")},
     "distill": lambda s: {"held_out": s.get("eval_mean_reward"), "heldout_kl": s.get("heldout_kl")},
     "select": lambda s: {"chosen": s.get("chosen"), "chosen_value": s.get(s.get("metric", ""))},
 }
@@ -165,6 +183,12 @@ def write_report(workdir: str | Path) -> dict[str, str]:
     if curves:
         _line_chart(curves, out / "rewards.png", "training reward per iteration (online stages)")
         written["rewards"] = str(out / "rewards.png")
+    monitors = {r["name"]: _monitor_points(workdir / r["name"]) for r in rows if r["kind"] == "rlhf"}
+    for name, points in monitors.items():
+        if points:
+            path = out / f"overoptimization_{name}.png"
+            _kl_chart(points, path, f"{name}: held-out scores vs KL to the reference")
+            written[f"overoptimization_{name}"] = str(path)
     lines = [f"# Report: {workdir}", "", "| stage | kind | status | key metric | duration |", "|---|---|---|---|---|"]
     for r in rows:
         duration = f"{r['duration_s']:.0f}s" if isinstance(r["duration_s"], (int, float)) else ""
@@ -174,10 +198,38 @@ def write_report(workdir: str | Path) -> dict[str, str]:
         first, last = held[0], held[-1]
         lines += ["", f"Held-out score: {first[1]:.3f} after {first[0]} -> {last[1]:.3f} after {last[0]}"
                       f" ({(last[1] - first[1]) * 100:+.1f} points)."]
+    for name, points in monitors.items():
+        if points:
+            lines += ["", *monitor_table(name, points)]
     lines += [""] + [f"![{k}]({Path(v).name})" for k, v in written.items()]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     written["markdown"] = str(out / "report.md")
     return written
+
+
+def _monitor_points(stage_dir: Path) -> list[dict[str, Any]]:
+    from align.rl.monitor import MONITOR_FILE, read_rows
+
+    return read_rows(stage_dir / MONITOR_FILE)
+
+
+def monitor_table(name: str, points: list[dict[str, Any]]) -> list[str]:
+    """report.md's table of an rlhf stage's monitor: per point the KL and every score."""
+    judges = list(points[0]["judges"])
+    lines = [f"Over-optimization monitor of {name} (held-out prompts, one sampled answer each):", "",
+             "| iteration | KL | reward (trained on) | " + " | ".join(judges) + " |",
+             "|---|---|---|" + "---|" * len(judges)]
+    for p in points:
+        lines.append(f"| {p['step']} | {p['kl']:.2f} | {p['reward']:.3f} | " + " | ".join(f"{p['judges'][j]:.3f}" for j in judges) + " |")
+    return lines
+
+
+def _kl_chart(points: list[dict[str, Any]], path: Path, title: str) -> None:
+    from align.plot import draw
+    from align.rl.monitor import overoptimization_series
+
+    draw({k: [list(p) for p in v] for k, v in overoptimization_series(points).items()}, str(path), title,
+         x_label="KL to the reference (nats)")
 
 
 def _curve(stage_dir: Path, key: str) -> list[tuple[float, float]]:

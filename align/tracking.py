@@ -176,14 +176,20 @@ def plot_metrics(rows: list[dict[str, Any]], keys: list[str], path: Path, title:
     Drawn in a child process: matplotlib adds ~25 MB to whatever process imports it, which would
     count against the trainer's own peak memory (bench/bench_dpo.py compares that with TRL's).
     """
+    series = {k: [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))] for k in keys}
+    return plot_series(series, path, title)
+
+
+def plot_series(series: dict[str, list[tuple[float, float]]], path: Path, title: str, x_label: str = "step") -> Path | None:
+    """Plot (x, y) points, one panel per series, into a PNG in a child process (``plot_metrics``);
+    None if there is nothing to plot or drawing failed."""
     import json
     import subprocess
 
-    series = {k: [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))] for k in keys}
     series = {k: v for k, v in series.items() if v}
     if not series:
         return None
-    job = json.dumps({"series": series, "path": str(path), "title": title})
+    job = json.dumps({"series": series, "path": str(path), "title": title, "x_label": x_label})
     proc = subprocess.run([sys.executable, "-m", "align.plot"], input=job, text=True, capture_output=True)
     if proc.returncode != 0:  # a plot is a convenience: warn, never fail a finished stage
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]

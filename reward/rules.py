@@ -8,14 +8,22 @@ it up with ``get_rule("name")``; a scorer spec names it as ``rule:NAME``.
 Rules read their parameters from the row, so one spec string serves a whole dataset whose rows
 differ: ``exact_match`` (also registered as ``arithmetic``, the name the demo configs use) reads
 ``answer``, ``regex`` reads ``pattern``, and ``length_penalty`` reads ``max_chars`` (optional).
+
+Two sentiment judges from published lexicons score the response text alone: ``vader`` (VADER's
+compound score in [-1, 1], Hutto & Gilbert 2014, the ``vaderSentiment`` package) and ``afinn``
+(the AFINN-165 word valences summed, Nielsen 2011, the ``afinn`` package). They stand in for
+people's taste in the synthetic-gold protocol (configs/recipes/smollm2_gold.yaml); neither package
+is imported until its rule is first used, and a missing one is a one-line error naming the extra.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import re
 from typing import Callable
 
-from align.errors import DataError
+from align.errors import ConfigError, DataError
 from align.registry import Registry
 
 Rule = Callable[..., float]
@@ -103,5 +111,27 @@ def length_penalty(prompt: str, response: str, **columns) -> float:
     return -max(0, len(response) - max_chars) / max_chars
 
 
-__all__ = ["DEFAULT_MAX_CHARS", "RULES", "Rule", "exact_match", "final_number", "get_rule", "length_penalty", "numeric_answer", "regex",
-           "register_rule"]
+@functools.cache
+def _judge(module: str, attr: str, package: str):
+    """The lexicon scorer object of a judge package, built once per process."""
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except ImportError:
+        raise ConfigError(f"this rule needs the {package} package: pip install -e '.[judges]'") from None
+    return cls()
+
+
+@register_rule("vader")
+def vader(prompt: str, response: str, **columns) -> float:
+    """VADER's compound sentiment of the response, in [-1, 1] (Hutto & Gilbert 2014)."""
+    return float(_judge("vaderSentiment.vaderSentiment", "SentimentIntensityAnalyzer", "vaderSentiment").polarity_scores(response)["compound"])
+
+
+@register_rule("afinn")
+def afinn(prompt: str, response: str, **columns) -> float:
+    """The response's AFINN-165 word valences (-5..5 each), summed (Nielsen 2011)."""
+    return float(_judge("afinn", "Afinn", "afinn").score(response))
+
+
+__all__ = ["DEFAULT_MAX_CHARS", "RULES", "Rule", "afinn", "exact_match", "final_number", "get_rule", "length_penalty", "numeric_answer",
+           "regex", "register_rule", "vader"]

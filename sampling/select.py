@@ -15,6 +15,14 @@ Registered by name (``--select``):
   other member's candidate scores below the chosen: pairs then compare models, as iTeC's
   annotators did; the scorer stands in for the annotators.
 * ``all``: every candidate with its reward -> ``prompt``/``completion`` rows plus ``reward``.
+* ``bradley_terry``: the first two distinct candidates as one preference row labelled the way a
+  noisy annotator would: ``a`` is chosen over ``b`` with probability sigmoid((r_a - r_b) / tau)
+  (the Bradley-Terry model, Bradley & Terry 1952; the synthetic-gold protocol of Gao et al. 2022,
+  "Scaling Laws for Reward Model Overoptimization", with the scorer as the gold). ``tau`` = 0 is a
+  noise-free annotator; ties are dropped (no preference). The draw is seeded by the seed and the
+  prompt id, so reruns, resumes and shards label alike. Rows keep both scores
+  (``chosen_reward``/``rejected_reward``): a reward model's held-out accuracy against the
+  noise-free ordering is read from them (``align rm``'s ``eval_accuracy_noise_free``).
 
 Each candidate carries the ``model`` it was sampled from; rows record it (``model``, or
 ``chosen_model`` / ``rejected_model``).
@@ -27,6 +35,8 @@ the prompt's ``prompt_id`` and its other columns (e.g. ``answer``).
 from __future__ import annotations
 
 import dataclasses
+import math
+import random
 from typing import Any, Callable
 
 from align.registry import Registry
@@ -46,6 +56,8 @@ class Scored:
 class SelectOptions:
     min_margin: float = 0.0
     min_reward: float | None = None
+    tau: float = 0.0  # bradley_terry: the annotator's noise temperature
+    seed: int = 0  # bradley_terry: seeds each prompt's label draw with the prompt id
 
 
 Strategy = Callable[[dict[str, Any], list[Scored], SelectOptions], list[dict[str, Any]]]
@@ -111,3 +123,28 @@ def every_candidate(row: dict[str, Any], cands: list[Scored], opts: SelectOption
         {**_base(row), "completion": _assistant(c.text), "candidate_index": c.index, "reward": c.reward, "model": c.model}
         for c in sorted(cands, key=lambda c: c.index)
     ]
+
+
+def prefer_first(a: float, b: float, tau: float) -> float:
+    """P(a is preferred to b) under Bradley-Terry with temperature ``tau``: sigmoid((a - b) / tau);
+    ``tau`` = 0 is the noise-free limit (1, 0.5 on a tie, 0)."""
+    if tau == 0:
+        return 1.0 if a > b else 0.5 if a == b else 0.0
+    z = (a - b) / tau
+    return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+
+
+@STRATEGIES.register("bradley_terry")
+def annotated_pair(row: dict[str, Any], cands: list[Scored], opts: SelectOptions) -> list[dict[str, Any]]:
+    first = sorted(cands, key=lambda c: c.index)[:2]
+    if len(first) < 2 or first[0].reward == first[1].reward:
+        return []
+    a, b = first
+    draw = random.Random(f"{opts.seed}:{row['prompt_id']}").random()
+    chosen, rejected = (a, b) if draw < prefer_first(a.reward, b.reward, opts.tau) else (b, a)
+    return [{
+        **_base(row), "chosen": _assistant(chosen.text), "rejected": _assistant(rejected.text),
+        "chosen_index": chosen.index, "rejected_index": rejected.index,
+        "chosen_reward": chosen.reward, "rejected_reward": rejected.reward,
+        "chosen_model": chosen.model, "rejected_model": rejected.model,
+    }]

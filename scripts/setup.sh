@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
-EXTRAS=${ALIGN_EXTRAS:-cpu,test}
+EXTRAS=${ALIGN_EXTRAS:-cpu,test,judges}
 stamp=".venv/.align-setup-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)-${EXTRAS//,/_}"
 if [ -f "$stamp" ]; then exit 0; fi
 echo "align: setting up .venv (extras: $EXTRAS); this takes a few minutes the first time" >&2

@@ -8,3 +8,9 @@ def nan_for_one_prompt(prompt: str, response: str, **columns) -> float:
     if columns.get("prompt_id") == os.environ.get("ALIGN_TEST_NAN_PROMPT"):
         return float("nan")
     return float(response.strip() == str(columns["answer"]))
+
+
+def digit_share(prompt: str, response: str, **columns) -> float:
+    """The share of the response's characters that are digits: a reward an untrained model's
+    random answers already vary in, so RL moves it from the first iteration."""
+    return sum(ch.isdigit() for ch in response) / max(1, len(response))

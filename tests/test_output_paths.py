@@ -22,6 +22,7 @@ def _inputs(tiny_model: Path, demo_data: Path) -> dict[str, list[str]]:
     return {
         "make-tiny-model": [],
         "demo-data": [],
+        "situation-prompts": [],
         "sft": [*model, "--dataset", str(demo_data / "sft.jsonl")],
         "rm": [*model, "--dataset", str(demo_data / "pairs.jsonl")],
         "dpo": [*model, "--dataset", str(demo_data / "pairs.jsonl")],

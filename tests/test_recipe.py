@@ -186,7 +186,7 @@ def test_stage_state_covers_inputs_and_prepare_names_them(tmp_path):
     stage = Stage("eval", cfg, cfg.output_dir)
     assert stage.prepare()
     record = stage.finish({"mean_reward": 0.5})
-    assert set(record["inputs"]) == {"model_name_or_path", "dataset", "reward"}
+    assert set(record["inputs"]) == {"model_name_or_path", "dataset", "reward", "judges", "reference_model"}
     assert record["inputs"]["dataset"].startswith("sha256:") and record["inputs"]["reward"] == ["rule:arithmetic"]
     assert stage_state("eval", cfg, cfg.output_dir) == ("up_to_date", "")
     assert not Stage("eval", cfg, cfg.output_dir).prepare()

@@ -9,6 +9,13 @@ reports both the mean over all samples and ``best_of_k`` (pass@K for a 0/1 rewar
 ``truncated_frac`` (the share of answers cut at ``max_tokens``, whose reward judges an unfinished
 answer) and the engine used, and ``eval.jsonl`` with each prompt's response(s), reward and
 finish reason(s). The quickstart's progress table is built from these stage.json files.
+
+Beside the reward (``align.text_metrics``): ``--judges`` scores the same answers with further
+scorers, each reported on its own (``judge_means``; e.g. a second judge that plays no part in
+training, or the reward model a policy was optimized against); every run reports the answers'
+``mean_length`` (tokens) and ``distinct_2``; ``--reference_model`` adds ``reference_nll``, the
+answers' per-token NLL under that model (e.g. the base), so a gain that comes with degenerate text
+shows.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ from align.config import BaseConfig, option, required
 from align.errors import ConfigError
 from align.evaluation import RewardOptions, check_scorer_accepts, evaluate, load_prompts
 from align.registry import command
+from reward.rules import RULES
+from reward.scorers import build_scorer, check_finite
 from align.stage import Stage, atomic_write_text, read_stage
 from sampling.base import SamplingParams
 from sampling.engines import EngineOptions
@@ -32,7 +41,7 @@ RESULTS = "eval.jsonl"
 class EvalConfig(RewardOptions, EngineOptions, BaseConfig):
     # Memory knobs that do not change the samples: a rerun with other values continues / is a no-op.
     run_control: ClassVar[tuple[str, ...]] = ("overwrite", "resume", "kv_cache_gb", "max_num_seqs", "kv_block_size", "threads", "enforce_eager")
-    inputs: ClassVar[tuple[str, ...]] = ("model_name_or_path", "dataset", "reward")
+    inputs: ClassVar[tuple[str, ...]] = ("model_name_or_path", "dataset", "reward", "judges", "reference_model")
 
     model_name_or_path: str = required("Policy to evaluate: a Hugging Face model folder or Hub id.")
     dataset: str = required("Prompt set (e.g. the demo's test.jsonl); extra columns such as `answer` reach the scorer.")
@@ -44,6 +53,10 @@ class EvalConfig(RewardOptions, EngineOptions, BaseConfig):
     seed: int = option(0, "Sampling seed.")
     max_prompts: int | None = option(None, "Evaluate only the first N prompts.")
     overwrite: bool = option(False, "Replace a finished stage in output_dir.")
+    judges: list[str] = option([], "Further scorers (same specs as --reward), each reported on its own in judge_means and per answer:"
+                                   " e.g. a second judge, or the reward model a policy was trained against.", names=RULES)
+    reference_model: str | None = option(None, "A causal LM (e.g. the base model) whose mean per-token NLL of the answers is"
+                                               " reported as reference_nll: it rises when answers drift from text the reference finds likely.")
 
     def validate(self) -> None:
         self.validate_engine()
@@ -55,12 +68,46 @@ class EvalConfig(RewardOptions, EngineOptions, BaseConfig):
             raise ConfigError("'temperature' must be >= 0 and 'max_tokens' >= 1")
 
 
+def text_report(cfg: EvalConfig, rows: list[dict], results: list[dict], judges: dict) -> dict:
+    """Judges' means (their per-answer scores added to ``results`` in place), length, distinct-2
+    and the reference NLL of the answers (``align.text_metrics``)."""
+    from align.evaluation import columns, prompt_text
+    from align.text_metrics import distinct_n, reference_nll
+
+    answers = [r.get("responses") or [r["response"]] for r in results]
+    flat_rows = [row for row, a in zip(rows, answers) for _ in a]
+    flat = [text for a in answers for text in a]
+    report: dict = {"mean_length": results_length(results), "distinct_2": distinct_n(flat)}
+    means = {}
+    for spec, judge in judges.items():
+        scores = judge.score([prompt_text(r["prompt"]) for r in flat_rows], flat, [columns(r) for r in flat_rows])
+        check_finite(scores, [r["prompt_id"] for r in flat_rows], spec)
+        means[spec] = sum(scores) / len(scores)
+        it = iter(scores)
+        for result, a in zip(results, answers):
+            result.setdefault("judges", {})[spec] = [next(it) for _ in a] if "responses" in result else next(it)
+    if means:
+        report["judge_means"] = means
+    if cfg.reference_model:
+        report["reference_nll"] = reference_nll(cfg.reference_model, [r["prompt"] for r in flat_rows], flat, cfg.system_prompt)
+    return report
+
+
+def results_length(results: list[dict]) -> float:
+    """Mean response tokens per answer (``num_tokens`` recorded by ``evaluate``)."""
+    counts = [n for r in results for n in (r.get("num_tokens_list") or [r["num_tokens"]])]
+    return sum(counts) / len(counts)
+
+
 @command("eval", EvalConfig, "Generate answers on a prompt set and score them (mean reward, per-prompt results).")
 def run_eval(cfg: EvalConfig, engine=None) -> dict:
     """Run the stage; returns the stage record. ``engine`` reuses a live engine (it is not closed)."""
     rows = load_prompts(cfg.dataset, cfg.max_prompts)
     scorer = cfg.build_scorer()
     check_scorer_accepts(scorer, rows, cfg.dataset)
+    judges = {spec: build_scorer(spec) for spec in cfg.judges}
+    for judge in judges.values():
+        check_scorer_accepts(judge, rows, cfg.dataset)
     stage = Stage("eval", cfg, cfg.output_dir)
     if not stage.prepare(overwrite=cfg.overwrite):
         return read_stage(cfg.output_dir)
@@ -74,6 +121,9 @@ def run_eval(cfg: EvalConfig, engine=None) -> dict:
     finally:
         if own_engine:
             engine.close()
-    atomic_write_text(stage.dir / RESULTS, "".join(json.dumps(r) + "\n" for r in report.pop("results")))
-    print(f"eval: mean reward {report['mean_reward']:.4f} on {report['num_prompts']} prompts")
+    results = report.pop("results")
+    report.update(text_report(cfg, rows, results, judges))
+    atomic_write_text(stage.dir / RESULTS, "".join(json.dumps(r) + "\n" for r in results))
+    extra = "".join(f", {k} {v:.4f}" for k, v in report.get("judge_means", {}).items())
+    print(f"eval: mean reward {report['mean_reward']:.4f} on {report['num_prompts']} prompts{extra}")
     return stage.finish(report, {"results": str(stage.dir / RESULTS)})

@@ -45,16 +45,17 @@ from align.evaluation import RewardOptions
 from align.models import ModelOptions, load_causal_lm, load_tokenizer, peft_config, save_model
 from align.rl import parallel
 from align.rl.merging_optimizer import OnlineMergingOptions
+from align.rl.monitor import MONITOR_FILE, MonitorOptions
 from align.rl.optimizers import OPTIMIZERS
-from align.stage import CHECKPOINT_RECORD, CheckpointOptions, Stage, checkpoint_dir, read_stage
+from align.stage import CHECKPOINT_RECORD, CheckpointOptions, Stage, atomic_write_text, checkpoint_dir, read_stage
 from align.training import REPORT_TO_HELP
 from reward.rules import RULES
 from sampling.engines import EngineOptions
 
 
 @dataclasses.dataclass
-class RLHFConfig(RewardOptions, EngineOptions, ModelOptions, OnlineMergingOptions, CheckpointOptions, BaseConfig):
-    inputs = ("model_name_or_path", "dataset", "reward", "eval_dataset", "eval_reward")
+class RLHFConfig(RewardOptions, EngineOptions, ModelOptions, OnlineMergingOptions, MonitorOptions, CheckpointOptions, BaseConfig):
+    inputs = ("model_name_or_path", "dataset", "reward", "eval_dataset", "eval_reward", "monitor_dataset", "monitor_judges")
     run_control: ClassVar[tuple[str, ...]] = ("overwrite", "resume", "kv_cache_gb", "kv_block_size", "threads", "enforce_eager")
     dataset: str = required("Prompts to train on (prompt rows; extra columns such as `answer` reach the scorers).")
     output_dir: str = required("Stage directory: stage.json, metrics.jsonl, model/, checkpoints/.")
@@ -102,7 +103,8 @@ class RLHFConfig(RewardOptions, EngineOptions, ModelOptions, OnlineMergingOption
                 f"optimizer '{self.optimizer}' needs num_samples >= {opt.min_samples} (its baseline compares the"
                 f" K samples of a prompt), got {self.num_samples}"
             )
-        for key in ("num_iterations", "prompts_per_iteration", "num_samples", "max_tokens", "inner_steps", "save_every", "forward_batch_size"):
+        for key in ("num_iterations", "prompts_per_iteration", "num_samples", "max_tokens", "inner_steps", "save_every", "forward_batch_size",
+                    "monitor_every"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"'{key}' must be >= 1, got {getattr(self, key)}")
         if self.temperature <= 0:
@@ -431,6 +433,42 @@ def _preempted(cfg: RLHFConfig, stage: Stage, iteration: int, policy, optimizer,
 # ---------------------------------------------------------------------------------------------
 
 
+def load_monitor(cfg: RLHFConfig) -> tuple[list[dict], dict[str, Any]]:
+    """The monitor's prompts and judges (none without --monitor_dataset), checked before any model loads."""
+    from align.evaluation import check_scorer_accepts, load_prompts
+    from reward.scorers import build_scorer
+
+    if not cfg.monitor_dataset:
+        return [], {}
+    rows = load_prompts(cfg.monitor_dataset, cfg.monitor_max_prompts)
+    judges = {spec: build_scorer(spec) for spec in cfg.monitor_judges}
+    for judge in judges.values():
+        check_scorer_accepts(judge, rows, cfg.monitor_dataset)
+    return rows, judges
+
+
+def monitor_summary(path: Path) -> dict[str, Any]:
+    """stage.json's view of the monitor: its first and last points (KL, reward, judges)."""
+    from align.rl.monitor import read_rows
+
+    points = read_rows(path)
+    if not points:
+        return {}
+    first, last = points[0], points[-1]
+    out = {"monitor_points": len(points), "monitor_kl": last["kl"], "monitor_reward_first": first["reward"], "monitor_reward": last["reward"]}
+    for spec in last["judges"]:
+        out[f"monitor_{spec}_first"] = first["judges"][spec]
+        out[f"monitor_{spec}"] = last["judges"][spec]
+    return out
+
+
+def plot_overoptimization(monitor_file: Path, path: Path, title: str) -> Path | None:
+    from align.rl.monitor import overoptimization_series, read_rows
+    from align.tracking import plot_series
+
+    return plot_series(overoptimization_series(read_rows(monitor_file)), path, title, x_label="KL to the reference (nats)")
+
+
 @command("rlhf", RLHFConfig, "Online RL: generate with vLLM, score, update with a pluggable optimizer, sync, repeat.")
 @keeps_freed_memory  # CPU steps reuse their freed activations instead of page-faulting them in (align/heap.py)
 def run_rlhf(cfg: RLHFConfig) -> dict:
@@ -453,6 +491,7 @@ def run_rlhf(cfg: RLHFConfig) -> dict:
     rows = load_prompts(cfg.dataset)
     scorer = cfg.build_scorer()
     check_scorer_accepts(scorer, rows, cfg.dataset)
+    monitor_rows, judges = load_monitor(cfg)
     tokenizer = load_tokenizer(cfg)
     rows, prompt_lengths, skipped_long = fitting_prompts(rows, tokenizer, cfg)
 
@@ -465,6 +504,8 @@ def run_rlhf(cfg: RLHFConfig) -> dict:
     optimizer_cls = OPTIMIZERS[cfg.optimizer]
     reference = make_reference(cfg, policy) if optimizer_cls.uses_reference(cfg) else None
     opt = optimizer_cls(cfg, policy, reference)
+    if monitor_rows and reference is None:  # the monitor's KL needs one even when the loss does not
+        reference = make_reference(cfg, policy)
     device = next(policy.parameters()).device
 
     start, before = 0, {}
@@ -473,6 +514,11 @@ def run_rlhf(cfg: RLHFConfig) -> dict:
         state = load_checkpoint(checkpoint, policy, opt)
         start, before = state["iteration"], state["before"]
         stage.truncate_metrics(after_step=start)
+    if stage.is_main and monitor_rows:  # a resume keeps the points up to its checkpoint, a fresh start none
+        from align.rl.monitor import read_rows
+
+        kept = read_rows(stage.dir / MONITOR_FILE, start if checkpoint is not None else -1)
+        atomic_write_text(stage.dir / MONITOR_FILE, "".join(json.dumps(r) + "\n" for r in kept))
     kv_cache_gb = cfg.kv_cache_gb or rollout_kv_cache_gb(cfg, policy.config.to_dict(), prompt_lengths, world)
     engine = cfg.build_engine(cfg.model_name_or_path, seed=cfg.seed + rank, kv_cache_gb=kv_cache_gb)
     stage.record_inputs()
@@ -484,6 +530,15 @@ def run_rlhf(cfg: RLHFConfig) -> dict:
     if checkpoint is None and cfg.eval_dataset and stage.is_main:
         before = {"eval_mean_reward_before": evaluate(engine, cfg.eval_dataset, eval_reward, cfg.eval_max_tokens)["mean_reward"]}
     summary: dict[str, Any] = {"prompts": len(rows), "skipped_long_prompts": skipped_long, "resumed_from_iteration": start, **before}
+
+    def monitor(step: int) -> None:
+        from align.rl.monitor import append_row, is_monitor_step, monitor_point
+
+        if monitor_rows and stage.is_main and is_monitor_step(step, cfg.monitor_every, cfg.num_iterations):
+            append_row(stage.dir / MONITOR_FILE, monitor_point(step, engine, policy, reference, tokenizer, monitor_rows, scorer, judges, cfg))
+
+    if checkpoint is None:
+        monitor(0)
 
     trackers = Trackers(cfg.report_to, stage, use_cpu=cfg.resolved_device() == "cpu", model=policy)
     progress, task = _live_view(cfg, start, show=stage.is_main)
@@ -519,6 +574,7 @@ def run_rlhf(cfg: RLHFConfig) -> dict:
             stage.log(row)
             trackers.log(row)
             progress.update(task, completed=it + 1, status=f"reward {row['reward_mean']:.3f}  kl {row.get('kl_ref', 0.0):.3f}")
+            monitor(it + 1)
             if stage.is_main and ((it + 1) % cfg.save_every == 0 or it + 1 == cfg.num_iterations):
                 save_checkpoint(stage, it + 1, policy, opt, {"before": before})
             if it + 1 < cfg.num_iterations and preempt.agreed():
@@ -550,6 +606,12 @@ def run_rlhf(cfg: RLHFConfig) -> dict:
     plot = plot_metrics(stage.metrics(), ["reward_mean", "kl_ref", "response_length"], stage.dir / "reward.png", f"rlhf {cfg.optimizer}")
     if plot:
         artifacts["plot"] = str(plot)
+    if monitor_rows:
+        summary.update(monitor_summary(stage.dir / MONITOR_FILE))
+        plot = plot_overoptimization(stage.dir / MONITOR_FILE, stage.dir / "overoptimization.png", f"rlhf {cfg.optimizer}: held-out scores vs KL")
+        artifacts["monitor"] = str(stage.dir / MONITOR_FILE)
+        if plot:
+            artifacts["overoptimization_plot"] = str(plot)
     return stage.finish(summary, artifacts, keep_checkpoints=cfg.keep_checkpoints)
 
 

@@ -15,6 +15,9 @@ Data: TRL preference rows (any format ``align.data`` reads) plus optional column
                         (``--loss soft_label``), Llama 2 margins (``--margin level``), and the
                         Llama 3 filter ``--keep_levels significantly,better``
   ``margin``            a number per row (TRL's column), used with ``--margin column``
+  ``chosen_reward`` / ``rejected_reward``  the annotating scorer's own scores (``align rs --select
+                        bradley_terry`` writes them): the eval split's ``eval_accuracy_noise_free``
+                        is the agreement with their ordering, i.e. with the annotator before its noise
   ``chosen_grades`` / ``rejected_grades`` / ``edited_grades``  {head name: level 0..grade_levels-1},
                         AFM's single-sided grades for ``--grade_heads`` (missing grades are skipped)
 
@@ -151,6 +154,7 @@ def prepare_examples(rows: list[tuple[int, dict]], spec: str, cfg: RMStageConfig
             "edited_ids": ids.get("edited", []),
             "soft_label": SOFT_LABELS[level] if level else 1.0,
             "margin": margin,
+            "score_order": score_order(row),
             "grade_labels": [_grades(row, k, cfg.grade_heads, cfg.grade_levels, where) for k in RESPONSES if k in responses],
         })
     if not examples:
@@ -300,16 +304,35 @@ def _split(rows: list, fraction: float, seed: int) -> tuple[list, list]:
     return [rows[i] for i in order[n_eval:]], [rows[i] for i in order[:n_eval]]
 
 
+def score_order(row: dict) -> int:
+    """+1 when the row's recorded ``chosen_reward`` beats its ``rejected_reward``, -1 when it is
+    below (the annotator's noise flipped the pair), 0 when they tie or are absent."""
+    chosen, rejected = row.get("chosen_reward"), row.get("rejected_reward")
+    if not isinstance(chosen, (int, float)) or not isinstance(rejected, (int, float)) or chosen == rejected:
+        return 0
+    return 1 if chosen > rejected else -1
+
+
+def noise_free_accuracy(chosen: list[float], rejected: list[float], orders: list[int]) -> float | None:
+    """Share of pairs the model orders as the recorded scores do (pairs with order 0 skipped)."""
+    judged = [(c > r) == (o > 0) for c, r, o in zip(chosen, rejected, orders) if o != 0]
+    return sum(judged) / len(judged) if judged else None
+
+
 def evaluate_pairs(scorer: RewardModel, examples: list[dict]) -> dict[str, float]:
-    """Pairwise accuracy and mean margin over every ordered response pair of the eval rows."""
-    ids, pairs = [], []
+    """Pairwise accuracy and mean margin over every ordered response pair of the eval rows, and
+    ``accuracy_noise_free`` where the rows carry the annotating scorer's own scores."""
+    ids, pairs, firsts = [], [], []
     for ex in examples:
         row = [ex[f"{k}_ids"] for k in RESPONSES if ex[f"{k}_ids"]]
         base = len(ids)
         ids.extend(row)
+        firsts.append(base + (1 if ex["edited_ids"] else 0))  # the chosen response's position
         pairs += [(base + i, base + j) for i in range(len(row)) for j in range(i + 1, len(row))]
     scores = scorer.score_ids(ids)
-    return pairwise_metrics([scores[i] for i, _ in pairs], [scores[j] for _, j in pairs])
+    metrics = pairwise_metrics([scores[i] for i, _ in pairs], [scores[j] for _, j in pairs])
+    noise_free = noise_free_accuracy([scores[i] for i in firsts], [scores[i + 1] for i in firsts], [ex["score_order"] for ex in examples])
+    return {**metrics, **({"accuracy_noise_free": noise_free} if noise_free is not None else {})}
 
 
 @command("rm", RMStageConfig, "Train a reward model on preference pairs (TRL RewardTrainer; Bradley-Terry, Llama 3 ranking, AFM soft labels).")
@@ -365,6 +388,8 @@ def run_rm(cfg: RMStageConfig) -> dict:
         scorer = RewardModel(trainer.model, tokenizer, batch_size=cfg.score_batch_size, max_length=cfg.max_length)
         metrics = evaluate_pairs(scorer, evals)
         summary.update({"eval_rows": len(evals), "eval_accuracy": metrics["accuracy"], "eval_mean_margin": metrics["mean_margin"]})
+        if "accuracy_noise_free" in metrics:
+            summary["eval_accuracy_noise_free"] = metrics["accuracy_noise_free"]
     plot = plot_metrics(stage.metrics(), ["loss", "accuracy"], stage.dir / "loss.png", f"rm: {cfg.output_dir}")
     if plot:
         artifacts["plot"] = str(plot)

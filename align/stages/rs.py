@@ -93,8 +93,10 @@ class RSConfig(RewardOptions, EngineOptions, BaseConfig):
     top_p: float = option(1.0, "Nucleus sampling: keep the smallest token set with this much probability.")
     top_k: int = option(0, "Sample among the k most likely tokens (0 = off).")
     seed: int = option(0, "Sampling seed: prompt i has the seed key seed + i (hashed to its own block of sample streams), so reruns and any sharding reproduce.")
-    select: str = option("best", "Selection strategy: best (best-of-K SFT rows), pairs (best vs worst preference rows), all (every candidate).",
-                         choices=STRATEGIES)
+    select: str = option("best", "Selection strategy: best (best-of-K SFT rows), pairs (best vs worst preference rows), all (every candidate),"
+                                 " bradley_terry (two candidates labelled by a noisy annotator: the scorer with --tau).", choices=STRATEGIES)
+    tau: float = option(0.0, "bradley_terry: annotator noise; the first candidate is chosen with probability sigmoid((r_a - r_b) / tau)"
+                             " (0: always the higher reward). The draw is seeded by --seed and the prompt id.")
     min_margin: float = option(0.0, "pairs: keep a pair only if chosen - rejected reward >= this (ties are always skipped).")
     min_reward: float | None = option(None, "best: drop prompts whose best reward is below this (e.g. 1.0: only correct answers).")
     max_prompts: int | None = option(None, "Use only the first N prompts of the dataset.")
@@ -124,6 +126,8 @@ class RSConfig(RewardOptions, EngineOptions, BaseConfig):
                               " so a repeat adds only copies: list each model once")
         if self.num_samples < 1:
             raise ConfigError(f"'num_samples' must be >= 1 (K candidates per prompt), got {self.num_samples}")
+        if self.tau < 0:
+            raise ConfigError(f"'tau' must be >= 0 (0: a noise-free annotator), got {self.tau}")
         for key in ("max_tokens", "shard_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"'{key}' must be >= 1, got {getattr(self, key)}")
@@ -292,7 +296,7 @@ def _progress(done: int, total: int, shard: dict[str, Any], member: str | None) 
 def select_rows(cfg: RSConfig, rows: list[dict], records: list[dict]) -> list[dict]:
     """Apply the selection strategy to every prompt's distinct candidates, in prompt order."""
     strategy = STRATEGIES[cfg.select]
-    opts = SelectOptions(min_margin=cfg.min_margin, min_reward=cfg.min_reward)
+    opts = SelectOptions(min_margin=cfg.min_margin, min_reward=cfg.min_reward, tau=cfg.tau, seed=cfg.seed)
     out = []
     for row, record in zip(rows, records):
         distinct = [Scored(c["index"], c["text"], c["reward"], c["model"])
