@@ -186,7 +186,11 @@ class ShardStore:
         found = {}
         for path in shard_files(self.root.parent):
             _, index, member = path.stem.split("-")
-            found[int(member), int(index)] = json.loads(path.read_text())
+            try:
+                found[int(member), int(index)] = json.loads(path.read_text())
+            except (ValueError, UnicodeDecodeError):  # cut short after it was written (a copy, a lost disk block)
+                print(f"warning: shard file {path} is not whole JSON; sampling that shard again", file=sys.stderr)
+                path.unlink()
         return found
 
     def write(self, member: int, index: int, record: dict[str, Any]) -> None:
