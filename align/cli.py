@@ -4,6 +4,7 @@ A thin layer, as in TRL's CLI, on top of the stages: each command registers (typ
 run function) in ``align.registry.COMMANDS``; this module imports the modules that register them
 (no stage imports this one). The run functions are the same ones the Python API exposes. User
 errors (``AlignError``) become one line on stderr and exit code 2; ``--debug`` shows the traceback.
+A write that fails for want of space becomes one line naming the file, exit code 1 (``WriteError``).
 SIGTERM/SIGUSR1 stop a command at its next safe point with exit code 3 (``align.preempt``).
 """
 
@@ -72,6 +73,16 @@ def _quiet_libraries() -> None:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
 
 
+def _write_error(err: Exception, config) -> AlignError | None:
+    """A write that failed for want of space anywhere in the command, as one ``WriteError`` line naming
+    the file (the newest one in the command's output_dir when the error does not say which)."""
+    from pathlib import Path
+
+    from align.stage import write_error
+
+    return write_error(err, Path(getattr(config, "output_dir", None) or "."))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -97,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         print(help_text(name, cmd.config, cmd.summary))
         return 0
     preempt.install()
+    config = None
     try:
         config = (cmd.parse or parse_config)(cmd.config, rest)
         code = cmd.run(config)
@@ -108,6 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"align {name}: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:
+        fault = _write_error(err, config)
+        if fault is None:
+            raise
+        if debug:
+            traceback.print_exc()
+        print(f"align {name}: error: {fault}", file=sys.stderr)
+        return fault.exit_code
     if preempt.requested():  # the stop signal came too late to cut the command short: say so to the scheduler
         print(f"align {name}: interrupted: {preempt.received()} received; the command finished first, a rerun is a no-op",
               file=sys.stderr)

@@ -8,7 +8,8 @@ Exit codes (every command, ``align run`` included; cron wrappers and Slurm scrip
 
 ====  ==================  ======================================================================
 0     ``EXIT_OK``          done (or nothing to do: every stage was already up to date)
-1     ``EXIT_FAILED``      a stage failed with an internal error; the traceback is shown
+1     ``EXIT_FAILED``      a stage failed with an internal error (the traceback is shown), or a write
+                           failed for want of space (``WriteError``: one line names the file)
 2     ``EXIT_USAGE``       bad recipe, config, data or path: one line says what and where
 3     ``EXIT_INTERRUPTED`` stopped by SIGTERM/SIGUSR1 (or Ctrl-C) at a safe point after writing a
                            checkpoint; rerunning the same command resumes from it
@@ -17,6 +18,8 @@ Exit codes (every command, ``align run`` included; cron wrappers and Slurm scrip
 """
 
 from __future__ import annotations
+
+import errno
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -53,3 +56,37 @@ class Locked(AlignError):
     """Another process holds the lock of the stage dir or workdir."""
 
     exit_code = EXIT_LOCKED
+
+
+class ArtifactError(AlignError):
+    """A file an earlier stage or run wrote that is cut short or no longer matches its record."""
+
+
+class WriteError(AlignError):
+    """A write that failed because the disk, a quota or a file-size limit is full: names the file.
+
+    Not the user's input, but not a bug either: one line and ``EXIT_FAILED``, and rerunning the
+    same command once space is freed continues from what was whole before the write."""
+
+    exit_code = EXIT_FAILED
+
+
+# errno values that mean "no room to write", and the words the libraries that write checkpoints
+# without an OSError (safetensors' serializer, torch's zip writer) put in their messages instead.
+FULL_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+FULL_WORDS = ("no space left on device", "file too large", "disk quota exceeded", "file write failed")
+
+
+def write_fault(err: BaseException) -> str | None:
+    """The cause, in words, when ``err`` (or an exception it was raised from) is a write that failed
+    for want of space; None for anything else."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in FULL_ERRNOS:
+            return seen.strerror or str(seen)
+        text = str(seen).lower()
+        for words in FULL_WORDS:
+            if words in text:
+                return words.capitalize()
+        seen = seen.__cause__ or seen.__context__
+    return None

@@ -286,9 +286,9 @@ class _Unresolved(Exception):
 
 
 _ACTIONS = {"new": "run", "up_to_date": "skip", "config_changed": "overwrite", "input_changed": "overwrite",
-            "incomplete": "resume"}
+            "output_changed": "overwrite", "incomplete": "resume"}
 _REASONS = {"new": "new", "up_to_date": "up to date", "config_changed": "config changed", "input_changed": "input changed",
-            "incomplete": "incomplete, resumes"}
+            "output_changed": "output changed", "incomplete": "incomplete, resumes"}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,16 @@
 ``DIR/metrics.jsonl`` one JSON object per logged step, appended and flushed as they come.
 ``DIR/model/`` or ``DIR/data/``  the artifact, moved into place before stage.json is written.
 
+stage.json also records ``outputs``: the size and sha256 of every file of the stage's artifacts
+(``align.integrity``). A finished stage whose outputs no longer match (a model cut short, a file
+replaced) is ``output_changed``: a rerun refuses it without ``--overwrite``, ``align run`` redoes it,
+and a later stage that reads it fails naming the file instead of training on it.
+
+A write that fails for want of space (a full disk, a quota, a file-size limit) stops the stage with
+one line naming the file (``WriteError``, exit 1). Everything taken as complete is written whole or
+not at all (temporary name, then a rename), so the checkpoints before it and earlier stages stay
+usable and a rerun once space is freed continues from them.
+
 A stage's identity is its resolved config (less the run-control fields) plus the fingerprints
 of its input artifacts (``align.fingerprint``: datasets, model folders, ``model:PATH`` scorers),
 taken before it runs and recorded in stage.json as ``inputs``. Rerunning a finished stage with
@@ -30,8 +40,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from align.config import option
-from align.errors import ConfigError
-from align.fingerprint import input_fingerprints
+from align.errors import ConfigError, WriteError, write_fault
+from align.fingerprint import DigestCache, input_fingerprints
+from align.integrity import check_input_paths, folder_problems, output_changes, output_digests
 
 STAGE_FILE = "stage.json"
 METRICS_FILE = "metrics.jsonl"
@@ -60,6 +71,47 @@ class CheckpointOptions:
     resume: bool = option(False, "Continue from the newest checkpoint in output_dir/checkpoints.")
 
 
+def newest_file(root: Path) -> Path | None:
+    """The most recently modified file under ``root`` (dotfiles included), or None."""
+    files = [p for p in root.rglob("*") if p.is_file()] if root.is_dir() else []
+    return max(files, key=lambda p: p.stat().st_mtime_ns, default=None)
+
+
+def _file_being_written(err: BaseException, root: Path) -> Path | None:
+    """The file under ``root`` that the innermost frame of ``err``'s traceback names in a local
+    variable (a path, or an open file's name): the file a serializer was writing when it failed.
+    Library errors (safetensors', torch's) do not name their file; their frames do."""
+    frames = []
+    tb = err.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    resolved = root.resolve()
+    for frame in reversed(frames):
+        for value in frame.f_locals.values():
+            value = getattr(value, "name", value) if hasattr(value, "write") else value
+            if isinstance(value, (str, os.PathLike)) and str(value):
+                path = Path(value).resolve()
+                if resolved in path.parents and not path.is_dir():
+                    return path
+    return None
+
+
+def write_error(err: BaseException, root: Path, shown: Path | None = None) -> WriteError | None:
+    """The one-line ``WriteError`` for ``err`` when it is a write that failed for want of space
+    (``align.errors.write_fault``), else None. It names the file: ``err``'s own, else the one its
+    traceback was writing under ``root`` (``_file_being_written``), else the newest file under
+    ``root``; spelled under ``shown`` when ``root`` is a staging folder that becomes ``shown``."""
+    cause = write_fault(err)
+    if cause is None:
+        return None
+    filename = getattr(err, "filename", None)
+    path = Path(filename) if filename else _file_being_written(err, root) or newest_file(root) or root
+    if shown is not None and root.resolve() in path.resolve().parents:
+        path = shown / path.resolve().relative_to(root.resolve())
+    return WriteError(f"cannot write {path}: {cause}; free space, then rerun the same command to continue")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so readers see the old file or the whole new one, never a part."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -70,8 +122,11 @@ def atomic_write_text(path: Path, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        fault = write_error(err, path)
+        if fault is not None:
+            raise fault from err
         raise
 
 
@@ -89,6 +144,11 @@ def staging_dir(final: Path) -> Iterator[Path]:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+    except Exception as err:
+        fault = write_error(err, tmp, shown=final)
+        if fault is not None:
+            raise fault from err
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -104,17 +164,19 @@ def checkpoint_dir(final: Path, record: dict[str, Any]) -> Iterator[Path]:
         atomic_write_json(tmp / CHECKPOINT_RECORD, record)
 
 
-def checkpoint_complete(path: Path) -> bool:
-    """Whether the checkpoint folder's marker (``CHECKPOINT_MARKERS``) is there and whole."""
-    for name in CHECKPOINT_MARKERS:
-        marker = path / name
-        if marker.is_file():
-            try:
-                json.loads(marker.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                return False
-            return True
-    return False
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint folder is not to be resumed from, or None when it is whole: its marker
+    (``CHECKPOINT_MARKERS``) must be there and whole, and so must every weight, optimizer and JSON
+    file in it (``align.integrity.file_problem``: a file cut short after its marker was written, by
+    a copy or a disk that lost it, fails to load or, worse, loads wrong)."""
+    markers = [path / name for name in CHECKPOINT_MARKERS if (path / name).is_file()]
+    cut = f"no whole {' or '.join(CHECKPOINT_MARKERS)}: its write was cut short"
+    if not markers:
+        return cut
+    problems = folder_problems(path)
+    if any(file == markers[0] for file, _ in problems):
+        return cut
+    return f"{problems[0][0].name} is {problems[0][1]}" if problems else None
 
 
 def package_versions() -> dict[str, str]:
@@ -167,13 +229,16 @@ def partial_inputs(output_dir: str | Path) -> dict[str, Any] | None:
     return None
 
 
-def stage_state(kind: str, config: Any, output_dir: str | Path, inputs: dict[str, Any] | None = None) -> tuple[str, str]:
+def stage_state(kind: str, config: Any, output_dir: str | Path, inputs: dict[str, Any] | None = None,
+                cache: DigestCache | None = None) -> tuple[str, str]:
     """(state, detail) of ``output_dir`` for a run of stage ``kind`` with ``config``; pure apart from reading.
 
     ``inputs`` are the current input fingerprints (computed when not given). ``detail`` says which
     config keys or inputs changed, in words. Used by ``Stage.prepare`` and by ``align run``'s plan.
     An unfinished run (checkpoints or rs shards) whose recorded inputs differ from the current
     ones is ``input_changed`` too: resuming it would mix two datasets or two models in one result.
+    A finished stage whose recorded ``outputs`` no longer match its files is ``output_changed``
+    (digests through ``cache``, the fingerprint cache, so unchanged files are not read).
     """
     done = read_stage(output_dir)
     if done is None:
@@ -198,6 +263,9 @@ def stage_state(kind: str, config: Any, output_dir: str | Path, inputs: dict[str
     changed = _changed(recorded or {}, inputs)
     if changed:
         return "input_changed", ", ".join(f"{k} ({getattr(config, k, None)}) content changed" for k in changed)
+    changes = output_changes(Path(output_dir), done.get("outputs") or {}, cache=cache)
+    if changes:
+        return "output_changed", ", ".join(changes[:2]) + (f", and {len(changes) - 2} more" if len(changes) > 2 else "")
     return "up_to_date", ""
 
 
@@ -226,15 +294,22 @@ class Stage:
         so a run refused while loading its model or data leaves nothing behind). A finished dir with
         another config or changed inputs fails unless ``overwrite``; so does an unfinished one whose
         inputs changed since it started; an unfinished dir with a checkpoint fails unless ``resume``
-        or ``overwrite`` (no work is silently thrown away).
+        or ``overwrite`` (no work is silently thrown away). So does a finished dir whose own outputs
+        changed since it finished (``output_changed``). Before any of that, every local input must be
+        whole (``align.integrity.check_input_paths``): a stage never starts on a cut-short model.
         """
-        self.inputs = input_fingerprints(self.config)
-        state, detail = stage_state(self.name, self.config, self.dir, self.inputs)
+        cache = DigestCache()
+        self.inputs = input_fingerprints(self.config, cache)
+        state, detail = stage_state(self.name, self.config, self.dir, self.inputs, cache)
+        cache.save()
         if state == "up_to_date" and not overwrite:
             return False
-        if state in ("config_changed", "input_changed") and not overwrite:
+        check_input_paths(self.config, cache)
+        cache.save()
+        if state in ("config_changed", "input_changed", "output_changed") and not overwrite:
             done = read_stage(self.dir)
-            what = "a different config" if state == "config_changed" else "changed inputs"
+            what = {"config_changed": "a different config", "input_changed": "changed inputs",
+                    "output_changed": "outputs that changed since it finished"}[state]
             held = f"a finished '{done.get('stage')}' stage" if done else f"an unfinished '{self.name}' run"
             raise ConfigError(f"{self.dir} already holds {held} with {what} ({detail}); pass --overwrite to replace it"
                               " or choose another --output_dir")
@@ -271,15 +346,15 @@ class Stage:
 
     def latest_checkpoint(self) -> Path | None:
         """The newest complete ``checkpoint-N`` folder (transformers' naming), if any; newer
-        incomplete ones (cut short by a crash: see ``checkpoint_complete``) are skipped with a warning."""
+        incomplete ones (cut short by a crash: see ``checkpoint_problem``) are skipped with a warning."""
         if not self.checkpoints_dir.is_dir():
             return None
         found = [p for p in self.checkpoints_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and p.is_dir()]
         for path in sorted(found, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
-            if checkpoint_complete(path):
+            problem = checkpoint_problem(path)
+            if problem is None:
                 return path
-            print(f"warning: skipping incomplete checkpoint {path} (no whole {' or '.join(CHECKPOINT_MARKERS)}:"
-                  " its write was cut short)", file=sys.stderr)
+            print(f"warning: skipping incomplete checkpoint {path} ({problem})", file=sys.stderr)
         return None
 
     def truncate_metrics(self, after_step: int) -> None:
@@ -328,6 +403,7 @@ class Stage:
             "status": "complete",
             "config": self.config.resolved(),
             "inputs": self.inputs,
+            "outputs": output_digests(self.dir) if self.is_main else {},
             "summary": summary,
             "artifacts": artifacts or {},
             "started_at": _iso(self.started),

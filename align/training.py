@@ -8,6 +8,7 @@ CPU and for tiny models; we set every such default explicitly from our own typed
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -101,6 +102,32 @@ def resume_checkpoint(cfg: Any, stage: Stage) -> Path | None:
     return checkpoint
 
 
+def _trainer_state(checkpoint: Path | None) -> dict[str, Any]:
+    """The checkpoint's trainer_state.json (whole: ``align.stage.checkpoint_problem`` checked it)."""
+    return json.loads((checkpoint / "trainer_state.json").read_text()) if checkpoint else {}
+
+
+def _restore_token_count(trainer, state: dict[str, Any]) -> None:
+    """TRL's SFTTrainer logs ``num_tokens``, the tokens trained on so far, from a counter its
+    checkpoints do not hold: on resume, start it from the row logged at the checkpoint's step (there
+    when save_steps is a multiple of logging_steps; otherwise the resumed rows count from there)."""
+    if not hasattr(trainer, "_total_train_tokens"):
+        return
+    rows = [r for r in state.get("log_history", []) if r.get("step") == state.get("global_step") and "num_tokens" in r]
+    if rows:
+        trainer._total_train_tokens = rows[-1]["num_tokens"]
+
+
+def _resume_past_the_end(trainer, checkpoint: Path) -> None:
+    """The checkpoint holds every step (the run was stopped between its last checkpoint and its
+    model): load it instead of ``train()``, which would run one step more when max_steps ends
+    inside an epoch (transformers checks for the end after each step, not before the first)."""
+    from transformers import TrainerState
+
+    trainer._load_from_checkpoint(str(checkpoint))
+    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+
+
 def train_to_end(trainer, stage: Stage, checkpoint: Path | None) -> dict[str, Any] | None:
     """Run a transformers/TRL ``trainer`` to its end the way every trainer stage does.
 
@@ -118,7 +145,13 @@ def train_to_end(trainer, stage: Stage, checkpoint: Path | None) -> dict[str, An
     quiet_trainer(trainer)
     route_tensorboard(trainer.callback_handler.callbacks, stage)
     started, cpu_started = time.time(), time.process_time()
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    state = _trainer_state(checkpoint)
+    _restore_token_count(trainer, state)
+    if checkpoint is not None and state["global_step"] >= state["max_steps"]:
+        _resume_past_the_end(trainer, checkpoint)
+        result = None
+    else:
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     stop_if_preempted(trainer, stage)
     seconds, cpu_seconds = time.time() - started, time.process_time() - cpu_started
     trainer.accelerator.wait_for_everyone()
@@ -126,7 +159,7 @@ def train_to_end(trainer, stage: Stage, checkpoint: Path | None) -> dict[str, An
         return None
     return {
         "global_step": trainer.state.global_step,
-        "train_loss": result.training_loss,
+        "train_loss": result.training_loss if result is not None else None,  # the mean over this call's steps
         "final_loss": last_value(stage.metrics(), "loss"),
         "resumed_from_step": checkpoint_step(checkpoint),
         "train_seconds": round(seconds, 2),

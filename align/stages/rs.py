@@ -34,7 +34,8 @@ member (candidates and rewards) is written atomically to DIR/shards/. Rerunning 
 after a crash or kill continues after the last complete shard (DIR/shards/manifest.json records
 the config and the input fingerprints; another config or a changed input there fails unless
 ``--overwrite``). The vLLM engine seeds prompt ``i`` with ``seed + i``, so the resumed result is
-the one an uninterrupted run gives. When every shard is
+the one an uninterrupted run gives. A shard file that is not whole JSON (cut short after it was
+written: a partial copy, a disk that lost blocks) is sampled again, with a warning. When every shard is
 done, data/ and candidates.jsonl are written, then stage.json, then shards/ is removed; a rerun
 of a finished stage is a no-op. SIGTERM/SIGUSR1 stop the run after the current shard is written
 (exit code 3, ``align.preempt``); the rerun continues from there.
@@ -190,7 +191,11 @@ class ShardStore:
         found = {}
         for path in shard_files(self.root.parent):
             _, index, member = path.stem.split("-")
-            found[int(member), int(index)] = json.loads(path.read_text())
+            try:
+                found[int(member), int(index)] = json.loads(path.read_text())
+            except (ValueError, UnicodeDecodeError):  # cut short after it was written (a copy, a lost disk block)
+                print(f"warning: shard file {path} is not whole JSON; sampling that shard again", file=sys.stderr)
+                path.unlink()
         return found
 
     def write(self, member: int, index: int, record: dict[str, Any]) -> None:
