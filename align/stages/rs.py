@@ -78,7 +78,7 @@ CANDIDATES = "candidates.jsonl"
 @dataclasses.dataclass
 class RSConfig(RewardOptions, EngineOptions, BaseConfig):
     # Memory knobs that do not change the samples: a rerun with other values continues / is a no-op.
-    run_control: ClassVar[tuple[str, ...]] = ("overwrite", "resume", "kv_cache_gb", "max_num_seqs", "kv_block_size", "threads", "enforce_eager", "merge")
+    run_control: ClassVar[tuple[str, ...]] = ("overwrite", "resume", "kv_cache_gb", "max_num_seqs", "kv_block_size", "threads", "enforce_eager", "gpu_memory_utilization", "tensor_parallel_size", "merge")
     inputs: ClassVar[tuple[str, ...]] = ("model_name_or_path", "dataset", "reward")
     one_or_many: ClassVar[tuple[str, ...]] = ("model_name_or_path",)
 
