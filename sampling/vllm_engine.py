@@ -189,6 +189,7 @@ class VLLMEngine:
             for key, value in env.items():
                 os.environ.setdefault(key, value)
         else:
+            os.environ.setdefault("VLLM_CONFIGURE_LOGGING", env.pop("VLLM_CONFIGURE_LOGGING"))
             os.environ.update(env)
         import torch
         from transformers import AutoTokenizer
@@ -353,6 +354,9 @@ class VLLMEngine:
         VLLMEngine._alive.discard(self)
         self.llm.llm_engine.engine_core.shutdown()
         self.llm = None
+        if self.device.type == "cuda":  # the next engine (an rs committee's next member) gets the GPU memory back
+            gc.collect()
+            torch.cuda.empty_cache()
         if not VLLMEngine._alive:
             torch.set_num_threads = self._set_num_threads
         self._set_num_threads(self._num_threads)
