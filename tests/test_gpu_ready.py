@@ -309,6 +309,7 @@ def test_a_lora_policy_on_a_gpu_syncs_only_its_adapter(tiny_model):
     lora = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
     assert weight_sync_mode("cuda", lora) == "adapter"
     assert weight_sync_mode("cpu", lora) == "merged"
+    assert weight_sync_mode("cuda", lora, engine="transformers") == "merged"
     lm_head = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_model)),
                              LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"], task_type="CAUSAL_LM"))
     assert weight_sync_mode("cuda", lm_head) == "merged"  # the fallback vLLM's LoRA cannot load

@@ -203,15 +203,15 @@ def resolve_importance_sampling(setting: bool | None, optimizer: str, engine_dty
     return OPTIMIZERS[optimizer].importance_sampling and engine != "auto" and engine != trained_dtype
 
 
-def weight_sync_mode(device: str, policy) -> str:
+def weight_sync_mode(device: str, policy, engine: str = "vllm") -> str:
     """How the policy's weights reach the engine: 'full' (a full fine-tune: every weight), 'adapter'
     (a plain LoRA policy on a GPU: only the adapter, through vLLM's LoRA support, as verl's colocated
     LoRA sync), or 'merged' (the adapter merged into new tensors and sent as full weights: on CPU,
-    and the fallback for what vLLM's LoRA cannot load: ``modules_to_save``, LoRA variants such as
-    DoRA, LoRA biases)."""
+    with the transformers ``engine``, and the fallback for what vLLM's LoRA cannot load:
+    ``modules_to_save``, LoRA variants such as DoRA, LoRA biases)."""
     if not hasattr(policy, "peft_config"):
         return "full"
-    if device == "cpu":
+    if device == "cpu" or engine != "vllm":
         return "merged"
     config = policy.peft_config[policy.active_adapter]
     plain = (not getattr(config, "modules_to_save", None) and not getattr(config, "use_dora", False)
@@ -589,7 +589,9 @@ def run_rlhf(cfg: RLHFConfig) -> dict:
     trained_dtype = next(p for p in policy.parameters() if p.requires_grad).dtype
     engine_dtype = resolve_engine_dtype(cfg.engine_dtype, cfg.dtype, device_kind, has_bf16)
     correct = resolve_importance_sampling(cfg.importance_sampling, cfg.optimizer, engine_dtype, trained_dtype)
-    sync_mode = weight_sync_mode(device_kind, policy)
+    from sampling.engines import default_engine
+
+    sync_mode = weight_sync_mode(device_kind, policy, default_engine() if cfg.engine == "auto" else cfg.engine)
 
     start, before = 0, {}
     checkpoint = stage.latest_checkpoint() if cfg.resume else None
