@@ -11,7 +11,8 @@ workers, ours and TRL's, spent 36-41% of their CPU time in the kernel that way.
 ``keep_freed_memory`` sets ``M_MMAP_MAX`` to 0 (every block comes from the heap) and
 ``M_TRIM_THRESHOLD`` to 2 GiB (freed memory stays for the next step), then restores glibc's
 defaults and hands the free pages back (``malloc_trim``) when the block ends, so a notebook's
-process shrinks again afterwards. Large requests glibc cannot take from the heap still fall back
+process shrinks again afterwards. Only for work on the CPU: ``align rlhf`` on a GPU and the vLLM
+engine on a GPU run without it. Large requests glibc cannot take from the heap still fall back
 to ``mmap``. vLLM's CPU install guide reaches the same end by preloading tcmalloc; this needs no
 preload and no restart. A no-op off glibc (macOS, musl) and with ``ALIGN_KEEP_FREED_MEMORY=0``.
 
@@ -89,11 +90,16 @@ def keep_freed_memory() -> Iterator[bool]:
 
 
 def keeps_freed_memory(run: F) -> F:
-    """Decorator: run a stage inside ``keep_freed_memory``."""
+    """Decorator: run a stage inside ``keep_freed_memory`` when it trains on the CPU (its config's
+    ``resolved_device()``; a config without one counts as CPU). A GPU run's tensors live in the
+    CUDA caching allocator, so the setting would only keep host memory it does not reuse."""
 
     @functools.wraps(run)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(cfg: Any, *args: Any, **kwargs: Any) -> Any:
+        device = getattr(cfg, "resolved_device", None)
+        if device is not None and device() != "cpu":
+            return run(cfg, *args, **kwargs)
         with keep_freed_memory():
-            return run(*args, **kwargs)
+            return run(cfg, *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]

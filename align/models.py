@@ -103,16 +103,52 @@ def load_tokenizer(opts: ModelOptions):
     return tok
 
 
-def load_causal_lm(opts: ModelOptions):
-    """Load the policy for training with the options' dtype, device, and 4-bit quantization."""
+def placement(opts: ModelOptions, local_process_index: int) -> tuple[dict[str, int] | None, str | None]:
+    """Where a model a Trainer will train goes: ``(device_map for from_pretrained, device to move it
+    to after loading)``.
+
+    As TRL's trainers: on CUDA the Trainer (accelerate) places the model on this process's GPU once
+    the process group exists, so loading leaves it on the host; moving it to "cuda" first would put
+    every rank's copy on GPU 0. A 4-bit model cannot be moved after loading, so it is loaded onto
+    this process's GPU (``device_map={"": local_process_index}``, TRL's ``get_kbit_device_map``).
+    On CPU it goes to "cpu", as before.
+    """
+    device = opts.resolved_device()
+    if opts.load_in_4bit:
+        return ({"": local_process_index} if device == "cuda" else None), None
+    return None, ("cpu" if device == "cpu" else None)
+
+
+def trainable_dtype(opts: ModelOptions, bf16: bool | None = None) -> Any:
+    """The dtype to load the trained model in: ``dtype``, except that a full fine-tune under bf16
+    mixed precision (``bf16``) keeps fp32 weights, which autocast runs in bf16 (TRL's default:
+    fp32 master weights; AdamW updates on bf16 weights lose most small steps to rounding). LoRA
+    and QLoRA keep their frozen base in ``dtype`` (peft keeps the adapters in fp32). ``bf16``, when
+    given, replaces the options' own ``bf16`` (rlhf resolves its unset one by device)."""
+    wanted = DTYPES[opts.dtype]
+    mixed = bool(getattr(opts, "bf16", False) if bf16 is None else bf16)
+    if mixed and not (opts.use_lora or opts.load_in_4bit) and wanted in (torch.bfloat16, torch.float16):
+        return torch.float32
+    return wanted
+
+
+def load_causal_lm(opts: ModelOptions, device: str | None = None, bf16: bool | None = None):
+    """Load the model to train with the options' dtype (``trainable_dtype``) and 4-bit quantization,
+    placed for a Trainer (``placement``), or on ``device`` for a loop without one (rlhf)."""
+    import os
+
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(opts.model_name_or_path)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device_map, move_to = placement(opts, local_rank)
     kwargs: dict[str, Any] = {
-        "dtype": DTYPES[opts.dtype],
+        "dtype": trainable_dtype(opts, bf16),
         "trust_remote_code": opts.trust_remote_code,
         "use_safetensors": True,
     }
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     if opts.load_in_4bit:
         from transformers import BitsAndBytesConfig
 
@@ -125,9 +161,17 @@ def load_causal_lm(opts: ModelOptions):
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot load model from {opts.model_name_or_path}: {_first_line(err)}") from None
-    if not opts.load_in_4bit:
-        model.to(opts.resolved_device())
+    if device is not None and not opts.load_in_4bit:
+        model.to(device)
+    elif move_to is not None:
+        model.to(move_to)
     return model
+
+
+def place_for_trainer(model, opts: ModelOptions):
+    """``model`` (loaded on the host) placed as ``placement`` says, for a Trainer to take it; returns it."""
+    _, move_to = placement(opts, 0)
+    return model.to(move_to) if move_to is not None else model
 
 
 def save_model(model, tokenizer, out_dir: Path, merge_lora: bool = False) -> dict[str, str]:

@@ -37,7 +37,8 @@ class TrainOptions:
     save_steps: int = option(500, "Write a resumable checkpoint every N steps.")
     save_total_limit: int = option(2, "Keep at most N checkpoints.")
     gradient_checkpointing: bool = option(False, "Recompute activations to save memory (slower).")
-    bf16: bool = option(False, "bfloat16 mixed precision (GPUs; slow on most CPUs).")
+    bf16: bool = option(False, "bfloat16 mixed precision: autocast over fp32 weights (a full fine-tune loads fp32 master weights"
+                               " whatever dtype says; LoRA keeps its frozen base in dtype). For GPUs; slow on most CPUs.")
     report_to: list[str] = option([], REPORT_TO_HELP)
 
     def validate_training(self) -> None:

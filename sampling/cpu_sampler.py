@@ -15,8 +15,8 @@ in place, it reads the logits about three times: 11.9 vs 83.7 ms for the same 51
 The draw is the same distribution, not the same numbers: a seeded request is as reproducible as
 under vLLM's kernel (one uniform from the request's own generator per step, so a row's draws do
 not depend on which other requests share its batch), but a seed gives other samples than it does
-in stock vLLM. :func:`install` puts it in an engine's sampler (only where vLLM would use its CPU
-kernel, and not for ``use_fp64_gumbel``); ``ALIGN_VLLM_SAMPLER=vllm`` keeps vLLM's own.
+in stock vLLM. :func:`install` puts it in an engine's sampler (only for an engine on the CPU, where
+vLLM would use its CPU kernel, and not for ``use_fp64_gumbel``); ``ALIGN_VLLM_SAMPLER=vllm`` keeps vLLM's own.
 """
 
 from __future__ import annotations
@@ -64,19 +64,28 @@ def sample_rows(logits: torch.Tensor, u: torch.Tensor, chunk: int = CHUNK) -> to
     return cols.gather(1, i).squeeze(1)
 
 
-def install(llm: Any) -> bool:
-    """Use :func:`sample_rows` in the (in-process) engine ``llm``'s sampler; True where installed."""
-    if os.environ.get("ALIGN_VLLM_SAMPLER", "align") == "vllm":
+def install(llm: Any, device: str = "cpu") -> bool:
+    """Use :func:`sample_rows` in the (in-process) engine ``llm``'s sampler; True where installed.
+    Only for an engine on the CPU (``device``): a GPU engine keeps vLLM's own sampler, untouched."""
+    if device != "cpu" or os.environ.get("ALIGN_VLLM_SAMPLER", "align") == "vllm":
         return False
     return bool(llm.collective_rpc(_install_in_worker)[0])
 
 
 def _install_in_worker(worker: Any) -> bool:
+    """Replace the CPU sampling kernel in ``worker``'s sampler; False, changing nothing, where the
+    worker is not on the CPU or its runner lacks the sampler this expects (vLLM's Model Runner V2
+    has no ``sampler.topk_topp_sampler``)."""
     from vllm.v1.sample.ops.topk_topp_sampler import TopKTopPSampler, apply_top_k_top_p
 
-    runner_sampler = worker.model_runner.sampler
-    sampler = runner_sampler.topk_topp_sampler
-    if getattr(sampler.forward, "__func__", None) is not TopKTopPSampler.forward_cpu or sampler.use_fp64_gumbel:
+    device = getattr(worker, "device", None)
+    if device is not None and torch.device(device).type != "cpu":
+        return False
+    runner_sampler = getattr(getattr(worker, "model_runner", None), "sampler", None)
+    sampler = getattr(runner_sampler, "topk_topp_sampler", None)
+    if sampler is None or not hasattr(runner_sampler, "sample"):
+        return False
+    if getattr(sampler.forward, "__func__", None) is not TopKTopPSampler.forward_cpu or getattr(sampler, "use_fp64_gumbel", True):
         return False
     # vLLM's forward_cpu computes the processed log-probs (a full-vocabulary log_softmax) at every
     # step in "processed_logprobs" mode, though vLLM reads them only for requests that ask for

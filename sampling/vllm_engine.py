@@ -35,14 +35,32 @@ serving, except that in-process its worker's no-op ``set_num_threads`` stops it 
 and restores the process's count afterwards. On 2 shared cores, 2 threads made each decode step
 5-30x slower (every small op waits for the second thread's time slice).
 
-Weight updates use ``collective_rpc("reload_weights")`` + ``reset_prefix_cache()``; the call
-TRL uses (``model.load_weights`` on the runner's model) fails on CPU in fp32 because the CPU
-linear layers repack their weights after loading (docs/vllm-cpu.md#9).
+Weight updates use ``collective_rpc("reload_weights")`` + ``reset_prefix_cache()``: vLLM's
+in-place reload (``vllm.model_executor.model_loader.reload``), which re-runs the post-load
+processing of every layer. The call TRL uses (``model.load_weights`` on the runner's model) skips
+that processing and fails on CPU in fp32, where the linear layers repack their weights after
+loading (docs/vllm-cpu.md#9). vLLM's weight-transfer engines (``update_weights`` over NCCL or
+CUDA IPC) move tensors from a trainer in another process; here trainer and engine share one
+process, so the in-place reload is the path on GPUs too. A LoRA policy on CUDA can instead send
+only its adapter (``load_adapter``): vLLM's LoRA support (``enable_lora`` + a ``LoRARequest`` on
+every generate), as verl's colocated LoRA sync does (departure: verl hands vLLM the adapter's
+tensors through its own ``TensorLoRARequest``; this writes the adapter as a peft folder, which
+stock vLLM loads).
+
+On CUDA (``engine_kwargs``) the engine follows TRL's colocate mode
+(``trl/generation/vllm_generation.py``): RANK / LOCAL_RANK / WORLD_SIZE in the environment,
+``distributed_executor_backend="external_launcher"``, ``torch.cuda.set_device(local_rank)`` before
+it is built, so rank r's engine lands on GPU ``local_rank`` beside rank r's policy. Its KV cache
+comes from ``gpu_memory_utilization`` unless ``kv_cache_gb`` is given, it compiles and captures
+CUDA graphs unless ``enforce_eager``, and with ``enable_sleep_mode`` it frees its GPU memory
+between generations (``sleep``/``wake_up``, as TRL's ``vllm_enable_sleep_mode``). The CPU-only
+pieces (align's sampler, the thread count, ``keep_freed_memory``) are not used there.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import math
 import os
@@ -55,6 +73,100 @@ from sampling import cpu_sampler
 from sampling.base import ENGINES, Candidate, SamplingParams, encode_prompts, stop_ids
 
 
+@dataclasses.dataclass(frozen=True)
+class RankInfo:
+    """This process's place in a distributed launch (``accelerate launch``, torchrun)."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> "RankInfo":
+        env = os.environ if env is None else env
+        return cls(int(env.get("RANK", "0")), int(env.get("LOCAL_RANK", "0")), int(env.get("WORLD_SIZE", "1")))
+
+
+def engine_device() -> str:
+    """The device vLLM runs on here: its platform's ('cpu' with vllm-cpu, 'cuda' with vllm)."""
+    from vllm.platforms import current_platform
+
+    return current_platform.device_type
+
+
+def engine_environment(device: str, ranks: RankInfo) -> dict[str, str]:
+    """The environment variables to set before building the engine on ``device``.
+
+    CPU: in-process (no engine-core child), vLLM's logging and its OpenMP binding left alone
+    (``setdefault`` semantics: the last two only where unset). CUDA: the rank variables vLLM's
+    ``external_launcher`` backend reads, as TRL's colocate mode sets them (MASTER_ADDR/PORT are
+    TRL's ``ensure_master_addr_port``'s business, at build time).
+    """
+    if device == "cpu":
+        return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CONFIGURE_LOGGING": "0", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+    return {"RANK": str(ranks.rank), "LOCAL_RANK": str(ranks.local_rank), "WORLD_SIZE": str(ranks.world_size),
+            "VLLM_CONFIGURE_LOGGING": "0"}
+
+
+def engine_kwargs(model_path: str, *, device: str, dtype: str, max_model_len: int, kv_cache_gb: float | None, seed: int,
+                  trust_remote_code: bool, gpu_memory_utilization: float, max_num_seqs: int, kv_block_size: int,
+                  enforce_eager: bool | None, tensor_parallel_size: int = 1, enable_sleep_mode: bool = False,
+                  max_lora_rank: int | None = None) -> dict[str, Any]:
+    """The keyword arguments of ``vllm.LLM`` for an engine on ``device`` ('cpu' or 'cuda').
+
+    CPU: the arguments this engine has always passed (module docstring), unchanged: eager unless
+    ``enforce_eager`` is False, a KV cache of ``kv_cache_gb`` (1 GiB when unset), chunked prefill off.
+    CUDA, as TRL's colocate mode (``trl/generation/vllm_generation.py``):
+    ``distributed_executor_backend="external_launcher"`` (one engine per rank, on the rank's GPU,
+    in the rank's process), ``tensor_parallel_size``, ``enable_sleep_mode``, the KV cache from
+    ``gpu_memory_utilization`` unless ``kv_cache_gb`` is given, compiled with CUDA graphs unless
+    ``enforce_eager``, chunked prefill left at vLLM's default (it was off for a CPU-runner crash),
+    and with ``max_lora_rank`` vLLM's LoRA support for adapter-only syncs (one adapter at a time).
+    Departure from TRL: the seed is the caller's (one per rank), not ``rank // tensor_parallel_size``;
+    every request carries its own seed anyway.
+    """
+    from align.errors import ConfigError
+
+    cpu = device == "cpu"
+    if cpu and enable_sleep_mode:
+        raise ConfigError("'sleep_mode' needs a GPU: vLLM has no sleep mode on CPU (docs/vllm-cpu.md#7); drop --sleep_mode")
+    if cpu and max_lora_rank is not None:
+        raise ConfigError("adapter-only LoRA syncs need vLLM on a GPU; on CPU the adapter is merged and sent (docs/vllm-cpu.md#9)")
+    if kv_cache_gb is None and cpu:
+        kv_cache_gb = 1.0
+    kwargs: dict[str, Any] = dict(
+        model=str(model_path), dtype=dtype, enforce_eager=cpu if enforce_eager is None else enforce_eager,
+        max_model_len=max_model_len, seed=seed, enable_prefix_caching=True, trust_remote_code=trust_remote_code,
+        gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs, block_size=kv_block_size,
+        max_num_batched_tokens=max(4096, max_model_len), logprobs_mode="processed_logprobs",
+    )
+    if kv_cache_gb is not None:
+        kwargs["kv_cache_memory_bytes"] = int(kv_cache_gb * 2**30)
+    if cpu:
+        kwargs["enable_chunked_prefill"] = False
+        return kwargs
+    kwargs.update(distributed_executor_backend="external_launcher", tensor_parallel_size=tensor_parallel_size,
+                  enable_sleep_mode=enable_sleep_mode)
+    if max_lora_rank is not None:
+        kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1)
+    return kwargs
+
+
+def check_colocated(engine_device: Any, policy_device: Any) -> None:
+    """Fail unless the engine and the policy are on the same device (TRL's colocate mode puts them
+    there by the same LOCAL_RANK; a mismatch means every rank's engine went to one GPU)."""
+    import torch
+
+    engine_device, policy_device = torch.device(engine_device), torch.device(policy_device)
+    if engine_device.type == "cuda" and engine_device.index is None:
+        engine_device = torch.device("cuda", 0)
+    if policy_device.type == "cuda" and policy_device.index is None:
+        policy_device = torch.device("cuda", 0)
+    if engine_device != policy_device:
+        raise RuntimeError(f"the vLLM engine is on {engine_device} but the policy on {policy_device}: colocated"
+                           " training needs both on this rank's GPU (LOCAL_RANK)")
+
+
 @ENGINES.register("vllm")
 class VLLMEngine:
     name = "vllm"
@@ -63,19 +175,37 @@ class VLLMEngine:
     _alive: "weakref.WeakSet[VLLMEngine]" = weakref.WeakSet()
     torch_set_num_threads: Any = None  # torch's own, saved before the first engine replaces it
 
-    def __init__(self, model_path: str, *, dtype: str = "float32", max_model_len: int = 512, kv_cache_gb: float = 1.0,
+    def __init__(self, model_path: str, *, dtype: str = "float32", max_model_len: int = 512, kv_cache_gb: float | None = None,
                  seed: int = 0, system_prompt: str | None = None, trust_remote_code: bool = False,
                  gpu_memory_utilization: float = 0.3, max_num_seqs: int = 256, kv_block_size: int = 32,
-                 threads: int = 1, enforce_eager: bool = True, **_: Any):
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
-        # In-process, vLLM's automatic OpenMP binding would pin this whole process (the trainer
-        # too) to the cores it picks, leaving one of two cores idle while training; keep torch's own.
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+                 threads: int = 1, enforce_eager: bool | None = None, tensor_parallel_size: int = 1,
+                 enable_sleep_mode: bool = False, max_lora_rank: int | None = None, device: str | None = None,
+                 ranks: RankInfo | None = None, **_: Any):
+        device = device or engine_device()
+        ranks = ranks or RankInfo.from_env()
+        env = engine_environment(device, ranks)
+        if device == "cpu":
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = env.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
+            for key, value in env.items():
+                os.environ.setdefault(key, value)
+        else:
+            os.environ.setdefault("VLLM_CONFIGURE_LOGGING", env.pop("VLLM_CONFIGURE_LOGGING"))
+            os.environ.update(env)
         import torch
         from transformers import AutoTokenizer
         from vllm import LLM
 
+        kwargs = engine_kwargs(model_path, device=device, dtype=dtype, max_model_len=max_model_len, kv_cache_gb=kv_cache_gb,
+                               seed=seed, trust_remote_code=trust_remote_code, gpu_memory_utilization=gpu_memory_utilization,
+                               max_num_seqs=max_num_seqs, kv_block_size=kv_block_size, enforce_eager=enforce_eager,
+                               tensor_parallel_size=tensor_parallel_size, enable_sleep_mode=enable_sleep_mode,
+                               max_lora_rank=max_lora_rank)
+        self.device = torch.device("cpu") if device == "cpu" else torch.device(device, ranks.local_rank)
+        if device == "cuda":  # before vLLM allocates anything: this rank's GPU, not cuda:0 (TRL's colocate mode)
+            from trl.trainer.utils import ensure_master_addr_port
+
+            torch.cuda.set_device(ranks.local_rank)
+            ensure_master_addr_port()
         # vLLM's CPU worker replaces torch.set_num_threads with a no-op in this process
         # (docs/vllm-cpu.md#8); keep the real one (an engine already open has replaced it), and the
         # last engine to close puts it back.
@@ -87,22 +217,25 @@ class VLLMEngine:
         self.max_model_len = max_model_len
         self.threads = threads
         _teardown_only_when_none_alive()
-        self.llm = LLM(
-            model=str(model_path), dtype=dtype, enforce_eager=enforce_eager, max_model_len=max_model_len, seed=seed,
-            enable_prefix_caching=True, trust_remote_code=trust_remote_code,
-            kv_cache_memory_bytes=int(kv_cache_gb * 2**30), gpu_memory_utilization=gpu_memory_utilization,
-            max_num_seqs=max_num_seqs, block_size=kv_block_size, enable_chunked_prefill=False, max_num_batched_tokens=max(4096, max_model_len),
-            logprobs_mode="processed_logprobs",
-        )
+        self.llm = LLM(**kwargs)
         cache = self.llm.llm_engine.vllm_config.cache_config
-        self.max_num_seqs, self.kv_cache_gb = max_num_seqs, kv_cache_gb
+        # None on a GPU without kv_cache_gb: vLLM sized the cache from gpu_memory_utilization
+        self.max_num_seqs, self.kv_cache_gb = max_num_seqs, 1.0 if kv_cache_gb is None and device == "cpu" else kv_cache_gb
         self.kv_blocks, self.block_size = cache.num_gpu_blocks, cache.block_size
         self._said_kv_short = False
         # vLLM stops on the EOS and generation_config.json's ids by itself; the template's end of
         # turn is added for a model whose generation config does not list it (a base model's).
         self.stop_token_ids = [i for i in stop_ids(self.tokenizer) if i != self.tokenizer.eos_token_id]
         VLLMEngine._alive.add(self)
-        self.sampler = "align" if cpu_sampler.install(self.llm) else "vllm"  # which draws the samples
+        # Which draws the samples: align's inverse-CDF sampler replaces vLLM's CPU kernel only on CPU.
+        self.sampler = "align" if cpu_sampler.install(self.llm, device) else "vllm"
+        self.lora_request: Any = None  # the adapter every generate uses (load_adapter), if any
+        self._adapters_loaded = 0
+        # Sleep mode (TRL's vllm_enable_sleep_mode): asleep right after start; level 2 discards the
+        # weights (a sync sends them all again), level 1 (adapter syncs) keeps the base in host memory.
+        self.sleep_level = (1 if max_lora_rank is not None else 2) if enable_sleep_mode else 0
+        self.asleep: set[str] = set()
+        self.sleep()
 
     @classmethod
     def open_engines(cls) -> int:
@@ -129,13 +262,18 @@ class VLLMEngine:
             for i, ids in enumerate(encoded)
         ]
         self._check_kv_capacity([len(ids) + p.max_tokens for ids, p in zip(encoded, per_prompt)], params.n)
-        with self._torch_threads(), keep_freed_memory():
-            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in encoded], per_prompt, use_tqdm=False)
+        if "weights" in self.asleep and self.sleep_level == 2:
+            raise RuntimeError("the engine's weights were discarded by sleep mode: load_weights before generating")
+        self.wake_up([tag for tag in ("weights", "kv_cache") if tag in self.asleep])
+        with self._cpu_only_settings():
+            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in encoded], per_prompt, use_tqdm=False,
+                                        lora_request=self.lora_request)
+        self.sleep()
         return [[_candidate(c, params.logprobs) for c in sorted(out.outputs, key=lambda c: c.index)] for out in outputs]
 
     def _check_kv_capacity(self, sequence_lengths: list[int], n: int) -> None:
         """Say once (stderr) when the KV cache cannot hold the sequences vLLM would decode together."""
-        if self._said_kv_short or not self.kv_blocks:
+        if self._said_kv_short or not self.kv_blocks or self.kv_cache_gb is None:
             return
         needed = kv_blocks_needed(sequence_lengths, n, self.block_size, self.max_num_seqs)
         if needed <= self.kv_blocks:
@@ -146,6 +284,33 @@ class VLLMEngine:
         print(f"align: the vLLM KV cache ({self.kv_cache_gb:g} GiB, {self.kv_blocks} blocks of {self.block_size} tokens) "
               f"holds fewer than the {together} sequences it could decode together ({needed} blocks), so it decodes "
               f"them in waves; --kv_cache_gb {gib:g} would hold them all", file=sys.stderr, flush=True)
+
+    def _cpu_only_settings(self) -> contextlib.AbstractContextManager:
+        """On CPU: ``threads`` torch threads and ``keep_freed_memory`` while generating; nothing on a GPU."""
+        if self.device.type != "cpu":
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(self._torch_threads())
+        stack.enter_context(keep_freed_memory())
+        return stack
+
+    def sleep(self) -> None:
+        """Free the engine's GPU memory until the next sync or generate (sleep mode only)."""
+        if self.sleep_level:
+            self.llm.sleep(level=self.sleep_level)
+            self.asleep = {"weights", "kv_cache"}
+
+    def wake_up(self, tags: list[str]) -> None:
+        """Take back the memory of ``tags`` ('weights', 'kv_cache') that sleep freed."""
+        tags = [t for t in tags if t in self.asleep]
+        if not tags:
+            return
+        if "weights" in tags:
+            import torch
+
+            torch.cuda.empty_cache()  # the trainer's freed blocks, for the weights (TRL does the same)
+        self.llm.wake_up(tags=tags)
+        self.asleep.difference_update(tags)
 
     @contextlib.contextmanager
     def _torch_threads(self) -> Iterator[None]:
@@ -161,8 +326,22 @@ class VLLMEngine:
             self._set_num_threads(before)
 
     def load_weights(self, named_tensors: Iterable[tuple[str, Any]]) -> None:
-        """Load new weights (Hugging Face names) and drop cached KV pages computed with the old ones."""
+        """Load new weights (Hugging Face names) and drop cached KV pages computed with the old ones
+        (waking the weights first in sleep mode, as TRL's ``sync_weights``)."""
+        self.wake_up(["weights"])
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(list(named_tensors))})
+        self.llm.reset_prefix_cache()
+
+    def load_adapter(self, path: str) -> None:
+        """Generate from now on with the peft LoRA adapter saved at ``path`` on the engine's base
+        weights (vLLM's LoRA support; the engine must have been built with ``max_lora_rank``). A new
+        adapter id each time, so vLLM loads the new weights instead of reusing its cached copy; the
+        KV pages computed with the old adapter are dropped."""
+        from vllm.lora.request import LoRARequest
+
+        self.wake_up(["weights"])
+        self._adapters_loaded += 1
+        self.lora_request = LoRARequest(f"policy-{self._adapters_loaded}", self._adapters_loaded, str(path))
         self.llm.reset_prefix_cache()
 
     def close(self) -> None:
@@ -175,6 +354,9 @@ class VLLMEngine:
         VLLMEngine._alive.discard(self)
         self.llm.llm_engine.engine_core.shutdown()
         self.llm = None
+        if self.device.type == "cuda":  # the next engine (an rs committee's next member) gets the GPU memory back
+            gc.collect()
+            torch.cuda.empty_cache()
         if not VLLMEngine._alive:
             torch.set_num_threads = self._set_num_threads
         self._set_num_threads(self._num_threads)

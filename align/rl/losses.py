@@ -28,20 +28,40 @@ def kl_k3(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1
 
 
-def clipped_surrogate(logp, logp_old, advantages, mask, clip_eps: float = 0.2):
+def truncated_is_weights(trainer_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor, cap: float = 3.0,
+                         per_sequence: bool = False) -> torch.Tensor:
+    """Truncated importance-sampling weights (TIS; Yao et al. 2025) for rollouts sampled by an engine
+    whose log-probs differ from the trainer's (a bf16 vLLM, an fp32 policy): ``min(exp(trainer_logp -
+    engine_logp), cap)`` per token (``[B, T]``; 1 off the mask), or with ``per_sequence`` one weight
+    per row from the summed difference (``[B]``). TRL's ``vllm_importance_sampling_correction`` in its
+    ``token_truncate`` / ``sequence_truncate`` modes (trl/trainer/grpo_trainer.py), ``cap`` its
+    ``vllm_importance_sampling_clip_max``, no lower bound. Detached: a constant weight of the loss.
+    """
+    diff = ((trainer_logp - engine_logp) * mask).detach()
+    if per_sequence:
+        diff = diff.sum(-1)
+    return torch.exp(diff).clamp(max=cap)
+
+
+def clipped_surrogate(logp, logp_old, advantages, mask, clip_eps: float = 0.2, weights=None):
     """PPO's clipped objective (Schulman et al. 2017, eq. 7), averaged over response tokens.
 
-    ``advantages`` is ``[B, T]`` (broadcast a sequence advantage with ``[:, None]`` first).
+    ``advantages`` is ``[B, T]`` (broadcast a sequence advantage with ``[:, None]`` first);
+    ``weights`` (``[B, T]``, optional) multiply each token's term (``truncated_is_weights``), the
+    mean still over the response tokens, as TRL's ``per_token_loss * importance_sampling_ratio``.
     """
     ratio = torch.exp(logp - logp_old)
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantages
-    loss = -masked_mean(torch.minimum(unclipped, clipped), mask)
+    terms = torch.minimum(unclipped, clipped)
+    if weights is not None:
+        terms = terms * weights
+    loss = -masked_mean(terms, mask)
     clip_frac = masked_mean(((ratio - 1).abs() > clip_eps).float(), mask)
     return loss, {"clip_frac": clip_frac.item(), "ratio_mean": masked_mean(ratio, mask).item()}
 
 
-def sequence_clipped_surrogate(logp, logp_old, advantages, mask, clip_eps: float = 0.2):
+def sequence_clipped_surrogate(logp, logp_old, advantages, mask, clip_eps: float = 0.2, weights=None):
     """PPO's clipped objective with the whole response as one action, averaged over sequences.
 
     RLOO (Ahmadian et al. 2024) models a response as a single action, so the importance ratio is
@@ -55,7 +75,10 @@ def sequence_clipped_surrogate(logp, logp_old, advantages, mask, clip_eps: float
     ratio = torch.exp(seq_sum(logp - logp_old, mask))
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantages
-    loss = -torch.minimum(unclipped, clipped).mean()
+    terms = torch.minimum(unclipped, clipped)
+    if weights is not None:  # [B]: truncated_is_weights per sequence
+        terms = terms * weights
+    loss = -terms.mean()
     clip_frac = ((ratio - 1).abs() > clip_eps).float().mean()
     return loss, {"clip_frac": clip_frac.item(), "ratio_mean": ratio.mean().item()}
 

@@ -65,6 +65,8 @@ class PolicyOptimizer:
     name: ClassVar[str]
     min_samples: ClassVar[int] = 1  # K needed per prompt (2 for leave-one-out and group baselines)
     masks_truncated: ClassVar[bool] = True  # whether mask_truncated_completions applies (a loss over response tokens)
+    importance_sampling: ClassVar[bool] = False  # whether its loss takes importance-sampling weights (RLHFConfig.importance_sampling)
+    per_sequence_is: ClassVar[bool] = False  # one weight per sequence (a sequence-level ratio) instead of per token
 
     def __init__(self, cfg: Any, policy: nn.Module, ref_logprobs: Callable | None):
         disable_dropout(policy)
@@ -109,6 +111,7 @@ class PolicyOptimizer:
     def prepare(self, r: Rollouts, logp: torch.Tensor, entropy: torch.Tensor, hidden: torch.Tensor | None) -> dict[str, float]:
         """Fix this batch's log-probs (and values) under the sampling policy, and the reference's."""
         r.logp_old = logp.detach()
+        r.is_weights = self.importance_weights(r)
         if self.extra:
             r.values_old = self.values(hidden.detach())
         stats = {"entropy": L.masked_mean(entropy, r.response_mask).item()}
@@ -191,6 +194,7 @@ class PolicyOptimizer:
             logp_g, entropy_g, _ = forward_logprobs(self.policy, r.input_ids[idx, :w], r.attention_mask[idx, :w], False,
                                                     temperature=self.cfg.temperature)
             logp_old[idx, : w - 1] = logp_g.detach()
+            r.is_weights = self.importance_weights(r)  # this group's rows final; the others' have no gradient yet
             entropy[idx, : w - 1] = entropy_g
             logp = logp_old.index_put((idx,), F.pad(logp_g, (0, width - w)))  # this group's rows carry gradients
             loss, _ = self.loss(r, logp, entropy, None)
@@ -199,6 +203,14 @@ class PolicyOptimizer:
         with torch.no_grad():
             loss, step_stats = self.loss(r, logp_old, entropy, None)
         return {**stats, **step_stats, "grad_norm": self._apply_gradients(), "loss": loss.item()}
+
+    def importance_weights(self, r: Rollouts) -> torch.Tensor | None:
+        """Truncated importance-sampling weights of pi_old (the trainer's) against the engine's
+        log-probs (``losses.truncated_is_weights``), or None for rollouts without the engine's."""
+        if r.logp_engine is None:
+            return None
+        cap = self.cfg.importance_sampling_cap or 3.0
+        return L.truncated_is_weights(r.logp_old, r.logp_engine, r.response_mask, cap, per_sequence=self.per_sequence_is)
 
     def _apply_gradients(self) -> float:
         """Average the accumulated gradients over processes (data parallel: the same step on every
@@ -222,7 +234,7 @@ class PolicyOptimizer:
 
 def _sequence_advantage_loss(r: Rollouts, logp, advantages: torch.Tensor, clip_eps: float, kl_coef: float = 0.0):
     """Clipped surrogate with one advantage per sequence, plus an optional k3 KL-to-reference term."""
-    loss, stats = L.clipped_surrogate(logp, r.logp_old, advantages[:, None].expand_as(logp), r.mask, clip_eps)
+    loss, stats = L.clipped_surrogate(logp, r.logp_old, advantages[:, None].expand_as(logp), r.mask, clip_eps, r.is_weights)
     if kl_coef > 0:
         kl = L.masked_mean(L.kl_k3(logp, r.logp_ref), r.mask)
         loss = loss + kl_coef * kl
@@ -244,6 +256,7 @@ class GRPO(PolicyOptimizer):
 
     name = "grpo"
     min_samples = 2
+    importance_sampling = True
 
     def row_local(self) -> bool:
         return True
@@ -267,6 +280,8 @@ class RLOO(PolicyOptimizer):
 
     name = "rloo"
     min_samples = 2
+    importance_sampling = True
+    per_sequence_is = True  # its ratio is the sequence's
 
     def row_local(self) -> bool:  # with the KL shaping, a row's advantage depends on its group's pi_old
         return not self.needs_ref
@@ -276,7 +291,7 @@ class RLOO(PolicyOptimizer):
         if self.needs_ref:
             rewards = rewards - self.cfg.kl_coef * L.seq_sum(r.logp_old - r.logp_ref, r.response_mask)
         adv = est.leave_one_out(r.grouped(rewards)).flatten()
-        return L.sequence_clipped_surrogate(logp, r.logp_old, adv, r.mask, self.cfg.clip_eps)
+        return L.sequence_clipped_surrogate(logp, r.logp_old, adv, r.mask, self.cfg.clip_eps, r.is_weights)
 
 
 @register_optimizer
@@ -349,6 +364,7 @@ class PPO(PolicyOptimizer):
 
     name = "ppo"
     min_samples = 1
+    importance_sampling = True
 
     def extra_modules(self) -> dict[str, nn.Module]:
         head = nn.Linear(self.policy.config.get_text_config().hidden_size, 1)
@@ -369,6 +385,6 @@ class PPO(PolicyOptimizer):
         return stats
 
     def loss(self, r, logp, entropy, hidden):
-        policy_loss, stats = L.clipped_surrogate(logp, r.logp_old, self._advantages, r.mask, self.cfg.clip_eps)
+        policy_loss, stats = L.clipped_surrogate(logp, r.logp_old, self._advantages, r.mask, self.cfg.clip_eps, r.is_weights)
         value_loss, vstats = L.clipped_value_loss(self.values(hidden), r.values_old, self._returns, r.mask, self.cfg.clip_eps)
         return policy_loss + self.cfg.vf_coef * value_loss, {**stats, **vstats}

@@ -30,6 +30,8 @@ class Rollouts:
     logp_old: torch.Tensor | None = None  # [B, L-1] under the policy that sampled
     logp_ref: torch.Tensor | None = None  # [B, L-1] under the reference
     values_old: torch.Tensor | None = None  # [B, L-1] value head (PPO)
+    logp_engine: torch.Tensor | None = None  # [B, L-1] under the engine that sampled (importance sampling), 0 off the mask
+    is_weights: torch.Tensor | None = None  # importance-sampling weights of the loss ([B, L-1] per token or [B] per sequence)
 
     @property
     def n_prompts(self) -> int:
@@ -47,9 +49,12 @@ class Rollouts:
 
 
 def build_rollouts(prompt_ids: list[list[int]], responses: list[list[list[int]]], truncated: list[list[bool]],
-                   scores: list[float], pad_id: int, device: str | torch.device = "cpu") -> Rollouts:
+                   scores: list[float], pad_id: int, device: str | torch.device = "cpu",
+                   engine_logprobs: list[list[list[float]]] | None = None) -> Rollouts:
     """Pack K responses per prompt (the sampled ids, nothing added) into padded tensors;
-    ``truncated[i][k]`` says response k of prompt i hit ``max_tokens`` (``finish_reason == "length"``)."""
+    ``truncated[i][k]`` says response k of prompt i hit ``max_tokens`` (``finish_reason == "length"``);
+    ``engine_logprobs[i][k]`` (optional) are the engine's log-probs of response k's tokens, put where
+    ``mask`` marks them (``logp_engine``)."""
     seqs, spans = [], []
     for ids, cands in zip(prompt_ids, responses):
         for resp in cands:
@@ -65,8 +70,14 @@ def build_rollouts(prompt_ids: list[list[int]], responses: list[list[list[int]]]
         mask[row, start - 1 : end - 1] = 1.0
     k = len(responses[0])
     cut = torch.tensor([t for row in truncated for t in row], dtype=torch.bool, device=device)
+    logp_engine = None
+    if engine_logprobs is not None:
+        logp_engine = torch.zeros_like(mask)
+        for row, (lps, (start, end)) in enumerate(zip((lp for cands in engine_logprobs for lp in cands), spans)):
+            logp_engine[row, start - 1 : end - 1] = torch.tensor(lps, dtype=torch.float32)
+        logp_engine = logp_engine.to(device)
     return Rollouts(input_ids.to(device), attention.to(device), mask.to(device),
-                    torch.tensor(scores, dtype=torch.float32, device=device), k, truncated=cut)
+                    torch.tensor(scores, dtype=torch.float32, device=device), k, truncated=cut, logp_engine=logp_engine)
 
 
 def penalize_missing_eos(scores: torch.Tensor, truncated: torch.Tensor, penalty: float | None) -> torch.Tensor:

@@ -44,7 +44,7 @@ from align.config import BaseConfig, option, required
 from align.data import load_rows
 from align.errors import ConfigError, ModelError
 from align.evaluation import EvalOptions, load_prompts
-from align.models import DTYPES, ModelOptions, load_causal_lm, load_tokenizer, peft_config, resolve_model_path, save_model
+from align.models import DTYPES, ModelOptions, load_causal_lm, load_tokenizer, peft_config, place_for_trainer, resolve_model_path, save_model
 from align.registry import command
 from align.stage import CheckpointOptions, Stage, read_stage
 from align.training import TrainOptions, resume_checkpoint, train_to_end, trl_args
@@ -119,7 +119,7 @@ def check_shared_vocabulary(cfg: DistillStageConfig) -> None:
 
 
 def load_teacher(cfg: DistillStageConfig):
-    """The teacher in eval mode, in the student's dtype and on its device (never LoRA or 4-bit)."""
+    """The teacher in eval mode, in the student's dtype and placed as the student (never LoRA or 4-bit)."""
     from transformers import AutoModelForCausalLM
 
     try:
@@ -127,7 +127,7 @@ def load_teacher(cfg: DistillStageConfig):
                                                      trust_remote_code=cfg.trust_remote_code, use_safetensors=True)
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot load teacher from {cfg.teacher}: {str(err).strip().splitlines()[0]}") from None
-    return model.to(cfg.resolved_device()).eval()
+    return place_for_trainer(model, cfg).eval()  # on CUDA the trainer places it (prepare_model)
 
 
 def conversations(spec: str):

@@ -40,7 +40,7 @@ RESULTS = "eval.jsonl"
 @dataclasses.dataclass
 class EvalConfig(RewardOptions, EngineOptions, BaseConfig):
     # Memory knobs that do not change the samples: a rerun with other values continues / is a no-op.
-    run_control: ClassVar[tuple[str, ...]] = ("overwrite", "resume", "kv_cache_gb", "max_num_seqs", "kv_block_size", "threads", "enforce_eager")
+    run_control: ClassVar[tuple[str, ...]] = ("overwrite", "resume", "kv_cache_gb", "max_num_seqs", "kv_block_size", "threads", "enforce_eager", "gpu_memory_utilization", "tensor_parallel_size")
     inputs: ClassVar[tuple[str, ...]] = ("model_name_or_path", "dataset", "reward", "judges", "reference_model")
 
     model_name_or_path: str = required("Policy to evaluate: a Hugging Face model folder or Hub id.")

@@ -26,13 +26,17 @@ process logs metrics gathered from all ranks and writes every file.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import random
+import shutil
+import tempfile
 import time
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -56,7 +60,8 @@ from sampling.engines import EngineOptions
 @dataclasses.dataclass
 class RLHFConfig(RewardOptions, EngineOptions, ModelOptions, OnlineMergingOptions, MonitorOptions, CheckpointOptions, BaseConfig):
     inputs = ("model_name_or_path", "dataset", "reward", "eval_dataset", "eval_reward", "monitor_dataset", "monitor_judges")
-    run_control: ClassVar[tuple[str, ...]] = ("overwrite", "resume", "kv_cache_gb", "kv_block_size", "threads", "enforce_eager")
+    run_control: ClassVar[tuple[str, ...]] = ("overwrite", "resume", "kv_cache_gb", "kv_block_size", "threads", "enforce_eager",
+                                              "gpu_memory_utilization", "tensor_parallel_size", "sleep_mode")
     dataset: str = required("Prompts to train on (prompt rows; extra columns such as `answer` reach the scorers).")
     output_dir: str = required("Stage directory: stage.json, metrics.jsonl, model/, checkpoints/.")
     optimizer: str = option("rloo", "Policy optimizer (align/rl/optimizers.py).", choices=OPTIMIZERS)
@@ -93,7 +98,24 @@ class RLHFConfig(RewardOptions, EngineOptions, ModelOptions, OnlineMergingOption
     kv_cache_gb: float | None = option(None, "vLLM KV-cache size in GiB (on CPU it is host RAM, beside the trainer's)."
                                              " Unset: what one iteration's rollouts can need (its longest prompts x num_samples,"
                                              " each plus max_tokens), recorded in stage.json: 0.27 GiB for SmolLM2-135M at"
-                                             " 16 prompts x K=4 x 32 tokens, where the other stages' 1 GiB default held 3.8x that.")
+                                             " 16 prompts x K=4 x 32 tokens, where the other stages' 1 GiB default held 3.8x that."
+                                             " On a GPU, unset: what gpu_memory_utilization leaves after the engine's weights.")
+    bf16: bool | None = option(None, "bfloat16 mixed precision for the policy's passes: autocast over fp32 weights (a full fine-tune"
+                                     " keeps fp32 master weights whatever dtype says; TRL's default). Unset: on with a GPU that"
+                                     " has bf16 (Ampere or newer), off on CPU.")
+    engine_dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = option(
+        None, "vLLM's weights dtype, apart from the policy's. Unset: dtype on CPU (float32: log-probs equal the trainer's);"
+              " bfloat16 on a GPU (float16 before Ampere), the gap to the trainer's log-probs then corrected by importance_sampling.")
+    importance_sampling: bool | None = option(
+        None, "Truncated importance sampling (TIS; TRL's vllm_importance_sampling_correction, token_truncate mode): weigh each"
+              " token's loss by min(pi_trainer / pi_engine, importance_sampling_cap), from the engine's own log-probs, so"
+              " rollouts sampled by a bf16 engine train an fp32 policy without bias. grpo and ppo per token, rloo per sequence."
+              " Unset: on when engine_dtype and the trained weights' dtype differ (for those optimizers).")
+    importance_sampling_cap: float | None = option(None, "Upper bound of the importance-sampling weights (TRL's"
+                                                         " vllm_importance_sampling_clip_max). Unset: 3.0, TRL's default.")
+    sleep_mode: bool = option(False, "vLLM on a GPU: free the engine's memory while the policy trains (vLLM's sleep mode, as TRL's"
+                                     " vllm_enable_sleep_mode): it sleeps after each generation, wakes its weights for a sync and"
+                                     " its KV cache to generate. Slower; for a GPU too small for both. Unsupported on CPU.")
 
     def validate(self) -> None:
         self.validate_engine()
@@ -117,6 +139,12 @@ class RLHFConfig(RewardOptions, EngineOptions, ModelOptions, OnlineMergingOption
                               " responses, with no per-token loss to mask); use --missing_eos_penalty to rank truncated responses lower")
         if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
             raise ConfigError(f"'missing_eos_penalty' must be >= 0 (it is subtracted from the reward), got {self.missing_eos_penalty}")
+        refuse_sharded_training(os.environ)
+        if self.importance_sampling and not OPTIMIZERS[self.optimizer].importance_sampling:
+            raise ConfigError(f"'importance_sampling' is not supported by optimizer '{self.optimizer}' (its loss has no per-token"
+                              " or per-sequence ratio to weigh); use grpo, ppo or rloo, or --importance_sampling false")
+        if self.importance_sampling_cap is not None and self.importance_sampling_cap < 1:
+            raise ConfigError(f"'importance_sampling_cap' must be >= 1, got {self.importance_sampling_cap}")
         if self.load_in_4bit:
             raise ConfigError("'load_in_4bit' (QLoRA) is not supported by align rlhf: the engine needs the adapter merged into"
                               " full-precision weights; use --use_lora true (with --dtype bfloat16 to halve the base's memory)")
@@ -127,6 +155,81 @@ class RLHFConfig(RewardOptions, EngineOptions, ModelOptions, OnlineMergingOption
 
             check_trackers(self.report_to)
         self.validate_merging(lora=self.use_lora or self.load_in_4bit)
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices, precision and weight syncs
+# ---------------------------------------------------------------------------------------------
+
+
+def refuse_sharded_training(env: dict[str, str]) -> None:
+    """One line, exit 2, under DeepSpeed or FSDP (accelerate's launch variables): the loop syncs each
+    rank's full weights into its engine and averages plain gradients, so sharded weights (ZeRO,
+    FSDP) would be silently ignored or incomplete; gathering them per parameter is not implemented."""
+    for key, name in (("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_FSDP", "FSDP")):
+        if env.get(key, "").strip().lower() in ("1", "true", "yes"):
+            raise ConfigError(f"align rlhf does not support {name}: it needs each process's full weights to sync its engine;"
+                              " launch it data parallel (accelerate launch --multi_gpu, or configs/accelerate/cpu_2proc.yaml)")
+
+
+def bf16_supported() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def resolve_bf16(bf16: bool | None, device: str, has_bf16: bool) -> bool:
+    """Whether the policy's passes run under bf16 autocast: ``bf16`` when set, else on a GPU with bf16."""
+    return bf16 if bf16 is not None else device == "cuda" and has_bf16
+
+
+def resolve_engine_dtype(engine_dtype: str | None, dtype: str, device: str, has_bf16: bool) -> str:
+    """The engine's weights dtype: ``engine_dtype`` when set; else on CPU the policy's ``dtype``
+    (float32 by default: log-probs equal the trainer's), on a GPU bfloat16 (float16 before Ampere)."""
+    if engine_dtype is not None:
+        return engine_dtype
+    if device == "cpu":
+        return dtype
+    return "bfloat16" if has_bf16 else "float16"
+
+
+def resolve_importance_sampling(setting: bool | None, optimizer: str, engine_dtype: str, trained_dtype: torch.dtype) -> bool:
+    """Whether to correct the engine/trainer log-prob gap (``importance_sampling``): as set, else on
+    where the optimizer supports it and the engine's dtype is not the trained weights' (both known:
+    'auto' counts as equal)."""
+    if setting is not None:
+        return setting
+    from align.models import DTYPES
+
+    engine = DTYPES[engine_dtype]
+    return OPTIMIZERS[optimizer].importance_sampling and engine != "auto" and engine != trained_dtype
+
+
+def weight_sync_mode(device: str, policy, engine: str = "vllm") -> str:
+    """How the policy's weights reach the engine: 'full' (a full fine-tune: every weight), 'adapter'
+    (a plain LoRA policy on a GPU: only the adapter, through vLLM's LoRA support, as verl's colocated
+    LoRA sync), or 'merged' (the adapter merged into new tensors and sent as full weights: on CPU,
+    with the transformers ``engine``, and the fallback for what vLLM's LoRA cannot load:
+    ``modules_to_save``, LoRA variants such as DoRA, LoRA biases)."""
+    if not hasattr(policy, "peft_config"):
+        return "full"
+    if device == "cpu" or engine != "vllm":
+        return "merged"
+    config = policy.peft_config[policy.active_adapter]
+    plain = (not getattr(config, "modules_to_save", None) and not getattr(config, "use_dora", False)
+             and not getattr(config, "lora_bias", False) and getattr(config, "peft_type", None) is not None
+             and str(config.peft_type.value if hasattr(config.peft_type, "value") else config.peft_type) == "LORA")
+    return "adapter" if plain else "merged"
+
+
+def policy_device(device: str, local_rank: int) -> str:
+    """Where this rank's policy trains: its own GPU (LOCAL_RANK) on CUDA; rlhf has no Trainer to place it."""
+    return f"cuda:{local_rank}" if device == "cuda" else device
+
+
+def autocast(enabled: bool, device: str):
+    """bf16 autocast for the policy's forward passes (fp32 weights stay the optimizer's), or nothing."""
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,9 +324,15 @@ def policy_weights(policy) -> list[tuple[str, torch.Tensor]]:
     return named
 
 
-def sync_engine(engine, policy) -> None:
+def sync_engine(engine, policy, adapter_dir: Path | None = None) -> None:
     """Send the current weights to the engine; a LoRA policy's merged into new tensors
-    (``policy_weights``), which for the sync holds one more copy of the adapted weights."""
+    (``policy_weights``), which for the sync holds one more copy of the adapted weights. With
+    ``adapter_dir`` (``weight_sync_mode`` 'adapter'), only the adapter: saved there as a peft folder
+    and loaded by the engine's LoRA support, its base weights untouched."""
+    if adapter_dir is not None:
+        policy.save_pretrained(adapter_dir, safe_serialization=True)
+        engine.load_adapter(str(adapter_dir))
+        return
     engine.load_weights(policy_weights(policy))
 
 
@@ -242,7 +351,7 @@ def make_reference(cfg: RLHFConfig, policy):
                 return token_logprobs(policy, input_ids, attention_mask, batch_size=cfg.forward_batch_size,
                                       temperature=cfg.temperature)[0]
         return ref
-    frozen = load_causal_lm(cfg).eval()
+    frozen = load_causal_lm(cfg, device=str(next(policy.parameters()).device), bf16=False).eval()
     for p in frozen.parameters():
         p.requires_grad_(False)
 
@@ -417,6 +526,11 @@ def _live_view(cfg: RLHFConfig, start: int, show: bool):
     return progress, task
 
 
+def _remove(folder: Path | None) -> None:
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _preempted(cfg: RLHFConfig, stage: Stage, iteration: int, policy, optimizer, before: dict, engine):
     """The preemption safe point at the end of an iteration: checkpoint it (unless that was just
     done), close the engine on every rank, and return the ``Interrupted`` to raise."""
@@ -477,7 +591,11 @@ def run_rlhf(cfg: RLHFConfig) -> dict:
     from align.tracking import Trackers, plot_metrics
     from sampling.base import SamplingParams, encode_prompts
 
-    rank, world = parallel.init(cfg.resolved_device())
+    device_kind = cfg.resolved_device()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_kind == "cuda":  # this rank's GPU before any process group or model (TRL's colocate mode)
+        torch.cuda.set_device(local_rank)
+    rank, world = parallel.init(device_kind)
     if cfg.prompts_per_iteration % world:
         raise ConfigError(f"'prompts_per_iteration' ({cfg.prompts_per_iteration}) must be a multiple of the"
                           f" {world} processes: each generates for an equal shard of the batch")
@@ -495,7 +613,9 @@ def run_rlhf(cfg: RLHFConfig) -> dict:
     tokenizer = load_tokenizer(cfg)
     rows, prompt_lengths, skipped_long = fitting_prompts(rows, tokenizer, cfg)
 
-    policy = load_causal_lm(cfg)
+    has_bf16 = bf16_supported()
+    bf16 = resolve_bf16(cfg.bf16, device_kind, has_bf16)
+    policy = load_causal_lm(cfg, device=policy_device(device_kind, local_rank), bf16=bf16)
     lora = peft_config(cfg)
     if lora is not None:
         from peft import get_peft_model
@@ -507,6 +627,12 @@ def run_rlhf(cfg: RLHFConfig) -> dict:
     if monitor_rows and reference is None:  # the monitor's KL needs one even when the loss does not
         reference = make_reference(cfg, policy)
     device = next(policy.parameters()).device
+    trained_dtype = next(p for p in policy.parameters() if p.requires_grad).dtype
+    engine_dtype = resolve_engine_dtype(cfg.engine_dtype, cfg.dtype, device_kind, has_bf16)
+    correct = resolve_importance_sampling(cfg.importance_sampling, cfg.optimizer, engine_dtype, trained_dtype)
+    from sampling.engines import default_engine
+
+    sync_mode = weight_sync_mode(device_kind, policy, default_engine() if cfg.engine == "auto" else cfg.engine)
 
     start, before = 0, {}
     checkpoint = stage.latest_checkpoint() if cfg.resume else None
@@ -519,12 +645,27 @@ def run_rlhf(cfg: RLHFConfig) -> dict:
 
         kept = read_rows(stage.dir / MONITOR_FILE, start if checkpoint is not None else -1)
         atomic_write_text(stage.dir / MONITOR_FILE, "".join(json.dumps(r) + "\n" for r in kept))
-    kv_cache_gb = cfg.kv_cache_gb or rollout_kv_cache_gb(cfg, policy.config.to_dict(), prompt_lengths, world)
-    engine = cfg.build_engine(cfg.model_name_or_path, seed=cfg.seed + rank, kv_cache_gb=kv_cache_gb)
+    kv_cache_gb = cfg.kv_cache_gb
+    if kv_cache_gb is None and device_kind == "cpu":
+        kv_cache_gb = rollout_kv_cache_gb(cfg, policy.config.to_dict(), prompt_lengths, world)
+    vllm_options: dict[str, Any] = {"dtype": engine_dtype}
+    if cfg.sleep_mode:
+        vllm_options["enable_sleep_mode"] = True
+    if sync_mode == "adapter":
+        vllm_options["max_lora_rank"] = cfg.lora_r
+    engine = cfg.build_engine(cfg.model_name_or_path, seed=cfg.seed + rank, kv_cache_gb=kv_cache_gb, **vllm_options)
+    if device_kind == "cuda":
+        from sampling.vllm_engine import check_colocated
+
+        check_colocated(getattr(engine, "device", device), device)
+    # the adapter as the engine loads it (a peft folder), for the run's length
+    adapter_dir = Path(tempfile.mkdtemp(prefix="align-engine-adapter-")) if sync_mode == "adapter" else None
     stage.record_inputs()
     if checkpoint is not None:
         restore_rng(state)
-        sync_engine(engine, policy)
+    if checkpoint is not None or cfg.sleep_mode or adapter_dir is not None:
+        # resumed weights; weights a level-2 sleep discarded; the adapter the first generate uses
+        sync_engine(engine, policy, adapter_dir)
 
     eval_reward = cfg.eval_reward or cfg.reward
     if checkpoint is None and cfg.eval_dataset and stage.is_main:
@@ -540,14 +681,14 @@ def run_rlhf(cfg: RLHFConfig) -> dict:
     if checkpoint is None:
         monitor(0)
 
-    trackers = Trackers(cfg.report_to, stage, use_cpu=cfg.resolved_device() == "cpu", model=policy)
+    trackers = Trackers(cfg.report_to, stage, use_cpu=device_kind == "cpu", model=policy)
     progress, task = _live_view(cfg, start, show=stage.is_main)
     progress.start()
     try:
         for it in range(start, cfg.num_iterations):
             whole = [rows[i] for i in batch_indices(len(rows), cfg.prompts_per_iteration, it, cfg.seed)]
             batch = whole[rank::world]  # this rank's shard
-            params = SamplingParams(n=cfg.num_samples, temperature=cfg.temperature, top_p=cfg.top_p,
+            params = SamplingParams(n=cfg.num_samples, temperature=cfg.temperature, top_p=cfg.top_p, logprobs=correct,
                                     max_tokens=cfg.max_tokens, seeds=rollout_seed_keys(cfg.seed, it, rank, world, len(whole)))
             t0 = time.perf_counter()
             candidates = engine.generate([r["prompt"] for r in batch], params)
@@ -559,10 +700,12 @@ def run_rlhf(cfg: RLHFConfig) -> dict:
                 [[c.token_ids for c in cands] for cands in candidates],
                 [[c.finish_reason == "length" for c in cands] for cands in candidates],
                 [s for group in scores for s in group], tokenizer.pad_token_id, device,
+                engine_logprobs=[[c.logprobs for c in cands] for cands in candidates] if correct else None,
             )
-            stats = opt.update(rollouts)
+            with autocast(bf16, device_kind):
+                stats = opt.update(rollouts)
             t3 = time.perf_counter()
-            sync_engine(engine, policy)
+            sync_engine(engine, policy, adapter_dir)
             t4 = time.perf_counter()
 
             row = iteration_metrics(parallel.gather({
@@ -581,6 +724,7 @@ def run_rlhf(cfg: RLHFConfig) -> dict:
                 raise _preempted(cfg, stage, it + 1, policy, opt, before, engine)
     except BaseException:  # a NaN reward, a bad batch, Ctrl-C: free the engine's KV cache now
         engine.close()
+        _remove(adapter_dir)
         raise
     finally:
         progress.stop()
@@ -593,6 +737,7 @@ def run_rlhf(cfg: RLHFConfig) -> dict:
     checksums = parallel.gather(sum(p.detach().double().sum().item() for p in policy.parameters()))
     parallel.barrier()
     engine.close()
+    _remove(adapter_dir)
     if not stage.is_main:
         return {"stage": "rlhf", "status": "complete", "rank": rank}
     summary.update({"iterations": cfg.num_iterations, **run_summary(stage.metrics())})
@@ -600,6 +745,11 @@ def run_rlhf(cfg: RLHFConfig) -> dict:
         summary["eval_mean_reward"] = after
     summary["num_processes"] = world
     summary["engine"] = engine.name
+    summary["sampler"] = getattr(engine, "sampler", engine.name)  # align's CPU sampler or vLLM's own
+    summary["engine_dtype"] = engine_dtype
+    summary["bf16"] = bf16
+    summary["importance_sampling"] = correct
+    summary["weight_sync"] = sync_mode
     summary["kv_cache_gb"] = kv_cache_gb
     summary["replica_weight_gap"] = max(checksums) - min(checksums)  # 0.0: every rank ended with the same policy
     artifacts = save_model(policy, tokenizer, stage.dir, merge_lora=cfg.merge_lora or lora is not None)

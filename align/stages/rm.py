@@ -39,7 +39,7 @@ import torch
 
 from align.config import BaseConfig, option, required
 from align.errors import ConfigError, DataError, ModelError
-from align.models import DTYPES, ModelOptions, _first_line, resolve_model_path, save_model
+from align.models import ModelOptions, _first_line, place_for_trainer, resolve_model_path, save_model, trainable_dtype
 from align.registry import command
 from align.stage import CheckpointOptions, Stage, read_stage
 from align.training import TrainOptions, resume_checkpoint, train_to_end, trl_args
@@ -208,7 +208,7 @@ def load_backbone(cfg: RMStageConfig):
         torch.manual_seed(cfg.seed)  # the fresh head
         with suppress_seqcls_warning():
             model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=1, dtype=DTYPES[cfg.dtype], use_safetensors=True,
+                path, num_labels=1, dtype=trainable_dtype(cfg), use_safetensors=True,
                 trust_remote_code=cfg.trust_remote_code,
             )
     except (OSError, ValueError) as err:
@@ -218,7 +218,7 @@ def load_backbone(cfg: RMStageConfig):
     model.config.pad_token_id = tokenizer.pad_token_id  # decoders read the last non-pad token
     model.config.id2label = {0: REWARD_LABEL}
     model.config.label2id = {REWARD_LABEL: 0}
-    return model.to(cfg.resolved_device()), tokenizer
+    return place_for_trainer(model, cfg), tokenizer  # on CUDA the Trainer places it
 
 
 def add_grade_heads(model, heads: list[str], levels: int) -> None:

@@ -79,7 +79,7 @@ CANDIDATES = "candidates.jsonl"
 @dataclasses.dataclass
 class RSConfig(RewardOptions, EngineOptions, BaseConfig):
     # Memory knobs that do not change the samples: a rerun with other values continues / is a no-op.
-    run_control: ClassVar[tuple[str, ...]] = ("overwrite", "resume", "kv_cache_gb", "max_num_seqs", "kv_block_size", "threads", "enforce_eager", "merge")
+    run_control: ClassVar[tuple[str, ...]] = ("overwrite", "resume", "kv_cache_gb", "max_num_seqs", "kv_block_size", "threads", "enforce_eager", "gpu_memory_utilization", "tensor_parallel_size", "merge")
     inputs: ClassVar[tuple[str, ...]] = ("model_name_or_path", "dataset", "reward")
     one_or_many: ClassVar[tuple[str, ...]] = ("model_name_or_path",)
 
@@ -271,7 +271,7 @@ def _run_shard(engine, scorer, cfg: RSConfig, member: int, rows: list[dict], pos
              "finish_reason": c.finish_reason, "duplicate_of": None if d is None else first + d}
             for k, (c, s, d) in enumerate(zip(cands, scores, dups))
         ]})
-    return {"start": positions[0], "engine": engine.name, "generate_seconds": generated - started, "score_seconds": time.perf_counter() - generated,
+    return {"start": positions[0], "engine": engine.name, "sampler": getattr(engine, "sampler", engine.name), "generate_seconds": generated - started, "score_seconds": time.perf_counter() - generated,
             "tokens": sum(len(c.token_ids) for cands in outputs for c in cands), "prompts": prompts}
 
 
@@ -279,6 +279,7 @@ def _join_members(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """One prompt shard's records of every member -> one record, each prompt's candidates in member order."""
     return {
         "engine": "+".join(sorted({p["engine"] for p in parts})),
+        "sampler": "+".join(sorted({p.get("sampler", "unknown") for p in parts})),
         **{key: sum(p[key] for p in parts) for key in ("generate_seconds", "score_seconds", "tokens")},
         "prompts": [{"prompt_id": group[0]["prompt_id"], "candidates": [c for p in group for c in p["candidates"]]}
                     for group in zip(*(p["prompts"] for p in parts))],
@@ -334,6 +335,7 @@ def _finish(stage: Stage, cfg: RSConfig, rows: list[dict], shards: list[dict], r
         "kept_rows": len(selected),
         "select": cfg.select,
         "engine": "+".join(sorted({s.get("engine", "unknown") for s in shards})),  # the one(s) that generated
+        "sampler": "+".join(sorted({s.get("sampler", "unknown") for s in shards})),  # align's CPU sampler or the engine's own
         "mean_reward": sum(rewards) / len(rewards),
         "max_reward": max(rewards),
         "mean_best_reward": sum(max(c["reward"] for c in r["candidates"]) for r in records) / len(records),
