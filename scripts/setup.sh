@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create (or refresh) the project-local virtual environment at .venv: the CPU stack by default,
-# the GPU stack with ALIGN_EXTRAS=gpu,test (CUDA torch and CUDA vLLM).
+# the GPU stack with ALIGN_EXTRAS=gpu,test,judges (CUDA torch and CUDA vLLM).
 # Idempotent: a stamp keyed by pyproject.toml and this script skips work already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
