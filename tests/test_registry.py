@@ -76,8 +76,9 @@ def test_every_registry_is_a_registry_with_its_own_misses(label):
 # registry's names, read from the registry when rendered.
 BACKED = {
     "rs": {"engine": "choices", "select": "choices", "reward_combine": "choices", "reward": "names"},
-    "eval": {"engine": "choices", "reward_combine": "choices", "reward": "names"},
-    "rlhf": {"engine": "choices", "optimizer": "choices", "reward_combine": "choices", "reward": "names", "eval_reward": "names"},
+    "eval": {"engine": "choices", "reward_combine": "choices", "reward": "names", "judges": "names"},
+    "rlhf": {"engine": "choices", "optimizer": "choices", "reward_combine": "choices", "reward": "names", "eval_reward": "names",
+             "monitor_judges": "names"},
     "dpo": {"loss": "names", "eval_reward": "names"},
     "rm": {"loss": "choices"},
     "sft": {"eval_reward": "names"},

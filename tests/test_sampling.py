@@ -219,7 +219,8 @@ def test_engine_threads_reach_the_engine_and_are_a_speed_setting_only(monkeypatc
     monkeypatch.setattr(sampling.engines, "build_engine", lambda name, path, **kw: seen.update(kw, name=name))
     base = {"model_name_or_path": str(tmp_path), "dataset": "p.jsonl", "output_dir": str(tmp_path / "o"), "reward": ["rule:arithmetic"]}
     RSConfig(**base, engine="vllm", threads=2).build_engine(str(tmp_path))
-    assert (seen["name"], seen["threads"], seen["enforce_eager"]) == ("vllm", 2, True)
+    # enforce_eager unset: the engine picks by device (eager on CPU, sampling.vllm_engine.engine_kwargs)
+    assert (seen["name"], seen["threads"], seen["enforce_eager"]) == ("vllm", 2, None)
     RSConfig(**base, engine="vllm", enforce_eager=False).build_engine(str(tmp_path))
     assert seen["enforce_eager"] is False and seen["kv_block_size"] == 32
     RSConfig(**base, engine="vllm", kv_block_size=64).build_engine(str(tmp_path))
