@@ -357,9 +357,10 @@ class Stage:
             print(f"warning: skipping incomplete checkpoint {path} ({problem})", file=sys.stderr)
         return None
 
-    def truncate_metrics(self, after_step: int) -> None:
-        """On resume, drop logged rows past the checkpoint so no step is recorded twice."""
-        path = self.dir / METRICS_FILE
+    def truncate_metrics(self, after_step: int, name: str = METRICS_FILE) -> None:
+        """On resume, drop logged rows past the checkpoint so no step is recorded twice (``name``:
+        another step-keyed JSONL log of the stage, e.g. rlhf's monitor.jsonl)."""
+        path = self.dir / name
         if not path.is_file() or not self.is_main:
             return
         rows = [line for line in path.read_text().splitlines() if line.strip()]

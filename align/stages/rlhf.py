@@ -51,7 +51,7 @@ from align.rl import parallel
 from align.rl.merging_optimizer import OnlineMergingOptions
 from align.rl.monitor import MONITOR_FILE, MonitorOptions
 from align.rl.optimizers import OPTIMIZERS
-from align.stage import CHECKPOINT_RECORD, CheckpointOptions, Stage, atomic_write_text, checkpoint_dir, read_stage
+from align.stage import CHECKPOINT_RECORD, CheckpointOptions, Stage, checkpoint_dir, read_stage
 from align.training import REPORT_TO_HELP
 from reward.rules import RULES
 from sampling.engines import EngineOptions
@@ -640,11 +640,8 @@ def run_rlhf(cfg: RLHFConfig) -> dict:
         state = load_checkpoint(checkpoint, policy, opt)
         start, before = state["iteration"], state["before"]
         stage.truncate_metrics(after_step=start)
-    if stage.is_main and monitor_rows:  # a resume keeps the points up to its checkpoint, a fresh start none
-        from align.rl.monitor import read_rows
-
-        kept = read_rows(stage.dir / MONITOR_FILE, start if checkpoint is not None else -1)
-        atomic_write_text(stage.dir / MONITOR_FILE, "".join(json.dumps(r) + "\n" for r in kept))
+    if monitor_rows:  # a resume keeps the points up to its checkpoint, a fresh start none
+        stage.truncate_metrics(after_step=start if checkpoint is not None else -1, name=MONITOR_FILE)
     kv_cache_gb = cfg.kv_cache_gb
     if kv_cache_gb is None and device_kind == "cpu":
         kv_cache_gb = rollout_kv_cache_gb(cfg, policy.config.to_dict(), prompt_lengths, world)
