@@ -195,9 +195,9 @@ from test_rlhf import _engine_logprobs, _max_gap, _policy_logprobs
 seqs, report = json.loads(sys.argv[1]), sys.argv[2]
 original, gaps, start = rlhf.sync_engine, [], []
 
-def probed(engine, policy):
+def probed(engine, policy, adapter_dir=None):
     start or start.append(_engine_logprobs(engine, seqs))
-    original(engine, policy)
+    original(engine, policy, adapter_dir)
     training = policy.training
     policy.eval()  # no LoRA dropout in the comparison
     after = _engine_logprobs(engine, seqs)
