@@ -167,7 +167,7 @@ def main() -> None:
     v_s, v_tok = rows["vLLM engine"]
     gen = summary["generate_seconds"]
     result = {
-        "model": str(model) if args.model else f"tiny random llama/{args.tokenizer} (align.tiny, seed 0, hidden {args.hidden_size}, {args.layers} layers)",
+        "model": args.model if args.model else f"tiny random llama/{args.tokenizer} (align.tiny, seed 0, hidden {args.hidden_size}, {args.layers} layers)",
         "enforce_eager": eager, "engines_start_seconds": round(engine_start, 1),
         "kv_cache_gb": kv_gb, "kv_blocks": vllm_blocks, "kv_block_size": args.kv_block_size,
         "vllm_sampler": vllm_sampler,

@@ -15,13 +15,13 @@ reported because it stays comparable when other jobs share the machine.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from machine import write_result  # bench/, beside this file
 
 
 def tiny_reward_model(folder: Path) -> Path:
@@ -111,9 +111,7 @@ def main() -> None:
         "naive_sequences_per_cpu_s": naive["sequences_per_cpu_s"], "sorted_sequences_per_cpu_s": ours["sequences_per_cpu_s"],
         "cpu_ratio_sorted_over_naive": cpu_ratio, "max_score_diff": max_diff,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, report)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 
 PACKAGED_MODELS = ("smollm2",)  # names align.gguf.packaged_gguf knows
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"  # the real data sets the benchmarks read, beside the repository
 
 
 def cpu_info() -> dict[str, object]:
@@ -134,10 +136,26 @@ def print_worker_result(result: dict) -> None:
     print(json.dumps({**result, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
+def portable(value: object) -> object:
+    """``value`` with every absolute path in it made machine-independent: relative to the repository
+    when it lies inside it or in the data folder beside it (``../shared/...``), else its last part
+    (a temporary or cache folder names nothing on another machine)."""
+    if isinstance(value, dict):
+        return {key: portable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable(item) for item in value]
+    if isinstance(value, str) and "\n" not in value and os.path.isabs(value):
+        path = Path(value)
+        if path.is_relative_to(ROOT) or path.is_relative_to(SHARED):
+            return os.path.relpath(path, ROOT)
+        return path.name
+    return value
+
+
 def write_result(out: str, report: dict) -> None:
-    """Write a benchmark's JSON report to ``out`` (making its folder) and say where."""
+    """Write a benchmark's JSON report to ``out`` (making its folder; paths made ``portable``) and say where."""
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(report, indent=2) + "\n")
+    Path(out).write_text(json.dumps(portable(report), indent=2) + "\n")
     print(f"wrote {out}")
 
 
