@@ -3,7 +3,7 @@ chunked inverse CDF (sampling/cpu_sampler.py), on the same logits, in one proces
 
     python bench/bench_sampler.py [--rows 512] [--vocab 49152] [--threads 2] [--reps 20]
 
-The default size is the goal's rejection-sampling batch on SmolLM2-135M (64 prompts x K=8
+The default size is the generation benchmark's batch on SmolLM2-135M (64 prompts x K=8
 sequences decoded together, a 49,152-token vocabulary). Both are timed on a fresh copy of the
 logits per call (align's sampler overwrites them in place, as vLLM allows); the copy is timed
 alone and subtracted. Alternating rounds, fastest of ``--reps`` each; also checks that the two

@@ -7,8 +7,8 @@ op) and the transformers engine on the same prompts (real Alpaca instructions wh
 splits each call's wall time into op groups by self time: matrix multiplies (the linear layers and
 the 49k-row LM head), attention, sampling, other torch ops, and the rest (Python: the scheduler,
 input preparation, detokenization, outside any torch op). Next to it, what the matmuls would take
-at the machine's measured fp32 matmul peak (2 x parameters FLOPs per token), the floor the
-issue's "fraction of peak" is measured against. The profiler adds a little time per op, so the
+at the machine's measured fp32 matmul peak (2 x parameters FLOPs per token), the floor every
+"share of the peak" in docs/benchmarks.md is measured against. The profiler adds a little time per op, so the
 wall times here are a few percent above bench/bench_generation.py's. Prints a table per engine
 and writes bench/results/profile_generation.json.
 """

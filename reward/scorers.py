@@ -1,7 +1,7 @@
 """Scorers: text in, floats out. One protocol for rules, user functions, reward models and committees.
 
 A scorer sees the decoded prompt and response text, never token ids, so a reward model with a
-different tokenizer from the policy is the normal case (TRL #1674, OpenRLHF #242).
+different tokenizer from the policy is the normal case (huggingface/trl#1674, OpenRLHF/OpenRLHF#242).
 
 Spec strings, as given to ``--reward``:
   ``rule:NAME``         a registered rule (``reward.rules``), e.g. ``rule:arithmetic``

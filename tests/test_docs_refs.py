@@ -1,4 +1,4 @@
-"""The code points only at documents a user's clone has (issue: references to files outside it)."""
+"""The code points only at documents a user's clone has, never at files outside it."""
 
 from __future__ import annotations
 

@@ -256,7 +256,7 @@ def test_every_stage_declares_its_input_fields():
 
 
 def test_standalone_command_sees_a_regenerated_dataset(tmp_path, tiny_model):
-    """The issue's new-user case: regenerate the data, rerun the same command: it must not say 'done'."""
+    """A new user's case: regenerate the data, rerun the same command: it must not say 'done'."""
     data = write(tmp_path / "test.jsonl", "".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(4)))
     args = ["eval", "--model_name_or_path", tiny_model, "--dataset", data, "--reward", "rule:arithmetic", "--engine", "transformers",
             "--max_tokens", "2", "--output_dir", tmp_path / "ev"]

@@ -327,8 +327,8 @@ def test_closing_a_second_engine_leaves_the_open_one_working(sft_vllm, tiny_mode
 def test_an_engine_dropped_without_close_leaves_the_open_one_working(sft_vllm, tiny_model):
     """A run that fails after building its engine and never closes it leaves the engine to the
     garbage collector, whose finalizer (vLLM's ``EngineCore.shutdown``) tears down the process's
-    distributed groups whenever it runs: CI (stop 26) saw the session engine's next step fail in two
-    unrelated tests. The groups go only once no engine of ours is alive."""
+    distributed groups whenever it runs, and the shared ``sft_vllm`` engine's next step would fail
+    in whatever test came next. The groups go only once no engine of ours is alive."""
     import gc
 
     from sampling.vllm_engine import VLLMEngine

@@ -135,9 +135,9 @@ def vllm_engine(tmp_path_factory):
     """A real in-process vLLM engine on the llama/char tiny model, closed after the module.
 
     Built through ``VLLMEngine``, not a bare ``vllm.LLM``: vLLM's distributed groups belong to the
-    process, and a bare engine's shutdown tears them down under the session's ``sft_vllm`` when
-    xdist runs this module in the worker that holds it (CI, stop 26: "pipeline model parallel
-    group is not initialized" in two later tests). ``close()`` also puts back the
+    process, and a bare engine's shutdown tears them down under the shared ``sft_vllm`` when
+    xdist runs this module in the worker that holds it (the later tests then fail with "pipeline
+    model parallel group is not initialized"). ``close()`` also puts back the
     ``torch.set_num_threads`` that vLLM's CPU worker replaces (docs/vllm-cpu.md#8).
     """
     pytest.importorskip("vllm")
