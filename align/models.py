@@ -7,7 +7,6 @@ read and written as safetensors only (``use_safetensors=True``), never pickles.
 from __future__ import annotations
 
 import dataclasses
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +14,7 @@ import torch
 
 from align.config import option, required
 from align.errors import ModelError
+from align.gguf import resolve_model_path
 
 DTYPES: dict[str, Any] = {
     "auto": "auto",
@@ -62,27 +62,6 @@ def peft_config(opts: ModelOptions):
         target_modules=targets[0] if targets == ["all-linear"] else targets,
         task_type="CAUSAL_LM",
     )
-
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-def _check_exists(name: str) -> None:
-    """Fail early with a clear message for a missing local path (Hub ids are left to the Hub)."""
-    if Path(name).expanduser().exists() or _HUB_ID.match(name):
-        return
-    raise ModelError(f"model not found: {name} (give a Hugging Face model folder, a .gguf file or a Hub id)")
-
-
-def resolve_model_path(name: str) -> str:
-    """Where to load ``name`` from: the path itself, or for a ``.gguf`` file the Hugging Face folder
-    it converts to (once, into a cache keyed by the file's hash: see align/gguf.py)."""
-    from align.gguf import is_gguf, resolve_gguf
-
-    if is_gguf(name):
-        return resolve_gguf(name)
-    _check_exists(name)
-    return name
 
 
 def load_tokenizer(opts: ModelOptions):

@@ -30,7 +30,7 @@ import yaml
 
 from align.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_LOCKED, EXIT_OK, EXIT_USAGE, Locked
 from align.fingerprint import input_fingerprints
-from align.recipe import WRAPPED, Recipe
+from align.pipeline import WRAPPED, Pipeline
 from align.stage import Stage, atomic_write_json
 
 LOCK_FILE = ".align-run.lock"
@@ -148,7 +148,7 @@ class ChildRunner:
 # ---------------------------------------------------------------------------------------------
 
 
-def child_config(recipe: Recipe, name: str, action: str) -> dict[str, Any]:
+def child_config(recipe: Pipeline, name: str, action: str) -> dict[str, Any]:
     """The YAML the stage child gets: the stage's full resolved config plus overwrite/resume."""
     config = recipe.config(name)
     values = config.resolved()
@@ -163,7 +163,7 @@ def child_config(recipe: Recipe, name: str, action: str) -> dict[str, Any]:
 class Run:
     """One ``align run``: decide each stage just before it runs, run it, record run.json."""
 
-    def __init__(self, recipe: Recipe, force: list[str] | tuple[str, ...] = (), echo: Callable[[str], None] = print,
+    def __init__(self, recipe: Pipeline, force: list[str] | tuple[str, ...] = (), echo: Callable[[str], None] = print,
                  only: str | None = None):
         self.recipe = recipe
         self.force = recipe._check_force(force)
@@ -250,7 +250,7 @@ class Run:
         return code if code in (EXIT_USAGE, EXIT_LOCKED) else EXIT_FAILED
 
 
-def _wrapped_stage(recipe: Recipe, name: str, action: str) -> Stage | None:
+def _wrapped_stage(recipe: Pipeline, name: str, action: str) -> Stage | None:
     """For kinds without a stage contract (WRAPPED): clear on overwrite; the runner writes stage.json."""
     spec = recipe.by_name[name]
     if spec.kind not in WRAPPED:

@@ -43,6 +43,7 @@ from align.config import option
 from align.errors import ConfigError, WriteError, write_fault
 from align.fingerprint import DigestCache, input_fingerprints
 from align.integrity import check_input_paths, folder_problems, output_changes, output_digests
+from align.rank import is_main_process
 
 STAGE_FILE = "stage.json"
 METRICS_FILE = "metrics.jsonl"
@@ -187,11 +188,6 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return versions
-
-
-def is_main_process() -> bool:
-    """False in the non-zero ranks of a distributed launch (accelerate, torchrun and DeepSpeed set RANK)."""
-    return os.environ.get("RANK", "0") == "0"
 
 
 def read_stage(output_dir: str | Path) -> dict[str, Any] | None:

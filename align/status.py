@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from align.errors import AlignError, ConfigError
-from align.recipe import Recipe
+from align.pipeline import Pipeline
 from align.runner import RUN_FILE, holder
 from align.stage import METRICS_FILE, read_stage
 
@@ -122,8 +122,8 @@ def _plan(run: dict[str, Any], workdir: Path) -> tuple[dict[str, dict[str, Any]]
     same = (cwd / spelled).resolve() == workdir.resolve()
     try:
         with contextlib.chdir(cwd if same else Path.cwd()):
-            recipe = Recipe.load(path.resolve(), profile=run.get("profile"), sets=run.get("sets") or [],
-                                 workdir=spelled if same else str(workdir))
+            recipe = Pipeline.load(path.resolve(), profile=run.get("profile"), sets=run.get("sets") or [],
+                                   workdir=spelled if same else str(workdir))
             return {row["name"]: row for row in recipe.plan()}, ""
     except AlignError as err:
         return {}, f"not checked for changes: {err}"

@@ -13,6 +13,7 @@ from typing import Any, Iterable
 import torch
 
 from sampling.base import ENGINES, Candidate, SamplingParams, encode_prompts, stop_ids, stream_seed
+from sampling.logprobs import selective_logprobs
 
 
 @ENGINES.register("transformers")
@@ -148,7 +149,5 @@ def _sampled_logprobs(scores: tuple[torch.Tensor, ...], sampled: torch.Tensor) -
     """Log-probs of the sampled tokens under the processed scores generate sampled from (the logits
     divided by the temperature, then top-k/top-p: vLLM's ``processed_logprobs``), step by step,
     never the full-vocabulary log-softmax of every step at once."""
-    from align.rl.rollout import selective_logprobs
-
     steps = [selective_logprobs(s.unsqueeze(0), sampled[None, :, i])[0] for i, s in enumerate(scores)]
     return torch.stack(steps, dim=1).tolist()

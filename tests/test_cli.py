@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,27 @@ def test_help_lists_commands(capsys):
     assert code == 0
     for name in ("sft", "make-tiny-model", "demo-data"):
         assert f"  {name}" in out
+
+
+def test_help_lists_the_registered_commands():
+    """The overview reads each command's name and summary from its module's source: the registered ones."""
+    from align.cli import _load_commands, declared_commands
+
+    _load_commands()
+    declared = declared_commands()
+    assert len(declared) == len(COMMANDS)
+    assert dict(declared) == {name: cmd.summary for name, cmd in COMMANDS.items()}
+
+
+def test_help_imports_neither_torch_nor_a_stage():
+    """`import align.cli` and `align --help` start in a fraction of a second: no torch, no stage module."""
+    code = ("import sys\nimport align.cli\nprint('torch' in sys.modules)\nalign.cli.main(['--help'])\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'vllm')"
+            " or m.startswith('align.stages.')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "False" and lines[-1] == "[]", proc.stdout
 
 
 def test_command_help_lists_every_field(capsys):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from align.errors import ConfigError
-from align.models import _HUB_ID
+from align.gguf import _HUB_ID
 from align.recipe import Recipe
 from conftest import ALIGN, ROOT
 
