@@ -55,6 +55,7 @@ CHECKPOINT_MARKERS = ("trainer_state.json", CHECKPOINT_RECORD)
 # The input fingerprints an unfinished run started from, beside its checkpoints (rs keeps them in
 # its shard manifest): a resume whose inputs changed since is refused or restarted, not continued.
 CHECKPOINT_INPUTS = "inputs.json"
+CHECKPOINT_CONFIG = "config.json"
 SHARD_MANIFEST = "manifest.json"
 TENSORBOARD_DIR = "tensorboard"  # event files of --report_to tensorboard
 # What a stage owns inside its dir; --overwrite removes exactly these and nothing else.
@@ -215,14 +216,31 @@ def partial_inputs(output_dir: str | Path) -> dict[str, Any] | None:
     beside trainer checkpoints, or the rs shard manifest's ``inputs``), or None when none were."""
     root = Path(output_dir)
     for path, key in ((root / CHECKPOINTS / CHECKPOINT_INPUTS, None), (root / "shards" / SHARD_MANIFEST, "inputs")):
-        try:
-            found = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        found = found.get(key) if key else found
+        found = _read_json_dict(path)
+        found = found.get(key) if key and found else found
         if isinstance(found, dict):
             return found
     return None
+
+
+def partial_config(output_dir: str | Path) -> dict[str, Any] | None:
+    """The config identity the unfinished run in ``output_dir`` started with (``CHECKPOINT_CONFIG``
+    beside trainer checkpoints, or the rs shard manifest less its ``inputs``), or None when none
+    was recorded."""
+    root = Path(output_dir)
+    found = _read_json_dict(root / CHECKPOINTS / CHECKPOINT_CONFIG)
+    if found is not None:
+        return found
+    manifest = _read_json_dict(root / "shards" / SHARD_MANIFEST)
+    return None if manifest is None else {k: v for k, v in manifest.items() if k != "inputs"}
+
+
+def _read_json_dict(path: Path) -> dict[str, Any] | None:
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) else None
 
 
 def stage_state(kind: str, config: Any, output_dir: str | Path, inputs: dict[str, Any] | None = None,
@@ -231,8 +249,9 @@ def stage_state(kind: str, config: Any, output_dir: str | Path, inputs: dict[str
 
     ``inputs`` are the current input fingerprints (computed when not given). ``detail`` says which
     config keys or inputs changed, in words. Used by ``Stage.prepare`` and by ``align run``'s plan.
-    An unfinished run (checkpoints or rs shards) whose recorded inputs differ from the current
-    ones is ``input_changed`` too: resuming it would mix two datasets or two models in one result.
+    An unfinished run (checkpoints or rs shards) started with another config is ``config_changed``
+    and one whose recorded inputs differ from the current ones is ``input_changed``, as a finished
+    one would be: resuming it would mix two configs, datasets or models in one result.
     A finished stage whose recorded ``outputs`` no longer match its files is ``output_changed``
     (digests through ``cache``, the fingerprint cache, so unchanged files are not read).
     """
@@ -240,6 +259,11 @@ def stage_state(kind: str, config: Any, output_dir: str | Path, inputs: dict[str
     if done is None:
         if not has_partial_work(output_dir):
             return "new", ""
+        started = partial_config(output_dir)
+        if started is not None:
+            old, new = _identity(started, config), config.identity()
+            if old != new:
+                return "config_changed", _diff(old, new)
         recorded = partial_inputs(output_dir)
         inputs = input_fingerprints(config) if inputs is None else inputs
         changed = _changed(recorded, inputs) if recorded is not None else []
@@ -280,6 +304,7 @@ class Stage:
         self._metrics = None
         self.is_main = is_main_process()
         self.inputs: dict[str, Any] = {}
+        self.identity: dict[str, Any] = {}
 
     # -- before -----------------------------------------------------------------------------
     def prepare(self, overwrite: bool = False, resume: bool = False) -> bool:
@@ -295,6 +320,7 @@ class Stage:
         whole (``align.integrity.check_input_paths``): a stage never starts on a cut-short model.
         """
         cache = DigestCache()
+        self.identity = self.config.identity()
         self.inputs = input_fingerprints(self.config, cache)
         state, detail = stage_state(self.name, self.config, self.dir, self.inputs, cache)
         cache.save()
@@ -321,11 +347,14 @@ class Stage:
         return True
 
     def record_inputs(self) -> None:
-        """Write the input fingerprints beside the checkpoints (``CHECKPOINT_INPUTS``) once the
-        model and data have loaded and training begins, before its first checkpoint: an unfinished
-        run is then resumed only from the inputs it started from (``stage_state``)."""
+        """Write the input fingerprints and the config identity beside the checkpoints
+        (``CHECKPOINT_INPUTS``, ``CHECKPOINT_CONFIG``) once the model and data have loaded and
+        training begins, before its first checkpoint: an unfinished run is then resumed only with
+        the inputs and the config it started from (``stage_state``), never a checkpoint of another
+        learning rate or step count continued as if it were this run's."""
         if self.is_main and hasattr(self.config, "resume"):
             atomic_write_json(self.checkpoints_dir / CHECKPOINT_INPUTS, self.inputs)
+            atomic_write_json(self.checkpoints_dir / CHECKPOINT_CONFIG, self.identity)
 
     def clear(self) -> None:
         for name in OWNED:

@@ -84,6 +84,102 @@ def test_sigterm_stops_sft_at_a_checkpoint_and_resume_continues_from_it(tiny_mod
     assert loss_steps == list(range(2, steps + 1, 2))  # no step lost or logged twice
 
 
+def trainer_args(kind: str, tiny_model: Path, demo_data: Path, out: Path, steps: int) -> list:
+    """`align rm|dpo|distill` on the demo task for ``steps`` steps, checkpoints far away."""
+    data = {"rm": ["--dataset", demo_data / "pairs.jsonl", "--eval_split", 0.0],
+            "dpo": ["--dataset", demo_data / "pairs.jsonl"],
+            "distill": ["--dataset", demo_data / "sft.jsonl", "--teacher", tiny_model, "--lmbda", 0.5,
+                        "--eval_dataset", demo_data / "test.jsonl", "--eval_max_prompts", 8]}[kind]
+    return [kind, "--config", ROOT / "configs" / f"demo_{kind}.yaml", "--model_name_or_path", tiny_model, *data,
+            "--output_dir", out, "--max_steps", steps, "--save_steps", 1000, "--logging_steps", 2,
+            "--per_device_train_batch_size", 8, "--max_length", 64]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["rm", "dpo", "distill"])
+def test_sigterm_stops_every_trainer_at_a_checkpoint_and_resume_continues(kind, tiny_model, demo_data, tmp_path):
+    """The other trainer stages share sft's safe point (the step end): each stops there with a
+    checkpoint and exit 3, and its resume ends the run with no step lost or logged twice."""
+    out, log, steps = tmp_path / kind, tmp_path / f"{kind}.log", 40
+    args = trainer_args(kind, tiny_model, demo_data, out, steps)
+    proc = start(args, log)
+    signal_when(proc, log, lambda: len(logged_steps(out)) >= 2, signal.SIGTERM)
+
+    assert proc.returncode == EXIT_INTERRUPTED, log.read_text()[-3000:]
+    ckpts = sorted((out / "checkpoints").glob("checkpoint-*"))
+    assert len(ckpts) == 1
+    stopped = int(ckpts[0].name.split("-")[1])
+    assert 4 <= stopped < steps and (ckpts[0] / "trainer_state.json").is_file()
+    assert last_line(log) == (f"align {kind}: interrupted: stopped by SIGTERM at step {stopped}/{steps}; checkpoint"
+                              f" {ckpts[0]} written; rerun the same command with --resume to continue")
+    assert not (out / "stage.json").exists() and not (out / "model").exists()
+
+    again = run_align(*args, "--resume", timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = json.loads((out / "stage.json").read_text())["summary"]
+    assert summary["resumed_from_step"] == stopped and summary["global_step"] == steps
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r] == list(range(2, steps + 1, 2))
+
+
+@pytest.mark.parametrize("kind", ["merge", "select", "import-model", "eval"])
+def test_a_command_without_a_safe_point_finishes_then_exits_3_and_its_rerun_is_a_no_op(kind, tiny_model, demo_data,
+                                                                                       tmp_path, capsys):
+    """merge, select, import-model and eval have no point to stop at short of the end: a stop
+    signal during one lets it finish (its stage dir whole), then exits 3 so a scheduler or
+    `align run` (which runs each stage as such a command) stops the pipeline there; the rerun
+    finds the stage up to date (import-model, a plain command, writes the same folder again)."""
+    out = tmp_path / kind
+    argv = {
+        "merge": ["merge", "--models", f"{tiny_model},{tiny_model}", "--output_dir", out],
+        "select": ["select", "--candidates", fake_eval(tmp_path, tiny_model), "--metric", "mean_reward", "--output_dir", out],
+        "import-model": ["import-model", "minilm", out],
+        "eval": ["eval", "--model_name_or_path", tiny_model, "--dataset", demo_data / "test.jsonl", "--max_prompts", 4,
+                 "--max_tokens", 4, "--engine", "transformers", "--reward", "rule:arithmetic", "--output_dir", out],
+    }[kind]
+    argv = [str(a) for a in argv]
+    code, err = in_process_with_a_stop(argv, capsys)
+    assert code == EXIT_INTERRUPTED
+    assert err.strip().splitlines()[-1] == (f"align {kind}: interrupted: SIGTERM received; the command finished first,"
+                                           " a rerun is a no-op")
+    if kind == "import-model":  # a plain command: its folder, written whole, is the result
+        files = {p.name: p.read_bytes() for p in out.iterdir()}
+        assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(files)
+        assert main(argv) == 0
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == files
+        return
+    record = json.loads((out / "stage.json").read_text())
+    assert record["status"] == "complete" and record["outputs"]
+    before = (out / "stage.json").read_bytes()
+    assert main(argv) == 0
+    assert (out / "stage.json").read_bytes() == before  # up to date: nothing redone
+
+
+def fake_eval(root: Path, model: Path) -> Path:
+    """A finished eval stage dir of ``model``, as `align select` reads it."""
+    stage = root / "eval_a"
+    stage.mkdir()
+    (stage / "stage.json").write_text(json.dumps({"stage": "eval", "status": "complete", "artifacts": {},
+                                                  "summary": {"mean_reward": 0.5, "num_prompts": 4},
+                                                  "config": {"model_name_or_path": str(model)}}))
+    return stage
+
+
+def in_process_with_a_stop(argv: list[str], capsys) -> tuple[int, str]:
+    """``main(argv)`` with SIGTERM already received when it starts (a signal that arrives during
+    a command with no safe point acts the same: the handler only records it)."""
+    before = {sig: signal.getsignal(sig) for sig in preempt.SIGNALS}
+    capsys.readouterr()
+    try:
+        assert preempt.install() and not preempt.requested()
+        os.kill(os.getpid(), signal.SIGTERM)
+        code = main(argv)
+    finally:
+        preempt.reset()
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+    return code, capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_sigusr1_stops_rlhf_after_the_iteration_and_resume_continues(tiny_model, demo_data, tmp_path):
     out, log, iterations = tmp_path / "rl", tmp_path / "rl.log", 40

@@ -242,6 +242,36 @@ def test_an_unfinished_stage_whose_input_changed_restarts_instead_of_resuming(tm
     assert json.loads((out / "checkpoints" / "inputs.json").read_text()) == input_fingerprints(cfg) != recorded
 
 
+def test_an_unfinished_stage_whose_config_changed_restarts_instead_of_resuming(tmp_path):
+    """A trainer records its config identity beside its checkpoints too: a checkpoint of a run at
+    another learning rate is never continued as this run's; a change of run control (--resume) is
+    not a change."""
+    write(tmp_path / "model" / "config.json", "{}")
+    data = write(tmp_path / "sft.jsonl", '{"prompt": "1+1=", "completion": "2"}\n')
+    text = """\
+        workdir: {w}
+        stages:
+          - {{name: sft, kind: sft, model_name_or_path: {m}, dataset: {d}, max_steps: 4, learning_rate: {lr}}}
+    """
+    path = write(tmp_path / "r.yaml", text.format(w=tmp_path / "w", m=tmp_path / "model", d=data, lr="1.0e-4"))
+    recipe = Recipe.load(path)
+    cfg, out = recipe.config("sft"), recipe.stage_dir("sft")
+    stage = Stage("sft", cfg, out)
+    assert stage.prepare()
+    stage.record_inputs()
+    assert json.loads((out / "checkpoints" / "config.json").read_text())["learning_rate"] == 1e-4
+    write(out / "checkpoints" / "checkpoint-2" / "trainer_state.json", "{}")
+    assert [(r["action"], r["reason"]) for r in recipe.plan()] == [("resume", "incomplete, resumes: unfinished run found")]
+
+    write(tmp_path / "r.yaml", text.format(w=tmp_path / "w", m=tmp_path / "model", d=data, lr="3.0e-4"))
+    recipe = Recipe.load(path)
+    assert [(r["action"], r["reason"]) for r in recipe.plan()] == [
+        ("overwrite", "config changed: learning_rate: 0.0001 -> 0.0003")]
+    with pytest.raises(ConfigError, match=re.escape("holds an unfinished 'sft' run with a different config"
+                                                    " (learning_rate: 0.0001 -> 0.0003); pass --overwrite")):
+        Stage("sft", recipe.config("sft"), out).prepare(resume=True)
+
+
 def test_every_stage_declares_its_input_fields():
     from align.recipe import commands, stage_kinds
     from align.config import fields_of

@@ -147,11 +147,16 @@ def test_kill_9_then_rerun_continues_and_matches_an_uninterrupted_run(sft_vllm, 
 def test_rerun_with_another_config_over_unfinished_shards_fails(tiny_model, demo_data, tmp_path, capsys):
     out = tmp_path / "rs"
     (out / "shards").mkdir(parents=True)
-    (out / "shards" / "manifest.json").write_text(json.dumps({"num_samples": 4}))
-    code = main(["rs", "--config", str(ROOT / "configs" / "demo_rs.yaml"), "--model_name_or_path", str(tiny_model),
-                 "--dataset", str(demo_data / "prompts.jsonl"), "--output_dir", str(out)])
+    argv = ["rs", "--config", str(ROOT / "configs" / "demo_rs.yaml"), "--model_name_or_path", str(tiny_model),
+            "--dataset", str(demo_data / "prompts.jsonl"), "--output_dir", str(out)]
+    identity = parse_config(RSConfig, argv[1:]).identity()
+    (out / "shards" / "manifest.json").write_text(json.dumps({**identity, "num_samples": 2, "inputs": {}}, default=str))
+    (out / "shards" / "shard-00000-00.json").write_text("[]")
+    code = main(argv)
     err = capsys.readouterr().err
-    assert code == 2 and f"{out} holds an unfinished rs run with a different config (" in err and "--overwrite" in err
+    assert code == 2 and err.strip().endswith(
+        f"{out} already holds an unfinished 'rs' run with a different config (num_samples: 2 -> 8); pass --overwrite"
+        " to replace it or choose another --output_dir")
 
 
 # ------------------------------------------------------------------------------------ bad input

@@ -167,8 +167,8 @@ def in_shard(prompt_id: str, index: int, count: int) -> bool:
 class ShardStore:
     """DIR/shards/: ``manifest.json`` (the config and the input fingerprints the run started from)
     and ``shard-NNNNN-MM.json`` (prompt shard N of committee member M), each written atomically.
-    Changed inputs are caught before this, by ``align.stage.stage_state`` reading the manifest's
-    ``inputs``."""
+    A changed config or changed inputs are caught before this, by ``align.stage.stage_state``
+    reading the manifest."""
 
     def __init__(self, root: Path, identity: dict[str, Any], inputs: dict[str, Any]):
         self.root = root
@@ -178,15 +178,7 @@ class ShardStore:
     def open(self) -> dict[tuple[int, int], dict[str, Any]]:
         """Check or write the manifest; return the complete shards already on disk, by (member, shard)."""
         manifest = self.root / SHARD_MANIFEST
-        if manifest.is_file():
-            old = {k: v for k, v in json.loads(manifest.read_text()).items() if k != "inputs"}
-            if old != self.identity:
-                changed = ", ".join(k for k in sorted(set(old) | set(self.identity)) if old.get(k) != self.identity.get(k))
-                raise ConfigError(
-                    f"{self.root.parent} holds an unfinished rs run with a different config ({changed}); rerun with"
-                    " that config to continue it, or pass --overwrite to start over"
-                )
-        else:
+        if not manifest.is_file() or not shard_files(self.root.parent):  # no shard yet: nothing to continue
             atomic_write_json(manifest, {**self.identity, "inputs": self.inputs})
         found = {}
         for path in shard_files(self.root.parent):
