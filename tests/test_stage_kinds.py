@@ -60,3 +60,22 @@ def test_command_checks_its_declaration():
     assert Command("x", object, print, "x", metrics={"a": "b"}).key_metrics({"b": 1}) == {"a": 1}
     assert Command("x", object, print, "x", metrics=lambda s: {"n": len(s)}).key_metrics({"b": 1}) == {"n": 1}
     assert Command("x", object, print, "x").key_metrics({"b": 1}) == {}
+
+
+def test_python_api_has_every_command_and_the_recipe_api():
+    """Each registered command's run function and config class, by the names its module gives them."""
+    import align
+
+    names = align.__all__
+    for name, cmd in COMMANDS.items():
+        for obj in (cmd.run, cmd.config):
+            assert obj.__name__ in names and getattr(align, obj.__name__) is obj, (name, obj.__name__)
+    from align.recipe import Recipe
+    from align.status import workdir_status, write_report
+
+    assert (align.Recipe, align.workdir_status, align.write_report) == (Recipe, workdir_status, write_report)
+    for name in ("run_merge", "MergeConfig", "run_distill", "DistillStageConfig", "run_recipe", "RunConfig", "make_tiny_model"):
+        assert name in names and name in dir(align)
+    assert len(set(names)) == len(names)
+    with pytest.raises(AttributeError, match="no attribute 'run_nothing'"):
+        align.run_nothing
