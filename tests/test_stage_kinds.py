@@ -79,3 +79,101 @@ def test_python_api_has_every_command_and_the_recipe_api():
     assert len(set(names)) == len(names)
     with pytest.raises(AttributeError, match="no attribute 'run_nothing'"):
         align.run_nothing
+
+
+# A stage kind of its own, as a plugin package would ship it: one module, and an entry point in the
+# ``align.stages`` group that names it (in a pyproject.toml: [project.entry-points."align.stages"]).
+PLUGIN = '''
+"""align echo-words: write a word several times (a stage kind outside the toolkit)."""
+
+import dataclasses
+
+from align.config import BaseConfig, option, required
+from align.registry import command
+from align.stage import Stage, read_stage
+
+
+@dataclasses.dataclass
+class EchoWordsConfig(BaseConfig):
+    run_control = ("overwrite",)
+
+    output_dir: str = required("Stage directory: data/words.txt and tally.txt.")
+    word: str = option("hello", "The word to write.")
+    times: int = option(2, "How many times.")
+    overwrite: bool = option(False, "Replace a finished stage in output_dir.")
+
+
+@command("echo-words", EchoWordsConfig, "Write a word several times (a stage kind from a plugin).",
+         artifacts=("data",), metrics={"words": "words"}, owns=("tally.txt",))
+def run_echo_words(cfg: EchoWordsConfig) -> dict:
+    stage = Stage("echo-words", cfg, cfg.output_dir)
+    if not stage.prepare(overwrite=cfg.overwrite):
+        return read_stage(cfg.output_dir)
+    (stage.dir / "data").mkdir()
+    (stage.dir / "data" / "words.txt").write_text((cfg.word + "\\n") * cfg.times)
+    (stage.dir / "tally.txt").write_text(str(cfg.times))
+    return stage.finish({"words": cfg.times}, {"data": str(stage.dir / "data")})
+'''
+
+RECIPE = """\
+stages:
+  - {name: first, kind: echo-words, word: hi, times: 3}
+  - {name: second, kind: echo-words, word: "${first.data}", times: "${first.summary.words}"}
+"""
+
+IN_PROCESS = """\
+import json
+import align
+from align.cli import _load_commands, declared_commands, main
+from align.registry import COMMANDS
+from align.stage import owned
+
+_load_commands()
+print(json.dumps({"api": [align.run_echo_words.__module__, "run_echo_words" in align.__all__, "EchoWordsConfig" in align.__all__],
+                  "owned": "tally.txt" in owned(), "order": [name for name, _ in declared_commands()] == list(COMMANDS)}))
+main(["status", "w"])
+"""
+
+
+def test_a_stage_kind_from_one_module(tmp_path):
+    """A new kind written as one module and an entry point, no other file touched: it is in `align
+    --help`, runs in `align run` (its artifact and summary referenced by a later stage), shows its key
+    metric in `align status` and is in the Python API."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    site = tmp_path / "site"
+    (site / "align_echo_words-0.1.dist-info").mkdir(parents=True)
+    (site / "align_echo_words-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: align-echo-words\nVersion: 0.1\n")
+    (site / "align_echo_words-0.1.dist-info" / "entry_points.txt").write_text("[align.stages]\necho-words = echo_words\n")
+    (site / "echo_words.py").write_text(PLUGIN)
+    (tmp_path / "r.yaml").write_text(RECIPE)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)]), "COLUMNS": "200",
+           "ALIGN_FINGERPRINT_CACHE": str(tmp_path / "fp.json")}
+
+    def align(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+
+    shown = align("-m", "align", "--help")
+    assert shown.returncode == 0, shown.stderr
+    listed = [line.split()[0] for line in shown.stdout.splitlines() if line.startswith("  ")]
+    assert listed[listed.index("select"):listed.index("run") + 1] == ["select", "echo-words", "run"]
+    assert "  echo-words         Write a word several times (a stage kind from a plugin)." in shown.stdout
+
+    ran = align("-m", "align", "run", "r.yaml", "--workdir", "w")
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert (tmp_path / "w" / "first" / "data" / "words.txt").read_text() == "hi\n" * 3
+    assert (tmp_path / "w" / "second" / "data" / "words.txt").read_text() == "w/first/data\n" * 3  # ${first.data}
+    assert ran.stdout.count("words 3") == 2  # the status table after the run
+
+    checked = align("-c", IN_PROCESS)
+    assert checked.returncode == 0, checked.stderr
+    facts = json.loads(checked.stdout.splitlines()[0])
+    assert facts == {"api": ["echo_words", True, True], "owned": True, "order": True}
+    rows = [line.split("\u2502")[1:5] for line in checked.stdout.splitlines() if "echo-words" in line]
+    assert [[cell.strip() for cell in row] for row in rows] == [["first", "echo-words", "done", "words 3"],
+                                                                ["second", "echo-words", "done", "words 3"]]
