@@ -177,3 +177,12 @@ def test_a_stage_kind_from_one_module(tmp_path):
     rows = [line.split("\u2502")[1:5] for line in checked.stdout.splitlines() if "echo-words" in line]
     assert [[cell.strip() for cell in row] for row in rows] == [["first", "echo-words", "done", "words 3"],
                                                                 ["second", "echo-words", "done", "words 3"]]
+
+
+def test_a_declaration_help_cannot_read_is_named(tmp_path, monkeypatch):
+    from align.stages import _declared_in
+
+    (tmp_path / "odd_stage.py").write_text('NAME = "odd"\n\n\n@command(NAME, object, "An odd one.")\ndef run_odd(cfg):\n    pass\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match=r"odd_stage.py:4: @command\(...\) needs its name, summary and order written as literals"):
+        _declared_in("odd_stage")

@@ -79,8 +79,13 @@ def _declared_in(module: str) -> list[Declared]:
     for node in tree.body:
         for deco in getattr(node, "decorator_list", []):
             if isinstance(deco, ast.Call) and isinstance(deco.func, ast.Name) and deco.func.id == "command":
-                found.append(Declared(_literal(deco, 0, "name"), _literal(deco, 2, "summary"), _literal(deco, None, "order", 50),
-                                      module, node.name, _config_name(deco)))
+                try:
+                    name, summary = _literal(deco, 0, "name"), _literal(deco, 2, "summary")
+                    order = _literal(deco, None, "order", 50)
+                except ValueError:
+                    raise ValueError(f"{spec.origin}:{deco.lineno}: @command(...) needs its name, summary and order"
+                                     " written as literals (align --help reads them from the source)") from None
+                found.append(Declared(name, summary, order, module, node.name, _config_name(deco)))
     return found
 
 
