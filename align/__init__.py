@@ -1,6 +1,9 @@
 """align: post-train LLMs with preferences, in the multi-stage recipes of frontier reports.
 
-The Python API mirrors the CLI: each ``align <command>`` is a typed config plus a function.
+The Python API mirrors the CLI: each ``align <command>`` is a typed config plus a function, both
+importable from here under the names its module gives them (``run_sft`` and ``SFTStageConfig``,
+``run_merge`` and ``MergeConfig``, ...; every registered command, plugins' included). Recipes:
+``Recipe`` (load, plan, run, results), ``workdir_status`` and ``write_report``.
 
     from align import SFTStageConfig, run_sft
     record = run_sft(SFTStageConfig(model_name_or_path="runs/tiny", dataset="runs/demo/sft.jsonl",
@@ -9,39 +12,40 @@ The Python API mirrors the CLI: each ``align <command>`` is a typed config plus 
 
 from __future__ import annotations
 
+import importlib
+
 __version__ = "0.1.0"
 
+# The names that are not a command's (those come from ``align.stages.api``: read from the source).
 _LAZY = {
     "make_tiny_model": "align.tiny",
     "write_demo_data": "align.demo",
     "load_dataset": "align.data",
     "load_rows": "align.data",
-    "SFTStageConfig": "align.stages.sft",
-    "run_sft": "align.stages.sft",
-    "RSConfig": "align.stages.rs",
-    "run_rs": "align.stages.rs",
-    "RMStageConfig": "align.stages.rm",
-    "run_rm": "align.stages.rm",
-    "EvalConfig": "align.stages.eval",
-    "run_eval": "align.stages.eval",
-    "DPOStageConfig": "align.stages.dpo",
-    "run_dpo": "align.stages.dpo",
-    "RLHFConfig": "align.stages.rlhf",
-    "run_rlhf": "align.stages.rlhf",
-    "SelectConfig": "align.stages.select",
-    "run_select": "align.stages.select",
     "evaluate": "align.evaluation",
     "AlignError": "align.errors",
+    "Recipe": "align.recipe",
+    "workdir_status": "align.status",
+    "write_report": "align.status",
 }
+
+
+def _names() -> dict[str, str]:
+    """{public name: module}: ``_LAZY`` and every command's run function and config class."""
+    return {**importlib.import_module("align.stages").api(), **_LAZY}
 
 
 def __getattr__(name: str):
     """Import heavy modules (torch, transformers) only when their names are used."""
-    if name in _LAZY:
-        import importlib
+    if name == "__all__":
+        return ["__version__", *_names()]
+    if name.startswith("__"):
+        raise AttributeError(f"module 'align' has no attribute {name!r}")
+    module = _LAZY.get(name) or _names().get(name)
+    if module is None:
+        raise AttributeError(f"module 'align' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'align' has no attribute {name!r}")
 
-
-__all__ = ["__version__", *_LAZY]
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_names()})

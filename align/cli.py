@@ -11,9 +11,6 @@ SIGTERM/SIGUSR1 stop a command at its next safe point with exit code 3 (``align.
 
 from __future__ import annotations
 
-import ast
-import importlib
-import importlib.util
 import os
 import sys
 import traceback
@@ -25,32 +22,18 @@ from align.errors import EXIT_INTERRUPTED, AlignError, Interrupted
 from align.registry import COMMANDS
 
 
-# The modules whose import registers commands: every stage, then run, status and report.
-COMMAND_MODULES = (*stages.MODULES, "align.stages.run")
-
-
 def _load_commands() -> None:
     """Import the modules that register commands (kept here so `import align` stays light)."""
-    for name in COMMAND_MODULES:
-        importlib.import_module(name)
+    stages.load()
 
 
 def declared_commands() -> list[tuple[str, str]]:
     """(name, summary) of every command, in the order ``_load_commands`` registers them, read from the
-    ``@command(NAME, CONFIG, SUMMARY)`` decorators in the source of ``COMMAND_MODULES``. Importing a
-    stage module imports torch and the training libraries (seconds); the overview needs only these
-    two strings, so ``align --help`` reads them without importing any (tests/test_cli.py checks
+    ``@command(NAME, CONFIG, SUMMARY)`` decorators in the command modules' source (``align.stages.declared``).
+    Importing a stage module imports torch and the training libraries (seconds); the overview needs only
+    these two strings, so ``align --help`` reads them without importing any (tests/test_cli.py checks
     that they match the registry)."""
-    found = []
-    for module in COMMAND_MODULES:
-        spec = importlib.util.find_spec(module)
-        assert spec is not None and spec.origin is not None, module
-        tree = ast.parse(Path(spec.origin).read_text(), spec.origin)
-        for node in tree.body:
-            for deco in getattr(node, "decorator_list", []):
-                if isinstance(deco, ast.Call) and isinstance(deco.func, ast.Name) and deco.func.id == "command":
-                    found.append((ast.literal_eval(deco.args[0]), ast.literal_eval(deco.args[2])))
-    return found
+    return [(d.name, d.summary) for d in stages.declared()]
 
 
 def overview() -> str:

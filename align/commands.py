@@ -33,7 +33,8 @@ class TinyModelConfig(BaseConfig):
                                       " (as in Qwen2.5 or gemma-2 base models).")
 
 
-@command("make-tiny-model", TinyModelConfig, "Write a tiny random causal LM + offline tokenizer with a chat template.")
+@command("make-tiny-model", TinyModelConfig, "Write a tiny random causal LM + offline tokenizer with a chat template.",
+         order=10, artifacts=("model",), wrapped=True)
 def run_make_tiny_model(cfg: TinyModelConfig) -> str:
     from align.tiny import make_tiny_model
 
@@ -65,7 +66,8 @@ class DemoDataConfig(BaseConfig):
                         + ". question suits chat models; judge it with rule:numeric_answer.", choices=PROMPT_STYLES)
 
 
-@command("demo-data", DemoDataConfig, "Write the two-digit addition demo task (SFT rows, prompts, test set, pairs).")
+@command("demo-data", DemoDataConfig, "Write the two-digit addition demo task (SFT rows, prompts, test set, pairs).",
+         order=11, artifacts=("data",), wrapped=True)
 def run_demo_data(cfg: DemoDataConfig) -> dict:
     from align.demo import write_demo_data
 
@@ -84,7 +86,8 @@ class SituationPromptsConfig(BaseConfig):
     held_out: int = option(25, "Situations held out for test.jsonl (8 prompts each); no training prompt mentions them.")
 
 
-@command("situation-prompts", SituationPromptsConfig, "Write prompts about everyday situations for tone preference tasks (training and held-out).")
+@command("situation-prompts", SituationPromptsConfig, "Write prompts about everyday situations for tone preference tasks (training and held-out).",
+         order=12, artifacts=("data",), wrapped=True)
 def run_situation_prompts(cfg: SituationPromptsConfig) -> dict:
     from align.situations import write_situation_prompts
 
@@ -126,7 +129,8 @@ def copy_packaged_folder(name: str, out: Path) -> Path:
     return out
 
 
-@command("import-model", ImportModelConfig, "Convert a GGUF file (llama.cpp, Ollama) into a Hugging Face model folder (fp32), or copy a packaged one (minilm).")
+@command("import-model", ImportModelConfig, "Convert a GGUF file (llama.cpp, Ollama) into a Hugging Face model folder (fp32), or copy a packaged one (minilm).",
+         order=13, artifacts=("model",), wrapped=True)
 def run_import_model(cfg: ImportModelConfig) -> str:
     from align.gguf import convert_gguf, source_path
 

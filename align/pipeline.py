@@ -58,9 +58,6 @@ PROFILE_KEYS = ("workdir", "vars", "stages")
 RESERVED = ("vars", "prev", "round")
 # Keys of a stage entry that are the runner's, not the stage config's.
 ENTRY_KEYS = ("name", "kind", "config", "profiles")
-# Kinds that write their artifact straight into output_dir (no stage contract of their own): the
-# runner points output_dir at <stage dir>/<artifact> and writes the stage.json itself.
-WRAPPED = {"make-tiny-model": "model", "demo-data": "data", "situation-prompts": "data", "import-model": "model"}
 # Attributes of a stage reference and the path each names inside the stage dir.
 PATH_ATTRS = {"model": "model", "data": "data", "dir": ""}
 SET_BY_RUNNER = ("output_dir", "overwrite", "resume")
@@ -70,6 +67,14 @@ def commands() -> Registry[Command]:
     """The command registry with every stage command in it (``align.stages.load``)."""
     stages.load()
     return COMMANDS
+
+
+def wrapped(kind: str) -> str | None:
+    """The artifact a ``wrapped`` kind writes straight into output_dir (no stage contract of its own:
+    the runner points output_dir at <stage dir>/<artifact> and writes the stage.json itself); None
+    for the kinds that write a stage dir."""
+    cmd = commands()[kind]
+    return cmd.artifacts[0] if cmd.wrapped else None
 
 
 def stage_kinds() -> list[str]:
@@ -163,7 +168,8 @@ class Pipeline:
         Raises ``_Unresolved`` when a ``${X.summary...}`` value is not available (yet)."""
         spec = self.by_name[name]
         out = {key: self._substitute(value, self.refs[name].get(key, []), dynamic) for key, value in spec.values.items()}
-        out["output_dir"] = str(self.stage_dir(name) / WRAPPED[spec.kind]) if spec.kind in WRAPPED else str(self.stage_dir(name))
+        artifact = wrapped(spec.kind)
+        out["output_dir"] = str(self.stage_dir(name) / artifact) if artifact else str(self.stage_dir(name))
         return out
 
     def _substitute(self, value: Any, refs: list[Ref], dynamic: bool) -> Any:

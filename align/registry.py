@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import Any, Callable, Generic, Iterator, TypeVar, overload
+from typing import Any, Callable, Generic, Iterator, Mapping, TypeVar, overload
 
 from align.errors import ConfigError
 
@@ -81,31 +81,64 @@ class Registry(Generic[T]):
         return f"Registry({self.kind!r}: {', '.join(self._items)})"
 
 
+# What a recipe may reference in a stage dir besides ``${NAME.dir}``: ``${NAME.model}``, ``${NAME.data}``.
+ARTIFACTS = ("model", "data")
+
+
 @dataclasses.dataclass(frozen=True)
 class Command:
-    """``align <name>``: its typed config class, its run function and a one-line summary."""
+    """``align <name>``: its typed config class, its run function and a one-line summary, plus what
+    the rest of the toolkit needs to know about it (all given to ``@command`` in its own module)."""
 
     name: str
     config: type
     run: Callable[[Any], Any]
     summary: str
     parse: Callable[[type, list[str]], Any] | None = None  # argv -> config; None: align.config.parse_config
+    # Where ``align --help`` lists it (ties keep the order the modules are found in: align.stages).
+    order: int = 50
+    # The artifacts its stage dir holds for later stages (``ARTIFACTS``): ``${NAME.model}`` and so on.
+    artifacts: tuple[str, ...] = ()
+    # True for a command that writes its one artifact straight into output_dir, without the stage
+    # contract: ``align run`` points output_dir at <stage dir>/<artifact> and writes stage.json itself.
+    wrapped: bool = False
+    # Its key metrics in ``align status``: {column: stage.json summary key}, or a function of the summary.
+    metrics: Mapping[str, str] | Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    # Files and folders in its stage dir beyond those every stage has (``align.stage.OWNED``):
+    # ``--overwrite`` removes them too.
+    owns: tuple[str, ...] = ()
+
+    def key_metrics(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """Its key metrics read from a stage.json summary (values may be None: not recorded)."""
+        if self.metrics is None:
+            return {}
+        if callable(self.metrics):
+            return self.metrics(summary)
+        return {column: summary.get(key) for column, key in self.metrics.items()}
 
 
 COMMANDS: Registry[Command] = Registry("command")
 
 
-def command(name: str, config: type, summary: str, parse: Callable | None = None) -> Callable:
+def command(name: str, config: type, summary: str, parse: Callable | None = None, *, order: int = 50,
+            artifacts: tuple[str, ...] = (), wrapped: bool = False,
+            metrics: Mapping[str, str] | Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+            owns: tuple[str, ...] = ()) -> Callable:
     """Register ``fn(config)`` as ``align <name>`` (a decorator); returns ``fn`` unchanged.
 
     ``parse(config_class, argv)`` replaces the standard ``--config FILE --key value`` parser where a
-    command takes other arguments (``align run``'s repeatable ``--set``)."""
+    command takes other arguments (``align run``'s repeatable ``--set``). The other keywords are the
+    ``Command`` fields; ``name``, ``summary`` and ``order`` are literals, read from the source by
+    ``align --help`` (``align.stages.declared``) without importing the module."""
+    unknown = [a for a in artifacts if a not in ARTIFACTS]
+    if unknown or (wrapped and len(artifacts) != 1):
+        raise ValueError(f"command {name!r}: artifacts must be some of {ARTIFACTS} (exactly one when wrapped), got {artifacts}")
 
     def register(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
-        COMMANDS.register(name, Command(name, config, fn, summary, parse))
+        COMMANDS.register(name, Command(name, config, fn, summary, parse, order, tuple(artifacts), wrapped, metrics, tuple(owns)))
         return fn
 
     return register
 
 
-__all__ = ["COMMANDS", "Command", "Registry", "command"]
+__all__ = ["ARTIFACTS", "COMMANDS", "Command", "Registry", "command"]

@@ -30,7 +30,7 @@ import yaml
 
 from align.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_LOCKED, EXIT_OK, EXIT_USAGE, Locked
 from align.fingerprint import input_fingerprints
-from align.pipeline import WRAPPED, Pipeline
+from align.pipeline import Pipeline, wrapped
 from align.stage import Stage, atomic_write_json
 
 LOCK_FILE = ".align-run.lock"
@@ -226,15 +226,15 @@ class Run:
         values = child_config(recipe, name, action)
         stage_dir.mkdir(parents=True, exist_ok=True)
         (stage_dir / CONFIG_FILE).write_text(yaml.safe_dump(values, sort_keys=False))
-        wrapped = _wrapped_stage(recipe, name, action)
+        bare = _wrapped_stage(recipe, name, action)  # None: the stage writes its own stage.json
         entry.update(status="running", started_at=now_iso(), log=str(stage_dir / LOG_FILE), pid=os.getpid())
         self._save()
         started = time.time()
         argv = [sys.executable, "-m", "align", spec.kind, "--config", str(stage_dir / CONFIG_FILE)]
         code = self.children.run(argv, stage_dir / LOG_FILE)
         entry.update(finished_at=now_iso(), duration_s=round(time.time() - started, 2), exit_code=code)
-        if code == EXIT_OK and wrapped is not None:
-            wrapped.finish({}, {WRAPPED[spec.kind]: values["output_dir"]})
+        if code == EXIT_OK and bare is not None:
+            bare.finish({}, {str(wrapped(spec.kind)): values["output_dir"]})
         if code == EXIT_OK and self.children.signalled is None:
             entry["status"] = "done"
             self._save()
@@ -251,9 +251,9 @@ class Run:
 
 
 def _wrapped_stage(recipe: Pipeline, name: str, action: str) -> Stage | None:
-    """For kinds without a stage contract (WRAPPED): clear on overwrite; the runner writes stage.json."""
+    """For kinds without a stage contract (``wrapped``): clear on overwrite; the runner writes stage.json."""
     spec = recipe.by_name[name]
-    if spec.kind not in WRAPPED:
+    if wrapped(spec.kind) is None:
         return None
     stage = Stage(spec.kind, recipe.config(name), recipe.stage_dir(name))
     if action == "overwrite":

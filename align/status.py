@@ -14,62 +14,22 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from align.errors import AlignError, ConfigError
-from align.pipeline import Pipeline
+from align.pipeline import Pipeline, commands
 from align.runner import RUN_FILE, holder
 from align.stage import METRICS_FILE, read_stage
 
 
-def _eval_metrics(s: dict[str, Any]) -> dict[str, Any]:
-    return {"held_out": s.get("eval_mean_reward")}
-
-
-def short_spec(spec: str) -> str:
-    """A scorer spec as a column name: ``rule:vader`` -> vader, ``model:runs/x/rm/model`` -> rm
-    (the stage that trained it), ``pkg.mod:fn`` -> fn."""
-    kind, _, rest = spec.partition(":")
-    if kind == "model":
-        parts = Path(rest).parts
-        return parts[-2] if len(parts) > 1 and parts[-1] == "model" else Path(rest).name
-    return rest or kind
-
-
-def _eval_stage_metrics(s: dict[str, Any]) -> dict[str, Any]:
-    """eval: the reward, each judge's mean, and the text checks when a reference was given."""
-    out = {"held_out": s.get("mean_reward"), **{short_spec(k): v for k, v in (s.get("judge_means") or {}).items()}}
-    if "reference_nll" in s:
-        out.update({"length": s.get("mean_length"), "distinct_2": s.get("distinct_2"), "ref_nll": s.get("reference_nll")})
-    return out
-
-
-def _committee_wins(s: dict[str, Any]) -> str | None:
-    """rs over a committee: the rows each member supplied (``sft/model 30, dpo/model 2``)."""
-    from align.stages.rs import format_wins
-
-    wins = s.get("wins") or {}
-    return format_wins(wins) if len(wins) > 1 else None
-
-
-# The key figures of each stage kind, read from its stage.json summary; ``held_out`` is the
-# held-out score (for the demo's rule:arithmetic, exact match) that the progress table follows.
-KEY_METRICS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
-    "sft": _eval_metrics,
-    "dpo": _eval_metrics,
-    "eval": _eval_stage_metrics,
-    "rm": lambda s: {"eval_accuracy": s.get("eval_accuracy"), "noise_free": s.get("eval_accuracy_noise_free")},
-    "rs": lambda s: {"kept_rows": s.get("kept_rows"), "mean_reward": s.get("mean_reward"), "wins": _committee_wins(s)},
-    "rlhf": lambda s: {"held_out": s.get("eval_mean_reward"), "train_reward": s.get("reward_last_10pct"), "monitor_kl": s.get("monitor_kl")},
-    "distill": lambda s: {"held_out": s.get("eval_mean_reward"), "heldout_kl": s.get("heldout_kl")},
-    "select": lambda s: {"chosen": s.get("chosen"), "chosen_value": s.get(s.get("metric", ""))},
-}
-
-
 def key_metrics(kind: str, record: dict[str, Any] | None) -> dict[str, Any]:
-    if not record:
+    """The key figures of a stage of ``kind``, read from its stage.json summary as its command declares
+    (``@command(..., metrics=...)``); ``held_out`` is the held-out score (for the demo's
+    rule:arithmetic, exact match) that the progress table follows."""
+    registry = commands()
+    if not record or kind not in registry:
         return {}
-    found = KEY_METRICS.get(kind, lambda s: {})(record.get("summary") or {})
+    found = registry[kind].key_metrics(record.get("summary") or {})
     return {k: v for k, v in found.items() if v is not None}
 
 

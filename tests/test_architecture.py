@@ -4,8 +4,9 @@ Every ``import`` and ``from ... import`` of the packages ``align``, ``sampling``
 at the top of a module or inside a function alike: an import deferred into a function (to keep
 ``import align`` light, or torch out of ``align --help``) is still a dependency, so it may not go up
 a layer or close a circle either. Only imports under ``if TYPE_CHECKING:`` are left out (they never
-run). The ``import_module`` calls that load the stage modules by name (``align.stages``,
-``align.cli``) are not imports to this test; both modules sit above what they load.
+run). The ``import_module`` calls that load modules by name are not imports to this test:
+``align.stages`` loads the command modules it finds, and ``align`` (the Python API) the module of
+a name when it is first used.
 """
 
 from __future__ import annotations

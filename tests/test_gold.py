@@ -10,9 +10,9 @@ import random
 import pytest
 
 from align.rl.monitor import is_monitor_step, monitor_seed_keys, overoptimization_series, read_rows, sequence_kl
+from align.stages.eval import short_spec
 from align.stages.rlhf import rollout_seed_keys
 from align.stages.rm import noise_free_accuracy, score_order
-from align.status import short_spec
 from align.text_metrics import distinct_n
 from conftest import read_jsonl, run_align
 from sampling.select import STRATEGIES, Scored, SelectOptions, prefer_first

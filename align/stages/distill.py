@@ -227,7 +227,8 @@ def heldout_kl(student, teacher, sequences: list[tuple[list[int], list[int]]], p
 # ---------------------------------------------------------------------------------------------
 
 
-@command("distill", DistillStageConfig, "Knowledge distillation from a teacher (TRL GKDTrainer): fixed responses and on-policy samples.")
+@command("distill", DistillStageConfig, "Knowledge distillation from a teacher (TRL GKDTrainer): fixed responses and on-policy samples.",
+         order=27, artifacts=("model",), metrics={"held_out": "eval_mean_reward", "heldout_kl": "heldout_kl"})
 def run_distill(cfg: DistillStageConfig) -> dict:
     """Run the distillation stage; returns the stage record (also written to output_dir/stage.json)."""
     import warnings

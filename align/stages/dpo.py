@@ -194,7 +194,8 @@ def _counts(report: dict[str, int]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-@command("dpo", DPOStageConfig, "Offline preference optimization (TRL DPOTrainer) with Llama 3's masking and NLL term.")
+@command("dpo", DPOStageConfig, "Offline preference optimization (TRL DPOTrainer) with Llama 3's masking and NLL term.",
+         order=23, artifacts=("model",), metrics={"held_out": "eval_mean_reward"})
 def run_dpo(cfg: DPOStageConfig) -> dict:
     """Run the DPO stage; returns the stage record (also written to output_dir/stage.json)."""
     stage = Stage("dpo", cfg, cfg.output_dir)

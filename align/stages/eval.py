@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import ClassVar
+from pathlib import Path
+from typing import Any, ClassVar
 
 from align.config import BaseConfig, option, required
 from align.errors import ConfigError
@@ -99,7 +100,27 @@ def results_length(results: list[dict]) -> float:
     return sum(counts) / len(counts)
 
 
-@command("eval", EvalConfig, "Generate answers on a prompt set and score them (mean reward, per-prompt results).")
+def short_spec(spec: str) -> str:
+    """A scorer spec as a column name: ``rule:vader`` -> vader, ``model:runs/x/rm/model`` -> rm
+    (the stage that trained it), ``pkg.mod:fn`` -> fn."""
+    kind, _, rest = spec.partition(":")
+    if kind == "model":
+        parts = Path(rest).parts
+        return parts[-2] if len(parts) > 1 and parts[-1] == "model" else Path(rest).name
+    return rest or kind
+
+
+def key_metrics(summary: dict[str, Any]) -> dict[str, Any]:
+    """``align status``: the reward, each judge's mean, and the text checks when a reference was given."""
+    out = {"held_out": summary.get("mean_reward"), **{short_spec(k): v for k, v in (summary.get("judge_means") or {}).items()}}
+    if "reference_nll" in summary:
+        out.update({"length": summary.get("mean_length"), "distinct_2": summary.get("distinct_2"),
+                    "ref_nll": summary.get("reference_nll")})
+    return out
+
+
+@command("eval", EvalConfig, "Generate answers on a prompt set and score them (mean reward, per-prompt results).",
+         order=22, metrics=key_metrics)
 def run_eval(cfg: EvalConfig, engine=None) -> dict:
     """Run the stage; returns the stage record. ``engine`` reuses a live engine (it is not closed)."""
     rows = load_prompts(cfg.dataset, cfg.max_prompts)

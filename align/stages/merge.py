@@ -153,7 +153,8 @@ def merge_states(states: list[dict], base: dict | None, cfg: MergeConfig) -> tup
 # ---------------------------------------------------------------------------------------------
 
 
-@command("merge", MergeConfig, "Merge models' weights: Llama 3's model soup (average) or WARP's SLERP of task vectors.")
+@command("merge", MergeConfig, "Merge models' weights: Llama 3's model soup (average) or WARP's SLERP of task vectors.",
+         order=26, artifacts=("model",))
 def run_merge(cfg: MergeConfig) -> dict:
     """Run the merge stage; returns the stage record (also written to output_dir/stage.json)."""
     from transformers import AutoTokenizer

@@ -583,7 +583,9 @@ def plot_overoptimization(monitor_file: Path, path: Path, title: str) -> Path | 
     return plot_series(overoptimization_series(read_rows(monitor_file)), path, title, x_label="KL to the reference (nats)")
 
 
-@command("rlhf", RLHFConfig, "Online RL: generate with vLLM, score, update with a pluggable optimizer, sync, repeat.")
+@command("rlhf", RLHFConfig, "Online RL: generate with vLLM, score, update with a pluggable optimizer, sync, repeat.",
+         order=25, artifacts=("model",),
+         metrics={"held_out": "eval_mean_reward", "train_reward": "reward_last_10pct", "monitor_kl": "monitor_kl"})
 @keeps_freed_memory  # CPU steps reuse their freed activations instead of page-faulting them in (align/heap.py)
 def run_rlhf(cfg: RLHFConfig) -> dict:
     from align.evaluation import check_scorer_accepts, evaluate, load_prompts, score_candidates

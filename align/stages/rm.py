@@ -335,7 +335,8 @@ def evaluate_pairs(scorer: RewardModel, examples: list[dict]) -> dict[str, float
     return {**metrics, **({"accuracy_noise_free": noise_free} if noise_free is not None else {})}
 
 
-@command("rm", RMStageConfig, "Train a reward model on preference pairs (TRL RewardTrainer; Bradley-Terry, Llama 3 ranking, AFM soft labels).")
+@command("rm", RMStageConfig, "Train a reward model on preference pairs (TRL RewardTrainer; Bradley-Terry, Llama 3 ranking, AFM soft labels).",
+         order=24, artifacts=("model",), metrics={"eval_accuracy": "eval_accuracy", "noise_free": "eval_accuracy_noise_free"})
 def run_rm(cfg: RMStageConfig) -> dict:
     """Run the reward-model stage; returns the stage record (also output_dir/stage.json)."""
     stage = Stage("rm", cfg, cfg.output_dir)

@@ -194,7 +194,15 @@ class ShardStore:
         atomic_write_text(self.root / f"shard-{index:05d}-{member:02d}.json", json.dumps(record) + "\n")
 
 
-@command("rs", RSConfig, "Rejection sampling: K samples per prompt (from one model or a committee), scored, best-of-K / pairs / all -> dataset.")
+def key_metrics(summary: dict[str, Any]) -> dict[str, Any]:
+    """``align status``: rows kept, their mean reward and, over a committee, the rows each member supplied."""
+    wins = summary.get("wins") or {}
+    return {"kept_rows": summary.get("kept_rows"), "mean_reward": summary.get("mean_reward"),
+            "wins": format_wins(wins) if len(wins) > 1 else None}
+
+
+@command("rs", RSConfig, "Rejection sampling: K samples per prompt (from one model or a committee), scored, best-of-K / pairs / all -> dataset.",
+         order=21, artifacts=("data",), metrics=key_metrics)
 def run_rs(cfg: RSConfig, engine: Engine | None = None) -> dict:
     """Run the stage; returns the stage record. ``engine`` is a live engine serving the first
     member, reused (it is not closed); the other members are loaded and freed one at a time."""

@@ -58,7 +58,8 @@ def parse_repeatable(cls: type[BaseConfig], argv: list[str]) -> BaseConfig:
     return dataclasses.replace(parse_config(cls, rest), **collected)
 
 
-@command("run", RunConfig, "Run a recipe (a whole pipeline), skipping the stages that are up to date.", parse=parse_repeatable)
+@command("run", RunConfig, "Run a recipe (a whole pipeline), skipping the stages that are up to date.", parse=parse_repeatable,
+         order=90)
 def run_recipe(cfg: RunConfig) -> int:
     from rich.console import Console
 
@@ -96,7 +97,7 @@ class StatusConfig(BaseConfig):
     json: bool = option(False, "Print the stages as JSON (for scripts) instead of a table.")
 
 
-@command("status", StatusConfig, "Show a run's stages: done, stale (why), running, failed, pending; key metric.")
+@command("status", StatusConfig, "Show a run's stages: done, stale (why), running, failed, pending; key metric.", order=91)
 def run_status(cfg: StatusConfig) -> int:
     from align.status import status_table, workdir_status
 
@@ -118,7 +119,7 @@ class ReportConfig(BaseConfig):
     workdir: str = required("The workdir of an `align run` (holds run.json).")
 
 
-@command("report", ReportConfig, "Write PNG plots and a Markdown summary of a run into WORKDIR/report/.")
+@command("report", ReportConfig, "Write PNG plots and a Markdown summary of a run into WORKDIR/report/.", order=92)
 def run_report(cfg: ReportConfig) -> int:
     from align.status import write_report
 

@@ -103,7 +103,13 @@ def link_tree(source: Path, target: Path) -> None:
         shutil.copytree(source, target, dirs_exist_ok=True)
 
 
-@command("select", SelectConfig, "Pick the best of earlier stages' models by a metric (best model so far, with a baseline).")
+def key_metrics(summary: dict[str, Any]) -> dict[str, Any]:
+    """``align status``: the stage chosen and its value of the metric."""
+    return {"chosen": summary.get("chosen"), "chosen_value": summary.get(summary.get("metric", ""))}
+
+
+@command("select", SelectConfig, "Pick the best of earlier stages' models by a metric (best model so far, with a baseline).",
+         order=28, artifacts=("model",), metrics=key_metrics)
 def run_select(cfg: SelectConfig) -> dict[str, Any]:
     candidates = [read_candidate(path, cfg.metric) for path in cfg.candidates]
     base = read_candidate(cfg.baseline, cfg.metric) if cfg.baseline else None

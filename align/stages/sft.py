@@ -41,7 +41,8 @@ class SFTStageConfig(TrainOptions, ModelOptions, EvalOptions, CheckpointOptions,
             raise ConfigError("'merge_lora' needs use_lora (or load_in_4bit); a full fine-tune is already merged")
 
 
-@command("sft", SFTStageConfig, "Supervised fine-tuning (TRL SFTTrainer) on conversational data.")
+@command("sft", SFTStageConfig, "Supervised fine-tuning (TRL SFTTrainer) on conversational data.",
+         order=20, artifacts=("model",), metrics={"held_out": "eval_mean_reward"})
 def run_sft(cfg: SFTStageConfig) -> dict:
     """Run the SFT stage; returns the stage record (also written to output_dir/stage.json)."""
     stage = Stage("sft", cfg, cfg.output_dir)
