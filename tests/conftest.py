@@ -54,6 +54,17 @@ def run_align(*args: str, timeout: float = 900, check: bool = False) -> subproce
     return proc
 
 
+def real_data(name: str) -> Path:
+    """A file of the real sample data beside the repository (../shared/data/real, read, never
+    copied in); skips the test, naming the folder, in a clone without it."""
+    if not REAL_DATA.is_dir():
+        pytest.skip(f"real sample data folder absent: {REAL_DATA} (../shared/data/real beside the repository)")
+    path = REAL_DATA / name
+    if not path.is_file():
+        pytest.skip(f"{name} absent from the real sample data folder {REAL_DATA}")
+    return path
+
+
 @pytest.fixture(scope="session")
 def artifacts(tmp_path_factory) -> Path:
     """One folder per test run; under xdist, the workers' common parent (shared by all of them)."""
