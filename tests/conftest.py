@@ -240,6 +240,16 @@ LONGEST_FIRST = ["test_recipes_shipped.py", "test_real_model.py", "test_recipe_r
                  "test_preempt.py", "test_dpo.py", "test_rm.py", "test_train_multiprocess.py"]
 
 
+# The session fixtures that train or convert a model (minutes each): a test that uses one, directly
+# or through another fixture (sft_model, sft_vllm, rm_model), is marked slow, so `-m "not slow"`
+# (scripts/test.sh --fast) never builds them.
+TRAINING_FIXTURES = {"sft_run", "quickstart_sft_run", "rm_run", "smollm2"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(items):
+    for item in items:
+        if TRAINING_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

@@ -15,6 +15,8 @@ import torch
 
 from conftest import ALIGN, ROOT, SFT_FLAGS, SFT_STEPS, read_jsonl, run_align
 
+pytestmark = pytest.mark.slow  # every test trains
+
 
 def test_sft_output_contract_and_accuracy(sft_run, demo_data):
     record = json.loads((sft_run / "stage.json").read_text())
