@@ -182,6 +182,7 @@ def test_missing_model(capsys, tmp_path, jsonl):
     assert code == 2 and f"model not found: {tmp_path / 'no-model'}" in err
 
 
+@pytest.mark.slow
 def test_console_script_error_has_no_traceback_unless_debug(tmp_path):
     proc = run_align("sft", "--model_name_or_path", "m", "--dataset", tmp_path / "x.jsonl", "--output_dir", tmp_path / "o")
     assert proc.returncode == 2

@@ -11,8 +11,8 @@ import pytest
 from align import data
 from align.data import FORMATS, load_dataset, load_rows, normalize_row, read_records
 from align.errors import AlignError, DataError
+from conftest import real_data
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 W = "d.jsonl:1"
 
 
@@ -498,15 +498,8 @@ def test_module_has_no_print():
 # --------------------------------------------------------------------------------------------
 
 
-def real(name: str) -> Path:
-    path = REAL / name
-    if not path.is_file():
-        pytest.skip(f"real sample data not available: {path}")
-    return path
-
-
 def test_real_alpaca_sft():
-    path = real("alpaca_en_demo.json")
+    path = real_data("alpaca_en_demo.json")
     raw = json.loads(path.read_text(encoding="utf-8"))
     rows = load_rows(str(path), "sft")
     assert len(rows) == 999 == len(raw)
@@ -523,7 +516,7 @@ def test_real_alpaca_sft():
 
 
 def test_real_sharegpt_preference():
-    path = real("dpo_en_demo.json")
+    path = real_data("dpo_en_demo.json")
     raw = json.loads(path.read_text(encoding="utf-8"))
     rows = load_rows(str(path), "preference")
     assert len(rows) == 300 == len(raw)

@@ -432,6 +432,7 @@ def test_resume_after_crash(tiny_model, demo_data, tmp_path, crash_at_step_3):
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.slow
 def test_identical_pairs_and_long_prompts_are_counted(tiny_model, tmp_path):
     rows = [pair("1+1=", "2", "3"), pair("2+2=", "4", "4"), pair("9" * 40 + "+1=", "1", "2"), pair("3+3=", "6", "7")]
     data = tmp_path / "pairs.jsonl"
@@ -455,6 +456,7 @@ def test_all_pairs_identical_fails_cleanly(capsys, tiny_model, tmp_path):
     assert not (tmp_path / "o" / "stage.json").exists()
 
 
+@pytest.mark.slow
 def test_group_by_length_batches_pairs_of_similar_length(tiny_model, tmp_path):
     """--group_by_length: the sampler batches pairs of similar length, so the padded batches hold
     far fewer tokens than in dataset order; every pair is still seen once per epoch. (400 pairs:

@@ -9,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import ROOT, read_jsonl
+
+pytestmark = pytest.mark.slow
 
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 

@@ -86,6 +86,7 @@ def warns(prompt, response, **columns):
 '''
 
 
+@pytest.mark.slow
 def test_cli_shows_a_user_scorers_warning_and_eval_records_the_engine(tiny_model, demo_data, tmp_path):
     (tmp_path / "warns_scorer.py").write_text(SCORER)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)])}

@@ -6,7 +6,10 @@ import importlib.util
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow
 def test_stack_imports_in_this_environment():
     proc = subprocess.run(
         [sys.executable, "-c", "import vllm, transformers, trl, peft, torch; print(torch.__version__, transformers.__version__, trl.__version__)"],

@@ -74,6 +74,7 @@ def last_line(text: str) -> str:
     return [line for line in text.splitlines() if line.strip()][-1]
 
 
+@pytest.mark.slow
 def test_full_disk_stops_in_one_line_and_the_rerun_ends_as_if_never_stopped(tiny_model, sft_data, sft_reference, tmp_path,
                                                                            capsys):
     out = tmp_path / "sft"
@@ -108,6 +109,7 @@ def test_full_disk_stops_in_one_line_and_the_rerun_ends_as_if_never_stopped(tiny
     assert_same_run(out, sft_reference)
 
 
+@pytest.mark.slow
 def test_a_damaged_model_is_refused_naming_the_file_and_the_stage_redoes_it(tiny_model, sft_data, demo_data, tmp_path,
                                                                            capsys):
     """A finished stage's model cut to half: a stage reading it fails in one line (exit 2) in a real

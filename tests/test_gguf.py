@@ -13,6 +13,7 @@ import torch
 from conftest import run_align, smollm2_gguf
 
 gguf = pytest.importorskip("gguf", reason="gguf not installed (scripts/setup.sh installs it)")
+pytestmark = pytest.mark.slow  # each test starts `align` or converts the real model
 
 
 def write_gguf(path: Path, arch: str, tensor: np.ndarray) -> Path:
@@ -35,7 +36,6 @@ def assert_one_line_error(proc, *parts: str) -> None:
         assert part in lines[0], lines[0]
 
 
-@pytest.mark.slow
 def test_import_model_writes_fp32_folder_with_template(smollm2):
     from safetensors import safe_open
     from transformers import AutoTokenizer
@@ -59,7 +59,6 @@ def test_import_model_writes_fp32_folder_with_template(smollm2):
     assert tok.decode(tok("The capital of France is Paris.").input_ids) == "The capital of France is Paris."
 
 
-@pytest.mark.slow
 def test_gguf_model_path_converts_once_into_cache(tmp_path, monkeypatch):
     """A .gguf path as model_name_or_path: converted into $XDG_CACHE_HOME/align/gguf/<sha256>, once."""
     import hashlib

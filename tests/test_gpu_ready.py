@@ -148,6 +148,7 @@ def test_the_heap_setting_and_thread_count_are_cpu_only(monkeypatch, fake_cuda_e
     assert isinstance(engine._cpu_only_settings(), heap.contextlib.nullcontext)
 
 
+@pytest.mark.slow
 def test_stage_json_records_the_sampler(tiny_model, demo_data, tmp_path):
     from align.stages.rlhf import RLHFConfig, run_rlhf
 

@@ -82,6 +82,7 @@ with heap.keep_freed_memory() as kept:
     assert kept is False and inside >= MIB64
 
 
+@pytest.mark.slow
 def test_rlhf_runs_inside_it_and_the_offline_trainers_do_not():
     seen, error, after, wrapped = run('''
 from align.cli import COMMANDS, _load_commands

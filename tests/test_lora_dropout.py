@@ -105,6 +105,7 @@ def test_use_fast_lora_dropout_replaces_every_lora_dropout_and_changes_no_weight
     assert use_fast_lora_dropout(_peft_model(tiny_model, 0.0)) == 0  # peft uses nn.Identity for 0
 
 
+@pytest.mark.slow
 def test_trainer_stages_train_with_the_fast_dropout(tmp_path, tiny_model, demo_data, monkeypatch):
     from align.config import parse_config
     from align.stages.sft import SFTStageConfig, run_sft

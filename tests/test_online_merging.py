@@ -170,6 +170,7 @@ def test_rlhf_online_dpo_step_with_ondare(tiny_model, tmp_path):
     assert 0.05 < fraction < 0.3, fraction  # DARE keeps ~10% of D; tau~'s ~10% (times alpha) moves others (measured 0.19)
 
 
+@pytest.mark.slow
 def test_dpo_resume_continues_the_same_merged_run(tiny_model, demo_data, tmp_path, crash_at_step_3):
     """Crash after the step-2 checkpoint, resume: the same weights as an uninterrupted run, so the
     checkpoint restored the sparsified tau, the Adam moments and the DARE generator."""

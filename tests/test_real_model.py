@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REAL_DATA, ROOT, read_jsonl, run_align
+from conftest import ROOT, read_jsonl, real_data, run_align
 
 from align.models import ModelOptions, load_tokenizer
 from sampling.base import encode_prompts, render_prompts
@@ -48,13 +48,6 @@ def test_training_and_sampling_render_the_same_prompt(smollm2):
 SUMS = [(23, 45), (12, 30), (7, 58), (61, 14)]  # "What is a+b?": answered in sentences
 FIXED = ["The answer is 68.", "23 + 45 = 68", "I think it is 70."]  # responses scored after each sync
 ENGINE = ("--max_model_len", "160", "--kv_cache_gb", "0.25")
-
-
-def real_data(name: str) -> Path:
-    path = REAL_DATA / name
-    if not path.is_file():
-        pytest.skip(f"{path} is absent (real sample data lives outside the project)")
-    return path
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

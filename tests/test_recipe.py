@@ -285,6 +285,7 @@ def test_every_stage_declares_its_input_fields():
     assert input_fingerprints(commands()["demo-data"].config(output_dir="x")) == {}
 
 
+@pytest.mark.slow
 def test_standalone_command_sees_a_regenerated_dataset(tmp_path, tiny_model):
     """A new user's case: regenerate the data, rerun the same command: it must not say 'done'."""
     data = write(tmp_path / "test.jsonl", "".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(4)))
@@ -308,6 +309,7 @@ def test_standalone_command_sees_a_regenerated_dataset(tmp_path, tiny_model):
 # -- the workdir lock ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_second_run_exits_75_naming_the_holder_and_kill_9_frees_the_lock(tmp_path):
     workdir = tmp_path / "w"
     recipe = write(tmp_path / "r.yaml", f"workdir: {workdir}\nstages:\n  - {{name: data, kind: demo-data, num_test: 4, num_prompts: 4, num_pairs: 4}}\n")
@@ -341,6 +343,7 @@ def test_second_run_exits_75_naming_the_holder_and_kill_9_frees_the_lock(tmp_pat
     assert json.loads((workdir / "run.json").read_text())["stages"]["data"]["status"] == "done"
 
 
+@pytest.mark.slow
 def test_status_needs_only_the_workdir_and_reloads_the_recipe_run_json_names(tmp_path, monkeypatch):
     """`align status W` takes the recipe from W/run.json (the recorded path, or, when the checkout
     moved, the same place relative to W) and plans from the run's working directory, so W may be

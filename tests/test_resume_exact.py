@@ -23,6 +23,8 @@ from align.stages.rm import RMStageConfig, run_rm
 from align.stages.sft import SFTStageConfig, run_sft
 from conftest import ROOT, read_jsonl
 
+pytestmark = pytest.mark.slow  # every test trains twice
+
 # Wall-clock fields of a metrics row: the only ones a resumed run may log differently.
 CLOCK = ("time", "per_s", "seconds", "runtime")
 

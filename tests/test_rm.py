@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from align.cli import main
-from conftest import REAL_DATA, read_jsonl
+from conftest import read_jsonl, real_data
 from reward.losses import LOSSES
 from reward.model import RewardModel
 from reward.scorers import build_scorer
@@ -152,9 +152,7 @@ def minilm_folder() -> Path:
 def test_minilm_reward_model_on_real_preferences(tmp_path, capsys):
     """A real pretrained encoder (MiniLM from PyPI) trained on 240 ShareGPT preference pairs;
     the held-out 20% accuracy is reported in stage.json (no threshold: the set is small)."""
-    data = REAL_DATA / "dpo_en_demo.json"
-    if not data.is_file():
-        pytest.skip(f"{data} is absent (real sample data lives outside the project)")
+    data = real_data("dpo_en_demo.json")
     out = tmp_path / "minilm_rm"
     code, err = call(capsys, "rm", "--model_name_or_path", minilm_folder(), "--dataset", data, "--output_dir", out,
                      "--eval_split", 0.2, "--max_length", 128, "--max_steps", 10, "--per_device_train_batch_size", 4,

@@ -67,7 +67,9 @@ def test_best_of_k_data_is_far_more_accurate_than_greedy(sft_vllm, sft_model, de
     assert s["distinct_candidates"] == sum(t["duplicate_of"] is None for t in table) < n * K
     assert s["mean_reward"] == pytest.approx(sum(rewards) / len(rewards)) and s["max_reward"] == 1.0
     assert s["mean_best_reward"] == pytest.approx(data_acc)
-    assert s["tokens"] == sum(t["num_tokens"] for t in table) and s["tokens_per_s"] > 100
+    # The rate is reported, not judged here: bench/bench_generation.py measures it ("rs" row).
+    assert s["tokens"] == sum(t["num_tokens"] for t in table)
+    assert s["tokens_per_s"] == pytest.approx(s["tokens"] / s["generate_seconds"], rel=0.01)
     assert s["truncated_frac"] == sum(t["finish_reason"] == "length" for t in table) / len(table)
     assert json.loads((tmp_path / "rs" / "stage.json").read_text())["status"] == "complete"
     assert not (tmp_path / "rs" / "shards").exists()

@@ -17,10 +17,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, read_jsonl
+
+pytestmark = pytest.mark.slow
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "250"}
 

@@ -38,6 +38,7 @@ def fake_eval(root: Path, name: str, value: float | None, model: Path) -> Path:
     return stage
 
 
+@pytest.mark.slow
 def test_select_links_the_chosen_model_and_records_every_candidate(tmp_path):
     a = fake_eval(tmp_path, "eval_a", 0.61, tmp_path / "a" / "model")
     b = fake_eval(tmp_path, "eval_b", 0.70, tmp_path / "b" / "model")

@@ -51,6 +51,7 @@ def test_turn_end_is_found_from_the_template(tiny_model, tmp_path):
     assert turn_end_id(same) == same.eos_token_id and stop_ids(same) == [same.eos_token_id]
 
 
+@pytest.mark.slow
 def test_sft_saves_the_turn_end_as_a_stop_id(turn_sft):
     from transformers import AutoTokenizer
 
@@ -60,6 +61,7 @@ def test_sft_saves_the_turn_end_as_a_stop_id(turn_sft):
     assert config["eos_token_id"] == [eot, end]
 
 
+@pytest.mark.slow
 def test_transformers_engine_stops_at_the_turn_end(turn_sft):
     from sampling import SamplingParams
     from sampling.engines import build_engine

@@ -44,6 +44,7 @@ def _assert_equal(events: dict, metrics: dict) -> None:
             assert math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-6), (tag, got, want)  # stored as float32
 
 
+@pytest.mark.slow
 def test_sft_tensorboard_scalars_equal_metrics(tiny_model, demo_data, tmp_path):
     pytest.importorskip("tensorboard")
     out = tmp_path / "sft"
@@ -58,6 +59,7 @@ def test_sft_tensorboard_scalars_equal_metrics(tiny_model, demo_data, tmp_path):
     assert not (out / "checkpoints").exists()  # the event files live outside the removed checkpoints
 
 
+@pytest.mark.slow
 def test_rlhf_tensorboard_scalars_equal_metrics(tiny_model, demo_data, tmp_path):
     pytest.importorskip("tensorboard")
     out = tmp_path / "rlhf"
