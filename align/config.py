@@ -12,7 +12,6 @@ checked against the field's type before the stage starts.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import os
 import tempfile
@@ -23,7 +22,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-from align.errors import ConfigError
+from align.errors import ConfigError, did_you_mean
 from align.rank import is_main_process
 
 MISSING = dataclasses.MISSING
@@ -221,9 +220,8 @@ def _hints(cls: type[BaseConfig]) -> dict[str, Any]:
 
 
 def _unknown_key(key: str, valid: list[str], where: str, as_flag: bool) -> ConfigError:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
     shown = f"--{key}" if as_flag else f"'{key}'"
-    hint = f"; did you mean {'--' if as_flag else ''}{close[0]}?" if close else ""
+    hint = did_you_mean(key, valid, "; did you mean --{}?" if as_flag else "; did you mean {}?")
     return ConfigError(f"unknown {'flag' if as_flag else 'key'} {shown}{where}{hint} (see --help for the valid ones)")
 
 

@@ -19,7 +19,9 @@ Exit codes (every command, ``align run`` included; cron wrappers and Slurm scrip
 
 from __future__ import annotations
 
+import difflib
 import errno
+from typing import Iterable
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -90,3 +92,11 @@ def write_fault(err: BaseException) -> str | None:
                 return words.capitalize()
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def did_you_mean(word: str, options: Iterable[str], template: str = " (did you mean '{}'?)") -> str:
+    """``template`` filled with the option closest to ``word`` (difflib, cutoff 0.6), or "" when
+    none is close: the hint that ends an error about an unknown name."""
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return template.format(close[0]) if close else ""
+

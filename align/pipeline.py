@@ -47,7 +47,7 @@ import yaml
 
 from align import stages
 from align.config import BaseConfig, build_config, fields_of, load_yaml
-from align.errors import ConfigError
+from align.errors import ConfigError, did_you_mean
 from align.registry import COMMANDS, Command, Registry
 from align.stage import read_stage, stage_state
 
@@ -61,6 +61,7 @@ ENTRY_KEYS = ("name", "kind", "config", "profiles")
 # Attributes of a stage reference and the path each names inside the stage dir.
 PATH_ATTRS = {"model": "model", "data": "data", "dir": ""}
 SET_BY_RUNNER = ("output_dir", "overwrite", "resume")
+_HINT = "; did you mean '{}'?"  # how a recipe error suggests the closest name
 
 
 def commands() -> Registry[Command]:
@@ -256,7 +257,7 @@ class Pipeline:
         known = {s.name for s in self.stages} | {s.base for s in self.stages}
         for name in force:
             if name not in known:
-                raise ConfigError(f"--force {name}: no such stage in {self.path}{_did_you_mean(name, known)}")
+                raise ConfigError(f"--force {name}: no such stage in {self.path}{did_you_mean(name, known, _HINT)}")
         return set(force)
 
     def set(self, key: str, value: Any) -> "Pipeline":
@@ -286,7 +287,7 @@ def _read(path: Path) -> dict[str, Any]:
     data = load_yaml(path)  # YAML syntax errors come back with their line
     unknown = [k for k in data if k not in TOP_KEYS]
     if unknown:
-        raise ConfigError(f"{path}: unknown top-level key '{unknown[0]}'{_did_you_mean(unknown[0], TOP_KEYS)}"
+        raise ConfigError(f"{path}: unknown top-level key '{unknown[0]}'{did_you_mean(unknown[0], TOP_KEYS, _HINT)}"
                           f" (valid: {', '.join(TOP_KEYS)})")
     if not isinstance(data.get("stages"), list) or not data["stages"]:
         raise ConfigError(f"{path}: 'stages' must be a non-empty list of stages (each with name and kind)")
@@ -385,7 +386,7 @@ def _entry(entry: Any, path: Path, where: str) -> StageSpec:
                           f" got {name!r}")
     valid = stage_kinds()
     if kind not in valid:
-        raise ConfigError(f"{path}: stage '{name}': unknown kind {kind!r}{_did_you_mean(str(kind), valid)}"
+        raise ConfigError(f"{path}: stage '{name}': unknown kind {kind!r}{did_you_mean(str(kind), valid, _HINT)}"
                           f" (valid: {', '.join(valid)})")
     values: dict[str, Any] = {}
     if entry.get("config") is not None:
@@ -422,7 +423,7 @@ def _apply_sets(recipe: Pipeline, sets: list[str]) -> None:
         matched = [s for s in recipe.stages if name in (s.name, s.base)]
         if not matched:
             known = sorted({s.name for s in recipe.stages} | {s.base for s in recipe.stages})
-            raise ConfigError(f"{source}: no stage named '{name}' in {recipe.path}{_did_you_mean(name, known)}")
+            raise ConfigError(f"{source}: no stage named '{name}' in {recipe.path}{did_you_mean(name, known, _HINT)}")
         if not isinstance(keys, dict):
             raise ConfigError(f"{source}: stage '{name}' needs a mapping of key: value")
         for spec in matched:
@@ -482,7 +483,7 @@ def _resolve_one(recipe: Pipeline, spec: StageSpec, text: str) -> Ref:
     head, _, rest = text.partition(".")
     if head == "vars":
         if rest not in recipe.vars:
-            raise ConfigError(f"${{{text}}}: no var '{rest}'{_did_you_mean(rest, recipe.vars)}"
+            raise ConfigError(f"${{{text}}}: no var '{rest}'{did_you_mean(rest, recipe.vars, _HINT)}"
                               f" (defined: {', '.join(recipe.vars) or 'none'})")
         return Ref(text, value=recipe.vars[rest])
     previous = head == "prev"
@@ -512,15 +513,8 @@ def _target(recipe: Pipeline, spec: StageSpec, name: str, previous: bool, text: 
     else:
         rounds = [s for s in recipe.stages if s.base == name and s.round is not None]
         if not rounds:
-            raise ConfigError(f"${{{text}}}: no stage named '{name}'{_did_you_mean(name, order)}")
+            raise ConfigError(f"${{{text}}}: no stage named '{name}'{did_you_mean(name, order, _HINT)}")
         target = f"{name}_r{max(s.round for s in rounds)}"
     if order.index(target) >= here:
         raise ConfigError(f"${{{text}}}: stage '{target}' comes later (or is this stage); a stage can only use earlier ones")
     return target
-
-
-def _did_you_mean(word: str, options: Any) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
-    return f"; did you mean '{close[0]}'?" if close else ""

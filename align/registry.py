@@ -15,10 +15,9 @@ imports the stages.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from typing import Any, Callable, Generic, Iterator, Mapping, TypeVar, overload
 
-from align.errors import ConfigError
+from align.errors import ConfigError, did_you_mean
 
 T = TypeVar("T")
 
@@ -47,8 +46,7 @@ class Registry(Generic[T]):
 
     def unknown(self, name: object) -> ConfigError:
         """The one-line error for a name that is not registered."""
-        close = difflib.get_close_matches(str(name), list(self._items), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        hint = did_you_mean(str(name), self._items, " (did you mean {!r}?)")
         return ConfigError(f"unknown {self.kind} {name!r}{hint}; valid: {', '.join(self._items)}")
 
     def __getitem__(self, name: str) -> T:

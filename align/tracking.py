@@ -13,7 +13,6 @@ TensorBoard writes to ``DIR/tensorboard``, not under the checkpoints, which are 
 
 from __future__ import annotations
 
-import difflib
 import math
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from align import preempt
-from align.errors import ConfigError
+from align.errors import ConfigError, did_you_mean
 from align.stage import TENSORBOARD_DIR, Stage
 
 # Trackers transformers cannot tell are installed (no is_*_available among its reporting checks).
@@ -40,8 +39,7 @@ def check_trackers(names: list[str]) -> None:
         if name == "none" and len(names) == 1:
             continue
         if name not in INTEGRATION_TO_CALLBACK:
-            close = difflib.get_close_matches(name, valid, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            hint = did_you_mean(name, valid)
             raise ConfigError(f"unknown tracker '{name}' in 'report_to'{hint}; valid: {', '.join(valid)} (or none)")
         if name not in installed:
             raise ConfigError(f"'report_to' {name}: its package is not installed (pip install {name}), or drop it from report_to")

@@ -31,14 +31,13 @@ parameters without a task vector (PPO's value head) take plain AdamW steps.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 from typing import Any, Callable, Iterable
 
 import torch
 
 from align.config import option
-from align.errors import ConfigError, ModelError
+from align.errors import ConfigError, ModelError, did_you_mean
 
 # ---------------------------------------------------------------------------------------------
 # Pure update math
@@ -179,8 +178,7 @@ class OnlineMergingOptions:
         if self.optimizer_merge == "none":
             return
         if self.optimizer_merge not in MODES:
-            close = difflib.get_close_matches(self.optimizer_merge, MODES, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            hint = did_you_mean(self.optimizer_merge, MODES)
             raise ConfigError(f"unknown optimizer_merge '{self.optimizer_merge}'{hint}; valid: none, {', '.join(MODES)}")
         if not self.merge_base:
             raise ConfigError(f"optimizer_merge '{self.optimizer_merge}' needs 'merge_base': the model the policy was fine-tuned from")
