@@ -45,7 +45,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
-from align.errors import DataError
+from align.errors import DataError, first_line
 
 __all__ = ["FORMATS", "read_records", "normalize_row", "load_rows", "load_dataset"]
 
@@ -471,7 +471,7 @@ def _parquet(path: Path, spec: str) -> list[tuple[str, dict]]:
         table = pq.read_table(path)
     except Exception as e:  # pyarrow raises several types for unreadable files
         raise DataError(f"{spec}: cannot read parquet file ({type(e).__name__}: "
-                        f"{_first_line(e)}); write it with pandas, pyarrow or datasets") from None
+                        f"{first_line(e, 'no details')}); write it with pandas, pyarrow or datasets") from None
     return _numbered(table.to_pylist(), spec)
 
 
@@ -482,7 +482,7 @@ def _saved_dataset(path: Path, spec: str, split: str) -> list[tuple[str, dict]]:
         ds = datasets.load_from_disk(str(path))
     except Exception as e:  # FileNotFoundError and friends for folders that are not datasets
         raise DataError(f"{spec}: not a dataset folder written by datasets' save_to_disk "
-                        f"({_first_line(e)}); point to such a folder or to a .jsonl, .json or "
+                        f"({first_line(e, 'no details')}); point to such a folder or to a .jsonl, .json or "
                         f".parquet file") from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
@@ -499,14 +499,9 @@ def _hub(spec: str, split: str) -> list[tuple[str, dict]]:
         ds = datasets.load_dataset(spec, split=split)
     except Exception as e:  # offline, not found, gated, bad split: all surface as one message
         raise DataError(f"dataset not found: {spec} does not exist locally and could not be "
-                        f"loaded from the Hugging Face Hub ({type(e).__name__}: {_first_line(e)}); "
+                        f"loaded from the Hugging Face Hub ({type(e).__name__}: {first_line(e, 'no details')}); "
                         f"check the path, or the network and the Hub id/split") from None
     return _numbered(list(ds), spec)
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else "no details"
 
 
 def _looks_like_hub_id(spec: str) -> bool:
@@ -566,5 +561,5 @@ def load_dataset(spec: str, kind: str, split: str = "train"):
     try:
         return datasets.Dataset.from_list([{k: row.get(k) for k in columns} for row in rows])
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-        raise DataError(f"{spec}: cannot build a dataset ({_first_line(e)}); give each column "
+        raise DataError(f"{spec}: cannot build a dataset ({first_line(e, 'no details')}); give each column "
                         f"one type in every row") from None

@@ -100,3 +100,12 @@ def did_you_mean(word: str, options: Iterable[str], template: str = " (did you m
     close = difflib.get_close_matches(word, list(options), n=1)
     return template.format(close[0]) if close else ""
 
+
+
+def first_line(err: BaseException, empty: str | None = None) -> str:
+    """The first line of ``str(err)``, for a one-line message; for an error with no text, ``empty``
+    (by default the error's type name)."""
+    text = str(err).strip()
+    if text:
+        return text.splitlines()[0]
+    return type(err).__name__ if empty is None else empty

