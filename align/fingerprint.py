@@ -24,11 +24,16 @@ _CHUNK = 1 << 20
 _PREFIXES = ("model:",)  # specs whose rest is a path: fingerprint that path
 
 
+def cache_dir(name: str) -> Path:
+    """``$XDG_CACHE_HOME/align/NAME`` (``~/.cache/align/NAME`` by default): where the toolkit keeps
+    what it can compute again (digests, converted GGUF models, reference log-probs)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "align" / name
+
+
 def cache_path() -> Path:
     if os.environ.get("ALIGN_FINGERPRINT_CACHE"):
         return Path(os.environ["ALIGN_FINGERPRINT_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "align" / "fingerprints.json"
+    return cache_dir("fingerprints.json")
 
 
 class DigestCache:

