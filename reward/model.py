@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from align.errors import ModelError
+from sampling.logprobs import pad_batch
 
 REWARD_LABEL = "reward"
 
@@ -125,12 +126,7 @@ class RewardModel:
         device = next(self.model.parameters()).device
         pad = self.tokenizer.pad_token_id
         for batch in length_batches([len(x) for x in ids], self.batch_size, self.sort_by_length):
-            width = max(len(ids[i]) for i in batch)
-            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):
-                input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
-                mask[row, : len(ids[i])] = 1
+            input_ids, mask = pad_batch([ids[i] for i in batch], pad)
             logits = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
             for row, i in enumerate(batch):
                 scores[i] = float(logits[row, 0])

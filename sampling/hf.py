@@ -13,7 +13,7 @@ from typing import Any, Iterable
 import torch
 
 from sampling.base import ENGINES, Candidate, SamplingParams, encode_prompts, stop_ids, stream_seed
-from sampling.logprobs import selective_logprobs
+from sampling.logprobs import pad_batch, selective_logprobs
 
 
 @ENGINES.register("transformers")
@@ -68,10 +68,9 @@ class TransformersEngine:
 
     def _generate_batch(self, batch: list[list[int]], params: SamplingParams) -> list[list[Candidate]]:
         tok = self.tokenizer
-        width = max(len(ids) for ids in batch)
         pad = tok.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch])
-        attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch])
+        input_ids, attention = pad_batch(batch, pad, left=True)
+        width = input_ids.shape[1]
         device = next(self.model.parameters()).device
         greedy = params.temperature == 0
         max_new = params.max_tokens

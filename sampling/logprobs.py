@@ -2,7 +2,8 @@
 
 One implementation serves both sides: the transformers engine reports the log-probs of the tokens
 it sampled (``sampling.hf``), and training takes the log-probs, with gradients, and the entropies
-of its rollouts (``align.rl.rollout``).
+of its rollouts (``align.rl.rollout``). ``pad_batch`` makes the padded batches of token ids they
+all feed a model.
 """
 
 from __future__ import annotations
@@ -13,6 +14,20 @@ import torch
 # Positions per chunk in the two functions below: 1,024 x 49,152 x 4 bytes = 200 MB of fp32
 # temporaries at a time at SmolLM2's vocabulary, whatever the batch.
 CHUNK_TOKENS = 1024
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists as one [N, longest] batch: ``input_ids`` filled out with ``pad_id`` on the
+    right (on the left with ``left=True``, as generation wants) and ``attention_mask``, 1 on the
+    tokens and 0 on the padding; both long, on the CPU."""
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        cols = slice(width - len(seq), width) if left else slice(0, len(seq))
+        input_ids[row, cols] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[row, cols] = 1
+    return input_ids, attention_mask
 
 
 def _chunks(logits: torch.Tensor, chunk_tokens: int):

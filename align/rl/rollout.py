@@ -17,7 +17,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from sampling.logprobs import chunked_entropy, selective_logprobs
+from sampling.logprobs import chunked_entropy, pad_batch, selective_logprobs
 
 
 @dataclasses.dataclass
@@ -62,13 +62,9 @@ def build_rollouts(prompt_ids: list[list[int]], responses: list[list[list[int]]]
         for resp in cands:
             seqs.append(list(ids) + list(resp))
             spans.append((len(ids), len(ids) + len(resp)))
-    width = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(seqs), width), dtype=torch.long)
-    mask = torch.zeros((len(seqs), width - 1), dtype=torch.float32)
-    for row, (seq, (start, end)) in enumerate(zip(seqs, spans)):
-        input_ids[row, : len(seq)] = torch.tensor(seq)
-        attention[row, : len(seq)] = 1
+    input_ids, attention = pad_batch(seqs, pad_id)
+    mask = torch.zeros((len(seqs), input_ids.shape[1] - 1), dtype=torch.float32)
+    for row, (start, end) in enumerate(spans):
         mask[row, start - 1 : end - 1] = 1.0
     k = len(responses[0])
     cut = torch.tensor([t for row in truncated for t in row], dtype=torch.bool, device=device)

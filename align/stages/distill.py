@@ -196,6 +196,8 @@ def heldout_kl(student, teacher, sequences: list[tuple[list[int], list[int]]], p
     import torch
     import torch.nn.functional as F
 
+    from sampling.logprobs import pad_batch
+
     total, count = 0.0, 0
     device = next(student.parameters()).device
     was_training = student.training
@@ -204,10 +206,8 @@ def heldout_kl(student, teacher, sequences: list[tuple[list[int], list[int]]], p
         with torch.no_grad():
             for start in range(0, len(sequences), batch_size):
                 batch = [p + a for p, a in sequences[start:start + batch_size]]
-                width = max(len(s) for s in batch)
-                ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in batch], device=device)
-                attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in batch], device=device)
-                mask = torch.zeros(len(batch), width, dtype=torch.bool, device=device)
+                ids, attention = (t.to(device) for t in pad_batch(batch, pad_id))
+                mask = torch.zeros(len(batch), ids.shape[1], dtype=torch.bool, device=device)
                 for row, (p, a) in enumerate(sequences[start:start + batch_size]):
                     mask[row, len(p) - 1:len(p) + len(a) - 1] = True  # positions that predict an answer token
                 s_logp = F.log_softmax(student(input_ids=ids, attention_mask=attention).logits.float(), dim=-1)

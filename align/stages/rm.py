@@ -48,6 +48,7 @@ from reward.losses import (
     ordered_pairs, pairwise_metrics, parse_level,
 )
 from reward.model import REWARD_LABEL, RewardModel, encode
+from sampling.logprobs import pad_batch
 
 RESPONSES = ("edited", "chosen", "rejected")  # best first
 
@@ -175,12 +176,7 @@ def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
         slots.append([len(seqs) + k for k in range(len(row))] + [-1] * (width - len(row)))
         seqs.extend(row)
         grades.extend(ex["grade_labels"])
-    longest = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), longest), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(seqs), longest), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        input_ids[i, : len(s)] = torch.tensor(s)
-        attention_mask[i, : len(s)] = 1
+    input_ids, attention_mask = pad_batch(seqs, pad_token_id)
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
