@@ -111,21 +111,8 @@ class StageCallback(TrainerCallback):
         if not state.is_world_process_zero:
             return
         self.stage.record_inputs()
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[status]}"),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-            transient=False,
-            disable=not sys.stderr.isatty(),
-        )
+        self.progress, self.task = progress_bar(self.description, state.max_steps, state.global_step)
         self.progress.start()
-        self.task = self.progress.add_task(self.description, total=state.max_steps, completed=state.global_step, status="")
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.progress is not None:
@@ -148,6 +135,19 @@ class StageCallback(TrainerCallback):
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+
+def progress_bar(description: str, total: int, completed: int, show: bool = True):
+    """A rich progress bar (bold description, bar, done/total, a ``status`` field, time, ETA) with its
+    one task, not yet started: ``(progress, task)``. Drawn only when ``show`` and stderr is a terminal."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    progress = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+        disable=not (show and sys.stderr.isatty()),
+    )
+    return progress, progress.add_task(description, total=total, completed=completed, status="")
 
 
 def stop_if_preempted(trainer, stage: Stage) -> None:

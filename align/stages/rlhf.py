@@ -512,20 +512,6 @@ def run_summary(logged: list[dict[str, Any]]) -> dict[str, float]:
     return summary
 
 
-def _live_view(cfg: RLHFConfig, start: int, show: bool):
-    import sys
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    progress = Progress(
-        TextColumn(f"[bold]rlhf {cfg.optimizer}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-        disable=not (show and sys.stderr.isatty()),
-    )
-    task = progress.add_task("rlhf", total=cfg.num_iterations, completed=start, status="")
-    return progress, task
-
-
 def _remove(folder: Path | None) -> None:
     if folder is not None:
         shutil.rmtree(folder, ignore_errors=True)
@@ -590,7 +576,7 @@ def plot_overoptimization(monitor_file: Path, path: Path, title: str) -> Path | 
 def run_rlhf(cfg: RLHFConfig) -> dict:
     from align.evaluation import check_scorer_accepts, evaluate, load_prompts, score_candidates
     from align.rl.rollout import build_rollouts
-    from align.tracking import Trackers, plot_metrics
+    from align.tracking import Trackers, plot_metrics, progress_bar
     from sampling.base import SamplingParams, encode_prompts
 
     device_kind = cfg.resolved_device()
@@ -681,7 +667,7 @@ def run_rlhf(cfg: RLHFConfig) -> dict:
         monitor(0)
 
     trackers = Trackers(cfg.report_to, stage, use_cpu=device_kind == "cpu", model=policy)
-    progress, task = _live_view(cfg, start, show=stage.is_main)
+    progress, task = progress_bar(f"rlhf {cfg.optimizer}", cfg.num_iterations, start, show=stage.is_main)
     progress.start()
     try:
         for it in range(start, cfg.num_iterations):
