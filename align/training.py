@@ -1,5 +1,6 @@
 """Training options shared by the trainer-based stages (sft, rm, dpo, distill), their mapping to TRL,
-and the resume-train-stop sequence every one of them runs (``resume_checkpoint``, ``train_to_end``).
+the resume-train-stop sequence every one of them runs (``resume_checkpoint``, ``train_to_end``) and
+the end they share once the model is saved (``finish_training``: the loss plot, then stage.json).
 
 TRL's configs default to ``bf16=True`` and ``gradient_checkpointing=True``, which are wrong on a
 CPU and for tiny models; we set every such default explicitly from our own typed fields.
@@ -167,3 +168,15 @@ def train_to_end(trainer, stage: Stage, checkpoint: Path | None) -> dict[str, An
         "train_cpu_seconds": round(cpu_seconds, 2),  # this process, all threads
         "num_processes": trainer.accelerator.num_processes,
     }
+
+
+def finish_training(stage: Stage, cfg: Any, summary: dict[str, Any], artifacts: dict[str, str], plotted: list[str]) -> dict[str, Any]:
+    """The end of a trainer stage on the main process, after ``save_model`` and its evaluations:
+    ``loss.png`` (the metrics ``plotted`` against step; among the artifacts when drawn), then
+    stage.json (``Stage.finish``), the checkpoints dropped unless ``keep_checkpoints``."""
+    from align.tracking import plot_metrics
+
+    plot = plot_metrics(stage.metrics(), plotted, stage.dir / "loss.png", f"{stage.name}: {cfg.output_dir}")
+    if plot:
+        artifacts["plot"] = str(plot)
+    return stage.finish(summary, artifacts, keep_checkpoints=cfg.keep_checkpoints)

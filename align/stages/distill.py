@@ -47,7 +47,7 @@ from align.evaluation import EvalOptions, load_prompts
 from align.models import DTYPES, ModelOptions, load_causal_lm, load_tokenizer, peft_config, place_for_trainer, resolve_model_path, save_model
 from align.registry import command
 from align.stage import CheckpointOptions, Stage, read_stage
-from align.training import TrainOptions, resume_checkpoint, train_to_end, trl_args
+from align.training import TrainOptions, finish_training, resume_checkpoint, train_to_end, trl_args
 
 
 @dataclasses.dataclass
@@ -244,7 +244,7 @@ def run_distill(cfg: DistillStageConfig) -> dict:
         warnings.simplefilter("ignore", TRLExperimentalWarning)
         from trl.experimental.gkd import GKDConfig
 
-    from align.tracking import StageCallback, evaluate_trained, plot_metrics
+    from align.tracking import StageCallback, evaluate_trained
 
     tokenizer = load_tokenizer(cfg)
     train = conversations(cfg.dataset)
@@ -279,7 +279,4 @@ def run_distill(cfg: DistillStageConfig) -> dict:
         summary["heldout_kl_prompts"] = len(heldout)
         if cfg.eval_reward:
             summary.update(evaluate_trained(trainer.model, tokenizer, cfg, stage))
-    plot = plot_metrics(stage.metrics(), ["loss", "learning_rate"], stage.dir / "loss.png", f"distill: {cfg.output_dir}")
-    if plot:
-        artifacts["plot"] = str(plot)
-    return stage.finish(summary, artifacts, keep_checkpoints=cfg.keep_checkpoints)
+    return finish_training(stage, cfg, summary, artifacts, ["loss", "learning_rate"])

@@ -40,7 +40,7 @@ from align.models import ModelOptions, load_causal_lm, load_tokenizer, peft_conf
 from align.registry import Registry, command
 from align.rl.merging_optimizer import OnlineMergingOptions
 from align.stage import CheckpointOptions, Stage, read_stage
-from align.training import TrainOptions, resume_checkpoint, train_to_end, trl_args
+from align.training import TrainOptions, finish_training, resume_checkpoint, train_to_end, trl_args
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,7 +199,7 @@ def run_dpo(cfg: DPOStageConfig) -> dict:
     import datasets
 
     from align.data import load_rows
-    from align.tracking import StageCallback, last_value, plot_metrics
+    from align.tracking import StageCallback, last_value
 
     datasets.disable_progress_bars()
     rows, report = filter_pairs(load_rows(cfg.dataset, "preference"), cfg, cfg.dataset)
@@ -233,11 +233,7 @@ def run_dpo(cfg: DPOStageConfig) -> dict:
         from align.tracking import evaluate_trained
 
         summary.update(evaluate_trained(trainer.model, tokenizer, cfg, stage))
-    plot = plot_metrics(rows_logged, ["loss", "rewards/accuracies", "rewards/margins"], stage.dir / "loss.png",
-                        f"dpo: {cfg.output_dir}")
-    if plot:
-        artifacts["plot"] = str(plot)
-    return stage.finish(summary, artifacts, keep_checkpoints=cfg.keep_checkpoints)
+    return finish_training(stage, cfg, summary, artifacts, ["loss", "rewards/accuracies", "rewards/margins"])
 
 
 def build_trainer(cfg: DPOStageConfig, train, stage: Stage, callbacks: list | None = None):

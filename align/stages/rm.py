@@ -42,7 +42,7 @@ from align.errors import ConfigError, DataError, ModelError, first_line
 from align.models import ModelOptions, place_for_trainer, resolve_model_path, save_model, trainable_dtype
 from align.registry import command
 from align.stage import CheckpointOptions, Stage, read_stage
-from align.training import TrainOptions, resume_checkpoint, train_to_end, trl_args
+from align.training import TrainOptions, finish_training, resume_checkpoint, train_to_end, trl_args
 from reward.losses import (
     IGNORE_GRADE, LLAMA2_MARGINS, LOSSES, RewardBatch, SOFT_LABELS, get_loss, grade_cross_entropy,
     ordered_pairs, pairwise_metrics, parse_level,
@@ -343,7 +343,7 @@ def run_rm(cfg: RMStageConfig) -> dict:
     from trl import RewardConfig
 
     from align.data import load_rows
-    from align.tracking import StageCallback, last_value, plot_metrics
+    from align.tracking import StageCallback, last_value
 
     rows = list(enumerate(load_rows(cfg.dataset, "preference"), start=1))  # numbered for error messages
     eval_rows = list(enumerate(load_rows(cfg.eval_dataset, "preference"), start=1)) if cfg.eval_dataset else []
@@ -387,7 +387,4 @@ def run_rm(cfg: RMStageConfig) -> dict:
         summary.update({"eval_rows": len(evals), "eval_accuracy": metrics["accuracy"], "eval_mean_margin": metrics["mean_margin"]})
         if "accuracy_noise_free" in metrics:
             summary["eval_accuracy_noise_free"] = metrics["accuracy_noise_free"]
-    plot = plot_metrics(stage.metrics(), ["loss", "accuracy"], stage.dir / "loss.png", f"rm: {cfg.output_dir}")
-    if plot:
-        artifacts["plot"] = str(plot)
-    return stage.finish(summary, artifacts, keep_checkpoints=cfg.keep_checkpoints)
+    return finish_training(stage, cfg, summary, artifacts, ["loss", "accuracy"])

@@ -23,7 +23,7 @@ from align.errors import ConfigError
 from align.models import ModelOptions, load_causal_lm, load_tokenizer, peft_config, save_model
 from align.registry import command
 from align.stage import CheckpointOptions, Stage, read_stage
-from align.training import TrainOptions, resume_checkpoint, train_to_end, trl_args
+from align.training import TrainOptions, finish_training, resume_checkpoint, train_to_end, trl_args
 
 
 @dataclasses.dataclass
@@ -51,7 +51,7 @@ def run_sft(cfg: SFTStageConfig) -> dict:
     # TRL and the trainer callbacks import the trainer stack (seconds): only for a run that trains
     from trl import SFTConfig, SFTTrainer
 
-    from align.tracking import StageCallback, evaluate_trained, plot_metrics
+    from align.tracking import StageCallback, evaluate_trained
 
     train = load_dataset(cfg.dataset, "sft").select_columns(["prompt", "completion"])
     tokenizer = load_tokenizer(cfg)
@@ -74,7 +74,4 @@ def run_sft(cfg: SFTStageConfig) -> dict:
     summary = {"train_rows": len(train), **run}
     if cfg.eval_dataset:
         summary.update(evaluate_trained(trainer.model, tokenizer, cfg, stage))
-    plot = plot_metrics(stage.metrics(), ["loss", "learning_rate"], stage.dir / "loss.png", f"sft: {cfg.output_dir}")
-    if plot:
-        artifacts["plot"] = str(plot)
-    return stage.finish(summary, artifacts, keep_checkpoints=cfg.keep_checkpoints)
+    return finish_training(stage, cfg, summary, artifacts, ["loss", "learning_rate"])
