@@ -15,11 +15,26 @@ from pathlib import Path
 import pytest
 
 from align.stage import shard_files
+
 from conftest import ALIGN, ROOT, read_jsonl
 
 QUICKSTART = ROOT / "configs" / "recipes" / "quickstart.yaml"
 NOTEBOOK = ROOT / "examples" / "quickstart.ipynb"
-STAGES = ["data", "tiny", "sft", "eval_sft", "rm", "rs", "sft_rs", "eval_sft_rs", "rs_pairs", "dpo", "eval_dpo", "rlhf", "eval_rlhf"]
+STAGES = [
+    "data",
+    "tiny",
+    "sft",
+    "eval_sft",
+    "rm",
+    "rs",
+    "sft_rs",
+    "eval_sft_rs",
+    "rs_pairs",
+    "dpo",
+    "eval_dpo",
+    "rlhf",
+    "eval_rlhf",
+]
 EVALS = ["eval_sft", "eval_sft_rs", "eval_dpo", "eval_rlhf"]
 
 pytestmark = pytest.mark.slow
@@ -29,11 +44,18 @@ pytestmark = pytest.mark.slow
 def env(tmp_path_factory):
     """The runner and its children share one fingerprint cache, private to this module."""
     cache = tmp_path_factory.mktemp("fp") / "cache.json"
-    return {**os.environ, "ALIGN_FINGERPRINT_CACHE": str(cache), "PYTHONPATH": str(ROOT), "COLUMNS": "250"}  # unwrapped tables
+    return {
+        **os.environ,
+        "ALIGN_FINGERPRINT_CACHE": str(cache),
+        "PYTHONPATH": str(ROOT),
+        "COLUMNS": "250",
+    }  # unwrapped tables
 
 
 def align(env, *args, timeout=1800):
-    return subprocess.run([*ALIGN, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    return subprocess.run(
+        [*ALIGN, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env
+    )
 
 
 def finished(workdir: Path) -> dict[str, str]:
@@ -54,8 +76,9 @@ def quickstart(tmp_path_factory, env):
 
     workdir = tmp_path_factory.mktemp("quickstart") / "w"
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    NotebookClient(nb, timeout=1800, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute(
-        env={**env, "ALIGN_NOTEBOOK_WORKDIR": str(workdir), "ALIGN_NOTEBOOK_PROFILE": "test"})
+    NotebookClient(
+        nb, timeout=1800, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
+    ).execute(env={**env, "ALIGN_NOTEBOOK_WORKDIR": str(workdir), "ALIGN_NOTEBOOK_PROFILE": "test"})
     return workdir, nb
 
 
@@ -70,15 +93,20 @@ def test_quickstart_notebook_runs_every_stage_and_shows_the_table(quickstart, en
     workdir, nb = quickstart
     run = json.loads((workdir / "run.json").read_text())
     assert list(run["stages"]) == STAGES and run["exit_code"] == 0
-    assert all(s["status"] == "done" and s["action"] == ("run" if s["reason"] == "new" else "overwrite") for s in run["stages"].values())
+    assert all(
+        s["status"] == "done" and s["action"] == ("run" if s["reason"] == "new" else "overwrite")
+        for s in run["stages"].values()
+    )
     assert not [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     plan, _ = cell_output(nb, "import pandas")
-    assert [line.split()[1:4] for line in plan.splitlines()[1:]] == [[name, kind, "run"] for name, kind in
-                                                                      ((n, run["stages"][n]["kind"]) for n in STAGES)]
+    assert [line.split()[1:4] for line in plan.splitlines()[1:]] == [
+        [name, kind, "run"] for name, kind in ((n, run["stages"][n]["kind"]) for n in STAGES)
+    ]
     ran, _ = cell_output(nb, "import time")
     kinds = {name: run["stages"][name]["kind"] for name in STAGES}
     assert [line for line in ran.splitlines() if line.startswith("align run:")] == [
-        f"align run: {name} ({kinds[name]}): run (new)" for name in STAGES]
+        f"align run: {name} ({kinds[name]}): run (new)" for name in STAGES
+    ]
     assert ran.splitlines()[-1].startswith("exit code 0 after ")
 
     status = json.loads(align(env, "status", workdir, "--json").stdout)
@@ -96,12 +124,20 @@ def test_quickstart_notebook_runs_every_stage_and_shows_the_table(quickstart, en
         assert summary["num_prompts"] == 16 and 0.0 <= held[name] <= 1.0
     first, last = held["eval_sft"], held["eval_rlhf"]
     summary_line, _ = cell_output(nb, "held = ")
-    assert summary_line == (f"held-out exact match: {first:.3f} after eval_sft -> {last:.3f} after eval_rlhf"
-                            f" ({(last - first) * 100:+.1f} points)\n")
+    assert summary_line == (
+        f"held-out exact match: {first:.3f} after eval_sft -> {last:.3f} after eval_rlhf"
+        f" ({(last - first) * 100:+.1f} points)\n"
+    )
     _, images = cell_output(nb, "from IPython.display")
     assert [sorted(o.data) for o in images] == [["image/png", "text/plain"]] * 2
-    assert by_name["rm"]["metrics"]["eval_accuracy"] == json.loads((workdir / "rm/stage.json").read_text())["summary"]["eval_accuracy"]
-    assert by_name["rs"]["metrics"]["kept_rows"] == json.loads((workdir / "rs/stage.json").read_text())["summary"]["kept_rows"]
+    assert (
+        by_name["rm"]["metrics"]["eval_accuracy"]
+        == json.loads((workdir / "rm/stage.json").read_text())["summary"]["eval_accuracy"]
+    )
+    assert (
+        by_name["rs"]["metrics"]["kept_rows"]
+        == json.loads((workdir / "rs/stage.json").read_text())["summary"]["kept_rows"]
+    )
     for name in STAGES:  # each stage ran in its own process, its output teed to its log
         assert (workdir / name / "log.txt").read_text().startswith("=== ")
     assert json.loads((workdir / "sft_rs/stage.json").read_text())["config"]["dataset"] == str(workdir / "rs" / "data")
@@ -126,7 +162,18 @@ def test_rerun_is_a_fast_no_op(quickstart, env):
 
 def test_set_reruns_exactly_that_stage_and_its_consumers(quickstart, env):
     workdir, _ = quickstart
-    dry = align(env, "run", QUICKSTART, "--profile", "test", "--workdir", workdir, "--set", "rlhf.num_iterations=3", "--dry-run")
+    dry = align(
+        env,
+        "run",
+        QUICKSTART,
+        "--profile",
+        "test",
+        "--workdir",
+        workdir,
+        "--set",
+        "rlhf.num_iterations=3",
+        "--dry-run",
+    )
     assert dry.returncode == 0
     assert "config changed: num_iterations: 2 -> 3" in dry.stdout and "upstream rlhf reruns" in dry.stdout
     before = finished(workdir)
@@ -210,9 +257,23 @@ def _child_gone(stage_dir: Path, timeout: float = 30) -> None:
 def test_kill_9_during_rs_then_rerun_has_every_candidate_once(quickstart, env, tmp_path):
     workdir, _ = quickstart
     model, prompts = workdir / "sft" / "model", workdir / "data" / "data" / "prompts.jsonl"
-    recipe = _single_stage_recipe(tmp_path / "rs.yaml", tmp_path / "w", textwrap_stage(
-        "rs", "rs", model_name_or_path=model, dataset=prompts, reward="[rule:arithmetic]", num_samples=4, max_tokens=8,
-        max_model_len=64, shard_size=6, max_prompts=36, select="all"))
+    recipe = _single_stage_recipe(
+        tmp_path / "rs.yaml",
+        tmp_path / "w",
+        textwrap_stage(
+            "rs",
+            "rs",
+            model_name_or_path=model,
+            dataset=prompts,
+            reward="[rule:arithmetic]",
+            num_samples=4,
+            max_tokens=8,
+            max_model_len=64,
+            shard_size=6,
+            max_prompts=36,
+            select="all",
+        ),
+    )
     proc = start_runner(recipe, env, tmp_path)
     shards = tmp_path / "w" / "rs" / "shards"
     _kill_runner_when(proc, lambda: len(shard_files(shards.parent)) >= 1)
@@ -231,9 +292,21 @@ def test_kill_9_during_rs_then_rerun_has_every_candidate_once(quickstart, env, t
 def test_kill_9_during_rlhf_then_rerun_has_every_iteration_once(quickstart, env, tmp_path):
     workdir, _ = quickstart
     model, prompts = workdir / "sft" / "model", workdir / "data" / "data" / "prompts.jsonl"
-    recipe = _single_stage_recipe(tmp_path / "rl.yaml", tmp_path / "w", textwrap_stage(
-        "rl", "rlhf", config=ROOT / "configs" / "demo_rlhf.yaml", model_name_or_path=model, dataset=prompts,
-        num_iterations=6, save_every=1, prompts_per_iteration=8, num_samples=4))
+    recipe = _single_stage_recipe(
+        tmp_path / "rl.yaml",
+        tmp_path / "w",
+        textwrap_stage(
+            "rl",
+            "rlhf",
+            config=ROOT / "configs" / "demo_rlhf.yaml",
+            model_name_or_path=model,
+            dataset=prompts,
+            num_iterations=6,
+            save_every=1,
+            prompts_per_iteration=8,
+            num_samples=4,
+        ),
+    )
     proc = start_runner(recipe, env, tmp_path)
     checkpoints = tmp_path / "w" / "rl" / "checkpoints"
     _kill_runner_when(proc, lambda: (checkpoints / "checkpoint-2").exists())
@@ -247,9 +320,20 @@ def test_kill_9_during_rlhf_then_rerun_has_every_iteration_once(quickstart, env,
 
 def test_sigterm_during_sft_exits_3_and_the_rerun_resumes(quickstart, env, tmp_path):
     workdir, _ = quickstart
-    recipe = _single_stage_recipe(tmp_path / "sft.yaml", tmp_path / "w", textwrap_stage(
-        "sft", "sft", model_name_or_path=workdir / "tiny" / "model", dataset=workdir / "data" / "data" / "sft.jsonl",
-        max_steps=400, save_steps=5, per_device_train_batch_size=8, logging_steps=5))
+    recipe = _single_stage_recipe(
+        tmp_path / "sft.yaml",
+        tmp_path / "w",
+        textwrap_stage(
+            "sft",
+            "sft",
+            model_name_or_path=workdir / "tiny" / "model",
+            dataset=workdir / "data" / "data" / "sft.jsonl",
+            max_steps=400,
+            save_steps=5,
+            per_device_train_batch_size=8,
+            logging_steps=5,
+        ),
+    )
     proc = start_runner(recipe, env, tmp_path)
     checkpoints = tmp_path / "w" / "sft" / "checkpoints"
     deadline = time.time() + 900

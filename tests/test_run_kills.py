@@ -33,7 +33,7 @@ def recipe(path: Path, workdir: Path, tiny_model: Path, data: Path, test: Path) 
 stages:
   - name: sft
     kind: sft
-    config: {ROOT / 'configs' / 'demo_sft.yaml'}
+    config: {ROOT / "configs" / "demo_sft.yaml"}
     model_name_or_path: {tiny_model}
     dataset: {data}
     max_steps: 8
@@ -53,15 +53,22 @@ stages:
 
 
 def align(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "align", *map(str, args)], capture_output=True, text=True, timeout=600,
-                          cwd=ROOT, env=ENV)
+    return subprocess.run(
+        [sys.executable, "-m", "align", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env=ENV,
+    )
 
 
 def kill_when(path: Path, ready, delay: float, log: Path) -> bool:
     """Start `align run`, SIGKILL it ``delay`` seconds after ``ready()`` holds; False if it ended first."""
     with open(log, "a") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "align", "run", str(path)], stdout=out, stderr=subprocess.STDOUT,
-                                cwd=ROOT, env=ENV)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "align", "run", str(path)], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=ENV
+        )
     deadline = time.time() + 600
     while not ready():
         if proc.poll() is not None:
@@ -111,8 +118,13 @@ def test_run_killed_at_random_moments_ends_as_if_never_killed(tiny_model, demo_d
     # eval has no safe point: SIGTERM lets it finish, then the run exits 3; meanwhile a second run
     # finds the workdir locked and exits 75 at once
     with open(log, "a") as out:
-        first = subprocess.Popen([sys.executable, "-m", "align", "run", str(killed)], stdout=out, stderr=subprocess.STDOUT,
-                                 cwd=ROOT, env=ENV)
+        first = subprocess.Popen(
+            [sys.executable, "-m", "align", "run", str(killed)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=ENV,
+        )
     deadline = time.time() + 600
     while not running_eval(work, first.pid):
         assert first.poll() is None and time.time() < deadline, log.read_text()[-3000:]
@@ -128,7 +140,10 @@ def test_run_killed_at_random_moments_ends_as_if_never_killed(tiny_model, demo_d
     assert final.returncode == 0, final.stdout[-3000:] + log.read_text()[-3000:]
 
     assert status(work) == status(tmp_path / "calm")
-    got, want = load_file(work / "sft" / "model" / "model.safetensors"), load_file(tmp_path / "calm" / "sft" / "model" / "model.safetensors")
+    got, want = (
+        load_file(work / "sft" / "model" / "model.safetensors"),
+        load_file(tmp_path / "calm" / "sft" / "model" / "model.safetensors"),
+    )
     assert all(torch.equal(got[k], want[k]) for k in want)
     assert read_jsonl(work / "eval" / "eval.jsonl") == read_jsonl(tmp_path / "calm" / "eval" / "eval.jsonl")
     sft_steps = [r for r in read_jsonl(work / "sft" / "metrics.jsonl") if "loss" in r]
