@@ -58,7 +58,7 @@ from align.demo import write_demo_data  # noqa: E402
 from align.tiny import make_tiny_model  # noqa: E402
 from sampling import SamplingParams, build_engine  # noqa: E402
 
-from machine import (
+from machine import (  # noqa: E402
     cpu_info,
     cpu_jiffies,
     matmul_peaks_gflops,
@@ -67,7 +67,7 @@ from machine import (
     resolve_model,
     steal_share,
     write_result,
-)  # noqa: E402
+)
 from real_prompts import CONTEXT, default_dataset, fitting_rows  # noqa: E402  (bench/, beside this file)
 
 

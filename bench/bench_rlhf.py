@@ -144,7 +144,7 @@ def run_trl(model: str, prompts: Path, a, use_vllm: bool, tmp: Path) -> dict:
                 "samples_per_s": a.iterations * a.prompts * a.k / runtime,
                 "peak_rss_mb": round(rss),
             }
-    errors = [l for l in stderr.strip().splitlines() if "Error" in l or "error" in l][-1:] or ["no error message"]
+    errors = [ln for ln in stderr.strip().splitlines() if "Error" in ln or "error" in ln][-1:] or ["no error message"]
     return {"ok": False, "error": f"exit code {rc}: {errors[0][:300]}"}
 
 
@@ -200,7 +200,7 @@ def run_ours(model: str, prompts: Path, a, tmp: Path) -> dict:
     rc, _, stderr, rss = run_measured(cmd, dict(os.environ))
     if rc != 0:
         raise SystemExit(f"align rlhf failed (exit {rc}):\n{stderr[-3000:]}")
-    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "time_train" in r]
     split = {k: sum(r[k] for r in rows) for k in ("time_generate", "time_score", "time_train", "time_sync")}
     seconds = sum(split.values())
@@ -243,7 +243,7 @@ def bare_loop(spec: dict) -> dict:
     policy.train()
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=spec["lr"], weight_decay=0.0)
-    rows = [json.loads(l) for l in open(spec["prompts"])]
+    rows = [json.loads(line) for line in open(spec["prompts"])]
     vocab = policy.config.vocab_size
 
     def logprobs(model, ids, attn):

@@ -204,7 +204,7 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_sft."))
     model, rows = prepare_inputs(work, args.model, args.rows, args.max_rows)
     opts = {"batch": args.batch, "max_length": args.max_length, "use_lora": args.use_lora}
-    argv = lambda mode: [
+    argv = lambda mode: [  # noqa: E731
         "--worker",
         mode,
         "--model",
@@ -215,7 +215,7 @@ def main() -> None:
         str(work),
         "--opts",
         json.dumps(opts),
-    ]  # noqa: E731
+    ]
     results: dict[str, dict] = {}
     for _ in range(args.repeats):  # alternate the sides, so a busy spell slows both alike
         for mode in WORKERS:

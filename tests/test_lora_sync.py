@@ -42,7 +42,7 @@ def _base_weights(policy) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def _train_step(policy, gen) -> None:
     """What an optimizer step does to a LoRA policy: only the adapter's weights move."""
-    for name, p in policy.named_parameters():
+    for p in policy.parameters():
         if p.requires_grad:
             p.add_(torch.randn(p.shape, generator=gen).to(p.dtype) * 1e-3)
 

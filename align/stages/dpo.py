@@ -91,7 +91,7 @@ def resolve_losses(specs: list[str]) -> tuple[list[str], list[float]]:
         weights.append(value)
     if not any(LOSSES[n].preference for n in names):
         raise ConfigError(
-            f"'loss' needs a preference loss ({', '.join(n for n, l in LOSSES.items() if l.preference)});"
+            f"'loss' needs a preference loss ({', '.join(n for n, loss in LOSSES.items() if loss.preference)});"
             " 'nll' alone is SFT (use align sft)"
         )
     return types, weights
@@ -115,7 +115,7 @@ class DPOStageConfig(TrainOptions, ModelOptions, EvalOptions, OnlineMergingOptio
     loss: list[str] = option(
         ["sigmoid", "nll"],
         "Losses summed, as NAME or NAME:WEIGHT: "
-        + "; ".join(f"{n} ({l.source})" for n, l in LOSSES.items())
+        + "; ".join(f"{n} ({loss.source})" for n, loss in LOSSES.items())
         + ". Default: Llama 3's DPO + 0.2 NLL.",
         names=LOSSES,
     )
