@@ -129,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"align {name}: error: {fault}", file=sys.stderr)
         return fault.exit_code
     if preempt.requested():  # the stop signal came too late to cut the command short: say so to the scheduler
-        print(f"align {name}: interrupted: {preempt.received()} received; the command finished first, a rerun is a no-op",
-              file=sys.stderr)
+        print(
+            f"align {name}: interrupted: {preempt.received()} received; the command finished first, a rerun is a no-op",
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED
     return code if isinstance(code, int) and not isinstance(code, bool) else 0

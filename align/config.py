@@ -292,9 +292,7 @@ def build_config(cls: type[BaseConfig], values: dict[str, Any], sources: dict[st
             kwargs[key] = coerce(hints[key], raw)
         except ValueError:
             where = sources.get(key, "")
-            raise ConfigError(
-                f"config key '{key}'{where} expects {_describe(hints[key])}, got {raw!r}"
-            ) from None
+            raise ConfigError(f"config key '{key}'{where} expects {_describe(hints[key])}, got {raw!r}") from None
     config = cls(**kwargs)
     for name, f in fields.items():
         choices = f.metadata.get("choices")
@@ -326,13 +324,17 @@ def check_output_dir(value: str, key: str, where: str = "") -> None:
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise ConfigError(f"'{key}'{where}: cannot create {path}: {existing} is a file, not a folder; choose another path")
+        raise ConfigError(
+            f"'{key}'{where}: cannot create {path}: {existing} is a file, not a folder; choose another path"
+        )
     if not is_main_process():
         return
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".align-write-check-", dir=existing))
     except OSError as err:
-        raise ConfigError(f"'{key}'{where}: cannot write to {path}: {err.strerror} in {existing}; choose another path") from None
+        raise ConfigError(
+            f"'{key}'{where}: cannot write to {path}: {err.strerror} in {existing}; choose another path"
+        ) from None
 
 
 def _positionals(cls: type[BaseConfig]) -> tuple[str, ...]:
@@ -391,7 +393,11 @@ def _field_type(f: dataclasses.Field, tp: Any) -> str:
     choices = f.metadata.get("choices")
     if choices is None:
         return _describe(tp)
-    return "one of " + ", ".join(repr(name) for name in choices) + (" (or null)" if _describe(tp).endswith("(or null)") else "")
+    return (
+        "one of "
+        + ", ".join(repr(name) for name in choices)
+        + (" (or null)" if _describe(tp).endswith("(or null)") else "")
+    )
 
 
 def _field_help(f: dataclasses.Field) -> str:

@@ -63,8 +63,7 @@ FORMATS: dict[str, str] = {
 }
 
 _TRL_COLUMNS = frozenset({"prompt", "completion", "chosen", "rejected", "messages"})
-_FORMAT_COLUMNS = _TRL_COLUMNS | {
-    "conversations", "instruction", "input", "output", "system", "history"}
+_FORMAT_COLUMNS = _TRL_COLUMNS | {"conversations", "instruction", "input", "output", "system", "history"}
 _DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _ROW_LIST_KEYS = ("data", "rows", "examples", "train", "instances", "records")
@@ -75,11 +74,12 @@ _ROW_LIST_KEYS = ("data", "rows", "examples", "train", "instances", "records")
 
 # Message key style -> (content key, accepted role names -> role, role names listed in errors).
 _STYLES = {
-    "role": ("content", {"system": "system", "user": "user", "assistant": "assistant"},
-             "system, user, assistant"),
-    "from": ("value", {"system": "system", "human": "user", "gpt": "assistant",
-                       "user": "user", "assistant": "assistant"},
-             "system, human, gpt"),
+    "role": ("content", {"system": "system", "user": "user", "assistant": "assistant"}, "system, user, assistant"),
+    "from": (
+        "value",
+        {"system": "system", "human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant"},
+        "system, human, gpt",
+    ),
 }
 
 
@@ -90,21 +90,23 @@ def _type(value: Any) -> str:
 def _message(msg: Any, field: str, where: str) -> dict:
     """One ``{role, content}`` or ``{from, value}`` message -> ``{"role", "content"}``."""
     if not isinstance(msg, dict):
-        raise DataError(f"{where}: {field} must be a message object with role and content, "
-                        f"got {_type(msg)}")
+        raise DataError(f"{where}: {field} must be a message object with role and content, got {_type(msg)}")
     style = "role" if "role" in msg else "from" if "from" in msg else None
     if style is None:
-        raise DataError(f"{where}: {field} has no 'role' (or 'from') key (has: "
-                        f"{', '.join(msg) or 'nothing'}); give each message role and content")
+        raise DataError(
+            f"{where}: {field} has no 'role' (or 'from') key (has: "
+            f"{', '.join(msg) or 'nothing'}); give each message role and content"
+        )
     content_key, roles, listed = _STYLES[style]
     role = msg[style]
     if role not in roles:
-        raise DataError(f"{where}: {field} has unknown {style} {role!r}; "
-                        f"use one of: {listed}")
+        raise DataError(f"{where}: {field} has unknown {style} {role!r}; use one of: {listed}")
     content = msg.get(content_key)
     if not isinstance(content, str):
-        raise DataError(f"{where}: {field}.{content_key} must be a string, got {_type(content)}; "
-                        f"give each message its text as a string")
+        raise DataError(
+            f"{where}: {field}.{content_key} must be a string, got {_type(content)}; "
+            f"give each message its text as a string"
+        )
     return {"role": roles[role], "content": content}
 
 
@@ -121,13 +123,11 @@ def _turns(value: Any, field: str, role: str, where: str) -> list[dict]:
     """A string (wrapped as one ``role`` message) or a list of messages."""
     if isinstance(value, str):
         if role == "user" and not value:
-            raise DataError(f"{where}: empty conversation: '{field}' is an empty string; "
-                            f"give it the prompt text")
+            raise DataError(f"{where}: empty conversation: '{field}' is an empty string; give it the prompt text")
         return [{"role": role, "content": value}]
     if isinstance(value, list):
         return _messages(value, field, where)
-    raise DataError(f"{where}: '{field}' must be a string or a list of messages, "
-                    f"got {_type(value)}")
+    raise DataError(f"{where}: '{field}' must be a string or a list of messages, got {_type(value)}")
 
 
 def _responses(value: Any, field: str, where: str) -> list[dict]:
@@ -140,11 +140,15 @@ def _responses(value: Any, field: str, where: str) -> list[dict]:
 def _split_final_assistant(msgs: list[dict], field: str, where: str) -> tuple[list, list]:
     """(prompt, [final assistant turn]) of a conversation that must end with the assistant."""
     if msgs[-1]["role"] != "assistant":
-        raise DataError(f"{where}: '{field}' ends with a {msgs[-1]['role']} turn; for SFT the "
-                        f"last message must be the assistant's reply (the completion)")
+        raise DataError(
+            f"{where}: '{field}' ends with a {msgs[-1]['role']} turn; for SFT the "
+            f"last message must be the assistant's reply (the completion)"
+        )
     if len(msgs) == 1:
-        raise DataError(f"{where}: empty conversation: '{field}' has no messages before the "
-                        f"final assistant turn; add the user turn it answers")
+        raise DataError(
+            f"{where}: empty conversation: '{field}' has no messages before the "
+            f"final assistant turn; add the user turn it answers"
+        )
     return msgs[:-1], msgs[-1:]
 
 
@@ -152,8 +156,9 @@ def _prompt_part(msgs: list[dict], field: str, where: str) -> list[dict]:
     """The prompt of a conversation: everything before a final assistant turn, if any."""
     prompt = msgs[:-1] if msgs[-1]["role"] == "assistant" else msgs
     if not prompt:
-        raise DataError(f"{where}: empty conversation: '{field}' has only an assistant turn; "
-                        f"add the user turn to answer")
+        raise DataError(
+            f"{where}: empty conversation: '{field}' has only an assistant turn; add the user turn to answer"
+        )
     return prompt
 
 
@@ -168,8 +173,9 @@ def _has(row: dict, *keys: str) -> bool:
 
 def _require(row: dict, key: str, fmt: str, where: str) -> Any:
     if row.get(key) is None:
-        raise DataError(f"{where}: missing column '{key}' for {FORMATS[fmt]} data (has: "
-                        f"{_columns(row)}); add '{key}' to every row")
+        raise DataError(
+            f"{where}: missing column '{key}' for {FORMATS[fmt]} data (has: {_columns(row)}); add '{key}' to every row"
+        )
     return row[key]
 
 
@@ -203,22 +209,20 @@ def _alpaca_context(row: dict, fmt: str, where: str) -> list[dict]:
         raise DataError(f"{where}: 'instruction' must be a string, got {_type(instruction)}")
     user = "\n".join(p for p in (instruction, _optional_str(row, "input", where)) if p)
     if not user:
-        raise DataError(f"{where}: empty conversation: 'instruction' and 'input' are both "
-                        f"empty; give the instruction text")
-    return [*_system(row, where), *_alpaca_history(row.get("history"), where),
-            {"role": "user", "content": user}]
+        raise DataError(
+            f"{where}: empty conversation: 'instruction' and 'input' are both empty; give the instruction text"
+        )
+    return [*_system(row, where), *_alpaca_history(row.get("history"), where), {"role": "user", "content": user}]
 
 
 def _alpaca_history(history: Any, where: str) -> list[dict]:
     if history is None:
         return []
     if not isinstance(history, list):
-        raise DataError(f"{where}: 'history' must be a list of [user, assistant] pairs, "
-                        f"got {_type(history)}")
+        raise DataError(f"{where}: 'history' must be a list of [user, assistant] pairs, got {_type(history)}")
     out = []
     for i, pair in enumerate(history):
-        if (not isinstance(pair, (list, tuple)) or len(pair) != 2
-                or not all(isinstance(t, str) for t in pair)):
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(isinstance(t, str) for t in pair):
             raise DataError(f"{where}: history[{i}] must be a [user, assistant] pair of strings")
         out += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
     return out
@@ -234,27 +238,36 @@ def _implicit_prompt(row: dict, where: str) -> dict:
     fmt = "implicit_preference"
     chosen, rejected = (_require(row, k, fmt, where) for k in ("chosen", "rejected"))
     if not (isinstance(chosen, list) and isinstance(rejected, list)):
-        raise DataError(f"{where}: 'chosen' and 'rejected' without a 'prompt' must be full "
-                        f"conversations (lists of messages); for plain strings add a "
-                        f"'prompt' column")
+        raise DataError(
+            f"{where}: 'chosen' and 'rejected' without a 'prompt' must be full "
+            f"conversations (lists of messages); for plain strings add a "
+            f"'prompt' column"
+        )
     chosen, rejected = _messages(chosen, "chosen", where), _messages(rejected, "rejected", where)
     n = 0
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1
     if n == 0:
-        raise DataError(f"{where}: 'chosen' and 'rejected' share no prompt (their first messages "
-                        f"differ); add a 'prompt' column or start both with the same messages")
+        raise DataError(
+            f"{where}: 'chosen' and 'rejected' share no prompt (their first messages "
+            f"differ); add a 'prompt' column or start both with the same messages"
+        )
     for name, msgs in (("chosen", chosen), ("rejected", rejected)):
         if n == len(msgs):
-            raise DataError(f"{where}: '{name}' has nothing after the prompt it shares with the "
-                            f"other response; end each with its own assistant reply")
+            raise DataError(
+                f"{where}: '{name}' has nothing after the prompt it shares with the "
+                f"other response; end each with its own assistant reply"
+            )
     return {"prompt": chosen[:n], "chosen": chosen[n:], "rejected": rejected[n:]}
 
 
 def _preference(prompt: list[dict], row: dict, fmt: str, where: str) -> dict:
     chosen, rejected = (_require(row, k, fmt, where) for k in ("chosen", "rejected"))
-    return {"prompt": prompt, "chosen": _responses(chosen, "chosen", where),
-            "rejected": _responses(rejected, "rejected", where)}
+    return {
+        "prompt": prompt,
+        "chosen": _responses(chosen, "chosen", where),
+        "rejected": _responses(rejected, "rejected", where),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,13 +295,14 @@ def _sft_messages(row: dict, where: str) -> dict:
 def _sft_prompt_completion(row: dict, where: str) -> dict:
     prompt = _require(row, "prompt", "prompt_completion", where)
     completion = _require(row, "completion", "prompt_completion", where)
-    return {"prompt": _turns(prompt, "prompt", "user", where),
-            "completion": _turns(completion, "completion", "assistant", where)}
+    return {
+        "prompt": _turns(prompt, "prompt", "user", where),
+        "completion": _turns(completion, "completion", "assistant", where),
+    }
 
 
 def _sft_sharegpt(row: dict, where: str) -> dict:
-    prompt, completion = _split_final_assistant(_sharegpt(row, "sharegpt", where),
-                                                "conversations", where)
+    prompt, completion = _split_final_assistant(_sharegpt(row, "sharegpt", where), "conversations", where)
     return {"prompt": prompt, "completion": completion}
 
 
@@ -296,8 +310,7 @@ def _sft_alpaca(row: dict, where: str) -> dict:
     output = _require(row, "output", "alpaca", where)
     if not isinstance(output, str):
         raise DataError(f"{where}: 'output' must be a string, got {_type(output)}")
-    return {"prompt": _alpaca_context(row, "alpaca", where),
-            "completion": [{"role": "assistant", "content": output}]}
+    return {"prompt": _alpaca_context(row, "alpaca", where), "completion": [{"role": "assistant", "content": output}]}
 
 
 def _pref_explicit(row: dict, where: str) -> dict:
@@ -305,13 +318,11 @@ def _pref_explicit(row: dict, where: str) -> dict:
 
 
 def _pref_sharegpt(row: dict, where: str) -> dict:
-    return _preference(_sharegpt(row, "sharegpt_preference", where), row,
-                       "sharegpt_preference", where)
+    return _preference(_sharegpt(row, "sharegpt_preference", where), row, "sharegpt_preference", where)
 
 
 def _pref_alpaca(row: dict, where: str) -> dict:
-    return _preference(_alpaca_context(row, "alpaca_preference", where), row,
-                       "alpaca_preference", where)
+    return _preference(_alpaca_context(row, "alpaca_preference", where), row, "alpaca_preference", where)
 
 
 def _prompt_only(row: dict, where: str) -> dict:
@@ -332,42 +343,54 @@ def _prompt_alpaca(row: dict, where: str) -> dict:
 
 
 def _is_implicit(row: dict) -> bool:
-    return (_has(row, "chosen", "rejected")
-            and not _has(row, "prompt", "conversations", "instruction"))
+    return _has(row, "chosen", "rejected") and not _has(row, "prompt", "conversations", "instruction")
 
 
 _REGISTRY: dict[str, tuple[_Format, ...]] = {
     "sft": (
         _fmt("messages", "messages", lambda r: _has(r, "messages"), _sft_messages),
-        _fmt("prompt_completion", "prompt completion", lambda r: _has(r, "prompt", "completion"),
-             _sft_prompt_completion),
+        _fmt(
+            "prompt_completion", "prompt completion", lambda r: _has(r, "prompt", "completion"), _sft_prompt_completion
+        ),
         _fmt("sharegpt", "conversations system", lambda r: _has(r, "conversations"), _sft_sharegpt),
-        _fmt("alpaca", "instruction input output system history",
-             lambda r: _has(r, "instruction"), _sft_alpaca),
+        _fmt("alpaca", "instruction input output system history", lambda r: _has(r, "instruction"), _sft_alpaca),
     ),
     "preference": (
         _fmt("preference", "prompt chosen rejected", lambda r: _has(r, "prompt"), _pref_explicit),
         _fmt("implicit_preference", "chosen rejected", _is_implicit, _implicit_prompt),
-        _fmt("sharegpt_preference", "conversations system chosen rejected",
-             lambda r: _has(r, "conversations"), _pref_sharegpt),
-        _fmt("alpaca_preference", "instruction input system history chosen rejected",
-             lambda r: _has(r, "instruction"), _pref_alpaca),
+        _fmt(
+            "sharegpt_preference",
+            "conversations system chosen rejected",
+            lambda r: _has(r, "conversations"),
+            _pref_sharegpt,
+        ),
+        _fmt(
+            "alpaca_preference",
+            "instruction input system history chosen rejected",
+            lambda r: _has(r, "instruction"),
+            _pref_alpaca,
+        ),
     ),
     "prompt": (
         _fmt("prompt_only", "prompt", lambda r: _has(r, "prompt"), _prompt_only),
         _fmt("messages", "messages", lambda r: _has(r, "messages"), _prompt_messages),
-        _fmt("sharegpt", "conversations system", lambda r: _has(r, "conversations"),
-             _prompt_sharegpt),
-        _fmt("alpaca_prompt", "instruction input output system history",
-             lambda r: _has(r, "instruction"), _prompt_alpaca),
+        _fmt("sharegpt", "conversations system", lambda r: _has(r, "conversations"), _prompt_sharegpt),
+        _fmt(
+            "alpaca_prompt",
+            "instruction input output system history",
+            lambda r: _has(r, "instruction"),
+            _prompt_alpaca,
+        ),
     ),
 }
 
 # Recognisable but unsupported columns, per kind: the hint given instead of the generic error.
 _UNSUPPORTED: dict[str, dict[str, str]] = {
-    "sft": {"text": "plain 'text' rows (language modeling) are not supported for SFT; convert "
-                    "each row to prompt/completion or messages (a conversation ending with the "
-                    "assistant reply)"},
+    "sft": {
+        "text": "plain 'text' rows (language modeling) are not supported for SFT; convert "
+        "each row to prompt/completion or messages (a conversation ending with the "
+        "assistant reply)"
+    },
 }
 
 
@@ -376,15 +399,16 @@ def _no_format(row: dict, kind: str, where: str) -> DataError:
         if _has(row, column):
             return DataError(f"{where}: {hint}")
     expected = " | ".join(FORMATS[f.name] for f in _REGISTRY[kind])
-    return DataError(f"{where}: no {kind} columns found (has: {_columns(row)}); "
-                     f"expected one of: {expected}")
+    return DataError(f"{where}: no {kind} columns found (has: {_columns(row)}); expected one of: {expected}")
 
 
 def _extras(row: dict, fmt: _Format, out: dict) -> dict:
     """Columns outside the format, minus TRL column names and null format columns."""
-    return {k: v for k, v in row.items()
-            if k not in fmt.columns and k not in out and k not in _TRL_COLUMNS
-            and not (v is None and k in _FORMAT_COLUMNS)}
+    return {
+        k: v
+        for k, v in row.items()
+        if k not in fmt.columns and k not in out and k not in _TRL_COLUMNS and not (v is None and k in _FORMAT_COLUMNS)
+    }
 
 
 def normalize_row(row: dict, kind: str, where: str) -> dict:
@@ -415,11 +439,11 @@ def _jsonl(text: str, spec: str) -> list[tuple[str, dict]]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{where}: invalid JSON ({e.msg}, column {e.colno}); each line must "
-                            f"be one JSON object") from None
+            raise DataError(
+                f"{where}: invalid JSON ({e.msg}, column {e.colno}); each line must be one JSON object"
+            ) from None
         if not isinstance(obj, dict):
-            raise DataError(f"{where}: expected a JSON object, got {_type(obj)}; each line must "
-                            f"be one JSON object")
+            raise DataError(f"{where}: expected a JSON object, got {_type(obj)}; each line must be one JSON object")
         rows.append((where, obj))
     return rows
 
@@ -429,18 +453,21 @@ def _json_rows(data: Any, spec: str, split: str) -> list:
     if isinstance(data, list):
         return data
     if isinstance(data, dict):
-        lists = [k for k, v in data.items()
-                 if isinstance(v, list) and k not in _FORMAT_COLUMNS
-                 and all(isinstance(x, dict) for x in v)]
+        lists = [
+            k
+            for k, v in data.items()
+            if isinstance(v, list) and k not in _FORMAT_COLUMNS and all(isinstance(x, dict) for x in v)
+        ]
         for key in (split, *_ROW_LIST_KEYS):
             if key in lists:
                 return data[key]
         if len(lists) == 1:
             return data[lists[0]]
-        found = f"lists of rows under: {', '.join(lists)}" if lists else \
-            f"keys: {_columns(data)}"
-        raise DataError(f"{spec}: expected a JSON array of row objects, or an object holding one "
-                        f"list of rows (e.g. under \"data\"); found an object with {found}")
+        found = f"lists of rows under: {', '.join(lists)}" if lists else f"keys: {_columns(data)}"
+        raise DataError(
+            f"{spec}: expected a JSON array of row objects, or an object holding one "
+            f'list of rows (e.g. under "data"); found an object with {found}'
+        )
     raise DataError(f"{spec}: expected a JSON array of row objects, got {_type(data)}")
 
 
@@ -450,13 +477,16 @@ def _json(text: str, spec: str, split: str) -> list[tuple[str, dict]]:
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # several top-level values: JSON Lines content
             return _jsonl(text, spec)
-        raise DataError(f"{spec}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno}); the file "
-                        f"must hold a JSON array of objects, or one JSON object per line") from None
+        raise DataError(
+            f"{spec}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno}); the file "
+            f"must hold a JSON array of objects, or one JSON object per line"
+        ) from None
     rows = _json_rows(data, spec, split)
     for i, row in enumerate(rows, start=1):
         if not isinstance(row, dict):
-            raise DataError(f"{spec} row {i}: expected a JSON object, got {_type(row)}; each row "
-                            f"must be one JSON object")
+            raise DataError(
+                f"{spec} row {i}: expected a JSON object, got {_type(row)}; each row must be one JSON object"
+            )
     return [(f"{spec} row {i}", row) for i, row in enumerate(rows, start=1)]
 
 
@@ -470,8 +500,10 @@ def _parquet(path: Path, spec: str) -> list[tuple[str, dict]]:
     try:
         table = pq.read_table(path)
     except Exception as e:  # pyarrow raises several types for unreadable files
-        raise DataError(f"{spec}: cannot read parquet file ({type(e).__name__}: "
-                        f"{first_line(e, 'no details')}); write it with pandas, pyarrow or datasets") from None
+        raise DataError(
+            f"{spec}: cannot read parquet file ({type(e).__name__}: "
+            f"{first_line(e, 'no details')}); write it with pandas, pyarrow or datasets"
+        ) from None
     return _numbered(table.to_pylist(), spec)
 
 
@@ -481,13 +513,17 @@ def _saved_dataset(path: Path, spec: str, split: str) -> list[tuple[str, dict]]:
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as e:  # FileNotFoundError and friends for folders that are not datasets
-        raise DataError(f"{spec}: not a dataset folder written by datasets' save_to_disk "
-                        f"({first_line(e, 'no details')}); point to such a folder or to a .jsonl, .json or "
-                        f".parquet file") from None
+        raise DataError(
+            f"{spec}: not a dataset folder written by datasets' save_to_disk "
+            f"({first_line(e, 'no details')}); point to such a folder or to a .jsonl, .json or "
+            f".parquet file"
+        ) from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
-            raise DataError(f"{spec}: no split '{split}' in this saved DatasetDict (has: "
-                            f"{', '.join(ds)}); choose one of those splits")
+            raise DataError(
+                f"{spec}: no split '{split}' in this saved DatasetDict (has: "
+                f"{', '.join(ds)}); choose one of those splits"
+            )
         ds = ds[split]
     return _numbered(ds.to_list(), spec)
 
@@ -498,9 +534,11 @@ def _hub(spec: str, split: str) -> list[tuple[str, dict]]:
     try:
         ds = datasets.load_dataset(spec, split=split)
     except Exception as e:  # offline, not found, gated, bad split: all surface as one message
-        raise DataError(f"dataset not found: {spec} does not exist locally and could not be "
-                        f"loaded from the Hugging Face Hub ({type(e).__name__}: {first_line(e, 'no details')}); "
-                        f"check the path, or the network and the Hub id/split") from None
+        raise DataError(
+            f"dataset not found: {spec} does not exist locally and could not be "
+            f"loaded from the Hugging Face Hub ({type(e).__name__}: {first_line(e, 'no details')}); "
+            f"check the path, or the network and the Hub id/split"
+        ) from None
     return _numbered(list(ds), spec)
 
 
@@ -513,13 +551,14 @@ def _read_file(path: Path, spec: str, split: str) -> list[tuple[str, dict]]:
     if suffix == ".parquet":
         return _parquet(path, spec)
     if suffix not in (".jsonl", ".json"):
-        raise DataError(f"{spec}: unsupported file type '{suffix or path.name}'; use a .jsonl, "
-                        f".json or .parquet file, or a folder written by save_to_disk")
+        raise DataError(
+            f"{spec}: unsupported file type '{suffix or path.name}'; use a .jsonl, "
+            f".json or .parquet file, or a folder written by save_to_disk"
+        )
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{spec}: not UTF-8 text ({e.reason} at byte {e.start}); save the file "
-                        f"as UTF-8") from None
+        raise DataError(f"{spec}: not UTF-8 text ({e.reason} at byte {e.start}); save the file as UTF-8") from None
     return _jsonl(text, spec) if suffix == ".jsonl" else _json(text, spec, split)
 
 
@@ -533,8 +572,10 @@ def _read_located(spec: str, split: str) -> list[tuple[str, dict]]:
     elif _looks_like_hub_id(spec):
         rows = _hub(spec, split)
     else:
-        raise DataError(f"dataset not found: {spec}; give an existing .jsonl, .json or .parquet "
-                        f"file, a save_to_disk folder, or a Hugging Face Hub id (org/name)")
+        raise DataError(
+            f"dataset not found: {spec}; give an existing .jsonl, .json or .parquet "
+            f"file, a save_to_disk folder, or a Hugging Face Hub id (org/name)"
+        )
     if not rows:
         raise DataError(f"{spec}: the dataset is empty (no rows); add at least one row")
     return rows
@@ -561,5 +602,6 @@ def load_dataset(spec: str, kind: str, split: str = "train"):
     try:
         return datasets.Dataset.from_list([{k: row.get(k) for k in columns} for row in rows])
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-        raise DataError(f"{spec}: cannot build a dataset ({first_line(e, 'no details')}); give each column "
-                        f"one type in every row") from None
+        raise DataError(
+            f"{spec}: cannot build a dataset ({first_line(e, 'no details')}); give each column one type in every row"
+        ) from None

@@ -115,9 +115,7 @@ def write_demo_data(
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
     if num_test >= total:
-        raise ConfigError(
-            f"num_test must be below {total} (the number of a+b pairs), got {num_test}"
-        )
+        raise ConfigError(f"num_test must be below {total} (the number of a+b pairs), got {num_test}")
     if num_prompts > total - num_test:
         raise ConfigError(
             f"num_prompts ({num_prompts}) exceeds the {total - num_test} pairs left after "
@@ -142,10 +140,7 @@ def write_demo_data(
     paths = {name: out / f"{name}.jsonl" for name in ("sft", "prompts", "test", "pairs")}
     _write_jsonl(
         paths["sft"],
-        (
-            {"messages": _user(a, b, style) + [{"role": "assistant", "content": str(a + b)}]}
-            for a, b in sft
-        ),
+        ({"messages": _user(a, b, style) + [{"role": "assistant", "content": str(a + b)}]} for a, b in sft),
     )
     _write_jsonl(paths["prompts"], (_prompt_row(a, b, style) for a, b in prompts))
     _write_jsonl(paths["test"], (_prompt_row(a, b, style) for a, b in sorted(test)))

@@ -64,8 +64,10 @@ def formatting_token_ids(tokenizer, names: list[str] | None = None) -> list[int]
         vocab = tokenizer.get_vocab()
         missing = [n for n in names if n not in vocab]
         if missing:
-            raise ConfigError(f"formatting_tokens {missing} are not single tokens of the tokenizer's vocabulary; "
-                              "list special tokens exactly as the chat template writes them")
+            raise ConfigError(
+                f"formatting_tokens {missing} are not single tokens of the tokenizer's vocabulary; "
+                "list special tokens exactly as the chat template writes them"
+            )
         return sorted({vocab[n] for n in names})
     special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     for sample in (SAMPLE_CONVERSATION, SAMPLE_CONVERSATION[1:]):  # some templates reject a system turn
@@ -184,8 +186,15 @@ class AlignDPOTrainer(DPOTrainer):
     reference forward passes made to precompute log-probs (0 on a cache hit).
     """
 
-    def __init__(self, *args, max_prompt_length: int | None = None, long_prompts: str = "skip",
-                 ref_cache: RefLogpsCache | None = None, online_merging=None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        max_prompt_length: int | None = None,
+        long_prompts: str = "skip",
+        ref_cache: RefLogpsCache | None = None,
+        online_merging=None,
+        **kwargs,
+    ):
         self.max_prompt_length = max_prompt_length
         self.online_merging = online_merging  # OnlineMergingOptions: train with OnlineMergingAdamW
         self.long_prompts = long_prompts
@@ -202,9 +211,15 @@ class AlignDPOTrainer(DPOTrainer):
         from align.rl.merging_optimizer import OnlineMergingAdamW
 
         args = self.args
-        self.optimizer_cls_and_kwargs = (OnlineMergingAdamW, {
-            **self.online_merging.merging_kwargs(self.model, seed=args.seed), "lr": args.learning_rate,
-            "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon})
+        self.optimizer_cls_and_kwargs = (
+            OnlineMergingAdamW,
+            {
+                **self.online_merging.merging_kwargs(self.model, seed=args.seed),
+                "lr": args.learning_rate,
+                "betas": (args.adam_beta1, args.adam_beta2),
+                "eps": args.adam_epsilon,
+            },
+        )
         try:
             return super().create_optimizer(model)
         finally:
@@ -220,7 +235,9 @@ class AlignDPOTrainer(DPOTrainer):
             args.max_length = max_length
         dataset = self._apply_prompt_policy(dataset)
         if args.train_sampling_strategy == "group_by_length":
-            dataset = dataset.map(lambda ex: {LENGTH_COLUMN: len(ex["prompt_ids"]) + max(len(ex["chosen_ids"]), len(ex["rejected_ids"]))})
+            dataset = dataset.map(
+                lambda ex: {LENGTH_COLUMN: len(ex["prompt_ids"]) + max(len(ex["chosen_ids"]), len(ex["rejected_ids"]))}
+            )
         return dataset
 
     def _apply_prompt_policy(self, dataset):
@@ -276,7 +293,9 @@ class AlignDPOTrainer(DPOTrainer):
             self.accelerator.wait_for_everyone()
         chosen, rejected = cached
         if len(chosen) != len(dataset):  # a foreign or truncated file under our key
-            raise RuntimeError(f"reference cache {self.ref_cache.path} holds {len(chosen)} rows, expected {len(dataset)}")
+            raise RuntimeError(
+                f"reference cache {self.ref_cache.path} holds {len(chosen)} rows, expected {len(dataset)}"
+            )
         dataset = dataset.add_column("ref_chosen_logps", chosen.tolist())
         return dataset.add_column("ref_rejected_logps", rejected.tolist())
 
@@ -284,8 +303,9 @@ class AlignDPOTrainer(DPOTrainer):
         """Reference log-probs of every pair, in dataset order (sharded over processes, gathered)."""
         from torch.utils.data import DataLoader
 
-        loader = self.accelerator.prepare(DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator,
-                                                     shuffle=False, num_workers=0))
+        loader = self.accelerator.prepare(
+            DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False, num_workers=0)
+        )
         model = self.ref_model or self.model
         if self.ref_model is None and self.is_deepspeed_enabled:  # as TRL: gather ZeRO-sharded weights
             from trl.models import prepare_deepspeed

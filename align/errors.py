@@ -101,7 +101,6 @@ def did_you_mean(word: str, options: Iterable[str], template: str = " (did you m
     return template.format(close[0]) if close else ""
 
 
-
 def first_line(err: BaseException, empty: str | None = None) -> str:
     """The first line of ``str(err)``, for a one-line message; for an error with no text, ``empty``
     (by default the error's type name)."""

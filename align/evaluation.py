@@ -71,9 +71,13 @@ def load_prompts(spec: str, max_prompts: int | None = None) -> list[dict[str, An
 class RewardOptions:
     """The scorer fields of every command that scores text: rs, eval, rlhf (mixed into configs)."""
 
-    reward: list[str] = required("Scorer spec(s): rule:NAME (e.g. rule:arithmetic), model:PATH or module:function; several are combined.",
-                                 names=RULES)
-    reward_weights: list[float] | None = option(None, "One weight per --reward scorer for reward_combine 'weighted' (default: equal).")
+    reward: list[str] = required(
+        "Scorer spec(s): rule:NAME (e.g. rule:arithmetic), model:PATH or module:function; several are combined.",
+        names=RULES,
+    )
+    reward_weights: list[float] | None = option(
+        None, "One weight per --reward scorer for reward_combine 'weighted' (default: equal)."
+    )
     reward_combine: str = option("weighted", "How several scorers combine (reward.scorers).", choices=COMBINERS)
 
     def build_scorer(self):
@@ -84,8 +88,12 @@ class RewardOptions:
 class EvalOptions:
     """Greedy evaluation on held-out prompts after training: sft, dpo (mixed into configs)."""
 
-    eval_dataset: str | None = option(None, "Held-out prompts to answer greedily after training (e.g. the demo's test.jsonl).")
-    eval_reward: str = option("rule:arithmetic", "Scorer for eval_dataset answers (rule:NAME or module:function).", names=RULES)
+    eval_dataset: str | None = option(
+        None, "Held-out prompts to answer greedily after training (e.g. the demo's test.jsonl)."
+    )
+    eval_reward: str = option(
+        "rule:arithmetic", "Scorer for eval_dataset answers (rule:NAME or module:function).", names=RULES
+    )
     eval_max_tokens: int = option(16, "Longest generated answer in evaluation.")
 
 
@@ -109,16 +117,29 @@ def score_candidates(scorer, rows: list[dict[str, Any]], candidates: list[list[C
     """Rewards for every candidate of every prompt; identical texts of a prompt are scored once."""
     dups = [dedupe([c.text for c in cands]) for cands in candidates]
     items = [(p, k) for p, d in enumerate(dups) for k, dup in enumerate(d) if dup is None]
-    scores = [float(s) for s in scorer.score(
-        [prompt_text(rows[p]["prompt"]) for p, _ in items], [candidates[p][k].text for p, k in items],
-        [columns(rows[p]) for p, _ in items])]
+    scores = [
+        float(s)
+        for s in scorer.score(
+            [prompt_text(rows[p]["prompt"]) for p, _ in items],
+            [candidates[p][k].text for p, k in items],
+            [columns(rows[p]) for p, _ in items],
+        )
+    ]
     check_finite(scores, [rows[p]["prompt_id"] for p, _ in items], scorer.name)
     first = dict(zip(items, scores))
     return [[first[(p, k if dup is None else dup)] for k, dup in enumerate(d)] for p, d in enumerate(dups)]
 
 
-def evaluate(engine, dataset: str, reward: list[str] | str, max_tokens: int = 32, max_samples: int | None = None,
-             params: SamplingParams | None = None, scorer=None, rows: list[dict] | None = None) -> dict[str, Any]:
+def evaluate(
+    engine,
+    dataset: str,
+    reward: list[str] | str,
+    max_tokens: int = 32,
+    max_samples: int | None = None,
+    params: SamplingParams | None = None,
+    scorer=None,
+    rows: list[dict] | None = None,
+) -> dict[str, Any]:
     """Answer every prompt with ``engine`` (greedy unless ``params`` says otherwise), score the answers.
 
     With K = ``params.n`` > 1 every sample is scored: ``mean_reward`` is over all samples and
@@ -136,11 +157,26 @@ def evaluate(engine, dataset: str, reward: list[str] | str, max_tokens: int = 32
     seconds = time.perf_counter() - started
     scores = score_candidates(scorer, rows, outputs)
     results = [
-        {"prompt_id": row["prompt_id"], "prompt": prompt_text(row["prompt"]),
-         **({"response": cands[0].text, "reward": s[0], "finish_reason": cands[0].finish_reason,
-             "num_tokens": len(cands[0].token_ids)} if params.n == 1 else
-            {"responses": [c.text for c in cands], "rewards": s, "reward": sum(s) / len(s),
-             "finish_reasons": [c.finish_reason for c in cands], "num_tokens_list": [len(c.token_ids) for c in cands]})}
+        {
+            "prompt_id": row["prompt_id"],
+            "prompt": prompt_text(row["prompt"]),
+            **(
+                {
+                    "response": cands[0].text,
+                    "reward": s[0],
+                    "finish_reason": cands[0].finish_reason,
+                    "num_tokens": len(cands[0].token_ids),
+                }
+                if params.n == 1
+                else {
+                    "responses": [c.text for c in cands],
+                    "rewards": s,
+                    "reward": sum(s) / len(s),
+                    "finish_reasons": [c.finish_reason for c in cands],
+                    "num_tokens_list": [len(c.token_ids) for c in cands],
+                }
+            ),
+        }
         for row, cands, s in zip(rows, outputs, scores)
     ]
     every = [x for s in scores for x in s]

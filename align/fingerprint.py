@@ -83,7 +83,7 @@ def fingerprint(value: Any, cache: DigestCache) -> Any:
     if not isinstance(value, str) or not value:
         return value
     prefix = next((p for p in _PREFIXES if value.startswith(p)), "")
-    path = Path(value[len(prefix):]).expanduser()
+    path = Path(value[len(prefix) :]).expanduser()
     if path.is_file():
         return f"{prefix}sha256:{cache.file_digest(path)}"
     if path.is_dir():

@@ -54,12 +54,16 @@ def tune_fused_lm_head_for_cpu() -> bool:
         import trl.trainer.utils as trl_utils
     except ImportError:
         return False
-    names = (hasattr(trl_utils, "_use_triton"), hasattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE"),
-             hasattr(kernels, "TOKEN_CHUNK_SIZE"))
+    names = (
+        hasattr(trl_utils, "_use_triton"),
+        hasattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE"),
+        hasattr(kernels, "TOKEN_CHUNK_SIZE"),
+    )
     if not all(names):
         return False
     triton_only = trl_utils._use_triton
     if not getattr(triton_only, "align_compacts_cpu", False):
+
         def scores_labelled_only(device: torch.device) -> bool:
             return device.type == "cpu" or triton_only(device)
 

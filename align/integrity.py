@@ -92,23 +92,29 @@ def _output_files(stage_dir: Path) -> Iterable[Path]:
         if path.is_file():
             yield path
         elif path.is_dir():
-            yield from sorted(p for p in path.rglob("*") if p.is_file()
-                              and not any(part.startswith(".") for part in p.relative_to(stage_dir).parts))
+            yield from sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(stage_dir).parts)
+            )
 
 
 def output_digests(stage_dir: Path, cache: DigestCache | None = None) -> dict[str, dict[str, Any]]:
     """{path relative to the stage dir: {size, sha256}} for every file of the stage's ``OUTPUTS``."""
     own = cache is None
     cache = cache or DigestCache()
-    found = {p.relative_to(stage_dir).as_posix(): {"size": p.stat().st_size, "sha256": cache.file_digest(p)}
-             for p in _output_files(stage_dir)}
+    found = {
+        p.relative_to(stage_dir).as_posix(): {"size": p.stat().st_size, "sha256": cache.file_digest(p)}
+        for p in _output_files(stage_dir)
+    }
     if own:
         cache.save()
     return found
 
 
-def output_changes(stage_dir: Path, recorded: dict[str, dict[str, Any]], under: str = "",
-                   cache: DigestCache | None = None) -> list[str]:
+def output_changes(
+    stage_dir: Path, recorded: dict[str, dict[str, Any]], under: str = "", cache: DigestCache | None = None
+) -> list[str]:
     """What differs between the recorded outputs (those under ``under``, a relative folder or file;
     all when empty) and the files now there, one phrase per file; empty when all match."""
     own = cache is None
@@ -167,8 +173,12 @@ def check_input_paths(config: Any, cache: DigestCache | None = None) -> None:
             changes = output_changes(stage_dir, outputs, under=rel, cache=cache)
             if changes:
                 more = f" (and {len(changes) - 1} more files)" if len(changes) > 1 else ""
-                raise ArtifactError(f"{stage_dir}/{changes[0]} when stage {stage_dir} finished{more}: its output is"
-                                    f" damaged or replaced; rerun that stage (align run redoes it) before using {path}")
+                raise ArtifactError(
+                    f"{stage_dir}/{changes[0]} when stage {stage_dir} finished{more}: its output is"
+                    f" damaged or replaced; rerun that stage (align run redoes it) before using {path}"
+                )
         for file, problem in folder_problems(path) if path.is_dir() else []:
             if file.suffix == ".safetensors":
-                raise ArtifactError(f"{file} is {problem}; rewrite it (rerun the stage that made it) before using {path}")
+                raise ArtifactError(
+                    f"{file} is {problem}; rewrite it (rerun the stage that made it) before using {path}"
+                )

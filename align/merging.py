@@ -88,9 +88,21 @@ class MergeMethod:
 
 METHODS: Registry[MergeMethod] = Registry("merge method")
 
-METHODS.register("average", MergeMethod(
-    lambda tensors, base, cfg: (average(tensors, cfg.resolved_weights()), False), needs_base=False, max_models=None,
-    source="Llama 3 model soup: weighted mean of the weights"))
-METHODS.register("slerp", MergeMethod(
-    lambda tensors, base, cfg: warp(base, tensors[0], tensors[1], cfg.t, cfg.eta), needs_base=True, max_models=2,
-    source="WARP (Gemma 2): base + eta * slerp(task vectors; t)"))
+METHODS.register(
+    "average",
+    MergeMethod(
+        lambda tensors, base, cfg: (average(tensors, cfg.resolved_weights()), False),
+        needs_base=False,
+        max_models=None,
+        source="Llama 3 model soup: weighted mean of the weights",
+    ),
+)
+METHODS.register(
+    "slerp",
+    MergeMethod(
+        lambda tensors, base, cfg: warp(base, tensors[0], tensors[1], cfg.t, cfg.eta),
+        needs_base=True,
+        max_models=2,
+        source="WARP (Gemma 2): base + eta * slerp(task vectors; t)",
+    ),
+)

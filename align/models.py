@@ -28,17 +28,25 @@ DTYPES: dict[str, Any] = {
 class ModelOptions:
     """Model fields shared by every stage that loads a policy (mixed into stage configs)."""
 
-    model_name_or_path: str = required("Policy to start from: a local Hugging Face folder, a .gguf file (converted once) or a Hub model id.")
+    model_name_or_path: str = required(
+        "Policy to start from: a local Hugging Face folder, a .gguf file (converted once) or a Hub model id."
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
         "float32", "Weights dtype; 'auto' keeps the checkpoint's. float32 on CPU (bf16 matmuls are slow there)."
     )
-    device: Literal["auto", "cpu", "cuda"] = option("auto", "Where to train: 'auto' picks cuda when available, else cpu.")
-    trust_remote_code: bool = option(False, "Run model code shipped with a Hub repo. Off by default: only enable for repos you trust.")
+    device: Literal["auto", "cpu", "cuda"] = option(
+        "auto", "Where to train: 'auto' picks cuda when available, else cpu."
+    )
+    trust_remote_code: bool = option(
+        False, "Run model code shipped with a Hub repo. Off by default: only enable for repos you trust."
+    )
     use_lora: bool = option(False, "Train LoRA adapters (peft) instead of all weights.")
     lora_r: int = option(16, "LoRA rank.")
     lora_alpha: int = option(32, "LoRA scaling alpha.")
     lora_dropout: float = option(0.05, "LoRA dropout.")
-    lora_target_modules: list[str] = option(["all-linear"], "Modules that get adapters ('all-linear' or names like q_proj,v_proj).")
+    lora_target_modules: list[str] = option(
+        ["all-linear"], "Modules that get adapters ('all-linear' or names like q_proj,v_proj)."
+    )
     load_in_4bit: bool = option(False, "QLoRA: load the base in 4-bit NF4 with bitsandbytes (implies use_lora).")
     merge_lora: bool = option(False, "Also write the adapter merged into the base weights to model/ (LoRA runs).")
 

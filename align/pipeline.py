@@ -130,8 +130,13 @@ class Pipeline:
             self._validate(spec)
 
     @classmethod
-    def load(cls, path: str | Path, profile: str | None = None, sets: list[str] | tuple[str, ...] = (),
-             workdir: str | None = None) -> "Pipeline":
+    def load(
+        cls,
+        path: str | Path,
+        profile: str | None = None,
+        sets: list[str] | tuple[str, ...] = (),
+        workdir: str | None = None,
+    ) -> "Pipeline":
         path = Path(path)
         return cls(path, _read(path), profile, list(sets), workdir)
 
@@ -168,7 +173,9 @@ class Pipeline:
 
         Raises ``_Unresolved`` when a ``${X.summary...}`` value is not available (yet)."""
         spec = self.by_name[name]
-        out = {key: self._substitute(value, self.refs[name].get(key, []), dynamic) for key, value in spec.values.items()}
+        out = {
+            key: self._substitute(value, self.refs[name].get(key, []), dynamic) for key, value in spec.values.items()
+        }
         artifact = wrapped(spec.kind)
         out["output_dir"] = str(self.stage_dir(name) / artifact) if artifact else str(self.stage_dir(name))
         return out
@@ -230,7 +237,9 @@ class Pipeline:
             state, detail = stage_state(spec.kind, config, self.stage_dir(name))
         except _Unresolved as missing:
             if not upstream:
-                raise ConfigError(f"{self.path}: {spec.label}: ${{{missing}}} has no value (is that stage finished?)") from None
+                raise ConfigError(
+                    f"{self.path}: {spec.label}: ${{{missing}}} has no value (is that stage finished?)"
+                ) from None
             state, detail = "pending", f"needs ${{{missing}}}"
         forced = name in force or spec.base in force
         if forced:
@@ -270,10 +279,22 @@ class _Unresolved(Exception):
     """A ``${X.summary...}`` whose stage.json (or key) is not there yet."""
 
 
-_ACTIONS = {"new": "run", "up_to_date": "skip", "config_changed": "overwrite", "input_changed": "overwrite",
-            "output_changed": "overwrite", "incomplete": "resume"}
-_REASONS = {"new": "new", "up_to_date": "up to date", "config_changed": "config changed", "input_changed": "input changed",
-            "output_changed": "output changed", "incomplete": "incomplete, resumes"}
+_ACTIONS = {
+    "new": "run",
+    "up_to_date": "skip",
+    "config_changed": "overwrite",
+    "input_changed": "overwrite",
+    "output_changed": "overwrite",
+    "incomplete": "resume",
+}
+_REASONS = {
+    "new": "new",
+    "up_to_date": "up to date",
+    "config_changed": "config changed",
+    "input_changed": "input changed",
+    "output_changed": "output changed",
+    "incomplete": "incomplete, resumes",
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,8 +308,10 @@ def _read(path: Path) -> dict[str, Any]:
     data = load_yaml(path)  # YAML syntax errors come back with their line
     unknown = [k for k in data if k not in TOP_KEYS]
     if unknown:
-        raise ConfigError(f"{path}: unknown top-level key '{unknown[0]}'{did_you_mean(unknown[0], TOP_KEYS, _HINT)}"
-                          f" (valid: {', '.join(TOP_KEYS)})")
+        raise ConfigError(
+            f"{path}: unknown top-level key '{unknown[0]}'{did_you_mean(unknown[0], TOP_KEYS, _HINT)}"
+            f" (valid: {', '.join(TOP_KEYS)})"
+        )
     if not isinstance(data.get("stages"), list) or not data["stages"]:
         raise ConfigError(f"{path}: 'stages' must be a non-empty list of stages (each with name and kind)")
     if data.get("vars") is not None and not isinstance(data["vars"], dict):
@@ -301,12 +324,15 @@ def _apply_profile(data: dict[str, Any], profile: str | None, path: Path) -> dic
     if profile is None:
         return data
     if profile not in profiles:
-        raise ConfigError(f"--profile {profile}: {path} has no such profile"
-                          f" (defined: {', '.join(profiles) or 'none'})")
+        raise ConfigError(
+            f"--profile {profile}: {path} has no such profile (defined: {', '.join(profiles) or 'none'})"
+        )
     overlay = profiles[profile] or {}
     unknown = [k for k in overlay if k not in PROFILE_KEYS]
     if unknown:
-        raise ConfigError(f"{path}: profile '{profile}': unknown key '{unknown[0]}' (valid: {', '.join(PROFILE_KEYS)})")
+        raise ConfigError(
+            f"{path}: profile '{profile}': unknown key '{unknown[0]}' (valid: {', '.join(PROFILE_KEYS)})"
+        )
     if "workdir" in overlay:
         data["workdir"] = overlay["workdir"]
     data["vars"] = {**(data.get("vars") or {}), **(overlay.get("vars") or {})}
@@ -326,9 +352,17 @@ def _expand(entries: list[Any], path: Path, variables: dict[str, Any], profile: 
         if "repeat" in entry:
             rounds, inner = _rounds(entry.get("repeat"), variables, path, i), entry.get("stages")
             extra = [k for k in entry if k not in ("repeat", "stages", "profiles")]
-            if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1 or not isinstance(inner, list) or extra:
-                raise ConfigError(f"{path}: stages[{i}]: a repeat block is 'repeat: N' (N >= 1, or ${{vars.NAME}})"
-                                  " and 'stages: [...]' only")
+            if (
+                not isinstance(rounds, int)
+                or isinstance(rounds, bool)
+                or rounds < 1
+                or not isinstance(inner, list)
+                or extra
+            ):
+                raise ConfigError(
+                    f"{path}: stages[{i}]: a repeat block is 'repeat: N' (N >= 1, or ${{vars.NAME}})"
+                    " and 'stages: [...]' only"
+                )
             for r in range(1, rounds + 1):
                 for j, sub in enumerate(inner):
                     if not _in_profile(sub, profile, path, f"stages[{i}].stages[{j}]"):
@@ -382,12 +416,16 @@ def _entry(entry: Any, path: Path, where: str) -> StageSpec:
         raise ConfigError(f"{path}: {where} must be a mapping with name and kind")
     name, kind = entry.get("name"), entry.get("kind")
     if not isinstance(name, str) or not NAME.match(name) or name in RESERVED:
-        raise ConfigError(f"{path}: {where}: 'name' must be a word (letters, digits, _ or -; not {', '.join(RESERVED)}),"
-                          f" got {name!r}")
+        raise ConfigError(
+            f"{path}: {where}: 'name' must be a word (letters, digits, _ or -; not {', '.join(RESERVED)}),"
+            f" got {name!r}"
+        )
     valid = stage_kinds()
     if kind not in valid:
-        raise ConfigError(f"{path}: stage '{name}': unknown kind {kind!r}{did_you_mean(str(kind), valid, _HINT)}"
-                          f" (valid: {', '.join(valid)})")
+        raise ConfigError(
+            f"{path}: stage '{name}': unknown kind {kind!r}{did_you_mean(str(kind), valid, _HINT)}"
+            f" (valid: {', '.join(valid)})"
+        )
     values: dict[str, Any] = {}
     if entry.get("config") is not None:
         base = Path(entry["config"])
@@ -397,8 +435,9 @@ def _entry(entry: Any, path: Path, where: str) -> StageSpec:
         if key in ENTRY_KEYS:
             continue
         if key in SET_BY_RUNNER:
-            raise ConfigError(f"{path}: stage '{name}': '{key}' is set by align run (the stage dir is <workdir>/{name});"
-                              " remove it")
+            raise ConfigError(
+                f"{path}: stage '{name}': '{key}' is set by align run (the stage dir is <workdir>/{name}); remove it"
+            )
         values[key] = value
     return StageSpec(name=name, base=name, kind=kind, values=values)
 
@@ -483,8 +522,10 @@ def _resolve_one(recipe: Pipeline, spec: StageSpec, text: str) -> Ref:
     head, _, rest = text.partition(".")
     if head == "vars":
         if rest not in recipe.vars:
-            raise ConfigError(f"${{{text}}}: no var '{rest}'{did_you_mean(rest, recipe.vars, _HINT)}"
-                              f" (defined: {', '.join(recipe.vars) or 'none'})")
+            raise ConfigError(
+                f"${{{text}}}: no var '{rest}'{did_you_mean(rest, recipe.vars, _HINT)}"
+                f" (defined: {', '.join(recipe.vars) or 'none'})"
+            )
         return Ref(text, value=recipe.vars[rest])
     previous = head == "prev"
     if previous:
@@ -504,7 +545,9 @@ def _target(recipe: Pipeline, spec: StageSpec, name: str, previous: bool, text: 
         if spec.round is None or not same_block:
             raise ConfigError(f"${{{text}}}: 'prev.' refers to an earlier round of a stage in the same repeat block")
         if spec.round == 1:
-            raise ConfigError(f"${{{text}}} has no previous round in round 1 (add a fallback: ${{prev.{name}...|STAGE...}})")
+            raise ConfigError(
+                f"${{{text}}} has no previous round in round 1 (add a fallback: ${{prev.{name}...|STAGE...}})"
+            )
         return f"{name}_r{spec.round - 1}"
     if same_block:
         target = f"{name}_r{spec.round}"
@@ -516,5 +559,7 @@ def _target(recipe: Pipeline, spec: StageSpec, name: str, previous: bool, text: 
             raise ConfigError(f"${{{text}}}: no stage named '{name}'{did_you_mean(name, order, _HINT)}")
         target = f"{name}_r{max(s.round for s in rounds)}"
     if order.index(target) >= here:
-        raise ConfigError(f"${{{text}}}: stage '{target}' comes later (or is this stage); a stage can only use earlier ones")
+        raise ConfigError(
+            f"${{{text}}}: stage '{target}' comes later (or is this stage); a stage can only use earlier ones"
+        )
     return target

@@ -34,8 +34,18 @@ class Recipe(Pipeline):
         import pandas as pd
 
         rows = workdir_status(self.workdir)
-        table = pd.DataFrame([{"stage": r["name"], "kind": r["kind"], "status": r["status"], **r["metrics"],
-                               "duration_s": r["duration_s"]} for r in rows])
+        table = pd.DataFrame(
+            [
+                {
+                    "stage": r["name"],
+                    "kind": r["kind"],
+                    "status": r["status"],
+                    **r["metrics"],
+                    "duration_s": r["duration_s"],
+                }
+                for r in rows
+            ]
+        )
         return {"stages": rows, "metrics": table}
 
 

@@ -118,10 +118,18 @@ class Command:
 COMMANDS: Registry[Command] = Registry("command")
 
 
-def command(name: str, config: type, summary: str, parse: Callable | None = None, *, order: int = 50,
-            artifacts: tuple[str, ...] = (), wrapped: bool = False,
-            metrics: Mapping[str, str] | Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-            owns: tuple[str, ...] = ()) -> Callable:
+def command(
+    name: str,
+    config: type,
+    summary: str,
+    parse: Callable | None = None,
+    *,
+    order: int = 50,
+    artifacts: tuple[str, ...] = (),
+    wrapped: bool = False,
+    metrics: Mapping[str, str] | Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    owns: tuple[str, ...] = (),
+) -> Callable:
     """Register ``fn(config)`` as ``align <name>`` (a decorator); returns ``fn`` unchanged.
 
     ``parse(config_class, argv)`` replaces the standard ``--config FILE --key value`` parser where a
@@ -130,10 +138,14 @@ def command(name: str, config: type, summary: str, parse: Callable | None = None
     ``align --help`` (``align.stages.declared``) without importing the module."""
     unknown = [a for a in artifacts if a not in ARTIFACTS]
     if unknown or (wrapped and len(artifacts) != 1):
-        raise ValueError(f"command {name!r}: artifacts must be some of {ARTIFACTS} (exactly one when wrapped), got {artifacts}")
+        raise ValueError(
+            f"command {name!r}: artifacts must be some of {ARTIFACTS} (exactly one when wrapped), got {artifacts}"
+        )
 
     def register(fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
-        COMMANDS.register(name, Command(name, config, fn, summary, parse, order, tuple(artifacts), wrapped, metrics, tuple(owns)))
+        COMMANDS.register(
+            name, Command(name, config, fn, summary, parse, order, tuple(artifacts), wrapped, metrics, tuple(owns))
+        )
         return fn
 
     return register

@@ -93,7 +93,9 @@ class WorkdirLock:
                 f"{self.workdir} is in use by another align run (pid {info.get('pid', '?')} on {info.get('host', '?')},"
                 f" started {info.get('started_at', '?')}); try again when it ends (exit code {EXIT_LOCKED})"
             ) from None
-        atomic_write_json(self.workdir / HOLDER_FILE, {"pid": os.getpid(), "host": socket.gethostname(), "started_at": now_iso()})
+        atomic_write_json(
+            self.workdir / HOLDER_FILE, {"pid": os.getpid(), "host": socket.gethostname(), "started_at": now_iso()}
+        )
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -131,8 +133,15 @@ class ChildRunner:
         with open(log, "a") as out:
             out.write(f"=== {now_iso()} {' '.join(argv)}\n")
             out.flush()
-            self.child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                          bufsize=1, preexec_fn=_die_with_parent, start_new_session=True)
+            self.child = subprocess.Popen(
+                argv,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                bufsize=1,
+                preexec_fn=_die_with_parent,
+                start_new_session=True,
+            )
             assert self.child.stdout is not None
             for line in self.child.stdout:
                 out.write(line)
@@ -163,8 +172,13 @@ def child_config(recipe: Pipeline, name: str, action: str) -> dict[str, Any]:
 class Run:
     """One ``align run``: decide each stage just before it runs, run it, record run.json."""
 
-    def __init__(self, recipe: Pipeline, force: list[str] | tuple[str, ...] = (), echo: Callable[[str], None] = print,
-                 only: str | None = None):
+    def __init__(
+        self,
+        recipe: Pipeline,
+        force: list[str] | tuple[str, ...] = (),
+        echo: Callable[[str], None] = print,
+        only: str | None = None,
+    ):
         self.recipe = recipe
         self.force = recipe._check_force(force)
         self.echo = echo
@@ -189,9 +203,14 @@ class Run:
         self.record = {
             "recipe": str(recipe.path.resolve()),
             "recipe_from_workdir": os.path.relpath(recipe.path.resolve(), recipe.workdir.resolve()),
-            "workdir": str(recipe.workdir), "cwd": os.getcwd(),  # relative paths in the stage configs are from here
-            "profile": recipe.profile, "sets": recipe.sets,
-            "pid": os.getpid(), "host": socket.gethostname(), "started_at": now_iso(), "finished_at": None,
+            "workdir": str(recipe.workdir),
+            "cwd": os.getcwd(),  # relative paths in the stage configs are from here
+            "profile": recipe.profile,
+            "sets": recipe.sets,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started_at": now_iso(),
+            "finished_at": None,
             "exit_code": None,
             "stages": {s.name: {"kind": s.kind, "status": "pending"} for s in recipe.stages},
         }

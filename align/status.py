@@ -45,13 +45,18 @@ def workdir_status(workdir: str | Path) -> list[dict[str, Any]]:
         status, why = _status(entry, plan.get(name), record, live)
         if status == "done" and name not in plan:
             why = unchecked
-        rows.append({
-            "name": name, "kind": entry.get("kind"), "status": status, "why": why,
-            "metrics": key_metrics(entry.get("kind", ""), record),
-            "duration_s": (record or {}).get("duration_s", entry.get("duration_s")),
-            "finished_at": (record or {}).get("finished_at"),
-            "dir": str(workdir / name),
-        })
+        rows.append(
+            {
+                "name": name,
+                "kind": entry.get("kind"),
+                "status": status,
+                "why": why,
+                "metrics": key_metrics(entry.get("kind", ""), record),
+                "duration_s": (record or {}).get("duration_s", entry.get("duration_s")),
+                "finished_at": (record or {}).get("finished_at"),
+                "dir": str(workdir / name),
+            }
+        )
     return rows
 
 
@@ -82,15 +87,20 @@ def _plan(run: dict[str, Any], workdir: Path) -> tuple[dict[str, dict[str, Any]]
     same = (cwd / spelled).resolve() == workdir.resolve()
     try:
         with contextlib.chdir(cwd if same else Path.cwd()):
-            recipe = Pipeline.load(path.resolve(), profile=run.get("profile"), sets=run.get("sets") or [],
-                                   workdir=spelled if same else str(workdir))
+            recipe = Pipeline.load(
+                path.resolve(),
+                profile=run.get("profile"),
+                sets=run.get("sets") or [],
+                workdir=spelled if same else str(workdir),
+            )
             return {row["name"]: row for row in recipe.plan()}, ""
     except AlignError as err:
         return {}, f"not checked for changes: {err}"
 
 
-def _status(entry: dict[str, Any], plan: dict[str, Any] | None, record: dict[str, Any] | None,
-            live: dict[str, Any] | None) -> tuple[str, str]:
+def _status(
+    entry: dict[str, Any], plan: dict[str, Any] | None, record: dict[str, Any] | None, live: dict[str, Any] | None
+) -> tuple[str, str]:
     recorded = entry.get("status", "pending")
     if recorded == "running" and live is not None:
         return "running", f"pid {live.get('pid')} on {live.get('host')}"
@@ -156,8 +166,11 @@ def write_report(workdir: str | Path) -> dict[str, str]:
         lines.append(f"| {r['name']} | {r['kind']} | {status} | {format_metrics(r['metrics'])} | {duration} |")
     if held:
         first, last = held[0], held[-1]
-        lines += ["", f"Held-out score: {first[1]:.3f} after {first[0]} -> {last[1]:.3f} after {last[0]}"
-                      f" ({(last[1] - first[1]) * 100:+.1f} points)."]
+        lines += [
+            "",
+            f"Held-out score: {first[1]:.3f} after {first[0]} -> {last[1]:.3f} after {last[0]}"
+            f" ({(last[1] - first[1]) * 100:+.1f} points).",
+        ]
     for name, points in monitors.items():
         if points:
             lines += ["", *monitor_table(name, points)]
@@ -176,11 +189,18 @@ def _monitor_points(stage_dir: Path) -> list[dict[str, Any]]:
 def monitor_table(name: str, points: list[dict[str, Any]]) -> list[str]:
     """report.md's table of an rlhf stage's monitor: per point the KL and every score."""
     judges = list(points[0]["judges"])
-    lines = [f"Over-optimization monitor of {name} (held-out prompts, one sampled answer each):", "",
-             "| iteration | KL | reward (trained on) | " + " | ".join(judges) + " |",
-             "|---|---|---|" + "---|" * len(judges)]
+    lines = [
+        f"Over-optimization monitor of {name} (held-out prompts, one sampled answer each):",
+        "",
+        "| iteration | KL | reward (trained on) | " + " | ".join(judges) + " |",
+        "|---|---|---|" + "---|" * len(judges),
+    ]
     for p in points:
-        lines.append(f"| {p['step']} | {p['kl']:.2f} | {p['reward']:.3f} | " + " | ".join(f"{p['judges'][j]:.3f}" for j in judges) + " |")
+        lines.append(
+            f"| {p['step']} | {p['kl']:.2f} | {p['reward']:.3f} | "
+            + " | ".join(f"{p['judges'][j]:.3f}" for j in judges)
+            + " |"
+        )
     return lines
 
 
@@ -188,8 +208,12 @@ def _kl_chart(points: list[dict[str, Any]], path: Path, title: str) -> None:
     from align.plot import draw
     from align.rl.monitor import overoptimization_series
 
-    draw({k: [list(p) for p in v] for k, v in overoptimization_series(points).items()}, str(path), title,
-         x_label="KL to the reference (nats)")
+    draw(
+        {k: [list(p) for p in v] for k, v in overoptimization_series(points).items()},
+        str(path),
+        title,
+        x_label="KL to the reference (nats)",
+    )
 
 
 def _curve(stage_dir: Path, key: str) -> list[tuple[float, float]]:

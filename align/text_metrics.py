@@ -21,12 +21,19 @@ from typing import Any
 
 def distinct_n(texts: list[str], n: int = 2) -> float:
     """Distinct word n-grams / all word n-grams over ``texts`` (0.0 when there are none)."""
-    grams = [tuple(words[i:i + n]) for words in (t.lower().split() for t in texts) for i in range(len(words) - n + 1)]
+    grams = [
+        tuple(words[i : i + n]) for words in (t.lower().split() for t in texts) for i in range(len(words) - n + 1)
+    ]
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
-def reference_nll(model_path: str, prompts: list[list[dict[str, Any]]], responses: list[str], system_prompt: str | None = None,
-                  batch_size: int = 16) -> float:
+def reference_nll(
+    model_path: str,
+    prompts: list[list[dict[str, Any]]],
+    responses: list[str],
+    system_prompt: str | None = None,
+    batch_size: int = 16,
+) -> float:
     """Mean per-token NLL of ``responses`` (text, re-tokenized) after their ``prompts`` under the
     causal LM at ``model_path`` (fp32, on CPU, no gradients); responses with no tokens are skipped."""
     import torch
@@ -47,8 +54,13 @@ def reference_nll(model_path: str, prompts: list[list[dict[str, Any]]], response
     with torch.no_grad():
         for start in range(0, len(kept), batch_size):
             part = slice(start, start + batch_size)
-            rollouts = build_rollouts(prompt_ids[part], response_ids[part], [[False]] * len(prompt_ids[part]),
-                                      [0.0] * len(prompt_ids[part]), tokenizer.pad_token_id)
+            rollouts = build_rollouts(
+                prompt_ids[part],
+                response_ids[part],
+                [[False]] * len(prompt_ids[part]),
+                [0.0] * len(prompt_ids[part]),
+                tokenizer.pad_token_id,
+            )
             logp = token_logprobs(model, rollouts.input_ids, rollouts.attention_mask)[0]
             total -= float((logp * rollouts.mask).sum())
             count += float(rollouts.mask.sum())

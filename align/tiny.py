@@ -161,8 +161,7 @@ def _bpe_tokenizer(vocab_size: int, specials: list[str], eos: str):
     min_size = 256 + len(specials)
     if vocab_size < min_size:
         raise ConfigError(
-            f"tokenizer 'bpe' needs vocab_size >= {min_size} (256 bytes + special tokens), "
-            f"got {vocab_size}"
+            f"tokenizer 'bpe' needs vocab_size >= {min_size} (256 bytes + special tokens), got {vocab_size}"
         )
     tk = _byte_level_pipeline(Tokenizer(models.BPE()))
     trainer = trainers.BpeTrainer(
@@ -250,9 +249,7 @@ def make_tiny_model(
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     if hidden_size % num_heads:
-        raise ConfigError(
-            f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})"
-        )
+        raise ConfigError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
     head_dim = hidden_size // num_heads
     if head_dim not in VLLM_CPU_HEAD_DIMS:
         raise ConfigError(

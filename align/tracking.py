@@ -42,7 +42,9 @@ def check_trackers(names: list[str]) -> None:
             hint = did_you_mean(name, valid)
             raise ConfigError(f"unknown tracker '{name}' in 'report_to'{hint}; valid: {', '.join(valid)} (or none)")
         if name not in installed:
-            raise ConfigError(f"'report_to' {name}: its package is not installed (pip install {name}), or drop it from report_to")
+            raise ConfigError(
+                f"'report_to' {name}: its package is not installed (pip install {name}), or drop it from report_to"
+            )
 
 
 def report_to(names: list[str]) -> list[str]:
@@ -76,8 +78,9 @@ class Trackers:
         if not self.callbacks:
             return
         route_tensorboard(self.callbacks, stage)
-        self.args = TrainingArguments(output_dir=str(stage.checkpoints_dir), report_to=names, use_cpu=use_cpu,
-                                      run_name=stage.dir.name)
+        self.args = TrainingArguments(
+            output_dir=str(stage.checkpoints_dir), report_to=names, use_cpu=use_cpu, run_name=stage.dir.name
+        )
         self.state, self.control = TrainerState(), TrainerControl()
         for callback in self.callbacks:
             callback.on_train_begin(self.args, self.state, self.control, model=model)
@@ -140,11 +143,23 @@ class StageCallback(TrainerCallback):
 def progress_bar(description: str, total: int, completed: int, show: bool = True):
     """A rich progress bar (bold description, bar, done/total, a ``status`` field, time, ETA) with its
     one task, not yet started: ``(progress, task)``. Drawn only when ``show`` and stderr is a terminal."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     progress = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
         disable=not (show and sys.stderr.isatty()),
     )
     return progress, progress.add_task(description, total=total, completed=completed, status="")
@@ -178,7 +193,9 @@ def plot_metrics(rows: list[dict[str, Any]], keys: list[str], path: Path, title:
     return plot_series(series, path, title)
 
 
-def plot_series(series: dict[str, list[tuple[float, float]]], path: Path, title: str, x_label: str = "step") -> Path | None:
+def plot_series(
+    series: dict[str, list[tuple[float, float]]], path: Path, title: str, x_label: str = "step"
+) -> Path | None:
     """Plot (x, y) points, one panel per series, into a PNG in a child process (``plot_metrics``);
     None if there is nothing to plot or drawing failed."""
     import json

@@ -17,9 +17,11 @@ from typing import Any, Literal
 from align.config import option
 from align.stage import Stage
 
-REPORT_TO_HELP = ("Experiment trackers that also get every logged row (transformers' integrations: tensorboard, wandb,"
-                  " trackio, mlflow, ...; empty: none). metrics.jsonl is always written; TensorBoard logs go to"
-                  " output_dir/tensorboard.")
+REPORT_TO_HELP = (
+    "Experiment trackers that also get every logged row (transformers' integrations: tensorboard, wandb,"
+    " trackio, mlflow, ...; empty: none). metrics.jsonl is always written; TensorBoard logs go to"
+    " output_dir/tensorboard."
+)
 
 
 @dataclasses.dataclass
@@ -29,7 +31,9 @@ class TrainOptions:
     max_steps: int = option(-1, "Total optimizer steps; -1 means use num_train_epochs.")
     per_device_train_batch_size: int = option(8, "Examples per device per micro-batch.")
     gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step.")
-    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = option("linear", "Learning-rate schedule.")
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = option(
+        "linear", "Learning-rate schedule."
+    )
     warmup_ratio: float = option(0.0, "Fraction of steps spent warming up the learning rate.")
     weight_decay: float = option(0.0, "Decoupled weight decay.")
     max_grad_norm: float = option(1.0, "Gradient clipping norm.")
@@ -38,14 +42,23 @@ class TrainOptions:
     save_steps: int = option(500, "Write a resumable checkpoint every N steps.")
     save_total_limit: int = option(2, "Keep at most N checkpoints.")
     gradient_checkpointing: bool = option(False, "Recompute activations to save memory (slower).")
-    bf16: bool = option(False, "bfloat16 mixed precision: autocast over fp32 weights (a full fine-tune loads fp32 master weights"
-                               " whatever dtype says; LoRA keeps its frozen base in dtype). For GPUs; slow on most CPUs.")
+    bf16: bool = option(
+        False,
+        "bfloat16 mixed precision: autocast over fp32 weights (a full fine-tune loads fp32 master weights"
+        " whatever dtype says; LoRA keeps its frozen base in dtype). For GPUs; slow on most CPUs.",
+    )
     report_to: list[str] = option([], REPORT_TO_HELP)
 
     def validate_training(self) -> None:
         from align.errors import ConfigError
 
-        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps", "max_length"):
+        for name in (
+            "per_device_train_batch_size",
+            "gradient_accumulation_steps",
+            "logging_steps",
+            "save_steps",
+            "max_length",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"'{name}' must be at least 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:
@@ -170,7 +183,9 @@ def train_to_end(trainer, stage: Stage, checkpoint: Path | None) -> dict[str, An
     }
 
 
-def finish_training(stage: Stage, cfg: Any, summary: dict[str, Any], artifacts: dict[str, str], plotted: list[str]) -> dict[str, Any]:
+def finish_training(
+    stage: Stage, cfg: Any, summary: dict[str, Any], artifacts: dict[str, str], plotted: list[str]
+) -> dict[str, Any]:
     """The end of a trainer stage on the main process, after ``save_model`` and its evaluations:
     ``loss.png`` (the metrics ``plotted`` against step; among the artifacts when drawn), then
     stage.json (``Stage.finish``), the checkpoints dropped unless ``keep_checkpoints``."""

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from machine import write_result  # bench/, beside this file
 
 
@@ -74,7 +75,9 @@ def main() -> None:
     parser.add_argument("--max_chars", type=int, default=400)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps timings stable on a shared CPU)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1 keeps timings stable on a shared CPU)"
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "rm_scoring.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -86,30 +89,55 @@ def main() -> None:
         for label, sort in (("naive fixed-order", False), ("length-sorted", True)):
             scorer = RewardModel.from_pretrained(path, batch_size=args.batch_size, sort_by_length=sort)
             wall, cpu, scores = time_scoring(scorer, prompts, responses, args.repeats)
-            results[label] = {"seconds": wall, "sequences_per_s": len(prompts) / wall,
-                              "cpu_seconds": cpu, "sequences_per_cpu_s": len(prompts) / cpu, "scores": scores}
-        lengths = [len(encode(scorer.tokenizer, [{"role": "user", "content": p}], [{"role": "assistant", "content": r}], scorer.max_length))
-                   for p, r in zip(prompts, responses)]
+            results[label] = {
+                "seconds": wall,
+                "sequences_per_s": len(prompts) / wall,
+                "cpu_seconds": cpu,
+                "sequences_per_cpu_s": len(prompts) / cpu,
+                "scores": scores,
+            }
+        lengths = [
+            len(
+                encode(
+                    scorer.tokenizer,
+                    [{"role": "user", "content": p}],
+                    [{"role": "assistant", "content": r}],
+                    scorer.max_length,
+                )
+            )
+            for p, r in zip(prompts, responses)
+        ]
 
     naive, ours = results["naive fixed-order"], results["length-sorted"]
     ratio = ours["sequences_per_s"] / naive["sequences_per_s"]
     cpu_ratio = ours["sequences_per_cpu_s"] / naive["sequences_per_cpu_s"]
     max_diff = max(abs(a - b) for a, b in zip(naive["scores"], ours["scores"]))
-    print(f"reward-model scoring: {args.texts} texts, {min(lengths)}-{max(lengths)} tokens (mean {sum(lengths) / len(lengths):.0f}), "
-          f"batch {args.batch_size}, {args.threads} threads, model {args.model or 'tiny llama RM'}")
+    print(
+        f"reward-model scoring: {args.texts} texts, {min(lengths)}-{max(lengths)} tokens (mean {sum(lengths) / len(lengths):.0f}), "
+        f"batch {args.batch_size}, {args.threads} threads, model {args.model or 'tiny llama RM'}"
+    )
     print(f"{'batching':<20}{'wall s':>9}{'seq/s':>9}{'ratio':>7}{'cpu s':>9}{'seq/cpu-s':>11}{'ratio':>7}")
     for label, r in results.items():
-        print(f"{label:<20}{r['seconds']:>9.3f}{r['sequences_per_s']:>9.1f}{r['sequences_per_s'] / naive['sequences_per_s']:>7.2f}"
-              f"{r['cpu_seconds']:>9.3f}{r['sequences_per_cpu_s']:>11.1f}{r['sequences_per_cpu_s'] / naive['sequences_per_cpu_s']:>7.2f}")
+        print(
+            f"{label:<20}{r['seconds']:>9.3f}{r['sequences_per_s']:>9.1f}{r['sequences_per_s'] / naive['sequences_per_s']:>7.2f}"
+            f"{r['cpu_seconds']:>9.3f}{r['sequences_per_cpu_s']:>11.1f}{r['sequences_per_cpu_s'] / naive['sequences_per_cpu_s']:>7.2f}"
+        )
     print(f"max |score difference| between the two: {max_diff:.2e}")
     report = {
         "model": args.model or "tiny llama RM (align.tiny, char tokenizer)",
-        "texts": args.texts, "batch_size": args.batch_size, "threads": args.threads,
-        "tokens_min": min(lengths), "tokens_max": max(lengths), "tokens_mean": sum(lengths) / len(lengths),
-        "naive_sequences_per_s": naive["sequences_per_s"], "sorted_sequences_per_s": ours["sequences_per_s"],
+        "texts": args.texts,
+        "batch_size": args.batch_size,
+        "threads": args.threads,
+        "tokens_min": min(lengths),
+        "tokens_max": max(lengths),
+        "tokens_mean": sum(lengths) / len(lengths),
+        "naive_sequences_per_s": naive["sequences_per_s"],
+        "sorted_sequences_per_s": ours["sequences_per_s"],
         "ratio_sorted_over_naive": ratio,
-        "naive_sequences_per_cpu_s": naive["sequences_per_cpu_s"], "sorted_sequences_per_cpu_s": ours["sequences_per_cpu_s"],
-        "cpu_ratio_sorted_over_naive": cpu_ratio, "max_score_diff": max_diff,
+        "naive_sequences_per_cpu_s": naive["sequences_per_cpu_s"],
+        "sorted_sequences_per_cpu_s": ours["sequences_per_cpu_s"],
+        "cpu_ratio_sorted_over_naive": cpu_ratio,
+        "max_score_diff": max_diff,
     }
     write_result(args.out, report)
 

@@ -22,8 +22,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from machine import cpu_info, write_result  # noqa: E402
 from sampling.cpu_sampler import sample_rows  # noqa: E402
+
+from machine import cpu_info, write_result  # noqa: E402
 
 
 def fastest(fn, reps: int) -> float:
@@ -62,21 +63,35 @@ def main() -> None:
 
     small = torch.randn(1, 300) * 2  # agreement: 200k draws of one 300-token row from each
     draws = 200_000
-    g = torch.ops._C.fused_gumbel_argmax(small.expand(draws, -1).contiguous(), torch.randint(0, 2**31, (draws,), dtype=torch.long))
+    g = torch.ops._C.fused_gumbel_argmax(
+        small.expand(draws, -1).contiguous(), torch.randint(0, 2**31, (draws,), dtype=torch.long)
+    )
     a = sample_rows(small.expand(draws, -1).clone(), torch.rand(draws, dtype=torch.float64))
     p = small.softmax(-1)[0].double()
     gap = lambda tokens: float((torch.bincount(tokens, minlength=300).double() / draws - p).abs().max())  # noqa: E731
 
     result = {
-        **cpu_info(), "threads": torch.get_num_threads(), "rows": args.rows, "vocab": args.vocab, "reps": args.reps,
-        "copy_ms": round(copy * 1e3, 2), "vllm_fused_gumbel_argmax_ms": round(vllm_s * 1e3, 2),
-        "align_sample_rows_ms": round(align_s * 1e3, 2), "vllm_over_align": round(vllm_s / align_s, 2),
+        **cpu_info(),
+        "threads": torch.get_num_threads(),
+        "rows": args.rows,
+        "vocab": args.vocab,
+        "reps": args.reps,
+        "copy_ms": round(copy * 1e3, 2),
+        "vllm_fused_gumbel_argmax_ms": round(vllm_s * 1e3, 2),
+        "align_sample_rows_ms": round(align_s * 1e3, 2),
+        "vllm_over_align": round(vllm_s / align_s, 2),
         "max_frequency_gap_vs_softmax": {"vllm": round(gap(g), 5), "align": round(gap(a), 5), "draws": draws},
     }
-    print(f"{result['cpu']}, {result['threads']} threads, {args.rows} x {args.vocab} fp32 logits, fastest of {args.reps}")
-    print(f"| sampler | ms per step | ratio |\n|---|---|---|\n| vLLM fused_gumbel_argmax | {vllm_s * 1e3:.1f} | 1.00x |\n"
-          f"| align sample_rows | {align_s * 1e3:.1f} | {vllm_s / align_s:.2f}x faster |")
-    print(f"largest |frequency - softmax| over {draws} draws of a 300-token row: vLLM {gap(g):.4f}, align {gap(a):.4f}")
+    print(
+        f"{result['cpu']}, {result['threads']} threads, {args.rows} x {args.vocab} fp32 logits, fastest of {args.reps}"
+    )
+    print(
+        f"| sampler | ms per step | ratio |\n|---|---|---|\n| vLLM fused_gumbel_argmax | {vllm_s * 1e3:.1f} | 1.00x |\n"
+        f"| align sample_rows | {align_s * 1e3:.1f} | {vllm_s / align_s:.2f}x faster |"
+    )
+    print(
+        f"largest |frequency - softmax| over {draws} draws of a 300-token row: vLLM {gap(g):.4f}, align {gap(a):.4f}"
+    )
     write_result(args.out, result)
 
 

@@ -32,7 +32,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine import cpu_info, print_worker_result, resolve_model, run_json_worker, write_result  # bench/, beside this file
+from machine import (
+    cpu_info,
+    print_worker_result,
+    resolve_model,
+    run_json_worker,
+    write_result,
+)  # bench/, beside this file
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_ROWS = ROOT.parent / "shared" / "data" / "real" / "alpaca_en_demo.json"
@@ -47,10 +53,26 @@ def worker_trl(model: str, rows: str, work: Path, opts: dict) -> dict:
 
     data = datasets.Dataset.from_list([json.loads(line) for line in open(rows)])
     args = SFTConfig(
-        output_dir=str(work / "trl"), per_device_train_batch_size=opts["batch"], num_train_epochs=1, learning_rate=LR,
-        max_length=opts["max_length"], completion_only_loss=True, lr_scheduler_type="linear", warmup_steps=0.0,
-        weight_decay=0.0, max_grad_norm=1.0, seed=SEED, data_seed=SEED, bf16=False, use_cpu=True, report_to="none",
-        gradient_checkpointing=False, save_strategy="no", logging_steps=10, disable_tqdm=True, dataloader_num_workers=0,
+        output_dir=str(work / "trl"),
+        per_device_train_batch_size=opts["batch"],
+        num_train_epochs=1,
+        learning_rate=LR,
+        max_length=opts["max_length"],
+        completion_only_loss=True,
+        lr_scheduler_type="linear",
+        warmup_steps=0.0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        seed=SEED,
+        data_seed=SEED,
+        bf16=False,
+        use_cpu=True,
+        report_to="none",
+        gradient_checkpointing=False,
+        save_strategy="no",
+        logging_steps=10,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
     )
     peft_config = None
     if opts["use_lora"]:
@@ -58,13 +80,23 @@ def worker_trl(model: str, rows: str, work: Path, opts: dict) -> dict:
 
         peft_config = LoraConfig(target_modules="all-linear", task_type="CAUSAL_LM", **LORA)
     started = time.time()
-    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(model, dtype="float32"), args=args, train_dataset=data,
-                         processing_class=AutoTokenizer.from_pretrained(model), peft_config=peft_config)
+    trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(model, dtype="float32"),
+        args=args,
+        train_dataset=data,
+        processing_class=AutoTokenizer.from_pretrained(model),
+        peft_config=peft_config,
+    )
     setup = time.time() - started
     started, cpu_started = time.time(), time.process_time()
     out = trainer.train()
-    return {"train_seconds": time.time() - started, "train_cpu_seconds": time.process_time() - cpu_started,
-            "setup_seconds": setup, "steps": trainer.state.global_step, "train_loss": out.training_loss}
+    return {
+        "train_seconds": time.time() - started,
+        "train_cpu_seconds": time.process_time() - cpu_started,
+        "setup_seconds": setup,
+        "steps": trainer.state.global_step,
+        "train_loss": out.training_loss,
+    }
 
 
 def worker_align(model: str, rows: str, work: Path, opts: dict) -> dict:
@@ -72,16 +104,54 @@ def worker_align(model: str, rows: str, work: Path, opts: dict) -> dict:
     from align.stages.sft import SFTStageConfig, run_sft
 
     started = time.time()
-    cfg = parse_config(SFTStageConfig, [
-        "--model_name_or_path", model, "--dataset", rows, "--output_dir", str(work / "align"), "--overwrite",
-        "--per_device_train_batch_size", str(opts["batch"]), "--num_train_epochs", "1", "--learning_rate", str(LR),
-        "--max_length", str(opts["max_length"]), "--seed", str(SEED), "--save_steps", "100000", "--logging_steps", "10",
-        *(["--use_lora", "true", "--lora_r", str(LORA["r"]), "--lora_alpha", str(LORA["lora_alpha"]),
-           "--lora_dropout", str(LORA["lora_dropout"])] if opts["use_lora"] else []),
-    ])
+    cfg = parse_config(
+        SFTStageConfig,
+        [
+            "--model_name_or_path",
+            model,
+            "--dataset",
+            rows,
+            "--output_dir",
+            str(work / "align"),
+            "--overwrite",
+            "--per_device_train_batch_size",
+            str(opts["batch"]),
+            "--num_train_epochs",
+            "1",
+            "--learning_rate",
+            str(LR),
+            "--max_length",
+            str(opts["max_length"]),
+            "--seed",
+            str(SEED),
+            "--save_steps",
+            "100000",
+            "--logging_steps",
+            "10",
+            *(
+                [
+                    "--use_lora",
+                    "true",
+                    "--lora_r",
+                    str(LORA["r"]),
+                    "--lora_alpha",
+                    str(LORA["lora_alpha"]),
+                    "--lora_dropout",
+                    str(LORA["lora_dropout"]),
+                ]
+                if opts["use_lora"]
+                else []
+            ),
+        ],
+    )
     s = run_sft(cfg)["summary"]
-    return {"train_seconds": s["train_seconds"], "train_cpu_seconds": s["train_cpu_seconds"],
-            "setup_seconds": time.time() - started - s["train_seconds"], "steps": s["global_step"], "train_loss": s["train_loss"]}
+    return {
+        "train_seconds": s["train_seconds"],
+        "train_cpu_seconds": s["train_cpu_seconds"],
+        "setup_seconds": time.time() - started - s["train_seconds"],
+        "steps": s["global_step"],
+        "train_loss": s["train_loss"],
+    }
 
 
 WORKERS = {"trl": worker_trl, "align": worker_align}
@@ -109,8 +179,11 @@ def prepare_inputs(work: Path, model: str | None, rows: str, max_rows: int | Non
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="model folder, .gguf file or 'smollm2' (default: a fresh tiny model)")
-    parser.add_argument("--rows", default=str(REAL_ROWS) if REAL_ROWS.is_file() else "demo",
-                        help="SFT rows in any format align reads, or 'demo' (default: the real Alpaca rows when present)")
+    parser.add_argument(
+        "--rows",
+        default=str(REAL_ROWS) if REAL_ROWS.is_file() else "demo",
+        help="SFT rows in any format align reads, or 'demo' (default: the real Alpaca rows when present)",
+    )
     parser.add_argument("--max_rows", type=int, help="train on the first N rows only")
     parser.add_argument("--use_lora", action="store_true", help="LoRA adapters on both sides (module docstring)")
     parser.add_argument("--batch", type=int, default=8, help="rows per optimizer step on both sides")
@@ -131,7 +204,18 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_sft."))
     model, rows = prepare_inputs(work, args.model, args.rows, args.max_rows)
     opts = {"batch": args.batch, "max_length": args.max_length, "use_lora": args.use_lora}
-    argv = lambda mode: ["--worker", mode, "--model", model, "--rows", rows, "--work", str(work), "--opts", json.dumps(opts)]  # noqa: E731
+    argv = lambda mode: [  # noqa: E731
+        "--worker",
+        mode,
+        "--model",
+        model,
+        "--rows",
+        rows,
+        "--work",
+        str(work),
+        "--opts",
+        json.dumps(opts),
+    ]
     results: dict[str, dict] = {}
     for _ in range(args.repeats):  # alternate the sides, so a busy spell slows both alike
         for mode in WORKERS:
@@ -143,19 +227,33 @@ def main() -> None:
         results[mode]["peak_rss_mb_default_malloc"] = results[mode].pop("peak_rss_mb")
         results[mode]["peak_rss_mb"] = run_json_worker(__file__, argv(mode), args.threads, memory=True)["peak_rss_mb"]
     base, ours = results["trl"], results["align"]
-    ratios = {"time": ours["train_seconds"] / base["train_seconds"], "cpu_time": ours["train_cpu_seconds"] / base["train_cpu_seconds"],
-              "peak_rss": ours["peak_rss_mb"] / base["peak_rss_mb"]}
+    ratios = {
+        "time": ours["train_seconds"] / base["train_seconds"],
+        "cpu_time": ours["train_cpu_seconds"] / base["train_cpu_seconds"],
+        "peak_rss": ours["peak_rss_mb"] / base["peak_rss_mb"],
+    }
     report = {
-        "model": args.model or model, "rows": args.rows, "max_rows": args.max_rows, **opts, "threads": args.threads,
-        **cpu_info(), "load_average": os.getloadavg(), "results": results, "align_over_trl": ratios,
+        "model": args.model or model,
+        "rows": args.rows,
+        "max_rows": args.max_rows,
+        **opts,
+        "threads": args.threads,
+        **cpu_info(),
+        "load_average": os.getloadavg(),
+        "results": results,
+        "align_over_trl": ratios,
         "met": {"time": ratios["time"] <= 1.05, "peak_rss": ratios["peak_rss"] <= 1.0},
     }
     print(f"{'side':<8}{'steps':>6}{'epoch s':>9}{'runs':>16}{'cpu s':>8}{'loss':>9}{'peak MB':>9}")
     for mode, r in results.items():
-        print(f"{mode:<8}{r['steps']:>6}{r['train_seconds']:>9.2f}{str(r['all_train_seconds']):>16}"
-              f"{r['train_cpu_seconds']:>8.1f}{r['train_loss']:>9.4f}{r['peak_rss_mb']:>9.0f}")
-    print(f"align / TRL: time {ratios['time']:.3f}x (goal <= 1.05x), CPU time {ratios['cpu_time']:.3f}x, "
-          f"peak memory {ratios['peak_rss']:.3f}x (goal <= 1.0x)")
+        print(
+            f"{mode:<8}{r['steps']:>6}{r['train_seconds']:>9.2f}{str(r['all_train_seconds']):>16}"
+            f"{r['train_cpu_seconds']:>8.1f}{r['train_loss']:>9.4f}{r['peak_rss_mb']:>9.0f}"
+        )
+    print(
+        f"align / TRL: time {ratios['time']:.3f}x (goal <= 1.05x), CPU time {ratios['cpu_time']:.3f}x, "
+        f"peak memory {ratios['peak_rss']:.3f}x (goal <= 1.0x)"
+    )
     write_result(args.out, report)
 
 

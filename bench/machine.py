@@ -163,12 +163,21 @@ def run_json_worker(script: str, argv: list[str], threads: int, memory: bool = F
     """Run ``python script argv`` with ``threads`` torch threads (and ``MEMORY_ENV`` when measuring
     memory); its last stdout line, parsed as JSON, plus ``steal_share`` over the worker's lifetime.
     A failed worker ends the benchmark with its stderr."""
-    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
-           "OMP_NUM_THREADS": str(threads), **(MEMORY_ENV if memory else {})}
+    env = {
+        **os.environ,
+        "TRANSFORMERS_VERBOSITY": "error",
+        "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+        "OMP_NUM_THREADS": str(threads),
+        **(MEMORY_ENV if memory else {}),
+    }
     before = cpu_jiffies()
-    proc = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, env=env,
-                          cwd=Path(script).resolve().parents[1])
+    proc = subprocess.run(
+        [sys.executable, script, *argv], capture_output=True, text=True, env=env, cwd=Path(script).resolve().parents[1]
+    )
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(argv[:2])} failed:\n{proc.stderr[-3000:]}")
     steal = steal_share(before, cpu_jiffies())
-    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "steal_share": None if steal is None else round(steal, 4)}
+    return {
+        **json.loads(proc.stdout.strip().splitlines()[-1]),
+        "steal_share": None if steal is None else round(steal, 4),
+    }

@@ -25,15 +25,19 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from sampling import SamplingParams, build_engine  # noqa: E402
+
 from machine import cpu_info, matmul_peak_gflops, parameter_count, resolve_model, write_result  # noqa: E402
 from real_prompts import CONTEXT, default_dataset, fitting_rows  # noqa: E402
-from sampling import SamplingParams, build_engine  # noqa: E402
 
 # Op groups, matched in order on the lower-cased op name; the first that matches wins.
 GROUPS = (
     ("matmul", ("mm", "addmm", "matmul", "bmm", "linear", "gemm", "onednn", "dnnl", "mkl")),
     ("attention", ("attention", "attn", "paged", "sdpa", "flash", "cache")),
-    ("sampling", ("softmax", "topk", "top_k", "sort", "multinomial", "exponential", "argmax", "random", "sampl", "cumsum")),
+    (
+        "sampling",
+        ("softmax", "topk", "top_k", "sort", "multinomial", "exponential", "argmax", "random", "sampl", "cumsum"),
+    ),
 )
 
 
@@ -46,7 +50,8 @@ def group_of(name: str) -> str:
 
 
 def profile(engine, prompts, params) -> dict:
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
         started = time.perf_counter()
@@ -61,8 +66,12 @@ def profile(engine, prompts, params) -> dict:
         top.append((seconds, event.key, event.count))
     by_group["outside torch ops (Python)"] = max(0.0, wall - sum(by_group.values()))
     top.sort(reverse=True)
-    return {"wall_seconds": wall, "tokens": tokens, "groups": by_group,
-            "top_ops": [{"op": k, "self_seconds": round(s, 3), "calls": n} for s, k, n in top[:12]]}
+    return {
+        "wall_seconds": wall,
+        "tokens": tokens,
+        "groups": by_group,
+        "top_ops": [{"op": k, "self_seconds": round(s, 3), "calls": n} for s, k, n in top[:12]],
+    }
 
 
 def main() -> None:
@@ -83,11 +92,22 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     peak = matmul_peak_gflops(args.threads)
     flops_per_token = 2 * parameter_count(model)
-    report = {"model": args.model, **cpu_info(), "threads": args.threads, "matmul_peak_gflops": round(peak, 1),
-              "prompts": args.prompts, "k": args.k, "max_tokens": args.max_tokens, "engines": {}}
+    report = {
+        "model": args.model,
+        **cpu_info(),
+        "threads": args.threads,
+        "matmul_peak_gflops": round(peak, 1),
+        "prompts": args.prompts,
+        "k": args.k,
+        "max_tokens": args.max_tokens,
+        "engines": {},
+    }
     for name in args.engines.split(","):
-        options = {"kv_cache_gb": 3.0, "seed": 0, "threads": args.threads, "max_num_seqs": args.prompts * args.k} if name == "vllm" \
+        options = (
+            {"kv_cache_gb": 3.0, "seed": 0, "threads": args.threads, "max_num_seqs": args.prompts * args.k}
+            if name == "vllm"
             else {"batch_size": args.prompts}
+        )
         engine = build_engine(name, model, max_model_len=CONTEXT, **options)
         engine.generate(prompts[:2], SamplingParams(n=2, temperature=1.0, max_tokens=4, seed=0))  # warm-up
         result = profile(engine, prompts, params)
@@ -95,8 +115,10 @@ def main() -> None:
         result["matmul_seconds_at_peak"] = result["tokens"] * flops_per_token / (peak * 1e9)
         report["engines"][name] = result
         wall = result["wall_seconds"]
-        print(f"\n{name}: {result['tokens']} tokens in {wall:.1f} s ({result['tokens'] / wall:.0f} tokens/s); "
-              f"at the matmul peak ({peak:.0f} GFLOP/s) the weights' FLOPs take {result['matmul_seconds_at_peak']:.1f} s")
+        print(
+            f"\n{name}: {result['tokens']} tokens in {wall:.1f} s ({result['tokens'] / wall:.0f} tokens/s); "
+            f"at the matmul peak ({peak:.0f} GFLOP/s) the weights' FLOPs take {result['matmul_seconds_at_peak']:.1f} s"
+        )
         for group, seconds in sorted(result["groups"].items(), key=lambda kv: -kv[1]):
             print(f"  {group:<30}{seconds:>8.2f} s {seconds / wall:>6.1%}")
         print("  top ops: " + "; ".join(f"{t['op']} {t['self_seconds']:.2f} s" for t in result["top_ops"][:6]))

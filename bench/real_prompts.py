@@ -28,5 +28,7 @@ def fitting_rows(dataset: str, model: str | Path, n: int, max_tokens: int) -> li
     from sampling.base import encode_prompts
 
     rows = load_prompts(dataset)
-    lengths = [len(ids) for ids in encode_prompts(AutoTokenizer.from_pretrained(model), [r["prompt"] for r in rows], None)]
+    lengths = [
+        len(ids) for ids in encode_prompts(AutoTokenizer.from_pretrained(model), [r["prompt"] for r in rows], None)
+    ]
     return [(r, n_tok) for r, n_tok in zip(rows, lengths) if n_tok + max_tokens <= CONTEXT][:n]

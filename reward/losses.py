@@ -157,7 +157,18 @@ def pairwise_metrics(better: list[float], worse: list[float]) -> dict[str, float
 
 
 __all__ = [
-    "LLAMA2_MARGINS", "LOSSES", "Loss", "RewardBatch", "SOFT_LABELS", "bradley_terry",
-    "get_loss", "grade_cross_entropy", "ordered_pairs", "pairwise_metrics", "parse_level", "ranking",
-    "register_loss", "soft_label",
+    "LLAMA2_MARGINS",
+    "LOSSES",
+    "Loss",
+    "RewardBatch",
+    "SOFT_LABELS",
+    "bradley_terry",
+    "get_loss",
+    "grade_cross_entropy",
+    "ordered_pairs",
+    "pairwise_metrics",
+    "parse_level",
+    "ranking",
+    "register_loss",
+    "soft_label",
 ]

@@ -76,7 +76,15 @@ def _resolve_device(device: str) -> str:
 class RewardModel:
     """Scores (prompt, response) text with a sequence-classification model (output 0)."""
 
-    def __init__(self, model, tokenizer, name: str = "model", batch_size: int = 32, max_length: int = 1024, sort_by_length: bool = True):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        name: str = "model",
+        batch_size: int = 32,
+        max_length: int = 1024,
+        sort_by_length: bool = True,
+    ):
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         if model.config.pad_token_id is None:  # decoders find the last non-pad token with it
@@ -89,14 +97,18 @@ class RewardModel:
         self.sort_by_length = sort_by_length
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str = "auto", dtype: str = "float32", **kwargs: Any) -> "RewardModel":
+    def from_pretrained(
+        cls, path: str | Path, device: str = "auto", dtype: str = "float32", **kwargs: Any
+    ) -> "RewardModel":
         """Load a folder written by ``align rm`` (or any Hugging Face sequence-classification
         model) with its tokenizer; safetensors only, no remote code."""
         from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
         path = Path(path).expanduser()
         if not (path / "config.json").is_file():
-            raise ModelError(f"reward model not found: {path} has no config.json (give the model/ folder written by `align rm`)")
+            raise ModelError(
+                f"reward model not found: {path} has no config.json (give the model/ folder written by `align rm`)"
+            )
         config = AutoConfig.from_pretrained(path)
         if not any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
             raise ModelError(
@@ -104,7 +116,9 @@ class RewardModel:
                 " train one with `align rm` or give a sequence-classification folder"
             )
         torch_dtype = getattr(torch, dtype) if dtype != "auto" else "auto"
-        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch_dtype, use_safetensors=True, trust_remote_code=False)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=torch_dtype, use_safetensors=True, trust_remote_code=False
+        )
         model.to(_resolve_device(device)).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
         return cls(model, tokenizer, name=f"model:{path}", **kwargs)

@@ -37,10 +37,7 @@ def _column(rule: str, columns: dict, column: str, what: str = "the reference an
     if column not in columns or columns[column] is None:
         have = ", ".join(sorted(columns)) or "none"
         article = "an" if column[0] in "aeiou" else "a"
-        raise DataError(
-            f"rule {rule!r} needs {article} {column!r} column with {what} "
-            f"(the row has: {have})"
-        )
+        raise DataError(f"rule {rule!r} needs {article} {column!r} column with {what} (the row has: {have})")
     return columns[column]
 
 
@@ -124,7 +121,11 @@ def _judge(module: str, attr: str, package: str):
 @register_rule("vader")
 def vader(prompt: str, response: str, **columns) -> float:
     """VADER's compound sentiment of the response, in [-1, 1] (Hutto & Gilbert 2014)."""
-    return float(_judge("vaderSentiment.vaderSentiment", "SentimentIntensityAnalyzer", "vaderSentiment").polarity_scores(response)["compound"])
+    return float(
+        _judge("vaderSentiment.vaderSentiment", "SentimentIntensityAnalyzer", "vaderSentiment").polarity_scores(
+            response
+        )["compound"]
+    )
 
 
 @register_rule("afinn")
@@ -133,5 +134,17 @@ def afinn(prompt: str, response: str, **columns) -> float:
     return float(_judge("afinn", "Afinn", "afinn").score(response))
 
 
-__all__ = ["DEFAULT_MAX_CHARS", "RULES", "Rule", "afinn", "exact_match", "final_number", "get_rule", "length_penalty", "numeric_answer",
-           "regex", "register_rule", "vader"]
+__all__ = [
+    "DEFAULT_MAX_CHARS",
+    "RULES",
+    "Rule",
+    "afinn",
+    "exact_match",
+    "final_number",
+    "get_rule",
+    "length_penalty",
+    "numeric_answer",
+    "regex",
+    "register_rule",
+    "vader",
+]

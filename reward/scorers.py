@@ -44,8 +44,10 @@ class FunctionScorer:
         self.fn = fn
 
     def score(self, prompts: list[str], responses: list[str], rows: list[dict[str, Any]]) -> list[float]:
-        return [float(self.fn(p, r, **{k: v for k, v in row.items() if k != "prompt"}))
-                for p, r, row in zip(prompts, responses, rows)]
+        return [
+            float(self.fn(p, r, **{k: v for k, v in row.items() if k != "prompt"}))
+            for p, r, row in zip(prompts, responses, rows)
+        ]
 
 
 def _rule(name: str) -> Scorer:
@@ -133,7 +135,8 @@ def _single(spec: str) -> Scorer:
     if not sep or not rest:
         raise ConfigError(
             f"reward {spec!r} is not a scorer spec; use one of: "
-            + ", ".join(f"{k}:NAME" for k in SCORER_KINDS) + ", or module:function for your own code"
+            + ", ".join(f"{k}:NAME" for k in SCORER_KINDS)
+            + ", or module:function for your own code"
         )
     if kind in SCORER_KINDS:
         return SCORER_KINDS[kind](rest)
@@ -152,9 +155,13 @@ def build_scorer(
     if not specs:
         raise ConfigError("no reward given; pass at least one scorer spec (e.g. rule:arithmetic)")
     if weights is not None and len(weights) != len(specs):
-        raise ConfigError(f"{len(weights)} reward weights for {len(specs)} scorers ({', '.join(specs)}); give one weight per scorer")
+        raise ConfigError(
+            f"{len(weights)} reward weights for {len(specs)} scorers ({', '.join(specs)}); give one weight per scorer"
+        )
     if weights is not None and combine != "weighted":
-        raise ConfigError(f"reward weights only apply to combine 'weighted', not {combine!r}; drop the weights or use weighted")
+        raise ConfigError(
+            f"reward weights only apply to combine 'weighted', not {combine!r}; drop the weights or use weighted"
+        )
     if len(specs) == 1 and weights is None and not normalize:
         return _single(specs[0])
     weights = list(weights) if weights is not None else [1.0 / len(specs)] * len(specs)
@@ -168,4 +175,13 @@ def check_finite(scores: list[float], prompt_ids: list[Any], scorer: str) -> Non
             raise DataError(f"scorer {scorer} returned {score} for prompt {pid}; fix the scorer or drop that prompt")
 
 
-__all__ = ["COMBINERS", "CommitteeScorer", "FunctionScorer", "SCORER_KINDS", "Scorer", "build_scorer", "check_finite", "z_normalize"]
+__all__ = [
+    "COMBINERS",
+    "CommitteeScorer",
+    "FunctionScorer",
+    "SCORER_KINDS",
+    "Scorer",
+    "build_scorer",
+    "check_finite",
+    "z_normalize",
+]

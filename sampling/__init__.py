@@ -11,6 +11,18 @@ from sampling.engines import EngineOptions, build_engine, default_engine
 from sampling.select import STRATEGIES, Scored, SelectOptions, dedupe, get_strategy
 
 __all__ = [
-    "ENGINES", "STRATEGIES", "Candidate", "Engine", "EngineOptions", "SamplingParams", "Scored", "SelectOptions",
-    "build_engine", "dedupe", "default_engine", "encode_prompts", "get_strategy", "render_prompts",
+    "ENGINES",
+    "STRATEGIES",
+    "Candidate",
+    "Engine",
+    "EngineOptions",
+    "SamplingParams",
+    "Scored",
+    "SelectOptions",
+    "build_engine",
+    "dedupe",
+    "default_engine",
+    "encode_prompts",
+    "get_strategy",
+    "render_prompts",
 ]

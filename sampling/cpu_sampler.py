@@ -85,7 +85,9 @@ def _install_in_worker(worker: Any) -> bool:
     sampler = getattr(runner_sampler, "topk_topp_sampler", None)
     if sampler is None or not hasattr(runner_sampler, "sample"):
         return False
-    if getattr(sampler.forward, "__func__", None) is not TopKTopPSampler.forward_cpu or getattr(sampler, "use_fp64_gumbel", True):
+    if getattr(sampler.forward, "__func__", None) is not TopKTopPSampler.forward_cpu or getattr(
+        sampler, "use_fp64_gumbel", True
+    ):
         return False
     # vLLM's forward_cpu computes the processed log-probs (a full-vocabulary log_softmax) at every
     # step in "processed_logprobs" mode, though vLLM reads them only for requests that ask for
@@ -97,8 +99,9 @@ def _install_in_worker(worker: Any) -> bool:
         step["logprobs"] = sampling_metadata.max_num_logprobs is not None or bool(sampling_metadata.logprob_token_ids)
         return sample(logits, sampling_metadata, *args, **kwargs)
 
-    def forward(logits: torch.Tensor, generators: dict[int, torch.Generator], k: torch.Tensor | None,
-                p: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        logits: torch.Tensor, generators: dict[int, torch.Generator], k: torch.Tensor | None, p: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         # vLLM's forward_cpu, with its fused Gumbel kernel replaced by sample_rows.
         logits = apply_top_k_top_p(logits, k, p)
         returned = None

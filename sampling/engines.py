@@ -20,6 +20,7 @@ from align.gguf import resolve_model_path
 from sampling import hf, vllm_engine  # noqa: F401  register the engines
 from sampling.base import ENGINES, Engine
 
+
 def default_engine() -> str:
     """'vllm' when it is installed (CPU or GPU build), else 'transformers'.
 
@@ -37,8 +38,12 @@ class AutoEngine:
     def from_pretrained(cls, model_path: str, **options: Any) -> Engine:
         name = default_engine()
         if name != "vllm":
-            print(f"engine auto: vLLM is not installed, generating with {name} (slower; install vllm,"
-                  f" or pass --engine {name} to choose it)", file=sys.stderr, flush=True)
+            print(
+                f"engine auto: vLLM is not installed, generating with {name} (slower; install vllm,"
+                f" or pass --engine {name} to choose it)",
+                file=sys.stderr,
+                flush=True,
+            )
         return ENGINES[name].from_pretrained(model_path, **options)
 
 
@@ -53,33 +58,61 @@ def build_engine(name: str, model_path: str, **options: Any) -> Engine:
 class EngineOptions:
     """Engine fields shared by every stage that generates (mixed into stage configs)."""
 
-    engine: str = option("auto", "Generation engine; auto: vLLM when it is installed, else transformers (said on stderr).", choices=ENGINES)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option("float32", "Engine weights dtype; float32 keeps log-probs equal to the trainer's.")
+    engine: str = option(
+        "auto",
+        "Generation engine; auto: vLLM when it is installed, else transformers (said on stderr).",
+        choices=ENGINES,
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
+        "float32", "Engine weights dtype; float32 keeps log-probs equal to the trainer's."
+    )
     max_model_len: int = option(512, "Longest prompt + response, in tokens (vLLM sizes its KV pages from it).")
-    kv_cache_gb: float | None = option(None, "vLLM KV-cache size in GiB (on CPU it is host RAM). Too small a cache makes vLLM decode"
-                                             " the sequences in waves; the engine says on stderr when a call needs more and what would fit."
-                                             " Unset: 1 GiB on CPU; on a GPU, what gpu_memory_utilization leaves after the weights.")
-    gpu_memory_utilization: float = option(0.3, "vLLM on a GPU: the share of the GPU's memory the engine may take (weights, activations,"
-                                                " KV cache when kv_cache_gb is unset); in rlhf the policy and its optimizer share the GPU."
-                                                " A memory setting, not part of the stage's identity.")
-    tensor_parallel_size: int = option(1, "vLLM: GPUs one engine is split across. Only 1: every process runs its own engine on its own"
-                                          " GPU (TRL's colocate mode without its tensor-parallel subgroups).")
-    max_num_seqs: int = option(256, "vLLM: most sequences decoded together (each of the K samples of a prompt counts).")
-    kv_block_size: int = option(32, "vLLM: tokens per KV-cache page (its block_size; a multiple of 32). Prefix caching"
-                                    " shares only full pages, so the K samples of a prompt share its first 32-token pages"
-                                    " and compute only the rest; vLLM's CPU default, 128, shares nothing of a prompt shorter"
-                                    " than 128 tokens (SmolLM2-135M, 64 prompts x K=8: 1.4x the tokens/s, docs/vllm-cpu.md)."
-                                    " A speed setting, not part of the stage's identity.")
+    kv_cache_gb: float | None = option(
+        None,
+        "vLLM KV-cache size in GiB (on CPU it is host RAM). Too small a cache makes vLLM decode"
+        " the sequences in waves; the engine says on stderr when a call needs more and what would fit."
+        " Unset: 1 GiB on CPU; on a GPU, what gpu_memory_utilization leaves after the weights.",
+    )
+    gpu_memory_utilization: float = option(
+        0.3,
+        "vLLM on a GPU: the share of the GPU's memory the engine may take (weights, activations,"
+        " KV cache when kv_cache_gb is unset); in rlhf the policy and its optimizer share the GPU."
+        " A memory setting, not part of the stage's identity.",
+    )
+    tensor_parallel_size: int = option(
+        1,
+        "vLLM: GPUs one engine is split across. Only 1: every process runs its own engine on its own"
+        " GPU (TRL's colocate mode without its tensor-parallel subgroups).",
+    )
+    max_num_seqs: int = option(
+        256, "vLLM: most sequences decoded together (each of the K samples of a prompt counts)."
+    )
+    kv_block_size: int = option(
+        32,
+        "vLLM: tokens per KV-cache page (its block_size; a multiple of 32). Prefix caching"
+        " shares only full pages, so the K samples of a prompt share its first 32-token pages"
+        " and compute only the rest; vLLM's CPU default, 128, shares nothing of a prompt shorter"
+        " than 128 tokens (SmolLM2-135M, 64 prompts x K=8: 1.4x the tokens/s, docs/vllm-cpu.md)."
+        " A speed setting, not part of the stage's identity.",
+    )
     batch_size: int = option(64, "transformers engine: prompts per generate call.")
-    threads: int = option(1, "vLLM: torch threads that decode. 1 (vLLM's CPU default) when other work shares the cores;"
-                             " the core count when generation has them to itself (2 threads decode SmolLM2-135M about"
-                             " 2.4x faster than 1 on 2 idle cores, docs/vllm-cpu.md). A speed setting, not part of the"
-                             " stage's identity.")
-    enforce_eager: bool | None = option(None, "vLLM: run the model eagerly; false compiles it (torch.compile, and CUDA graphs on a GPU)"
-                                              " when the engine starts, a one-time cost for faster decoding (bench/bench_generation.py"
-                                              " --enforce_eager false). Unset: eager on CPU, compiled on a GPU. A speed setting, not part"
-                                              " of the stage's identity.")
-    system_prompt: str | None = option(None, "System message put before each prompt that has none (steers tone and format).")
+    threads: int = option(
+        1,
+        "vLLM: torch threads that decode. 1 (vLLM's CPU default) when other work shares the cores;"
+        " the core count when generation has them to itself (2 threads decode SmolLM2-135M about"
+        " 2.4x faster than 1 on 2 idle cores, docs/vllm-cpu.md). A speed setting, not part of the"
+        " stage's identity.",
+    )
+    enforce_eager: bool | None = option(
+        None,
+        "vLLM: run the model eagerly; false compiles it (torch.compile, and CUDA graphs on a GPU)"
+        " when the engine starts, a one-time cost for faster decoding (bench/bench_generation.py"
+        " --enforce_eager false). Unset: eager on CPU, compiled on a GPU. A speed setting, not part"
+        " of the stage's identity.",
+    )
+    system_prompt: str | None = option(
+        None, "System message put before each prompt that has none (steers tone and format)."
+    )
     trust_remote_code: bool = option(False, "Run model code shipped with a Hub repo. Off by default.")
 
     def validate_engine(self) -> None:
@@ -91,19 +124,31 @@ class EngineOptions:
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"'gpu_memory_utilization' must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.tensor_parallel_size != 1:
-            raise ConfigError(f"'tensor_parallel_size' must be 1, got {self.tensor_parallel_size}: tensor-parallel engines are not"
-                              " supported; run one process per GPU (accelerate launch), each with its own engine")
+            raise ConfigError(
+                f"'tensor_parallel_size' must be 1, got {self.tensor_parallel_size}: tensor-parallel engines are not"
+                " supported; run one process per GPU (accelerate launch), each with its own engine"
+            )
         if self.kv_block_size < 1 or self.kv_block_size % 32:  # vLLM's CPU attention needs it; GPU backends take it
             raise ConfigError(f"'kv_block_size' must be a positive multiple of 32, got {self.kv_block_size}")
 
-    def build_engine(self, model_path: str, seed: int = 0, kv_cache_gb: float | None = None, **vllm_options: Any) -> Engine:
+    def build_engine(
+        self, model_path: str, seed: int = 0, kv_cache_gb: float | None = None, **vllm_options: Any
+    ) -> Engine:
         """The configured engine; ``kv_cache_gb`` (rlhf passes the size it resolved) overrides ``self.kv_cache_gb``;
         ``vllm_options`` (rlhf's: the engine's dtype, sleep mode, LoRA) override or add to the rest."""
         options = dict(
-            dtype=self.dtype, max_model_len=self.max_model_len,
-            kv_cache_gb=kv_cache_gb or self.kv_cache_gb, max_num_seqs=self.max_num_seqs, kv_block_size=self.kv_block_size,
-            batch_size=self.batch_size, threads=self.threads, gpu_memory_utilization=self.gpu_memory_utilization,
-            tensor_parallel_size=self.tensor_parallel_size, enforce_eager=self.enforce_eager, system_prompt=self.system_prompt,
-            trust_remote_code=self.trust_remote_code, seed=seed,
+            dtype=self.dtype,
+            max_model_len=self.max_model_len,
+            kv_cache_gb=kv_cache_gb or self.kv_cache_gb,
+            max_num_seqs=self.max_num_seqs,
+            kv_block_size=self.kv_block_size,
+            batch_size=self.batch_size,
+            threads=self.threads,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            tensor_parallel_size=self.tensor_parallel_size,
+            enforce_eager=self.enforce_eager,
+            system_prompt=self.system_prompt,
+            trust_remote_code=self.trust_remote_code,
+            seed=seed,
         )
         return build_engine(self.engine, model_path, **{**options, **vllm_options})

@@ -20,8 +20,14 @@ from sampling.logprobs import pad_batch, selective_logprobs
 class TransformersEngine:
     name = "transformers"
 
-    def __init__(self, model, tokenizer, batch_size: int = 64, system_prompt: str | None = None,
-                 max_model_len: int | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        batch_size: int = 64,
+        system_prompt: str | None = None,
+        max_model_len: int | None = None,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -31,9 +37,17 @@ class TransformersEngine:
         self.stop_ids = stop_ids(tokenizer, getattr(getattr(model, "generation_config", None), "eos_token_id", None))
 
     @classmethod
-    def from_pretrained(cls, model_path: str, *, dtype: str = "float32", trust_remote_code: bool = False,
-                        batch_size: int = 64, system_prompt: str | None = None, max_model_len: int | None = None,
-                        **_: Any) -> "TransformersEngine":
+    def from_pretrained(
+        cls,
+        model_path: str,
+        *,
+        dtype: str = "float32",
+        trust_remote_code: bool = False,
+        batch_size: int = 64,
+        system_prompt: str | None = None,
+        max_model_len: int | None = None,
+        **_: Any,
+    ) -> "TransformersEngine":
         """Load the policy and its tokenizer; engine options meant for vLLM are ignored."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -41,8 +55,10 @@ class TransformersEngine:
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=getattr(torch, dtype) if dtype != "auto" else "auto",
-            trust_remote_code=trust_remote_code, use_safetensors=True,
+            model_path,
+            dtype=getattr(torch, dtype) if dtype != "auto" else "auto",
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,
         )
         model.to("cuda" if torch.cuda.is_available() else "cpu")
         return cls(model, tok, batch_size=batch_size, system_prompt=system_prompt, max_model_len=max_model_len)

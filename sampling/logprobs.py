@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 
-
 # Positions per chunk in the two functions below: 1,024 x 49,152 x 4 bytes = 200 MB of fp32
 # temporaries at a time at SmolLM2's vocabulary, whatever the batch.
 CHUNK_TOKENS = 1024
@@ -37,8 +36,9 @@ def _chunks(logits: torch.Tensor, chunk_tokens: int):
             yield row, slice(start, start + chunk_tokens)
 
 
-def selective_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = CHUNK_TOKENS,
-                       temperature: float = 1.0) -> torch.Tensor:
+def selective_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = CHUNK_TOKENS, temperature: float = 1.0
+) -> torch.Tensor:
     """log softmax(logits / temperature)[target] per position, [B, T, V] x [B, T] -> [B, T] fp32, with
     gradients. The division happens chunk by chunk in fp32 (no scaled copy of the logits).
 
@@ -71,7 +71,9 @@ class _SelectiveLogprobs(torch.autograd.Function):
         grad = torch.empty_like(logits)
         for row, cols in _chunks(logits, ctx.chunk_tokens):
             g = grad_logp[row, cols].unsqueeze(-1) / ctx.temperature  # d(x / T)/dx = 1/T
-            chunk = -(_scaled(logits[row, cols], ctx.temperature) - lse[row, cols].unsqueeze(-1)).exp() * g  # -softmax * g
+            chunk = (
+                -(_scaled(logits[row, cols], ctx.temperature) - lse[row, cols].unsqueeze(-1)).exp() * g
+            )  # -softmax * g
             chunk.scatter_add_(-1, targets[row, cols].unsqueeze(-1), g)  # + one-hot * g
             grad[row, cols] = chunk
         return grad, None, None, None

@@ -97,8 +97,15 @@ def best_of_k(row: dict[str, Any], cands: list[Scored], opts: SelectOptions) -> 
     top = _best(cands)
     if opts.min_reward is not None and top.reward < opts.min_reward:
         return []
-    return [{**_base(row), "completion": _assistant(top.text), "candidate_index": top.index, "reward": top.reward,
-             "model": top.model}]
+    return [
+        {
+            **_base(row),
+            "completion": _assistant(top.text),
+            "candidate_index": top.index,
+            "reward": top.reward,
+            "model": top.model,
+        }
+    ]
 
 
 @STRATEGIES.register("pairs")
@@ -109,18 +116,31 @@ def best_vs_worst(row: dict[str, Any], cands: list[Scored], opts: SelectOptions)
     margin = chosen.reward - rejected.reward
     if margin <= 0 or margin < opts.min_margin:
         return []
-    return [{
-        **_base(row), "chosen": _assistant(chosen.text), "rejected": _assistant(rejected.text),
-        "chosen_index": chosen.index, "rejected_index": rejected.index,
-        "chosen_reward": chosen.reward, "rejected_reward": rejected.reward,
-        "chosen_model": chosen.model, "rejected_model": rejected.model,
-    }]
+    return [
+        {
+            **_base(row),
+            "chosen": _assistant(chosen.text),
+            "rejected": _assistant(rejected.text),
+            "chosen_index": chosen.index,
+            "rejected_index": rejected.index,
+            "chosen_reward": chosen.reward,
+            "rejected_reward": rejected.reward,
+            "chosen_model": chosen.model,
+            "rejected_model": rejected.model,
+        }
+    ]
 
 
 @STRATEGIES.register("all")
 def every_candidate(row: dict[str, Any], cands: list[Scored], opts: SelectOptions) -> list[dict[str, Any]]:
     return [
-        {**_base(row), "completion": _assistant(c.text), "candidate_index": c.index, "reward": c.reward, "model": c.model}
+        {
+            **_base(row),
+            "completion": _assistant(c.text),
+            "candidate_index": c.index,
+            "reward": c.reward,
+            "model": c.model,
+        }
         for c in sorted(cands, key=lambda c: c.index)
     ]
 
@@ -142,9 +162,16 @@ def annotated_pair(row: dict[str, Any], cands: list[Scored], opts: SelectOptions
     a, b = first
     draw = random.Random(f"{opts.seed}:{row['prompt_id']}").random()
     chosen, rejected = (a, b) if draw < prefer_first(a.reward, b.reward, opts.tau) else (b, a)
-    return [{
-        **_base(row), "chosen": _assistant(chosen.text), "rejected": _assistant(rejected.text),
-        "chosen_index": chosen.index, "rejected_index": rejected.index,
-        "chosen_reward": chosen.reward, "rejected_reward": rejected.reward,
-        "chosen_model": chosen.model, "rejected_model": rejected.model,
-    }]
+    return [
+        {
+            **_base(row),
+            "chosen": _assistant(chosen.text),
+            "rejected": _assistant(rejected.text),
+            "chosen_index": chosen.index,
+            "rejected_index": rejected.index,
+            "chosen_reward": chosen.reward,
+            "rejected_reward": rejected.reward,
+            "chosen_model": chosen.model,
+            "rejected_model": rejected.model,
+        }
+    ]

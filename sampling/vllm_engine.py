@@ -103,15 +103,36 @@ def engine_environment(device: str, ranks: RankInfo) -> dict[str, str]:
     TRL's ``ensure_master_addr_port``'s business, at build time).
     """
     if device == "cpu":
-        return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CONFIGURE_LOGGING": "0", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
-    return {"RANK": str(ranks.rank), "LOCAL_RANK": str(ranks.local_rank), "WORLD_SIZE": str(ranks.world_size),
-            "VLLM_CONFIGURE_LOGGING": "0"}
+        return {
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+            "VLLM_CONFIGURE_LOGGING": "0",
+            "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+        }
+    return {
+        "RANK": str(ranks.rank),
+        "LOCAL_RANK": str(ranks.local_rank),
+        "WORLD_SIZE": str(ranks.world_size),
+        "VLLM_CONFIGURE_LOGGING": "0",
+    }
 
 
-def engine_kwargs(model_path: str, *, device: str, dtype: str, max_model_len: int, kv_cache_gb: float | None, seed: int,
-                  trust_remote_code: bool, gpu_memory_utilization: float, max_num_seqs: int, kv_block_size: int,
-                  enforce_eager: bool | None, tensor_parallel_size: int = 1, enable_sleep_mode: bool = False,
-                  max_lora_rank: int | None = None) -> dict[str, Any]:
+def engine_kwargs(
+    model_path: str,
+    *,
+    device: str,
+    dtype: str,
+    max_model_len: int,
+    kv_cache_gb: float | None,
+    seed: int,
+    trust_remote_code: bool,
+    gpu_memory_utilization: float,
+    max_num_seqs: int,
+    kv_block_size: int,
+    enforce_eager: bool | None,
+    tensor_parallel_size: int = 1,
+    enable_sleep_mode: bool = False,
+    max_lora_rank: int | None = None,
+) -> dict[str, Any]:
     """The keyword arguments of ``vllm.LLM`` for an engine on ``device`` ('cpu' or 'cuda').
 
     CPU: the arguments this engine has always passed (module docstring), unchanged: eager unless
@@ -129,24 +150,39 @@ def engine_kwargs(model_path: str, *, device: str, dtype: str, max_model_len: in
 
     cpu = device == "cpu"
     if cpu and enable_sleep_mode:
-        raise ConfigError("'sleep_mode' needs a GPU: vLLM has no sleep mode on CPU (docs/vllm-cpu.md#7); drop --sleep_mode")
+        raise ConfigError(
+            "'sleep_mode' needs a GPU: vLLM has no sleep mode on CPU (docs/vllm-cpu.md#7); drop --sleep_mode"
+        )
     if cpu and max_lora_rank is not None:
-        raise ConfigError("adapter-only LoRA syncs need vLLM on a GPU; on CPU the adapter is merged and sent (docs/vllm-cpu.md#9)")
+        raise ConfigError(
+            "adapter-only LoRA syncs need vLLM on a GPU; on CPU the adapter is merged and sent (docs/vllm-cpu.md#9)"
+        )
     if kv_cache_gb is None and cpu:
         kv_cache_gb = 1.0
     kwargs: dict[str, Any] = dict(
-        model=str(model_path), dtype=dtype, enforce_eager=cpu if enforce_eager is None else enforce_eager,
-        max_model_len=max_model_len, seed=seed, enable_prefix_caching=True, trust_remote_code=trust_remote_code,
-        gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs, block_size=kv_block_size,
-        max_num_batched_tokens=max(4096, max_model_len), logprobs_mode="processed_logprobs",
+        model=str(model_path),
+        dtype=dtype,
+        enforce_eager=cpu if enforce_eager is None else enforce_eager,
+        max_model_len=max_model_len,
+        seed=seed,
+        enable_prefix_caching=True,
+        trust_remote_code=trust_remote_code,
+        gpu_memory_utilization=gpu_memory_utilization,
+        max_num_seqs=max_num_seqs,
+        block_size=kv_block_size,
+        max_num_batched_tokens=max(4096, max_model_len),
+        logprobs_mode="processed_logprobs",
     )
     if kv_cache_gb is not None:
         kwargs["kv_cache_memory_bytes"] = int(kv_cache_gb * 2**30)
     if cpu:
         kwargs["enable_chunked_prefill"] = False
         return kwargs
-    kwargs.update(distributed_executor_backend="external_launcher", tensor_parallel_size=tensor_parallel_size,
-                  enable_sleep_mode=enable_sleep_mode)
+    kwargs.update(
+        distributed_executor_backend="external_launcher",
+        tensor_parallel_size=tensor_parallel_size,
+        enable_sleep_mode=enable_sleep_mode,
+    )
     if max_lora_rank is not None:
         kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1)
     return kwargs
@@ -163,8 +199,10 @@ def check_colocated(engine_device: Any, policy_device: Any) -> None:
     if policy_device.type == "cuda" and policy_device.index is None:
         policy_device = torch.device("cuda", 0)
     if engine_device != policy_device:
-        raise RuntimeError(f"the vLLM engine is on {engine_device} but the policy on {policy_device}: colocated"
-                           " training needs both on this rank's GPU (LOCAL_RANK)")
+        raise RuntimeError(
+            f"the vLLM engine is on {engine_device} but the policy on {policy_device}: colocated"
+            " training needs both on this rank's GPU (LOCAL_RANK)"
+        )
 
 
 @ENGINES.register("vllm")
@@ -175,12 +213,28 @@ class VLLMEngine:
     _alive: "weakref.WeakSet[VLLMEngine]" = weakref.WeakSet()
     torch_set_num_threads: Any = None  # torch's own, saved before the first engine replaces it
 
-    def __init__(self, model_path: str, *, dtype: str = "float32", max_model_len: int = 512, kv_cache_gb: float | None = None,
-                 seed: int = 0, system_prompt: str | None = None, trust_remote_code: bool = False,
-                 gpu_memory_utilization: float = 0.3, max_num_seqs: int = 256, kv_block_size: int = 32,
-                 threads: int = 1, enforce_eager: bool | None = None, tensor_parallel_size: int = 1,
-                 enable_sleep_mode: bool = False, max_lora_rank: int | None = None, device: str | None = None,
-                 ranks: RankInfo | None = None, **_: Any):
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        dtype: str = "float32",
+        max_model_len: int = 512,
+        kv_cache_gb: float | None = None,
+        seed: int = 0,
+        system_prompt: str | None = None,
+        trust_remote_code: bool = False,
+        gpu_memory_utilization: float = 0.3,
+        max_num_seqs: int = 256,
+        kv_block_size: int = 32,
+        threads: int = 1,
+        enforce_eager: bool | None = None,
+        tensor_parallel_size: int = 1,
+        enable_sleep_mode: bool = False,
+        max_lora_rank: int | None = None,
+        device: str | None = None,
+        ranks: RankInfo | None = None,
+        **_: Any,
+    ):
         device = device or engine_device()
         ranks = ranks or RankInfo.from_env()
         env = engine_environment(device, ranks)
@@ -195,11 +249,22 @@ class VLLMEngine:
         from transformers import AutoTokenizer
         from vllm import LLM
 
-        kwargs = engine_kwargs(model_path, device=device, dtype=dtype, max_model_len=max_model_len, kv_cache_gb=kv_cache_gb,
-                               seed=seed, trust_remote_code=trust_remote_code, gpu_memory_utilization=gpu_memory_utilization,
-                               max_num_seqs=max_num_seqs, kv_block_size=kv_block_size, enforce_eager=enforce_eager,
-                               tensor_parallel_size=tensor_parallel_size, enable_sleep_mode=enable_sleep_mode,
-                               max_lora_rank=max_lora_rank)
+        kwargs = engine_kwargs(
+            model_path,
+            device=device,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            kv_cache_gb=kv_cache_gb,
+            seed=seed,
+            trust_remote_code=trust_remote_code,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_num_seqs=max_num_seqs,
+            kv_block_size=kv_block_size,
+            enforce_eager=enforce_eager,
+            tensor_parallel_size=tensor_parallel_size,
+            enable_sleep_mode=enable_sleep_mode,
+            max_lora_rank=max_lora_rank,
+        )
         self.device = torch.device("cpu") if device == "cpu" else torch.device(device, ranks.local_rank)
         if device == "cuda":  # before vLLM allocates anything: this rank's GPU, not cuda:0 (TRL's colocate mode)
             from trl.trainer.utils import ensure_master_addr_port
@@ -220,7 +285,10 @@ class VLLMEngine:
         self.llm = LLM(**kwargs)
         cache = self.llm.llm_engine.vllm_config.cache_config
         # None on a GPU without kv_cache_gb: vLLM sized the cache from gpu_memory_utilization
-        self.max_num_seqs, self.kv_cache_gb = max_num_seqs, 1.0 if kv_cache_gb is None and device == "cpu" else kv_cache_gb
+        self.max_num_seqs, self.kv_cache_gb = (
+            max_num_seqs,
+            1.0 if kv_cache_gb is None and device == "cpu" else kv_cache_gb,
+        )
         self.kv_blocks, self.block_size = cache.num_gpu_blocks, cache.block_size
         self._said_kv_short = False
         # vLLM stops on the EOS and generation_config.json's ids by itself; the template's end of
@@ -254,10 +322,16 @@ class VLLMEngine:
         greedy = params.temperature == 0
         per_prompt = [
             VLLMParams(
-                n=params.n, temperature=params.temperature, top_p=1.0 if greedy else params.top_p,
-                top_k=0 if greedy else params.top_k, max_tokens=min(params.max_tokens, self.max_model_len - len(ids)),
-                stop=list(params.stop) or None, stop_token_ids=self.stop_token_ids or None, seed=params.prompt_seed(i),
-                logprobs=0 if params.logprobs else None, skip_special_tokens=True,
+                n=params.n,
+                temperature=params.temperature,
+                top_p=1.0 if greedy else params.top_p,
+                top_k=0 if greedy else params.top_k,
+                max_tokens=min(params.max_tokens, self.max_model_len - len(ids)),
+                stop=list(params.stop) or None,
+                stop_token_ids=self.stop_token_ids or None,
+                seed=params.prompt_seed(i),
+                logprobs=0 if params.logprobs else None,
+                skip_special_tokens=True,
             )
             for i, ids in enumerate(encoded)
         ]
@@ -266,10 +340,16 @@ class VLLMEngine:
             raise RuntimeError("the engine's weights were discarded by sleep mode: load_weights before generating")
         self.wake_up([tag for tag in ("weights", "kv_cache") if tag in self.asleep])
         with self._cpu_only_settings():
-            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in encoded], per_prompt, use_tqdm=False,
-                                        lora_request=self.lora_request)
+            outputs = self.llm.generate(
+                [TokensPrompt(prompt_token_ids=ids) for ids in encoded],
+                per_prompt,
+                use_tqdm=False,
+                lora_request=self.lora_request,
+            )
         self.sleep()
-        return [[_candidate(c, params.logprobs) for c in sorted(out.outputs, key=lambda c: c.index)] for out in outputs]
+        return [
+            [_candidate(c, params.logprobs) for c in sorted(out.outputs, key=lambda c: c.index)] for out in outputs
+        ]
 
     def _check_kv_capacity(self, sequence_lengths: list[int], n: int) -> None:
         """Say once (stderr) when the KV cache cannot hold the sequences vLLM would decode together."""
@@ -281,9 +361,13 @@ class VLLMEngine:
         self._said_kv_short = True
         together = min(len(sequence_lengths) * n, self.max_num_seqs)
         gib = math.ceil(10 * self.kv_cache_gb * needed / self.kv_blocks) / 10
-        print(f"align: the vLLM KV cache ({self.kv_cache_gb:g} GiB, {self.kv_blocks} blocks of {self.block_size} tokens) "
-              f"holds fewer than the {together} sequences it could decode together ({needed} blocks), so it decodes "
-              f"them in waves; --kv_cache_gb {gib:g} would hold them all", file=sys.stderr, flush=True)
+        print(
+            f"align: the vLLM KV cache ({self.kv_cache_gb:g} GiB, {self.kv_blocks} blocks of {self.block_size} tokens) "
+            f"holds fewer than the {together} sequences it could decode together ({needed} blocks), so it decodes "
+            f"them in waves; --kv_cache_gb {gib:g} would hold them all",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def _cpu_only_settings(self) -> contextlib.AbstractContextManager:
         """On CPU: ``threads`` torch threads and ``keep_freed_memory`` while generating; nothing on a GPU."""
@@ -413,8 +497,16 @@ def kv_cache_bytes_per_token(model_config: dict, dtype: str = "float32") -> int:
     return 2 * model_config["num_hidden_layers"] * kv_heads * head_dim * KV_DTYPE_BYTES[dtype]
 
 
-def kv_cache_gb_for(model_config: dict, sequence_lengths: Iterable[int], n: int, *, block_size: int, max_num_seqs: int,
-                    max_model_len: int, dtype: str = "float32") -> float:
+def kv_cache_gb_for(
+    model_config: dict,
+    sequence_lengths: Iterable[int],
+    n: int,
+    *,
+    block_size: int,
+    max_num_seqs: int,
+    max_model_len: int,
+    dtype: str = "float32",
+) -> float:
     """GiB of KV cache (rounded up to a MiB) that holds at once the sequences one call could decode
     together (``kv_blocks_needed``), never fewer blocks than one ``max_model_len`` sequence takes
     (vLLM refuses to start with less), plus the block vLLM keeps back as its null block."""

@@ -96,7 +96,9 @@ def built_once(path: Path, build) -> Path:
 def tiny_model(artifacts) -> Path:
     from align.tiny import make_tiny_model
 
-    return built_once(artifacts / "tiny", lambda: make_tiny_model(artifacts / "tiny", arch="llama", tokenizer="char", seed=0))
+    return built_once(
+        artifacts / "tiny", lambda: make_tiny_model(artifacts / "tiny", arch="llama", tokenizer="char", seed=0)
+    )
 
 
 @pytest.fixture(scope="session")
@@ -109,11 +111,17 @@ def demo_data(artifacts) -> Path:
 def demo_sft(out: Path, tiny_model: Path, demo_data: Path, *flags) -> Path:
     """`align sft` through the CLI on the demo task, from the shipped config plus ``flags``."""
     run_align(
-        "sft", "--config", ROOT / "configs" / "demo_sft.yaml",
-        "--model_name_or_path", tiny_model,
-        "--dataset", demo_data / "sft.jsonl",
-        "--eval_dataset", demo_data / "test.jsonl",
-        "--output_dir", out,
+        "sft",
+        "--config",
+        ROOT / "configs" / "demo_sft.yaml",
+        "--model_name_or_path",
+        tiny_model,
+        "--dataset",
+        demo_data / "sft.jsonl",
+        "--eval_dataset",
+        demo_data / "test.jsonl",
+        "--output_dir",
+        out,
         *flags,
         check=True,
         timeout=1800,
@@ -192,20 +200,27 @@ def rm_pairs(artifacts) -> Path:
     return artifacts / "demo_rm" / "pairs.jsonl"
 
 
-
 @pytest.fixture(scope="session")
 def rm_run(artifacts, quickstart_sft_run, rm_pairs) -> Path:
     """`align rm` through the CLI from the quickstart SFT model on the demo pairs (5% held out),
     from configs/demo_rm.yaml; tests/test_rm.py asserts its eval accuracy."""
     out = artifacts / "rm"
-    return built_once(out, lambda: run_align(
-        "rm", "--config", ROOT / "configs" / "demo_rm.yaml",
-        "--model_name_or_path", quickstart_sft_run / "model",
-        "--dataset", rm_pairs,
-        "--output_dir", out,
-        check=True,
-        timeout=1800,
-    ))
+    return built_once(
+        out,
+        lambda: run_align(
+            "rm",
+            "--config",
+            ROOT / "configs" / "demo_rm.yaml",
+            "--model_name_or_path",
+            quickstart_sft_run / "model",
+            "--dataset",
+            rm_pairs,
+            "--output_dir",
+            out,
+            check=True,
+            timeout=1800,
+        ),
+    )
 
 
 @pytest.fixture(scope="session")
@@ -236,8 +251,16 @@ def smollm2(artifacts) -> Path:
 
 # The longest test files first, so that two xdist workers finish together instead of one starting
 # the longest file last (longest-processing-time-first scheduling; measured with --durations).
-LONGEST_FIRST = ["test_recipes_shipped.py", "test_real_model.py", "test_recipe_run.py", "test_rlhf.py",
-                 "test_preempt.py", "test_dpo.py", "test_rm.py", "test_train_multiprocess.py"]
+LONGEST_FIRST = [
+    "test_recipes_shipped.py",
+    "test_real_model.py",
+    "test_recipe_run.py",
+    "test_rlhf.py",
+    "test_preempt.py",
+    "test_dpo.py",
+    "test_rm.py",
+    "test_train_multiprocess.py",
+]
 
 
 # The session fixtures that train or convert a model (minutes each): a test that uses one, directly

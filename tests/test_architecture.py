@@ -21,8 +21,17 @@ PACKAGES = ("align", "reward", "sampling")
 # Lowest first; a module may import its own layer and those below. An align module not named here
 # is in "training".
 CORE = {
-    "align", "align.errors", "align.registry", "align.config", "align.rank", "align.stage", "align.fingerprint",
-    "align.integrity", "align.heap", "align.preempt", "align.gguf",
+    "align",
+    "align.errors",
+    "align.registry",
+    "align.config",
+    "align.rank",
+    "align.stage",
+    "align.fingerprint",
+    "align.integrity",
+    "align.heap",
+    "align.preempt",
+    "align.gguf",
 }
 STAGES = {"align.stages", "align.commands"}
 PIPELINE = {"align.pipeline", "align.runner", "align.status", "align.recipe", "align.stages.run"}
@@ -57,7 +66,9 @@ def modules() -> dict[str, Path]:
 
 def _type_checking(node: ast.AST) -> bool:
     test = getattr(node, "test", None)
-    return isinstance(node, ast.If) and (getattr(test, "id", None) == "TYPE_CHECKING" or getattr(test, "attr", None) == "TYPE_CHECKING")
+    return isinstance(node, ast.If) and (
+        getattr(test, "id", None) == "TYPE_CHECKING" or getattr(test, "attr", None) == "TYPE_CHECKING"
+    )
 
 
 def imports(module: str, path: Path, known: dict[str, Path]) -> dict[str, int]:
@@ -82,8 +93,10 @@ def imports(module: str, path: Path, known: dict[str, Path]) -> dict[str, int]:
                 if child.level:
                     here = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
                     base = ".".join(here[: len(here) - child.level + 1] + ([child.module] if child.module else []))
-                targets = [ours(f"{base}.{alias.name}") if f"{base}.{alias.name}" in known else ours(base)
-                           for alias in child.names]
+                targets = [
+                    ours(f"{base}.{alias.name}") if f"{base}.{alias.name}" in known else ours(base)
+                    for alias in child.names
+                ]
             for target in targets:
                 if target and target != module:
                     found.setdefault(target, child.lineno)
@@ -100,9 +113,12 @@ def graph() -> dict[str, dict[str, int]]:
 
 def upward_imports(edges: dict[str, dict[str, int]]) -> list[str]:
     rank = {name: i for i, name in enumerate(LAYERS)}
-    return [f"{module} ({layer(module)}) imports {target} ({layer(target)}, a higher layer) at line {line}"
-            for module, targets in edges.items() for target, line in targets.items()
-            if rank[layer(target)] > rank[layer(module)]]
+    return [
+        f"{module} ({layer(module)}) imports {target} ({layer(target)}, a higher layer) at line {line}"
+        for module, targets in edges.items()
+        for target, line in targets.items()
+        if rank[layer(target)] > rank[layer(module)]
+    ]
 
 
 def cycles(edges: dict[str, dict[str, int]]) -> list[str]:
@@ -114,8 +130,10 @@ def cycles(edges: dict[str, dict[str, int]]) -> list[str]:
         stack.append(module)
         for target in sorted(edges.get(module, {})):
             if state.get(target) == "open":
-                circle = stack[stack.index(target):] + [target]
-                found.append(" -> ".join(circle) + f" ({circle[-2]} imports {target} at line {edges[circle[-2]][target]})")
+                circle = stack[stack.index(target) :] + [target]
+                found.append(
+                    " -> ".join(circle) + f" ({circle[-2]} imports {target} at line {edges[circle[-2]][target]})"
+                )
             elif target not in state:
                 walk(target)
         stack.pop()
@@ -148,5 +166,8 @@ def test_the_layer_lists_name_real_modules_and_the_doc_names_every_module():
 def test_the_checks_catch_an_upward_import_and_a_circle():
     edges = {"reward.rules": {"align.stages.rlhf": 3}, "align.stages.rlhf": {"reward.rules": 5}}
     assert upward_imports(edges) == [
-        "reward.rules (sampling and reward) imports align.stages.rlhf (stages, a higher layer) at line 3"]
-    assert cycles(edges) == ["align.stages.rlhf -> reward.rules -> align.stages.rlhf (reward.rules imports align.stages.rlhf at line 3)"]
+        "reward.rules (sampling and reward) imports align.stages.rlhf (stages, a higher layer) at line 3"
+    ]
+    assert cycles(edges) == [
+        "align.stages.rlhf -> reward.rules -> align.stages.rlhf (reward.rules imports align.stages.rlhf at line 3)"
+    ]

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from align.cli import COMMANDS, main
+
 from conftest import ROOT, run_align
 
 
@@ -39,9 +40,11 @@ def test_help_lists_the_registered_commands():
 
 def test_help_imports_neither_torch_nor_a_stage():
     """`import align.cli` and `align --help` start in a fraction of a second: no torch, no stage module."""
-    code = ("import sys\nimport align.cli\nprint('torch' in sys.modules)\nalign.cli.main(['--help'])\n"
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'vllm')"
-            " or m.startswith('align.stages.')))")
+    code = (
+        "import sys\nimport align.cli\nprint('torch' in sys.modules)\nalign.cli.main(['--help'])\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'vllm')"
+        " or m.startswith('align.stages.')))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
@@ -94,8 +97,12 @@ def test_every_shipped_accelerate_config_loads_in_accelerate(path):
     parser = launch_command_parser()
     options = vars(parser.parse_args(["x.py"]))
     args, _, _ = _validate_launch_command(parser.parse_args(["--config_file", str(path), "x.py"]))
-    nested = {("fsdp_" + k if name == "fsdp_config" and not k.startswith("fsdp_") else k): v
-              for name, section in values.items() if isinstance(section, dict) for k, v in section.items()}
+    nested = {
+        ("fsdp_" + k if name == "fsdp_config" and not k.startswith("fsdp_") else k): v
+        for name, section in values.items()
+        if isinstance(section, dict)
+        for k, v in section.items()
+    }
     for key, value in nested.items():
         assert key in options, f"{path.name}: {key} is not an accelerate launch option"
         assert getattr(args, key) == value, key
@@ -116,7 +123,18 @@ GOOD_ROW = json.dumps({"messages": [{"role": "user", "content": "1+1="}, {"role"
 
 
 def sft_args(tmp_path, model, data, *extra):
-    return ["sft", "--model_name_or_path", model, "--dataset", data, "--output_dir", tmp_path / "out", "--max_steps", "2", *extra]
+    return [
+        "sft",
+        "--model_name_or_path",
+        model,
+        "--dataset",
+        data,
+        "--output_dir",
+        tmp_path / "out",
+        "--max_steps",
+        "2",
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize(
@@ -127,9 +145,18 @@ def sft_args(tmp_path, model, data, *extra):
         (["sft", "--max_steps", "many"], "config key 'max_steps' (from --max_steps) expects an integer, got 'many'"),
         (["sft", "--max_steps", "3"], "missing required 'model_name_or_path'"),
         (["sft", "--config", "no/such.yaml"], "config file not found: no/such.yaml"),
-        (["make-tiny-model", "x", "--arch", "gpt5"], "config key 'arch' (from --arch) expects one of 'llama', 'qwen2', got 'gpt5'"),
-        (["sft", "--model_name_or_path", "m", "--dataset", "d", "--output_dir", "o", "--warmup_ratio", "1.5"], "'warmup_ratio' must be in [0, 1), got 1.5"),
-        (["sft", "--model_name_or_path", "m", "--dataset", "d", "--output_dir", "o", "--merge_lora"], "'merge_lora' needs use_lora"),
+        (
+            ["make-tiny-model", "x", "--arch", "gpt5"],
+            "config key 'arch' (from --arch) expects one of 'llama', 'qwen2', got 'gpt5'",
+        ),
+        (
+            ["sft", "--model_name_or_path", "m", "--dataset", "d", "--output_dir", "o", "--warmup_ratio", "1.5"],
+            "'warmup_ratio' must be in [0, 1), got 1.5",
+        ),
+        (
+            ["sft", "--model_name_or_path", "m", "--dataset", "d", "--output_dir", "o", "--merge_lora"],
+            "'merge_lora' needs use_lora",
+        ),
     ],
 )
 def test_usage_errors_exit_2_with_one_line(capsys, argv, message):
@@ -168,7 +195,10 @@ def test_missing_columns_lists_expected_schemas(capsys, tmp_path, tiny_model, js
 
 
 def test_unknown_role_and_empty_conversation(capsys, tmp_path, tiny_model, jsonl):
-    data = jsonl("role.jsonl", [json.dumps({"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "2"}]})])
+    data = jsonl(
+        "role.jsonl",
+        [json.dumps({"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "2"}]})],
+    )
     code, _, err = call(capsys, *sft_args(tmp_path, tiny_model, data))
     assert code == 2 and "unknown role 'robot'" in err and "user" in err
     data = jsonl("empty.jsonl", [GOOD_ROW, json.dumps({"messages": []})])
@@ -184,9 +214,22 @@ def test_missing_model(capsys, tmp_path, jsonl):
 
 @pytest.mark.slow
 def test_console_script_error_has_no_traceback_unless_debug(tmp_path):
-    proc = run_align("sft", "--model_name_or_path", "m", "--dataset", tmp_path / "x.jsonl", "--output_dir", tmp_path / "o")
+    proc = run_align(
+        "sft", "--model_name_or_path", "m", "--dataset", tmp_path / "x.jsonl", "--output_dir", tmp_path / "o"
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"align sft: error: dataset not found: {tmp_path / 'x.jsonl'}; give an existing")
-    proc = run_align("sft", "--model_name_or_path", "m", "--dataset", tmp_path / "x.jsonl", "--output_dir", tmp_path / "o", "--debug")
+    assert len(lines) == 1 and lines[0].startswith(
+        f"align sft: error: dataset not found: {tmp_path / 'x.jsonl'}; give an existing"
+    )
+    proc = run_align(
+        "sft",
+        "--model_name_or_path",
+        "m",
+        "--dataset",
+        tmp_path / "x.jsonl",
+        "--output_dir",
+        tmp_path / "o",
+        "--debug",
+    )
     assert proc.returncode == 2 and "Traceback (most recent call last)" in proc.stderr

@@ -35,7 +35,9 @@ def write(tmp_path: Path, text: str) -> str:
 
 
 def test_yaml_then_flags_override(tmp_path):
-    cfg = parse_config(Toy, ["--config", write(tmp_path, "output_dir: a\nlearning_rate: 1.0e-3\nmax_steps: 7\n"), "--max_steps", "9"])
+    cfg = parse_config(
+        Toy, ["--config", write(tmp_path, "output_dir: a\nlearning_rate: 1.0e-3\nmax_steps: 7\n"), "--max_steps", "9"]
+    )
     assert (cfg.output_dir, cfg.learning_rate, cfg.max_steps) == ("a", 1e-3, 9)
 
 
@@ -66,7 +68,9 @@ def test_unknown_yaml_key_names_file_and_closest(tmp_path):
 
 
 def test_wrong_type_names_key_type_and_value(tmp_path):
-    with pytest.raises(ConfigError, match=r"config key 'max_steps' \(from --max_steps\) expects an integer, got 'ten'"):
+    with pytest.raises(
+        ConfigError, match=r"config key 'max_steps' \(from --max_steps\) expects an integer, got 'ten'"
+    ):
         parse_config(Toy, ["x", "--max_steps", "ten"])
     path = write(tmp_path, "output_dir: a\nlearning_rate: fast\n")
     with pytest.raises(ConfigError, match=r"'learning_rate' \(in .*c.yaml\) expects a number, got 'fast'"):
@@ -94,7 +98,9 @@ def test_flag_without_value_and_stray_argument():
 def test_yaml_must_be_mapping_and_valid(tmp_path):
     with pytest.raises(ConfigError, match=r"a config must be a mapping"):
         parse_config(Toy, ["--config", write(tmp_path, "- a\n- b\n")])
-    with pytest.raises(ConfigError, match=r"c.yaml:2: found character '\\t' that cannot start any token; fix the YAML syntax"):
+    with pytest.raises(
+        ConfigError, match=r"c.yaml:2: found character '\\t' that cannot start any token; fix the YAML syntax"
+    ):
         parse_config(Toy, ["--config", write(tmp_path, "output_dir: a\n\tmax_steps: 3\n")])
     with pytest.raises(ConfigError, match=r"config file not found: nope.yaml"):
         parse_config(Toy, ["--config", "nope.yaml"])

@@ -81,8 +81,10 @@ def test_its_draws_agree_with_vllm_logprobs(sft_vllm):
     from sampling import SamplingParams
 
     n = 4000
-    out = sft_vllm.generate([[{"role": "user", "content": "12+34="}]],
-                            SamplingParams(n=n, temperature=1.0, max_tokens=1, seed=5, logprobs=True))[0]
+    out = sft_vllm.generate(
+        [[{"role": "user", "content": "12+34="}]],
+        SamplingParams(n=n, temperature=1.0, max_tokens=1, seed=5, logprobs=True),
+    )[0]
     counts: dict[int, int] = {}
     prob: dict[int, float] = {}
     for c in out:

@@ -11,6 +11,7 @@ import pytest
 from align import data
 from align.data import FORMATS, load_dataset, load_rows, normalize_row, read_records
 from align.errors import AlignError, DataError
+
 from conftest import real_data
 
 W = "d.jsonl:1"
@@ -93,36 +94,51 @@ def test_prompt_completion_message_lists_are_kept():
 
 
 def test_prompt_completion_missing_completion_names_column():
-    with raises("d.jsonl:1: missing column 'completion' for prompt/completion (TRL) data "
-                "(has: prompt); add 'completion' to every row"):
+    with raises(
+        "d.jsonl:1: missing column 'completion' for prompt/completion (TRL) data "
+        "(has: prompt); add 'completion' to every row"
+    ):
         normalize_row({"prompt": "q"}, "sft", W)
 
 
 def test_text_rows_are_rejected_for_sft():
-    with raises("d.jsonl:1: plain 'text' rows (language modeling) are not supported for SFT; "
-                "convert each row to prompt/completion or messages"):
+    with raises(
+        "d.jsonl:1: plain 'text' rows (language modeling) are not supported for SFT; "
+        "convert each row to prompt/completion or messages"
+    ):
         normalize_row({"text": "once upon a time"}, "sft", W)
 
 
 def test_explicit_preference_strings_and_lists():
     row = {"prompt": "q", "chosen": "good", "rejected": "bad", "margin": 0.5}
     assert normalize_row(row, "preference", W) == {
-        "prompt": [U("q")], "chosen": [A("good")], "rejected": [A("bad")], "margin": 0.5}
+        "prompt": [U("q")],
+        "chosen": [A("good")],
+        "rejected": [A("bad")],
+        "margin": 0.5,
+    }
     row = {"prompt": [S("s"), U("q")], "chosen": [A("good")], "rejected": [A("bad")]}
     assert normalize_row(row, "preference", W) == {
-        "prompt": [S("s"), U("q")], "chosen": [A("good")], "rejected": [A("bad")]}
+        "prompt": [S("s"), U("q")],
+        "chosen": [A("good")],
+        "rejected": [A("bad")],
+    }
 
 
 def test_preference_missing_rejected_names_column():
-    with raises("d.jsonl:1: missing column 'rejected' for prompt/chosen/rejected (TRL) data "
-                "(has: prompt, chosen); add 'rejected' to every row"):
+    with raises(
+        "d.jsonl:1: missing column 'rejected' for prompt/chosen/rejected (TRL) data "
+        "(has: prompt, chosen); add 'rejected' to every row"
+    ):
         normalize_row({"prompt": "q", "chosen": "good"}, "preference", W)
 
 
 def test_implicit_prompt_takes_shared_prefix():
-    row = {"chosen": [U("hi"), A("yo"), U("q"), A("good")],
-           "rejected": [U("hi"), A("yo"), U("q"), A("bad"), U("?"), A("worse")],
-           "prompt_id": "p1"}
+    row = {
+        "chosen": [U("hi"), A("yo"), U("q"), A("good")],
+        "rejected": [U("hi"), A("yo"), U("q"), A("bad"), U("?"), A("worse")],
+        "prompt_id": "p1",
+    }
     assert normalize_row(row, "preference", W) == {
         "prompt": [U("hi"), A("yo"), U("q")],
         "chosen": [A("good")],
@@ -143,15 +159,16 @@ def test_implicit_prompt_errors():
 
 
 def test_prompt_only_string_and_list_keep_extras():
-    assert normalize_row({"prompt": "2+2?", "answer": "4"}, "prompt", W) == {
-        "prompt": [U("2+2?")], "answer": "4"}
+    assert normalize_row({"prompt": "2+2?", "answer": "4"}, "prompt", W) == {"prompt": [U("2+2?")], "answer": "4"}
     assert normalize_row({"prompt": [S("s"), U("q")]}, "prompt", W) == {"prompt": [S("s"), U("q")]}
 
 
 def test_prompt_kind_drops_other_trl_columns():
     # a stray string "completion" would make TRL read the row as non-conversational
     assert normalize_row({"prompt": "q", "completion": "a", "answer": "a"}, "prompt", W) == {
-        "prompt": [U("q")], "answer": "a"}
+        "prompt": [U("q")],
+        "answer": "a",
+    }
 
 
 def test_null_format_columns_are_dropped():
@@ -167,15 +184,19 @@ def test_null_format_columns_are_dropped():
 
 def test_alpaca_sft_with_and_without_input():
     row = {"instruction": "Sum these.", "input": "2 and 3", "output": "5"}
-    assert normalize_row(row, "sft", W) == {
-        "prompt": [U("Sum these.\n2 and 3")], "completion": [A("5")]}
+    assert normalize_row(row, "sft", W) == {"prompt": [U("Sum these.\n2 and 3")], "completion": [A("5")]}
     row = {"instruction": "Say hi.", "input": "", "output": "hi"}
     assert normalize_row(row, "sft", W) == {"prompt": [U("Say hi.")], "completion": [A("hi")]}
 
 
 def test_alpaca_system_and_history():
-    row = {"instruction": "And 3+3?", "output": "6", "system": "math tutor",
-           "history": [["1+1?", "2"], ["2+2?", "4"]], "level": "easy"}
+    row = {
+        "instruction": "And 3+3?",
+        "output": "6",
+        "system": "math tutor",
+        "history": [["1+1?", "2"], ["2+2?", "4"]],
+        "level": "easy",
+    }
     assert normalize_row(row, "sft", W) == {
         "prompt": [S("math tutor"), U("1+1?"), A("2"), U("2+2?"), A("4"), U("And 3+3?")],
         "completion": [A("6")],
@@ -195,16 +216,18 @@ def test_alpaca_sft_requires_output():
 
 def test_alpaca_prompt_output_optional():
     assert normalize_row({"instruction": "Say hi.", "input": "politely"}, "prompt", W) == {
-        "prompt": [U("Say hi.\npolitely")]}
-    assert normalize_row({"instruction": "Say hi.", "output": "hi"}, "prompt", W) == {
-        "prompt": [U("Say hi.")]}
+        "prompt": [U("Say hi.\npolitely")]
+    }
+    assert normalize_row({"instruction": "Say hi.", "output": "hi"}, "prompt", W) == {"prompt": [U("Say hi.")]}
 
 
 def test_alpaca_preference():
-    row = {"instruction": "Pick one.", "input": "a or b", "chosen": "a", "rejected": "b",
-           "system": "judge"}
+    row = {"instruction": "Pick one.", "input": "a or b", "chosen": "a", "rejected": "b", "system": "judge"}
     assert normalize_row(row, "preference", W) == {
-        "prompt": [S("judge"), U("Pick one.\na or b")], "chosen": [A("a")], "rejected": [A("b")]}
+        "prompt": [S("judge"), U("Pick one.\na or b")],
+        "chosen": [A("a")],
+        "rejected": [A("b")],
+    }
 
 
 def test_alpaca_non_string_instruction():
@@ -222,10 +245,16 @@ def sg(role, text):
 
 
 def test_sharegpt_sft_maps_roles_and_system():
-    row = {"conversations": [sg("human", "hi"), sg("gpt", "yo"), sg("user", "q"), sg("assistant", "a")],
-           "system": "be kind", "id": "x"}
+    row = {
+        "conversations": [sg("human", "hi"), sg("gpt", "yo"), sg("user", "q"), sg("assistant", "a")],
+        "system": "be kind",
+        "id": "x",
+    }
     assert normalize_row(row, "sft", W) == {
-        "prompt": [S("be kind"), U("hi"), A("yo"), U("q")], "completion": [A("a")], "id": "x"}
+        "prompt": [S("be kind"), U("hi"), A("yo"), U("q")],
+        "completion": [A("a")],
+        "id": "x",
+    }
 
 
 def test_sharegpt_system_entry_in_conversations():
@@ -239,16 +268,21 @@ def test_sharegpt_prompt_kind():
 
 
 def test_sharegpt_preference_object_and_list():
-    row = {"conversations": [sg("system", "s"), sg("human", "q")],
-           "chosen": sg("gpt", "good"), "rejected": [sg("gpt", "bad")]}
+    row = {
+        "conversations": [sg("system", "s"), sg("human", "q")],
+        "chosen": sg("gpt", "good"),
+        "rejected": [sg("gpt", "bad")],
+    }
     assert normalize_row(row, "preference", W) == {
-        "prompt": [S("s"), U("q")], "chosen": [A("good")], "rejected": [A("bad")]}
+        "prompt": [S("s"), U("q")],
+        "chosen": [A("good")],
+        "rejected": [A("bad")],
+    }
 
 
 def test_sharegpt_unknown_role():
     row = {"conversations": [sg("human", "q"), sg("observation", "x"), sg("gpt", "a")]}
-    with raises("d.jsonl:1: conversations[1] has unknown from 'observation'; "
-                "use one of: system, human, gpt"):
+    with raises("d.jsonl:1: conversations[1] has unknown from 'observation'; use one of: system, human, gpt"):
         normalize_row(row, "sft", W)
     with raises("unknown from 'function_call'; use one of: system, human, gpt"):
         normalize_row({"conversations": [sg("function_call", "x")]}, "prompt", W)
@@ -272,9 +306,11 @@ def test_missing_columns_lists_accepted_formats():
         "| conversations + chosen/rejected (ShareGPT) | instruction/input + chosen/rejected (Alpaca)"
     ):
         normalize_row({"foo": 1, "bar": 2}, "preference", "data/x.jsonl:1")
-    with raises("x.json row 3: no sft columns found (has: question); expected one of: "
-                "messages (TRL conversational) | prompt/completion (TRL) | conversations (ShareGPT) "
-                "| instruction/input/output (Alpaca)"):
+    with raises(
+        "x.json row 3: no sft columns found (has: question); expected one of: "
+        "messages (TRL conversational) | prompt/completion (TRL) | conversations (ShareGPT) "
+        "| instruction/input/output (Alpaca)"
+    ):
         normalize_row({"question": "?"}, "sft", "x.json row 3")
 
 
@@ -325,8 +361,9 @@ def test_unknown_kind_is_a_programming_error():
 
 def test_jsonl_reads_and_locates_lines(tmp_path):
     path = tmp_path / "d.jsonl"
-    path.write_text(json.dumps({"prompt": "q", "completion": "a"}) + "\n\n"
-                    + json.dumps({"prompt": "q2"}) + "\n", encoding="utf-8")
+    path.write_text(
+        json.dumps({"prompt": "q", "completion": "a"}) + "\n\n" + json.dumps({"prompt": "q2"}) + "\n", encoding="utf-8"
+    )
     assert read_records(str(path)) == [{"prompt": "q", "completion": "a"}, {"prompt": "q2"}]
     with raises(f"{path}:3: missing column 'completion'"):  # blank line 2 is skipped
         load_rows(str(path), "sft")
@@ -335,8 +372,11 @@ def test_jsonl_reads_and_locates_lines(tmp_path):
 def test_jsonl_malformed_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "q", "completion": "a"}\n{"prompt": "q2",\n', encoding="utf-8")
-    with pytest.raises(DataError, match=r"bad\.jsonl:2: invalid JSON \(.*\); each line must be one "
-                                        r"JSON object$") as err:
+    with pytest.raises(
+        DataError,
+        match=r"bad\.jsonl:2: invalid JSON \(.*\); each line must be one "
+        r"JSON object$",
+    ) as err:
         read_records(str(path))
     assert "\n" not in str(err.value)
 
@@ -382,10 +422,15 @@ def test_parquet_file(tmp_path):
     import pyarrow.parquet as pq
 
     path = tmp_path / "d.parquet"
-    pq.write_table(pa.Table.from_pylist([
-        {"messages": [U("q"), A("a")], "id": 1},
-        {"messages": [S("s"), U("q2"), A("a2")], "id": 2},
-    ]), path)
+    pq.write_table(
+        pa.Table.from_pylist(
+            [
+                {"messages": [U("q"), A("a")], "id": 1},
+                {"messages": [S("s"), U("q2"), A("a2")], "id": 2},
+            ]
+        ),
+        path,
+    )
     assert load_rows(str(path), "sft") == [
         {"prompt": [U("q")], "completion": [A("a")], "id": 1},
         {"prompt": [S("s"), U("q2")], "completion": [A("a2")], "id": 2},
@@ -400,8 +445,9 @@ def test_save_to_disk_dataset_and_dataset_dict(tmp_path):
     expected = [{"prompt": [U("q")], "chosen": [A("good")], "rejected": [A("bad")]}]
     assert load_rows(str(tmp_path / "ds"), "preference") == expected
 
-    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows),
-                               "test": datasets.Dataset.from_list([{"prompt": "t"}])})
+    dd = datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(rows), "test": datasets.Dataset.from_list([{"prompt": "t"}])}
+    )
     dd.save_to_disk(str(tmp_path / "dd"))
     assert load_rows(str(tmp_path / "dd"), "preference") == expected
     assert load_rows(str(tmp_path / "dd"), "prompt", split="test") == [{"prompt": [U("t")]}]
@@ -448,7 +494,8 @@ def test_hub_unreachable(monkeypatch):
     assert str(err.value) == (
         "dataset not found: org/name does not exist locally and could not be loaded from the "
         "Hugging Face Hub (ConnectionError: Couldn't reach 'org/name' on the Hub "
-        "(LocalEntryNotFoundError)); check the path, or the network and the Hub id/split")
+        "(LocalEntryNotFoundError)); check the path, or the network and the Hub id/split"
+    )
 
 
 def test_empty_dataset(tmp_path):
@@ -468,10 +515,13 @@ def test_unsupported_extension(tmp_path):
 def test_load_dataset_returns_dataset_with_columns(tmp_path):
     import datasets
 
-    spec = write_jsonl(tmp_path / "p.jsonl", [
-        {"prompt": "q", "chosen": "good", "rejected": "bad"},
-        {"prompt": "q2", "chosen": "g2", "rejected": "b2", "margin": 1.5},
-    ])
+    spec = write_jsonl(
+        tmp_path / "p.jsonl",
+        [
+            {"prompt": "q", "chosen": "good", "rejected": "bad"},
+            {"prompt": "q2", "chosen": "g2", "rejected": "b2", "margin": 1.5},
+        ],
+    )
     ds = load_dataset(spec, "preference")
     assert isinstance(ds, datasets.Dataset)
     assert ds.column_names == ["prompt", "chosen", "rejected", "margin"]
@@ -511,8 +561,7 @@ def test_real_alpaca_sft():
     assert rows[0]["prompt"] == [U("Describe a process of making crepes.")]
     assert rows[0]["completion"] == [A(raw[0]["output"])]
     with_input = next(i for i, r in enumerate(raw) if r["input"])
-    assert rows[with_input]["prompt"] == [
-        U(raw[with_input]["instruction"] + "\n" + raw[with_input]["input"])]
+    assert rows[with_input]["prompt"] == [U(raw[with_input]["instruction"] + "\n" + raw[with_input]["input"])]
 
 
 def test_real_sharegpt_preference():

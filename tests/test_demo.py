@@ -37,7 +37,10 @@ def test_files_and_line_counts(demo):
     paths, rows = demo
     assert sorted(paths) == sorted(FILES)
     assert {name: len(rows[name]) for name in FILES} == {
-        "sft": 9800, "prompts": 1000, "test": 200, "pairs": 2000,
+        "sft": 9800,
+        "prompts": 1000,
+        "test": 200,
+        "pairs": 2000,
     }
     assert all(paths[n].name == f"{n}.jsonl" for n in FILES)
     assert not list(paths["sft"].parent.glob("*.tmp"))  # atomic writes leave no temp files
@@ -148,5 +151,7 @@ def test_question_style_asks_the_same_held_out_sums_in_words(tmp_path):
 
 
 def test_unknown_style_is_one_line_error(tmp_path):
-    with pytest.raises(ConfigError, match=r"unknown prompt style 'questio' \(did you mean 'question'\?\); valid: equation, question"):
+    with pytest.raises(
+        ConfigError, match=r"unknown prompt style 'questio' \(did you mean 'question'\?\); valid: equation, question"
+    ):
         write_demo_data(tmp_path, style="questio")

@@ -10,8 +10,9 @@ import shutil
 import pytest
 
 from align.cli import main
-from align.status import key_metrics
 from align.stages.distill import heldout_kl, teacher_sequences, vocab_mismatch
+from align.status import key_metrics
+
 from conftest import read_jsonl, run_align
 
 STEPS, SAVE = 30, 15
@@ -19,11 +20,35 @@ STEPS, SAVE = 30, 15
 
 def distill(out, student, teacher, demo_data, *flags):
     return run_align(
-        "distill", "--model_name_or_path", student, "--teacher", teacher,
-        "--dataset", demo_data / "sft.jsonl", "--eval_dataset", demo_data / "test.jsonl",
-        "--eval_max_prompts", 32, "--eval_max_tokens", 8, "--max_new_tokens", 8,
-        "--max_steps", STEPS, "--save_steps", SAVE, "--learning_rate", 2e-3, "--logging_steps", 5,
-        "--lmbda", 0.5, "--output_dir", out, *flags, timeout=600,
+        "distill",
+        "--model_name_or_path",
+        student,
+        "--teacher",
+        teacher,
+        "--dataset",
+        demo_data / "sft.jsonl",
+        "--eval_dataset",
+        demo_data / "test.jsonl",
+        "--eval_max_prompts",
+        32,
+        "--eval_max_tokens",
+        8,
+        "--max_new_tokens",
+        8,
+        "--max_steps",
+        STEPS,
+        "--save_steps",
+        SAVE,
+        "--learning_rate",
+        2e-3,
+        "--logging_steps",
+        5,
+        "--lmbda",
+        0.5,
+        "--output_dir",
+        out,
+        *flags,
+        timeout=600,
     )
 
 
@@ -97,12 +122,28 @@ def test_teacher_with_another_vocabulary_exits_2_in_one_line(tmp_path, capsys, t
 
     out = tmp_path / "out"
     capsys.readouterr()  # drop the loading output above
-    assert main(["distill", "--model_name_or_path", str(tiny_model), "--teacher", str(teacher),
-                 "--dataset", str(demo_data / "sft.jsonl"), "--output_dir", str(out)]) == 2
+    assert (
+        main(
+            [
+                "distill",
+                "--model_name_or_path",
+                str(tiny_model),
+                "--teacher",
+                str(teacher),
+                "--dataset",
+                str(demo_data / "sft.jsonl"),
+                "--output_dir",
+                str(out),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
-    assert (f"teacher {teacher} has a vocabulary of {n + 3} ids ({n + 3} tokens) but student {tiny_model} has"
-            f" {n} ({n} tokens)") in err
+    assert (
+        f"teacher {teacher} has a vocabulary of {n + 3} ids ({n + 3} tokens) but student {tiny_model} has"
+        f" {n} ({n} tokens)"
+    ) in err
     assert not (out / "stage.json").exists() and not (out / "model").exists()
 
 
@@ -110,7 +151,9 @@ def test_same_size_vocabularies_that_map_tokens_differently_are_refused():
     student = ("s", 3, {"a": 0, "b": 1, "c": 2})
     assert vocab_mismatch(student, ("t", 3, {"a": 0, "b": 1, "c": 2})) is None
     why = vocab_mismatch(student, ("t", 3, {"a": 0, "b": 2, "c": 1}))
-    assert why.startswith("teacher t and student s both have 3 ids but map tokens differently (2 differ, e.g. 'b': id 2 vs 1)")
+    assert why.startswith(
+        "teacher t and student s both have 3 ids but map tokens differently (2 differ, e.g. 'b': id 2 vs 1)"
+    )
 
 
 def _gkd_step(trainer, batch, on_policy: bool):
@@ -150,10 +193,24 @@ def test_an_on_policy_step_weighs_as_much_as_a_fixed_one(tmp_path, tiny_model):
     teacher = AutoModelForCausalLM.from_pretrained(make_tiny_model(tmp_path / "teacher", seed=1))
     prompt = [{"role": "user", "content": "2+3="}]
     rows = [{"messages": prompt + [{"role": "assistant", "content": text}]} for text in ("5", "5, since 2 + 3 = 5")]
-    args = GKDConfig(output_dir=str(tmp_path / "out"), use_cpu=True, bf16=False, report_to="none", beta=0.5,
-                     gradient_checkpointing=False, max_length=64, max_new_tokens=4, per_device_train_batch_size=1)
-    trainer = gkd_trainer_class()(model=AutoModelForCausalLM.from_pretrained(tiny_model), teacher_model=teacher,
-                                  args=args, train_dataset=datasets.Dataset.from_list(rows), processing_class=tok)
+    args = GKDConfig(
+        output_dir=str(tmp_path / "out"),
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        beta=0.5,
+        gradient_checkpointing=False,
+        max_length=64,
+        max_new_tokens=4,
+        per_device_train_batch_size=1,
+    )
+    trainer = gkd_trainer_class()(
+        model=AutoModelForCausalLM.from_pretrained(tiny_model),
+        teacher_model=teacher,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=tok,
+    )
     short, long = (trainer.data_collator([row]) for row in rows)
     sample = (short["input_ids"], short["attention_mask"], short["labels"])
     trainer.generate_on_policy_outputs = lambda model, inputs, generation_config: sample  # the student "samples" it
@@ -184,7 +241,10 @@ def test_an_on_policy_step_weighs_as_much_as_a_fixed_one(tmp_path, tiny_model):
     ],
 )
 def test_bad_options_exit_2_with_one_line(capsys, flags, message):
-    assert main(["distill", "--model_name_or_path", "s", "--teacher", "t", "--dataset", "d", "--output_dir", "o", *flags]) == 2
+    assert (
+        main(["distill", "--model_name_or_path", "s", "--teacher", "t", "--dataset", "d", "--output_dir", "o", *flags])
+        == 2
+    )
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
 
@@ -210,4 +270,8 @@ def test_distill_is_a_recipe_stage_kind(tmp_path):
     cfg = Recipe.load(recipe).config("kd")
     w = tmp_path / "w"
     assert (cfg.teacher, cfg.model_name_or_path, cfg.lmbda, cfg.output_dir) == (
-        str(w / "sft/model"), str(w / "tiny/model"), 1.0, str(w / "kd"))
+        str(w / "sft/model"),
+        str(w / "tiny/model"),
+        1.0,
+        str(w / "kd"),
+    )

@@ -15,6 +15,7 @@ from align.cli import main
 from align.config import parse_config
 from align.errors import ConfigError, DataError
 from align.stages.dpo import LOSSES, DPOStageConfig, build_trainer, filter_pairs, resolve_losses, run_dpo
+
 from conftest import ROOT, read_jsonl, run_align
 
 
@@ -39,12 +40,17 @@ def test_methods_doc_offers_no_cdpo_and_credits_hinge_to_rso():
     """TRL 1.16's sigmoid loss has no label smoothing, so no cDPO is offered; ``hinge`` (relu(1 -
     beta * margin) on the reference-normalized log-ratios) is RSO's loss, not SLiC's."""
     text = (ROOT / "docs" / "methods.md").read_text()
-    dpo = " ".join(text[text.index("## DPO"):text.index("## Online optimizers")].split())
+    dpo = " ".join(text[text.index("## DPO") : text.index("## Online optimizers")].split())
     assert "cDPO (label smoothing)" not in dpo and "SLiC)" not in dpo
-    assert ("cDPO (conservative DPO, the sigmoid loss with label smoothing) is not offered: TRL 1.16's `sigmoid`"
-            " loss has no label smoothing, and `--label_smoothing` applies to the robust loss only.") in dpo
+    assert (
+        "cDPO (conservative DPO, the sigmoid loss with label smoothing) is not offered: TRL 1.16's `sigmoid`"
+        " loss has no label smoothing, and `--label_smoothing` applies to the robust loss only."
+    ) in dpo
     assert 'hinge (RSO, Liu et al. 2023, "Statistical Rejection Sampling Improves Preference Optimization":' in dpo
-    assert LOSSES["hinge"].source == "RSO, Liu et al. 2023: SLiC's hinge on the normalized likelihood, max(0, 1 - beta * margin)"
+    assert (
+        LOSSES["hinge"].source
+        == "RSO, Liu et al. 2023: SLiC's hinge on the normalized likelihood, max(0, 1 - beta * margin)"
+    )
     assert LOSSES["hinge"].trl_type == "hinge" and "robust" in [n for n, loss in LOSSES.items() if loss.preference]
 
 
@@ -57,7 +63,10 @@ def test_methods_doc_offers_no_cdpo_and_credits_hinge_to_rso():
         (["--loss", "sigmoid,nll:much"], "loss 'nll:much': the weight after ':' must be a number"),
         (["--label_smoothing", "0.1"], "'label_smoothing' only applies to the robust loss"),
         (["--loss", "robust", "--label_smoothing", "0.5"], "'label_smoothing' must be in [0, 0.5), got 0.5"),
-        (["--max_length", "64", "--max_prompt_length", "64"], "'max_prompt_length' must be in [1, max_length=64), got 64"),
+        (
+            ["--max_length", "64", "--max_prompt_length", "64"],
+            "'max_prompt_length' must be in [1, max_length=64), got 64",
+        ),
         (["--beta", "0"], "'beta' must be positive, got 0.0"),
         (["--near_identical_ratio", "1.5"], "'near_identical_ratio' must be in (0, 1], got 1.5"),
     ],
@@ -72,8 +81,12 @@ def test_bad_options_exit_2_with_one_line(capsys, flags, message):
 
 
 def pair(prompt: str, chosen: str, rejected: str, **extra) -> dict:
-    return {"prompt": [{"role": "user", "content": prompt}], "chosen": [{"role": "assistant", "content": chosen}],
-            "rejected": [{"role": "assistant", "content": rejected}], **extra}
+    return {
+        "prompt": [{"role": "user", "content": prompt}],
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+        **extra,
+    }
 
 
 def test_filter_pairs_counts_each_rule():
@@ -87,17 +100,27 @@ def test_filter_pairs_counts_each_rule():
     cfg = config("--keep_preferences", "significantly better,better", "--near_identical_ratio", "0.9")
     kept, report = filter_pairs(rows, cfg, "x.jsonl")
     assert kept == [rows[0]]
-    assert report == {"pairs_in": 5, "filtered_by_preference": 1, "identical_skipped": 1, "duplicates_dropped": 1,
-                      "near_identical_dropped": 1}
+    assert report == {
+        "pairs_in": 5,
+        "filtered_by_preference": 1,
+        "identical_skipped": 1,
+        "duplicates_dropped": 1,
+        "near_identical_dropped": 1,
+    }
     kept, report = filter_pairs(rows, config("--drop_duplicates", "false"), "x.jsonl")
     assert len(kept) == 4 and report["identical_skipped"] == 1 and report["duplicates_dropped"] == 0
 
 
 def test_filter_pairs_errors_name_the_row():
     with pytest.raises(DataError, match=r"x.jsonl row 2: no 'strength' column, which keep_preferences filters on"):
-        filter_pairs([pair("a", "b", "c", strength="better"), pair("a", "b", "d")],
-                     config("--keep_preferences", "better", "--preference_column", "strength"), "x.jsonl")
-    with pytest.raises(DataError, match=r"x.jsonl: no preference pairs left after filtering \(pairs_in=1, .*identical_skipped=1"):
+        filter_pairs(
+            [pair("a", "b", "c", strength="better"), pair("a", "b", "d")],
+            config("--keep_preferences", "better", "--preference_column", "strength"),
+            "x.jsonl",
+        )
+    with pytest.raises(
+        DataError, match=r"x.jsonl: no preference pairs left after filtering \(pairs_in=1, .*identical_skipped=1"
+    ):
         filter_pairs([pair("a", "b", "b")], config(), "x.jsonl")
 
 
@@ -139,8 +162,19 @@ def _trainer(policy, reference, pairs, tmp_path, *flags):
 
     from align.stage import Stage
 
-    cfg = config("--model_name_or_path", policy, "--ref_model", reference, "--output_dir", tmp_path / "out",
-                 "--ref_cache_dir", tmp_path / "cache", "--max_length", 64, *flags)
+    cfg = config(
+        "--model_name_or_path",
+        policy,
+        "--ref_model",
+        reference,
+        "--output_dir",
+        tmp_path / "out",
+        "--ref_cache_dir",
+        tmp_path / "cache",
+        "--max_length",
+        64,
+        *flags,
+    )
     return build_trainer(cfg, datasets.Dataset.from_list(pairs), Stage("dpo", cfg, cfg.output_dir))
 
 
@@ -183,20 +217,39 @@ def test_parity_with_trl_dpo_trainer(policy_pair, demo_data, tmp_path):
     trl = DPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(policy),
         ref_model=AutoModelForCausalLM.from_pretrained(reference),
-        args=DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.1, max_length=64, use_cpu=True, bf16=False,
-                       report_to="none", gradient_checkpointing=False),
+        args=DPOConfig(
+            output_dir=str(tmp_path / "trl"),
+            beta=0.1,
+            max_length=64,
+            use_cpu=True,
+            bf16=False,
+            report_to="none",
+            gradient_checkpointing=False,
+        ),
         train_dataset=datasets.Dataset.from_list(pairs),
         processing_class=AutoTokenizer.from_pretrained(policy),
     )
-    live = _trainer(policy, reference, pairs, tmp_path, "--loss", "sigmoid", "--mask_formatting_tokens", "false",
-                    "--precompute_ref_log_probs", "false")
+    live = _trainer(
+        policy,
+        reference,
+        pairs,
+        tmp_path,
+        "--loss",
+        "sigmoid",
+        "--mask_formatting_tokens",
+        "false",
+        "--precompute_ref_log_probs",
+        "false",
+    )
     for column in ("prompt_ids", "chosen_ids", "rejected_ids"):
         assert ours.train_dataset[column] == trl.train_dataset[column] == live.train_dataset[column]
     ours_values = _per_example(ours, [ours.train_dataset[i] for i in range(8)])
     trl_values = _per_example(trl, [trl.train_dataset[i] for i in range(8)])
     live_values = _per_example(live, [live.train_dataset[i] for i in range(8)])
     flat = lambda values: [x for pair in values for x in pair]  # noqa: E731
-    assert flat(live_values) == pytest.approx(flat(trl_values), abs=1e-6)  # our live reference (run first): TRL's numbers
+    assert flat(live_values) == pytest.approx(
+        flat(trl_values), abs=1e-6
+    )  # our live reference (run first): TRL's numbers
 
     policy_model = AutoModelForCausalLM.from_pretrained(policy)
     ref_model = AutoModelForCausalLM.from_pretrained(reference)
@@ -204,8 +257,11 @@ def test_parity_with_trl_dpo_trainer(policy_pair, demo_data, tmp_path):
         assert loss == pytest.approx(trl_loss, abs=1e-5) and margin == pytest.approx(trl_margin, abs=1e-5)
         row = ours.train_dataset[i]
         delta = sum(
-            sign * (_sequence_logps(policy_model, row["prompt_ids"], row[col])
-                    - _sequence_logps(ref_model, row["prompt_ids"], row[col]))
+            sign
+            * (
+                _sequence_logps(policy_model, row["prompt_ids"], row[col])
+                - _sequence_logps(ref_model, row["prompt_ids"], row[col])
+            )
             for sign, col in ((1, "chosen_ids"), (-1, "rejected_ids"))
         )
         assert margin == pytest.approx(0.1 * delta, abs=1e-5)
@@ -223,7 +279,9 @@ def test_live_reference_runs_before_the_policy(policy_pair, demo_data, tmp_path)
     for name, module in (("reference", trainer.ref_model), ("policy", trainer.model)):
         module.register_forward_hook(lambda m, args, out, name=name: calls.append((name, torch.is_grad_enabled())))
     trainer.model.train()
-    loss = trainer.compute_loss(trainer.model, trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]]))
+    loss = trainer.compute_loss(
+        trainer.model, trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
+    )
     assert calls == [("reference", False), ("policy", True)]
     assert loss.requires_grad and trainer.precompute_ref_logps is False  # the flag is restored after the step
     assert trainer.ref_forward_batches == 0  # counts precompute passes only
@@ -240,10 +298,14 @@ def test_masked_tokens_do_not_contribute(policy_pair, tiny_model, tmp_path):
     prompt = [t("<|user|>"), *tok.encode("1+2=", add_special_tokens=False), t("<|end|>"), t("<|assistant|>")]
     three, four = tok.encode("3", add_special_tokens=False), tok.encode("4", add_special_tokens=False)
     ends = {"a": (t("<|end|>"), t("<|end|>")), "b": (t("<|user|>"), t("<|assistant|>"))}
-    rows = {k: {"prompt_ids": prompt, "chosen_ids": three + [c], "rejected_ids": four + [r]} for k, (c, r) in ends.items()}
+    rows = {
+        k: {"prompt_ids": prompt, "chosen_ids": three + [c], "rejected_ids": four + [r]} for k, (c, r) in ends.items()
+    }
     text_pairs = [{"prompt": "1+2=", "chosen": "3", "rejected": "4"}]
 
-    masked = _trainer(policy, reference, text_pairs, tmp_path, "--loss", "sigmoid", "--precompute_ref_log_probs", "false")
+    masked = _trainer(
+        policy, reference, text_pairs, tmp_path, "--loss", "sigmoid", "--precompute_ref_log_probs", "false"
+    )
     batch = masked.data_collator([rows["a"]])
     assert batch["completion_mask"].tolist() == [[0] * len(prompt) + [1, 0], [0] * len(prompt) + [1, 0]]
     (loss_a, margin_a), (loss_b, _) = _per_example(masked, [rows["a"], rows["b"]])
@@ -258,8 +320,18 @@ def test_masked_tokens_do_not_contribute(policy_pair, tiny_model, tmp_path):
     )
     assert margin_a == pytest.approx(0.1 * delta, abs=1e-5)
 
-    plain = _trainer(policy, reference, text_pairs, tmp_path, "--loss", "sigmoid", "--precompute_ref_log_probs", "false",
-                     "--mask_formatting_tokens", "false")
+    plain = _trainer(
+        policy,
+        reference,
+        text_pairs,
+        tmp_path,
+        "--loss",
+        "sigmoid",
+        "--precompute_ref_log_probs",
+        "false",
+        "--mask_formatting_tokens",
+        "false",
+    )
     (plain_a, _), (plain_b, _) = _per_example(plain, [rows["a"], rows["b"]])
     assert abs(plain_a - plain_b) > 1e-4 and abs(plain_a - loss_a) > 1e-4
 
@@ -273,10 +345,16 @@ def test_nll_term_equals_online_dpo_nll_on_the_same_log_probs(policy_pair, tmp_p
     from align.stages.rlhf import RLHFConfig
 
     policy, reference = policy_pair
-    pairs = [{"prompt": "1+2=", "chosen": "3", "rejected": "4"},
-             {"prompt": "10+20=", "chosen": "30, as 1 + 2 = 3", "rejected": "40"}]
-    trainer = _trainer(policy, reference, pairs, tmp_path, "--loss", "sigmoid:0,nll:1", "--precompute_ref_log_probs", "false")
-    batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])  # rows: chosen 0, 1; rejected 0, 1
+    pairs = [
+        {"prompt": "1+2=", "chosen": "3", "rejected": "4"},
+        {"prompt": "10+20=", "chosen": "30, as 1 + 2 = 3", "rejected": "40"},
+    ]
+    trainer = _trainer(
+        policy, reference, pairs, tmp_path, "--loss", "sigmoid:0,nll:1", "--precompute_ref_log_probs", "false"
+    )
+    batch = trainer.data_collator(
+        [trainer.train_dataset[0], trainer.train_dataset[1]]
+    )  # rows: chosen 0, 1; rejected 0, 1
     trainer.model.train()
     with torch.no_grad():
         dpo_nll = trainer.compute_loss(trainer.model, batch).item()
@@ -285,12 +363,33 @@ def test_nll_term_equals_online_dpo_nll_on_the_same_log_probs(policy_pair, tmp_p
     mask = batch["completion_mask"][:, 1:].float()
     assert mask[:2].sum(-1).tolist() == [1.0, 16.0]  # the chosen digits (the end token is masked)
 
-    cfg = parse_config(RLHFConfig, ["--model_name_or_path", "m", "--dataset", "d", "--reward", "rule:arithmetic",
-                                    "--output_dir", "o", "--optimizer", "online_dpo", "--nll_coef", "0.2"])
+    cfg = parse_config(
+        RLHFConfig,
+        [
+            "--model_name_or_path",
+            "m",
+            "--dataset",
+            "d",
+            "--reward",
+            "rule:arithmetic",
+            "--output_dir",
+            "o",
+            "--optimizer",
+            "online_dpo",
+            "--nll_coef",
+            "0.2",
+        ],
+    )
     opt = get_optimizer("online_dpo")(cfg, torch.nn.Linear(1, 1), None)
     order = [0, 2, 1, 3]  # online DPO's rows: the K = 2 samples of each prompt, scored chosen 1, rejected 0
-    r = Rollouts(batch["input_ids"][order], batch["attention_mask"][order], mask[order], torch.tensor([1.0, 0.0, 1.0, 0.0]),
-                 k=2, logp_ref=torch.zeros_like(logp))
+    r = Rollouts(
+        batch["input_ids"][order],
+        batch["attention_mask"][order],
+        mask[order],
+        torch.tensor([1.0, 0.0, 1.0, 0.0]),
+        k=2,
+        logp_ref=torch.zeros_like(logp),
+    )
     _, stats = opt.loss(r, logp[order], torch.zeros_like(logp), None)
     by_hand = -(logp[:2] * mask[:2]).sum().item() / 17
     assert stats["nll"] == pytest.approx(by_hand, rel=1e-6) and dpo_nll == pytest.approx(by_hand, rel=1e-5)
@@ -306,9 +405,20 @@ def dpo_run(sft_model, demo_data, tmp_path_factory) -> tuple[Path, Path]:
     """`align dpo` through the CLI from the demo SFT model, with the shipped config."""
     base = tmp_path_factory.mktemp("dpo")
     run_align(
-        "dpo", "--config", ROOT / "configs" / "demo_dpo.yaml", "--model_name_or_path", sft_model,
-        "--dataset", demo_data / "pairs.jsonl", "--eval_dataset", demo_data / "test.jsonl",
-        "--output_dir", base / "run", "--ref_cache_dir", base / "cache", check=True,
+        "dpo",
+        "--config",
+        ROOT / "configs" / "demo_dpo.yaml",
+        "--model_name_or_path",
+        sft_model,
+        "--dataset",
+        demo_data / "pairs.jsonl",
+        "--eval_dataset",
+        demo_data / "test.jsonl",
+        "--output_dir",
+        base / "run",
+        "--ref_cache_dir",
+        base / "cache",
+        check=True,
     )
     return base / "run", base / "cache"
 
@@ -317,7 +427,9 @@ def test_dpo_learns_preferences_from_the_sft_model(dpo_run, sft_run, sft_model, 
     out, cache = dpo_run
     record = json.loads((out / "stage.json").read_text())
     assert record["stage"] == "dpo" and record["status"] == "complete"
-    assert record["config"]["loss"] == ["sigmoid", "nll:0.2"] and record["config"]["model_name_or_path"] == str(sft_model)
+    assert record["config"]["loss"] == ["sigmoid", "nll:0.2"] and record["config"]["model_name_or_path"] == str(
+        sft_model
+    )
     s = record["summary"]
     assert s["pairs_in"] == 2000 and s["train_pairs"] == 2000 and s["identical_skipped"] == 0
     assert s["global_step"] == 300 and s["num_processes"] == 1
@@ -340,15 +452,26 @@ def test_dpo_learns_preferences_from_the_sft_model(dpo_run, sft_run, sft_model, 
 
 def test_rerun_is_noop_and_reference_logps_come_from_the_cache(dpo_run, sft_model, demo_data, tmp_path):
     out, cache = dpo_run
-    args = ["dpo", "--config", ROOT / "configs" / "demo_dpo.yaml", "--model_name_or_path", sft_model,
-            "--dataset", demo_data / "pairs.jsonl", "--eval_dataset", demo_data / "test.jsonl"]
+    args = [
+        "dpo",
+        "--config",
+        ROOT / "configs" / "demo_dpo.yaml",
+        "--model_name_or_path",
+        sft_model,
+        "--dataset",
+        demo_data / "pairs.jsonl",
+        "--eval_dataset",
+        demo_data / "test.jsonl",
+    ]
     before = (out / "stage.json").read_text()
     proc = run_align(*args, "--output_dir", out, "--ref_cache_dir", cache)
     assert proc.returncode == 0 and (out / "stage.json").read_text() == before
     # Another run on the same reference, pairs and settings (here: other steps and lr) never
     # recomputes the reference log-probs.
     second = tmp_path / "second"
-    proc = run_align(*args, "--output_dir", second, "--ref_cache_dir", cache, "--max_steps", 3, "--learning_rate", "1e-5")
+    proc = run_align(
+        *args, "--output_dir", second, "--ref_cache_dir", cache, "--max_steps", 3, "--learning_rate", "1e-5"
+    )
     assert proc.returncode == 0, proc.stderr
     s = json.loads((second / "stage.json").read_text())["summary"]
     first = json.loads(before)["summary"]
@@ -399,7 +522,9 @@ def test_cache_key_covers_gguf_content_hub_commit_and_bf16(tmp_path, monkeypatch
     gguf.write_bytes(b"GGUF weights, second")
     assert key("--model_name_or_path", gguf) != first
     assert _reference_identity(config("--model_name_or_path", gguf), [])["reference"] == {
-        "path": str(gguf.resolve()), "sha256": hashlib.sha256(b"GGUF weights, second").hexdigest()}
+        "path": str(gguf.resolve()),
+        "sha256": hashlib.sha256(b"GGUF weights, second").hexdigest(),
+    }
 
     commits = iter(["a" * 40, "a" * 40, "b" * 40])
     monkeypatch.setattr(dpo_trainer, "hub_commit", lambda repo_id: next(commits))
@@ -413,9 +538,28 @@ def test_cache_key_covers_gguf_content_hub_commit_and_bf16(tmp_path, monkeypatch
 def test_resume_after_crash(tiny_model, demo_data, tmp_path, crash_at_step_3):
     head = tmp_path / "pairs.jsonl"
     head.write_text("".join((demo_data / "pairs.jsonl").read_text().splitlines(keepends=True)[:64]))
-    flags = ["--model_name_or_path", tiny_model, "--dataset", head, "--output_dir", tmp_path / "out",
-             "--ref_cache_dir", tmp_path / "cache", "--max_steps", 6, "--save_steps", 2, "--logging_steps", 1,
-             "--per_device_train_batch_size", 8, "--max_length", 64, "--learning_rate", "1e-4"]
+    flags = [
+        "--model_name_or_path",
+        tiny_model,
+        "--dataset",
+        head,
+        "--output_dir",
+        tmp_path / "out",
+        "--ref_cache_dir",
+        tmp_path / "cache",
+        "--max_steps",
+        6,
+        "--save_steps",
+        2,
+        "--logging_steps",
+        1,
+        "--per_device_train_batch_size",
+        8,
+        "--max_length",
+        64,
+        "--learning_rate",
+        "1e-4",
+    ]
 
     with crash_at_step_3():
         run_dpo(parse_config(DPOStageConfig, list(map(str, flags))))
@@ -437,8 +581,23 @@ def test_identical_pairs_and_long_prompts_are_counted(tiny_model, tmp_path):
     rows = [pair("1+1=", "2", "3"), pair("2+2=", "4", "4"), pair("9" * 40 + "+1=", "1", "2"), pair("3+3=", "6", "7")]
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    common = ["dpo", "--model_name_or_path", tiny_model, "--dataset", data, "--max_steps", 1, "--max_length", 40,
-              "--max_prompt_length", 20, "--ref_cache_dir", tmp_path / "cache", "--per_device_train_batch_size", 2]
+    common = [
+        "dpo",
+        "--model_name_or_path",
+        tiny_model,
+        "--dataset",
+        data,
+        "--max_steps",
+        1,
+        "--max_length",
+        40,
+        "--max_prompt_length",
+        20,
+        "--ref_cache_dir",
+        tmp_path / "cache",
+        "--per_device_train_batch_size",
+        2,
+    ]
     assert main([*map(str, common), "--output_dir", str(tmp_path / "skip")]) == 0
     s = json.loads((tmp_path / "skip" / "stage.json").read_text())["summary"]
     assert (s["pairs_in"], s["identical_skipped"], s["long_prompts_skipped"], s["train_pairs"]) == (4, 1, 1, 2)
@@ -450,7 +609,9 @@ def test_identical_pairs_and_long_prompts_are_counted(tiny_model, tmp_path):
 def test_all_pairs_identical_fails_cleanly(capsys, tiny_model, tmp_path):
     data = tmp_path / "same.jsonl"
     data.write_text(json.dumps(pair("1+1=", "2", "2")) + "\n")
-    code = main(["dpo", "--model_name_or_path", str(tiny_model), "--dataset", str(data), "--output_dir", str(tmp_path / "o")])
+    code = main(
+        ["dpo", "--model_name_or_path", str(tiny_model), "--dataset", str(data), "--output_dir", str(tmp_path / "o")]
+    )
     err = capsys.readouterr().err
     assert code == 2 and f"{data}: no preference pairs left after filtering" in err and "identical_skipped=1" in err
     assert not (tmp_path / "o" / "stage.json").exists()
@@ -466,13 +627,29 @@ def test_group_by_length_batches_pairs_of_similar_length(tiny_model, tmp_path):
     from align.stage import Stage
 
     rng = __import__("random").Random(0)
-    pairs = [{"prompt": [{"role": "user", "content": f"{i}+{i}="}],
-              "chosen": [{"role": "assistant", "content": "7" * n}], "rejected": [{"role": "assistant", "content": "8" * n}]}
-             for i, n in enumerate(rng.choice([1, 40]) for _ in range(400))]
+    pairs = [
+        {
+            "prompt": [{"role": "user", "content": f"{i}+{i}="}],
+            "chosen": [{"role": "assistant", "content": "7" * n}],
+            "rejected": [{"role": "assistant", "content": "8" * n}],
+        }
+        for i, n in enumerate(rng.choice([1, 40]) for _ in range(400))
+    ]
 
     def padded_tokens(*flags):
-        cfg = config("--model_name_or_path", tiny_model, "--output_dir", tmp_path / "o", "--ref_cache_dir", tmp_path / "c",
-                     "--max_length", 64, "--per_device_train_batch_size", 8, *flags)
+        cfg = config(
+            "--model_name_or_path",
+            tiny_model,
+            "--output_dir",
+            tmp_path / "o",
+            "--ref_cache_dir",
+            tmp_path / "c",
+            "--max_length",
+            64,
+            "--per_device_train_batch_size",
+            8,
+            *flags,
+        )
         trainer = build_trainer(cfg, datasets.Dataset.from_list(pairs), Stage("dpo", cfg, cfg.output_dir))
         batches = list(trainer.get_train_dataloader())
         assert sum(len(b["input_ids"]) for b in batches) == 2 * len(pairs)  # chosen + rejected rows, each pair once
@@ -496,9 +673,22 @@ def test_cache_hit_and_miss_train_on_the_same_batches(policy_pair, demo_data, tm
     pairs = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in read_jsonl(demo_data / "pairs.jsonl")[:24]]
 
     def batches():
-        cfg = config("--model_name_or_path", policy, "--ref_model", reference, "--output_dir", tmp_path / "o",
-                     "--ref_cache_dir", tmp_path / "c", "--max_length", 64, "--per_device_train_batch_size", 4,
-                     "--group_by_length", "true")
+        cfg = config(
+            "--model_name_or_path",
+            policy,
+            "--ref_model",
+            reference,
+            "--output_dir",
+            tmp_path / "o",
+            "--ref_cache_dir",
+            tmp_path / "c",
+            "--max_length",
+            64,
+            "--per_device_train_batch_size",
+            4,
+            "--group_by_length",
+            "true",
+        )
         trainer = build_trainer(cfg, datasets.Dataset.from_list(pairs), Stage("dpo", cfg, cfg.output_dir))
         return trainer.ref_cache.hit, [b["input_ids"].tolist() for b in trainer.get_train_dataloader()]
 

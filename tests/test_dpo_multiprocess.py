@@ -30,13 +30,43 @@ def test_two_cpu_processes(tiny_model, demo_data, tmp_path):
     head = tmp_path / "pairs.jsonl"
     head.write_text("".join((demo_data / "pairs.jsonl").read_text().splitlines(keepends=True)[:48]))
     out = tmp_path / "out"
-    flags = ["--model_name_or_path", tiny_model, "--dataset", head, "--max_steps", 4, "--logging_steps", 2,
-             "--per_device_train_batch_size", 4, "--max_length", 64, "--learning_rate", "1e-4"]
+    flags = [
+        "--model_name_or_path",
+        tiny_model,
+        "--dataset",
+        head,
+        "--max_steps",
+        4,
+        "--logging_steps",
+        2,
+        "--per_device_train_batch_size",
+        4,
+        "--max_length",
+        64,
+        "--learning_rate",
+        "1e-4",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [ACCELERATE, "launch", "--config_file", str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"), "-m", "align",
-         "dpo", *map(str, flags), "--output_dir", str(out), "--ref_cache_dir", str(tmp_path / "cache")],
-        capture_output=True, text=True, timeout=600, cwd=ROOT, env=env,
+        [
+            ACCELERATE,
+            "launch",
+            "--config_file",
+            str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"),
+            "-m",
+            "align",
+            "dpo",
+            *map(str, flags),
+            "--output_dir",
+            str(out),
+            "--ref_cache_dir",
+            str(tmp_path / "cache"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -53,11 +83,15 @@ def test_two_cpu_processes(tiny_model, demo_data, tmp_path):
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
 
     # The reference log-probs gathered from 2 processes equal one process's, in dataset order.
-    cfg = parse_config(DPOStageConfig, [*map(str, flags), "--output_dir", str(tmp_path / "one"),
-                                        "--ref_cache_dir", str(tmp_path / "cache1")])
+    cfg = parse_config(
+        DPOStageConfig,
+        [*map(str, flags), "--output_dir", str(tmp_path / "one"), "--ref_cache_dir", str(tmp_path / "cache1")],
+    )
     from align.data import load_rows
 
-    train = datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in load_rows(str(head), "preference")])
+    train = datasets.Dataset.from_list(
+        [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in load_rows(str(head), "preference")]
+    )
     single = build_trainer(cfg, train, Stage("dpo", cfg, cfg.output_dir))
     assert single.ref_cache.path.name == Path(s["ref_cache_file"]).name  # same key from either launch
     two = load_file(s["ref_cache_file"])

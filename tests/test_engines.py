@@ -14,10 +14,11 @@ import pytest
 
 from align.cli import NOISY_WARNINGS, _quiet_libraries
 from align.stages.rs import RSConfig, run_rs
-from conftest import ALIGN, ROOT
 from sampling import engines
 from sampling.base import ENGINES
 from sampling.hf import TransformersEngine
+
+from conftest import ALIGN, ROOT
 
 FALLBACK = "engine auto: vLLM is not installed, generating with transformers"
 
@@ -26,7 +27,9 @@ FALLBACK = "engine auto: vLLM is not installed, generating with transformers"
 def no_vllm(monkeypatch):
     """Make vLLM look not installed (``find_spec`` finds nothing), as on a machine without it."""
     real = importlib.util.find_spec
-    monkeypatch.setattr(engines.importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    monkeypatch.setattr(
+        engines.importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a)
+    )
 
 
 def test_auto_falls_back_to_transformers_only_when_vllm_is_missing_and_says_so(no_vllm, tiny_model, capsys):
@@ -69,21 +72,30 @@ def test_an_engine_construction_error_propagates(monkeypatch, tiny_model):
 
 
 def test_rs_records_the_engine_in_stage_json(tiny_model, demo_data, tmp_path, no_vllm, capsys):
-    cfg = RSConfig(model_name_or_path=str(tiny_model), dataset=str(demo_data / "prompts.jsonl"), output_dir=str(tmp_path / "rs"),
-                   reward=["rule:arithmetic"], num_samples=2, max_tokens=2, max_prompts=4, shard_size=2, max_model_len=64)
+    cfg = RSConfig(
+        model_name_or_path=str(tiny_model),
+        dataset=str(demo_data / "prompts.jsonl"),
+        output_dir=str(tmp_path / "rs"),
+        reward=["rule:arithmetic"],
+        num_samples=2,
+        max_tokens=2,
+        max_prompts=4,
+        shard_size=2,
+        max_model_len=64,
+    )
     record = run_rs(cfg)
     assert record["summary"]["engine"] == "transformers" and record["summary"]["shards"] == 2
     assert json.loads((tmp_path / "rs" / "stage.json").read_text())["summary"]["engine"] == "transformers"
     assert FALLBACK in capsys.readouterr().err
 
 
-SCORER = '''import warnings
+SCORER = """import warnings
 
 
 def warns(prompt, response, **columns):
     warnings.warn("warns_scorer: this scorer is deprecated", UserWarning)
     return 1.0
-'''
+"""
 
 
 @pytest.mark.slow
@@ -92,10 +104,31 @@ def test_cli_shows_a_user_scorers_warning_and_eval_records_the_engine(tiny_model
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)])}
     out = tmp_path / "eval"
     proc = subprocess.run(
-        [*ALIGN, "eval", "--model_name_or_path", str(tiny_model), "--dataset", str(demo_data / "test.jsonl"),
-         "--reward", "warns_scorer:warns", "--engine", "transformers", "--max_prompts", "2", "--max_tokens", "2",
-         "--max_model_len", "64", "--output_dir", str(out)],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600,
+        [
+            *ALIGN,
+            "eval",
+            "--model_name_or_path",
+            str(tiny_model),
+            "--dataset",
+            str(demo_data / "test.jsonl"),
+            "--reward",
+            "warns_scorer:warns",
+            "--engine",
+            "transformers",
+            "--max_prompts",
+            "2",
+            "--max_tokens",
+            "2",
+            "--max_model_len",
+            "64",
+            "--output_dir",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
     assert "UserWarning: warns_scorer: this scorer is deprecated" in proc.stderr
@@ -107,7 +140,8 @@ def test_cli_shows_a_user_scorers_warning_and_eval_records_the_engine(tiny_model
 NOISE_SEEN = {
     r"`torch\.distributed\.reduce_op` is deprecated": (
         "`torch.distributed.reduce_op` is deprecated, please use `torch.distributed.ReduceOp` instead",
-        "vllm.triton_utils.dispatcher"),
+        "vllm.triton_utils.dispatcher",
+    ),
 }
 
 
@@ -121,4 +155,8 @@ def test_only_the_known_library_noise_is_hidden(category, message, module):
         warnings.warn_explicit(text, category, "user.py", 1, module="user_code")  # same text from elsewhere: shown
         warnings.warn_explicit("something else", category, "lib.py", 2, module=issuer)  # other text: shown
         warnings.warn_explicit("a user warning", UserWarning, "user.py", 2, module="user_code")
-    assert [(str(w.message), w.filename) for w in seen] == [(text, "user.py"), ("something else", "lib.py"), ("a user warning", "user.py")]
+    assert [(str(w.message), w.filename) for w in seen] == [
+        (text, "user.py"),
+        ("something else", "lib.py"),
+        ("a user warning", "user.py"),
+    ]

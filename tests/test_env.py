@@ -12,8 +12,14 @@ import pytest
 @pytest.mark.slow
 def test_stack_imports_in_this_environment():
     proc = subprocess.run(
-        [sys.executable, "-c", "import vllm, transformers, trl, peft, torch; print(torch.__version__, transformers.__version__, trl.__version__)"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-c",
+            "import vllm, transformers, trl, peft, torch; print(torch.__version__, transformers.__version__, trl.__version__)",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     torch_version, transformers_version, trl_version = proc.stdout.split()[-3:]

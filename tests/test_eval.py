@@ -9,19 +9,37 @@ import pytest
 from align.cli import main
 from align.config import parse_config
 from align.stages.eval import EvalConfig, run_eval
+
 from conftest import read_jsonl, run_align
 
 
 def eval_config(model, data, out, *extra) -> EvalConfig:
-    return parse_config(EvalConfig, ["--model_name_or_path", str(model), "--dataset", str(data), "--output_dir", str(out),
-                                     "--reward", "rule:arithmetic", "--max_tokens", "8", *map(str, extra)])
+    return parse_config(
+        EvalConfig,
+        [
+            "--model_name_or_path",
+            str(model),
+            "--dataset",
+            str(data),
+            "--output_dir",
+            str(out),
+            "--reward",
+            "rule:arithmetic",
+            "--max_tokens",
+            "8",
+            *map(str, extra),
+        ],
+    )
 
 
 @pytest.mark.slow
 def test_greedy_eval_is_exact_match_accuracy_and_matches_the_sft_stage(sft_vllm, sft_run, demo_data, tmp_path):
     record = run_eval(eval_config(sft_run / "model", demo_data / "test.jsonl", tmp_path / "e"), engine=sft_vllm)
     results = read_jsonl(tmp_path / "e" / "eval.jsonl")
-    answers = {json.loads(line)["prompt_id"]: json.loads(line)["answer"] for line in (demo_data / "test.jsonl").read_text().splitlines()}
+    answers = {
+        json.loads(line)["prompt_id"]: json.loads(line)["answer"]
+        for line in (demo_data / "test.jsonl").read_text().splitlines()
+    }
     assert len(results) == 200 and [r["prompt_id"] for r in results] == list(answers)
     assert all(r["reward"] == float(r["response"].strip() == answers[r["prompt_id"]]) for r in results)
     s = record["summary"]
@@ -34,8 +52,20 @@ def test_greedy_eval_is_exact_match_accuracy_and_matches_the_sft_stage(sft_vllm,
 
 @pytest.mark.slow
 def test_sampled_eval_reports_best_of_k(sft_vllm, sft_model, demo_data, tmp_path):
-    record = run_eval(eval_config(sft_model, demo_data / "test.jsonl", tmp_path / "e", "--num_samples", 4,
-                                  "--temperature", 1.0, "--max_prompts", 50), engine=sft_vllm)
+    record = run_eval(
+        eval_config(
+            sft_model,
+            demo_data / "test.jsonl",
+            tmp_path / "e",
+            "--num_samples",
+            4,
+            "--temperature",
+            1.0,
+            "--max_prompts",
+            50,
+        ),
+        engine=sft_vllm,
+    )
     results = read_jsonl(tmp_path / "e" / "eval.jsonl")
     assert len(results) == 50 and all(len(r["responses"]) == len(r["rewards"]) == 4 for r in results)
     s = record["summary"]
@@ -50,8 +80,23 @@ def test_sampled_eval_reports_best_of_k(sft_vllm, sft_model, demo_data, tmp_path
 @pytest.mark.slow
 def test_cli_eval_with_the_transformers_engine(sft_model, demo_data, tmp_path):
     out = tmp_path / "cli"
-    args = ["eval", "--model_name_or_path", sft_model, "--dataset", demo_data / "test.jsonl", "--output_dir", out,
-            "--reward", "rule:arithmetic", "--max_tokens", 8, "--max_prompts", 32, "--engine", "transformers"]
+    args = [
+        "eval",
+        "--model_name_or_path",
+        sft_model,
+        "--dataset",
+        demo_data / "test.jsonl",
+        "--output_dir",
+        out,
+        "--reward",
+        "rule:arithmetic",
+        "--max_tokens",
+        8,
+        "--max_prompts",
+        32,
+        "--engine",
+        "transformers",
+    ]
     proc = run_align(*args, check=True)
     stage = json.loads((out / "stage.json").read_text())
     assert stage["stage"] == "eval" and stage["config"]["engine"] == "transformers"
@@ -63,7 +108,20 @@ def test_cli_eval_with_the_transformers_engine(sft_model, demo_data, tmp_path):
 
 
 def test_sampled_eval_needs_a_temperature(capsys, tmp_path):
-    code = main(["eval", "--model_name_or_path", "m", "--dataset", "d", "--output_dir", str(tmp_path / "o"),
-                 "--reward", "rule:arithmetic", "--num_samples", "4"])
+    code = main(
+        [
+            "eval",
+            "--model_name_or_path",
+            "m",
+            "--dataset",
+            "d",
+            "--output_dir",
+            str(tmp_path / "o"),
+            "--reward",
+            "rule:arithmetic",
+            "--num_samples",
+            "4",
+        ]
+    )
     assert code == 2 and "num_samples=4 needs --temperature > 0" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

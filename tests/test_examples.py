@@ -16,6 +16,7 @@ import pytest
 
 from align.config import parse_config
 from align.stages.rs import RSConfig
+
 from conftest import ROOT
 
 EXAMPLES = ROOT / "examples"
@@ -67,8 +68,11 @@ def test_systemd_units_have_the_expected_keys():
 
 
 def test_cron_line():
-    lines = [line for line in (EXAMPLES / "cron" / "align.crontab").read_text().splitlines()
-             if line.strip() and not line.startswith("#")]
+    lines = [
+        line
+        for line in (EXAMPLES / "cron" / "align.crontab").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     assert len(lines) == 1
     fields = lines[0].split(None, 5)
     assert all(re.fullmatch(r"[\d*/,-]+", f) for f in fields[:5]), fields[:5]  # minute hour day month weekday
@@ -87,15 +91,25 @@ def fakes(tmp_path):
     for name, text in (("align", FAKE_ALIGN), ("scontrol", FAKE_RECORDER), ("sbatch", FAKE_RECORDER)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "ALIGN": str(bin_dir / "align"),
-           "FAKE_DIR": str(tmp_path)}
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "ALIGN": str(bin_dir / "align"),
+        "FAKE_DIR": str(tmp_path),
+    }
     return tmp_path, env
 
 
 def run_script(name: str, env: dict, usr1: bool) -> subprocess.CompletedProcess:
     """Run an example script; with ``usr1``, send it USR1 (as Slurm's --signal=B:USR1 does) once align runs."""
-    proc = subprocess.Popen(["bash", str(EXAMPLES / "slurm" / name)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        ["bash", str(EXAMPLES / "slurm" / name)],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     if usr1:
         deadline = time.time() + 20
         while not (Path(env["FAKE_DIR"]) / "ready").exists():
@@ -118,7 +132,9 @@ def test_pipeline_script_forwards_usr1_and_requeues_on_exit_3(fakes):
     assert (tmp / "signal").read_text() == "USR1\n"  # align got the warning signal
     assert calls(tmp) == ["scontrol requeue 42"]
     args = (tmp / "args").read_text().splitlines()
-    assert args[:2] == ["run", "configs/recipes/quickstart.yaml"] and {a for a in args if a.startswith("--")} <= RUN_FLAGS
+    assert (
+        args[:2] == ["run", "configs/recipes/quickstart.yaml"] and {a for a in args if a.startswith("--")} <= RUN_FLAGS
+    )
 
 
 @pytest.mark.parametrize("rc, expected", [(0, 0), (75, 0), (1, 1), (2, 2)])
@@ -145,13 +161,25 @@ def test_rs_merge_names_every_part(fakes):
     done = run_script("rs_merge.sbatch", {**env, "N": "3", "FAKE_RC": "0"}, usr1=False)
     assert done.returncode == 0, done.stdout
     cfg = parse_config(RSConfig, (tmp / "args").read_text().splitlines()[1:])
-    assert cfg.merge == [f"runs/rs-parts/part-{i}" for i in range(3)] and cfg.shard is None and cfg.output_dir == "runs/rs"
+    assert (
+        cfg.merge == [f"runs/rs-parts/part-{i}" for i in range(3)]
+        and cfg.shard is None
+        and cfg.output_dir == "runs/rs"
+    )
 
 
 def test_submit_rs_chains_the_merge_after_the_array(fakes):
     tmp, env = fakes
-    done = subprocess.run(["bash", str(EXAMPLES / "slurm" / "submit_rs.sh"), "16", "4"], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=20)
+    done = subprocess.run(
+        ["bash", str(EXAMPLES / "slurm" / "submit_rs.sh"), "16", "4"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
     assert done.returncode == 0, done.stderr
-    assert calls(tmp) == [f"sbatch --parsable --array=0-15%4 {EXAMPLES / 'slurm' / 'rs_array.sbatch'}",
-                          f"sbatch --parsable --dependency=afterok:1234 --export=ALL,N=16 {EXAMPLES / 'slurm' / 'rs_merge.sbatch'}"]
+    assert calls(tmp) == [
+        f"sbatch --parsable --array=0-15%4 {EXAMPLES / 'slurm' / 'rs_array.sbatch'}",
+        f"sbatch --parsable --dependency=afterok:1234 --export=ALL,N=16 {EXAMPLES / 'slurm' / 'rs_merge.sbatch'}",
+    ]

@@ -21,6 +21,7 @@ from align.config import parse_config
 from align.errors import Interrupted
 from align.stages.rs import RSConfig, run_rs
 from align.stages.sft import SFTStageConfig, run_sft
+
 from conftest import ROOT, read_jsonl
 
 # Subprocesses import this checkout's packages, not whatever `align` the environment installed.
@@ -30,9 +31,24 @@ FULL = 65536  # bytes a file may grow to once the disk is "full": metrics rows f
 
 
 def sft_args(out: Path, tiny_model: Path, data: Path, steps: int = STEPS) -> list[str]:
-    return ["--config", str(ROOT / "configs" / "demo_sft.yaml"), "--model_name_or_path", str(tiny_model), "--dataset", str(data),
-            "--output_dir", str(out), "--max_steps", str(steps), "--save_steps", str(SAVE), "--logging_steps", "1",
-            "--per_device_train_batch_size", "8"]
+    return [
+        "--config",
+        str(ROOT / "configs" / "demo_sft.yaml"),
+        "--model_name_or_path",
+        str(tiny_model),
+        "--dataset",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        str(steps),
+        "--save_steps",
+        str(SAVE),
+        "--logging_steps",
+        "1",
+        "--per_device_train_batch_size",
+        "8",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +82,14 @@ def assert_same_run(out: Path, reference: Path) -> None:
 
 def with_full_disk(trigger: Path, args: list[str]) -> subprocess.CompletedProcess:
     """`align ARGS` in a process whose disk fills up (to FULL bytes a file) once ``trigger`` exists."""
-    return subprocess.run([sys.executable, str(ROOT / "tests" / "fsize_child.py"), str(trigger), str(FULL), *args],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT, env=ENV)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "fsize_child.py"), str(trigger), str(FULL), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env=ENV,
+    )
 
 
 def last_line(text: str) -> str:
@@ -75,16 +97,19 @@ def last_line(text: str) -> str:
 
 
 @pytest.mark.slow
-def test_full_disk_stops_in_one_line_and_the_rerun_ends_as_if_never_stopped(tiny_model, sft_data, sft_reference, tmp_path,
-                                                                           capsys):
+def test_full_disk_stops_in_one_line_and_the_rerun_ends_as_if_never_stopped(
+    tiny_model, sft_data, sft_reference, tmp_path, capsys
+):
     out = tmp_path / "sft"
     args = ["sft", *sft_args(out, tiny_model, sft_data)]
     checkpoints = out / "checkpoints"
     # the disk fills once checkpoint-4 is whole: checkpoint-8's weights do not fit
     proc = with_full_disk(checkpoints / "checkpoint-4" / "trainer_state.json", args)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert last_line(proc.stderr) == (f"align sft: error: cannot write {checkpoints}/checkpoint-8/model.safetensors: File too"
-                                      " large; free space, then rerun the same command to continue")
+    assert last_line(proc.stderr) == (
+        f"align sft: error: cannot write {checkpoints}/checkpoint-8/model.safetensors: File too"
+        " large; free space, then rerun the same command to continue"
+    )
     assert (checkpoints / "checkpoint-4" / "trainer_state.json").is_file()  # whole: written last
     assert not (checkpoints / "checkpoint-8" / "trainer_state.json").exists()
     assert not (out / "stage.json").exists() and not (out / "model").exists()
@@ -92,8 +117,10 @@ def test_full_disk_stops_in_one_line_and_the_rerun_ends_as_if_never_stopped(tiny
     # space freed, the resumed run meets a full disk again while it writes the final model
     proc = with_full_disk(checkpoints / f"checkpoint-{STEPS}" / "trainer_state.json", [*args, "--resume"])
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert last_line(proc.stderr) == (f"align sft: error: cannot write {out}/model/model.safetensors: File too large; free"
-                                      " space, then rerun the same command to continue")
+    assert last_line(proc.stderr) == (
+        f"align sft: error: cannot write {out}/model/model.safetensors: File too large; free"
+        " space, then rerun the same command to continue"
+    )
     assert not (out / "stage.json").exists() and not (out / "model").exists() and not list(out.glob(".model.*"))
 
     # and the newest checkpoint's weights lost their end after its marker was written (a disk that
@@ -103,21 +130,26 @@ def test_full_disk_stops_in_one_line_and_the_rerun_ends_as_if_never_stopped(tiny
         f.truncate(weights.stat().st_size // 2)
     capsys.readouterr()
     record = run_sft(parse_config(SFTStageConfig, [*args[1:], "--resume"]))
-    assert (f"warning: skipping incomplete checkpoint {checkpoints}/checkpoint-{STEPS} (model.safetensors is cut short"
-            in capsys.readouterr().err)
+    assert (
+        f"warning: skipping incomplete checkpoint {checkpoints}/checkpoint-{STEPS} (model.safetensors is cut short"
+        in capsys.readouterr().err
+    )
     assert record["summary"]["resumed_from_step"] == 2 * SAVE and record["summary"]["global_step"] == STEPS
     assert_same_run(out, sft_reference)
 
 
 @pytest.mark.slow
-def test_a_damaged_model_is_refused_naming_the_file_and_the_stage_redoes_it(tiny_model, sft_data, demo_data, tmp_path,
-                                                                           capsys):
+def test_a_damaged_model_is_refused_naming_the_file_and_the_stage_redoes_it(
+    tiny_model, sft_data, demo_data, tmp_path, capsys
+):
     """A finished stage's model cut to half: a stage reading it fails in one line (exit 2) in a real
     process, a rerun of the stage refuses to call it done, and with --overwrite redoes it."""
     out = tmp_path / "sft"
     flags = ["sft", *sft_args(out, tiny_model, sft_data, steps=SAVE)]
     assert main(flags) == 0
-    trained = {name: t.clone() for name, t in load_file(out / "model" / "model.safetensors").items()}  # not the mapped file
+    trained = {
+        name: t.clone() for name, t in load_file(out / "model" / "model.safetensors").items()
+    }  # not the mapped file
     record = json.loads((out / "stage.json").read_text())
     weights = out / "model" / "model.safetensors"
     assert record["outputs"]["model/model.safetensors"]["size"] == weights.stat().st_size
@@ -125,21 +157,42 @@ def test_a_damaged_model_is_refused_naming_the_file_and_the_stage_redoes_it(tiny
         f.truncate(weights.stat().st_size // 2)
     half = weights.stat().st_size
 
-    proc = subprocess.run([sys.executable, "-m", "align", "eval", "--model_name_or_path", str(out / "model"), "--dataset",
-                           str(demo_data / "test.jsonl"), "--reward", "rule:arithmetic", "--engine", "transformers",
-                           "--output_dir", str(tmp_path / "eval")], capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env=ENV)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "align",
+            "eval",
+            "--model_name_or_path",
+            str(out / "model"),
+            "--dataset",
+            str(demo_data / "test.jsonl"),
+            "--reward",
+            "rule:arithmetic",
+            "--engine",
+            "transformers",
+            "--output_dir",
+            str(tmp_path / "eval"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env=ENV,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.strip() == (
         f"align eval: error: {weights} has {half} bytes, {half * 2} recorded when stage {out} finished: its output is"
-        f" damaged or replaced; rerun that stage (align run redoes it) before using {out / 'model'}")
+        f" damaged or replaced; rerun that stage (align run redoes it) before using {out / 'model'}"
+    )
 
     capsys.readouterr()
     assert main(flags) == 2
     assert capsys.readouterr().err.strip() == (
         f"align sft: error: {out} already holds a finished 'sft' stage with outputs that changed since it finished"
         f" (model/model.safetensors has {half} bytes, {half * 2} recorded); pass --overwrite to replace it or choose"
-        " another --output_dir")
+        " another --output_dir"
+    )
     assert main([*flags, "--overwrite"]) == 0
     redone = load_file(weights)
     assert all(torch.equal(redone[name], trained[name]) for name in trained)
@@ -150,20 +203,67 @@ def test_a_damaged_model_is_refused_naming_the_file_and_the_stage_redoes_it(tiny
     with open(loose / "model.safetensors", "r+b") as f:
         f.truncate(1000)
     capsys.readouterr()
-    assert main(["eval", "--model_name_or_path", str(loose), "--dataset", str(demo_data / "test.jsonl"), "--reward",
-                 "rule:arithmetic", "--engine", "transformers", "--output_dir", str(tmp_path / "eval2")]) == 2
-    assert capsys.readouterr().err.strip().startswith(
-        f"align eval: error: {loose / 'model.safetensors'} is cut short (1000 bytes; its header alone needs")
+    assert (
+        main(
+            [
+                "eval",
+                "--model_name_or_path",
+                str(loose),
+                "--dataset",
+                str(demo_data / "test.jsonl"),
+                "--reward",
+                "rule:arithmetic",
+                "--engine",
+                "transformers",
+                "--output_dir",
+                str(tmp_path / "eval2"),
+            ]
+        )
+        == 2
+    )
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .startswith(
+            f"align eval: error: {loose / 'model.safetensors'} is cut short (1000 bytes; its header alone needs"
+        )
+    )
 
 
 def test_a_cut_rs_shard_is_sampled_again(tiny_model, demo_data, tmp_path, monkeypatch, capsys):
     """An unfinished rs run whose first shard file lost its end: the rerun samples that shard again
     (with a warning naming it) and ends with the candidates of a run that was never stopped."""
+
     def cfg(out: Path) -> RSConfig:
-        return parse_config(RSConfig, ["--model_name_or_path", str(tiny_model), "--dataset", str(demo_data / "prompts.jsonl"),
-                                       "--output_dir", str(out), "--max_prompts", "12", "--shard_size", "4", "--num_samples", "2",
-                                       "--max_tokens", "6", "--temperature", "1.0", "--engine", "transformers",
-                                       "--reward", "rule:arithmetic", "--select", "all", "--min_reward", "null"])
+        return parse_config(
+            RSConfig,
+            [
+                "--model_name_or_path",
+                str(tiny_model),
+                "--dataset",
+                str(demo_data / "prompts.jsonl"),
+                "--output_dir",
+                str(out),
+                "--max_prompts",
+                "12",
+                "--shard_size",
+                "4",
+                "--num_samples",
+                "2",
+                "--max_tokens",
+                "6",
+                "--temperature",
+                "1.0",
+                "--engine",
+                "transformers",
+                "--reward",
+                "rule:arithmetic",
+                "--select",
+                "all",
+                "--min_reward",
+                "null",
+            ],
+        )
 
     run_rs(cfg(tmp_path / "reference"))
     calls = iter([False, True, True])
@@ -175,6 +275,6 @@ def test_a_cut_rs_shard_is_sampled_again(tiny_model, demo_data, tmp_path, monkey
     shard.write_text(shard.read_text()[:100])
     capsys.readouterr()
     record = run_rs(cfg(tmp_path / "rs"))
-    assert (f"warning: shard file {shard} is not whole JSON; sampling that shard again" in capsys.readouterr().err)
+    assert f"warning: shard file {shard} is not whole JSON; sampling that shard again" in capsys.readouterr().err
     assert record["summary"]["resumed_shards"] == 1
     assert read_jsonl(tmp_path / "rs" / "candidates.jsonl") == read_jsonl(tmp_path / "reference" / "candidates.jsonl")

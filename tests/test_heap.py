@@ -43,48 +43,63 @@ MIB64 = 64 * 2**20
 def run(body: str, **env: str) -> list:
     import os
 
-    proc = subprocess.run([sys.executable, "-c", PRELUDE + body], capture_output=True, text=True, timeout=300,
-                          env={k: v for k, v in {**os.environ, **env}.items() if v is not None})
+    proc = subprocess.run(
+        [sys.executable, "-c", PRELUDE + body],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={k: v for k, v in {**os.environ, **env}.items() if v is not None},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def test_a_large_block_comes_from_the_heap_inside_and_from_mmap_after():
-    default, inside, kept, after = run('''
+    default, inside, kept, after = run(
+        """
 default = mmapped()
 with heap.keep_freed_memory() as kept:
     inside = mmapped()
 print(json.dumps([default, inside, kept, mmapped()]))
-''', ALIGN_KEEP_FREED_MEMORY="1")
+""",
+        ALIGN_KEEP_FREED_MEMORY="1",
+    )
     assert default >= MIB64  # glibc's default: a block above 32 MiB is always mmap'd
     assert (inside, kept) == (0, True)
     assert after >= MIB64  # defaults restored
 
 
 def test_nested_blocks_restore_once_at_the_outermost():
-    between, after = run('''
+    between, after = run(
+        """
 with heap.keep_freed_memory():
     with heap.keep_freed_memory():
         pass
     between = mmapped()
 print(json.dumps([between, mmapped()]))
-''', ALIGN_KEEP_FREED_MEMORY="1")
+""",
+        ALIGN_KEEP_FREED_MEMORY="1",
+    )
     assert between == 0  # the inner exit left the outer's setting alone
     assert after >= MIB64
 
 
 @pytest.mark.parametrize("value", ["0", "false", "off"])
 def test_the_environment_turns_it_off(value):
-    kept, inside = run('''
+    kept, inside = run(
+        """
 with heap.keep_freed_memory() as kept:
     print(json.dumps([kept, mmapped()]))
-''', ALIGN_KEEP_FREED_MEMORY=value)
+""",
+        ALIGN_KEEP_FREED_MEMORY=value,
+    )
     assert kept is False and inside >= MIB64
 
 
 @pytest.mark.slow
 def test_rlhf_runs_inside_it_and_the_offline_trainers_do_not():
-    seen, error, after, wrapped = run('''
+    seen, error, after, wrapped = run(
+        """
 from align.cli import COMMANDS, _load_commands
 _load_commands()
 seen, real = [], heap.keep_freed_memory
@@ -99,7 +114,9 @@ try:
 except AttributeError as err:
     error = type(err).__name__
 print(json.dumps([len(seen), error, mmapped(), {n: hasattr(COMMANDS[n].run, "__wrapped__") for n in ("rlhf", "sft", "rm", "dpo")}]))
-''', ALIGN_KEEP_FREED_MEMORY="1")
+""",
+        ALIGN_KEEP_FREED_MEMORY="1",
+    )
     assert (seen, error) == (1, "AttributeError")
     assert after >= MIB64  # undone when the stage failed
     # measured: no gain worth their memory for the offline trainers (align/heap.py)

@@ -29,7 +29,9 @@ def test_chunked_equals_naive_values_and_gradients():
         (grad,) = torch.autograd.grad((logp * weights).sum(), logits)
         torch.testing.assert_close(logp, ref_logp, atol=1e-5, rtol=0)
         torch.testing.assert_close(grad, ref_grad, atol=1e-5, rtol=0)
-        torch.testing.assert_close(chunked_entropy(logits, chunk_tokens=chunk), ref_entropy.detach(), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            chunked_entropy(logits, chunk_tokens=chunk), ref_entropy.detach(), atol=1e-5, rtol=0
+        )
     assert not chunked_entropy(logits).requires_grad
 
 

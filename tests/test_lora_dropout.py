@@ -21,7 +21,7 @@ def test_keep_mask_keeps_one_minus_p_and_scales_by_its_inverse(p):
     threshold = round(p * 2**31)
     assert scale == 2**31 / (2**31 - threshold) and abs(scale - 1 / (1 - p)) < 1e-8
     # masks of two halves are independent draws, not a repeated pattern
-    assert not torch.equal(keep[: n // 2], keep[n // 2:])
+    assert not torch.equal(keep[: n // 2], keep[n // 2 :])
 
 
 def test_training_forward_zeroes_dropped_scales_kept_and_backward_uses_the_same_mask():
@@ -70,8 +70,9 @@ def _peft_model(tiny_model, dropout: float):
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
-    return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear",
-                                           task_type="CAUSAL_LM"))
+    return get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM")
+    )
 
 
 def test_use_fast_lora_dropout_replaces_every_lora_dropout_and_changes_no_weights(tiny_model):
@@ -89,8 +90,12 @@ def test_use_fast_lora_dropout_replaces_every_lora_dropout_and_changes_no_weight
     before_out, before_state = model(input_ids=ids).logits, {k: v.clone() for k, v in model.state_dict().items()}
 
     assert use_fast_lora_dropout(model) == len(lora_layers) > 0
-    assert all(type(m.lora_dropout["default"]) is CpuFastDropout and m.lora_dropout["default"].p == 0.05
-               and not m.lora_dropout["default"].training for m in lora_layers)
+    assert all(
+        type(m.lora_dropout["default"]) is CpuFastDropout
+        and m.lora_dropout["default"].p == 0.05
+        and not m.lora_dropout["default"].training
+        for m in lora_layers
+    )
     assert use_fast_lora_dropout(model) == 0  # already replaced
     state = model.state_dict()
     assert state.keys() == before_state.keys() and all(torch.equal(state[k], before_state[k]) for k in state)
@@ -113,11 +118,30 @@ def test_trainer_stages_train_with_the_fast_dropout(tmp_path, tiny_model, demo_d
     calls = []
     original = _MaskedScale.apply
     monkeypatch.setattr(_MaskedScale, "apply", lambda x, p: calls.append(p) or original(x, p))
-    cfg = parse_config(SFTStageConfig, [
-        "--model_name_or_path", str(tiny_model), "--dataset", str(demo_data / "sft.jsonl"), "--output_dir",
-        str(tmp_path / "sft"), "--max_steps", "2", "--per_device_train_batch_size", "4", "--max_length", "32",
-        "--use_lora", "--lora_r", "4", "--lora_dropout", "0.1", "--save_steps", "1000",
-    ])
+    cfg = parse_config(
+        SFTStageConfig,
+        [
+            "--model_name_or_path",
+            str(tiny_model),
+            "--dataset",
+            str(demo_data / "sft.jsonl"),
+            "--output_dir",
+            str(tmp_path / "sft"),
+            "--max_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "4",
+            "--max_length",
+            "32",
+            "--use_lora",
+            "--lora_r",
+            "4",
+            "--lora_dropout",
+            "0.1",
+            "--save_steps",
+            "1000",
+        ],
+    )
     record = run_sft(cfg)
     assert record["summary"]["global_step"] == 2
     from peft.tuners.lora import LoraLayer

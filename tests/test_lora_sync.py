@@ -29,7 +29,9 @@ def _lora_policy(tiny_model, dtype, **lora):
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=dtype)
-    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **{"target_modules": ["q_proj", "v_proj", "down_proj"], **lora})
+    config = LoraConfig(
+        r=4, lora_alpha=8, init_lora_weights=False, **{"target_modules": ["q_proj", "v_proj", "down_proj"], **lora}
+    )
     return get_peft_model(base, config)
 
 
@@ -40,7 +42,7 @@ def _base_weights(policy) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def _train_step(policy, gen) -> None:
     """What an optimizer step does to a LoRA policy: only the adapter's weights move."""
-    for name, p in policy.named_parameters():
+    for p in policy.parameters():
         if p.requires_grad:
             p.add_(torch.randn(p.shape, generator=gen).to(p.dtype) * 1e-3)
 
@@ -67,8 +69,12 @@ def test_the_sent_weights_are_peft_merge_and_unload(dtype, tiny_model):
     it, here the sum is rounded once)."""
     from transformers import AutoModelForCausalLM
 
-    policy = _lora_policy(tiny_model, dtype, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"],
-                          modules_to_save=["lm_head"])
+    policy = _lora_policy(
+        tiny_model,
+        dtype,
+        target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"],
+        modules_to_save=["lm_head"],
+    )
     _train_step(policy, torch.Generator().manual_seed(1))  # the lm_head copy differs from the original too
     engine = RecordingEngine()
     sync_engine(engine, policy)
@@ -90,7 +96,9 @@ def test_an_engine_given_the_sent_weights_computes_the_policy(tiny_model):
     from sampling.hf import TransformersEngine
 
     policy = _lora_policy(tiny_model, torch.float32)
-    engine = TransformersEngine(AutoModelForCausalLM.from_pretrained(tiny_model), AutoTokenizer.from_pretrained(tiny_model))
+    engine = TransformersEngine(
+        AutoModelForCausalLM.from_pretrained(tiny_model), AutoTokenizer.from_pretrained(tiny_model)
+    )
     ids = torch.tensor([[5, 9, 13, 7, 21, 8]])
     with torch.no_grad():
         before = engine.model(ids).logits
@@ -102,7 +110,22 @@ def test_an_engine_given_the_sent_weights_computes_the_policy(tiny_model):
 
 def test_qlora_is_refused_with_what_to_use_instead(tmp_path):
     with pytest.raises(ConfigError) as err:
-        parse_config(RLHFConfig, ["--model_name_or_path", "m", "--dataset", "d", "--reward", "rule:arithmetic",
-                                  "--output_dir", str(tmp_path / "o"), "--load_in_4bit", "true"])
-    assert str(err.value) == ("'load_in_4bit' (QLoRA) is not supported by align rlhf: the engine needs the adapter merged into"
-                              " full-precision weights; use --use_lora true (with --dtype bfloat16 to halve the base's memory)")
+        parse_config(
+            RLHFConfig,
+            [
+                "--model_name_or_path",
+                "m",
+                "--dataset",
+                "d",
+                "--reward",
+                "rule:arithmetic",
+                "--output_dir",
+                str(tmp_path / "o"),
+                "--load_in_4bit",
+                "true",
+            ],
+        )
+    assert str(err.value) == (
+        "'load_in_4bit' (QLoRA) is not supported by align rlhf: the engine needs the adapter merged into"
+        " full-precision weights; use --use_lora true (with --dtype bfloat16 to halve the base's memory)"
+    )

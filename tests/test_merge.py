@@ -20,10 +20,14 @@ def models(tmp_path_factory):
     from align.tiny import make_tiny_model
 
     root = tmp_path_factory.mktemp("merge_models")
-    made = {f"s{seed}": make_tiny_model(root / f"s{seed}", seed=seed, hidden_size=64, num_layers=2,
-                                        intermediate_size=128) for seed in (1, 2, 3)}
+    made = {
+        f"s{seed}": make_tiny_model(root / f"s{seed}", seed=seed, hidden_size=64, num_layers=2, intermediate_size=128)
+        for seed in (1, 2, 3)
+    }
     made["wide"] = make_tiny_model(root / "wide", seed=1, hidden_size=128, num_layers=2, intermediate_size=128)
-    made["qwen"] = make_tiny_model(root / "qwen", arch="qwen2", seed=1, hidden_size=64, num_layers=2, intermediate_size=128)
+    made["qwen"] = make_tiny_model(
+        root / "qwen", arch="qwen2", seed=1, hidden_size=64, num_layers=2, intermediate_size=128
+    )
     return made
 
 
@@ -76,7 +80,9 @@ def test_average_of_two_copies_is_that_model_bitwise(models, tmp_path):
     assert all(t.dtype == torch.float32 and torch.equal(t, original[k]) for k, t in merged.items())
     summary = record["summary"]
     assert record["stage"] == "merge" and summary["method"] == "average" and summary["weights"] == [0.5, 0.5]
-    assert summary["tensors_merged"] == len(original) and summary["parameters"] == sum(t.numel() for t in original.values())
+    assert summary["tensors_merged"] == len(original) and summary["parameters"] == sum(
+        t.numel() for t in original.values()
+    )
     # the output is a normal model folder: transformers loads it with its tokenizer and chat template
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -103,17 +109,41 @@ def test_weighted_average(models, tmp_path):
 
 @pytest.mark.parametrize("t, endpoint", [(0.0, "s1"), (1.0, "s2")])
 def test_slerp_endpoints_are_the_models(models, tmp_path, t, endpoint):
-    record = merge(tmp_path, "--models", f"{models['s1']},{models['s2']}", "--method", "slerp", "--base", models["s3"],
-                   "--t", t, "--eta", 1)
+    record = merge(
+        tmp_path,
+        "--models",
+        f"{models['s1']},{models['s2']}",
+        "--method",
+        "slerp",
+        "--base",
+        models["s3"],
+        "--t",
+        t,
+        "--eta",
+        1,
+    )
     merged, expected = weights(tmp_path / "merged" / "model"), weights(models[endpoint])
     assert all(torch.equal(tensor, expected[k]) for k, tensor in merged.items())
     assert record["summary"]["t"] == t and record["summary"]["base"] == str(models["s3"])
 
 
 def test_slerp_midpoint_per_tensor(models, tmp_path):
-    merge(tmp_path, "--models", f"{models['s1']},{models['s2']}", "--method", "slerp", "--base", models["s3"],
-          "--t", 0.5, "--eta", 0.5)
-    merged, a, b, base = (weights(p) for p in (tmp_path / "merged" / "model", models["s1"], models["s2"], models["s3"]))
+    merge(
+        tmp_path,
+        "--models",
+        f"{models['s1']},{models['s2']}",
+        "--method",
+        "slerp",
+        "--base",
+        models["s3"],
+        "--t",
+        0.5,
+        "--eta",
+        0.5,
+    )
+    merged, a, b, base = (
+        weights(p) for p in (tmp_path / "merged" / "model", models["s1"], models["s2"], models["s3"])
+    )
     key = "model.layers.0.mlp.up_proj.weight"
     ta, tb = (a[key] - base[key]).double().flatten(), (b[key] - base[key]).double().flatten()
     omega = torch.arccos(ta @ tb / (ta.norm() * tb.norm()))
@@ -126,7 +156,9 @@ def test_lora_output_is_merged_into_its_base_first(models, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base = AutoModelForCausalLM.from_pretrained(models["s1"], use_safetensors=True)
-    lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    lora = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    )
     torch.manual_seed(0)
     for name, p in lora.named_parameters():
         if "lora_B" in name:
@@ -176,8 +208,22 @@ def test_other_architecture_and_three_slerp_models_fail_cleanly(models, tmp_path
     assert main(["merge", "--models", f"{models['s1']},{models['qwen']}", "--output_dir", str(tmp_path / "a")]) == 2
     assert "config 'model_type' is 'qwen2' but" in capsys.readouterr().err
     three = ",".join(str(models[k]) for k in ("s1", "s2", "s3"))
-    assert main(["merge", "--models", three, "--method", "slerp", "--base", str(models["s3"]),
-                 "--output_dir", str(tmp_path / "b")]) == 2
+    assert (
+        main(
+            [
+                "merge",
+                "--models",
+                three,
+                "--method",
+                "slerp",
+                "--base",
+                str(models["s3"]),
+                "--output_dir",
+                str(tmp_path / "b"),
+            ]
+        )
+        == 2
+    )
     assert "method 'slerp' merges exactly 2 models, got 3" in capsys.readouterr().err
     assert main(["merge", "--models", f"{tmp_path},{models['s1']}", "--output_dir", str(tmp_path / "c")]) == 2
     assert "not a model folder or stage dir" in capsys.readouterr().err

@@ -35,8 +35,9 @@ def test_one_ondare_step_matches_hand_computation():
     tau = torch.tensor([0.3, -0.8, 0.1, 0.2, -0.05, 0.6, -0.4, 0.7])  # theta_sft - theta_base
     grad = torch.tensor([1.0, -2.0, 0.5, -0.1, 3.0, -0.7, 0.2, 1.5])
     p, alpha, wd, eps, seed = 0.5, 0.25, 0.1, 1e-8, 3
-    new, _ = one_step("ondare", theta0, tau, grad, reserve_p=p, alpha=alpha, clip=1.0, lr=LR, eps=eps,
-                      weight_decay=wd, seed=seed)
+    new, _ = one_step(
+        "ondare", theta0, tau, grad, reserve_p=p, alpha=alpha, clip=1.0, lr=LR, eps=eps, weight_decay=wd, seed=seed
+    )
     # The masks: the optimizer's generator draws tau's mask first (at construction), then D's.
     g = torch.Generator().manual_seed(seed)
     keep_tau, keep_delta = torch.rand(8, generator=g) < p, torch.rand(8, generator=g) < p
@@ -73,7 +74,9 @@ def test_pure_pieces():
     assert torch.equal(top_magnitude(torch.tensor([1.0, -3.0, 2.0]), 0.5), torch.tensor([0.0, -3.0, 0.0]))
     assert torch.equal(top_magnitude(torch.tensor([1.0, -3.0]), 0.4), torch.tensor([1.0, -3.0]))  # p * n < 1: all kept
     t, d = ties_consensus(torch.tensor([1.0, -1.0, 0.5]), torch.tensor([-2.0, -1.0, -0.5]))
-    assert torch.equal(t, torch.tensor([0.0, -1.0, 0.5])) and torch.equal(d, torch.tensor([-2.0, -1.0, 0.0]))  # 0 elects +
+    assert torch.equal(t, torch.tensor([0.0, -1.0, 0.5])) and torch.equal(
+        d, torch.tensor([-2.0, -1.0, 0.0])
+    )  # 0 elects +
 
 
 def test_parameters_without_task_vector_take_plain_adam_steps_and_state_round_trips():
@@ -86,7 +89,9 @@ def test_parameters_without_task_vector_take_plain_adam_steps_and_state_round_tr
     # a resumed optimizer (state_dict -> load_state_dict) draws the same next DARE mask
     saved = copy.deepcopy(opt.state_dict())  # as a checkpoint file holds it (state_dict shares the tensors)
     a2, b2 = torch.nn.Parameter(a.detach().clone()), torch.nn.Parameter(b.detach().clone())
-    other = OnlineMergingAdamW([a2, b2], [(a2, torch.zeros(6))], mode="ondare", reserve_p=0.5, alpha=0.0, lr=LR, seed=99)
+    other = OnlineMergingAdamW(
+        [a2, b2], [(a2, torch.zeros(6))], mode="ondare", reserve_p=0.5, alpha=0.0, lr=LR, seed=99
+    )
     other.load_state_dict(saved)
     for p, q in ((a, a2), (b, b2)):
         p.grad, q.grad = torch.ones_like(p), torch.ones_like(q)
@@ -100,10 +105,21 @@ def test_parameters_without_task_vector_take_plain_adam_steps_and_state_round_tr
     [
         ("dpo", ["--optimizer_merge", "ondre"], "unknown optimizer_merge 'ondre' (did you mean 'ondare'?)"),
         ("dpo", ["--optimizer_merge", "onties"], "optimizer_merge 'onties' needs 'merge_base'"),
-        ("dpo", ["--optimizer_merge", "ondare", "--merge_base", "b", "--use_lora", "true"], "does not work with use_lora"),
-        ("dpo", ["--optimizer_merge", "ondare", "--merge_base", "b", "--merge_reserve_p", "0"], "'merge_reserve_p' must be in (0, 1]"),
-        ("rlhf", ["--reward", "rule:arithmetic", "--optimizer", "online_dpo", "--optimizer_merge", "ondare"],
-         "optimizer_merge 'ondare' needs 'merge_base'"),
+        (
+            "dpo",
+            ["--optimizer_merge", "ondare", "--merge_base", "b", "--use_lora", "true"],
+            "does not work with use_lora",
+        ),
+        (
+            "dpo",
+            ["--optimizer_merge", "ondare", "--merge_base", "b", "--merge_reserve_p", "0"],
+            "'merge_reserve_p' must be in (0, 1]",
+        ),
+        (
+            "rlhf",
+            ["--reward", "rule:arithmetic", "--optimizer", "online_dpo", "--optimizer_merge", "ondare"],
+            "optimizer_merge 'ondare' needs 'merge_base'",
+        ),
     ],
 )
 def test_bad_options_exit_2_with_one_line(capsys, command, flags, message):
@@ -124,16 +140,44 @@ def test_dpo_with_onties_trains_sparse_merged_updates(sft_model, tiny_model, dem
     head.write_text("".join((demo_data / "pairs.jsonl").read_text().splitlines(keepends=True)[:64]))
     out = tmp_path / "dpo"
     steps = 3
-    code = main(["dpo", "--model_name_or_path", str(sft_model), "--dataset", str(head), "--output_dir", str(out),
-                 "--ref_cache_dir", str(tmp_path / "cache"), "--max_steps", str(steps), "--logging_steps", "1",
-                 "--per_device_train_batch_size", "8", "--max_length", "64", "--learning_rate", "5e-4",
-                 "--optimizer_merge", "onties", "--merge_base", str(tiny_model), "--merge_reserve_p", "0.01"])
+    code = main(
+        [
+            "dpo",
+            "--model_name_or_path",
+            str(sft_model),
+            "--dataset",
+            str(head),
+            "--output_dir",
+            str(out),
+            "--ref_cache_dir",
+            str(tmp_path / "cache"),
+            "--max_steps",
+            str(steps),
+            "--logging_steps",
+            "1",
+            "--per_device_train_batch_size",
+            "8",
+            "--max_length",
+            "64",
+            "--learning_rate",
+            "5e-4",
+            "--optimizer_merge",
+            "onties",
+            "--merge_base",
+            str(tiny_model),
+            "--merge_reserve_p",
+            "0.01",
+        ]
+    )
     assert code == 0
     record = json.loads((out / "stage.json").read_text())
     s = record["summary"]
     assert record["config"]["optimizer_merge"] == "onties" and s["global_step"] == steps
     assert math.isfinite(s["final_loss"]) and math.isfinite(s["train_loss"])
-    after, before = load_file(str(out / "model" / "model.safetensors")), load_file(str(sft_model / "model.safetensors"))
+    after, before = (
+        load_file(str(out / "model" / "model.safetensors")),
+        load_file(str(sft_model / "model.safetensors")),
+    )
     fraction = changed_fraction(after, before, "model.layers.0.self_attn.q_proj.weight")
     assert 0 < fraction <= steps * 0.02 + 1e-3, fraction  # measured 0.037 (AdamW: all entries)
 
@@ -148,9 +192,29 @@ def test_rlhf_online_dpo_step_with_ondare(tiny_model, tmp_path):
     from align.tiny import make_tiny_model
 
     sft = make_tiny_model(tmp_path / "sft", seed=1)  # stands in for an SFT model of the same architecture
-    cfg = parse_config(RLHFConfig, ["--model_name_or_path", str(sft), "--dataset", "d", "--output_dir", "o",
-                                    "--reward", "rule:arithmetic", "--optimizer", "online_dpo", "--learning_rate", "1e-2",
-                                    "--optimizer_merge", "ondare", "--merge_base", str(tiny_model), "--merge_reserve_p", "0.1"])
+    cfg = parse_config(
+        RLHFConfig,
+        [
+            "--model_name_or_path",
+            str(sft),
+            "--dataset",
+            "d",
+            "--output_dir",
+            "o",
+            "--reward",
+            "rule:arithmetic",
+            "--optimizer",
+            "online_dpo",
+            "--learning_rate",
+            "1e-2",
+            "--optimizer_merge",
+            "ondare",
+            "--merge_base",
+            str(tiny_model),
+            "--merge_reserve_p",
+            "0.1",
+        ],
+    )
     policy = load_causal_lm(cfg)
     before = {k: v.detach().clone() for k, v in policy.state_dict().items()}
     frozen = load_causal_lm(cfg)
@@ -161,13 +225,20 @@ def test_rlhf_online_dpo_step_with_ondare(tiny_model, tmp_path):
 
     opt = get_optimizer("online_dpo")(cfg, policy, ref)
     assert isinstance(opt.optimizer, OnlineMergingAdamW)
-    rollouts = build_rollouts([[5, 6, 7], [8, 9]], [[[10, 11], [12]], [[13, 14, 15], [16]]], [[False, False], [False, True]],
-                              [1.0, 0.0, 0.0, 1.0], pad_id=0)
+    rollouts = build_rollouts(
+        [[5, 6, 7], [8, 9]],
+        [[[10, 11], [12]], [[13, 14, 15], [16]]],
+        [[False, False], [False, True]],
+        [1.0, 0.0, 0.0, 1.0],
+        pad_id=0,
+    )
     stats = opt.update(rollouts)
     assert stats["pairs"] == 2.0 and math.isfinite(stats["loss"])
     key = "model.layers.0.mlp.up_proj.weight"
     fraction = changed_fraction(policy.state_dict(), before, key)
-    assert 0.05 < fraction < 0.3, fraction  # DARE keeps ~10% of D; tau~'s ~10% (times alpha) moves others (measured 0.19)
+    assert 0.05 < fraction < 0.3, (
+        fraction
+    )  # DARE keeps ~10% of D; tau~'s ~10% (times alpha) moves others (measured 0.19)
 
 
 @pytest.mark.slow
@@ -183,11 +254,39 @@ def test_dpo_resume_continues_the_same_merged_run(tiny_model, demo_data, tmp_pat
     head.write_text("".join((demo_data / "pairs.jsonl").read_text().splitlines(keepends=True)[:32]))
 
     def flags(out):
-        return list(map(str, ["--model_name_or_path", sft, "--dataset", head, "--output_dir", out,
-                              "--ref_cache_dir", tmp_path / "cache", "--max_steps", 4, "--save_steps", 2,
-                              "--per_device_train_batch_size", 8, "--max_length", 64, "--learning_rate", "1e-3",
-                              "--optimizer_merge", "ondare", "--merge_base", tiny_model, "--merge_reserve_p", "0.3",
-                              "--merge_alpha", "0.01"]))
+        return list(
+            map(
+                str,
+                [
+                    "--model_name_or_path",
+                    sft,
+                    "--dataset",
+                    head,
+                    "--output_dir",
+                    out,
+                    "--ref_cache_dir",
+                    tmp_path / "cache",
+                    "--max_steps",
+                    4,
+                    "--save_steps",
+                    2,
+                    "--per_device_train_batch_size",
+                    8,
+                    "--max_length",
+                    64,
+                    "--learning_rate",
+                    "1e-3",
+                    "--optimizer_merge",
+                    "ondare",
+                    "--merge_base",
+                    tiny_model,
+                    "--merge_reserve_p",
+                    "0.3",
+                    "--merge_alpha",
+                    "0.01",
+                ],
+            )
+        )
 
     run_dpo(parse_config(DPOStageConfig, flags(tmp_path / "straight")))
     with crash_at_step_3():
@@ -197,5 +296,7 @@ def test_dpo_resume_continues_the_same_merged_run(tiny_model, demo_data, tmp_pat
     straight = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
     resumed = load_file(str(tmp_path / "resumed" / "model" / "model.safetensors"))
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
-    assert not torch.equal(straight["model.layers.0.mlp.up_proj.weight"],
-                           load_file(str(sft / "model.safetensors"))["model.layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(
+        straight["model.layers.0.mlp.up_proj.weight"],
+        load_file(str(sft / "model.safetensors"))["model.layers.0.mlp.up_proj.weight"],
+    )

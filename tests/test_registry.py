@@ -13,6 +13,7 @@ from align.cli import _load_commands, main
 from align.config import field_rows, help_text, markdown, parse_config
 from align.errors import ConfigError
 from align.registry import COMMANDS, Registry
+
 from conftest import ROOT
 
 _load_commands()
@@ -57,9 +58,17 @@ def _registries() -> dict[str, Registry]:
     from sampling.base import ENGINES
     from sampling.select import STRATEGIES
 
-    return {"commands": COMMANDS, "dpo losses": DPO_LOSSES, "optimizers": OPTIMIZERS, "rules": RULES,
-            "reward losses": RM_LOSSES, "combiners": COMBINERS, "scorer kinds": SCORER_KINDS, "engines": ENGINES,
-            "strategies": STRATEGIES}
+    return {
+        "commands": COMMANDS,
+        "dpo losses": DPO_LOSSES,
+        "optimizers": OPTIMIZERS,
+        "rules": RULES,
+        "reward losses": RM_LOSSES,
+        "combiners": COMBINERS,
+        "scorer kinds": SCORER_KINDS,
+        "engines": ENGINES,
+        "strategies": STRATEGIES,
+    }
 
 
 @pytest.mark.parametrize("label", list(_registries()))
@@ -77,8 +86,14 @@ def test_every_registry_is_a_registry_with_its_own_misses(label):
 BACKED = {
     "rs": {"engine": "choices", "select": "choices", "reward_combine": "choices", "reward": "names"},
     "eval": {"engine": "choices", "reward_combine": "choices", "reward": "names", "judges": "names"},
-    "rlhf": {"engine": "choices", "optimizer": "choices", "reward_combine": "choices", "reward": "names", "eval_reward": "names",
-             "monitor_judges": "names"},
+    "rlhf": {
+        "engine": "choices",
+        "optimizer": "choices",
+        "reward_combine": "choices",
+        "reward": "names",
+        "eval_reward": "names",
+        "monitor_judges": "names",
+    },
     "dpo": {"loss": "names", "eval_reward": "names"},
     "rm": {"loss": "choices"},
     "sft": {"eval_reward": "names"},
@@ -123,12 +138,16 @@ def test_help_reads_the_registry_when_rendered(monkeypatch):
     assert "always_one." in help_text("rs", cmd.config, cmd.summary)
 
 
-REQUIRED = {"rs": ["--model_name_or_path", "m", "--dataset", "d", "--output_dir", "o", "--reward", "rule:arithmetic"],
-            "rlhf": ["--model_name_or_path", "m", "--dataset", "d", "--output_dir", "o", "--reward", "rule:arithmetic"],
-            "rm": ["--model_name_or_path", "m", "--dataset", "d", "--output_dir", "o"]}
+REQUIRED = {
+    "rs": ["--model_name_or_path", "m", "--dataset", "d", "--output_dir", "o", "--reward", "rule:arithmetic"],
+    "rlhf": ["--model_name_or_path", "m", "--dataset", "d", "--output_dir", "o", "--reward", "rule:arithmetic"],
+    "rm": ["--model_name_or_path", "m", "--dataset", "d", "--output_dir", "o"],
+}
 
 
-@pytest.mark.parametrize("name, field", [(n, f) for n in REQUIRED for f, (kind, _) in _backed_fields(n).items() if kind == "choices"])
+@pytest.mark.parametrize(
+    "name, field", [(n, f) for n in REQUIRED for f, (kind, _) in _backed_fields(n).items() if kind == "choices"]
+)
 def test_choices_are_checked_when_the_config_is_built(name, field):
     reg = _backed_fields(name)[field][1]
     for key in reg:

@@ -21,6 +21,7 @@ from align.stages.dpo import DPOStageConfig, run_dpo
 from align.stages.rlhf import RLHFConfig, run_rlhf
 from align.stages.rm import RMStageConfig, run_rm
 from align.stages.sft import SFTStageConfig, run_sft
+
 from conftest import ROOT, read_jsonl
 
 pytestmark = pytest.mark.slow  # every test trains twice
@@ -50,12 +51,17 @@ def teacher(tmp_path_factory) -> Path:
 
 def step_rows(out: Path) -> list[dict]:
     """metrics.jsonl without its wall-clock fields and transformers' end-of-training row."""
-    return [{k: v for k, v in row.items() if not any(c in k for c in CLOCK)}
-            for row in read_jsonl(out / "metrics.jsonl") if "train_loss" not in row]
+    return [
+        {k: v for k, v in row.items() if not any(c in k for c in CLOCK)}
+        for row in read_jsonl(out / "metrics.jsonl")
+        if "train_loss" not in row
+    ]
 
 
 def assert_same_result(resumed: Path, uninterrupted: Path) -> None:
-    weights = "adapter/adapter_model.safetensors" if (uninterrupted / "adapter").is_dir() else "model/model.safetensors"
+    weights = (
+        "adapter/adapter_model.safetensors" if (uninterrupted / "adapter").is_dir() else "model/model.safetensors"
+    )
     got, want = load_file(resumed / weights), load_file(uninterrupted / weights)
     assert got.keys() == want.keys()
     for name in want:
@@ -64,27 +70,81 @@ def assert_same_result(resumed: Path, uninterrupted: Path) -> None:
 
 
 def trainer_cases(tiny_model: Path, data: dict[str, Path], teacher: Path, tmp_path: Path) -> dict:
-    steps = ["--max_steps", "4", "--save_steps", "2", "--logging_steps", "1", "--max_length", "64",
-             "--per_device_train_batch_size", "8", "--model_name_or_path", str(tiny_model)]
+    steps = [
+        "--max_steps",
+        "4",
+        "--save_steps",
+        "2",
+        "--logging_steps",
+        "1",
+        "--max_length",
+        "64",
+        "--per_device_train_batch_size",
+        "8",
+        "--model_name_or_path",
+        str(tiny_model),
+    ]
     pairs = ["--config", str(ROOT / "configs" / "demo_dpo.yaml"), "--dataset", str(data["pairs"]), *steps]
     return {
-        "sft_lora": (SFTStageConfig, run_sft, ["--dataset", str(data["sft"]), "--learning_rate", "1e-3", "--use_lora", "true",
-                                               "--lora_dropout", "0.1", *steps]),
-        "rm": (RMStageConfig, run_rm, ["--config", str(ROOT / "configs" / "demo_rm.yaml"), "--dataset", str(data["pairs"]),
-                                       "--eval_split", "0.0", *steps]),
-        "dpo_live_reference": (DPOStageConfig, run_dpo, [*pairs, "--ref_model", str(tiny_model),
-                                                         "--precompute_ref_log_probs", "false"]),
+        "sft_lora": (
+            SFTStageConfig,
+            run_sft,
+            [
+                "--dataset",
+                str(data["sft"]),
+                "--learning_rate",
+                "1e-3",
+                "--use_lora",
+                "true",
+                "--lora_dropout",
+                "0.1",
+                *steps,
+            ],
+        ),
+        "rm": (
+            RMStageConfig,
+            run_rm,
+            [
+                "--config",
+                str(ROOT / "configs" / "demo_rm.yaml"),
+                "--dataset",
+                str(data["pairs"]),
+                "--eval_split",
+                "0.0",
+                *steps,
+            ],
+        ),
+        "dpo_live_reference": (
+            DPOStageConfig,
+            run_dpo,
+            [*pairs, "--ref_model", str(tiny_model), "--precompute_ref_log_probs", "false"],
+        ),
         "dpo_cached_reference": (DPOStageConfig, run_dpo, [*pairs, "--ref_cache_dir", str(tmp_path / "ref_cache")]),
-        "distill_on_policy": (DistillStageConfig, run_distill, [
-            "--config", str(ROOT / "configs" / "demo_distill.yaml"), "--teacher", str(teacher), "--dataset", str(data["sft"]),
-            "--lmbda", "0.5", "--max_new_tokens", "8", *steps]),
+        "distill_on_policy": (
+            DistillStageConfig,
+            run_distill,
+            [
+                "--config",
+                str(ROOT / "configs" / "demo_distill.yaml"),
+                "--teacher",
+                str(teacher),
+                "--dataset",
+                str(data["sft"]),
+                "--lmbda",
+                "0.5",
+                "--max_new_tokens",
+                "8",
+                *steps,
+            ],
+        ),
     }
 
 
 # Full sft: tests/test_faults.py (a real process, resumed after a full disk, compared likewise).
 @pytest.mark.parametrize("case", ["sft_lora", "rm", "dpo_live_reference", "dpo_cached_reference", "distill_on_policy"])
-def test_trainer_stage_resumed_after_a_crash_ends_as_if_never_stopped(case, tiny_model, data, teacher, tmp_path,
-                                                                      crash_at_step_3):
+def test_trainer_stage_resumed_after_a_crash_ends_as_if_never_stopped(
+    case, tiny_model, data, teacher, tmp_path, crash_at_step_3
+):
     """Data order (the sampler's seed), dropout and sampling RNG (on-policy distillation draws its
     completions), optimizer and scheduler state all come back from the step-2 checkpoint."""
     config, run, flags = trainer_cases(tiny_model, data, teacher, tmp_path)[case]
@@ -98,6 +158,7 @@ def test_trainer_stage_resumed_after_a_crash_ends_as_if_never_stopped(case, tiny
 
 def die_after_checkpoint_2(original):
     """rlhf's save_checkpoint, raising right after it wrote the iteration-2 checkpoint."""
+
     def save_then_die(stage, iteration, *args, **kwargs):
         path = original(stage, iteration, *args, **kwargs)
         if iteration == 2:
@@ -113,10 +174,29 @@ def test_rlhf_resumed_after_a_crash_ends_as_if_never_stopped(optimizer, tiny_mod
     head included), the RNG and the engine's weights (synced from the checkpoint's policy) come
     back, so iteration 3 samples and updates exactly as in the run never stopped."""
     name, *lora = optimizer.split("+")
-    flags = ["--config", str(ROOT / "configs" / "demo_rlhf.yaml"), "--model_name_or_path", str(tiny_model),
-             "--dataset", str(demo_data / "prompts.jsonl"), "--optimizer", name, "--num_iterations", "3", "--save_every", "2",
-             "--prompts_per_iteration", "2", "--num_samples", "4", "--max_tokens", "6", "--engine", "transformers",
-             *(["--use_lora", "true"] if lora else [])]
+    flags = [
+        "--config",
+        str(ROOT / "configs" / "demo_rlhf.yaml"),
+        "--model_name_or_path",
+        str(tiny_model),
+        "--dataset",
+        str(demo_data / "prompts.jsonl"),
+        "--optimizer",
+        name,
+        "--num_iterations",
+        "3",
+        "--save_every",
+        "2",
+        "--prompts_per_iteration",
+        "2",
+        "--num_samples",
+        "4",
+        "--max_tokens",
+        "6",
+        "--engine",
+        "transformers",
+        *(["--use_lora", "true"] if lora else []),
+    ]
     run_rlhf(parse_config(RLHFConfig, [*flags, "--output_dir", str(tmp_path / "uninterrupted")]))
     monkeypatch.setattr(rlhf, "save_checkpoint", die_after_checkpoint_2(rlhf.save_checkpoint))
     with pytest.raises(RuntimeError, match="simulated crash"):

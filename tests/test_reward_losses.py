@@ -9,8 +9,17 @@ import torch
 
 from align.errors import ConfigError, DataError
 from reward.losses import (
-    IGNORE_GRADE, LOSSES, RewardBatch, SOFT_LABELS, bradley_terry, get_loss, grade_cross_entropy, pairwise_metrics,
-    parse_level, ranking, soft_label,
+    IGNORE_GRADE,
+    LOSSES,
+    SOFT_LABELS,
+    RewardBatch,
+    bradley_terry,
+    get_loss,
+    grade_cross_entropy,
+    pairwise_metrics,
+    parse_level,
+    ranking,
+    soft_label,
 )
 
 # -log sigmoid(x) for the x used below, written out: log(1 + e^-x).
@@ -41,7 +50,9 @@ def test_ranking_every_ordered_pair_and_masked_slots():
     assert ranking(rewards, valid).item() == pytest.approx(0.5685013338, abs=1e-9)
     # on 2-response rows it is the Bradley-Terry loss
     two = t(2.0, 1.0, 0.0, 1.0).reshape(2, 2)
-    assert ranking(two, torch.ones(2, 2, dtype=torch.bool)).item() == pytest.approx(bradley_terry(t(2.0, 0.0), t(1.0, 1.0)).item())
+    assert ranking(two, torch.ones(2, 2, dtype=torch.bool)).item() == pytest.approx(
+        bradley_terry(t(2.0, 0.0), t(1.0, 1.0)).item()
+    )
 
 
 def test_ranking_weighs_a_row_once_whatever_its_number_of_pairs():
@@ -86,7 +97,9 @@ def test_grade_cross_entropy_sums_the_heads():
 
 
 def test_registry_losses_read_the_batch():
-    batch = RewardBatch(t(2.0, 1.0, 0.0, 1.0).reshape(2, 2), torch.ones(2, 2, dtype=torch.bool), t(0.5, 0.0), t(0.95, 0.65))
+    batch = RewardBatch(
+        t(2.0, 1.0, 0.0, 1.0).reshape(2, 2), torch.ones(2, 2, dtype=torch.bool), t(0.5, 0.0), t(0.95, 0.65)
+    )
     assert LOSSES["bradley_terry"].fn(batch).item() == pytest.approx((NLS[0.5] + NLS[-1.0]) / 2)
     assert LOSSES["ranking"].fn(batch).item() == pytest.approx((NLS[1.0] + NLS[-1.0]) / 2)
     assert LOSSES["soft_label"].fn(batch).item() == pytest.approx(((NLS[1.0] + 0.05) + (NLS[-1.0] - 0.35)) / 2)
@@ -100,9 +113,14 @@ def test_unknown_loss_lists_valid_names():
 
 
 def test_preference_levels():
-    assert [parse_level(v, "x") for v in ("Significantly better", "better", "slightly better", "unsure", "negligibly better/unsure")] == [
-        "significantly", "better", "slightly", "negligibly", "negligibly"]
-    with pytest.raises(DataError, match=r"f\.jsonl row 3: unknown preference level 'much'; use one of: significantly, better, slightly, negligibly"):
+    assert [
+        parse_level(v, "x")
+        for v in ("Significantly better", "better", "slightly better", "unsure", "negligibly better/unsure")
+    ] == ["significantly", "better", "slightly", "negligibly", "negligibly"]
+    with pytest.raises(
+        DataError,
+        match=r"f\.jsonl row 3: unknown preference level 'much'; use one of: significantly, better, slightly, negligibly",
+    ):
         parse_level("much", "f.jsonl row 3")
 
 

@@ -15,7 +15,6 @@ from reward.model import RewardModel, encode, length_batches
 from reward.rules import get_rule
 from reward.scorers import COMBINERS, build_scorer, check_finite, z_normalize
 
-
 # ---------------------------------------------------------------------------------------- rules
 
 
@@ -24,7 +23,9 @@ def test_regex_rule_reads_the_pattern_column():
     assert rule("q", "The answer is 42.", pattern=r"\b42\b") == 1.0
     assert rule("q", "The answer is 420.", pattern=r"\b42\b") == 0.0
     assert rule("q", "42", pattern=r"^\d+$") == 1.0 and rule("q", "42 apples", pattern=r"^\d+$") == 0.0
-    with pytest.raises(DataError, match=r"rule 'regex' needs a 'pattern' column with a regular expression \(the row has: answer\)"):
+    with pytest.raises(
+        DataError, match=r"rule 'regex' needs a 'pattern' column with a regular expression \(the row has: answer\)"
+    ):
         rule("q", "42", answer="42")
     with pytest.raises(DataError, match=r"rule 'regex': invalid pattern '\(' .*fix the row's 'pattern' column"):
         rule("q", "42", pattern="(")
@@ -58,7 +59,11 @@ def test_committee_combines_as_documented():
     # z-normalized: exact_match (1, 0, 0) -> (sqrt 2, -1/sqrt 2, -1/sqrt 2); length (-1/2, 0, -3/2):
     # mean -2/3, std sqrt(7/18) -> (1/6, 2/3, -5/6) / sqrt(7/18); then the mean of the two
     s = math.sqrt(7 / 18)
-    expected = [(math.sqrt(2) + 1 / 6 / s) / 2, (-1 / math.sqrt(2) + 2 / 3 / s) / 2, (-1 / math.sqrt(2) - 5 / 6 / s) / 2]
+    expected = [
+        (math.sqrt(2) + 1 / 6 / s) / 2,
+        (-1 / math.sqrt(2) + 2 / 3 / s) / 2,
+        (-1 / math.sqrt(2) - 5 / 6 / s) / 2,
+    ]
     assert committee(normalize=True) == pytest.approx(expected)
     assert committee(normalize=True) == pytest.approx([0.840737, 0.180969, -1.021707], abs=1e-6)
     assert build_scorer(SPECS, weights=[2.0, 1.0]).name == "weighted(rule:exact_match*2, rule:length_penalty*1)"
@@ -75,8 +80,14 @@ def test_single_spec_is_the_plain_scorer():
     "kwargs, message",
     [
         ({"combine": "mini"}, f"unknown reward combine 'mini' (did you mean 'min'?); valid: {', '.join(COMBINERS)}"),
-        ({"weights": [1.0]}, "1 reward weights for 2 scorers (rule:exact_match, rule:length_penalty); give one weight per scorer"),
-        ({"weights": [1.0, 1.0], "combine": "min"}, "reward weights only apply to combine 'weighted', not 'min'; drop the weights or use weighted"),
+        (
+            {"weights": [1.0]},
+            "1 reward weights for 2 scorers (rule:exact_match, rule:length_penalty); give one weight per scorer",
+        ),
+        (
+            {"weights": [1.0, 1.0], "combine": "min"},
+            "reward weights only apply to combine 'weighted', not 'min'; drop the weights or use weighted",
+        ),
     ],
 )
 def test_committee_config_errors(kwargs, message):
@@ -148,7 +159,9 @@ def test_batched_by_length_equals_one_at_a_time(llama_rm):
 
 
 def test_model_spec_errors(tiny_model, tmp_path):
-    with pytest.raises(ModelError, match=r"is not a reward model \(architectures: LlamaForCausalLM\); train one with `align rm`"):
+    with pytest.raises(
+        ModelError, match=r"is not a reward model \(architectures: LlamaForCausalLM\); train one with `align rm`"
+    ):
         build_scorer(f"model:{tiny_model}")
     with pytest.raises(ModelError, match=r"reward model not found: .*nope has no config.json"):
         build_scorer(f"model:{tmp_path / 'nope'}")
@@ -183,10 +196,18 @@ def test_reward_model_scores_another_tokenizers_outputs(tiny_model, bpe_policy, 
 
 # Multi-turn prompts with a system prompt: what `align rm` trains on and what scoring must render.
 CHATS = [
-    [{"role": "system", "content": "Answer with the sum only."}, {"role": "user", "content": "1+2="},
-     {"role": "assistant", "content": "3"}, {"role": "user", "content": "12+30="}],
+    [
+        {"role": "system", "content": "Answer with the sum only."},
+        {"role": "user", "content": "1+2="},
+        {"role": "assistant", "content": "3"},
+        {"role": "user", "content": "12+30="},
+    ],
     [{"role": "system", "content": "You add numbers."}, {"role": "user", "content": "5+5="}],
-    [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "7+8="}],
+    [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "7+8="},
+    ],
 ]
 
 
@@ -196,13 +217,33 @@ def test_rs_scores_the_whole_conversation_with_a_reward_model(llama_rm, tiny_mod
     import json
 
     from align.cli import main
+
     from conftest import read_jsonl
 
     data = tmp_path / "chats.jsonl"
-    data.write_text("".join(json.dumps({"prompt": c, "prompt_id": f"c{i}", "answer": "0"}) + "\n" for i, c in enumerate(CHATS)))
+    data.write_text(
+        "".join(json.dumps({"prompt": c, "prompt_id": f"c{i}", "answer": "0"}) + "\n" for i, c in enumerate(CHATS))
+    )
     out = tmp_path / "rs"
-    code = main(["rs", "--model_name_or_path", str(tiny_model), "--dataset", str(data), "--output_dir", str(out),
-                 "--reward", f"model:{llama_rm}", "--engine", "transformers", "--num_samples", "3", "--max_tokens", "5"])
+    code = main(
+        [
+            "rs",
+            "--model_name_or_path",
+            str(tiny_model),
+            "--dataset",
+            str(data),
+            "--output_dir",
+            str(out),
+            "--reward",
+            f"model:{llama_rm}",
+            "--engine",
+            "transformers",
+            "--num_samples",
+            "3",
+            "--max_tokens",
+            "5",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     table = read_jsonl(out / "candidates.jsonl")
     assert len(table) == 9

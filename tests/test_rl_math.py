@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
+from align.errors import ConfigError
 from align.rl import estimators as est
 from align.rl import losses as L
 from align.rl.optimizers import OPTIMIZERS, PolicyOptimizer, get_optimizer
 from align.rl.rollout import build_rollouts
 from align.stages.rlhf import batch_indices, policy_weights, run_summary
-from align.errors import ConfigError
 
 
 def t(*rows):
@@ -89,7 +89,9 @@ def test_mirror_descent_kl_has_no_pull_at_the_previous_policy():
 
 
 def test_dpo_sigmoid():
-    loss, stats = L.dpo_sigmoid(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]), beta=0.5)
+    loss, stats = L.dpo_sigmoid(
+        torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]), beta=0.5
+    )
     assert loss.item() == pytest.approx(-math.log(1 / (1 + math.exp(-1.0))))
     assert stats["dpo_accuracy"] == 1.0
 
@@ -114,12 +116,35 @@ def test_rloo_loss_is_per_sequence():
     from align.rl.rollout import Rollouts
     from align.stages.rlhf import RLHFConfig
 
-    cfg = parse_config(RLHFConfig, ["--model_name_or_path", "m", "--dataset", "d", "--reward", "rule:arithmetic",
-                                    "--output_dir", "o", "--optimizer", "rloo", "--kl_coef", "0", "--clip_eps", "0.2"])
+    cfg = parse_config(
+        RLHFConfig,
+        [
+            "--model_name_or_path",
+            "m",
+            "--dataset",
+            "d",
+            "--reward",
+            "rule:arithmetic",
+            "--output_dir",
+            "o",
+            "--optimizer",
+            "rloo",
+            "--kl_coef",
+            "0",
+            "--clip_eps",
+            "0.2",
+        ],
+    )
     opt = get_optimizer("rloo")(cfg, torch.nn.Linear(1, 1), None)
     mask = t([1, 1, 0], [1, 0, 0])
-    r = Rollouts(torch.zeros(2, 4, dtype=torch.long), torch.ones(2, 4, dtype=torch.long), mask, t(1, 0), k=2,
-                 logp_old=torch.zeros(2, 3))
+    r = Rollouts(
+        torch.zeros(2, 4, dtype=torch.long),
+        torch.ones(2, 4, dtype=torch.long),
+        mask,
+        t(1, 0),
+        k=2,
+        logp_old=torch.zeros(2, 3),
+    )
     logp = torch.tensor([[math.log(1.1), math.log(1.1), 5.0], [math.log(0.9), 5.0, 5.0]])
     loss, stats = opt.loss(r, logp, torch.zeros(2, 3), None)
     assert loss.item() == pytest.approx(-0.15)
@@ -138,14 +163,35 @@ def test_online_dpo_nll_term_pools_the_chosen_tokens():
     from align.rl.rollout import Rollouts
     from align.stages.rlhf import RLHFConfig
 
-    cfg = parse_config(RLHFConfig, ["--model_name_or_path", "m", "--dataset", "d", "--reward", "rule:arithmetic",
-                                    "--output_dir", "o", "--optimizer", "online_dpo", "--nll_coef", "0.2"])
+    cfg = parse_config(
+        RLHFConfig,
+        [
+            "--model_name_or_path",
+            "m",
+            "--dataset",
+            "d",
+            "--reward",
+            "rule:arithmetic",
+            "--output_dir",
+            "o",
+            "--optimizer",
+            "online_dpo",
+            "--nll_coef",
+            "0.2",
+        ],
+    )
     opt = get_optimizer("online_dpo")(cfg, torch.nn.Linear(1, 1), None)
     # Prompt 0: chosen row 0 (1 token), rejected row 1; prompt 1: rejected row 2, chosen row 3 (3 tokens).
     logp = t([-1, 9, 9], [-4, -4, 9], [-3, -3, -3], [-2, -2, -2])
     mask = t([1, 0, 0], [1, 1, 0], [1, 0, 0], [1, 1, 1])
-    r = Rollouts(torch.zeros(4, 4, dtype=torch.long), torch.ones(4, 4, dtype=torch.long), mask, t(1, 0, 0, 1), k=2,
-                 logp_ref=torch.zeros(4, 3))
+    r = Rollouts(
+        torch.zeros(4, 4, dtype=torch.long),
+        torch.ones(4, 4, dtype=torch.long),
+        mask,
+        t(1, 0, 0, 1),
+        k=2,
+        logp_ref=torch.zeros(4, 3),
+    )
     loss, stats = opt.loss(r, logp, torch.zeros(4, 3), None)
     assert stats["pairs"] == 2.0 and stats["nll"] == pytest.approx(1.75)  # rows 0 and 3 are chosen
     dpo, _ = L.dpo_sigmoid(t(-1, -6), t(-8, -3), t(0, 0), t(0, 0), cfg.beta)
@@ -155,8 +201,9 @@ def test_online_dpo_nll_term_pools_the_chosen_tokens():
 def test_build_rollouts_masks_response_and_adds_no_token():
     # Response 0 stopped on a stop id that is not the tokenizer's EOS (9 here): nothing is appended
     # to it, nor to the empty response or the truncated ones; every trained token was sampled.
-    r = build_rollouts([[5, 6], [7]], [[[1, 8], [2, 3]], [[4, 4], []]], [[False, True], [True, False]],
-                       [1.0, 0.0, 0.5, 0.0], pad_id=0)
+    r = build_rollouts(
+        [[5, 6], [7]], [[[1, 8], [2, 3]], [[4, 4], []]], [[False, True], [True, False]], [1.0, 0.0, 0.5, 0.0], pad_id=0
+    )
     assert r.input_ids.tolist() == [[5, 6, 1, 8], [5, 6, 2, 3], [7, 4, 4, 0], [7, 0, 0, 0]]
     # mask[t] = 1 when token t+1 is a response token
     assert r.mask.tolist() == [[0, 1, 1], [0, 1, 1], [1, 1, 0], [0, 0, 0]]
@@ -205,14 +252,18 @@ def test_length_grouped_forward_matches_one_pass(tiny_model, monkeypatch):
 
     widths = []
     one_pass = rollout.forward_logprobs
-    monkeypatch.setattr(rollout, "forward_logprobs", lambda m, ids, *a, **kw: widths.append(ids.shape) or one_pass(m, ids, *a, **kw))
+    monkeypatch.setattr(
+        rollout, "forward_logprobs", lambda m, ids, *a, **kw: widths.append(ids.shape) or one_pass(m, ids, *a, **kw)
+    )
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     seqs = [[5, 6, 7, 8, 9, 10, 11, 12], [5, 6], [7, 8, 9], [9, 10, 11, 12, 13], [4, 4, 4, 4, 4, 4]]
     r = build_rollouts([s[:1] for s in seqs], [[s[1:]] for s in seqs], [[False]] * 5, [0.0] * 5, pad_id=0)
     results = []
     for batch_size in (None, 2):
         model.zero_grad()
-        logp, entropy, hidden = token_logprobs(model, r.input_ids, r.attention_mask, with_hidden=True, batch_size=batch_size)
+        logp, entropy, hidden = token_logprobs(
+            model, r.input_ids, r.attention_mask, with_hidden=True, batch_size=batch_size
+        )
         (logp * r.mask).sum().backward()
         grads = torch.cat([p.grad.flatten() for p in model.parameters()])
         results.append((logp * r.mask, entropy * r.mask, hidden * r.mask[..., None], grads))
@@ -228,10 +279,20 @@ def test_iteration_metrics_pool_every_rank():
     from align.stages.rlhf import iteration_metrics
 
     parts = [
-        {"scores": [1.0, 0.0], "lengths": [2, 4], "truncated": [False, True], "stats": {"loss": 1.0, "pairs": 1.0},
-         "times": {"generate": 1.0, "score": 0.1, "train": 2.0, "sync": 0.1}},
-        {"scores": [1.0, 1.0], "lengths": [3, 3], "truncated": [False, False], "stats": {"loss": 3.0},
-         "times": {"generate": 2.0, "score": 0.1, "train": 1.0, "sync": 0.1}},
+        {
+            "scores": [1.0, 0.0],
+            "lengths": [2, 4],
+            "truncated": [False, True],
+            "stats": {"loss": 1.0, "pairs": 1.0},
+            "times": {"generate": 1.0, "score": 0.1, "train": 2.0, "sync": 0.1},
+        },
+        {
+            "scores": [1.0, 1.0],
+            "lengths": [3, 3],
+            "truncated": [False, False],
+            "stats": {"loss": 3.0},
+            "times": {"generate": 2.0, "score": 0.1, "train": 1.0, "sync": 0.1},
+        },
     ]
     row = iteration_metrics(parts)
     assert row["reward_mean"] == 0.75 and row["samples"] == 4 and row["response_length"] == 3.0
@@ -242,12 +303,23 @@ def test_iteration_metrics_pool_every_rank():
 
 
 def test_run_summary_first_and_last_tenth_and_sync_share():
-    logged = [{"step": i + 1, "reward_mean": float(i), "time_generate": 1.0, "time_score": 0.5, "time_train": 2.0,
-               "time_sync": 0.5} for i in range(20)]
+    logged = [
+        {
+            "step": i + 1,
+            "reward_mean": float(i),
+            "time_generate": 1.0,
+            "time_score": 0.5,
+            "time_train": 2.0,
+            "time_sync": 0.5,
+        }
+        for i in range(20)
+    ]
     logged.append({"step": 20, "eval_mean_reward": 0.9})  # rows without reward_mean are not iterations
     assert run_summary(logged) == {"reward_first_10pct": 0.5, "reward_last_10pct": 18.5, "sync_fraction": 0.125}
     assert run_summary(logged[:3])["reward_first_10pct"] == 0.0  # fewer than 10 iterations: the first one
     for i, row in enumerate(logged[:20]):
         row["truncated_frac"] = 1.0 - i / 20
     summary = run_summary(logged)
-    assert (summary["truncated_frac_first_10pct"], summary["truncated_frac_last_10pct"]) == pytest.approx((0.975, 0.075))
+    assert (summary["truncated_frac_first_10pct"], summary["truncated_frac_last_10pct"]) == pytest.approx(
+        (0.975, 0.075)
+    )

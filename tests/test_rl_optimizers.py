@@ -25,17 +25,40 @@ def _lora_policy(tiny_model, cfg):
 
 @pytest.mark.parametrize("name", ["grpo", "ppo"])
 def test_ratio_is_exactly_one_at_the_first_inner_step_with_lora(name, tiny_model, tmp_path):
-    cfg = parse_config(RLHFConfig, [
-        "--model_name_or_path", str(tiny_model), "--dataset", "unused", "--reward", "rule:arithmetic",
-        "--output_dir", str(tmp_path), "--optimizer", name, "--use_lora", "true", "--inner_steps", "2",
-        "--kl_coef", "0", "--learning_rate", "1e-2", "--forward_batch_size", "8"])
+    cfg = parse_config(
+        RLHFConfig,
+        [
+            "--model_name_or_path",
+            str(tiny_model),
+            "--dataset",
+            "unused",
+            "--reward",
+            "rule:arithmetic",
+            "--output_dir",
+            str(tmp_path),
+            "--optimizer",
+            name,
+            "--use_lora",
+            "true",
+            "--inner_steps",
+            "2",
+            "--kl_coef",
+            "0",
+            "--learning_rate",
+            "1e-2",
+            "--forward_batch_size",
+            "8",
+        ],
+    )
     assert cfg.lora_dropout == 0.05  # the default the loop must neutralize
     policy = _lora_policy(tiny_model, cfg)
     opt = get_optimizer(name)(cfg, policy, None)
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(5, 40, (4,), generator=gen).tolist() for _ in range(2)]
     responses = [[torch.randint(5, 40, (6,), generator=gen).tolist() for _ in range(4)] for _ in prompts]
-    rollouts = build_rollouts(prompts, responses, [[False] * 4] * 2, [0.0, 1.0, 0.5, 0.2, 1.0, 0.0, 0.3, 0.9], pad_id=0)
+    rollouts = build_rollouts(
+        prompts, responses, [[False] * 4] * 2, [0.0, 1.0, 0.5, 0.2, 1.0, 0.0, 0.3, 0.9], pad_id=0
+    )
 
     ratios = []
     loss = opt.loss
@@ -56,8 +79,18 @@ def test_ratio_is_exactly_one_at_the_first_inner_step_with_lora(name, tiny_model
     assert all(m.p == 0.0 for m in policy.modules() if isinstance(m, torch.nn.Dropout))
 
 
-@pytest.mark.parametrize("name,inner_steps,kl", [("grpo", 1, "0"), ("grpo", 1, "0.1"), ("rloo", 1, "0"), ("rloo", 1, "0.1"),
-                                                 ("ppo", 2, "0"), ("mdloo", 2, "0.1"), ("online_dpo", 1, "0.1")])
+@pytest.mark.parametrize(
+    "name,inner_steps,kl",
+    [
+        ("grpo", 1, "0"),
+        ("grpo", 1, "0.1"),
+        ("rloo", 1, "0"),
+        ("rloo", 1, "0.1"),
+        ("ppo", 2, "0"),
+        ("mdloo", 2, "0.1"),
+        ("online_dpo", 1, "0.1"),
+    ],
+)
 def test_backward_by_groups_gives_the_whole_batch_gradients(name, inner_steps, kl, tiny_model, tmp_path):
     """A batch larger than forward_batch_size is backpropagated a length group at a time (memory),
     right after each group's forward for row-local one-step losses (grpo, rloo without KL shaping),
@@ -71,10 +104,31 @@ def test_backward_by_groups_gives_the_whole_batch_gradients(name, inner_steps, k
     scores = torch.rand(12, generator=gen).tolist()
     grads, stats = {}, {}
     for fbs in (64, 5):  # 64: one backward through all 12 rows; 5: three groups
-        cfg = parse_config(RLHFConfig, [
-            "--model_name_or_path", str(tiny_model), "--dataset", "unused", "--reward", "rule:arithmetic",
-            "--output_dir", str(tmp_path), "--optimizer", name, "--use_lora", "true", "--inner_steps", str(inner_steps),
-            "--kl_coef", kl, "--learning_rate", "1e-3", "--forward_batch_size", str(fbs)])
+        cfg = parse_config(
+            RLHFConfig,
+            [
+                "--model_name_or_path",
+                str(tiny_model),
+                "--dataset",
+                "unused",
+                "--reward",
+                "rule:arithmetic",
+                "--output_dir",
+                str(tmp_path),
+                "--optimizer",
+                name,
+                "--use_lora",
+                "true",
+                "--inner_steps",
+                str(inner_steps),
+                "--kl_coef",
+                kl,
+                "--learning_rate",
+                "1e-3",
+                "--forward_batch_size",
+                str(fbs),
+            ],
+        )
         policy = _lora_policy(tiny_model, cfg)
         for key, value in policy.named_parameters():  # LoRA's B off zero: every adapter weight gets a gradient
             if "lora_B" in key:

@@ -8,7 +8,6 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 
 from align.cli import main
 from align.rl.optimizers import OPTIMIZERS
+
 from conftest import ALIGN, ROOT, read_jsonl, run_align
 
 CONFIG = ROOT / "configs" / "demo_rlhf.yaml"
@@ -31,7 +31,11 @@ def _engine_logprobs(engine, seqs: list[list[int]]) -> list[list[float]]:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    outs = engine.llm.generate([TokensPrompt(prompt_token_ids=s) for s in seqs], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+    outs = engine.llm.generate(
+        [TokensPrompt(prompt_token_ids=s) for s in seqs],
+        SamplingParams(max_tokens=1, prompt_logprobs=0),
+        use_tqdm=False,
+    )
     return [[step[tok].logprob for tok, step in zip(s[1:], o.prompt_logprobs[1:])] for s, o in zip(seqs, outs)]
 
 
@@ -39,7 +43,10 @@ def _policy_logprobs(policy, seqs: list[list[int]]) -> list[list[float]]:
     from align.rl.rollout import token_logprobs
 
     with torch.no_grad():
-        return [token_logprobs(policy, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))[0][0].tolist() for s in seqs]
+        return [
+            token_logprobs(policy, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))[0][0].tolist()
+            for s in seqs
+        ]
 
 
 def _max_gap(a, b) -> float:
@@ -56,8 +63,10 @@ def test_sync_matches_policy_logprobs_full_and_lora(sft_vllm, sft_model):
     from align.stages.rlhf import sync_engine
 
     tok = AutoTokenizer.from_pretrained(sft_model)
-    seqs = [tok(f"<|user|>{a}+{b}=<|end|><|assistant|>{a + b}<|end|>", add_special_tokens=False).input_ids
-            for a, b in [(12, 30), (7, 99), (55, 5)]]
+    seqs = [
+        tok(f"<|user|>{a}+{b}=<|end|><|assistant|>{a + b}<|end|>", add_special_tokens=False).input_ids
+        for a, b in [(12, 30), (7, 99), (55, 5)]
+    ]
     policy = AutoModelForCausalLM.from_pretrained(sft_model)
     try:
         gaps = []
@@ -72,14 +81,18 @@ def test_sync_matches_policy_logprobs_full_and_lora(sft_vllm, sft_model):
             assert _max_gap(before, after) > 1e-2  # the engine really changed
         assert max(gaps) < 1e-4, gaps
 
-        lora = get_peft_model(AutoModelForCausalLM.from_pretrained(sft_model),
-                              LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False))
+        lora = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(sft_model),
+            LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False),
+        )
         sync_engine(sft_vllm, lora)
         assert _max_gap(_engine_logprobs(sft_vllm, seqs), _policy_logprobs(lora, seqs)) < 1e-4
         # the adapter is unmerged again after the sync: the base weights are back (up to float rounding)
         base = AutoModelForCausalLM.from_pretrained(sft_model)
         q = "base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"
-        assert torch.allclose(dict(lora.named_parameters())[q], base.model.layers[0].self_attn.q_proj.weight, atol=1e-6)
+        assert torch.allclose(
+            dict(lora.named_parameters())[q], base.model.layers[0].self_attn.q_proj.weight, atol=1e-6
+        )
     finally:
         sft_vllm.load_weights(load_file(str(sft_model / "model.safetensors")).items())
 
@@ -95,8 +108,13 @@ def test_vllm_logprobs_at_a_temperature_equal_the_losss(sft_vllm, sft_model):
 
     prompts = [[{"role": "user", "content": f"{a}+{b}="}] for a, b in [(12, 30), (7, 99), (55, 5)]]
     out = sft_vllm.generate(prompts, SamplingParams(n=4, temperature=0.7, max_tokens=8, seed=1, logprobs=True))
-    r = build_rollouts(encode_prompts(sft_vllm.tokenizer, prompts), [[c.token_ids for c in cands] for cands in out],
-                       [[False] * 4] * 3, [0.0] * 12, pad_id=0)
+    r = build_rollouts(
+        encode_prompts(sft_vllm.tokenizer, prompts),
+        [[c.token_ids for c in cands] for cands in out],
+        [[False] * 4] * 3,
+        [0.0] * 12,
+        pad_id=0,
+    )
     engine = torch.zeros_like(r.mask)
     for row, c in enumerate(c for cands in out for c in cands):
         engine[row, r.mask[row].nonzero().squeeze(-1)] = torch.tensor(c.logprobs)
@@ -113,7 +131,9 @@ def test_rlhf_refuses_nucleus_sampling_and_zero_temperature(tmp_path):
     from align.errors import ConfigError
     from align.stages.rlhf import RLHFConfig
 
-    base = dict(model_name_or_path=str(tmp_path), dataset="p.jsonl", output_dir=str(tmp_path / "o"), reward=["rule:arithmetic"])
+    base = dict(
+        model_name_or_path=str(tmp_path), dataset="p.jsonl", output_dir=str(tmp_path / "o"), reward=["rule:arithmetic"]
+    )
     with pytest.raises(ConfigError, match="'top_p' must be 1.0 in rlhf, got 0.9: .* lower --temperature instead"):
         RLHFConfig(**base, top_p=0.9).validate()
     with pytest.raises(ConfigError, match="'temperature' must be > 0"):
@@ -154,9 +174,25 @@ LEARNING = {
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))  # each needs its LEARNING entry
 def test_optimizer_learns(optimizer, tmp_path, sft_model, demo_data):
     out = tmp_path / optimizer
-    proc = run_align("rlhf", "--config", CONFIG, "--model_name_or_path", sft_model, "--dataset", demo_data / "prompts.jsonl",
-                     "--eval_dataset", demo_data / "test.jsonl", "--optimizer", optimizer, "--output_dir", out,
-                     "--num_iterations", ITERATIONS, *LEARNING[optimizer], check=True)
+    proc = run_align(
+        "rlhf",
+        "--config",
+        CONFIG,
+        "--model_name_or_path",
+        sft_model,
+        "--dataset",
+        demo_data / "prompts.jsonl",
+        "--eval_dataset",
+        demo_data / "test.jsonl",
+        "--optimizer",
+        optimizer,
+        "--output_dir",
+        out,
+        "--num_iterations",
+        ITERATIONS,
+        *LEARNING[optimizer],
+        check=True,
+    )
     record = json.loads((out / "stage.json").read_text())
     s = record["summary"]
     print(optimizer, {k: round(v, 3) if isinstance(v, float) else v for k, v in s.items()})
@@ -167,7 +203,16 @@ def test_optimizer_learns(optimizer, tmp_path, sft_model, demo_data):
     assert s["kv_cache_gb"] < 0.05 and "decodes them in waves" not in proc.stderr
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, ITERATIONS + 1))
-    for key in ("reward_mean", "reward_std", "entropy", "response_length", "time_generate", "time_score", "time_train", "time_sync"):
+    for key in (
+        "reward_mean",
+        "reward_std",
+        "entropy",
+        "response_length",
+        "time_generate",
+        "time_score",
+        "time_train",
+        "time_sync",
+    ):
         assert all(isinstance(r[key], float) for r in rows), key
     assert (out / "model" / "model.safetensors").exists() and (out / "reward.png").exists()
 
@@ -180,8 +225,15 @@ def test_the_kv_cache_holds_an_iterations_longest_rollouts(tmp_path):
 
     model_config = {"num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 64}
     per_page = 32 * 2 * 2 * 4 * 16 * 4  # 32 tokens x K and V x 2 layers x 4 heads x 16 dims x fp32 = 32 KiB
-    cfg = RLHFConfig(model_name_or_path=str(tmp_path), dataset="p.jsonl", output_dir="out", prompts_per_iteration=2,
-                     num_samples=4, max_tokens=14, max_model_len=128)
+    cfg = RLHFConfig(
+        model_name_or_path=str(tmp_path),
+        dataset="p.jsonl",
+        output_dir="out",
+        prompts_per_iteration=2,
+        num_samples=4,
+        max_tokens=14,
+        max_model_len=128,
+    )
     mib = lambda pages: math.ceil(pages * per_page / 2**20) / 1024  # noqa: E731
     # prompts of 10, 50 and 20 tokens: a batch of 2 may be 50 twice, 64 tokens = 2 pages x 4 samples each
     assert rollout_kv_cache_gb(cfg, model_config, [10, 50, 20], world=1) == mib(2 * 4 * 2 + 1)
@@ -204,8 +256,24 @@ def small_prompts(demo_data, tmp_path_factory) -> Path:
 
 
 def _rl_args(model, data, out, *extra):
-    return ["rlhf", "--config", CONFIG, "--model_name_or_path", model, "--dataset", data, "--output_dir", out,
-            "--num_iterations", "8", "--save_every", "2", "--prompts_per_iteration", "8", *extra]
+    return [
+        "rlhf",
+        "--config",
+        CONFIG,
+        "--model_name_or_path",
+        model,
+        "--dataset",
+        data,
+        "--output_dir",
+        out,
+        "--num_iterations",
+        "8",
+        "--save_every",
+        "2",
+        "--prompts_per_iteration",
+        "8",
+        *extra,
+    ]
 
 
 def test_kill_and_resume_reproduces_next_batch(tmp_path, sft_model, small_prompts):
@@ -214,8 +282,14 @@ def test_kill_and_resume_reproduces_next_batch(tmp_path, sft_model, small_prompt
 
     out = tmp_path / "rl"
     args = _rl_args(sft_model, small_prompts, out)
-    proc = subprocess.Popen([*ALIGN, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=ROOT, start_new_session=True)
+    proc = subprocess.Popen(
+        [*ALIGN, *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        start_new_session=True,
+    )
     deadline = time.time() + 300
     while not (out / "checkpoints" / "checkpoint-4").exists():
         assert proc.poll() is None, proc.stderr.read()[-2000:]
@@ -244,11 +318,19 @@ def test_nan_reward_stops_naming_prompt_and_keeps_checkpoint(tmp_path, sft_model
 
     ids = [r["prompt_id"] for r in load_prompts(str(small_prompts)) if r["prompt_id"] != "too_long"]
     seen = {ids[i] for it in range(2) for i in batch_indices(len(ids), 8, it, seed=0)}
-    victim = next(ids[i] for i in batch_indices(len(ids), 8, 2, seed=0) if ids[i] not in seen)  # first seen in iteration 3
+    victim = next(
+        ids[i] for i in batch_indices(len(ids), 8, 2, seed=0) if ids[i] not in seen
+    )  # first seen in iteration 3
     out = tmp_path / "nan"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "ALIGN_TEST_NAN_PROMPT": victim}
-    proc = subprocess.run([*ALIGN, *map(str, _rl_args(sft_model, small_prompts, out, "--reward", "rl_scorers:nan_for_one_prompt"))],
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    proc = subprocess.run(
+        [*ALIGN, *map(str, _rl_args(sft_model, small_prompts, out, "--reward", "rl_scorers:nan_for_one_prompt"))],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"returned nan for prompt {victim}" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -257,14 +339,29 @@ def test_nan_reward_stops_naming_prompt_and_keeps_checkpoint(tmp_path, sft_model
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2]
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--optimizer", "reinforce"], "unknown optimizer 'reinforce'"),
-    (["--optimizer", "rloo", "--num_samples", "1"], "optimizer 'rloo' needs num_samples >= 2"),
-    (["--optimizer", "grpo", "--num_samples", "1"], "optimizer 'grpo' needs num_samples >= 2"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--optimizer", "reinforce"], "unknown optimizer 'reinforce'"),
+        (["--optimizer", "rloo", "--num_samples", "1"], "optimizer 'rloo' needs num_samples >= 2"),
+        (["--optimizer", "grpo", "--num_samples", "1"], "optimizer 'grpo' needs num_samples >= 2"),
+    ],
+)
 def test_bad_input(capsys, tmp_path, extra, message):
-    code = main(["rlhf", "--model_name_or_path", "m", "--dataset", "d", "--reward", "rule:arithmetic",
-                 "--output_dir", str(tmp_path), *extra])
+    code = main(
+        [
+            "rlhf",
+            "--model_name_or_path",
+            "m",
+            "--dataset",
+            "d",
+            "--reward",
+            "rule:arithmetic",
+            "--output_dir",
+            str(tmp_path),
+            *extra,
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and message in err
     if "unknown" in message:

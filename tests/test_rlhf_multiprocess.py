@@ -16,15 +16,51 @@ ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 
 def test_two_cpu_processes(sft_model, demo_data, tmp_path):
     out = tmp_path / "out"
-    flags = ["--model_name_or_path", sft_model, "--dataset", demo_data / "prompts.jsonl", "--reward", "rule:arithmetic",
-             "--optimizer", "rloo", "--num_iterations", 4, "--prompts_per_iteration", 8, "--num_samples", 4,
-             "--max_tokens", 8, "--max_model_len", 64, "--kv_cache_gb", 0.25, "--learning_rate", "3e-4",
-             "--save_every", 2, "--output_dir", out]
+    flags = [
+        "--model_name_or_path",
+        sft_model,
+        "--dataset",
+        demo_data / "prompts.jsonl",
+        "--reward",
+        "rule:arithmetic",
+        "--optimizer",
+        "rloo",
+        "--num_iterations",
+        4,
+        "--prompts_per_iteration",
+        8,
+        "--num_samples",
+        4,
+        "--max_tokens",
+        8,
+        "--max_model_len",
+        64,
+        "--kv_cache_gb",
+        0.25,
+        "--learning_rate",
+        "3e-4",
+        "--save_every",
+        2,
+        "--output_dir",
+        out,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [ACCELERATE, "launch", "--config_file", str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"), "-m", "align",
-         "rlhf", *map(str, flags)],
-        capture_output=True, text=True, timeout=600, cwd=ROOT, env=env,
+        [
+            ACCELERATE,
+            "launch",
+            "--config_file",
+            str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"),
+            "-m",
+            "align",
+            "rlhf",
+            *map(str, flags),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -48,8 +84,21 @@ def test_batch_must_split_evenly(sft_model, demo_data, tmp_path, monkeypatch, ca
     from align.rl import parallel
 
     monkeypatch.setattr(parallel, "init", lambda device: (0, 2))
-    code = main(["rlhf", "--model_name_or_path", str(sft_model), "--dataset", str(demo_data / "prompts.jsonl"),
-                 "--reward", "rule:arithmetic", "--prompts_per_iteration", "7", "--output_dir", str(tmp_path / "odd")])
+    code = main(
+        [
+            "rlhf",
+            "--model_name_or_path",
+            str(sft_model),
+            "--dataset",
+            str(demo_data / "prompts.jsonl"),
+            "--reward",
+            "rule:arithmetic",
+            "--prompts_per_iteration",
+            "7",
+            "--output_dir",
+            str(tmp_path / "odd"),
+        ]
+    )
     assert code == 2
     assert "'prompts_per_iteration' (7) must be a multiple of the 2 processes" in capsys.readouterr().err
     assert not (tmp_path / "odd").exists()

@@ -15,14 +15,29 @@ from align.rl.optimizers import get_optimizer
 from align.rl.rollout import build_rollouts
 from align.stage import Stage
 from align.stages.rlhf import RLHFConfig, load_checkpoint, restore_rng, save_checkpoint
+
 from conftest import ROOT
 
 CONFIG = ROOT / "configs" / "demo_rlhf.yaml"
 
 
 def _cfg(model, out, *extra) -> RLHFConfig:
-    return parse_config(RLHFConfig, ["--config", str(CONFIG), "--model_name_or_path", str(model), "--dataset", "unused",
-                                     "--output_dir", str(out), "--optimizer", "ppo", *map(str, extra)])
+    return parse_config(
+        RLHFConfig,
+        [
+            "--config",
+            str(CONFIG),
+            "--model_name_or_path",
+            str(model),
+            "--dataset",
+            "unused",
+            "--output_dir",
+            str(out),
+            "--optimizer",
+            "ppo",
+            *map(str, extra),
+        ],
+    )
 
 
 def _policy(cfg):
@@ -41,8 +56,13 @@ def _trained(cfg):
     policy = _policy(cfg)
     opt = get_optimizer(cfg.optimizer)(cfg, policy, None)
     gen = torch.Generator().manual_seed(0)
-    rollouts = build_rollouts([[5, 6, 7]] * 2, [[torch.randint(5, 40, (5,), generator=gen).tolist()] * 2] * 2,
-                              [[False, True]] * 2, [1.0, 0.0, 0.5, 0.2], pad_id=0)
+    rollouts = build_rollouts(
+        [[5, 6, 7]] * 2,
+        [[torch.randint(5, 40, (5,), generator=gen).tolist()] * 2] * 2,
+        [[False, True]] * 2,
+        [1.0, 0.0, 0.5, 0.2],
+        pad_id=0,
+    )
     opt.update(rollouts)
     return policy, opt
 
@@ -107,18 +127,29 @@ def test_latest_checkpoint_skips_incomplete_ones_with_a_warning(tiny_model, tmp_
     shutil.copy(good / "model.safetensors", bare)
     assert stage.latest_checkpoint() == good
     err = capsys.readouterr().err.splitlines()
-    assert err == [f"warning: skipping incomplete checkpoint {p} (no whole trainer_state.json or checkpoint.json:"
-                   " its write was cut short)" for p in (bare, cut)]
+    assert err == [
+        f"warning: skipping incomplete checkpoint {p} (no whole trainer_state.json or checkpoint.json:"
+        " its write was cut short)"
+        for p in (bare, cut)
+    ]
     (bare / "trainer_state.json").write_text(json.dumps({"global_step": 6}))
     assert stage.latest_checkpoint() == bare and capsys.readouterr().err == ""
 
 
-@pytest.mark.parametrize("other, message", [
-    ("fewer_layers", "does not fit the policy: 18 missing weights (e.g. model.layers.2.self_attn.q_proj.weight);"),
-    ("narrower", "does not fit the policy: 39 of another shape (e.g. model.embed_tokens.weight [105, 64] vs [105, 128]);"),
-    ("lora", "holds no full model weights (model.safetensors), which this policy needs;"),
-])
-def test_resume_from_a_checkpoint_of_another_model_fails_in_one_line(other, message, tiny_model, demo_data, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "other, message",
+    [
+        ("fewer_layers", "does not fit the policy: 18 missing weights (e.g. model.layers.2.self_attn.q_proj.weight);"),
+        (
+            "narrower",
+            "does not fit the policy: 39 of another shape (e.g. model.embed_tokens.weight [105, 64] vs [105, 128]);",
+        ),
+        ("lora", "holds no full model weights (model.safetensors), which this policy needs;"),
+    ],
+)
+def test_resume_from_a_checkpoint_of_another_model_fails_in_one_line(
+    other, message, tiny_model, demo_data, tmp_path, capsys
+):
     """A checkpoint written for another model must not half-load: exit 2, one line, nothing written."""
     from align.tiny import make_tiny_model
 
@@ -129,12 +160,36 @@ def test_resume_from_a_checkpoint_of_another_model_fails_in_one_line(other, mess
     policy, opt = _trained(src_cfg)
     save_checkpoint(Stage("rlhf", src_cfg, out), 2, policy, opt, {"before": {}})
     capsys.readouterr()
-    code = main(["rlhf", "--config", str(CONFIG), "--model_name_or_path", str(tiny_model), "--optimizer", "ppo",
-                 "--kl_coef", "0", "--dataset", str(demo_data / "prompts.jsonl"), "--output_dir", str(out),
-                 "--num_iterations", "2", "--engine", "transformers", "--resume"])
+    code = main(
+        [
+            "rlhf",
+            "--config",
+            str(CONFIG),
+            "--model_name_or_path",
+            str(tiny_model),
+            "--optimizer",
+            "ppo",
+            "--kl_coef",
+            "0",
+            "--dataset",
+            str(demo_data / "prompts.jsonl"),
+            "--output_dir",
+            str(out),
+            "--num_iterations",
+            "2",
+            "--engine",
+            "transformers",
+            "--resume",
+        ]
+    )
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip() and "Loading weights" not in line]
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
-    assert lines[0].startswith(f"align rlhf: error: checkpoint {out / 'checkpoints' / 'checkpoint-2'} ") and message in lines[0]
-    assert lines[0].endswith("resume with the model and LoRA settings it was written with, or pass --overwrite to start over")
+    assert (
+        lines[0].startswith(f"align rlhf: error: checkpoint {out / 'checkpoints' / 'checkpoint-2'} ")
+        and message in lines[0]
+    )
+    assert lines[0].endswith(
+        "resume with the model and LoRA settings it was written with, or pass --overwrite to start over"
+    )
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints"]

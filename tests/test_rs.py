@@ -12,22 +12,34 @@ from pathlib import Path
 import datasets
 import pytest
 
-import rs_scorers
 from align.cli import main
 from align.config import parse_config
 from align.data import load_rows
-from align.stages.rs import RSConfig, run_rs
 from align.stage import shard_files
-from conftest import ALIGN, ROOT, read_jsonl
+from align.stages.rs import RSConfig, run_rs
 from sampling import ENGINES, STRATEGIES, SamplingParams
+
+import rs_scorers
+from conftest import ALIGN, ROOT, read_jsonl
 
 K = 8
 
 
 def rs_config(sft_model, demo_data, out, *extra) -> RSConfig:
-    return parse_config(RSConfig, [
-        "--config", str(ROOT / "configs" / "demo_rs.yaml"), "--model_name_or_path", str(sft_model),
-        "--dataset", str(demo_data / "prompts.jsonl"), "--output_dir", str(out), *map(str, extra)])
+    return parse_config(
+        RSConfig,
+        [
+            "--config",
+            str(ROOT / "configs" / "demo_rs.yaml"),
+            "--model_name_or_path",
+            str(sft_model),
+            "--dataset",
+            str(demo_data / "prompts.jsonl"),
+            "--output_dir",
+            str(out),
+            *map(str, extra),
+        ],
+    )
 
 
 def exact(row: dict) -> bool:
@@ -37,7 +49,9 @@ def exact(row: dict) -> bool:
 @pytest.mark.slow
 def test_best_of_k_data_is_far_more_accurate_than_greedy(sft_vllm, sft_model, demo_data, tmp_path):
     n = 200
-    cfg = rs_config(sft_model, demo_data, tmp_path / "rs", "--max_prompts", n, "--min_reward", "null", "--shard_size", 64)
+    cfg = rs_config(
+        sft_model, demo_data, tmp_path / "rs", "--max_prompts", n, "--min_reward", "null", "--shard_size", 64
+    )
     record = run_rs(cfg, engine=sft_vllm)
     prompts = load_rows(str(demo_data / "prompts.jsonl"), "prompt")[:n]
 
@@ -57,10 +71,15 @@ def test_best_of_k_data_is_far_more_accurate_than_greedy(sft_vllm, sft_model, de
 
     table = read_jsonl(tmp_path / "rs" / "candidates.jsonl")
     assert len(table) == n * K
-    assert [(t["prompt_id"], t["candidate_index"]) for t in table[:K]] == [(prompts[0]["prompt_id"], k) for k in range(K)]
+    assert [(t["prompt_id"], t["candidate_index"]) for t in table[:K]] == [
+        (prompts[0]["prompt_id"], k) for k in range(K)
+    ]
     for i, t in enumerate(table):
         if t["duplicate_of"] is not None:
-            assert t["duplicate_of"] < t["candidate_index"] and t["text"] == table[i - t["candidate_index"] + t["duplicate_of"]]["text"]
+            assert (
+                t["duplicate_of"] < t["candidate_index"]
+                and t["text"] == table[i - t["candidate_index"] + t["duplicate_of"]]["text"]
+            )
     s = record["summary"]
     rewards = [t["reward"] for t in table]
     assert (s["prompts"], s["candidates"], s["kept_rows"], s["shards"]) == (n, n * K, n, 4)
@@ -81,10 +100,16 @@ def test_best_of_k_data_is_far_more_accurate_than_greedy(sft_vllm, sft_model, de
 @pytest.mark.slow
 def test_pairs_and_all(sft_vllm, sft_model, demo_data, tmp_path):
     n = 64
-    pairs = run_rs(rs_config(sft_model, demo_data, tmp_path / "pairs", "--max_prompts", n, "--select", "pairs",
-                             "--temperature", 1.5), engine=sft_vllm)
-    every = run_rs(rs_config(sft_model, demo_data, tmp_path / "all", "--max_prompts", n, "--select", "all",
-                             "--temperature", 1.5), engine=sft_vllm)
+    pairs = run_rs(
+        rs_config(
+            sft_model, demo_data, tmp_path / "pairs", "--max_prompts", n, "--select", "pairs", "--temperature", 1.5
+        ),
+        engine=sft_vllm,
+    )
+    every = run_rs(
+        rs_config(sft_model, demo_data, tmp_path / "all", "--max_prompts", n, "--select", "all", "--temperature", 1.5),
+        engine=sft_vllm,
+    )
     table = read_jsonl(tmp_path / "pairs" / "candidates.jsonl")
     assert table == read_jsonl(tmp_path / "all" / "candidates.jsonl")  # same seed, same candidates
 
@@ -100,8 +125,12 @@ def test_pairs_and_all(sft_vllm, sft_model, demo_data, tmp_path):
     assert load_rows(str(tmp_path / "pairs" / "data"), "preference")[0]["rejected"] == rows[0]["rejected"]
 
     rows = datasets.load_from_disk(str(tmp_path / "all" / "data")).to_list()
-    distinct = [(t["prompt_id"], t["candidate_index"], t["text"], t["reward"]) for t in table if t["duplicate_of"] is None]
-    assert [(r["prompt_id"], r["candidate_index"], r["completion"][0]["content"], r["reward"]) for r in rows] == distinct
+    distinct = [
+        (t["prompt_id"], t["candidate_index"], t["text"], t["reward"]) for t in table if t["duplicate_of"] is None
+    ]
+    assert [
+        (r["prompt_id"], r["candidate_index"], r["completion"][0]["content"], r["reward"]) for r in rows
+    ] == distinct
     assert every["summary"]["kept_rows"] == len(distinct) == every["summary"]["distinct_candidates"]
     assert pairs["summary"]["kept_rows"] == len(mixed)
 
@@ -109,9 +138,26 @@ def test_pairs_and_all(sft_vllm, sft_model, demo_data, tmp_path):
 @pytest.mark.slow
 def test_kill_9_then_rerun_continues_and_matches_an_uninterrupted_run(sft_vllm, sft_model, demo_data, tmp_path):
     out, n, shard = tmp_path / "killed", 160, 16
-    argv = [*ALIGN, "rs", "--config", ROOT / "configs" / "demo_rs.yaml", "--model_name_or_path", sft_model,
-            "--dataset", demo_data / "prompts.jsonl", "--output_dir", out, "--max_prompts", n, "--shard_size", shard,
-            "--reward", "rs_scorers:slow_arithmetic", "--engine", "vllm"]
+    argv = [
+        *ALIGN,
+        "rs",
+        "--config",
+        ROOT / "configs" / "demo_rs.yaml",
+        "--model_name_or_path",
+        sft_model,
+        "--dataset",
+        demo_data / "prompts.jsonl",
+        "--output_dir",
+        out,
+        "--max_prompts",
+        n,
+        "--shard_size",
+        shard,
+        "--reward",
+        "rs_scorers:slow_arithmetic",
+        "--engine",
+        "vllm",
+    ]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
     log = tmp_path / "killed.log"
     with open(log, "w") as f:
@@ -142,23 +188,36 @@ def test_kill_9_then_rerun_continues_and_matches_an_uninterrupted_run(sft_vllm, 
     # The same config uninterrupted (in-process engine) gives exactly the same candidates.
     cfg = rs_config(sft_model, demo_data, tmp_path / "whole", "--max_prompts", n, "--shard_size", 64)
     run_rs(cfg, engine=sft_vllm)
-    assert [(t["prompt_id"], t["text"]) for t in read_jsonl(tmp_path / "whole" / "candidates.jsonl")] == \
-        [(t["prompt_id"], t["text"]) for t in table]
+    assert [(t["prompt_id"], t["text"]) for t in read_jsonl(tmp_path / "whole" / "candidates.jsonl")] == [
+        (t["prompt_id"], t["text"]) for t in table
+    ]
 
 
 def test_rerun_with_another_config_over_unfinished_shards_fails(tiny_model, demo_data, tmp_path, capsys):
     out = tmp_path / "rs"
     (out / "shards").mkdir(parents=True)
-    argv = ["rs", "--config", str(ROOT / "configs" / "demo_rs.yaml"), "--model_name_or_path", str(tiny_model),
-            "--dataset", str(demo_data / "prompts.jsonl"), "--output_dir", str(out)]
+    argv = [
+        "rs",
+        "--config",
+        str(ROOT / "configs" / "demo_rs.yaml"),
+        "--model_name_or_path",
+        str(tiny_model),
+        "--dataset",
+        str(demo_data / "prompts.jsonl"),
+        "--output_dir",
+        str(out),
+    ]
     identity = parse_config(RSConfig, argv[1:]).identity()
-    (out / "shards" / "manifest.json").write_text(json.dumps({**identity, "num_samples": 2, "inputs": {}}, default=str))
+    (out / "shards" / "manifest.json").write_text(
+        json.dumps({**identity, "num_samples": 2, "inputs": {}}, default=str)
+    )
     (out / "shards" / "shard-00000-00.json").write_text("[]")
     code = main(argv)
     err = capsys.readouterr().err
     assert code == 2 and err.strip().endswith(
         f"{out} already holds an unfinished 'rs' run with a different config (num_samples: 2 -> 8); pass --overwrite"
-        " to replace it or choose another --output_dir")
+        " to replace it or choose another --output_dir"
+    )
 
 
 # ------------------------------------------------------------------------------------ bad input
@@ -168,12 +227,32 @@ def test_rerun_with_another_config_over_unfinished_shards_fails(tiny_model, demo
 def rs_cli(tiny_model, demo_data, tmp_path, capsys):
     def call(*extra, dataset=None):
         out = tmp_path / "out"
-        code = main(["rs", "--config", str(ROOT / "configs" / "demo_rs.yaml"), "--model_name_or_path", str(tiny_model),
-                     "--dataset", str(dataset or demo_data / "prompts.jsonl"), "--output_dir", str(out), *map(str, extra)])
+        code = main(
+            [
+                "rs",
+                "--config",
+                str(ROOT / "configs" / "demo_rs.yaml"),
+                "--model_name_or_path",
+                str(tiny_model),
+                "--dataset",
+                str(dataset or demo_data / "prompts.jsonl"),
+                "--output_dir",
+                str(out),
+                *map(str, extra),
+            ]
+        )
         err = capsys.readouterr().err
-        lines = [line for line in err.splitlines() if line.strip() and "Loading weights" not in line]  # transformers' bar, in-process
-        assert code == 2 and len(lines) == 1 and lines[0].startswith("align rs: error: ") and "Traceback" not in err, err
-        assert not (out / "stage.json").exists() and not (out / "data").exists() and not (out / "candidates.jsonl").exists()
+        lines = [
+            line for line in err.splitlines() if line.strip() and "Loading weights" not in line
+        ]  # transformers' bar, in-process
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("align rs: error: ") and "Traceback" not in err, (
+            err
+        )
+        assert (
+            not (out / "stage.json").exists()
+            and not (out / "data").exists()
+            and not (out / "candidates.jsonl").exists()
+        )
         return err
 
     return call
@@ -187,13 +266,19 @@ def test_prompts_without_the_answer_column(rs_cli, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--num_samples", "0"], "'num_samples' must be >= 1 (K candidates per prompt), got 0"),
-    (["--select", "bestof"], f"unknown selection strategy 'bestof' (did you mean 'best'?); valid: {', '.join(STRATEGIES)}"),
-    (["--reward", "rule:arithmetc"], "unknown reward rule 'arithmetc' (did you mean 'arithmetic'?); valid:"),
-    (["--reward", "nonsense"], "reward 'nonsense' is not a scorer spec; use one of:"),
-    (["--engine", "hf"], f"unknown engine 'hf'; valid: {', '.join(ENGINES)}"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--num_samples", "0"], "'num_samples' must be >= 1 (K candidates per prompt), got 0"),
+        (
+            ["--select", "bestof"],
+            f"unknown selection strategy 'bestof' (did you mean 'best'?); valid: {', '.join(STRATEGIES)}",
+        ),
+        (["--reward", "rule:arithmetc"], "unknown reward rule 'arithmetc' (did you mean 'arithmetic'?); valid:"),
+        (["--reward", "nonsense"], "reward 'nonsense' is not a scorer spec; use one of:"),
+        (["--engine", "hf"], f"unknown engine 'hf'; valid: {', '.join(ENGINES)}"),
+    ],
+)
 def test_bad_options_exit_2(rs_cli, extra, message):
     assert message in rs_cli(*extra)
 
@@ -202,8 +287,9 @@ def test_bad_options_exit_2(rs_cli, extra, message):
 def test_nan_reward_names_the_prompt(rs_cli, demo_data, monkeypatch):
     bad = load_rows(str(demo_data / "prompts.jsonl"), "prompt")[2]["prompt_id"]
     monkeypatch.setattr(rs_scorers, "NAN_PROMPT", bad)
-    err = rs_cli("--reward", "rs_scorers:nan_for_one", "--engine", "transformers", "--max_prompts", 4,
-                 "--num_samples", 2)
+    err = rs_cli(
+        "--reward", "rs_scorers:nan_for_one", "--engine", "transformers", "--max_prompts", 4, "--num_samples", 2
+    )
     assert f"scorer rs_scorers:nan_for_one returned nan for prompt {bad}; fix the scorer" in err
 
 
@@ -223,12 +309,33 @@ def test_reward_model_with_another_tokenizer_scores_the_text(sft_vllm, sft_model
     AutoTokenizer.from_pretrained(base).save_pretrained(tmp_path / "rm")
     assert len(AutoTokenizer.from_pretrained(tmp_path / "rm")) != len(sft_vllm.tokenizer)
 
-    record = run_rs(rs_config(sft_model, demo_data, tmp_path / "rs", "--max_prompts", 16, "--num_samples", 4,
-                              "--temperature", 1.5, "--select", "pairs", "--reward", f"model:{tmp_path / 'rm'}"), engine=sft_vllm)
+    record = run_rs(
+        rs_config(
+            sft_model,
+            demo_data,
+            tmp_path / "rs",
+            "--max_prompts",
+            16,
+            "--num_samples",
+            4,
+            "--temperature",
+            1.5,
+            "--select",
+            "pairs",
+            "--reward",
+            f"model:{tmp_path / 'rm'}",
+        ),
+        engine=sft_vllm,
+    )
     table = read_jsonl(tmp_path / "rs" / "candidates.jsonl")
-    prompts = {r["prompt_id"]: r["prompt"][0]["content"] for r in load_rows(str(demo_data / "prompts.jsonl"), "prompt")[:16]}
-    direct = RewardModel.from_pretrained(tmp_path / "rm").score([prompts[t["prompt_id"]] for t in table],
-                                                                 [t["text"] for t in table], [{} for _ in table])
+    prompts = {
+        r["prompt_id"]: r["prompt"][0]["content"] for r in load_rows(str(demo_data / "prompts.jsonl"), "prompt")[:16]
+    }
+    direct = RewardModel.from_pretrained(tmp_path / "rm").score(
+        [prompts[t["prompt_id"]] for t in table], [t["text"] for t in table], [{} for _ in table]
+    )
     assert [t["reward"] for t in table] == pytest.approx(direct, abs=1e-5)
     assert len({round(t["reward"], 6) for t in table}) > 8  # a real, varying score
-    assert record["summary"]["kept_rows"] == sum(len({t["text"] for t in table if t["prompt_id"] == pid}) > 1 for pid in prompts)
+    assert record["summary"]["kept_rows"] == sum(
+        len({t["text"] for t in table if t["prompt_id"] == pid}) > 1 for pid in prompts
+    )

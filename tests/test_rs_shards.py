@@ -14,15 +14,32 @@ from align.cli import main
 from align.config import parse_config
 from align.evaluation import load_prompts
 from align.stages.rs import RSConfig, in_shard, run_rs
+
 from conftest import ALIGN, ROOT, read_jsonl
 
 N_PROMPTS, PARTS = 48, 3
 
 
 def rs_flags(sft_model: Path, demo_data: Path, out: Path, *extra) -> list[str]:
-    return ["--config", str(ROOT / "configs" / "demo_rs.yaml"), "--model_name_or_path", str(sft_model),
-            "--dataset", str(demo_data / "prompts.jsonl"), "--output_dir", str(out), "--max_prompts", str(N_PROMPTS),
-            "--shard_size", "8", "--kv_cache_gb", "0.25", "--engine", "vllm", *map(str, extra)]
+    return [
+        "--config",
+        str(ROOT / "configs" / "demo_rs.yaml"),
+        "--model_name_or_path",
+        str(sft_model),
+        "--dataset",
+        str(demo_data / "prompts.jsonl"),
+        "--output_dir",
+        str(out),
+        "--max_prompts",
+        str(N_PROMPTS),
+        "--shard_size",
+        "8",
+        "--kv_cache_gb",
+        "0.25",
+        "--engine",
+        "vllm",
+        *map(str, extra),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +47,16 @@ def parts(sft_model, demo_data, tmp_path_factory) -> list[Path]:
     """Three `align rs --shard I/3` processes, run side by side as a Slurm array would."""
     root = tmp_path_factory.mktemp("rs_parts")
     dirs = [root / f"part{i}" for i in range(PARTS)]
-    procs = [subprocess.Popen([*ALIGN, "rs", *rs_flags(sft_model, demo_data, d, "--shard", f"{i}/{PARTS}")], cwd=ROOT,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i, d in enumerate(dirs)]
+    procs = [
+        subprocess.Popen(
+            [*ALIGN, "rs", *rs_flags(sft_model, demo_data, d, "--shard", f"{i}/{PARTS}")],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i, d in enumerate(dirs)
+    ]
     for proc in procs:
         _, err = proc.communicate(timeout=900)
         assert proc.returncode == 0, err[-2000:]
@@ -62,12 +87,23 @@ def test_three_parts_merged_equal_the_unsharded_run(parts, sft_vllm, sft_model, 
     assert rows == datasets.load_from_disk(str(whole / "data")).to_list()
     assert 0 < len(rows) < N_PROMPTS  # demo_rs.yaml keeps correct answers only: some prompts drop out
     record = json.loads((merged / "stage.json").read_text())
-    for key in ("prompts", "candidates", "distinct_candidates", "kept_rows", "mean_reward", "mean_best_reward", "truncated_frac", "tokens"):
+    for key in (
+        "prompts",
+        "candidates",
+        "distinct_candidates",
+        "kept_rows",
+        "mean_reward",
+        "mean_best_reward",
+        "truncated_frac",
+        "tokens",
+    ):
         assert record["summary"][key] == unsharded["summary"][key], key
     assert record["summary"]["merged_parts"] == PARTS and record["config"]["shard"] is None
     # The merged dir has the unsharded run's identity: that run into it is a no-op, and so is the merge again.
-    assert run_rs(parse_config(RSConfig, rs_flags(sft_model, demo_data, merged)), engine=sft_vllm)["finished_at"] == \
-        record["finished_at"]
+    assert (
+        run_rs(parse_config(RSConfig, rs_flags(sft_model, demo_data, merged)), engine=sft_vllm)["finished_at"]
+        == record["finished_at"]
+    )
 
 
 @pytest.fixture()
@@ -102,12 +138,15 @@ def test_parts_tile_the_prompts_evenly(demo_data):
     assert all(abs(len(p) - len(ids) / PARTS) < 0.1 * len(ids) / PARTS for p in parts), [len(p) for p in parts]
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--shard", "3/3"], "'shard' must be I/N with 0 <= I < N (e.g. 0/4 ... 3/4), got '3/3'"),
-    (["--shard", "a/b"], "'shard' must be I/N with 0 <= I < N"),
-    (["--shard", "0/2", "--merge", "x,y"], "--shard and --merge exclude each other"),
-    (["--shard", "0/2", "--engine", "transformers"], "--shard with the transformers engine needs --batch_size 1"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--shard", "3/3"], "'shard' must be I/N with 0 <= I < N (e.g. 0/4 ... 3/4), got '3/3'"),
+        (["--shard", "a/b"], "'shard' must be I/N with 0 <= I < N"),
+        (["--shard", "0/2", "--merge", "x,y"], "--shard and --merge exclude each other"),
+        (["--shard", "0/2", "--engine", "transformers"], "--shard with the transformers engine needs --batch_size 1"),
+    ],
+)
 def test_bad_shard_options_exit_2(tiny_model, demo_data, tmp_path, capsys, extra, message):
     code = main(["rs", *rs_flags(tiny_model, demo_data, tmp_path / "out", *extra)])
     err = capsys.readouterr().err

@@ -22,7 +22,9 @@ def cands(*rewards: float) -> list[Scored]:
 def test_registry_rejects_unknown_names():
     with pytest.raises(ConfigError) as err:
         get_strategy("pair")
-    assert str(err.value) == f"unknown selection strategy 'pair' (did you mean 'pairs'?); valid: {', '.join(STRATEGIES)}"
+    assert (
+        str(err.value) == f"unknown selection strategy 'pair' (did you mean 'pairs'?); valid: {', '.join(STRATEGIES)}"
+    )
     with pytest.raises(ConfigError) as err:
         build_engine("hf", "x")
     assert str(err.value) == f"unknown engine 'hf'; valid: {', '.join(ENGINES)}"
@@ -38,9 +40,15 @@ def test_every_strategy_keeps_the_prompt_and_its_columns(name):
 def test_best_keeps_the_top_candidate_first_index_on_ties():
     best = get_strategy("best")
     (row,) = best(ROW, cands(0.0, 1.0, 1.0, 0.5), SelectOptions())
-    assert row == {"prompt": ROW["prompt"], "answer": "3", "prompt_id": "add_01_02",
-                   "completion": [{"role": "assistant", "content": "t1"}], "candidate_index": 1, "reward": 1.0,
-                   "model": ""}
+    assert row == {
+        "prompt": ROW["prompt"],
+        "answer": "3",
+        "prompt_id": "add_01_02",
+        "completion": [{"role": "assistant", "content": "t1"}],
+        "candidate_index": 1,
+        "reward": 1.0,
+        "model": "",
+    }
     assert list(row)[:1] == ["prompt"]
     assert best(ROW, cands(0.0, 0.5), SelectOptions(min_reward=1.0)) == []
     assert len(best(ROW, cands(0.0, 1.0), SelectOptions(min_reward=1.0))) == 1
@@ -51,7 +59,12 @@ def test_pairs_best_vs_worst_skip_ties_and_small_margins():
     (row,) = pairs(ROW, cands(0.2, 1.0, 0.0, 0.0), SelectOptions())
     assert row["chosen"] == [{"role": "assistant", "content": "t1"}]
     assert row["rejected"] == [{"role": "assistant", "content": "t2"}]  # first of the tied worst
-    assert (row["chosen_index"], row["rejected_index"], row["chosen_reward"], row["rejected_reward"]) == (1, 2, 1.0, 0.0)
+    assert (row["chosen_index"], row["rejected_index"], row["chosen_reward"], row["rejected_reward"]) == (
+        1,
+        2,
+        1.0,
+        0.0,
+    )
     assert pairs(ROW, cands(1.0, 1.0, 1.0), SelectOptions()) == []  # all tied: no preference
     assert pairs(ROW, cands(0.7), SelectOptions()) == []  # a single distinct candidate
     assert pairs(ROW, cands(0.5, 0.3), SelectOptions(min_margin=0.25)) == []
@@ -60,7 +73,10 @@ def test_pairs_best_vs_worst_skip_ties_and_small_margins():
 
 def test_all_keeps_every_candidate_in_index_order():
     rows = get_strategy("all")(ROW, [Scored(3, "c", 0.1), Scored(0, "a", 0.9)], SelectOptions())
-    assert [(r["candidate_index"], r["completion"][0]["content"], r["reward"]) for r in rows] == [(0, "a", 0.9), (3, "c", 0.1)]
+    assert [(r["candidate_index"], r["completion"][0]["content"], r["reward"]) for r in rows] == [
+        (0, "a", 0.9),
+        (3, "c", 0.1),
+    ]
     assert all(r["prompt_id"] == "add_01_02" for r in rows)
 
 
@@ -89,7 +105,9 @@ def test_prompt_seeds_own_disjoint_blocks_of_sample_streams():
 
 # ------------------------------------------------------------------------------- real engines
 
-PROMPTS = [[{"role": "user", "content": f"{a}+{b}="}] for a, b in [(12, 34), (5, 7), (99, 1), (40, 40), (3, 58), (77, 16)]]
+PROMPTS = [
+    [{"role": "user", "content": f"{a}+{b}="}] for a, b in [(12, 34), (5, 7), (99, 1), (40, 40), (3, 58), (77, 16)]
+]
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +115,9 @@ def hf_engine(sft_model):
     return build_engine("transformers", str(sft_model), max_model_len=64)
 
 
-def forward_logprobs(model, prompt_ids: list[int], completion_ids: list[int], temperature: float = 1.0,
-                     top_k: int = 0) -> list[float]:
+def forward_logprobs(
+    model, prompt_ids: list[int], completion_ids: list[int], temperature: float = 1.0, top_k: int = 0
+) -> list[float]:
     """log p(token) of each completion token under a plain transformers forward pass (fp32), of the
     distribution sampled at ``temperature`` (and ``top_k``: the k most likely tokens, renormalized)."""
     ids = torch.tensor([prompt_ids + completion_ids])
@@ -158,9 +177,15 @@ def test_vllm_samples_of_identical_prompts_draw_independent_streams(tiny_model):
 
 @pytest.mark.slow
 def test_transformers_engine_logprobs_are_the_sampling_distributions(hf_engine):
-    out = hf_engine.generate(PROMPTS[:3], SamplingParams(n=2, temperature=0.7, top_k=5, max_tokens=6, seed=0, logprobs=True))
-    ids = [hf_engine.tokenizer(t, add_special_tokens=False).input_ids for t in
-           [hf_engine.tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in PROMPTS[:3]]]
+    out = hf_engine.generate(
+        PROMPTS[:3], SamplingParams(n=2, temperature=0.7, top_k=5, max_tokens=6, seed=0, logprobs=True)
+    )
+    ids = [
+        hf_engine.tokenizer(t, add_special_tokens=False).input_ids
+        for t in [
+            hf_engine.tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in PROMPTS[:3]
+        ]
+    ]
     for prompt_ids, cands in zip(ids, out):
         for cand in cands:
             assert len(cand.logprobs) == len(cand.token_ids) > 0
@@ -182,8 +207,13 @@ def test_vllm_load_weights_then_logprobs_match_transformers(sft_vllm, tiny_model
     sft_vllm.load_weights(new.items())
     try:
         out = sft_vllm.generate(PROMPTS, SamplingParams(n=4, temperature=1.0, max_tokens=8, seed=3, logprobs=True))
-        prompt_ids = [sft_vllm.tokenizer(sft_vllm.tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True),
-                                         add_special_tokens=False).input_ids for p in PROMPTS]
+        prompt_ids = [
+            sft_vllm.tokenizer(
+                sft_vllm.tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True),
+                add_special_tokens=False,
+            ).input_ids
+            for p in PROMPTS
+        ]
         worst, checked = 0.0, 0
         for ids, cands in zip(prompt_ids, out):
             for cand in cands:
@@ -217,7 +247,12 @@ def test_engine_threads_reach_the_engine_and_are_a_speed_setting_only(monkeypatc
 
     seen = {}
     monkeypatch.setattr(sampling.engines, "build_engine", lambda name, path, **kw: seen.update(kw, name=name))
-    base = {"model_name_or_path": str(tmp_path), "dataset": "p.jsonl", "output_dir": str(tmp_path / "o"), "reward": ["rule:arithmetic"]}
+    base = {
+        "model_name_or_path": str(tmp_path),
+        "dataset": "p.jsonl",
+        "output_dir": str(tmp_path / "o"),
+        "reward": ["rule:arithmetic"],
+    }
     RSConfig(**base, engine="vllm", threads=2).build_engine(str(tmp_path))
     # enforce_eager unset: the engine picks by device (eager on CPU, sampling.vllm_engine.engine_kwargs)
     assert (seen["name"], seen["threads"], seen["enforce_eager"]) == ("vllm", 2, None)
@@ -260,10 +295,14 @@ def test_kv_cache_gb_for_holds_the_sequences_decoded_together_and_one_of_full_le
     gib = kv_cache_gb_for(SMOLLM2, range(72, 88), 4, block_size=32, max_num_seqs=256, max_model_len=512)
     assert gib == math.ceil((16 * 4 * 3 + 1) * 32 * 46080 / 2**20) / 1024 == 272 / 1024
     # at most max_num_seqs decode together, and never fewer pages than one max_model_len sequence takes
-    assert kv_cache_gb_for(SMOLLM2, range(72, 88), 4, block_size=32, max_num_seqs=8, max_model_len=512) == \
-        math.ceil(25 * 32 * 46080 / 2**20) / 1024
-    assert kv_cache_gb_for(SMOLLM2, [10], 1, block_size=32, max_num_seqs=256, max_model_len=512) == \
-        math.ceil(17 * 32 * 46080 / 2**20) / 1024
+    assert (
+        kv_cache_gb_for(SMOLLM2, range(72, 88), 4, block_size=32, max_num_seqs=8, max_model_len=512)
+        == math.ceil(25 * 32 * 46080 / 2**20) / 1024
+    )
+    assert (
+        kv_cache_gb_for(SMOLLM2, [10], 1, block_size=32, max_num_seqs=256, max_model_len=512)
+        == math.ceil(17 * 32 * 46080 / 2**20) / 1024
+    )
 
 
 def test_the_k_samples_of_a_prompt_share_its_full_kv_pages(sft_vllm):
@@ -274,7 +313,9 @@ def test_the_k_samples_of_a_prompt_share_its_full_kv_pages(sft_vllm):
     from vllm.inputs import TokensPrompt
 
     ids = [5 + i % 23 for i in range(40)]
-    out = sft_vllm.llm.generate([TokensPrompt(prompt_token_ids=ids)], VLLMParams(n=4, max_tokens=2, seed=0), use_tqdm=False)
+    out = sft_vllm.llm.generate(
+        [TokensPrompt(prompt_token_ids=ids)], VLLMParams(n=4, max_tokens=2, seed=0), use_tqdm=False
+    )
     assert sft_vllm.block_size == 32 and len(out[0].outputs) == 4
     assert out[0].num_cached_tokens == 32
 
@@ -301,8 +342,10 @@ def test_vllm_reads_its_kv_cache_size_and_says_once_when_it_is_too_small(sft_vll
     sft_vllm._check_kv_capacity(lengths, 4)
     sft_vllm._check_kv_capacity(lengths, 4)
     err = capsys.readouterr().err.splitlines()
-    assert err == ["align: the vLLM KV cache (0.5 GiB, 10 blocks of 32 tokens) holds fewer than the 24 sequences it"
-                   " could decode together (24 blocks), so it decodes them in waves; --kv_cache_gb 1.2 would hold them all"]
+    assert err == [
+        "align: the vLLM KV cache (0.5 GiB, 10 blocks of 32 tokens) holds fewer than the 24 sequences it"
+        " could decode together (24 blocks), so it decodes them in waves; --kv_cache_gb 1.2 would hold them all"
+    ]
 
 
 def test_closing_a_second_engine_leaves_the_open_one_working(sft_vllm, tiny_model):

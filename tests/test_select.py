@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from align.stages.select import choose
+
 from conftest import run_align
 
 
@@ -33,8 +34,17 @@ def fake_eval(root: Path, name: str, value: float | None, model: Path) -> Path:
     stage = root / name
     stage.mkdir(parents=True)
     summary = {"num_prompts": 200} if value is None else {"mean_reward": value, "num_prompts": 200}
-    (stage / "stage.json").write_text(json.dumps({"stage": "eval", "status": "complete", "summary": summary,
-                                                  "config": {"model_name_or_path": str(model)}, "artifacts": {}}))
+    (stage / "stage.json").write_text(
+        json.dumps(
+            {
+                "stage": "eval",
+                "status": "complete",
+                "summary": summary,
+                "config": {"model_name_or_path": str(model)},
+                "artifacts": {},
+            }
+        )
+    )
     return stage
 
 
@@ -43,31 +53,70 @@ def test_select_links_the_chosen_model_and_records_every_candidate(tmp_path):
     a = fake_eval(tmp_path, "eval_a", 0.61, tmp_path / "a" / "model")
     b = fake_eval(tmp_path, "eval_b", 0.70, tmp_path / "b" / "model")
     c = fake_eval(tmp_path, "eval_c", 0.70, tmp_path / "c" / "model")
-    run_align("select", "--candidates", f"{a},{b},{c}", "--metric", "mean_reward", "--output_dir", tmp_path / "best",
-              check=True)
+    run_align(
+        "select",
+        "--candidates",
+        f"{a},{b},{c}",
+        "--metric",
+        "mean_reward",
+        "--output_dir",
+        tmp_path / "best",
+        check=True,
+    )
     record = json.loads((tmp_path / "best" / "stage.json").read_text())
     s = record["summary"]
-    assert (s["chosen"], s["chosen_model"], s["mean_reward"], s["kept_baseline"]) == ("eval_b", str(tmp_path / "b" / "model"), 0.70, False)
-    assert [(Path(c["stage"]).name, c["value"]) for c in s["candidates"]] == [("eval_a", 0.61), ("eval_b", 0.70), ("eval_c", 0.70)]
+    assert (s["chosen"], s["chosen_model"], s["mean_reward"], s["kept_baseline"]) == (
+        "eval_b",
+        str(tmp_path / "b" / "model"),
+        0.70,
+        False,
+    )
+    assert [(Path(c["stage"]).name, c["value"]) for c in s["candidates"]] == [
+        ("eval_a", 0.61),
+        ("eval_b", 0.70),
+        ("eval_c", 0.70),
+    ]
     assert (tmp_path / "best" / "model" / "model.safetensors").read_text() == "weights of model"  # b's, linked
-    assert (tmp_path / "best" / "model" / "model.safetensors").stat().st_ino == (tmp_path / "b" / "model" / "model.safetensors").stat().st_ino
+    assert (tmp_path / "best" / "model" / "model.safetensors").stat().st_ino == (
+        tmp_path / "b" / "model" / "model.safetensors"
+    ).stat().st_ino
     # A select stage is itself a candidate (the best so far), and the baseline wins under min_gain.
     d = fake_eval(tmp_path, "eval_d", 0.72, tmp_path / "d" / "model")
-    run_align("select", "--candidates", str(d), "--baseline", tmp_path / "best", "--metric", "mean_reward",
-              "--min_gain", "0.05", "--output_dir", tmp_path / "best2", check=True)
+    run_align(
+        "select",
+        "--candidates",
+        str(d),
+        "--baseline",
+        tmp_path / "best",
+        "--metric",
+        "mean_reward",
+        "--min_gain",
+        "0.05",
+        "--output_dir",
+        tmp_path / "best2",
+        check=True,
+    )
     s2 = json.loads((tmp_path / "best2" / "stage.json").read_text())["summary"]
     assert (s2["chosen"], s2["kept_baseline"], s2["baseline"]["value"]) == ("best", True, 0.70)
     assert s2["chosen_model"] == str(tmp_path / "best" / "model")
 
 
-@pytest.mark.parametrize("case,message", [
-    ("no_metric", r"candidate .*eval_x \(eval stage\) has no numeric 'mean_reward' in its summary; it has: num_prompts"),
-    ("unfinished", r"candidate .*nothing is not a finished stage \(no complete stage.json\); run it first"),
-])
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        (
+            "no_metric",
+            r"candidate .*eval_x \(eval stage\) has no numeric 'mean_reward' in its summary; it has: num_prompts",
+        ),
+        ("unfinished", r"candidate .*nothing is not a finished stage \(no complete stage.json\); run it first"),
+    ],
+)
 def test_bad_candidates_are_one_line_exit_2(tmp_path, case, message):
     import re
 
-    target = fake_eval(tmp_path, "eval_x", None, tmp_path / "x" / "model") if case == "no_metric" else tmp_path / "nothing"
+    target = (
+        fake_eval(tmp_path, "eval_x", None, tmp_path / "x" / "model") if case == "no_metric" else tmp_path / "nothing"
+    )
     proc = run_align("select", "--candidates", target, "--metric", "mean_reward", "--output_dir", tmp_path / "best")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert re.search(message, proc.stderr), proc.stderr

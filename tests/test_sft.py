@@ -69,9 +69,20 @@ def test_rerun_same_config_is_noop_and_different_config_fails(sft_run, tiny_mode
     before = (sft_run / "stage.json").read_text()
     budget = json.loads(before)["config"]["max_steps"]
     args = [
-        "sft", "--config", ROOT / "configs" / "demo_sft.yaml", "--model_name_or_path", tiny_model,
-        "--dataset", demo_data / "sft.jsonl", "--eval_dataset", demo_data / "test.jsonl",
-        "--output_dir", sft_run, "--max_steps", budget, *SFT_FLAGS,
+        "sft",
+        "--config",
+        ROOT / "configs" / "demo_sft.yaml",
+        "--model_name_or_path",
+        tiny_model,
+        "--dataset",
+        demo_data / "sft.jsonl",
+        "--eval_dataset",
+        demo_data / "test.jsonl",
+        "--output_dir",
+        sft_run,
+        "--max_steps",
+        budget,
+        *SFT_FLAGS,
     ]
     started = time.time()
     proc = run_align(*args)
@@ -80,7 +91,10 @@ def test_rerun_same_config_is_noop_and_different_config_fails(sft_run, tiny_mode
     assert time.time() - started < 60  # no training happened
     proc = run_align(*args, "--max_steps", budget + 1)
     assert proc.returncode == 2
-    assert f"{sft_run} already holds a finished 'sft' stage with a different config (max_steps: {budget} -> {budget + 1})" in proc.stderr
+    assert (
+        f"{sft_run} already holds a finished 'sft' stage with a different config (max_steps: {budget} -> {budget + 1})"
+        in proc.stderr
+    )
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -96,12 +110,34 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
 def test_kill_then_resume_continues_from_checkpoint(tmp_path, tiny_model, demo_data):
     out = tmp_path / "sft"
     args = [
-        "sft", "--model_name_or_path", tiny_model, "--dataset", demo_data / "sft.jsonl", "--output_dir", out,
-        "--max_steps", "160", "--save_steps", "40", "--logging_steps", "10", "--learning_rate", "1e-3",
-        "--per_device_train_batch_size", "32", "--max_length", "64",
+        "sft",
+        "--model_name_or_path",
+        tiny_model,
+        "--dataset",
+        demo_data / "sft.jsonl",
+        "--output_dir",
+        out,
+        "--max_steps",
+        "160",
+        "--save_steps",
+        "40",
+        "--logging_steps",
+        "10",
+        "--learning_rate",
+        "1e-3",
+        "--per_device_train_batch_size",
+        "32",
+        "--max_length",
+        "64",
     ]
-    proc = subprocess.Popen([*ALIGN, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=ROOT, start_new_session=True)
+    proc = subprocess.Popen(
+        [*ALIGN, *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        start_new_session=True,
+    )
     # Kill -9 once the step-80 checkpoint is complete (trainer_state.json is written last).
     _wait_for(out / "checkpoints" / "checkpoint-80" / "trainer_state.json", proc)
     os.killpg(proc.pid, signal.SIGKILL)
@@ -125,9 +161,26 @@ def test_lora_writes_adapter_and_merged_model(tmp_path, tiny_model, demo_data):
 
     out = tmp_path / "lora"
     run_align(
-        "sft", "--model_name_or_path", tiny_model, "--dataset", demo_data / "sft.jsonl", "--output_dir", out,
-        "--max_steps", "20", "--learning_rate", "1e-3", "--per_device_train_batch_size", "16", "--max_length", "64",
-        "--use_lora", "--lora_r", "8", "--merge_lora", check=True,
+        "sft",
+        "--model_name_or_path",
+        tiny_model,
+        "--dataset",
+        demo_data / "sft.jsonl",
+        "--output_dir",
+        out,
+        "--max_steps",
+        "20",
+        "--learning_rate",
+        "1e-3",
+        "--per_device_train_batch_size",
+        "16",
+        "--max_length",
+        "64",
+        "--use_lora",
+        "--lora_r",
+        "8",
+        "--merge_lora",
+        check=True,
     )
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert adapter["r"] == 8 and adapter["peft_type"] == "LORA"
@@ -141,9 +194,25 @@ def test_lora_writes_adapter_and_merged_model(tmp_path, tiny_model, demo_data):
 def test_qlora_trains_in_4bit(tmp_path, tiny_model, demo_data):
     out = tmp_path / "qlora"
     run_align(
-        "sft", "--model_name_or_path", tiny_model, "--dataset", demo_data / "sft.jsonl", "--output_dir", out,
-        "--max_steps", "10", "--learning_rate", "1e-3", "--per_device_train_batch_size", "16", "--max_length", "64",
-        "--load_in_4bit", "--logging_steps", "2", check=True,
+        "sft",
+        "--model_name_or_path",
+        tiny_model,
+        "--dataset",
+        demo_data / "sft.jsonl",
+        "--output_dir",
+        out,
+        "--max_steps",
+        "10",
+        "--learning_rate",
+        "1e-3",
+        "--per_device_train_batch_size",
+        "16",
+        "--max_length",
+        "64",
+        "--load_in_4bit",
+        "--logging_steps",
+        "2",
+        check=True,
     )
     record = json.loads((out / "stage.json").read_text())
     assert record["summary"]["global_step"] == 10

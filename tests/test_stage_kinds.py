@@ -13,10 +13,21 @@ _load_commands()
 
 # One summary with every key a built-in kind reads; each kind's key metrics, in their column order.
 SUMMARY = {
-    "eval_mean_reward": 0.5, "eval_accuracy": 0.7, "eval_accuracy_noise_free": 0.8, "kept_rows": 10, "mean_reward": 0.6,
-    "wins": {"/w/sft/model": 3, "/w/dpo/model": 1}, "reward_last_10pct": 0.4, "monitor_kl": 1.5, "heldout_kl": 0.2,
-    "chosen": "dpo", "metric": "eval_mean_reward", "judge_means": {"rule:vader": 0.1, "model:runs/x/rm/model": 0.3},
-    "reference_nll": 2.0, "mean_length": 12.0, "distinct_2": 0.9,
+    "eval_mean_reward": 0.5,
+    "eval_accuracy": 0.7,
+    "eval_accuracy_noise_free": 0.8,
+    "kept_rows": 10,
+    "mean_reward": 0.6,
+    "wins": {"/w/sft/model": 3, "/w/dpo/model": 1},
+    "reward_last_10pct": 0.4,
+    "monitor_kl": 1.5,
+    "heldout_kl": 0.2,
+    "chosen": "dpo",
+    "metric": "eval_mean_reward",
+    "judge_means": {"rule:vader": 0.1, "model:runs/x/rm/model": 0.3},
+    "reference_nll": 2.0,
+    "mean_length": 12.0,
+    "distinct_2": 0.9,
 }
 KEY_METRICS = {
     "sft": {"held_out": 0.5},
@@ -47,7 +58,11 @@ def test_declared_artifacts_and_wrapped_kinds():
     from align.pipeline import stage_kinds, wrapped
 
     assert {name: wrapped(name) for name in stage_kinds() if wrapped(name)} == {
-        "make-tiny-model": "model", "demo-data": "data", "situation-prompts": "data", "import-model": "model"}
+        "make-tiny-model": "model",
+        "demo-data": "data",
+        "situation-prompts": "data",
+        "import-model": "model",
+    }
     for name, cmd in COMMANDS.items():
         assert set(cmd.artifacts) <= set(ARTIFACTS), name
     assert COMMANDS["rs"].artifacts == ("data",) and COMMANDS["eval"].artifacts == ()
@@ -74,11 +89,19 @@ def test_python_api_has_every_command_and_the_recipe_api():
     from align.status import workdir_status, write_report
 
     assert (align.Recipe, align.workdir_status, align.write_report) == (Recipe, workdir_status, write_report)
-    for name in ("run_merge", "MergeConfig", "run_distill", "DistillStageConfig", "run_recipe", "RunConfig", "make_tiny_model"):
+    for name in (
+        "run_merge",
+        "MergeConfig",
+        "run_distill",
+        "DistillStageConfig",
+        "run_recipe",
+        "RunConfig",
+        "make_tiny_model",
+    ):
         assert name in names and name in dir(align)
     assert len(set(names)) == len(names)
     with pytest.raises(AttributeError, match="no attribute 'run_nothing'"):
-        align.run_nothing
+        align.run_nothing  # noqa: B018 - the attribute lookup is what must raise
 
 
 # A stage kind of its own, as a plugin package would ship it: one module, and an entry point in the
@@ -148,20 +171,30 @@ def test_a_stage_kind_from_one_module(tmp_path):
 
     site = tmp_path / "site"
     (site / "align_echo_words-0.1.dist-info").mkdir(parents=True)
-    (site / "align_echo_words-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: align-echo-words\nVersion: 0.1\n")
-    (site / "align_echo_words-0.1.dist-info" / "entry_points.txt").write_text("[align.stages]\necho-words = echo_words\n")
+    (site / "align_echo_words-0.1.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: align-echo-words\nVersion: 0.1\n"
+    )
+    (site / "align_echo_words-0.1.dist-info" / "entry_points.txt").write_text(
+        "[align.stages]\necho-words = echo_words\n"
+    )
     (site / "echo_words.py").write_text(PLUGIN)
     (tmp_path / "r.yaml").write_text(RECIPE)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)]), "COLUMNS": "200",
-           "ALIGN_FINGERPRINT_CACHE": str(tmp_path / "fp.json")}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(site), str(ROOT)]),
+        "COLUMNS": "200",
+        "ALIGN_FINGERPRINT_CACHE": str(tmp_path / "fp.json"),
+    }
 
     def align(*argv: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, *argv], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+        return subprocess.run(
+            [sys.executable, *argv], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300
+        )
 
     shown = align("-m", "align", "--help")
     assert shown.returncode == 0, shown.stderr
     listed = [line.split()[0] for line in shown.stdout.splitlines() if line.startswith("  ")]
-    assert listed[listed.index("select"):listed.index("run") + 1] == ["select", "echo-words", "run"]
+    assert listed[listed.index("select") : listed.index("run") + 1] == ["select", "echo-words", "run"]
     assert "  echo-words         Write a word several times (a stage kind from a plugin)." in shown.stdout
 
     ran = align("-m", "align", "run", "r.yaml", "--workdir", "w")
@@ -175,14 +208,20 @@ def test_a_stage_kind_from_one_module(tmp_path):
     facts = json.loads(checked.stdout.splitlines()[0])
     assert facts == {"api": ["echo_words", True, True], "owned": True, "order": True}
     rows = [line.split("\u2502")[1:5] for line in checked.stdout.splitlines() if "echo-words" in line]
-    assert [[cell.strip() for cell in row] for row in rows] == [["first", "echo-words", "done", "words 3"],
-                                                                ["second", "echo-words", "done", "words 3"]]
+    assert [[cell.strip() for cell in row] for row in rows] == [
+        ["first", "echo-words", "done", "words 3"],
+        ["second", "echo-words", "done", "words 3"],
+    ]
 
 
 def test_a_declaration_help_cannot_read_is_named(tmp_path, monkeypatch):
     from align.stages import _declared_in
 
-    (tmp_path / "odd_stage.py").write_text('NAME = "odd"\n\n\n@command(NAME, object, "An odd one.")\ndef run_odd(cfg):\n    pass\n')
+    (tmp_path / "odd_stage.py").write_text(
+        'NAME = "odd"\n\n\n@command(NAME, object, "An odd one.")\ndef run_odd(cfg):\n    pass\n'
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(ValueError, match=r"odd_stage.py:4: @command\(...\) needs its name, summary and order written as literals"):
+    with pytest.raises(
+        ValueError, match=r"odd_stage.py:4: @command\(...\) needs its name, summary and order written as literals"
+    ):
         _declared_in("odd_stage")

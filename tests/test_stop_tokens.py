@@ -25,10 +25,27 @@ def turn_sft(tmp_path_factory, demo_data) -> Path:
 
     root = tmp_path_factory.mktemp("turn")
     base = make_tiny_model(root / "base", arch="llama", tokenizer="char", seed=0, end_of_text=True)
-    run_align("sft", "--config", ROOT / "configs" / "demo_sft.yaml", "--model_name_or_path", base,
-              "--dataset", demo_data / "sft.jsonl", "--output_dir", root / "sft", "--max_steps", "150",
-              "--learning_rate", "2e-3", "--lr_scheduler_type", "constant_with_warmup", "--save_steps", "1000",
-              check=True, timeout=900)
+    run_align(
+        "sft",
+        "--config",
+        ROOT / "configs" / "demo_sft.yaml",
+        "--model_name_or_path",
+        base,
+        "--dataset",
+        demo_data / "sft.jsonl",
+        "--output_dir",
+        root / "sft",
+        "--max_steps",
+        "150",
+        "--learning_rate",
+        "2e-3",
+        "--lr_scheduler_type",
+        "constant_with_warmup",
+        "--save_steps",
+        "1000",
+        check=True,
+        timeout=900,
+    )
     return root / "sft"
 
 
@@ -77,9 +94,29 @@ def test_transformers_engine_stops_at_the_turn_end(turn_sft):
 @pytest.mark.slow
 def test_rs_samples_end_at_the_turn_end_with_no_second_turn(turn_sft, demo_data, tmp_path):
     pytest.importorskip("vllm")
-    run_align("rs", "--config", ROOT / "configs" / "demo_rs.yaml", "--model_name_or_path", turn_sft / "model",
-              "--dataset", demo_data / "test.jsonl", "--output_dir", tmp_path / "rs", "--num_samples", "4",
-              "--max_tokens", "24", "--select", "all", "--min_reward", "0", "--engine", "vllm", check=True, timeout=900)
+    run_align(
+        "rs",
+        "--config",
+        ROOT / "configs" / "demo_rs.yaml",
+        "--model_name_or_path",
+        turn_sft / "model",
+        "--dataset",
+        demo_data / "test.jsonl",
+        "--output_dir",
+        tmp_path / "rs",
+        "--num_samples",
+        "4",
+        "--max_tokens",
+        "24",
+        "--select",
+        "all",
+        "--min_reward",
+        "0",
+        "--engine",
+        "vllm",
+        check=True,
+        timeout=900,
+    )
     cands = read_jsonl(tmp_path / "rs" / "candidates.jsonl")
     assert len(cands) == 4 * 200
     assert [c["finish_reason"] for c in cands].count("stop") == len(cands)
@@ -105,8 +142,13 @@ def test_vllm_rollouts_hold_exactly_the_sampled_ids(turn_sft):
     finally:
         engine.close()
     assert all(c.finish_reason == "stop" and c.token_ids[-1] == end for cands in out for c in cands)
-    r = build_rollouts(prompts, [[c.token_ids for c in cands] for cands in out],
-                       [[c.finish_reason == "length" for c in cands] for cands in out], [0.0] * 16, pad_id=0)
+    r = build_rollouts(
+        prompts,
+        [[c.token_ids for c in cands] for cands in out],
+        [[c.finish_reason == "length" for c in cands] for cands in out],
+        [0.0] * 16,
+        pad_id=0,
+    )
     for row, (ids, c) in enumerate((ids, c) for ids, cands in zip(prompts, out) for c in cands):
         n = len(ids) + len(c.token_ids)
         assert r.input_ids[row, :n].tolist() == ids + c.token_ids

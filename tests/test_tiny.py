@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -26,8 +25,14 @@ def _weights(path):
 def test_folder_loads_in_transformers(tmp_path, arch, tokenizer):
     out = make_tiny_model(tmp_path / "m", arch=arch, tokenizer=tokenizer, seed=0)
     assert out == tmp_path / "m"
-    for name in ["model.safetensors", "config.json", "generation_config.json",
-                 "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]:
+    for name in [
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    ]:
         assert (out / name).is_file(), name
 
     tok = AutoTokenizer.from_pretrained(out)
@@ -46,8 +51,11 @@ def test_folder_loads_in_transformers(tmp_path, arch, tokenizer):
 
     # Special tokens: eos is <|end|>, pad is <|pad|>, and the ids agree everywhere.
     assert tok.eos_token == "<|end|>" and tok.pad_token == "<|pad|>" and tok.bos_token == "<|bos|>"
-    for key, tid in [("eos_token_id", tok.eos_token_id), ("pad_token_id", tok.pad_token_id),
-                     ("bos_token_id", tok.bos_token_id)]:
+    for key, tid in [
+        ("eos_token_id", tok.eos_token_id),
+        ("pad_token_id", tok.pad_token_id),
+        ("bos_token_id", tok.bos_token_id),
+    ]:
         assert config[key] == gen[key] == tid, key
     assert tok.convert_ids_to_tokens(tok.eos_token_id) == "<|end|>"
 
@@ -85,9 +93,7 @@ def test_same_seed_same_weights_other_seed_different(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["model.embed_tokens.weight"], c["model.embed_tokens.weight"])
     assert not torch.equal(a["lm_head.weight"], c["lm_head.weight"])
-    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (
-        tmp_path / "b" / "model.safetensors"
-    ).read_bytes()
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
 
 
 def test_bpe_tokenizer_is_deterministic(tmp_path):
@@ -163,7 +169,7 @@ def test_vllm_greedy_matches_transformers(vllm_engine):
     model = AutoModelForCausalLM.from_pretrained(path)
     with torch.no_grad():
         out = model.generate(input_ids, do_sample=False, max_new_tokens=8, min_new_tokens=8)
-    hf_ids = out[0, input_ids.shape[1]:].tolist()
+    hf_ids = out[0, input_ids.shape[1] :].tolist()
 
     params = SamplingParams(temperature=0.0, max_tokens=8, min_tokens=8, ignore_eos=True)
     (result,) = llm.generate([prompt], params)

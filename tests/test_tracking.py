@@ -48,9 +48,28 @@ def _assert_equal(events: dict, metrics: dict) -> None:
 def test_sft_tensorboard_scalars_equal_metrics(tiny_model, demo_data, tmp_path):
     pytest.importorskip("tensorboard")
     out = tmp_path / "sft"
-    run_align("sft", "--model_name_or_path", tiny_model, "--dataset", demo_data / "sft.jsonl", "--max_steps", 4,
-              "--logging_steps", 1, "--per_device_train_batch_size", 4, "--max_length", 64, "--learning_rate", "1e-3",
-              "--report_to", "tensorboard", "--output_dir", out, check=True)
+    run_align(
+        "sft",
+        "--model_name_or_path",
+        tiny_model,
+        "--dataset",
+        demo_data / "sft.jsonl",
+        "--max_steps",
+        4,
+        "--logging_steps",
+        1,
+        "--per_device_train_batch_size",
+        4,
+        "--max_length",
+        64,
+        "--learning_rate",
+        "1e-3",
+        "--report_to",
+        "tensorboard",
+        "--output_dir",
+        out,
+        check=True,
+    )
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
     metrics = _metrics_scalars(rows)
@@ -63,10 +82,36 @@ def test_sft_tensorboard_scalars_equal_metrics(tiny_model, demo_data, tmp_path):
 def test_rlhf_tensorboard_scalars_equal_metrics(tiny_model, demo_data, tmp_path):
     pytest.importorskip("tensorboard")
     out = tmp_path / "rlhf"
-    run_align("rlhf", "--model_name_or_path", tiny_model, "--dataset", demo_data / "prompts.jsonl", "--reward", "rule:arithmetic",
-              "--engine", "transformers", "--optimizer", "rloo", "--num_iterations", 3, "--prompts_per_iteration", 2,
-              "--num_samples", 2, "--max_tokens", 4, "--max_model_len", 64, "--save_every", 3,
-              "--report_to", "tensorboard", "--output_dir", out, check=True)
+    run_align(
+        "rlhf",
+        "--model_name_or_path",
+        tiny_model,
+        "--dataset",
+        demo_data / "prompts.jsonl",
+        "--reward",
+        "rule:arithmetic",
+        "--engine",
+        "transformers",
+        "--optimizer",
+        "rloo",
+        "--num_iterations",
+        3,
+        "--prompts_per_iteration",
+        2,
+        "--num_samples",
+        2,
+        "--max_tokens",
+        4,
+        "--max_model_len",
+        64,
+        "--save_every",
+        3,
+        "--report_to",
+        "tensorboard",
+        "--output_dir",
+        out,
+        check=True,
+    )
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3]
     metrics = _metrics_scalars(rows)
@@ -81,10 +126,23 @@ def test_default_reports_nowhere(tmp_path):
     from align.stages.sft import SFTStageConfig
     from align.training import trl_args
 
-    cfg = parse_config(SFTStageConfig, ["--model_name_or_path", "m", "--dataset", "d", "--output_dir", str(tmp_path / "o")])
+    cfg = parse_config(
+        SFTStageConfig, ["--model_name_or_path", "m", "--dataset", "d", "--output_dir", str(tmp_path / "o")]
+    )
     assert cfg.report_to == [] and trl_args(cfg, Stage("sft", cfg, cfg.output_dir))["report_to"] == []
-    cfg = parse_config(SFTStageConfig, ["--model_name_or_path", "m", "--dataset", "d", "--output_dir", str(tmp_path / "o"),
-                                        "--report_to", "tensorboard"])
+    cfg = parse_config(
+        SFTStageConfig,
+        [
+            "--model_name_or_path",
+            "m",
+            "--dataset",
+            "d",
+            "--output_dir",
+            str(tmp_path / "o"),
+            "--report_to",
+            "tensorboard",
+        ],
+    )
     assert trl_args(cfg, Stage("sft", cfg, cfg.output_dir))["report_to"] == ["tensorboard"]
 
 
@@ -94,12 +152,26 @@ def test_unknown_tracker_exits_2_listing_valid_ones(command, tiny_model, demo_da
 
     data = {"sft": "sft.jsonl", "rm": "pairs.jsonl", "dpo": "pairs.jsonl", "rlhf": "prompts.jsonl"}[command]
     extra = ["--reward", "rule:arithmetic"] if command == "rlhf" else []
-    code = main([command, "--model_name_or_path", str(tiny_model), "--dataset", str(demo_data / data), *extra,
-                 "--report_to", "tensorbord", "--output_dir", str(tmp_path / "out")])
+    code = main(
+        [
+            command,
+            "--model_name_or_path",
+            str(tiny_model),
+            "--dataset",
+            str(demo_data / data),
+            *extra,
+            "--report_to",
+            "tensorbord",
+            "--output_dir",
+            str(tmp_path / "out"),
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2
-    assert err == (f"align {command}: error: unknown tracker 'tensorbord' in 'report_to' (did you mean 'tensorboard'?);"
-                   f" valid: {', '.join(sorted(INTEGRATION_TO_CALLBACK))} (or none)")
+    assert err == (
+        f"align {command}: error: unknown tracker 'tensorbord' in 'report_to' (did you mean 'tensorboard'?);"
+        f" valid: {', '.join(sorted(INTEGRATION_TO_CALLBACK))} (or none)"
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -110,7 +182,9 @@ def test_tracker_without_its_package_is_one_line():
     from align.errors import ConfigError
     from align.tracking import check_trackers
 
-    missing = sorted(set(INTEGRATION_TO_CALLBACK) - set(get_available_reporting_integrations()) - {"flyte", "kubeflow"})
+    missing = sorted(
+        set(INTEGRATION_TO_CALLBACK) - set(get_available_reporting_integrations()) - {"flyte", "kubeflow"}
+    )
     if not missing:
         pytest.skip("every tracker transformers knows is installed")
     with pytest.raises(ConfigError, match=f"^'report_to' {missing[0]}: its package is not installed"):

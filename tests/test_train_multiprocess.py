@@ -22,7 +22,7 @@ from conftest import ROOT, read_jsonl, run_align
 
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 
-AUDIT = '''
+AUDIT = """
 import json, os, sys
 _log_path, _watch = os.environ["ALIGN_AUDIT_LOG"], os.environ["ALIGN_AUDIT_WATCH"]
 _rank = os.environ.get("RANK", "0")
@@ -52,10 +52,22 @@ def _hook(event, args):
 
 
 sys.addaudithook(_hook)
-'''
+"""
 
-FLAGS = ["--max_steps", 4, "--logging_steps", 2, "--save_steps", 2, "--per_device_train_batch_size", 4,
-         "--max_length", 64, "--learning_rate", "1e-3"]
+FLAGS = [
+    "--max_steps",
+    4,
+    "--logging_steps",
+    2,
+    "--save_steps",
+    2,
+    "--per_device_train_batch_size",
+    4,
+    "--max_length",
+    64,
+    "--learning_rate",
+    "1e-3",
+]
 
 
 def _launch(command: str, flags: list, out: Path, audit: Path) -> list[dict]:
@@ -63,12 +75,31 @@ def _launch(command: str, flags: list, out: Path, audit: Path) -> list[dict]:
     hook_dir = audit / "hook"
     hook_dir.mkdir(parents=True)
     (hook_dir / "sitecustomize.py").write_text(AUDIT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ALIGN_AUDIT_LOG": str(audit / "events"), "ALIGN_AUDIT_WATCH": str(out),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(hook_dir), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "ALIGN_AUDIT_LOG": str(audit / "events"),
+        "ALIGN_AUDIT_WATCH": str(out),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(hook_dir), os.environ.get("PYTHONPATH")])),
+    }
     proc = subprocess.run(
-        [ACCELERATE, "launch", "--config_file", str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"), "-m", "align",
-         command, *map(str, flags), "--output_dir", str(out)],
-        capture_output=True, text=True, timeout=900, cwd=ROOT, env=env,
+        [
+            ACCELERATE,
+            "launch",
+            "--config_file",
+            str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"),
+            "-m",
+            "align",
+            command,
+            *map(str, flags),
+            "--output_dir",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [e for log in sorted(audit.glob("events.*")) for e in read_jsonl(log)]
@@ -104,7 +135,17 @@ def test_sft_two_cpu_processes(tiny_model, demo_data, tmp_path):
     train.write_text("".join((demo_data / "sft.jsonl").read_text().splitlines(keepends=True)[:64]))
     prompts = tmp_path / "test.jsonl"
     prompts.write_text("".join((demo_data / "test.jsonl").read_text().splitlines(keepends=True)[:6]))
-    flags = ["--model_name_or_path", tiny_model, "--dataset", train, "--eval_dataset", prompts, "--eval_max_tokens", 4, *FLAGS]
+    flags = [
+        "--model_name_or_path",
+        tiny_model,
+        "--dataset",
+        train,
+        "--eval_dataset",
+        prompts,
+        "--eval_max_tokens",
+        4,
+        *FLAGS,
+    ]
     out = tmp_path / "two"
     events = _launch("sft", flags, out, tmp_path / "audit")
     _check_written_once(events, out, ["stage.json", "model", "eval.jsonl"])
@@ -119,8 +160,11 @@ def test_sft_two_cpu_processes(tiny_model, demo_data, tmp_path):
     one = _single("sft", flags, tmp_path / "one")
     assert one["summary"]["num_processes"] == 1
     assert sorted(one["summary"]) == sorted(s) and sorted(one["artifacts"]) == sorted(record["artifacts"])
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir()) \
+    assert (
+        sorted(p.name for p in out.iterdir())
+        == sorted(p.name for p in (tmp_path / "one").iterdir())
         == ["eval.jsonl", "loss.png", "metrics.jsonl", "model", "stage.json"]
+    )
 
 
 @pytest.mark.slow
@@ -141,5 +185,8 @@ def test_rm_two_cpu_processes(tiny_model, demo_data, tmp_path):
     one = _single("rm", flags, tmp_path / "one")
     assert one["summary"]["num_processes"] == 1
     assert sorted(one["summary"]) == sorted(s) and sorted(one["artifacts"]) == sorted(record["artifacts"])
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir()) \
+    assert (
+        sorted(p.name for p in out.iterdir())
+        == sorted(p.name for p in (tmp_path / "one").iterdir())
         == ["loss.png", "metrics.jsonl", "model", "stage.json"]
+    )

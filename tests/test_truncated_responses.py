@@ -14,8 +14,9 @@ from align.rl import estimators as est
 from align.rl.optimizers import _sequence_advantage_loss, get_optimizer
 from align.rl.rollout import Rollouts, build_rollouts, mask_truncated, penalize_missing_eos, truncation_view
 from align.stages.rlhf import RLHFConfig
-from conftest import read_jsonl
 from sampling.base import Candidate
+
+from conftest import read_jsonl
 
 
 def _rollouts() -> Rollouts:
@@ -56,7 +57,7 @@ def test_a_masked_row_has_zero_gradient_while_its_reward_stays_in_the_group():
     logp = torch.full(r.mask.shape, -1.0, requires_grad=True)
     r.logp_old = logp.detach()
     adv = est.group_normalized(r.grouped(r.scores)).flatten()
-    assert adv.tolist() == pytest.approx([1.5 ** 0.5, -(1.5 ** 0.5), 0.0], abs=1e-3)
+    assert adv.tolist() == pytest.approx([1.5**0.5, -(1.5**0.5), 0.0], abs=1e-3)
     loss, _ = _sequence_advantage_loss(r, logp, adv, clip_eps=0.2)
     loss.backward()
     a = adv[0].item()
@@ -67,10 +68,30 @@ def test_a_masked_row_has_zero_gradient_while_its_reward_stays_in_the_group():
 
 
 def _cfg(tiny_model, tmp_path, name, *extra):
-    return parse_config(RLHFConfig, [
-        "--model_name_or_path", str(tiny_model), "--dataset", "unused", "--reward", "rule:arithmetic",
-        "--output_dir", str(tmp_path), "--optimizer", name, "--use_lora", "true", "--kl_coef", "0.1",
-        "--learning_rate", "1e-3", "--forward_batch_size", "64", *extra])
+    return parse_config(
+        RLHFConfig,
+        [
+            "--model_name_or_path",
+            str(tiny_model),
+            "--dataset",
+            "unused",
+            "--reward",
+            "rule:arithmetic",
+            "--output_dir",
+            str(tmp_path),
+            "--optimizer",
+            name,
+            "--use_lora",
+            "true",
+            "--kl_coef",
+            "0.1",
+            "--learning_rate",
+            "1e-3",
+            "--forward_batch_size",
+            "64",
+            *extra,
+        ],
+    )
 
 
 def _loss_gradients(tiny_model, cfg, rollouts):
@@ -114,7 +135,9 @@ def test_masked_rows_carry_no_loss_and_keep_their_place_in_the_baseline(name, to
     rows = torch.tensor([c for group in cut for c in group])
 
     plain_view, plain = _loss_gradients(tiny_model, _cfg(tiny_model, tmp_path, name), rollouts)
-    view, masked = _loss_gradients(tiny_model, _cfg(tiny_model, tmp_path, name, "--mask_truncated_completions", "true"), rollouts)
+    view, masked = _loss_gradients(
+        tiny_model, _cfg(tiny_model, tmp_path, name, "--mask_truncated_completions", "true"), rollouts
+    )
     assert plain_view.full_mask is None and torch.equal(view.full_mask, rollouts.mask)
     assert view.mask[rows].sum() == 0 and torch.equal(view.mask[~rows], rollouts.mask[~rows])
     assert (int(rollouts.mask.sum()), int(view.mask.sum())) == (27, 20)
@@ -128,21 +151,43 @@ def test_masked_rows_carry_no_loss_and_keep_their_place_in_the_baseline(name, to
 
 def test_missing_eos_penalty_reaches_the_optimizer(tiny_model, tmp_path):
     rollouts = _rollouts()
-    view, _ = _loss_gradients(tiny_model, _cfg(tiny_model, tmp_path, "grpo", "--missing_eos_penalty", "0.25"), rollouts)
+    view, _ = _loss_gradients(
+        tiny_model, _cfg(tiny_model, tmp_path, "grpo", "--missing_eos_penalty", "0.25"), rollouts
+    )
     assert view.scores.tolist() == [1.0, -0.25, 0.5] and torch.equal(view.mask, rollouts.mask)
     assert rollouts.scores.tolist() == [1.0, 0.0, 0.5]  # what the metrics report: the scorers' rewards
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--optimizer", "online_dpo", "--mask_truncated_completions", "true"],
-     "'mask_truncated_completions' does not apply to optimizer 'online_dpo' (its pairs are whole responses, with no"
-     " per-token loss to mask); use --missing_eos_penalty to rank truncated responses lower"),
-    (["--missing_eos_penalty", "-1"], "'missing_eos_penalty' must be >= 0 (it is subtracted from the reward), got -1.0"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (
+            ["--optimizer", "online_dpo", "--mask_truncated_completions", "true"],
+            "'mask_truncated_completions' does not apply to optimizer 'online_dpo' (its pairs are whole responses, with no"
+            " per-token loss to mask); use --missing_eos_penalty to rank truncated responses lower",
+        ),
+        (
+            ["--missing_eos_penalty", "-1"],
+            "'missing_eos_penalty' must be >= 0 (it is subtracted from the reward), got -1.0",
+        ),
+    ],
+)
 def test_truncation_options_are_checked(extra, message, tmp_path):
     with pytest.raises(ConfigError) as err:
-        parse_config(RLHFConfig, ["--model_name_or_path", "m", "--dataset", "d", "--reward", "rule:arithmetic",
-                                  "--output_dir", str(tmp_path / "o"), *extra])
+        parse_config(
+            RLHFConfig,
+            [
+                "--model_name_or_path",
+                "m",
+                "--dataset",
+                "d",
+                "--reward",
+                "rule:arithmetic",
+                "--output_dir",
+                str(tmp_path / "o"),
+                *extra,
+            ],
+        )
     assert str(err.value) == message
 
 
@@ -190,9 +235,27 @@ def _share(reasons: list[str]) -> float:
 def test_rs_records_the_share_of_candidates_cut_at_max_tokens(tiny_model, demo_data, tmp_path):
     from align.stages.rs import RSConfig, run_rs
 
-    cfg = parse_config(RSConfig, ["--model_name_or_path", str(tiny_model), "--dataset", str(demo_data / "prompts.jsonl"),
-                                  "--reward", "rule:arithmetic", "--output_dir", str(tmp_path / "rs"), "--num_samples", "4",
-                                  "--max_prompts", "5", "--shard_size", "2", "--select", "all"])
+    cfg = parse_config(
+        RSConfig,
+        [
+            "--model_name_or_path",
+            str(tiny_model),
+            "--dataset",
+            str(demo_data / "prompts.jsonl"),
+            "--reward",
+            "rule:arithmetic",
+            "--output_dir",
+            str(tmp_path / "rs"),
+            "--num_samples",
+            "4",
+            "--max_prompts",
+            "5",
+            "--shard_size",
+            "2",
+            "--select",
+            "all",
+        ],
+    )
     summary = run_rs(cfg, engine=CuttingEngine())["summary"]
     candidates = read_jsonl(tmp_path / "rs" / "candidates.jsonl")
     reasons = [c["finish_reason"] for c in candidates]
@@ -206,9 +269,25 @@ def test_rs_records_the_share_of_candidates_cut_at_max_tokens(tiny_model, demo_d
 def test_eval_records_the_share_of_answers_cut_at_max_tokens(k, tiny_model, demo_data, tmp_path):
     from align.stages.eval import EvalConfig, run_eval
 
-    cfg = parse_config(EvalConfig, ["--model_name_or_path", str(tiny_model), "--dataset", str(demo_data / "test.jsonl"),
-                                    "--reward", "rule:arithmetic", "--output_dir", str(tmp_path / "e"), "--max_prompts", "7",
-                                    "--num_samples", str(k), "--temperature", "0" if k == 1 else "1"])
+    cfg = parse_config(
+        EvalConfig,
+        [
+            "--model_name_or_path",
+            str(tiny_model),
+            "--dataset",
+            str(demo_data / "test.jsonl"),
+            "--reward",
+            "rule:arithmetic",
+            "--output_dir",
+            str(tmp_path / "e"),
+            "--max_prompts",
+            "7",
+            "--num_samples",
+            str(k),
+            "--temperature",
+            "0" if k == 1 else "1",
+        ],
+    )
     engine = CuttingEngine()
     summary = run_eval(cfg, engine=engine)["summary"]
     results = read_jsonl(tmp_path / "e" / "eval.jsonl")
@@ -228,11 +307,37 @@ def test_rlhf_logs_the_truncated_share_per_iteration(tiny_model, demo_data, tmp_
     engine = CuttingEngine(AutoTokenizer.from_pretrained(tiny_model))
     monkeypatch.setattr(RLHFConfig, "build_engine", lambda self, *args, **kwargs: engine)
     out = tmp_path / "rlhf"
-    cfg = parse_config(RLHFConfig, [
-        "--model_name_or_path", str(tiny_model), "--dataset", str(demo_data / "prompts.jsonl"), "--reward", "rule:arithmetic",
-        "--output_dir", str(out), "--optimizer", "grpo", "--num_iterations", "2", "--prompts_per_iteration", "4",
-        "--num_samples", "2", "--max_tokens", "4", "--kv_cache_gb", "0.1", "--max_model_len", "64",
-        "--mask_truncated_completions", "true", "--missing_eos_penalty", "0.5"])
+    cfg = parse_config(
+        RLHFConfig,
+        [
+            "--model_name_or_path",
+            str(tiny_model),
+            "--dataset",
+            str(demo_data / "prompts.jsonl"),
+            "--reward",
+            "rule:arithmetic",
+            "--output_dir",
+            str(out),
+            "--optimizer",
+            "grpo",
+            "--num_iterations",
+            "2",
+            "--prompts_per_iteration",
+            "4",
+            "--num_samples",
+            "2",
+            "--max_tokens",
+            "4",
+            "--kv_cache_gb",
+            "0.1",
+            "--max_model_len",
+            "64",
+            "--mask_truncated_completions",
+            "true",
+            "--missing_eos_penalty",
+            "0.5",
+        ],
+    )
     summary = run_rlhf(cfg)["summary"]
     rows = read_jsonl(out / "metrics.jsonl")
     shares = [_share(reasons) for reasons in engine.reasons]

@@ -28,8 +28,13 @@ def kl_k3(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1
 
 
-def truncated_is_weights(trainer_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor, cap: float = 3.0,
-                         per_sequence: bool = False) -> torch.Tensor:
+def truncated_is_weights(
+    trainer_logp: torch.Tensor,
+    engine_logp: torch.Tensor,
+    mask: torch.Tensor,
+    cap: float = 3.0,
+    per_sequence: bool = False,
+) -> torch.Tensor:
     """Truncated importance-sampling weights (TIS; Yao et al. 2025) for rollouts sampled by an engine
     whose log-probs differ from the trainer's (a bf16 vLLM, an fp32 policy): ``min(exp(trainer_logp -
     engine_logp), cap)`` per token (``[B, T]``; 1 off the mask), or with ``per_sequence`` one weight

@@ -44,13 +44,20 @@ from align.errors import ConfigError, ModelError, did_you_mean
 # ---------------------------------------------------------------------------------------------
 
 
-def adam_update(grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int, lr: float,
-                betas: tuple[float, float], eps: float) -> torch.Tensor:
+def adam_update(
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: int,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+) -> torch.Tensor:
     """Update the moments in place and return the Adam step D (to be added to the parameter)."""
     beta1, beta2 = betas
     exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    step_size = lr * math.sqrt(1 - beta2 ** step) / (1 - beta1 ** step)
+    step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
     return -step_size * exp_avg / (exp_avg_sq.sqrt() + eps)
 
 
@@ -98,10 +105,14 @@ def _onties_merge(tau: torch.Tensor, delta: torch.Tensor, opt: "OnlineMergingAda
 
 
 MODES: dict[str, MergeMode] = {
-    "ondare": MergeMode(lambda tau, opt: dare(tau, opt.reserve_p, opt.generator).clamp(-opt.clip, opt.clip), _ondare_merge,
-                        "random drop with keep-probability p, rescaled by 1/p"),
-    "onties": MergeMode(lambda tau, opt: top_magnitude(tau, opt.reserve_p), _onties_merge,
-                        "top-p magnitudes with TIES sign consensus"),
+    "ondare": MergeMode(
+        lambda tau, opt: dare(tau, opt.reserve_p, opt.generator).clamp(-opt.clip, opt.clip),
+        _ondare_merge,
+        "random drop with keep-probability p, rescaled by 1/p",
+    ),
+    "onties": MergeMode(
+        lambda tau, opt: top_magnitude(tau, opt.reserve_p), _onties_merge, "top-p magnitudes with TIES sign consensus"
+    ),
 }
 
 
@@ -112,9 +123,20 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
     construction, so the parameters must still hold theta_sft then (see ``task_vectors``).
     """
 
-    def __init__(self, params, task_vectors: Iterable[tuple[torch.Tensor, torch.Tensor]], mode: str, reserve_p: float,
-                 alpha: float, clip: float = 1.0, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, seed: int = 0):
+    def __init__(
+        self,
+        params,
+        task_vectors: Iterable[tuple[torch.Tensor, torch.Tensor]],
+        mode: str,
+        reserve_p: float,
+        alpha: float,
+        clip: float = 1.0,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        seed: int = 0,
+    ):
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
         self.mode = MODES[mode]
         self.reserve_p, self.alpha, self.clip = reserve_p, alpha, clip
@@ -138,8 +160,15 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
                 state["step"] += 1
-                delta = adam_update(p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], group["lr"],
-                                    group["betas"], group["eps"])
+                delta = adam_update(
+                    p.grad,
+                    state["exp_avg"],
+                    state["exp_avg_sq"],
+                    state["step"],
+                    group["lr"],
+                    group["betas"],
+                    group["eps"],
+                )
                 if "tau" in state:
                     delta = self.mode.merge(state["tau"], delta, self)
                 p.add_(delta)
@@ -167,24 +196,45 @@ class OnlineMergingAdamW(torch.optim.Optimizer):
 class OnlineMergingOptions:
     """Fields of the stages that can train with the Online Merging Optimizer (mixed into configs)."""
 
-    optimizer_merge: str = option("none", "Qwen2's Online Merging Optimizer (Lu et al. 2024) instead of AdamW: "
-                                  + "; ".join(f"{n} ({m.source})" for n, m in MODES.items()) + "; none: plain AdamW.")
-    merge_base: str | None = option(None, "optimizer_merge: the pre-trained model the starting (SFT) policy was fine-tuned from; tau = policy - merge_base.")
-    merge_reserve_p: float = option(0.01, "optimizer_merge: p, the fraction of entries kept when sparsifying tau and each update (authors' example: 0.01).")
-    merge_alpha: float = option(1e-7, "optimizer_merge: alpha, the weight of tau in each step: alpha * tau + (1 - alpha) * update (authors' example: 1e-7).")
-    merge_clip: float = option(1.0, "optimizer_merge ondare: the sparsified tau is clamped to [-clip, clip] (authors' code: 1).")
+    optimizer_merge: str = option(
+        "none",
+        "Qwen2's Online Merging Optimizer (Lu et al. 2024) instead of AdamW: "
+        + "; ".join(f"{n} ({m.source})" for n, m in MODES.items())
+        + "; none: plain AdamW.",
+    )
+    merge_base: str | None = option(
+        None,
+        "optimizer_merge: the pre-trained model the starting (SFT) policy was fine-tuned from; tau = policy - merge_base.",
+    )
+    merge_reserve_p: float = option(
+        0.01,
+        "optimizer_merge: p, the fraction of entries kept when sparsifying tau and each update (authors' example: 0.01).",
+    )
+    merge_alpha: float = option(
+        1e-7,
+        "optimizer_merge: alpha, the weight of tau in each step: alpha * tau + (1 - alpha) * update (authors' example: 1e-7).",
+    )
+    merge_clip: float = option(
+        1.0, "optimizer_merge ondare: the sparsified tau is clamped to [-clip, clip] (authors' code: 1)."
+    )
 
     def validate_merging(self, lora: bool) -> None:
         if self.optimizer_merge == "none":
             return
         if self.optimizer_merge not in MODES:
             hint = did_you_mean(self.optimizer_merge, MODES)
-            raise ConfigError(f"unknown optimizer_merge '{self.optimizer_merge}'{hint}; valid: none, {', '.join(MODES)}")
+            raise ConfigError(
+                f"unknown optimizer_merge '{self.optimizer_merge}'{hint}; valid: none, {', '.join(MODES)}"
+            )
         if not self.merge_base:
-            raise ConfigError(f"optimizer_merge '{self.optimizer_merge}' needs 'merge_base': the model the policy was fine-tuned from")
+            raise ConfigError(
+                f"optimizer_merge '{self.optimizer_merge}' needs 'merge_base': the model the policy was fine-tuned from"
+            )
         if lora:
-            raise ConfigError("optimizer_merge merges full weights with their SFT task vector; it does not work with"
-                              " use_lora or load_in_4bit")
+            raise ConfigError(
+                "optimizer_merge merges full weights with their SFT task vector; it does not work with"
+                " use_lora or load_in_4bit"
+            )
         if not 0.0 < self.merge_reserve_p <= 1.0:
             raise ConfigError(f"'merge_reserve_p' must be in (0, 1], got {self.merge_reserve_p}")
         if not 0.0 <= self.merge_alpha <= 1.0:
@@ -194,8 +244,14 @@ class OnlineMergingOptions:
 
     def merging_kwargs(self, model, seed: int) -> dict[str, Any]:
         """``OnlineMergingAdamW`` keyword arguments besides params and the Adam hyper-parameters."""
-        return {"task_vectors": task_vectors(model, self.merge_base), "mode": self.optimizer_merge,
-                "reserve_p": self.merge_reserve_p, "alpha": self.merge_alpha, "clip": self.merge_clip, "seed": seed}
+        return {
+            "task_vectors": task_vectors(model, self.merge_base),
+            "mode": self.optimizer_merge,
+            "reserve_p": self.merge_reserve_p,
+            "alpha": self.merge_alpha,
+            "clip": self.merge_clip,
+            "seed": seed,
+        }
 
 
 def task_vectors(model, base_path: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -212,10 +268,14 @@ def task_vectors(model, base_path: str) -> list[tuple[torch.Tensor, torch.Tensor
         if not param.requires_grad:
             continue
         if name not in base_params:
-            raise ModelError(f"merge_base {base_path} has no tensor '{name}' of the policy; give the model the policy was"
-                             " fine-tuned from")
+            raise ModelError(
+                f"merge_base {base_path} has no tensor '{name}' of the policy; give the model the policy was"
+                " fine-tuned from"
+            )
         if base_params[name].shape != param.shape:
-            raise ModelError(f"tensor '{name}' has shape {tuple(param.shape)} in the policy but"
-                             f" {tuple(base_params[name].shape)} in merge_base {base_path}")
+            raise ModelError(
+                f"tensor '{name}' has shape {tuple(param.shape)} in the policy but"
+                f" {tuple(base_params[name].shape)} in merge_base {base_path}"
+            )
         pairs.append((param, param.detach() - base_params[name].detach().to(param.device, param.dtype)))
     return pairs

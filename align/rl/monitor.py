@@ -36,12 +36,19 @@ MONITOR_ITERATION_KEY = (1 << 20) - 1  # the iteration field of the seed keys: o
 class MonitorOptions:
     """The over-optimization monitor's fields of ``align rlhf`` (mixed into its config)."""
 
-    monitor_dataset: str | None = option(None, "Held-out prompts for the over-optimization monitor: before training, every"
-                                               " monitor_every iterations and at the end, one sampled answer per prompt is"
-                                               " scored by the reward and by monitor_judges, and its KL to the reference"
-                                               " estimated (monitor.jsonl; `align report` plots them against the KL).")
-    monitor_judges: list[str] = option([], "Scorers the monitor reports beside the reward and that play no part in training"
-                                           " (e.g. the gold judge a reward model imitates, a second judge).", names=RULES)
+    monitor_dataset: str | None = option(
+        None,
+        "Held-out prompts for the over-optimization monitor: before training, every"
+        " monitor_every iterations and at the end, one sampled answer per prompt is"
+        " scored by the reward and by monitor_judges, and its KL to the reference"
+        " estimated (monitor.jsonl; `align report` plots them against the KL).",
+    )
+    monitor_judges: list[str] = option(
+        [],
+        "Scorers the monitor reports beside the reward and that play no part in training"
+        " (e.g. the gold judge a reward model imitates, a second judge).",
+        names=RULES,
+    )
     monitor_every: int = option(5, "Iterations between monitor points.")
     monitor_max_prompts: int | None = option(None, "Monitor only the first N prompts of monitor_dataset.")
 
@@ -62,8 +69,9 @@ def is_monitor_step(step: int, every: int, last: int) -> bool:
     return step == 0 or step % every == 0 or step == last
 
 
-def monitor_point(step: int, engine, policy, reference, tokenizer, rows: list[dict], scorer, judges: dict[str, Any],
-                  cfg) -> dict[str, Any]:
+def monitor_point(
+    step: int, engine, policy, reference, tokenizer, rows: list[dict], scorer, judges: dict[str, Any], cfg
+) -> dict[str, Any]:
     """Sample, score and measure one point of the monitor; returns its row."""
     import torch
 
@@ -71,20 +79,32 @@ def monitor_point(step: int, engine, policy, reference, tokenizer, rows: list[di
     from align.rl.rollout import build_rollouts, token_logprobs
     from sampling.base import SamplingParams, encode_prompts
 
-    params = SamplingParams(n=1, temperature=cfg.temperature, max_tokens=cfg.max_tokens, seeds=monitor_seed_keys(cfg.seed, len(rows)))
+    params = SamplingParams(
+        n=1, temperature=cfg.temperature, max_tokens=cfg.max_tokens, seeds=monitor_seed_keys(cfg.seed, len(rows))
+    )
     candidates = engine.generate([r["prompt"] for r in rows], params)
     reward = [s[0] for s in score_candidates(scorer, rows, candidates)]
     judged = {spec: [s[0] for s in score_candidates(judge, rows, candidates)] for spec, judge in judges.items()}
     device = next(policy.parameters()).device
-    rollouts = build_rollouts(encode_prompts(tokenizer, [r["prompt"] for r in rows], cfg.system_prompt),
-                              [[c[0].token_ids] for c in candidates], [[c[0].finish_reason == "length"] for c in candidates],
-                              reward, tokenizer.pad_token_id, device)
+    rollouts = build_rollouts(
+        encode_prompts(tokenizer, [r["prompt"] for r in rows], cfg.system_prompt),
+        [[c[0].token_ids] for c in candidates],
+        [[c[0].finish_reason == "length"] for c in candidates],
+        reward,
+        tokenizer.pad_token_id,
+        device,
+    )
     was_training = policy.training
     policy.eval()
     try:
         with torch.no_grad():
-            logp = token_logprobs(policy, rollouts.input_ids, rollouts.attention_mask, batch_size=cfg.forward_batch_size,
-                                  temperature=cfg.temperature)[0]
+            logp = token_logprobs(
+                policy,
+                rollouts.input_ids,
+                rollouts.attention_mask,
+                batch_size=cfg.forward_batch_size,
+                temperature=cfg.temperature,
+            )[0]
             logp_ref = reference(rollouts.input_ids, rollouts.attention_mask)
     finally:
         policy.train(was_training)
@@ -103,7 +123,7 @@ def monitor_point(step: int, engine, policy, reference, tokenizer, rows: list[di
 def overoptimization_series(points: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
     """Every monitored score against the KL: the reward (proxy) first, then each judge."""
     series = {"reward (trained on)": [(p["kl"], p["reward"]) for p in points]}
-    for spec in (points[0]["judges"] if points else {}):
+    for spec in points[0]["judges"] if points else {}:
         series[spec] = [(p["kl"], p["judges"][spec]) for p in points]
     return series
 
@@ -129,5 +149,14 @@ def read_rows(path: Path, after_step: int | None = None) -> list[dict[str, Any]]
     return rows
 
 
-__all__ = ["MONITOR_FILE", "MonitorOptions", "append_row", "is_monitor_step", "monitor_point", "monitor_seed_keys",
-           "overoptimization_series", "read_rows", "sequence_kl"]
+__all__ = [
+    "MONITOR_FILE",
+    "MonitorOptions",
+    "append_row",
+    "is_monitor_step",
+    "monitor_point",
+    "monitor_seed_keys",
+    "overoptimization_series",
+    "read_rows",
+    "sequence_kl",
+]

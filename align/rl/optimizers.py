@@ -24,7 +24,14 @@ from align.rl import estimators as est
 from align.rl import losses as L
 from align.rl import parallel
 from align.rl.merging_optimizer import OnlineMergingAdamW
-from align.rl.rollout import Rollouts, backward_by_groups, forward_logprobs, length_groups, token_logprobs, truncation_view
+from align.rl.rollout import (
+    Rollouts,
+    backward_by_groups,
+    forward_logprobs,
+    length_groups,
+    token_logprobs,
+    truncation_view,
+)
 
 OPTIMIZERS: Registry[type["PolicyOptimizer"]] = Registry("optimizer")
 get_optimizer = OPTIMIZERS.get  # an unknown name is a ConfigError listing the valid ones
@@ -65,7 +72,9 @@ class PolicyOptimizer:
     name: ClassVar[str]
     min_samples: ClassVar[int] = 1  # K needed per prompt (2 for leave-one-out and group baselines)
     masks_truncated: ClassVar[bool] = True  # whether mask_truncated_completions applies (a loss over response tokens)
-    importance_sampling: ClassVar[bool] = False  # whether its loss takes importance-sampling weights (RLHFConfig.importance_sampling)
+    importance_sampling: ClassVar[bool] = (
+        False  # whether its loss takes importance-sampling weights (RLHFConfig.importance_sampling)
+    )
     per_sequence_is: ClassVar[bool] = False  # one weight per sequence (a sequence-level ratio) instead of per token
 
     def __init__(self, cfg: Any, policy: nn.Module, ref_logprobs: Callable | None):
@@ -80,7 +89,9 @@ class PolicyOptimizer:
         if cfg.optimizer_merge == "none":
             self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
         else:  # Qwen2's Online Merging Optimizer (align.rl.merging_optimizer)
-            self.optimizer = OnlineMergingAdamW(params, lr=cfg.learning_rate, **cfg.merging_kwargs(policy, seed=cfg.seed))
+            self.optimizer = OnlineMergingAdamW(
+                params, lr=cfg.learning_rate, **cfg.merging_kwargs(policy, seed=cfg.seed)
+            )
 
     # -- hooks -------------------------------------------------------------------------------
     def extra_modules(self) -> dict[str, nn.Module]:
@@ -108,7 +119,9 @@ class PolicyOptimizer:
 
     # -- shared ------------------------------------------------------------------------------
     @torch.no_grad()
-    def prepare(self, r: Rollouts, logp: torch.Tensor, entropy: torch.Tensor, hidden: torch.Tensor | None) -> dict[str, float]:
+    def prepare(
+        self, r: Rollouts, logp: torch.Tensor, entropy: torch.Tensor, hidden: torch.Tensor | None
+    ) -> dict[str, float]:
         """Fix this batch's log-probs (and values) under the sampling policy, and the reference's."""
         r.logp_old = logp.detach()
         r.is_weights = self.importance_weights(r)
@@ -145,8 +158,14 @@ class PolicyOptimizer:
 
         def forward(grad: bool):
             with torch.set_grad_enabled(grad):
-                return token_logprobs(self.policy, r.input_ids, r.attention_mask, with_hidden=bool(self.extra),
-                                      batch_size=self.cfg.forward_batch_size, temperature=self.cfg.temperature)
+                return token_logprobs(
+                    self.policy,
+                    r.input_ids,
+                    r.attention_mask,
+                    with_hidden=bool(self.extra),
+                    batch_size=self.cfg.forward_batch_size,
+                    temperature=self.cfg.temperature,
+                )
 
         # One step from pi_old: its own forward gives pi_old's log-probs (detached), so a separate
         # no-grad pass would only repeat it (TRL's GRPO/RLOO do the same).
@@ -165,9 +184,15 @@ class PolicyOptimizer:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()  # every loss keeps a graph, even one with nothing to learn (zero)
             if by_groups:
-                backward_by_groups(self.policy, r.input_ids, r.attention_mask, logp.grad,
-                                   hidden.grad if hidden is not None else None, self.cfg.forward_batch_size,
-                                   temperature=self.cfg.temperature)
+                backward_by_groups(
+                    self.policy,
+                    r.input_ids,
+                    r.attention_mask,
+                    logp.grad,
+                    hidden.grad if hidden is not None else None,
+                    self.cfg.forward_batch_size,
+                    temperature=self.cfg.temperature,
+                )
             step_stats["grad_norm"] = self._apply_gradients()
             step_stats["loss"] = loss.item()
             for key, value in step_stats.items():
@@ -191,8 +216,9 @@ class PolicyOptimizer:
         r.logp_old = logp_old  # filled group by group below
         self.optimizer.zero_grad(set_to_none=True)
         for idx, w in length_groups(r.attention_mask, self.cfg.forward_batch_size):
-            logp_g, entropy_g, _ = forward_logprobs(self.policy, r.input_ids[idx, :w], r.attention_mask[idx, :w], False,
-                                                    temperature=self.cfg.temperature)
+            logp_g, entropy_g, _ = forward_logprobs(
+                self.policy, r.input_ids[idx, :w], r.attention_mask[idx, :w], False, temperature=self.cfg.temperature
+            )
             logp_old[idx, : w - 1] = logp_g.detach()
             r.is_weights = self.importance_weights(r)  # this group's rows final; the others' have no gradient yet
             entropy[idx, : w - 1] = entropy_g
@@ -210,7 +236,9 @@ class PolicyOptimizer:
         if r.logp_engine is None:
             return None
         cap = self.cfg.importance_sampling_cap or 3.0
-        return L.truncated_is_weights(r.logp_old, r.logp_engine, r.response_mask, cap, per_sequence=self.per_sequence_is)
+        return L.truncated_is_weights(
+            r.logp_old, r.logp_engine, r.response_mask, cap, per_sequence=self.per_sequence_is
+        )
 
     def _apply_gradients(self) -> float:
         """Average the accumulated gradients over processes (data parallel: the same step on every
@@ -234,7 +262,9 @@ class PolicyOptimizer:
 
 def _sequence_advantage_loss(r: Rollouts, logp, advantages: torch.Tensor, clip_eps: float, kl_coef: float = 0.0):
     """Clipped surrogate with one advantage per sequence, plus an optional k3 KL-to-reference term."""
-    loss, stats = L.clipped_surrogate(logp, r.logp_old, advantages[:, None].expand_as(logp), r.mask, clip_eps, r.is_weights)
+    loss, stats = L.clipped_surrogate(
+        logp, r.logp_old, advantages[:, None].expand_as(logp), r.mask, clip_eps, r.is_weights
+    )
     if kl_coef > 0:
         kl = L.masked_mean(L.kl_k3(logp, r.logp_ref), r.mask)
         loss = loss + kl_coef * kl
@@ -380,11 +410,17 @@ class PPO(PolicyOptimizer):
             rewards -= self.cfg.kl_coef * (r.logp_old - r.logp_ref) * r.response_mask
         last = (r.response_mask * torch.arange(r.mask.shape[1], device=r.mask.device)).argmax(-1)
         rewards[torch.arange(len(last)), last] += r.scores
-        adv, self._returns = est.gae(rewards, r.values_old * r.response_mask, r.response_mask, self.cfg.gamma, self.cfg.lam)
+        adv, self._returns = est.gae(
+            rewards, r.values_old * r.response_mask, r.response_mask, self.cfg.gamma, self.cfg.lam
+        )
         self._advantages = est.whiten(adv, r.response_mask)
         return stats
 
     def loss(self, r, logp, entropy, hidden):
-        policy_loss, stats = L.clipped_surrogate(logp, r.logp_old, self._advantages, r.mask, self.cfg.clip_eps, r.is_weights)
-        value_loss, vstats = L.clipped_value_loss(self.values(hidden), r.values_old, self._returns, r.mask, self.cfg.clip_eps)
+        policy_loss, stats = L.clipped_surrogate(
+            logp, r.logp_old, self._advantages, r.mask, self.cfg.clip_eps, r.is_weights
+        )
+        value_loss, vstats = L.clipped_value_loss(
+            self.values(hidden), r.values_old, self._returns, r.mask, self.cfg.clip_eps
+        )
         return policy_loss + self.cfg.vf_coef * value_loss, {**stats, **vstats}

@@ -32,8 +32,12 @@ class Rollouts:
     logp_old: torch.Tensor | None = None  # [B, L-1] under the policy that sampled
     logp_ref: torch.Tensor | None = None  # [B, L-1] under the reference
     values_old: torch.Tensor | None = None  # [B, L-1] value head (PPO)
-    logp_engine: torch.Tensor | None = None  # [B, L-1] under the engine that sampled (importance sampling), 0 off the mask
-    is_weights: torch.Tensor | None = None  # importance-sampling weights of the loss ([B, L-1] per token or [B] per sequence)
+    logp_engine: torch.Tensor | None = (
+        None  # [B, L-1] under the engine that sampled (importance sampling), 0 off the mask
+    )
+    is_weights: torch.Tensor | None = (
+        None  # importance-sampling weights of the loss ([B, L-1] per token or [B] per sequence)
+    )
 
     @property
     def n_prompts(self) -> int:
@@ -50,9 +54,15 @@ class Rollouts:
         return self.mask if self.full_mask is None else self.full_mask
 
 
-def build_rollouts(prompt_ids: list[list[int]], responses: list[list[list[int]]], truncated: list[list[bool]],
-                   scores: list[float], pad_id: int, device: str | torch.device = "cpu",
-                   engine_logprobs: list[list[list[float]]] | None = None) -> Rollouts:
+def build_rollouts(
+    prompt_ids: list[list[int]],
+    responses: list[list[list[int]]],
+    truncated: list[list[bool]],
+    scores: list[float],
+    pad_id: int,
+    device: str | torch.device = "cpu",
+    engine_logprobs: list[list[list[float]]] | None = None,
+) -> Rollouts:
     """Pack K responses per prompt (the sampled ids, nothing added) into padded tensors;
     ``truncated[i][k]`` says response k of prompt i hit ``max_tokens`` (``finish_reason == "length"``);
     ``engine_logprobs[i][k]`` (optional) are the engine's log-probs of response k's tokens, put where
@@ -74,8 +84,15 @@ def build_rollouts(prompt_ids: list[list[int]], responses: list[list[list[int]]]
         for row, (lps, (start, end)) in enumerate(zip((lp for cands in engine_logprobs for lp in cands), spans)):
             logp_engine[row, start - 1 : end - 1] = torch.tensor(lps, dtype=torch.float32)
         logp_engine = logp_engine.to(device)
-    return Rollouts(input_ids.to(device), attention.to(device), mask.to(device),
-                    torch.tensor(scores, dtype=torch.float32, device=device), k, truncated=cut, logp_engine=logp_engine)
+    return Rollouts(
+        input_ids.to(device),
+        attention.to(device),
+        mask.to(device),
+        torch.tensor(scores, dtype=torch.float32, device=device),
+        k,
+        truncated=cut,
+        logp_engine=logp_engine,
+    )
 
 
 def penalize_missing_eos(scores: torch.Tensor, truncated: torch.Tensor, penalty: float | None) -> torch.Tensor:
@@ -115,8 +132,14 @@ def length_groups(attention_mask: torch.Tensor, batch_size: int) -> list[tuple[t
     return [(idx, int(lengths[idx].max())) for idx in order.split(batch_size)]
 
 
-def token_logprobs(model, input_ids, attention_mask, with_hidden: bool = False, batch_size: int | None = None,
-                   temperature: float = 1.0):
+def token_logprobs(
+    model,
+    input_ids,
+    attention_mask,
+    with_hidden: bool = False,
+    batch_size: int | None = None,
+    temperature: float = 1.0,
+):
     """Per-token log-probs of each next token, their entropies, and optionally the last hidden states,
     under the policy that samples at ``temperature`` (softmax of the logits divided by it, as TRL's
     GRPO/RLOO trainers compute them): the distribution the rollouts were drawn from.
@@ -136,10 +159,13 @@ def token_logprobs(model, input_ids, attention_mask, with_hidden: bool = False, 
         return forward_logprobs(model, input_ids, attention_mask, with_hidden, temperature=temperature)
     parts = []
     for idx, w in groups:
-        logp, entropy, hidden = forward_logprobs(model, input_ids[idx, :w], attention_mask[idx, :w], with_hidden,
-                                                 temperature=temperature)
+        logp, entropy, hidden = forward_logprobs(
+            model, input_ids[idx, :w], attention_mask[idx, :w], with_hidden, temperature=temperature
+        )
         pad = width - w  # back to [rows, width - 1]; the padded targets are masked out anyway
-        parts.append((F.pad(logp, (0, pad)), F.pad(entropy, (0, pad)), F.pad(hidden, (0, 0, 0, pad)) if with_hidden else None))
+        parts.append(
+            (F.pad(logp, (0, pad)), F.pad(entropy, (0, pad)), F.pad(hidden, (0, 0, 0, pad)) if with_hidden else None)
+        )
     inverse = torch.argsort(torch.cat([idx for idx, _ in groups]))
     logp = torch.cat([p[0] for p in parts])[inverse]
     entropy = torch.cat([p[1] for p in parts])[inverse]
@@ -147,8 +173,15 @@ def token_logprobs(model, input_ids, attention_mask, with_hidden: bool = False, 
     return logp, entropy, hidden
 
 
-def backward_by_groups(model, input_ids, attention_mask, grad_logp: torch.Tensor,
-                       grad_hidden: torch.Tensor | None, batch_size: int, temperature: float = 1.0) -> None:
+def backward_by_groups(
+    model,
+    input_ids,
+    attention_mask,
+    grad_logp: torch.Tensor,
+    grad_hidden: torch.Tensor | None,
+    batch_size: int,
+    temperature: float = 1.0,
+) -> None:
     """Accumulate the parameters' gradients of a loss whose gradient with respect to the per-token
     log-probs (``grad_logp`` [B, L-1]; and the hidden states, ``grad_hidden``) is known, one
     length group of ``batch_size`` rows at a time (``loss.backward`` reaching ``model``'s
@@ -160,8 +193,14 @@ def backward_by_groups(model, input_ids, attention_mask, grad_logp: torch.Tensor
     gradient with respect to the log-probs comes from a pass without gradients first).
     """
     for idx, w in length_groups(attention_mask, batch_size):
-        logp, _, hidden = forward_logprobs(model, input_ids[idx, :w], attention_mask[idx, :w], grad_hidden is not None,
-                                          with_entropy=False, temperature=temperature)
+        logp, _, hidden = forward_logprobs(
+            model,
+            input_ids[idx, :w],
+            attention_mask[idx, :w],
+            grad_hidden is not None,
+            with_entropy=False,
+            temperature=temperature,
+        )
         outputs, grads = [logp], [grad_logp[idx, : w - 1]]
         if grad_hidden is not None:
             outputs.append(hidden)
@@ -169,8 +208,9 @@ def backward_by_groups(model, input_ids, attention_mask, grad_logp: torch.Tensor
         torch.autograd.backward(outputs, grads)
 
 
-def forward_logprobs(model, input_ids, attention_mask, with_hidden: bool, with_entropy: bool = True,
-                     temperature: float = 1.0):
+def forward_logprobs(
+    model, input_ids, attention_mask, with_hidden: bool, with_entropy: bool = True, temperature: float = 1.0
+):
     """One forward pass of all the rows: ``(logp, entropy | None, hidden | None)``, as ``token_logprobs``."""
     out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=with_hidden)
     logits = out.logits[:, :-1]

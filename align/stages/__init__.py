@@ -83,8 +83,10 @@ def _declared_in(module: str) -> list[Declared]:
                     name, summary = _literal(deco, 0, "name"), _literal(deco, 2, "summary")
                     order = _literal(deco, None, "order", 50)
                 except ValueError:
-                    raise ValueError(f"{spec.origin}:{deco.lineno}: @command(...) needs its name, summary and order"
-                                     " written as literals (align --help reads them from the source)") from None
+                    raise ValueError(
+                        f"{spec.origin}:{deco.lineno}: @command(...) needs its name, summary and order"
+                        " written as literals (align --help reads them from the source)"
+                    ) from None
                 found.append(Declared(name, summary, order, module, node.name, _config_name(deco)))
     return found
 

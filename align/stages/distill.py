@@ -44,7 +44,16 @@ from align.config import BaseConfig, option, required
 from align.data import load_rows
 from align.errors import ConfigError, ModelError
 from align.evaluation import EvalOptions, load_prompts
-from align.models import DTYPES, ModelOptions, load_causal_lm, load_tokenizer, peft_config, place_for_trainer, resolve_model_path, save_model
+from align.models import (
+    DTYPES,
+    ModelOptions,
+    load_causal_lm,
+    load_tokenizer,
+    peft_config,
+    place_for_trainer,
+    resolve_model_path,
+    save_model,
+)
 from align.registry import command
 from align.stage import CheckpointOptions, Stage, read_stage
 from align.training import TrainOptions, finish_training, resume_checkpoint, train_to_end, trl_args
@@ -54,14 +63,27 @@ from align.training import TrainOptions, finish_training, resume_checkpoint, tra
 class DistillStageConfig(TrainOptions, ModelOptions, EvalOptions, CheckpointOptions, BaseConfig):
     inputs = ("model_name_or_path", "teacher", "dataset", "eval_dataset", "eval_reward")
     teacher: str = required("Teacher model (folder, .gguf file or Hub id); it must share the student's vocabulary.")
-    dataset: str = required("Prompts with fixed responses (TRL, Alpaca or ShareGPT format): the supervised part; on-policy steps use only the prompts.")
+    dataset: str = required(
+        "Prompts with fixed responses (TRL, Alpaca or ShareGPT format): the supervised part; on-policy steps use only the prompts."
+    )
     output_dir: str = required("Stage directory: stage.json, metrics.jsonl, model/ and checkpoints/ go here.")
-    lmbda: float = option(0.5, "GKD's lambda: the fraction of steps trained on the student's own samples (0: fixed responses only, 1: on-policy only).")
-    beta: float = option(0.5, "GKD's generalized JSD interpolation, in [0, 1]: 0 is forward KL(teacher || student), 1 reverse KL(student || teacher).")
+    lmbda: float = option(
+        0.5,
+        "GKD's lambda: the fraction of steps trained on the student's own samples (0: fixed responses only, 1: on-policy only).",
+    )
+    beta: float = option(
+        0.5,
+        "GKD's generalized JSD interpolation, in [0, 1]: 0 is forward KL(teacher || student), 1 reverse KL(student || teacher).",
+    )
     temperature: float = option(1.0, "Sampling temperature of the on-policy (and seq_kd) samples.")
     max_new_tokens: int = option(128, "Longest on-policy (and seq_kd) sample, in tokens.")
-    seq_kd: bool = option(False, "Off-policy steps train on the teacher's own samples instead of the dataset's responses (sequence-level KD).")
-    eval_max_prompts: int = option(64, "Held-out prompts (the first N of eval_dataset) the student's KL to the teacher is measured on.")
+    seq_kd: bool = option(
+        False,
+        "Off-policy steps train on the teacher's own samples instead of the dataset's responses (sequence-level KD).",
+    )
+    eval_max_prompts: int = option(
+        64, "Held-out prompts (the first N of eval_dataset) the student's KL to the teacher is measured on."
+    )
     seed: int = option(0, "Random seed (on-policy draws, sampling, data order).")
 
     def validate(self) -> None:
@@ -87,15 +109,19 @@ def vocab_mismatch(student: tuple[str, int, dict], teacher: tuple[str, int, dict
     """Why two (name, model vocab_size, tokenizer vocab) cannot be distilled one into the other, or None."""
     (s_name, s_size, s_vocab), (t_name, t_size, t_vocab) = student, teacher
     if s_size != t_size or len(s_vocab) != len(t_vocab):
-        return (f"teacher {t_name} has a vocabulary of {t_size} ids ({len(t_vocab)} tokens) but student {s_name} has"
-                f" {s_size} ({len(s_vocab)} tokens); distillation compares next-token distributions id by id,"
-                " so pick a teacher and student with the same tokenizer (one model family)")
+        return (
+            f"teacher {t_name} has a vocabulary of {t_size} ids ({len(t_vocab)} tokens) but student {s_name} has"
+            f" {s_size} ({len(s_vocab)} tokens); distillation compares next-token distributions id by id,"
+            " so pick a teacher and student with the same tokenizer (one model family)"
+        )
     differ = sorted(tok for tok in s_vocab if t_vocab.get(tok) != s_vocab[tok])
     if differ:
         tok = differ[0]
-        return (f"teacher {t_name} and student {s_name} both have {s_size} ids but map tokens differently"
-                f" ({len(differ)} differ, e.g. {tok!r}: id {t_vocab.get(tok)} vs {s_vocab[tok]}); distillation needs"
-                " one shared tokenizer")
+        return (
+            f"teacher {t_name} and student {s_name} both have {s_size} ids but map tokens differently"
+            f" ({len(differ)} differ, e.g. {tok!r}: id {t_vocab.get(tok)} vs {s_vocab[tok]}); distillation needs"
+            " one shared tokenizer"
+        )
     return None
 
 
@@ -110,7 +136,9 @@ def check_shared_vocabulary(cfg: DistillStageConfig) -> None:
             config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
         except (OSError, ValueError) as err:
-            raise ModelError(f"cannot load the config or tokenizer of {name}: {str(err).strip().splitlines()[0]}") from None
+            raise ModelError(
+                f"cannot load the config or tokenizer of {name}: {str(err).strip().splitlines()[0]}"
+            ) from None
         return name, config.get_text_config().vocab_size, tokenizer.get_vocab()
 
     why = vocab_mismatch(vocabulary(cfg.model_name_or_path), vocabulary(cfg.teacher))
@@ -123,8 +151,12 @@ def load_teacher(cfg: DistillStageConfig):
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.teacher), dtype=DTYPES[cfg.dtype],
-                                                     trust_remote_code=cfg.trust_remote_code, use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            resolve_model_path(cfg.teacher),
+            dtype=DTYPES[cfg.dtype],
+            trust_remote_code=cfg.trust_remote_code,
+            use_safetensors=True,
+        )
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot load teacher from {cfg.teacher}: {str(err).strip().splitlines()[0]}") from None
     return place_for_trainer(model, cfg).eval()  # on CUDA the trainer places it (prepare_model)
@@ -179,16 +211,22 @@ def gkd_trainer_class():
 # ---------------------------------------------------------------------------------------------
 
 
-def teacher_sequences(teacher, tokenizer, prompts: list[list[dict]], max_tokens: int) -> list[tuple[list[int], list[int]]]:
+def teacher_sequences(
+    teacher, tokenizer, prompts: list[list[dict]], max_tokens: int
+) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, the teacher's greedy answer ids) per prompt: the fixed held-out sequences."""
     from sampling.base import SamplingParams, encode_prompts
     from sampling.hf import TransformersEngine
 
-    answers = TransformersEngine(teacher, tokenizer).generate(prompts, SamplingParams(n=1, temperature=0.0, max_tokens=max_tokens))
+    answers = TransformersEngine(teacher, tokenizer).generate(
+        prompts, SamplingParams(n=1, temperature=0.0, max_tokens=max_tokens)
+    )
     return [(ids, cands[0].token_ids) for ids, cands in zip(encode_prompts(tokenizer, prompts), answers)]
 
 
-def heldout_kl(student, teacher, sequences: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 32) -> tuple[float, int]:
+def heldout_kl(
+    student, teacher, sequences: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int = 32
+) -> tuple[float, int]:
     """(mean per-token KL(teacher || student) over the answer tokens, number of tokens).
 
     At each answer position t the two models' next-token distributions given prompt + answer[:t]
@@ -205,11 +243,11 @@ def heldout_kl(student, teacher, sequences: list[tuple[list[int], list[int]]], p
     try:
         with torch.no_grad():
             for start in range(0, len(sequences), batch_size):
-                batch = [p + a for p, a in sequences[start:start + batch_size]]
+                batch = [p + a for p, a in sequences[start : start + batch_size]]
                 ids, attention = (t.to(device) for t in pad_batch(batch, pad_id))
                 mask = torch.zeros(len(batch), ids.shape[1], dtype=torch.bool, device=device)
-                for row, (p, a) in enumerate(sequences[start:start + batch_size]):
-                    mask[row, len(p) - 1:len(p) + len(a) - 1] = True  # positions that predict an answer token
+                for row, (p, a) in enumerate(sequences[start : start + batch_size]):
+                    mask[row, len(p) - 1 : len(p) + len(a) - 1] = True  # positions that predict an answer token
                 s_logp = F.log_softmax(student(input_ids=ids, attention_mask=attention).logits.float(), dim=-1)
                 t_logp = F.log_softmax(teacher(input_ids=ids, attention_mask=attention).logits.float(), dim=-1)
                 kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
@@ -218,7 +256,9 @@ def heldout_kl(student, teacher, sequences: list[tuple[list[int], list[int]]], p
     finally:
         student.train(was_training)
     if count == 0:
-        raise ModelError("the teacher's held-out answers are all empty (it ends every answer at once); cannot measure KL")
+        raise ModelError(
+            "the teacher's held-out answers are all empty (it ends every answer at once); cannot measure KL"
+        )
     return total / count, count
 
 
@@ -227,8 +267,14 @@ def heldout_kl(student, teacher, sequences: list[tuple[list[int], list[int]]], p
 # ---------------------------------------------------------------------------------------------
 
 
-@command("distill", DistillStageConfig, "Knowledge distillation from a teacher (TRL GKDTrainer): fixed responses and on-policy samples.",
-         order=27, artifacts=("model",), metrics={"held_out": "eval_mean_reward", "heldout_kl": "heldout_kl"})
+@command(
+    "distill",
+    DistillStageConfig,
+    "Knowledge distillation from a teacher (TRL GKDTrainer): fixed responses and on-policy samples.",
+    order=27,
+    artifacts=("model",),
+    metrics={"held_out": "eval_mean_reward", "heldout_kl": "heldout_kl"},
+)
 def run_distill(cfg: DistillStageConfig) -> dict:
     """Run the distillation stage; returns the stage record (also written to output_dir/stage.json)."""
     import warnings
@@ -258,8 +304,15 @@ def run_distill(cfg: DistillStageConfig) -> dict:
         sequences = teacher_sequences(teacher, tokenizer, [r["prompt"] for r in heldout], cfg.eval_max_tokens)
         summary["heldout_kl_before"], _ = heldout_kl(model, teacher, sequences, tokenizer.pad_token_id)
 
-    args = GKDConfig(**trl_args(cfg, stage), max_length=cfg.max_length, lmbda=cfg.lmbda, beta=cfg.beta,
-                     temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seq_kd=cfg.seq_kd)
+    args = GKDConfig(
+        **trl_args(cfg, stage),
+        max_length=cfg.max_length,
+        lmbda=cfg.lmbda,
+        beta=cfg.beta,
+        temperature=cfg.temperature,
+        max_new_tokens=cfg.max_new_tokens,
+        seq_kd=cfg.seq_kd,
+    )
     trainer = gkd_trainer_class()(
         model=model,
         teacher_model=teacher,
@@ -275,7 +328,9 @@ def run_distill(cfg: DistillStageConfig) -> dict:
     artifacts = save_model(trainer.model, tokenizer, stage.dir, merge_lora=cfg.merge_lora)
     summary.update({"train_rows": len(train), **run})
     if heldout:
-        summary["heldout_kl"], summary["heldout_kl_tokens"] = heldout_kl(trainer.model, teacher, sequences, tokenizer.pad_token_id)
+        summary["heldout_kl"], summary["heldout_kl_tokens"] = heldout_kl(
+            trainer.model, teacher, sequences, tokenizer.pad_token_id
+        )
         summary["heldout_kl_prompts"] = len(heldout)
         if cfg.eval_reward:
             summary.update(evaluate_trained(trainer.model, tokenizer, cfg, stage))

@@ -33,15 +33,14 @@ import time
 from typing import Any, Literal
 
 from align.config import BaseConfig, option, required
-from align.evaluation import EvalOptions
 from align.errors import ConfigError, DataError
+from align.evaluation import EvalOptions
 from align.fingerprint import cache_dir
 from align.models import ModelOptions, load_causal_lm, load_tokenizer, peft_config, save_model
 from align.registry import Registry, command
 from align.rl.merging_optimizer import OnlineMergingOptions
 from align.stage import CheckpointOptions, Stage, read_stage
 from align.training import TrainOptions, finish_training, resume_checkpoint, train_to_end, trl_args
-
 
 # ---------------------------------------------------------------------------------------------
 # Losses: our names -> TRL loss types with default weights
@@ -60,8 +59,18 @@ LOSSES: Registry[Loss] = Registry("loss")
 LOSSES.register("sigmoid", Loss("sigmoid", 1.0, True, "DPO, Rafailov et al. 2023 eq. 7: -log sigmoid(beta * margin)"))
 LOSSES.register("ipo", Loss("ipo", 1.0, True, "IPO, Azar et al. 2023 eq. 17: (margin / tokens - 1 / (2 beta))^2"))
 LOSSES.register("robust", Loss("robust", 1.0, True, "robust DPO, Chowdhury et al. 2024: label noise label_smoothing"))
-LOSSES.register("hinge", Loss("hinge", 1.0, True, "RSO, Liu et al. 2023: SLiC's hinge on the normalized likelihood, max(0, 1 - beta * margin)"))
-LOSSES.register("nll", Loss("sft", 0.2, False, "Llama 3: NLL of the chosen responses (mean over their tokens), weight 0.2"))
+LOSSES.register(
+    "hinge",
+    Loss(
+        "hinge",
+        1.0,
+        True,
+        "RSO, Liu et al. 2023: SLiC's hinge on the normalized likelihood, max(0, 1 - beta * margin)",
+    ),
+)
+LOSSES.register(
+    "nll", Loss("sft", 0.2, False, "Llama 3: NLL of the chosen responses (mean over their tokens), weight 0.2")
+)
 
 
 def resolve_losses(specs: list[str]) -> tuple[list[str], list[float]]:
@@ -81,8 +90,10 @@ def resolve_losses(specs: list[str]) -> tuple[list[str], list[float]]:
         types.append(loss.trl_type)
         weights.append(value)
     if not any(LOSSES[n].preference for n in names):
-        raise ConfigError(f"'loss' needs a preference loss ({', '.join(n for n, l in LOSSES.items() if l.preference)});"
-                          " 'nll' alone is SFT (use align sft)")
+        raise ConfigError(
+            f"'loss' needs a preference loss ({', '.join(n for n, loss in LOSSES.items() if loss.preference)});"
+            " 'nll' alone is SFT (use align sft)"
+        )
     return types, weights
 
 
@@ -97,23 +108,64 @@ class DPOStageConfig(TrainOptions, ModelOptions, EvalOptions, OnlineMergingOptio
     output_dirs = ("output_dir", "ref_cache_dir")
     inputs = ("model_name_or_path", "ref_model", "dataset", "eval_dataset", "eval_reward")
 
-    dataset: str = required("Preference pairs: JSONL/JSON/Parquet, a `datasets` folder or a Hub id (TRL prompt/chosen/rejected, implicit-prompt, Alpaca or ShareGPT).")
+    dataset: str = required(
+        "Preference pairs: JSONL/JSON/Parquet, a `datasets` folder or a Hub id (TRL prompt/chosen/rejected, implicit-prompt, Alpaca or ShareGPT)."
+    )
     output_dir: str = required("Stage directory: stage.json, metrics.jsonl, model/ and checkpoints/ go here.")
-    loss: list[str] = option(["sigmoid", "nll"], "Losses summed, as NAME or NAME:WEIGHT: " + "; ".join(f"{n} ({l.source})" for n, l in LOSSES.items()) + ". Default: Llama 3's DPO + 0.2 NLL.", names=LOSSES)
+    loss: list[str] = option(
+        ["sigmoid", "nll"],
+        "Losses summed, as NAME or NAME:WEIGHT: "
+        + "; ".join(f"{n} ({loss.source})" for n, loss in LOSSES.items())
+        + ". Default: Llama 3's DPO + 0.2 NLL.",
+        names=LOSSES,
+    )
     beta: float = option(0.1, "DPO beta: strength of the pull toward the reference (Llama 3: 0.1).")
-    label_smoothing: float = option(0.0, "Probability that a preference label is flipped, in [0, 0.5); used by the robust loss only.")
-    ref_model: str | None = option(None, "Reference model folder or Hub id; default: the starting policy (with use_lora: its base, adapter disabled).")
-    group_by_length: bool = option(False, "Batch pairs of similar length (transformers' LengthGroupedSampler: random mega-batches, sorted inside), so batches pad far less on data of varied lengths; TRL's DPOTrainer cannot (its pairs have no input_ids).")
-    precompute_ref_log_probs: bool = option(True, "Compute the reference log-probs once before training and cache them on disk (no reference model in memory while training).")
-    ref_cache_dir: str | None = option(None, "Where cached reference log-probs live; default $XDG_CACHE_HOME/align/ref_logps (~/.cache/align/ref_logps). Keyed by reference model, tokenized pairs and settings.")
-    mask_formatting_tokens: bool = option(True, "Llama 3: leave the chat format's header and termination special tokens out of the log-probs of chosen and rejected.")
-    formatting_tokens: list[str] = option([], "Tokens to mask; empty: the special tokens that the tokenizer's chat template writes.")
-    max_prompt_length: int | None = option(None, "Longest prompt in tokens (default max_length - 1); longer prompts follow long_prompts.")
-    long_prompts: Literal["skip", "truncate"] = option("skip", "Over-long prompts: skip the pair, or keep the prompt's last max_prompt_length tokens. Counted in stage.json.")
-    preference_column: str = option("preference", "Column holding a pair's preference strength (Llama 3: significantly better / better / slightly better / negligibly better).")
-    keep_preferences: list[str] = option([], "Keep only pairs whose preference_column value is one of these (Llama 3 keeps 'significantly better,better'); empty keeps all.")
+    label_smoothing: float = option(
+        0.0, "Probability that a preference label is flipped, in [0, 0.5); used by the robust loss only."
+    )
+    ref_model: str | None = option(
+        None,
+        "Reference model folder or Hub id; default: the starting policy (with use_lora: its base, adapter disabled).",
+    )
+    group_by_length: bool = option(
+        False,
+        "Batch pairs of similar length (transformers' LengthGroupedSampler: random mega-batches, sorted inside), so batches pad far less on data of varied lengths; TRL's DPOTrainer cannot (its pairs have no input_ids).",
+    )
+    precompute_ref_log_probs: bool = option(
+        True,
+        "Compute the reference log-probs once before training and cache them on disk (no reference model in memory while training).",
+    )
+    ref_cache_dir: str | None = option(
+        None,
+        "Where cached reference log-probs live; default $XDG_CACHE_HOME/align/ref_logps (~/.cache/align/ref_logps). Keyed by reference model, tokenized pairs and settings.",
+    )
+    mask_formatting_tokens: bool = option(
+        True,
+        "Llama 3: leave the chat format's header and termination special tokens out of the log-probs of chosen and rejected.",
+    )
+    formatting_tokens: list[str] = option(
+        [], "Tokens to mask; empty: the special tokens that the tokenizer's chat template writes."
+    )
+    max_prompt_length: int | None = option(
+        None, "Longest prompt in tokens (default max_length - 1); longer prompts follow long_prompts."
+    )
+    long_prompts: Literal["skip", "truncate"] = option(
+        "skip",
+        "Over-long prompts: skip the pair, or keep the prompt's last max_prompt_length tokens. Counted in stage.json.",
+    )
+    preference_column: str = option(
+        "preference",
+        "Column holding a pair's preference strength (Llama 3: significantly better / better / slightly better / negligibly better).",
+    )
+    keep_preferences: list[str] = option(
+        [],
+        "Keep only pairs whose preference_column value is one of these (Llama 3 keeps 'significantly better,better'); empty keeps all.",
+    )
     drop_duplicates: bool = option(True, "Drop repeated (prompt, chosen, rejected) pairs after the first.")
-    near_identical_ratio: float | None = option(None, "Drop pairs whose chosen and rejected texts are at least this similar (difflib ratio in (0, 1], e.g. 0.95); null keeps them.")
+    near_identical_ratio: float | None = option(
+        None,
+        "Drop pairs whose chosen and rejected texts are at least this similar (difflib ratio in (0, 1], e.g. 0.95); null keeps them.",
+    )
     seed: int = option(0, "Random seed (data order, dropout).")
 
     def validate(self) -> None:
@@ -126,8 +178,10 @@ class DPOStageConfig(TrainOptions, ModelOptions, EvalOptions, OnlineMergingOptio
         if self.label_smoothing and "robust" not in [s.partition(":")[0].strip() for s in self.loss]:
             raise ConfigError("'label_smoothing' only applies to the robust loss; add robust to 'loss' or set it to 0")
         if self.max_prompt_length is not None and not 1 <= self.max_prompt_length < self.max_length:
-            raise ConfigError(f"'max_prompt_length' must be in [1, max_length={self.max_length}), got {self.max_prompt_length}"
-                              " (the response needs room)")
+            raise ConfigError(
+                f"'max_prompt_length' must be in [1, max_length={self.max_length}), got {self.max_prompt_length}"
+                " (the response needs room)"
+            )
         if self.near_identical_ratio is not None and not 0.0 < self.near_identical_ratio <= 1.0:
             raise ConfigError(f"'near_identical_ratio' must be in (0, 1], got {self.near_identical_ratio}")
         if not 0.0 <= self.warmup_ratio < 1.0:
@@ -148,14 +202,21 @@ def _text(messages: list[dict]) -> str:
 
 def filter_pairs(rows: list[dict], cfg: DPOStageConfig, source: str) -> tuple[list[dict], dict[str, int]]:
     """Apply the preference filter, then drop identical, repeated and near-identical pairs."""
-    report = {"pairs_in": len(rows), "filtered_by_preference": 0, "identical_skipped": 0,
-              "duplicates_dropped": 0, "near_identical_dropped": 0}
+    report = {
+        "pairs_in": len(rows),
+        "filtered_by_preference": 0,
+        "identical_skipped": 0,
+        "duplicates_dropped": 0,
+        "near_identical_dropped": 0,
+    }
     keep, seen = [], set()
     for i, row in enumerate(rows, start=1):
         if cfg.keep_preferences:
             if row.get(cfg.preference_column) is None:
-                raise DataError(f"{source} row {i}: no '{cfg.preference_column}' column, which keep_preferences filters on;"
-                                " add it to every row or set preference_column")
+                raise DataError(
+                    f"{source} row {i}: no '{cfg.preference_column}' column, which keep_preferences filters on;"
+                    " add it to every row or set preference_column"
+                )
             if str(row[cfg.preference_column]) not in cfg.keep_preferences:
                 report["filtered_by_preference"] += 1
                 continue
@@ -174,8 +235,10 @@ def filter_pairs(rows: list[dict], cfg: DPOStageConfig, source: str) -> tuple[li
                 continue
         keep.append(row)
     if not keep:
-        raise DataError(f"{source}: no preference pairs left after filtering ({_counts(report)}); check the data"
-                        " and the filter options")
+        raise DataError(
+            f"{source}: no preference pairs left after filtering ({_counts(report)}); check the data"
+            " and the filter options"
+        )
     return keep, report
 
 
@@ -188,8 +251,14 @@ def _counts(report: dict[str, int]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-@command("dpo", DPOStageConfig, "Offline preference optimization (TRL DPOTrainer) with Llama 3's masking and NLL term.",
-         order=23, artifacts=("model",), metrics={"held_out": "eval_mean_reward"})
+@command(
+    "dpo",
+    DPOStageConfig,
+    "Offline preference optimization (TRL DPOTrainer) with Llama 3's masking and NLL term.",
+    order=23,
+    artifacts=("model",),
+    metrics={"held_out": "eval_mean_reward"},
+)
 def run_dpo(cfg: DPOStageConfig) -> dict:
     """Run the DPO stage; returns the stage record (also written to output_dir/stage.json)."""
     stage = Stage("dpo", cfg, cfg.output_dir)
@@ -242,7 +311,13 @@ def build_trainer(cfg: DPOStageConfig, train, stage: Stage, callbacks: list | No
     ``precompute_ref_log_probs``) fills the reference log-probs from the cache or computes them."""
     from trl import DPOConfig
 
-    from align.dpo_trainer import LENGTH_COLUMN, AlignDPOTrainer, MaskingPreferenceCollator, RefLogpsCache, formatting_token_ids
+    from align.dpo_trainer import (
+        LENGTH_COLUMN,
+        AlignDPOTrainer,
+        MaskingPreferenceCollator,
+        RefLogpsCache,
+        formatting_token_ids,
+    )
     from align.fused_head import tune_fused_lm_head_for_cpu
 
     tokenizer = load_tokenizer(cfg)
@@ -251,10 +326,19 @@ def build_trainer(cfg: DPOStageConfig, train, stage: Stage, callbacks: list | No
     mask_ids = formatting_token_ids(tokenizer, cfg.formatting_tokens) if cfg.mask_formatting_tokens else []
     loss_type, loss_weights = resolve_losses(cfg.loss)
     args = DPOConfig(
-        **trl_args(cfg, stage), max_length=cfg.max_length, beta=cfg.beta, loss_type=loss_type,
-        loss_weights=loss_weights, label_smoothing=cfg.label_smoothing,
-        precompute_ref_log_probs=cfg.precompute_ref_log_probs, ddp_find_unused_parameters=False,
-        **({"train_sampling_strategy": "group_by_length", "length_column_name": LENGTH_COLUMN} if cfg.group_by_length else {}),
+        **trl_args(cfg, stage),
+        max_length=cfg.max_length,
+        beta=cfg.beta,
+        loss_type=loss_type,
+        loss_weights=loss_weights,
+        label_smoothing=cfg.label_smoothing,
+        precompute_ref_log_probs=cfg.precompute_ref_log_probs,
+        ddp_find_unused_parameters=False,
+        **(
+            {"train_sampling_strategy": "group_by_length", "length_column_name": LENGTH_COLUMN}
+            if cfg.group_by_length
+            else {}
+        ),
     )
     cache = None
     tune_fused_lm_head_for_cpu()  # before the trainer exists: its reference pass runs in __init__
@@ -264,8 +348,9 @@ def build_trainer(cfg: DPOStageConfig, train, stage: Stage, callbacks: list | No
         model=model,
         ref_model=ref_model,
         args=args,
-        data_collator=MaskingPreferenceCollator(pad_token_id=tokenizer.pad_token_id, max_length=cfg.max_length,
-                                                mask_ids=tuple(mask_ids)),
+        data_collator=MaskingPreferenceCollator(
+            pad_token_id=tokenizer.pad_token_id, max_length=cfg.max_length, mask_ids=tuple(mask_ids)
+        ),
         train_dataset=train,
         processing_class=tokenizer,
         peft_config=peft_config(cfg),

@@ -29,9 +29,9 @@ from align.config import BaseConfig, option, required
 from align.errors import ConfigError
 from align.evaluation import RewardOptions, check_scorer_accepts, evaluate, load_prompts
 from align.registry import command
+from align.stage import Stage, atomic_write_text, read_stage
 from reward.rules import RULES
 from reward.scorers import build_scorer, check_finite
-from align.stage import Stage, atomic_write_text, read_stage
 from sampling.base import SamplingParams
 from sampling.engines import EngineOptions
 
@@ -41,11 +41,23 @@ RESULTS = "eval.jsonl"
 @dataclasses.dataclass
 class EvalConfig(RewardOptions, EngineOptions, BaseConfig):
     # Memory knobs that do not change the samples: a rerun with other values continues / is a no-op.
-    run_control: ClassVar[tuple[str, ...]] = ("overwrite", "resume", "kv_cache_gb", "max_num_seqs", "kv_block_size", "threads", "enforce_eager", "gpu_memory_utilization", "tensor_parallel_size")
+    run_control: ClassVar[tuple[str, ...]] = (
+        "overwrite",
+        "resume",
+        "kv_cache_gb",
+        "max_num_seqs",
+        "kv_block_size",
+        "threads",
+        "enforce_eager",
+        "gpu_memory_utilization",
+        "tensor_parallel_size",
+    )
     inputs: ClassVar[tuple[str, ...]] = ("model_name_or_path", "dataset", "reward", "judges", "reference_model")
 
     model_name_or_path: str = required("Policy to evaluate: a Hugging Face model folder or Hub id.")
-    dataset: str = required("Prompt set (e.g. the demo's test.jsonl); extra columns such as `answer` reach the scorer.")
+    dataset: str = required(
+        "Prompt set (e.g. the demo's test.jsonl); extra columns such as `answer` reach the scorer."
+    )
     output_dir: str = required("Stage directory: stage.json and eval.jsonl (per-prompt results).")
     num_samples: int = option(1, "Answers per prompt: 1 = greedy; K > 1 samples K (set temperature > 0).")
     temperature: float = option(0.0, "0 = greedy; > 0 samples.")
@@ -54,17 +66,26 @@ class EvalConfig(RewardOptions, EngineOptions, BaseConfig):
     seed: int = option(0, "Sampling seed.")
     max_prompts: int | None = option(None, "Evaluate only the first N prompts.")
     overwrite: bool = option(False, "Replace a finished stage in output_dir.")
-    judges: list[str] = option([], "Further scorers (same specs as --reward), each reported on its own in judge_means and per answer:"
-                                   " e.g. a second judge, or the reward model a policy was trained against.", names=RULES)
-    reference_model: str | None = option(None, "A causal LM (e.g. the base model) whose mean per-token NLL of the answers is"
-                                               " reported as reference_nll: it rises when answers drift from text the reference finds likely.")
+    judges: list[str] = option(
+        [],
+        "Further scorers (same specs as --reward), each reported on its own in judge_means and per answer:"
+        " e.g. a second judge, or the reward model a policy was trained against.",
+        names=RULES,
+    )
+    reference_model: str | None = option(
+        None,
+        "A causal LM (e.g. the base model) whose mean per-token NLL of the answers is"
+        " reported as reference_nll: it rises when answers drift from text the reference finds likely.",
+    )
 
     def validate(self) -> None:
         self.validate_engine()
         if self.num_samples < 1:
             raise ConfigError(f"'num_samples' must be >= 1, got {self.num_samples}")
         if self.num_samples > 1 and self.temperature == 0:
-            raise ConfigError(f"num_samples={self.num_samples} needs --temperature > 0 (greedy answers are all the same)")
+            raise ConfigError(
+                f"num_samples={self.num_samples} needs --temperature > 0 (greedy answers are all the same)"
+            )
         if self.temperature < 0 or self.max_tokens < 1:
             raise ConfigError("'temperature' must be >= 0 and 'max_tokens' >= 1")
 
@@ -90,7 +111,9 @@ def text_report(cfg: EvalConfig, rows: list[dict], results: list[dict], judges: 
     if means:
         report["judge_means"] = means
     if cfg.reference_model:
-        report["reference_nll"] = reference_nll(cfg.reference_model, [r["prompt"] for r in flat_rows], flat, cfg.system_prompt)
+        report["reference_nll"] = reference_nll(
+            cfg.reference_model, [r["prompt"] for r in flat_rows], flat, cfg.system_prompt
+        )
     return report
 
 
@@ -112,15 +135,28 @@ def short_spec(spec: str) -> str:
 
 def key_metrics(summary: dict[str, Any]) -> dict[str, Any]:
     """``align status``: the reward, each judge's mean, and the text checks when a reference was given."""
-    out = {"held_out": summary.get("mean_reward"), **{short_spec(k): v for k, v in (summary.get("judge_means") or {}).items()}}
+    out = {
+        "held_out": summary.get("mean_reward"),
+        **{short_spec(k): v for k, v in (summary.get("judge_means") or {}).items()},
+    }
     if "reference_nll" in summary:
-        out.update({"length": summary.get("mean_length"), "distinct_2": summary.get("distinct_2"),
-                    "ref_nll": summary.get("reference_nll")})
+        out.update(
+            {
+                "length": summary.get("mean_length"),
+                "distinct_2": summary.get("distinct_2"),
+                "ref_nll": summary.get("reference_nll"),
+            }
+        )
     return out
 
 
-@command("eval", EvalConfig, "Generate answers on a prompt set and score them (mean reward, per-prompt results).",
-         order=22, metrics=key_metrics)
+@command(
+    "eval",
+    EvalConfig,
+    "Generate answers on a prompt set and score them (mean reward, per-prompt results).",
+    order=22,
+    metrics=key_metrics,
+)
 def run_eval(cfg: EvalConfig, engine=None) -> dict:
     """Run the stage; returns the stage record. ``engine`` reuses a live engine (it is not closed)."""
     rows = load_prompts(cfg.dataset, cfg.max_prompts)
@@ -135,10 +171,14 @@ def run_eval(cfg: EvalConfig, engine=None) -> dict:
     own_engine = engine is None
     if own_engine:
         engine = cfg.build_engine(cfg.model_name_or_path, seed=cfg.seed)
-    params = SamplingParams(n=cfg.num_samples, temperature=cfg.temperature, top_p=cfg.top_p,
-                            max_tokens=cfg.max_tokens, seed=cfg.seed)
+    params = SamplingParams(
+        n=cfg.num_samples, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens, seed=cfg.seed
+    )
     try:
-        report = {**evaluate(engine, cfg.dataset, cfg.reward, params=params, scorer=scorer, rows=rows), "engine": engine.name}
+        report = {
+            **evaluate(engine, cfg.dataset, cfg.reward, params=params, scorer=scorer, rows=rows),
+            "engine": engine.name,
+        }
     finally:
         if own_engine:
             engine.close()

@@ -24,10 +24,10 @@ import json
 from pathlib import Path
 from typing import Any, ClassVar
 
-from align.registry import command
 from align.config import BaseConfig, option, required
 from align.errors import ConfigError, ModelError
 from align.merging import METHODS
+from align.registry import command
 from align.stage import Stage, read_stage, staging_dir
 
 
@@ -36,14 +36,25 @@ class MergeConfig(BaseConfig):
     run_control: ClassVar[tuple[str, ...]] = ("overwrite",)
     inputs: ClassVar[tuple[str, ...]] = ("models", "base")
 
-    models: list[str] = required("Models to merge, comma-separated: model folders or stage dirs (DIR/model, else DIR/adapter merged into its base).")
+    models: list[str] = required(
+        "Models to merge, comma-separated: model folders or stage dirs (DIR/model, else DIR/adapter merged into its base)."
+    )
     output_dir: str = required("Stage directory: stage.json and model/ go here.")
-    method: str = option("average", "Merge method: " + "; ".join(f"{n} ({m.source})" for n, m in METHODS.items()) + ".",
-                         choices=METHODS)
+    method: str = option(
+        "average", "Merge method: " + "; ".join(f"{n} ({m.source})" for n, m in METHODS.items()) + ".", choices=METHODS
+    )
     weights: list[float] = option([], "average: one weight per model (normalized to sum 1); empty: uniform.")
-    base: str | None = option(None, "slerp: the model the task vectors start from (model folder or stage dir), e.g. the SFT model both RL runs started from.")
-    t: float = option(0.5, "slerp: interpolation between the two task vectors, in [0, 1] (0: the first model's, 1: the second's).")
-    eta: float = option(1.0, "slerp: WARP's interpolation toward the base, in [0, 1]: base + eta * slerp(...) (1: no pull back, 0: the base).")
+    base: str | None = option(
+        None,
+        "slerp: the model the task vectors start from (model folder or stage dir), e.g. the SFT model both RL runs started from.",
+    )
+    t: float = option(
+        0.5, "slerp: interpolation between the two task vectors, in [0, 1] (0: the first model's, 1: the second's)."
+    )
+    eta: float = option(
+        1.0,
+        "slerp: WARP's interpolation toward the base, in [0, 1]: base + eta * slerp(...) (1: no pull back, 0: the base).",
+    )
     overwrite: bool = option(False, "Replace a finished stage in output_dir.")
 
     def validate(self) -> None:
@@ -51,12 +62,16 @@ class MergeConfig(BaseConfig):
         if len(self.models) < 2:
             raise ConfigError(f"'models' needs at least two models to merge, got {len(self.models)}")
         if method.max_models is not None and len(self.models) > method.max_models:
-            raise ConfigError(f"method '{self.method}' merges exactly {method.max_models} models, got {len(self.models)};"
-                              " chain merge stages pairwise for more")
+            raise ConfigError(
+                f"method '{self.method}' merges exactly {method.max_models} models, got {len(self.models)};"
+                " chain merge stages pairwise for more"
+            )
         if self.weights and self.method != "average":
             raise ConfigError(f"'weights' is only used by the average method, not '{self.method}'")
         if self.weights and len(self.weights) != len(self.models):
-            raise ConfigError(f"'weights' has {len(self.weights)} values for {len(self.models)} models; give one per model")
+            raise ConfigError(
+                f"'weights' has {len(self.weights)} values for {len(self.models)} models; give one per model"
+            )
         if any(w < 0 for w in self.weights) or (self.weights and sum(self.weights) <= 0):
             raise ConfigError(f"'weights' must be non-negative with a positive sum, got {self.weights}")
         if method.needs_base and not self.base:
@@ -81,8 +96,12 @@ class MergeConfig(BaseConfig):
 def resolve_source(path: str) -> tuple[str, Path]:
     """("model" | "adapter", folder) for a model folder, an adapter folder or a stage dir."""
     root = Path(path).expanduser()
-    for kind, folder, marker in (("model", root / "model", "config.json"), ("adapter", root / "adapter", "adapter_config.json"),
-                                 ("model", root, "config.json"), ("adapter", root, "adapter_config.json")):
+    for kind, folder, marker in (
+        ("model", root / "model", "config.json"),
+        ("adapter", root / "adapter", "adapter_config.json"),
+        ("model", root, "config.json"),
+        ("adapter", root, "adapter_config.json"),
+    ):
         if (folder / marker).is_file():
             return kind, folder
     raise ModelError(f"{path}: not a model folder or stage dir (no config.json, model/ or adapter/ in it)")
@@ -94,7 +113,9 @@ def load_model(kind: str, folder: Path):
 
     def load(name: str):
         try:
-            return AutoModelForCausalLM.from_pretrained(name, dtype="float32", use_safetensors=True, trust_remote_code=False)
+            return AutoModelForCausalLM.from_pretrained(
+                name, dtype="float32", use_safetensors=True, trust_remote_code=False
+            )
         except (OSError, ValueError) as err:
             raise ModelError(f"cannot load model from {name}: {str(err).strip().splitlines()[0]}") from None
 
@@ -113,18 +134,24 @@ def check_compatible(reference: tuple[str, Any], other: tuple[str, Any]) -> None
     (ref_name, ref_model), (name, model) = reference, other
     ref_type, other_type = ref_model.config.model_type, model.config.model_type
     if ref_type != other_type:
-        raise ModelError(f"{name}: config 'model_type' is '{other_type}' but {ref_name} has '{ref_type}';"
-                         " merge models of one architecture")
+        raise ModelError(
+            f"{name}: config 'model_type' is '{other_type}' but {ref_name} has '{ref_type}';"
+            " merge models of one architecture"
+        )
     ref_state, state = ref_model.state_dict(), model.state_dict()
     missing = [k for k in ref_state if k not in state]
     extra = [k for k in state if k not in ref_state]
     if missing or extra:
-        which, where = (missing[0], f"missing from {name}") if missing else (extra[0], f"in {name} but not in {ref_name}")
+        which, where = (
+            (missing[0], f"missing from {name}") if missing else (extra[0], f"in {name} but not in {ref_name}")
+        )
         raise ModelError(f"tensor '{which}' is {where}; merge models with the same tensors")
     for key, tensor in ref_state.items():
         if tensor.shape != state[key].shape:
-            raise ModelError(f"tensor '{key}' has shape {tuple(tensor.shape)} in {ref_name} but {tuple(state[key].shape)}"
-                             f" in {name}; merge models of one architecture and size")
+            raise ModelError(
+                f"tensor '{key}' has shape {tuple(tensor.shape)} in {ref_name} but {tuple(state[key].shape)}"
+                f" in {name}; merge models of one architecture and size"
+            )
 
 
 def merge_states(states: list[dict], base: dict | None, cfg: MergeConfig) -> tuple[dict, dict[str, int]]:
@@ -153,8 +180,13 @@ def merge_states(states: list[dict], base: dict | None, cfg: MergeConfig) -> tup
 # ---------------------------------------------------------------------------------------------
 
 
-@command("merge", MergeConfig, "Merge models' weights: Llama 3's model soup (average) or WARP's SLERP of task vectors.",
-         order=26, artifacts=("model",))
+@command(
+    "merge",
+    MergeConfig,
+    "Merge models' weights: Llama 3's model soup (average) or WARP's SLERP of task vectors.",
+    order=26,
+    artifacts=("model",),
+)
 def run_merge(cfg: MergeConfig) -> dict:
     """Run the merge stage; returns the stage record (also written to output_dir/stage.json)."""
     from transformers import AutoTokenizer
@@ -179,8 +211,11 @@ def run_merge(cfg: MergeConfig) -> dict:
     summary: dict[str, Any] = {
         "method": cfg.method,
         "inputs": [{"path": str(folder), "kind": kind} for kind, folder in sources],
-        **({"weights": cfg.resolved_weights()} if cfg.method == "average" else
-           {"base": str(base_source[1]), "t": cfg.t, "eta": cfg.eta}),
+        **(
+            {"weights": cfg.resolved_weights()}
+            if cfg.method == "average"
+            else {"base": str(base_source[1]), "t": cfg.t, "eta": cfg.eta}
+        ),
         **counts,
     }
     return stage.finish(summary, {"model": str(stage.dir / "model")})

@@ -41,12 +41,12 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from align import preempt
-from align.registry import command
 from align.config import BaseConfig, option, required
 from align.errors import ConfigError, ModelError
-from align.heap import keeps_freed_memory
 from align.evaluation import RewardOptions
+from align.heap import keeps_freed_memory
 from align.models import ModelOptions, load_causal_lm, load_tokenizer, peft_config, save_model
+from align.registry import command
 from align.rl import parallel
 from align.rl.merging_optimizer import OnlineMergingOptions
 from align.rl.monitor import MONITOR_FILE, MonitorOptions
@@ -58,10 +58,29 @@ from sampling.engines import EngineOptions
 
 
 @dataclasses.dataclass
-class RLHFConfig(RewardOptions, EngineOptions, ModelOptions, OnlineMergingOptions, MonitorOptions, CheckpointOptions, BaseConfig):
-    inputs = ("model_name_or_path", "dataset", "reward", "eval_dataset", "eval_reward", "monitor_dataset", "monitor_judges")
-    run_control: ClassVar[tuple[str, ...]] = ("overwrite", "resume", "kv_cache_gb", "kv_block_size", "threads", "enforce_eager",
-                                              "gpu_memory_utilization", "tensor_parallel_size", "sleep_mode")
+class RLHFConfig(
+    RewardOptions, EngineOptions, ModelOptions, OnlineMergingOptions, MonitorOptions, CheckpointOptions, BaseConfig
+):
+    inputs = (
+        "model_name_or_path",
+        "dataset",
+        "reward",
+        "eval_dataset",
+        "eval_reward",
+        "monitor_dataset",
+        "monitor_judges",
+    )
+    run_control: ClassVar[tuple[str, ...]] = (
+        "overwrite",
+        "resume",
+        "kv_cache_gb",
+        "kv_block_size",
+        "threads",
+        "enforce_eager",
+        "gpu_memory_utilization",
+        "tensor_parallel_size",
+        "sleep_mode",
+    )
     dataset: str = required("Prompts to train on (prompt rows; extra columns such as `answer` reach the scorers).")
     output_dir: str = required("Stage directory: stage.json, metrics.jsonl, model/, checkpoints/.")
     optimizer: str = option("rloo", "Policy optimizer (align/rl/optimizers.py).", choices=OPTIMIZERS)
@@ -69,53 +88,91 @@ class RLHFConfig(RewardOptions, EngineOptions, ModelOptions, OnlineMergingOption
     prompts_per_iteration: int = option(16, "Prompts sampled per iteration.")
     num_samples: int = option(4, "K: responses sampled per prompt.")
     max_tokens: int = option(64, "Longest sampled response, in tokens.")
-    temperature: float = option(1.0, "Sampling temperature for rollouts; the policy, old-policy and reference log-probs of the loss are taken at it too (logits / temperature), as TRL's GRPO/RLOO do.")
-    top_p: float = option(1.0, "Nucleus sampling for rollouts. Only 1.0: the loss would need the truncated policy's log-probs, which no optimizer here computes.")
+    temperature: float = option(
+        1.0,
+        "Sampling temperature for rollouts; the policy, old-policy and reference log-probs of the loss are taken at it too (logits / temperature), as TRL's GRPO/RLOO do.",
+    )
+    top_p: float = option(
+        1.0,
+        "Nucleus sampling for rollouts. Only 1.0: the loss would need the truncated policy's log-probs, which no optimizer here computes.",
+    )
     learning_rate: float = option(1e-5, "AdamW learning rate for the policy (and value head).")
-    forward_batch_size: int = option(32, "Sequences per training forward/backward pass, grouped by length so each pads only to its own longest; at most this many hold activations at once (memory).")
-    inner_steps: int = option(1, "Optimizer steps per iteration on the same rollouts (PPO epochs; MDLOO's mirror-descent steps).")
+    forward_batch_size: int = option(
+        32,
+        "Sequences per training forward/backward pass, grouped by length so each pads only to its own longest; at most this many hold activations at once (memory).",
+    )
+    inner_steps: int = option(
+        1, "Optimizer steps per iteration on the same rollouts (PPO epochs; MDLOO's mirror-descent steps)."
+    )
     clip_eps: float = option(0.2, "Ratio clipping for ppo/grpo/rloo (and value clipping for ppo).")
-    kl_coef: float = option(0.05, "KL-to-reference coefficient (reward shaping for ppo/rloo, AFM's beta for mdloo, loss term for grpo); 0 skips the reference.")
+    kl_coef: float = option(
+        0.05,
+        "KL-to-reference coefficient (reward shaping for ppo/rloo, AFM's beta for mdloo, loss term for grpo); 0 skips the reference.",
+    )
     beta: float = option(0.1, "online_dpo: DPO beta.")
-    nll_coef: float = option(0.0, "online_dpo: weight of an NLL term on the chosen response (Llama 3 used 0.2); 0 is Qwen2's plain DPO.")
+    nll_coef: float = option(
+        0.0, "online_dpo: weight of an NLL term on the chosen response (Llama 3 used 0.2); 0 is Qwen2's plain DPO."
+    )
     mdloo_t: float = option(1.0, "mdloo: mirror-descent step size t (the KL-to-previous-policy term is weighted 1/t).")
     vf_coef: float = option(0.1, "ppo: value loss weight.")
     gamma: float = option(1.0, "ppo: discount.")
     lam: float = option(0.95, "ppo: GAE lambda.")
     max_grad_norm: float = option(1.0, "Gradient clipping norm.")
-    mask_truncated_completions: bool = option(False, "Responses cut at max_tokens (no stop token) carry no loss; they still count in"
-                                                     " their group's reward statistics (baselines, advantages). DAPO's overlong"
-                                                     " filtering, as TRL's GRPO/RLOO option of this name. Not for online_dpo.")
-    missing_eos_penalty: float | None = option(None, "Subtracted from the reward of every response cut at max_tokens (no stop token)"
-                                                     " before the advantages, as TRL's OnlineDPOConfig option of this name: a reward"
-                                                     " model rescores the text with a closed turn, so it cannot see the cut. Unset: no penalty.")
+    mask_truncated_completions: bool = option(
+        False,
+        "Responses cut at max_tokens (no stop token) carry no loss; they still count in"
+        " their group's reward statistics (baselines, advantages). DAPO's overlong"
+        " filtering, as TRL's GRPO/RLOO option of this name. Not for online_dpo.",
+    )
+    missing_eos_penalty: float | None = option(
+        None,
+        "Subtracted from the reward of every response cut at max_tokens (no stop token)"
+        " before the advantages, as TRL's OnlineDPOConfig option of this name: a reward"
+        " model rescores the text with a closed turn, so it cannot see the cut. Unset: no penalty.",
+    )
     save_every: int = option(10, "Write a resumable checkpoint every N iterations.")
     eval_dataset: str | None = option(None, "Held-out prompts answered greedily before and after training.")
     eval_reward: list[str] | None = option(None, "Scorer(s) for eval_dataset (default: reward).", names=RULES)
     eval_max_tokens: int = option(16, "Longest answer in evaluation.")
     seed: int = option(0, "Seed for the prompt order, sampling and initialization.")
     report_to: list[str] = option([], REPORT_TO_HELP)
-    kv_cache_gb: float | None = option(None, "vLLM KV-cache size in GiB (on CPU it is host RAM, beside the trainer's)."
-                                             " Unset: what one iteration's rollouts can need (its longest prompts x num_samples,"
-                                             " each plus max_tokens), recorded in stage.json: 0.27 GiB for SmolLM2-135M at"
-                                             " 16 prompts x K=4 x 32 tokens, where the other stages' 1 GiB default held 3.8x that."
-                                             " On a GPU, unset: what gpu_memory_utilization leaves after the engine's weights.")
-    bf16: bool | None = option(None, "bfloat16 mixed precision for the policy's passes: autocast over fp32 weights (a full fine-tune"
-                                     " keeps fp32 master weights whatever dtype says; TRL's default). Unset: on with a GPU that"
-                                     " has bf16 (Ampere or newer), off on CPU.")
+    kv_cache_gb: float | None = option(
+        None,
+        "vLLM KV-cache size in GiB (on CPU it is host RAM, beside the trainer's)."
+        " Unset: what one iteration's rollouts can need (its longest prompts x num_samples,"
+        " each plus max_tokens), recorded in stage.json: 0.27 GiB for SmolLM2-135M at"
+        " 16 prompts x K=4 x 32 tokens, where the other stages' 1 GiB default held 3.8x that."
+        " On a GPU, unset: what gpu_memory_utilization leaves after the engine's weights.",
+    )
+    bf16: bool | None = option(
+        None,
+        "bfloat16 mixed precision for the policy's passes: autocast over fp32 weights (a full fine-tune"
+        " keeps fp32 master weights whatever dtype says; TRL's default). Unset: on with a GPU that"
+        " has bf16 (Ampere or newer), off on CPU.",
+    )
     engine_dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = option(
-        None, "vLLM's weights dtype, apart from the policy's. Unset: dtype on CPU (float32: log-probs equal the trainer's);"
-              " bfloat16 on a GPU (float16 before Ampere), the gap to the trainer's log-probs then corrected by importance_sampling.")
+        None,
+        "vLLM's weights dtype, apart from the policy's. Unset: dtype on CPU (float32: log-probs equal the trainer's);"
+        " bfloat16 on a GPU (float16 before Ampere), the gap to the trainer's log-probs then corrected by importance_sampling.",
+    )
     importance_sampling: bool | None = option(
-        None, "Truncated importance sampling (TIS; TRL's vllm_importance_sampling_correction, token_truncate mode): weigh each"
-              " token's loss by min(pi_trainer / pi_engine, importance_sampling_cap), from the engine's own log-probs, so"
-              " rollouts sampled by a bf16 engine train an fp32 policy without bias. grpo and ppo per token, rloo per sequence."
-              " Unset: on when engine_dtype and the trained weights' dtype differ (for those optimizers).")
-    importance_sampling_cap: float | None = option(None, "Upper bound of the importance-sampling weights (TRL's"
-                                                         " vllm_importance_sampling_clip_max). Unset: 3.0, TRL's default.")
-    sleep_mode: bool = option(False, "vLLM on a GPU: free the engine's memory while the policy trains (vLLM's sleep mode, as TRL's"
-                                     " vllm_enable_sleep_mode): it sleeps after each generation, wakes its weights for a sync and"
-                                     " its KV cache to generate. Slower; for a GPU too small for both. Unsupported on CPU.")
+        None,
+        "Truncated importance sampling (TIS; TRL's vllm_importance_sampling_correction, token_truncate mode): weigh each"
+        " token's loss by min(pi_trainer / pi_engine, importance_sampling_cap), from the engine's own log-probs, so"
+        " rollouts sampled by a bf16 engine train an fp32 policy without bias. grpo and ppo per token, rloo per sequence."
+        " Unset: on when engine_dtype and the trained weights' dtype differ (for those optimizers).",
+    )
+    importance_sampling_cap: float | None = option(
+        None,
+        "Upper bound of the importance-sampling weights (TRL's"
+        " vllm_importance_sampling_clip_max). Unset: 3.0, TRL's default.",
+    )
+    sleep_mode: bool = option(
+        False,
+        "vLLM on a GPU: free the engine's memory while the policy trains (vLLM's sleep mode, as TRL's"
+        " vllm_enable_sleep_mode): it sleeps after each generation, wakes its weights for a sync and"
+        " its KV cache to generate. Slower; for a GPU too small for both. Unsupported on CPU.",
+    )
 
     def validate(self) -> None:
         self.validate_engine()
@@ -125,29 +182,49 @@ class RLHFConfig(RewardOptions, EngineOptions, ModelOptions, OnlineMergingOption
                 f"optimizer '{self.optimizer}' needs num_samples >= {opt.min_samples} (its baseline compares the"
                 f" K samples of a prompt), got {self.num_samples}"
             )
-        for key in ("num_iterations", "prompts_per_iteration", "num_samples", "max_tokens", "inner_steps", "save_every", "forward_batch_size",
-                    "monitor_every"):
+        for key in (
+            "num_iterations",
+            "prompts_per_iteration",
+            "num_samples",
+            "max_tokens",
+            "inner_steps",
+            "save_every",
+            "forward_batch_size",
+            "monitor_every",
+        ):
             if getattr(self, key) < 1:
                 raise ConfigError(f"'{key}' must be >= 1, got {getattr(self, key)}")
         if self.temperature <= 0:
-            raise ConfigError(f"'temperature' must be > 0 for rollouts (the loss divides the logits by it), got {self.temperature}")
+            raise ConfigError(
+                f"'temperature' must be > 0 for rollouts (the loss divides the logits by it), got {self.temperature}"
+            )
         if self.top_p != 1.0:
-            raise ConfigError(f"'top_p' must be 1.0 in rlhf, got {self.top_p}: the optimizers train on the untruncated"
-                              " policy's log-probs, so nucleus-sampled rollouts would be off-policy; lower --temperature instead")
+            raise ConfigError(
+                f"'top_p' must be 1.0 in rlhf, got {self.top_p}: the optimizers train on the untruncated"
+                " policy's log-probs, so nucleus-sampled rollouts would be off-policy; lower --temperature instead"
+            )
         if self.mask_truncated_completions and not opt.masks_truncated:
-            raise ConfigError(f"'mask_truncated_completions' does not apply to optimizer '{self.optimizer}' (its pairs are whole"
-                              " responses, with no per-token loss to mask); use --missing_eos_penalty to rank truncated responses lower")
+            raise ConfigError(
+                f"'mask_truncated_completions' does not apply to optimizer '{self.optimizer}' (its pairs are whole"
+                " responses, with no per-token loss to mask); use --missing_eos_penalty to rank truncated responses lower"
+            )
         if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
-            raise ConfigError(f"'missing_eos_penalty' must be >= 0 (it is subtracted from the reward), got {self.missing_eos_penalty}")
+            raise ConfigError(
+                f"'missing_eos_penalty' must be >= 0 (it is subtracted from the reward), got {self.missing_eos_penalty}"
+            )
         refuse_sharded_training(os.environ)
         if self.importance_sampling and not OPTIMIZERS[self.optimizer].importance_sampling:
-            raise ConfigError(f"'importance_sampling' is not supported by optimizer '{self.optimizer}' (its loss has no per-token"
-                              " or per-sequence ratio to weigh); use grpo, ppo or rloo, or --importance_sampling false")
+            raise ConfigError(
+                f"'importance_sampling' is not supported by optimizer '{self.optimizer}' (its loss has no per-token"
+                " or per-sequence ratio to weigh); use grpo, ppo or rloo, or --importance_sampling false"
+            )
         if self.importance_sampling_cap is not None and self.importance_sampling_cap < 1:
             raise ConfigError(f"'importance_sampling_cap' must be >= 1, got {self.importance_sampling_cap}")
         if self.load_in_4bit:
-            raise ConfigError("'load_in_4bit' (QLoRA) is not supported by align rlhf: the engine needs the adapter merged into"
-                              " full-precision weights; use --use_lora true (with --dtype bfloat16 to halve the base's memory)")
+            raise ConfigError(
+                "'load_in_4bit' (QLoRA) is not supported by align rlhf: the engine needs the adapter merged into"
+                " full-precision weights; use --use_lora true (with --dtype bfloat16 to halve the base's memory)"
+            )
         if self.learning_rate <= 0 or self.kl_coef < 0 or self.mdloo_t <= 0:
             raise ConfigError("'learning_rate' and 'mdloo_t' must be > 0 and 'kl_coef' >= 0")
         if self.report_to:
@@ -168,8 +245,10 @@ def refuse_sharded_training(env: dict[str, str]) -> None:
     FSDP) would be silently ignored or incomplete; gathering them per parameter is not implemented."""
     for key, name in (("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_FSDP", "FSDP")):
         if env.get(key, "").strip().lower() in ("1", "true", "yes"):
-            raise ConfigError(f"align rlhf does not support {name}: it needs each process's full weights to sync its engine;"
-                              " launch it data parallel (accelerate launch --multi_gpu, or configs/accelerate/cpu_2proc.yaml)")
+            raise ConfigError(
+                f"align rlhf does not support {name}: it needs each process's full weights to sync its engine;"
+                " launch it data parallel (accelerate launch --multi_gpu, or configs/accelerate/cpu_2proc.yaml)"
+            )
 
 
 def bf16_supported() -> bool:
@@ -193,7 +272,9 @@ def resolve_engine_dtype(engine_dtype: str | None, dtype: str, device: str, has_
     return "bfloat16" if has_bf16 else "float16"
 
 
-def resolve_importance_sampling(setting: bool | None, optimizer: str, engine_dtype: str, trained_dtype: torch.dtype) -> bool:
+def resolve_importance_sampling(
+    setting: bool | None, optimizer: str, engine_dtype: str, trained_dtype: torch.dtype
+) -> bool:
     """Whether to correct the engine/trainer log-prob gap (``importance_sampling``): as set, else on
     where the optimizer supports it and the engine's dtype is not the trained weights' (both known:
     'auto' counts as equal)."""
@@ -216,9 +297,13 @@ def weight_sync_mode(device: str, policy, engine: str = "vllm") -> str:
     if device == "cpu" or engine != "vllm":
         return "merged"
     config = policy.peft_config[policy.active_adapter]
-    plain = (not getattr(config, "modules_to_save", None) and not getattr(config, "use_dora", False)
-             and not getattr(config, "lora_bias", False) and getattr(config, "peft_type", None) is not None
-             and str(config.peft_type.value if hasattr(config.peft_type, "value") else config.peft_type) == "LORA")
+    plain = (
+        not getattr(config, "modules_to_save", None)
+        and not getattr(config, "use_dora", False)
+        and not getattr(config, "lora_bias", False)
+        and getattr(config, "peft_type", None) is not None
+        and str(config.peft_type.value if hasattr(config.peft_type, "value") else config.peft_type) == "LORA"
+    )
     return "adapter" if plain else "merged"
 
 
@@ -229,7 +314,11 @@ def policy_device(device: str, local_rank: int) -> str:
 
 def autocast(enabled: bool, device: str):
     """bf16 autocast for the policy's forward passes (fp32 weights stay the optimizer's), or nothing."""
-    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+    return (
+        torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+        if enabled
+        else contextlib.nullcontext()
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,8 +372,10 @@ def lora_merged(layer) -> dict[str, torch.Tensor]:
         if adapter in layer.merged_adapters or adapter not in {*layer.lora_A, *layer.lora_embedding_A}:
             continue
         if adapter in layer.lora_variant:
-            raise ModelError(f"LoRA adapter '{adapter}' is a {type(layer.lora_variant[adapter]).__name__}: align rlhf"
-                             " syncs plain LoRA adapters only")
+            raise ModelError(
+                f"LoRA adapter '{adapter}' is a {type(layer.lora_variant[adapter]).__name__}: align rlhf"
+                " syncs plain LoRA adapters only"
+            )
         weight = merged.get("weight", base.weight)
         merged["weight"] = (weight + layer.get_delta_weight(adapter)).to(weight.dtype)
         if layer.lora_bias.get(adapter, False):
@@ -307,7 +398,9 @@ def merged_adapter_weights(policy) -> dict[str, torch.Tensor]:
             out.update({f"{hf_name(name)}.{k}": v for k, v in lora_merged(module).items()})
         elif isinstance(module, ModulesToSaveWrapper):
             for adapter in (a for a in module.active_adapters if a in module.modules_to_save):
-                out.update({f"{hf_name(name)}.{k}": v for k, v in module.modules_to_save[adapter].state_dict().items()})
+                out.update(
+                    {f"{hf_name(name)}.{k}": v for k, v in module.modules_to_save[adapter].state_dict().items()}
+                )
     return out
 
 
@@ -345,11 +438,14 @@ def make_reference(cfg: RLHFConfig, policy):
     from align.rl.rollout import token_logprobs
 
     if hasattr(policy, "disable_adapter"):
+
         @torch.no_grad()
         def ref(input_ids, attention_mask):
             with policy.disable_adapter():
-                return token_logprobs(policy, input_ids, attention_mask, batch_size=cfg.forward_batch_size,
-                                      temperature=cfg.temperature)[0]
+                return token_logprobs(
+                    policy, input_ids, attention_mask, batch_size=cfg.forward_batch_size, temperature=cfg.temperature
+                )[0]
+
         return ref
     frozen = load_causal_lm(cfg, device=str(next(policy.parameters()).device), bf16=False).eval()
     for p in frozen.parameters():
@@ -357,8 +453,9 @@ def make_reference(cfg: RLHFConfig, policy):
 
     @torch.no_grad()
     def ref(input_ids, attention_mask):
-        return token_logprobs(frozen, input_ids, attention_mask, batch_size=cfg.forward_batch_size,
-                              temperature=cfg.temperature)[0]
+        return token_logprobs(
+            frozen, input_ids, attention_mask, batch_size=cfg.forward_batch_size, temperature=cfg.temperature
+        )[0]
 
     return ref
 
@@ -388,10 +485,20 @@ def _weights_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.
     unexpected names, and shapes that differ, each counted with a first example."""
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
-    reshaped = [f"{k} {list(found[k].shape)} vs {list(expected[k].shape)}"
-                for k in expected if k in found and found[k].shape != expected[k].shape]
-    parts = [f"{len(names)} {what} (e.g. {names[0]})" for names, what in
-             ((missing, "missing weights"), (unexpected, "unexpected weights"), (reshaped, "of another shape")) if names]
+    reshaped = [
+        f"{k} {list(found[k].shape)} vs {list(expected[k].shape)}"
+        for k in expected
+        if k in found and found[k].shape != expected[k].shape
+    ]
+    parts = [
+        f"{len(names)} {what} (e.g. {names[0]})"
+        for names, what in (
+            (missing, "missing weights"),
+            (unexpected, "unexpected weights"),
+            (reshaped, "of another shape"),
+        )
+        if names
+    ]
     return ", ".join(parts)
 
 
@@ -451,7 +558,9 @@ def iteration_metrics(parts: list[dict[str, Any]]) -> dict[str, float]:
     lengths = [n for p in parts for n in p["lengths"]]
     truncated = [t for p in parts for t in p["truncated"]]
     keys = sorted({k for p in parts for k in p["stats"]})
-    stats = {k: sum(p["stats"][k] for p in parts if k in p["stats"]) / sum(k in p["stats"] for p in parts) for k in keys}
+    stats = {
+        k: sum(p["stats"][k] for p in parts if k in p["stats"]) / sum(k in p["stats"] for p in parts) for k in keys
+    }
     times = {k: max(p["times"][k] for p in parts) for k in parts[0]["times"]}
     return {
         "reward_mean": scores.mean().item(),
@@ -474,7 +583,9 @@ def fitting_prompts(rows: list[dict], tokenizer, cfg: RLHFConfig) -> tuple[list[
     lengths = [len(ids) for ids in encode_prompts(tokenizer, [r["prompt"] for r in rows], cfg.system_prompt)]
     kept = [(r, n) for r, n in zip(rows, lengths) if n <= limit]
     if not kept:
-        raise ConfigError(f"every prompt of {cfg.dataset} is longer than max_model_len - max_tokens = {limit} tokens; raise --max_model_len")
+        raise ConfigError(
+            f"every prompt of {cfg.dataset} is longer than max_model_len - max_tokens = {limit} tokens; raise --max_model_len"
+        )
     return [r for r, _ in kept], [n for _, n in kept], len(rows) - len(kept)
 
 
@@ -488,9 +599,15 @@ def rollout_kv_cache_gb(cfg: RLHFConfig, model_config: dict, prompt_lengths: lis
 
     size = cfg.prompts_per_iteration
     pool = sorted(prompt_lengths * (size // len(prompt_lengths) + 2), reverse=True)
-    return kv_cache_gb_for(model_config, [n + cfg.max_tokens for n in pool[: size // world]], cfg.num_samples,
-                           block_size=cfg.kv_block_size, max_num_seqs=cfg.max_num_seqs, max_model_len=cfg.max_model_len,
-                           dtype=cfg.dtype)
+    return kv_cache_gb_for(
+        model_config,
+        [n + cfg.max_tokens for n in pool[: size // world]],
+        cfg.num_samples,
+        block_size=cfg.kv_block_size,
+        max_num_seqs=cfg.max_num_seqs,
+        max_model_len=cfg.max_model_len,
+        dtype=cfg.dtype,
+    )
 
 
 def first_last_tenth(values: list[float]) -> tuple[float, float]:
@@ -504,7 +621,9 @@ def run_summary(logged: list[dict[str, Any]]) -> dict[str, float]:
     iterations, and the share of the loop's time spent syncing weights into the engine."""
     metrics = [r for r in logged if "reward_mean" in r]
     loop_seconds = sum(r["time_generate"] + r["time_score"] + r["time_train"] + r["time_sync"] for r in metrics)
-    summary = dict(zip(("reward_first_10pct", "reward_last_10pct"), first_last_tenth([r["reward_mean"] for r in metrics])))
+    summary = dict(
+        zip(("reward_first_10pct", "reward_last_10pct"), first_last_tenth([r["reward_mean"] for r in metrics]))
+    )
     truncated = [r["truncated_frac"] for r in metrics if "truncated_frac" in r]  # rows logged without it are left out
     if truncated:
         summary["truncated_frac_first_10pct"], summary["truncated_frac_last_10pct"] = first_last_tenth(truncated)
@@ -555,7 +674,12 @@ def monitor_summary(path: Path) -> dict[str, Any]:
     if not points:
         return {}
     first, last = points[0], points[-1]
-    out = {"monitor_points": len(points), "monitor_kl": last["kl"], "monitor_reward_first": first["reward"], "monitor_reward": last["reward"]}
+    out = {
+        "monitor_points": len(points),
+        "monitor_kl": last["kl"],
+        "monitor_reward_first": first["reward"],
+        "monitor_reward": last["reward"],
+    }
     for spec in last["judges"]:
         out[f"monitor_{spec}_first"] = first["judges"][spec]
         out[f"monitor_{spec}"] = last["judges"][spec]
@@ -566,12 +690,19 @@ def plot_overoptimization(monitor_file: Path, path: Path, title: str) -> Path | 
     from align.rl.monitor import overoptimization_series, read_rows
     from align.tracking import plot_series
 
-    return plot_series(overoptimization_series(read_rows(monitor_file)), path, title, x_label="KL to the reference (nats)")
+    return plot_series(
+        overoptimization_series(read_rows(monitor_file)), path, title, x_label="KL to the reference (nats)"
+    )
 
 
-@command("rlhf", RLHFConfig, "Online RL: generate with vLLM, score, update with a pluggable optimizer, sync, repeat.",
-         order=25, artifacts=("model",),
-         metrics={"held_out": "eval_mean_reward", "train_reward": "reward_last_10pct", "monitor_kl": "monitor_kl"})
+@command(
+    "rlhf",
+    RLHFConfig,
+    "Online RL: generate with vLLM, score, update with a pluggable optimizer, sync, repeat.",
+    order=25,
+    artifacts=("model",),
+    metrics={"held_out": "eval_mean_reward", "train_reward": "reward_last_10pct", "monitor_kl": "monitor_kl"},
+)
 @keeps_freed_memory  # CPU steps reuse their freed activations instead of page-faulting them in (align/heap.py)
 def run_rlhf(cfg: RLHFConfig) -> dict:
     from align.evaluation import check_scorer_accepts, evaluate, load_prompts, score_candidates
@@ -585,8 +716,10 @@ def run_rlhf(cfg: RLHFConfig) -> dict:
         torch.cuda.set_device(local_rank)
     rank, world = parallel.init(device_kind)
     if cfg.prompts_per_iteration % world:
-        raise ConfigError(f"'prompts_per_iteration' ({cfg.prompts_per_iteration}) must be a multiple of the"
-                          f" {world} processes: each generates for an equal shard of the batch")
+        raise ConfigError(
+            f"'prompts_per_iteration' ({cfg.prompts_per_iteration}) must be a multiple of the"
+            f" {world} processes: each generates for an equal shard of the batch"
+        )
     stage = Stage("rlhf", cfg, cfg.output_dir)
     if not stage.prepare(overwrite=cfg.overwrite, resume=cfg.resume):
         return read_stage(cfg.output_dir)
@@ -654,14 +787,26 @@ def run_rlhf(cfg: RLHFConfig) -> dict:
 
     eval_reward = cfg.eval_reward or cfg.reward
     if checkpoint is None and cfg.eval_dataset and stage.is_main:
-        before = {"eval_mean_reward_before": evaluate(engine, cfg.eval_dataset, eval_reward, cfg.eval_max_tokens)["mean_reward"]}
-    summary: dict[str, Any] = {"prompts": len(rows), "skipped_long_prompts": skipped_long, "resumed_from_iteration": start, **before}
+        before = {
+            "eval_mean_reward_before": evaluate(engine, cfg.eval_dataset, eval_reward, cfg.eval_max_tokens)[
+                "mean_reward"
+            ]
+        }
+    summary: dict[str, Any] = {
+        "prompts": len(rows),
+        "skipped_long_prompts": skipped_long,
+        "resumed_from_iteration": start,
+        **before,
+    }
 
     def monitor(step: int) -> None:
         from align.rl.monitor import append_row, is_monitor_step, monitor_point
 
         if monitor_rows and stage.is_main and is_monitor_step(step, cfg.monitor_every, cfg.num_iterations):
-            append_row(stage.dir / MONITOR_FILE, monitor_point(step, engine, policy, reference, tokenizer, monitor_rows, scorer, judges, cfg))
+            append_row(
+                stage.dir / MONITOR_FILE,
+                monitor_point(step, engine, policy, reference, tokenizer, monitor_rows, scorer, judges, cfg),
+            )
 
     if checkpoint is None:
         monitor(0)
@@ -673,8 +818,14 @@ def run_rlhf(cfg: RLHFConfig) -> dict:
         for it in range(start, cfg.num_iterations):
             whole = [rows[i] for i in batch_indices(len(rows), cfg.prompts_per_iteration, it, cfg.seed)]
             batch = whole[rank::world]  # this rank's shard
-            params = SamplingParams(n=cfg.num_samples, temperature=cfg.temperature, top_p=cfg.top_p, logprobs=correct,
-                                    max_tokens=cfg.max_tokens, seeds=rollout_seed_keys(cfg.seed, it, rank, world, len(whole)))
+            params = SamplingParams(
+                n=cfg.num_samples,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                logprobs=correct,
+                max_tokens=cfg.max_tokens,
+                seeds=rollout_seed_keys(cfg.seed, it, rank, world, len(whole)),
+            )
             t0 = time.perf_counter()
             candidates = engine.generate([r["prompt"] for r in batch], params)
             t1 = time.perf_counter()
@@ -684,7 +835,9 @@ def run_rlhf(cfg: RLHFConfig) -> dict:
                 encode_prompts(tokenizer, [r["prompt"] for r in batch], cfg.system_prompt),
                 [[c.token_ids for c in cands] for cands in candidates],
                 [[c.finish_reason == "length" for c in cands] for cands in candidates],
-                [s for group in scores for s in group], tokenizer.pad_token_id, device,
+                [s for group in scores for s in group],
+                tokenizer.pad_token_id,
+                device,
                 engine_logprobs=[[c.logprobs for c in cands] for cands in candidates] if correct else None,
             )
             with autocast(bf16, device_kind):
@@ -693,15 +846,27 @@ def run_rlhf(cfg: RLHFConfig) -> dict:
             sync_engine(engine, policy, adapter_dir)
             t4 = time.perf_counter()
 
-            row = iteration_metrics(parallel.gather({
-                "scores": rollouts.scores.tolist(), "lengths": [len(c.token_ids) for cands in candidates for c in cands],
-                "truncated": rollouts.truncated.tolist(),
-                "stats": stats, "times": {"generate": t1 - t0, "score": t2 - t1, "train": t3 - t2, "sync": t4 - t3},
-            }))
-            row = {"step": it + 1, **row, "batch": hashlib.sha1(",".join(r["prompt_id"] for r in whole).encode()).hexdigest()[:12]}
+            row = iteration_metrics(
+                parallel.gather(
+                    {
+                        "scores": rollouts.scores.tolist(),
+                        "lengths": [len(c.token_ids) for cands in candidates for c in cands],
+                        "truncated": rollouts.truncated.tolist(),
+                        "stats": stats,
+                        "times": {"generate": t1 - t0, "score": t2 - t1, "train": t3 - t2, "sync": t4 - t3},
+                    }
+                )
+            )
+            row = {
+                "step": it + 1,
+                **row,
+                "batch": hashlib.sha1(",".join(r["prompt_id"] for r in whole).encode()).hexdigest()[:12],
+            }
             stage.log(row)
             trackers.log(row)
-            progress.update(task, completed=it + 1, status=f"reward {row['reward_mean']:.3f}  kl {row.get('kl_ref', 0.0):.3f}")
+            progress.update(
+                task, completed=it + 1, status=f"reward {row['reward_mean']:.3f}  kl {row.get('kl_ref', 0.0):.3f}"
+            )
             monitor(it + 1)
             if stage.is_main and ((it + 1) % cfg.save_every == 0 or it + 1 == cfg.num_iterations):
                 save_checkpoint(stage, it + 1, policy, opt, {"before": before})
@@ -738,12 +903,21 @@ def run_rlhf(cfg: RLHFConfig) -> dict:
     summary["kv_cache_gb"] = kv_cache_gb
     summary["replica_weight_gap"] = max(checksums) - min(checksums)  # 0.0: every rank ended with the same policy
     artifacts = save_model(policy, tokenizer, stage.dir, merge_lora=cfg.merge_lora or lora is not None)
-    plot = plot_metrics(stage.metrics(), ["reward_mean", "kl_ref", "response_length"], stage.dir / "reward.png", f"rlhf {cfg.optimizer}")
+    plot = plot_metrics(
+        stage.metrics(),
+        ["reward_mean", "kl_ref", "response_length"],
+        stage.dir / "reward.png",
+        f"rlhf {cfg.optimizer}",
+    )
     if plot:
         artifacts["plot"] = str(plot)
     if monitor_rows:
         summary.update(monitor_summary(stage.dir / MONITOR_FILE))
-        plot = plot_overoptimization(stage.dir / MONITOR_FILE, stage.dir / "overoptimization.png", f"rlhf {cfg.optimizer}: held-out scores vs KL")
+        plot = plot_overoptimization(
+            stage.dir / MONITOR_FILE,
+            stage.dir / "overoptimization.png",
+            f"rlhf {cfg.optimizer}: held-out scores vs KL",
+        )
         artifacts["monitor"] = str(stage.dir / MONITOR_FILE)
         if plot:
             artifacts["overoptimization_plot"] = str(plot)

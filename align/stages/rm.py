@@ -44,8 +44,16 @@ from align.registry import command
 from align.stage import CheckpointOptions, Stage, read_stage
 from align.training import TrainOptions, finish_training, resume_checkpoint, train_to_end, trl_args
 from reward.losses import (
-    IGNORE_GRADE, LLAMA2_MARGINS, LOSSES, RewardBatch, SOFT_LABELS, get_loss, grade_cross_entropy,
-    ordered_pairs, pairwise_metrics, parse_level,
+    IGNORE_GRADE,
+    LLAMA2_MARGINS,
+    LOSSES,
+    SOFT_LABELS,
+    RewardBatch,
+    get_loss,
+    grade_cross_entropy,
+    ordered_pairs,
+    pairwise_metrics,
+    parse_level,
 )
 from reward.model import REWARD_LABEL, RewardModel, encode
 from sampling.logprobs import pad_batch
@@ -56,18 +64,27 @@ RESPONSES = ("edited", "chosen", "rejected")  # best first
 @dataclasses.dataclass
 class RMStageConfig(TrainOptions, ModelOptions, CheckpointOptions, BaseConfig):
     inputs = ("model_name_or_path", "dataset", "eval_dataset")
-    dataset: str = required("Preference data: a JSONL/JSON/Parquet file, a `datasets` folder or a Hub id (TRL, ShareGPT or Alpaca preference format).")
+    dataset: str = required(
+        "Preference data: a JSONL/JSON/Parquet file, a `datasets` folder or a Hub id (TRL, ShareGPT or Alpaca preference format)."
+    )
     output_dir: str = required("Stage directory: stage.json, metrics.jsonl, model/ and checkpoints/ go here.")
     loss: str = option("bradley_terry", "Reward loss (reward/losses.py).", choices=LOSSES)
     margin: Literal["none", "column", "level"] = option(
-        "none", "Bradley-Terry margin m: none (Llama 3), the row's `margin` column (TRL), or Llama 2's margin by preference_level (1, 2/3, 1/3, 0)."
+        "none",
+        "Bradley-Terry margin m: none (Llama 3), the row's `margin` column (TRL), or Llama 2's margin by preference_level (1, 2/3, 1/3, 0).",
     )
-    keep_levels: list[str] = option([], "Train only on rows with these preference levels (Llama 3 kept: significantly,better); empty keeps all.")
-    grade_heads: list[str] = option([], "AFM single-sided grade heads, by name (e.g. helpfulness,verbosity); read from the *_grades columns.")
+    keep_levels: list[str] = option(
+        [], "Train only on rows with these preference levels (Llama 3 kept: significantly,better); empty keeps all."
+    )
+    grade_heads: list[str] = option(
+        [], "AFM single-sided grade heads, by name (e.g. helpfulness,verbosity); read from the *_grades columns."
+    )
     grade_levels: int = option(3, "Classes per grade head (AFM: 3).")
     grade_weight: float = option(0.1, "lambda on the grade cross-entropy (AFM does not publish it: our choice).")
     eval_dataset: str | None = option(None, "Held-out preference data for eval_accuracy (else see eval_split).")
-    eval_split: float = option(0.0, "Fraction of dataset held out (shuffled with seed) for eval_accuracy when no eval_dataset.")
+    eval_split: float = option(
+        0.0, "Fraction of dataset held out (shuffled with seed) for eval_accuracy when no eval_dataset."
+    )
     score_batch_size: int = option(32, "Sequences per batch when scoring the eval split (sorted by length).")
     seed: int = option(0, "Random seed (head init, data order, eval split).")
 
@@ -84,7 +101,9 @@ class RMStageConfig(TrainOptions, ModelOptions, CheckpointOptions, BaseConfig):
         if self.grade_heads and self.grade_levels < 2:
             raise ConfigError(f"'grade_levels' must be at least 2, got {self.grade_levels}")
         if self.use_lora or self.load_in_4bit:
-            raise ConfigError("align rm trains all weights; LoRA/QLoRA reward models are not supported yet (drop use_lora/load_in_4bit)")
+            raise ConfigError(
+                "align rm trains all weights; LoRA/QLoRA reward models are not supported yet (drop use_lora/load_in_4bit)"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,7 +116,9 @@ def _response(value: Any, where: str) -> list[dict]:
         return [{"role": "assistant", "content": value}]
     if isinstance(value, dict):
         value = [value]
-    if isinstance(value, list) and all(isinstance(m, dict) and isinstance(m.get("content", m.get("value")), str) for m in value):
+    if isinstance(value, list) and all(
+        isinstance(m, dict) and isinstance(m.get("content", m.get("value")), str) for m in value
+    ):
         return [{"role": "assistant", "content": m.get("content", m.get("value"))} for m in value]
     raise DataError(f"{where}: 'edited' must be a string or assistant message(s), got {type(value).__name__}")
 
@@ -108,7 +129,9 @@ def _grades(row: dict, name: str, heads: list[str], levels: int, where: str) -> 
         raise DataError(f"{where}: '{name}_grades' must map grade head names to levels, got {type(given).__name__}")
     unknown = sorted(set(given) - set(heads))
     if unknown:
-        raise DataError(f"{where}: '{name}_grades' has unknown head {unknown[0]!r}; --grade_heads are: {', '.join(heads)}")
+        raise DataError(
+            f"{where}: '{name}_grades' has unknown head {unknown[0]!r}; --grade_heads are: {', '.join(heads)}"
+        )
     out = []
     for head in heads:
         value = given.get(head)
@@ -133,13 +156,23 @@ def prepare_examples(rows: list[tuple[int, dict]], spec: str, cfg: RMStageConfig
         if level is not None:
             level = parse_level(level, where)
         elif loss.needs_level or cfg.margin == "level" or keep:
-            why = f"--loss {cfg.loss}" if loss.needs_level else "--margin level" if cfg.margin == "level" else "--keep_levels"
-            raise DataError(f"{where}: {why} needs a 'preference_level' column ({', '.join(SOFT_LABELS)}) in every row")
+            why = (
+                f"--loss {cfg.loss}"
+                if loss.needs_level
+                else "--margin level"
+                if cfg.margin == "level"
+                else "--keep_levels"
+            )
+            raise DataError(
+                f"{where}: {why} needs a 'preference_level' column ({', '.join(SOFT_LABELS)}) in every row"
+            )
         if keep and level not in keep:
             dropped += 1
             continue
         if row.get("edited") is not None and not loss.uses_edited:
-            raise DataError(f"{where}: the row has an 'edited' response, which only --loss ranking trains on; use it or drop the column")
+            raise DataError(
+                f"{where}: the row has an 'edited' response, which only --loss ranking trains on; use it or drop the column"
+            )
         margin = 0.0
         if cfg.margin == "level":
             margin = LLAMA2_MARGINS[level]
@@ -149,15 +182,19 @@ def prepare_examples(rows: list[tuple[int, dict]], spec: str, cfg: RMStageConfig
             margin = float(row["margin"])
         responses = {k: _response(row[k], where) for k in RESPONSES if row.get(k) is not None}
         ids = {k: encode(tokenizer, row["prompt"], v, cfg.max_length) for k, v in responses.items()}
-        examples.append({
-            "chosen_ids": ids["chosen"],
-            "rejected_ids": ids["rejected"],
-            "edited_ids": ids.get("edited", []),
-            "soft_label": SOFT_LABELS[level] if level else 1.0,
-            "margin": margin,
-            "score_order": score_order(row),
-            "grade_labels": [_grades(row, k, cfg.grade_heads, cfg.grade_levels, where) for k in RESPONSES if k in responses],
-        })
+        examples.append(
+            {
+                "chosen_ids": ids["chosen"],
+                "rejected_ids": ids["rejected"],
+                "edited_ids": ids.get("edited", []),
+                "soft_label": SOFT_LABELS[level] if level else 1.0,
+                "margin": margin,
+                "score_order": score_order(row),
+                "grade_labels": [
+                    _grades(row, k, cfg.grade_heads, cfg.grade_levels, where) for k in RESPONSES if k in responses
+                ],
+            }
+        )
     if not examples:
         raise DataError(f"{spec}: no rows left after --keep_levels {','.join(cfg.keep_levels)} (dropped {dropped})")
     return examples, dropped
@@ -204,7 +241,10 @@ def load_backbone(cfg: RMStageConfig):
         torch.manual_seed(cfg.seed)  # the fresh head
         with suppress_seqcls_warning():
             model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=1, dtype=trainable_dtype(cfg), use_safetensors=True,
+                path,
+                num_labels=1,
+                dtype=trainable_dtype(cfg),
+                use_safetensors=True,
                 trust_remote_code=cfg.trust_remote_code,
             )
     except (OSError, ValueError) as err:
@@ -261,7 +301,14 @@ def _trainer_class():
 
         def _set_signature_columns_if_needed(self):
             if self._signature_columns is None:
-                self._signature_columns = ["chosen_ids", "rejected_ids", "edited_ids", "soft_label", "margin", "grade_labels"]
+                self._signature_columns = [
+                    "chosen_ids",
+                    "rejected_ids",
+                    "edited_ids",
+                    "soft_label",
+                    "margin",
+                    "grade_labels",
+                ]
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             mode = "train" if self.model.training else "eval"
@@ -296,7 +343,9 @@ def _split(rows: list, fraction: float, seed: int) -> tuple[list, list]:
     random.Random(seed).shuffle(order)
     n_eval = round(len(rows) * fraction)
     if fraction and not 0 < n_eval < len(rows):
-        raise DataError(f"eval_split {fraction} of {len(rows)} rows leaves an empty train or eval set; change eval_split")
+        raise DataError(
+            f"eval_split {fraction} of {len(rows)} rows leaves an empty train or eval set; change eval_split"
+        )
     return [rows[i] for i in order[n_eval:]], [rows[i] for i in order[:n_eval]]
 
 
@@ -327,12 +376,20 @@ def evaluate_pairs(scorer: RewardModel, examples: list[dict]) -> dict[str, float
         pairs += [(base + i, base + j) for i in range(len(row)) for j in range(i + 1, len(row))]
     scores = scorer.score_ids(ids)
     metrics = pairwise_metrics([scores[i] for i, _ in pairs], [scores[j] for _, j in pairs])
-    noise_free = noise_free_accuracy([scores[i] for i in firsts], [scores[i + 1] for i in firsts], [ex["score_order"] for ex in examples])
+    noise_free = noise_free_accuracy(
+        [scores[i] for i in firsts], [scores[i + 1] for i in firsts], [ex["score_order"] for ex in examples]
+    )
     return {**metrics, **({"accuracy_noise_free": noise_free} if noise_free is not None else {})}
 
 
-@command("rm", RMStageConfig, "Train a reward model on preference pairs (TRL RewardTrainer; Bradley-Terry, Llama 3 ranking, AFM soft labels).",
-         order=24, artifacts=("model",), metrics={"eval_accuracy": "eval_accuracy", "noise_free": "eval_accuracy_noise_free"})
+@command(
+    "rm",
+    RMStageConfig,
+    "Train a reward model on preference pairs (TRL RewardTrainer; Bradley-Terry, Llama 3 ranking, AFM soft labels).",
+    order=24,
+    artifacts=("model",),
+    metrics={"eval_accuracy": "eval_accuracy", "noise_free": "eval_accuracy_noise_free"},
+)
 def run_rm(cfg: RMStageConfig) -> dict:
     """Run the reward-model stage; returns the stage record (also output_dir/stage.json)."""
     stage = Stage("rm", cfg, cfg.output_dir)
@@ -384,7 +441,9 @@ def run_rm(cfg: RMStageConfig) -> dict:
     if evals:
         scorer = RewardModel(trainer.model, tokenizer, batch_size=cfg.score_batch_size, max_length=cfg.max_length)
         metrics = evaluate_pairs(scorer, evals)
-        summary.update({"eval_rows": len(evals), "eval_accuracy": metrics["accuracy"], "eval_mean_margin": metrics["mean_margin"]})
+        summary.update(
+            {"eval_rows": len(evals), "eval_accuracy": metrics["accuracy"], "eval_mean_margin": metrics["mean_margin"]}
+        )
         if "accuracy_noise_free" in metrics:
             summary["eval_accuracy_noise_free"] = metrics["accuracy_noise_free"]
     return finish_training(stage, cfg, summary, artifacts, ["loss", "accuracy"])

@@ -63,11 +63,19 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from align import preempt
-from align.registry import command
 from align.config import BaseConfig, option, required
 from align.errors import ConfigError, DataError
 from align.evaluation import RewardOptions, check_scorer_accepts, load_prompts, score_candidates, truncated_fraction
-from align.stage import SHARD_MANIFEST, Stage, atomic_write_json, atomic_write_text, read_stage, shard_files, staging_dir
+from align.registry import command
+from align.stage import (
+    SHARD_MANIFEST,
+    Stage,
+    atomic_write_json,
+    atomic_write_text,
+    read_stage,
+    shard_files,
+    staging_dir,
+)
 from sampling.base import Engine, SamplingParams
 from sampling.engines import EngineOptions
 from sampling.select import STRATEGIES, Scored, SelectOptions, dedupe
@@ -79,32 +87,66 @@ CANDIDATES = "candidates.jsonl"
 @dataclasses.dataclass
 class RSConfig(RewardOptions, EngineOptions, BaseConfig):
     # Memory knobs that do not change the samples: a rerun with other values continues / is a no-op.
-    run_control: ClassVar[tuple[str, ...]] = ("overwrite", "resume", "kv_cache_gb", "max_num_seqs", "kv_block_size", "threads", "enforce_eager", "gpu_memory_utilization", "tensor_parallel_size", "merge")
+    run_control: ClassVar[tuple[str, ...]] = (
+        "overwrite",
+        "resume",
+        "kv_cache_gb",
+        "max_num_seqs",
+        "kv_block_size",
+        "threads",
+        "enforce_eager",
+        "gpu_memory_utilization",
+        "tensor_parallel_size",
+        "merge",
+    )
     inputs: ClassVar[tuple[str, ...]] = ("model_name_or_path", "dataset", "reward")
     one_or_many: ClassVar[tuple[str, ...]] = ("model_name_or_path",)
 
     model_name_or_path: list[str] = required(
         "Policy to sample from: a Hugging Face model folder or Hub id (e.g. the SFT stage's model/); several"
-        " (comma-separated, or a YAML list) sample as a committee, one engine at a time, selecting across all of them.")
-    dataset: str = required("Prompts (TRL prompt-only, messages, ShareGPT or Alpaca); extra columns such as `answer` reach the scorer.")
+        " (comma-separated, or a YAML list) sample as a committee, one engine at a time, selecting across all of them."
+    )
+    dataset: str = required(
+        "Prompts (TRL prompt-only, messages, ShareGPT or Alpaca); extra columns such as `answer` reach the scorer."
+    )
     output_dir: str = required("Stage directory: data/, candidates.jsonl, stage.json, metrics.jsonl.")
     num_samples: int = option(8, "K: candidates sampled per prompt.")
     max_tokens: int = option(64, "Longest generated response, in tokens.")
     temperature: float = option(1.0, "Sampling temperature (0 = greedy, which makes the K samples identical).")
     top_p: float = option(1.0, "Nucleus sampling: keep the smallest token set with this much probability.")
     top_k: int = option(0, "Sample among the k most likely tokens (0 = off).")
-    seed: int = option(0, "Sampling seed: prompt i has the seed key seed + i (hashed to its own block of sample streams), so reruns and any sharding reproduce.")
-    select: str = option("best", "Selection strategy: best (best-of-K SFT rows), pairs (best vs worst preference rows), all (every candidate),"
-                                 " bradley_terry (two candidates labelled by a noisy annotator: the scorer with --tau).", choices=STRATEGIES)
-    tau: float = option(0.0, "bradley_terry: annotator noise; the first candidate is chosen with probability sigmoid((r_a - r_b) / tau)"
-                             " (0: always the higher reward). The draw is seeded by --seed and the prompt id.")
-    min_margin: float = option(0.0, "pairs: keep a pair only if chosen - rejected reward >= this (ties are always skipped).")
-    min_reward: float | None = option(None, "best: drop prompts whose best reward is below this (e.g. 1.0: only correct answers).")
+    seed: int = option(
+        0,
+        "Sampling seed: prompt i has the seed key seed + i (hashed to its own block of sample streams), so reruns and any sharding reproduce.",
+    )
+    select: str = option(
+        "best",
+        "Selection strategy: best (best-of-K SFT rows), pairs (best vs worst preference rows), all (every candidate),"
+        " bradley_terry (two candidates labelled by a noisy annotator: the scorer with --tau).",
+        choices=STRATEGIES,
+    )
+    tau: float = option(
+        0.0,
+        "bradley_terry: annotator noise; the first candidate is chosen with probability sigmoid((r_a - r_b) / tau)"
+        " (0: always the higher reward). The draw is seeded by --seed and the prompt id.",
+    )
+    min_margin: float = option(
+        0.0, "pairs: keep a pair only if chosen - rejected reward >= this (ties are always skipped)."
+    )
+    min_reward: float | None = option(
+        None, "best: drop prompts whose best reward is below this (e.g. 1.0: only correct answers)."
+    )
     max_prompts: int | None = option(None, "Use only the first N prompts of the dataset.")
     shard_size: int = option(256, "Prompts per shard: the unit written to disk as it completes (and resumed from).")
     overwrite: bool = option(False, "Replace a finished or unfinished stage in output_dir.")
-    shard: str | None = option(None, "I/N: sample only part I (0 to N-1) of N of the prompts, chosen by a hash of the prompt id (merge the parts with --merge).")
-    merge: list[str] | None = option(None, "Stage dirs of --shard runs (comma-separated) to combine into output_dir; give the parts' config, without --shard.")
+    shard: str | None = option(
+        None,
+        "I/N: sample only part I (0 to N-1) of N of the prompts, chosen by a hash of the prompt id (merge the parts with --merge).",
+    )
+    merge: list[str] | None = option(
+        None,
+        "Stage dirs of --shard runs (comma-separated) to combine into output_dir; give the parts' config, without --shard.",
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.model_name_or_path, str):  # RSConfig(model_name_or_path="path") from Python: one member
@@ -115,16 +157,24 @@ class RSConfig(RewardOptions, EngineOptions, BaseConfig):
         if self.shard is not None:
             shard_of(self.shard)
             if self.merge:
-                raise ConfigError("--shard and --merge exclude each other: run each part with --shard, then merge them without it")
+                raise ConfigError(
+                    "--shard and --merge exclude each other: run each part with --shard, then merge them without it"
+                )
             if self.engine == "transformers" and self.batch_size != 1:
-                raise ConfigError("--shard with the transformers engine needs --batch_size 1: it seeds per batch, so with"
-                                  " larger batches the parts would not add up to the unsharded run")
+                raise ConfigError(
+                    "--shard with the transformers engine needs --batch_size 1: it seeds per batch, so with"
+                    " larger batches the parts would not add up to the unsharded run"
+                )
         if not self.model_name_or_path:
-            raise ConfigError("'model_name_or_path' names no model; give one, or several (comma-separated) for a committee")
+            raise ConfigError(
+                "'model_name_or_path' names no model; give one, or several (comma-separated) for a committee"
+            )
         repeated = sorted({m for m in self.model_name_or_path if self.model_name_or_path.count(m) > 1})
         if repeated:
-            raise ConfigError(f"'model_name_or_path' lists {repeated[0]} twice; committee members share the sampling seeds,"
-                              " so a repeat adds only copies: list each model once")
+            raise ConfigError(
+                f"'model_name_or_path' lists {repeated[0]} twice; committee members share the sampling seeds,"
+                " so a repeat adds only copies: list each model once"
+            )
         if self.num_samples < 1:
             raise ConfigError(f"'num_samples' must be >= 1 (K candidates per prompt), got {self.num_samples}")
         if self.tau < 0:
@@ -139,12 +189,20 @@ class RSConfig(RewardOptions, EngineOptions, BaseConfig):
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"'top_p' must be in (0, 1], got {self.top_p}")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward):
-            raise ConfigError(f"'reward_weights' has {len(self.reward_weights)} values for {len(self.reward)} --reward specs")
+            raise ConfigError(
+                f"'reward_weights' has {len(self.reward_weights)} values for {len(self.reward)} --reward specs"
+            )
 
     def sampling_params(self, positions: list[int]) -> SamplingParams:
         """Prompt ``i`` of the whole prompt set is sampled with seed ``seed + i``."""
-        return SamplingParams(n=self.num_samples, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-                              max_tokens=self.max_tokens, seeds=tuple(self.seed + i for i in positions))
+        return SamplingParams(
+            n=self.num_samples,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            max_tokens=self.max_tokens,
+            seeds=tuple(self.seed + i for i in positions),
+        )
 
 
 def shard_of(spec: str) -> tuple[int, int]:
@@ -197,12 +255,21 @@ class ShardStore:
 def key_metrics(summary: dict[str, Any]) -> dict[str, Any]:
     """``align status``: rows kept, their mean reward and, over a committee, the rows each member supplied."""
     wins = summary.get("wins") or {}
-    return {"kept_rows": summary.get("kept_rows"), "mean_reward": summary.get("mean_reward"),
-            "wins": format_wins(wins) if len(wins) > 1 else None}
+    return {
+        "kept_rows": summary.get("kept_rows"),
+        "mean_reward": summary.get("mean_reward"),
+        "wins": format_wins(wins) if len(wins) > 1 else None,
+    }
 
 
-@command("rs", RSConfig, "Rejection sampling: K samples per prompt (from one model or a committee), scored, best-of-K / pairs / all -> dataset.",
-         order=21, artifacts=("data",), metrics=key_metrics)
+@command(
+    "rs",
+    RSConfig,
+    "Rejection sampling: K samples per prompt (from one model or a committee), scored, best-of-K / pairs / all -> dataset.",
+    order=21,
+    artifacts=("data",),
+    metrics=key_metrics,
+)
 def run_rs(cfg: RSConfig, engine: Engine | None = None) -> dict:
     """Run the stage; returns the stage record. ``engine`` is a live engine serving the first
     member, reused (it is not closed); the other members are loaded and freed one at a time."""
@@ -211,7 +278,9 @@ def run_rs(cfg: RSConfig, engine: Engine | None = None) -> dict:
     if cfg.shard is not None:
         positions = [i for i, r in enumerate(rows) if in_shard(r["prompt_id"], *shard_of(cfg.shard))]
         if not positions:
-            raise DataError(f"{cfg.dataset}: shard {cfg.shard} holds none of its {len(rows)} prompts; use fewer shards")
+            raise DataError(
+                f"{cfg.dataset}: shard {cfg.shard} holds none of its {len(rows)} prompts; use fewer shards"
+            )
         rows = [rows[i] for i in positions]
     scorer = cfg.build_scorer()
     check_scorer_accepts(scorer, rows, cfg.dataset)
@@ -242,8 +311,11 @@ def run_rs(cfg: RSConfig, engine: Engine | None = None) -> dict:
                 stage.log(_shard_metrics(step, done[m, i], member))
                 _progress(step + 1, len(units), done[m, i], member if len(members) > 1 else None)
                 if preempt.requested() and (m, i) != todo[-1]:  # safe point: this shard is on disk
-                    raise preempt.stopped(f"after shard {step + 1}/{len(units)}", f"{len(done)} shards kept in {store.root}",
-                                          rerun="rerun the same command")
+                    raise preempt.stopped(
+                        f"after shard {step + 1}/{len(units)}",
+                        f"{len(done)} shards kept in {store.root}",
+                        rerun="rerun the same command",
+                    )
         finally:
             if live is None:
                 current.close()
@@ -251,8 +323,9 @@ def run_rs(cfg: RSConfig, engine: Engine | None = None) -> dict:
     return _finish(stage, cfg, rows, shards, resumed=len(units) - len(todo))
 
 
-def _run_shard(engine, scorer, cfg: RSConfig, member: int, rows: list[dict], positions: list[int],
-               dataset: str) -> dict[str, Any]:
+def _run_shard(
+    engine, scorer, cfg: RSConfig, member: int, rows: list[dict], positions: list[int], dataset: str
+) -> dict[str, Any]:
     """Generate, score and record one shard of one member (selection happens at the end, from the records)."""
     started = time.perf_counter()
     outputs = engine.generate([r["prompt"] for r in rows], cfg.sampling_params(positions))
@@ -266,13 +339,32 @@ def _run_shard(engine, scorer, cfg: RSConfig, member: int, rows: list[dict], pos
     prompts = []
     for row, cands, scores in zip(rows, outputs, rewards):
         dups = dedupe([c.text for c in cands])
-        prompts.append({"prompt_id": row["prompt_id"], "candidates": [
-            {"index": first + k, "model": model, "text": c.text, "reward": s, "num_tokens": len(c.token_ids),
-             "finish_reason": c.finish_reason, "duplicate_of": None if d is None else first + d}
-            for k, (c, s, d) in enumerate(zip(cands, scores, dups))
-        ]})
-    return {"start": positions[0], "engine": engine.name, "sampler": getattr(engine, "sampler", engine.name), "generate_seconds": generated - started, "score_seconds": time.perf_counter() - generated,
-            "tokens": sum(len(c.token_ids) for cands in outputs for c in cands), "prompts": prompts}
+        prompts.append(
+            {
+                "prompt_id": row["prompt_id"],
+                "candidates": [
+                    {
+                        "index": first + k,
+                        "model": model,
+                        "text": c.text,
+                        "reward": s,
+                        "num_tokens": len(c.token_ids),
+                        "finish_reason": c.finish_reason,
+                        "duplicate_of": None if d is None else first + d,
+                    }
+                    for k, (c, s, d) in enumerate(zip(cands, scores, dups))
+                ],
+            }
+        )
+    return {
+        "start": positions[0],
+        "engine": engine.name,
+        "sampler": getattr(engine, "sampler", engine.name),
+        "generate_seconds": generated - started,
+        "score_seconds": time.perf_counter() - generated,
+        "tokens": sum(len(c.token_ids) for cands in outputs for c in cands),
+        "prompts": prompts,
+    }
 
 
 def _join_members(parts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -281,22 +373,33 @@ def _join_members(parts: list[dict[str, Any]]) -> dict[str, Any]:
         "engine": "+".join(sorted({p["engine"] for p in parts})),
         "sampler": "+".join(sorted({p.get("sampler", "unknown") for p in parts})),
         **{key: sum(p[key] for p in parts) for key in ("generate_seconds", "score_seconds", "tokens")},
-        "prompts": [{"prompt_id": group[0]["prompt_id"], "candidates": [c for p in group for c in p["candidates"]]}
-                    for group in zip(*(p["prompts"] for p in parts))],
+        "prompts": [
+            {"prompt_id": group[0]["prompt_id"], "candidates": [c for p in group for c in p["candidates"]]}
+            for group in zip(*(p["prompts"] for p in parts))
+        ],
     }
 
 
 def _shard_metrics(index: int, shard: dict[str, Any], model: str) -> dict[str, Any]:
     rewards = [c["reward"] for p in shard["prompts"] for c in p["candidates"]]
-    return {"step": index + 1, "model": model, "prompts": len(shard["prompts"]), "mean_reward": sum(rewards) / len(rewards),
-            "truncated_frac": truncated_fraction([c["finish_reason"] for p in shard["prompts"] for c in p["candidates"]]),
-            "tokens_per_s": shard["tokens"] / max(shard["generate_seconds"], 1e-9)}
+    return {
+        "step": index + 1,
+        "model": model,
+        "prompts": len(shard["prompts"]),
+        "mean_reward": sum(rewards) / len(rewards),
+        "truncated_frac": truncated_fraction([c["finish_reason"] for p in shard["prompts"] for c in p["candidates"]]),
+        "tokens_per_s": shard["tokens"] / max(shard["generate_seconds"], 1e-9),
+    }
 
 
 def _progress(done: int, total: int, shard: dict[str, Any], member: str | None) -> None:
     m = _shard_metrics(done - 1, shard, member or "")
-    print(f"rs: shard {done}/{total}{f' ({member})' if member else ''}: {m['prompts']} prompts, mean reward"
-          f" {m['mean_reward']:.3f}, {m['tokens_per_s']:,.0f} tokens/s", file=sys.stderr, flush=True)
+    print(
+        f"rs: shard {done}/{total}{f' ({member})' if member else ''}: {m['prompts']} prompts, mean reward"
+        f" {m['mean_reward']:.3f}, {m['tokens_per_s']:,.0f} tokens/s",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def select_rows(cfg: RSConfig, rows: list[dict], records: list[dict]) -> list[dict]:
@@ -305,14 +408,23 @@ def select_rows(cfg: RSConfig, rows: list[dict], records: list[dict]) -> list[di
     opts = SelectOptions(min_margin=cfg.min_margin, min_reward=cfg.min_reward, tau=cfg.tau, seed=cfg.seed)
     out = []
     for row, record in zip(rows, records):
-        distinct = [Scored(c["index"], c["text"], c["reward"], c["model"])
-                    for c in record["candidates"] if c["duplicate_of"] is None]
+        distinct = [
+            Scored(c["index"], c["text"], c["reward"], c["model"])
+            for c in record["candidates"]
+            if c["duplicate_of"] is None
+        ]
         out.extend(strategy(row, distinct, opts))
     return out
 
 
-def _finish(stage: Stage, cfg: RSConfig, rows: list[dict], shards: list[dict], resumed: int,
-            extra: dict[str, Any] | None = None) -> dict:
+def _finish(
+    stage: Stage,
+    cfg: RSConfig,
+    rows: list[dict],
+    shards: list[dict],
+    resumed: int,
+    extra: dict[str, Any] | None = None,
+) -> dict:
     records = [p for s in shards for p in s["prompts"]]
     if [r["prompt_id"] for r in records] != [r["prompt_id"] for r in rows]:  # shards must tile the prompts
         raise RuntimeError("rs shards do not cover the prompts exactly once; rerun with --overwrite")
@@ -320,11 +432,26 @@ def _finish(stage: Stage, cfg: RSConfig, rows: list[dict], shards: list[dict], r
     selected = select_rows(cfg, rows, records)
     select_seconds = time.perf_counter() - started
     _write_dataset(stage.dir / "data", selected)
-    atomic_write_text(stage.dir / CANDIDATES, "".join(
-        json.dumps({"prompt_id": r["prompt_id"], "candidate_index": c["index"], "model": c["model"], "text": c["text"], "reward": c["reward"],
-                    "num_tokens": c["num_tokens"], "finish_reason": c["finish_reason"], "duplicate_of": c["duplicate_of"]}) + "\n"
-        for r in records for c in r["candidates"]
-    ))
+    atomic_write_text(
+        stage.dir / CANDIDATES,
+        "".join(
+            json.dumps(
+                {
+                    "prompt_id": r["prompt_id"],
+                    "candidate_index": c["index"],
+                    "model": c["model"],
+                    "text": c["text"],
+                    "reward": c["reward"],
+                    "num_tokens": c["num_tokens"],
+                    "finish_reason": c["finish_reason"],
+                    "duplicate_of": c["duplicate_of"],
+                }
+            )
+            + "\n"
+            for r in records
+            for c in r["candidates"]
+        ),
+    )
     rewards = [c["reward"] for r in records for c in r["candidates"]]
     generate_seconds = sum(s["generate_seconds"] for s in shards)
     tokens = sum(s["tokens"] for s in shards)
@@ -335,7 +462,9 @@ def _finish(stage: Stage, cfg: RSConfig, rows: list[dict], shards: list[dict], r
         "kept_rows": len(selected),
         "select": cfg.select,
         "engine": "+".join(sorted({s.get("engine", "unknown") for s in shards})),  # the one(s) that generated
-        "sampler": "+".join(sorted({s.get("sampler", "unknown") for s in shards})),  # align's CPU sampler or the engine's own
+        "sampler": "+".join(
+            sorted({s.get("sampler", "unknown") for s in shards})
+        ),  # align's CPU sampler or the engine's own
         "mean_reward": sum(rewards) / len(rewards),
         "max_reward": max(rewards),
         "mean_best_reward": sum(max(c["reward"] for c in r["candidates"]) for r in records) / len(records),
@@ -355,8 +484,10 @@ def _finish(stage: Stage, cfg: RSConfig, rows: list[dict], shards: list[dict], r
     shutil.rmtree(stage.dir / SHARDS, ignore_errors=True)
     members = cfg.model_name_or_path
     per = f" x {len(members)} models (rows per model: {format_wins(summary['wins'])})" if len(members) > 1 else ""
-    print(f"rs: kept {len(selected)} {cfg.select} rows from {len(records)} prompts x {cfg.num_samples} samples{per}"
-          f" (mean reward {summary['mean_reward']:.4f}, best-of-K {summary['mean_best_reward']:.4f}) -> {stage.dir / 'data'}")
+    print(
+        f"rs: kept {len(selected)} {cfg.select} rows from {len(records)} prompts x {cfg.num_samples} samples{per}"
+        f" (mean reward {summary['mean_reward']:.4f}, best-of-K {summary['mean_best_reward']:.4f}) -> {stage.dir / 'data'}"
+    )
     return record
 
 
@@ -369,8 +500,11 @@ def committee_summary(members: list[str], records: list[dict], selected: list[di
     for r in records:
         for c in r["candidates"]:
             rewards[c["model"]].append(c["reward"])
-    return {"members": list(members), "wins": wins,
-            "member_mean_reward": {m: sum(v) / len(v) for m, v in rewards.items()}}
+    return {
+        "members": list(members),
+        "wins": wins,
+        "member_mean_reward": {m: sum(v) / len(v) for m, v in rewards.items()},
+    }
 
 
 def format_wins(wins: dict[str, int]) -> str:
@@ -403,13 +537,21 @@ def merge_parts(stage: Stage, cfg: RSConfig, rows: list[dict], parts: list[Path]
     for part in parts:
         record = read_stage(part)
         if record is None or record.get("stage") != "rs":
-            raise ConfigError(f"--merge: {part} is not a finished rs stage (no stage.json); run `align rs --shard I/N` into it first")
-        got = {k: cfg.recorded(k, v) for k, v in record["config"].items() if k not in (*cfg.run_control, "shard", "output_dir")}
+            raise ConfigError(
+                f"--merge: {part} is not a finished rs stage (no stage.json); run `align rs --shard I/N` into it first"
+            )
+        got = {
+            k: cfg.recorded(k, v)
+            for k, v in record["config"].items()
+            if k not in (*cfg.run_control, "shard", "output_dir")
+        }
         changed = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
         if changed:
             k = changed[0]
-            raise ConfigError(f"--merge: {part} was sampled with another config ({k}: {got.get(k)!r}, here {want.get(k)!r});"
-                              " merge parts of one run, given with that run's config")
+            raise ConfigError(
+                f"--merge: {part} was sampled with another config ({k}: {got.get(k)!r}, here {want.get(k)!r});"
+                " merge parts of one run, given with that run's config"
+            )
         if not record["config"].get("shard"):
             raise ConfigError(f"--merge: {part} is an unsharded rs run; merge the dirs of `align rs --shard I/N` runs")
         index, count = shard_of(record["config"]["shard"])
@@ -423,15 +565,21 @@ def merge_parts(stage: Stage, cfg: RSConfig, rows: list[dict], parts: list[Path]
             c = json.loads(line)
             candidates.setdefault(c.pop("prompt_id"), []).append({"index": c.pop("candidate_index"), **c})
     if len(counts) > 1:
-        raise ConfigError(f"--merge: the parts split the prompts in different ways (N = {', '.join(map(str, sorted(counts)))})")
+        raise ConfigError(
+            f"--merge: the parts split the prompts in different ways (N = {', '.join(map(str, sorted(counts)))})"
+        )
     missing = sorted(set(range(counts.pop())) - set(seen))
     if missing:
-        raise ConfigError(f"--merge: shard(s) {', '.join(f'{i}/{len(seen) + len(missing)}' for i in missing)} missing;"
-                          " run them, then merge all parts")
+        raise ConfigError(
+            f"--merge: shard(s) {', '.join(f'{i}/{len(seen) + len(missing)}' for i in missing)} missing;"
+            " run them, then merge all parts"
+        )
     ids = [r["prompt_id"] for r in rows]
     if sorted(candidates) != sorted(ids):
-        raise DataError(f"--merge: the parts sampled {len(candidates)} prompts, {cfg.dataset} now holds {len(ids)} other or"
-                        " more; was it changed since the parts ran? Rerun the parts")
+        raise DataError(
+            f"--merge: the parts sampled {len(candidates)} prompts, {cfg.dataset} now holds {len(ids)} other or"
+            " more; was it changed since the parts ran? Rerun the parts"
+        )
     records = [{"prompt_id": pid, "candidates": candidates[pid]} for pid in ids]
     whole = {**timing, "tokens": sum(c["num_tokens"] for r in records for c in r["candidates"]), "prompts": records}
     return _finish(stage, cfg, rows, [whole], resumed=0, extra={"merged_parts": len(parts)})

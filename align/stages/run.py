@@ -18,9 +18,9 @@ import dataclasses
 import json
 from typing import Any, ClassVar
 
-from align.registry import command
 from align.config import BaseConfig, option, parse_config, required
 from align.errors import ConfigError
+from align.registry import command
 
 
 @dataclasses.dataclass
@@ -31,7 +31,9 @@ class RunConfig(BaseConfig):
 
     recipe: str = required("Recipe YAML (docs/recipes.md), e.g. configs/recipes/quickstart.yaml.")
     workdir: str | None = option(None, "Where the stage folders go; default: the recipe's workdir.")
-    set: list[str] = option([], "NAME.key=value overrides of a stage's key (or vars.NAME); repeat the flag for several.")
+    set: list[str] = option(
+        [], "NAME.key=value overrides of a stage's key (or vars.NAME); repeat the flag for several."
+    )
     profile: str | None = option(None, "A named overlay from the recipe's profiles (e.g. tiny).")
     force: list[str] = option([], "Rerun these stages (and what consumes them) even when up to date; repeatable.")
     dry_run: bool = option(False, "Print the plan (what would run and why) and stop.")
@@ -58,8 +60,13 @@ def parse_repeatable(cls: type[BaseConfig], argv: list[str]) -> BaseConfig:
     return dataclasses.replace(parse_config(cls, rest), **collected)
 
 
-@command("run", RunConfig, "Run a recipe (a whole pipeline), skipping the stages that are up to date.", parse=parse_repeatable,
-         order=90)
+@command(
+    "run",
+    RunConfig,
+    "Run a recipe (a whole pipeline), skipping the stages that are up to date.",
+    parse=parse_repeatable,
+    order=90,
+)
 def run_recipe(cfg: RunConfig) -> int:
     from rich.console import Console
 
@@ -97,7 +104,9 @@ class StatusConfig(BaseConfig):
     json: bool = option(False, "Print the stages as JSON (for scripts) instead of a table.")
 
 
-@command("status", StatusConfig, "Show a run's stages: done, stale (why), running, failed, pending; key metric.", order=91)
+@command(
+    "status", StatusConfig, "Show a run's stages: done, stale (why), running, failed, pending; key metric.", order=91
+)
 def run_status(cfg: StatusConfig) -> int:
     from align.status import status_table, workdir_status
 

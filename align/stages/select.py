@@ -37,13 +37,18 @@ class SelectConfig(BaseConfig):
     run_control: ClassVar[tuple[str, ...]] = ("overwrite",)
     inputs: ClassVar[tuple[str, ...]] = ("candidates", "baseline")
 
-    candidates: list[str] = required("Finished stage dirs to choose among, comma-separated: eval stages (the model each"
-                                     " evaluated), or stages that wrote model/ and report the metric.")
+    candidates: list[str] = required(
+        "Finished stage dirs to choose among, comma-separated: eval stages (the model each"
+        " evaluated), or stages that wrote model/ and report the metric."
+    )
     metric: str = required("Key of the candidates' stage.json summary to compare (e.g. mean_reward of align eval).")
     output_dir: str = required("Stage directory: stage.json and model/ (the chosen model, linked).")
     mode: Literal["max", "min"] = option("max", "max: the highest value wins; min: the lowest (a loss, a KL).")
-    baseline: str | None = option(None, "A stage dir whose model is kept unless a candidate beats it by more than min_gain"
-                                         " (e.g. the best model so far).")
+    baseline: str | None = option(
+        None,
+        "A stage dir whose model is kept unless a candidate beats it by more than min_gain"
+        " (e.g. the best model so far).",
+    )
     min_gain: float = option(0.0, "With baseline: how much better than the baseline the best candidate must be.")
     overwrite: bool = option(False, "Replace a finished stage in output_dir.")
 
@@ -85,8 +90,10 @@ def read_candidate(path: str, metric: str) -> Candidate:
     value = summary.get(metric)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         numeric = sorted(k for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
-        raise ConfigError(f"candidate {path} ({record.get('stage')} stage) has no numeric '{metric}' in its summary;"
-                          f" it has: {', '.join(numeric) or 'none'}")
+        raise ConfigError(
+            f"candidate {path} ({record.get('stage')} stage) has no numeric '{metric}' in its summary;"
+            f" it has: {', '.join(numeric) or 'none'}"
+        )
     model = (record.get("artifacts") or {}).get("model") or (record.get("config") or {}).get("model_name_or_path")
     if not model or not Path(model).is_dir():
         raise ConfigError(f"candidate {path}: its model {model!r} is not a model folder on disk")
@@ -108,8 +115,14 @@ def key_metrics(summary: dict[str, Any]) -> dict[str, Any]:
     return {"chosen": summary.get("chosen"), "chosen_value": summary.get(summary.get("metric", ""))}
 
 
-@command("select", SelectConfig, "Pick the best of earlier stages' models by a metric (best model so far, with a baseline).",
-         order=28, artifacts=("model",), metrics=key_metrics)
+@command(
+    "select",
+    SelectConfig,
+    "Pick the best of earlier stages' models by a metric (best model so far, with a baseline).",
+    order=28,
+    artifacts=("model",),
+    metrics=key_metrics,
+)
 def run_select(cfg: SelectConfig) -> dict[str, Any]:
     candidates = [read_candidate(path, cfg.metric) for path in cfg.candidates]
     base = read_candidate(cfg.baseline, cfg.metric) if cfg.baseline else None
@@ -122,10 +135,15 @@ def run_select(cfg: SelectConfig) -> dict[str, Any]:
     with staging_dir(stage.dir / "model") as tmp:
         link_tree(Path(chosen.model), tmp)
     summary = {
-        "metric": cfg.metric, "mode": cfg.mode, cfg.metric: chosen.value,
-        "chosen": Path(chosen.stage).name, "chosen_stage": chosen.stage, "chosen_model": chosen.model,
+        "metric": cfg.metric,
+        "mode": cfg.mode,
+        cfg.metric: chosen.value,
+        "chosen": Path(chosen.stage).name,
+        "chosen_stage": chosen.stage,
+        "chosen_model": chosen.model,
         "kept_baseline": index is None,
-        "baseline": dataclasses.asdict(base) if base else None, "min_gain": cfg.min_gain,
+        "baseline": dataclasses.asdict(base) if base else None,
+        "min_gain": cfg.min_gain,
         "candidates": [dataclasses.asdict(c) for c in candidates],
     }
     kept = " (the baseline: no candidate beat it by more than min_gain)" if index is None else ""

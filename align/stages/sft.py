@@ -17,9 +17,9 @@ from __future__ import annotations
 import dataclasses
 
 from align.config import BaseConfig, option, required
-from align.evaluation import EvalOptions
 from align.data import load_dataset
 from align.errors import ConfigError
+from align.evaluation import EvalOptions
 from align.models import ModelOptions, load_causal_lm, load_tokenizer, peft_config, save_model
 from align.registry import command
 from align.stage import CheckpointOptions, Stage, read_stage
@@ -29,7 +29,9 @@ from align.training import TrainOptions, finish_training, resume_checkpoint, tra
 @dataclasses.dataclass
 class SFTStageConfig(TrainOptions, ModelOptions, EvalOptions, CheckpointOptions, BaseConfig):
     inputs = ("model_name_or_path", "dataset", "eval_dataset", "eval_reward")
-    dataset: str = required("Training data: a JSONL/JSON/Parquet file, a `datasets` folder or a Hub id (TRL, Alpaca or ShareGPT format).")
+    dataset: str = required(
+        "Training data: a JSONL/JSON/Parquet file, a `datasets` folder or a Hub id (TRL, Alpaca or ShareGPT format)."
+    )
     output_dir: str = required("Stage directory: stage.json, metrics.jsonl, model/ and checkpoints/ go here.")
     seed: int = option(0, "Random seed (model init of heads, data order, dropout).")
 
@@ -41,8 +43,14 @@ class SFTStageConfig(TrainOptions, ModelOptions, EvalOptions, CheckpointOptions,
             raise ConfigError("'merge_lora' needs use_lora (or load_in_4bit); a full fine-tune is already merged")
 
 
-@command("sft", SFTStageConfig, "Supervised fine-tuning (TRL SFTTrainer) on conversational data.",
-         order=20, artifacts=("model",), metrics={"held_out": "eval_mean_reward"})
+@command(
+    "sft",
+    SFTStageConfig,
+    "Supervised fine-tuning (TRL SFTTrainer) on conversational data.",
+    order=20,
+    artifacts=("model",),
+    metrics={"held_out": "eval_mean_reward"},
+)
 def run_sft(cfg: SFTStageConfig) -> dict:
     """Run the SFT stage; returns the stage record (also written to output_dir/stage.json)."""
     stage = Stage("sft", cfg, cfg.output_dir)
