@@ -289,8 +289,11 @@ def stage_state(
         if not has_partial_work(output_dir):
             return "new", ""
         started = partial_config(output_dir)
-        if started is not None:
-            old, new = _identity(started, config), config.identity()
+        if started is not None:  # where the dir lies is no part of it: a copied or moved run resumes
+            old, new = (
+                {k: v for k, v in d.items() if k != "output_dir"}
+                for d in (_identity(started, config), config.identity())
+            )
             if old != new:
                 return "config_changed", _diff(old, new)
         recorded = partial_inputs(output_dir)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -316,6 +317,10 @@ def test_an_unfinished_stage_whose_config_changed_restarts_instead_of_resuming(t
     assert json.loads((out / "checkpoints" / "config.json").read_text())["learning_rate"] == 1e-4
     write(out / "checkpoints" / "checkpoint-2" / "trainer_state.json", "{}")
     assert [(r["action"], r["reason"]) for r in recipe.plan()] == [
+        ("resume", "incomplete, resumes: unfinished run found")
+    ]
+    shutil.copytree(tmp_path / "w", tmp_path / "copy")  # the run copied elsewhere is the same run
+    assert [(r["action"], r["reason"]) for r in Recipe.load(path, workdir=str(tmp_path / "copy")).plan()] == [
         ("resume", "incomplete, resumes: unfinished run found")
     ]
 
