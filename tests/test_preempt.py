@@ -248,19 +248,19 @@ def fake_eval(root: Path, model: Path) -> Path:
     return stage
 
 
-def in_process_with_a_stop(argv: list[str], capsys) -> tuple[int, str]:
-    """``main(argv)`` with SIGTERM already received when it starts (a signal that arrives during
-    a command with no safe point acts the same: the handler only records it)."""
-    before = {sig: signal.getsignal(sig) for sig in preempt.SIGNALS}
+def in_process_with_a_stop(argv: list[str], capsys, sig: int = signal.SIGTERM) -> tuple[int, str]:
+    """``main(argv)`` with ``sig`` already received when it starts (a signal that arrives during
+    a command with no safe point acts the same: the handler only records it); (exit code, stderr)."""
+    before = {signum: signal.getsignal(signum) for signum in preempt.SIGNALS}
     capsys.readouterr()
     try:
         assert preempt.install() and not preempt.requested()
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), sig)
         code = main(argv)
     finally:
         preempt.reset()
-        for sig, handler in before.items():
-            signal.signal(sig, handler)
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
     return code, capsys.readouterr().err
 
 
@@ -373,16 +373,7 @@ def test_sigterm_stops_rs_after_a_shard_and_the_rerun_completes(tiny_model, demo
 def test_a_signal_after_the_last_safe_point_still_exits_3(tmp_path, capsys):
     """A stop that comes too late to cut a command short (here: before it starts, in-process) lets it
     finish, then exits 3 so a wrapper stops the pipeline there; the finished stage stays whole."""
-    before = {sig: signal.getsignal(sig) for sig in preempt.SIGNALS}
-    try:
-        assert preempt.install() and not preempt.requested()
-        os.kill(os.getpid(), signal.SIGUSR1)
-        code = main(["make-tiny-model", str(tmp_path / "tiny")])
-    finally:
-        preempt.reset()
-        for sig, handler in before.items():
-            signal.signal(sig, handler)
-    err = capsys.readouterr().err
+    code, err = in_process_with_a_stop(["make-tiny-model", str(tmp_path / "tiny")], capsys, signal.SIGUSR1)
     assert code == EXIT_INTERRUPTED
     assert err.strip().splitlines()[-1] == (
         "align make-tiny-model: interrupted: SIGUSR1 received; the command finished first, a rerun is a no-op"
