@@ -14,6 +14,7 @@ import fcntl
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,24 @@ def run_align(*args: str, timeout: float = 900, check: bool = False) -> subproce
     if check and proc.returncode != 0:
         raise AssertionError(f"align {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
+
+
+def accelerate_2proc() -> list[str]:
+    """`accelerate launch` with configs/accelerate/cpu_2proc.yaml on a free rendezvous port: the
+    config's default port (29500) is taken when two launches run at once (parallel test workers,
+    or two jobs on one machine), and torch's rendezvous then fails with EADDRINUSE."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"
+    return [
+        str(Path(sys.executable).parent / "accelerate"),
+        "launch",
+        "--config_file",
+        str(config),
+        "--main_process_port",
+        str(port),
+    ]
 
 
 def real_data(name: str) -> Path:

@@ -6,17 +6,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import ROOT, read_jsonl
+from conftest import ROOT, accelerate_2proc, read_jsonl
 
 pytestmark = pytest.mark.slow
-
-ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 
 
 def test_two_cpu_processes(tiny_model, demo_data, tmp_path):
@@ -49,10 +46,7 @@ def test_two_cpu_processes(tiny_model, demo_data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [
-            ACCELERATE,
-            "launch",
-            "--config_file",
-            str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"),
+            *accelerate_2proc(),
             "-m",
             "align",
             "dpo",

@@ -6,12 +6,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
-from pathlib import Path
 
-from conftest import ROOT, read_jsonl
-
-ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+from conftest import ROOT, accelerate_2proc, read_jsonl
 
 
 def test_two_cpu_processes(sft_model, demo_data, tmp_path):
@@ -47,10 +43,7 @@ def test_two_cpu_processes(sft_model, demo_data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [
-            ACCELERATE,
-            "launch",
-            "--config_file",
-            str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"),
+            *accelerate_2proc(),
             "-m",
             "align",
             "rlhf",

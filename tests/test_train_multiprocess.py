@@ -12,15 +12,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, read_jsonl, run_align
-
-ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+from conftest import ROOT, accelerate_2proc, read_jsonl, run_align
 
 AUDIT = """
 import json, os, sys
@@ -84,10 +81,7 @@ def _launch(command: str, flags: list, out: Path, audit: Path) -> list[dict]:
     }
     proc = subprocess.run(
         [
-            ACCELERATE,
-            "launch",
-            "--config_file",
-            str(ROOT / "configs" / "accelerate" / "cpu_2proc.yaml"),
+            *accelerate_2proc(),
             "-m",
             "align",
             command,
