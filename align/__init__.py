@@ -18,15 +18,15 @@ __version__ = "0.1.0"
 
 # The names that are not a command's (those come from ``align.stages.api``: read from the source).
 _LAZY = {
-    "make_tiny_model": "align.tiny",
-    "write_demo_data": "align.demo",
-    "load_dataset": "align.data",
-    "load_rows": "align.data",
-    "evaluate": "align.evaluation",
-    "AlignError": "align.errors",
-    "Recipe": "align.recipe",
-    "workdir_status": "align.status",
-    "write_report": "align.status",
+    "make_tiny_model": "align.tasks.tiny",
+    "write_demo_data": "align.tasks.demo",
+    "load_dataset": "align.training.data",
+    "load_rows": "align.training.data",
+    "evaluate": "align.training.evaluation",
+    "AlignError": "align.core.errors",
+    "Recipe": "align.pipeline.recipe",
+    "workdir_status": "align.pipeline.status",
+    "write_report": "align.pipeline.status",
 }
 
 

@@ -1,12 +1,12 @@
 """The ``align`` command line: ``align <command> [--config FILE.yaml] [--key value ...]``.
 
 A thin layer, as in TRL's CLI, on top of the stages: each command registers (typed config class,
-run function) in ``align.registry.COMMANDS``; this module imports the modules that register them
+run function) in ``align.core.registry.COMMANDS``; this module imports the modules that register them
 (no stage imports this one) before it runs a command, and reads the overview (``align --help``)
 from their source without importing them, so it starts without torch. The run functions are the same ones the Python API exposes. User
 errors (``AlignError``) become one line on stderr and exit code 2; ``--debug`` shows the traceback.
 A write that fails for want of space becomes one line naming the file, exit code 1 (``WriteError``).
-SIGTERM/SIGUSR1 stop a command at its next safe point with exit code 3 (``align.preempt``).
+SIGTERM/SIGUSR1 stop a command at its next safe point with exit code 3 (``align.core.preempt``).
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ import sys
 import traceback
 from pathlib import Path
 
-from align import preempt, stages
-from align.config import help_text, parse_config
-from align.errors import EXIT_INTERRUPTED, AlignError, Interrupted
-from align.registry import COMMANDS
+from align import stages
+from align.core import preempt
+from align.core.config import help_text, parse_config
+from align.core.errors import EXIT_INTERRUPTED, AlignError, Interrupted
+from align.core.registry import COMMANDS
 
 
 def _load_commands() -> None:
@@ -78,7 +79,7 @@ def _quiet_libraries() -> None:
 def _write_error(err: Exception, config) -> AlignError | None:
     """A write that failed for want of space anywhere in the command, as one ``WriteError`` line naming
     the file (the newest one in the command's output_dir when the error does not say which)."""
-    from align.stage import write_error
+    from align.core.stage_dir import write_error
 
     return write_error(err, Path(getattr(config, "output_dir", None) or "."))
 

@@ -60,7 +60,7 @@ from machine import (
 
 ROOT = Path(__file__).resolve().parents[1]
 LR, SEED = 1e-4, 0
-LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05}  # align's defaults (align/models.py)
+LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05}  # align's defaults (align/training/models.py)
 
 
 def worker_trl(model: str, pairs: str, work: Path, opts: dict) -> dict:
@@ -68,7 +68,7 @@ def worker_trl(model: str, pairs: str, work: Path, opts: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    from align.data import load_rows
+    from align.training.data import load_rows
 
     rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in load_rows(pairs, "preference")]
     args = DPOConfig(
@@ -115,7 +115,7 @@ def worker_trl(model: str, pairs: str, work: Path, opts: dict) -> dict:
 
 
 def worker_align(model: str, pairs: str, work: Path, opts: dict, precompute: bool, out: str) -> dict:
-    from align.config import parse_config
+    from align.core.config import parse_config
     from align.stages.dpo import DPOStageConfig, run_dpo
 
     if out == "align_cache_miss":  # every miss run starts from an empty cache and leaves it filled for the hits
@@ -207,9 +207,9 @@ def prepare_inputs(
 ) -> tuple[str, str]:
     """The policy (a folder, ``smollm2``, else a fresh tiny llama) and the pairs file (``demo``:
     written here; ``max_pairs``: the first N pairs, written here)."""
-    from align.data import load_rows
-    from align.demo import write_demo_data
-    from align.tiny import make_tiny_model
+    from align.tasks.demo import write_demo_data
+    from align.tasks.tiny import make_tiny_model
+    from align.training.data import load_rows
 
     model = (
         resolve_model(model) if model else make_tiny_model(work / "tiny", arch="llama", tokenizer=tokenizer, seed=0)

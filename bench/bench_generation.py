@@ -54,8 +54,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from align.demo import write_demo_data  # noqa: E402
-from align.tiny import make_tiny_model  # noqa: E402
+from align.tasks.demo import write_demo_data  # noqa: E402
+from align.tasks.tiny import make_tiny_model  # noqa: E402
 from sampling import SamplingParams, build_engine  # noqa: E402
 
 from machine import (  # noqa: E402
@@ -237,7 +237,7 @@ def main() -> None:
     result = {
         "model": args.model
         if args.model
-        else f"tiny random llama/{args.tokenizer} (align.tiny, seed 0, hidden {args.hidden_size}, {args.layers} layers)",
+        else f"tiny random llama/{args.tokenizer} (align.tasks.tiny, seed 0, hidden {args.hidden_size}, {args.layers} layers)",
         "enforce_eager": eager,
         "engines_start_seconds": round(engine_start, 1),
         "kv_cache_gb": kv_gb,

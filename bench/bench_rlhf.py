@@ -30,7 +30,7 @@ Also measured:
   plain ``log_softmax(...).gather``, the GRPO-style loss and its backward; then clip and AdamW)
   -- goal: within 1.3x; medians over iterations. The bare loop runs twice: under glibc's defaults
   (each step's activations are mapped, freed and faulted back in) and with glibc keeping freed
-  memory as ``align rlhf`` does (``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_``, align/heap.py), so
+  memory as ``align rlhf`` does (``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_``, align/core/heap.py), so
   the ratio is also quoted against the faster, fairer loop;
 * every side runs its forward/backward passes ``--micro_batch`` rows at a time (ours:
   ``--forward_batch_size``; TRL: ``per_device_train_batch_size`` with gradient accumulation up to
@@ -60,13 +60,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from align.heap import KEEP_TRIM_THRESHOLD  # noqa: E402
+from align.core.heap import KEEP_TRIM_THRESHOLD  # noqa: E402
 
 from machine import cpu_info, matmul_peak_gflops, parameter_count, peak_fraction, resolve_model, write_result  # noqa: E402
 from real_prompts import CONTEXT, default_dataset, fitting_rows  # noqa: E402  (bench/, beside this file)
 
 MAX_CHARS = 40  # length_penalty's budget on real prompts: rewards vary, so advantages are not all zero
-LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05}  # align's defaults (align/models.py), given to TRL too
+LORA = {
+    "r": 16,
+    "lora_alpha": 32,
+    "lora_dropout": 0.05,
+}  # align's defaults (align/training/models.py), given to TRL too
 
 TRL_SCRIPT = r"""
 import json, sys
@@ -291,7 +295,7 @@ def bare_loop(spec: dict) -> dict:
     return {"train_seconds_per_iteration": [round(s, 3) for s in seconds], "trained_tokens_per_iteration": tokens}
 
 
-# glibc's environment twins of the mallopt calls in align/heap.py: the bare loop then keeps its freed
+# glibc's environment twins of the mallopt calls in align/core/heap.py: the bare loop then keeps its freed
 # memory as `align rlhf` does, instead of faulting each step's activations back in.
 HEAP_KEPT_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(KEEP_TRIM_THRESHOLD)}
 
@@ -379,8 +383,8 @@ def main() -> None:
 
     import torch
 
-    from align.demo import write_demo_data
-    from align.tiny import make_tiny_model
+    from align.tasks.demo import write_demo_data
+    from align.tasks.tiny import make_tiny_model
 
     peak = matmul_peak_gflops(torch.get_num_threads())
     with tempfile.TemporaryDirectory() as d:

@@ -7,7 +7,7 @@ Both paths score the same (prompt, response) texts with the same model and batch
 similar length, so each batch pads to nearly its own length; fixed-order batches pad every
 sequence to the longest in a random mix. Responses have lengths spread like sampled outputs
 (uniform from a few characters to --max_chars). Without --model a tiny random Llama reward
-model (align.tiny, char tokenizer) is built in a temp dir. Prints a table and writes
+model (align.tasks.tiny, char tokenizer) is built in a temp dir. Prints a table and writes
 bench/results/rm_scoring.json. Wall-clock seq/s is the headline; seq per CPU-second is also
 reported because it stays comparable when other jobs share the machine.
 """
@@ -28,7 +28,7 @@ from machine import write_result  # bench/, beside this file
 def tiny_reward_model(folder: Path) -> Path:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from align.tiny import make_tiny_model
+    from align.tasks.tiny import make_tiny_model
 
     source = make_tiny_model(folder / "lm", arch="llama", tokenizer="char", seed=0)
     tok = AutoTokenizer.from_pretrained(source)
@@ -124,7 +124,7 @@ def main() -> None:
         )
     print(f"max |score difference| between the two: {max_diff:.2e}")
     report = {
-        "model": args.model or "tiny llama RM (align.tiny, char tokenizer)",
+        "model": args.model or "tiny llama RM (align.tasks.tiny, char tokenizer)",
         "texts": args.texts,
         "batch_size": args.batch_size,
         "threads": args.threads,

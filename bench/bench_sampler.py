@@ -48,7 +48,7 @@ def main() -> None:
 
     import vllm._C  # noqa: F401  (registers torch.ops._C.fused_gumbel_argmax)
 
-    from align.heap import keep_freed_memory
+    from align.core.heap import keep_freed_memory
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

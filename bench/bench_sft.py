@@ -43,7 +43,7 @@ from machine import (
 ROOT = Path(__file__).resolve().parents[1]
 REAL_ROWS = ROOT.parent / "shared" / "data" / "real" / "alpaca_en_demo.json"
 LR, SEED = 1e-4, 0
-LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05}  # align's defaults (align/models.py)
+LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05}  # align's defaults (align/training/models.py)
 
 
 def worker_trl(model: str, rows: str, work: Path, opts: dict) -> dict:
@@ -100,7 +100,7 @@ def worker_trl(model: str, rows: str, work: Path, opts: dict) -> dict:
 
 
 def worker_align(model: str, rows: str, work: Path, opts: dict) -> dict:
-    from align.config import parse_config
+    from align.core.config import parse_config
     from align.stages.sft import SFTStageConfig, run_sft
 
     started = time.time()
@@ -161,9 +161,9 @@ def prepare_inputs(work: Path, model: str | None, rows: str, max_rows: int | Non
     """The model (a folder, ``smollm2``, else a fresh tiny llama) and the rows both sides train on:
     ``rows`` (any format align reads; ``demo``: the demo task's) as conversational prompt/completion
     JSONL, the first ``max_rows`` of them."""
-    from align.data import load_dataset
-    from align.demo import write_demo_data
-    from align.tiny import make_tiny_model
+    from align.tasks.demo import write_demo_data
+    from align.tasks.tiny import make_tiny_model
+    from align.training.data import load_dataset
 
     model = resolve_model(model) if model else make_tiny_model(work / "tiny", arch="llama", tokenizer="bpe", seed=0)
     if rows == "demo":

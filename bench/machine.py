@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-PACKAGED_MODELS = ("smollm2",)  # names align.gguf.packaged_gguf knows
+PACKAGED_MODELS = ("smollm2",)  # names align.core.gguf.packaged_gguf knows
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"  # the real data sets the benchmarks read, beside the repository
 
@@ -102,10 +102,10 @@ def matmul_peak_gflops(threads: int, size: int = 2048, reps: int = 5) -> float:
 
 def resolve_model(name: str) -> str:
     """A model folder, a .gguf file, or a packaged model's name (``smollm2``) -> a folder to load."""
-    from align.models import resolve_model_path
+    from align.training.models import resolve_model_path
 
     if name in PACKAGED_MODELS:
-        from align.gguf import packaged_gguf
+        from align.core.gguf import packaged_gguf
 
         name = str(packaged_gguf(name))
     return resolve_model_path(name)

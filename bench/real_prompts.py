@@ -24,7 +24,7 @@ def fitting_rows(dataset: str, model: str | Path, n: int, max_tokens: int) -> li
     ``model``'s chat template, leaves ``max_tokens`` free in the context."""
     from transformers import AutoTokenizer
 
-    from align.evaluation import load_prompts
+    from align.training.evaluation import load_prompts
     from sampling.base import encode_prompts
 
     rows = load_prompts(dataset)

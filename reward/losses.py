@@ -29,8 +29,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from align.errors import DataError
-from align.registry import Registry
+from align.core.errors import DataError
+from align.core.registry import Registry
 
 # AFM's soft labels for "significantly / better / slightly / negligibly better" (docs/methods.md).
 SOFT_LABELS: dict[str, float] = {"significantly": 0.95, "better": 0.85, "slightly": 0.75, "negligibly": 0.65}

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from align.errors import ModelError
+from align.core.errors import ModelError
 from sampling.logprobs import pad_batch
 
 REWARD_LABEL = "reward"

@@ -23,8 +23,8 @@ import importlib
 import re
 from typing import Callable
 
-from align.errors import ConfigError, DataError
-from align.registry import Registry
+from align.core.errors import ConfigError, DataError
+from align.core.registry import Registry
 
 Rule = Callable[..., float]
 

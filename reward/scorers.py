@@ -22,8 +22,8 @@ import importlib
 import math
 from typing import Any, Callable, Protocol
 
-from align.errors import ConfigError, DataError
-from align.registry import Registry
+from align.core.errors import ConfigError, DataError
+from align.core.registry import Registry
 from reward.rules import get_rule
 
 

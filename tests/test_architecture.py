@@ -22,19 +22,25 @@ PACKAGES = ("align", "reward", "sampling")
 # is in "training".
 CORE = {
     "align",
-    "align.errors",
-    "align.registry",
-    "align.config",
-    "align.rank",
-    "align.stage",
-    "align.fingerprint",
-    "align.integrity",
-    "align.heap",
-    "align.preempt",
-    "align.gguf",
+    "align.core.errors",
+    "align.core.registry",
+    "align.core.config",
+    "align.core.rank",
+    "align.core.stage_dir",
+    "align.core.fingerprint",
+    "align.core.integrity",
+    "align.core.heap",
+    "align.core.preempt",
+    "align.core.gguf",
 }
-STAGES = {"align.stages", "align.commands"}
-PIPELINE = {"align.pipeline", "align.runner", "align.status", "align.recipe", "align.stages.run"}
+STAGES = {"align.stages", "align.stages.utilities"}
+PIPELINE = {
+    "align.pipeline.plan",
+    "align.pipeline.runner",
+    "align.pipeline.status",
+    "align.pipeline.recipe",
+    "align.stages.run",
+}
 CLI = {"align.cli", "align.__main__", "align.docs"}
 LAYERS = ("core", "sampling and reward", "training", "stages", "pipeline", "cli")
 

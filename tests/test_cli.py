@@ -69,7 +69,7 @@ def test_docs_are_generated_from_configs():
 def test_every_shipped_config_parses(path):
     """configs/demo_COMMAND.yaml parses as COMMAND's config and every value it sets lands there."""
     from align.cli import _load_commands
-    from align.config import fields_of, load_yaml, parse_config
+    from align.core.config import fields_of, load_yaml, parse_config
 
     _load_commands()
     command = COMMANDS[path.stem.removeprefix("demo_")]

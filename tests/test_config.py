@@ -8,8 +8,8 @@ from typing import ClassVar, Literal
 
 import pytest
 
-from align.config import BaseConfig, coerce, help_text, markdown, option, parse_config, required
-from align.errors import ConfigError
+from align.core.config import BaseConfig, coerce, help_text, markdown, option, parse_config, required
+from align.core.errors import ConfigError
 
 
 @dataclasses.dataclass

@@ -1,4 +1,4 @@
-"""Tests for align.data: sources, per-format normalization, validation messages, real samples."""
+"""Tests for align.training.data: sources, per-format normalization, validation messages, real samples."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from align import data
-from align.data import FORMATS, load_dataset, load_rows, normalize_row, read_records
-from align.errors import AlignError, DataError
+from align.core.errors import AlignError, DataError
+from align.training import data
+from align.training.data import FORMATS, load_dataset, load_rows, normalize_row, read_records
 
 from conftest import real_data
 

@@ -1,4 +1,4 @@
-"""align.demo: the two-digit addition datasets."""
+"""align.tasks.demo: the two-digit addition datasets."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from align.demo import DEMO_PROMPT_RE, answer_of, write_demo_data, wrong_answer
-from align.errors import ConfigError, DataError
+from align.core.errors import ConfigError, DataError
+from align.tasks.demo import DEMO_PROMPT_RE, answer_of, write_demo_data, wrong_answer
 
 FILES = ["sft", "prompts", "test", "pairs"]
 

@@ -10,8 +10,8 @@ import shutil
 import pytest
 
 from align.cli import main
+from align.pipeline.status import key_metrics
 from align.stages.distill import heldout_kl, teacher_sequences, vocab_mismatch
-from align.status import key_metrics
 
 from conftest import read_jsonl, run_align
 
@@ -76,7 +76,7 @@ def test_heldout_kl_to_the_teacher_falls(distilled, sft_model, demo_data):
     # The saved student reproduces the recorded figure; the teacher against itself is at 0.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from align.evaluation import load_prompts
+    from align.training.evaluation import load_prompts
 
     tok = AutoTokenizer.from_pretrained(sft_model)
     teacher = AutoModelForCausalLM.from_pretrained(sft_model)
@@ -183,7 +183,7 @@ def test_an_on_policy_step_weighs_as_much_as_a_fixed_one(tmp_path, tiny_model):
     from trl.import_utils import TRLExperimentalWarning
 
     from align.stages.distill import gkd_trainer_class
-    from align.tiny import make_tiny_model
+    from align.tasks.tiny import make_tiny_model
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TRLExperimentalWarning)
@@ -250,7 +250,7 @@ def test_bad_options_exit_2_with_one_line(capsys, flags, message):
 
 
 def test_distill_is_a_recipe_stage_kind(tmp_path):
-    from align.recipe import Recipe, stage_kinds
+    from align.pipeline.recipe import Recipe, stage_kinds
 
     assert "distill" in stage_kinds()
     recipe = tmp_path / "r.yaml"

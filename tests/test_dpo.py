@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from align.cli import main
-from align.config import parse_config
-from align.errors import ConfigError, DataError
+from align.core.config import parse_config
+from align.core.errors import ConfigError, DataError
 from align.stages.dpo import LOSSES, DPOStageConfig, build_trainer, filter_pairs, resolve_losses, run_dpo
 
 from conftest import ROOT, read_jsonl, run_align
@@ -130,7 +130,7 @@ def test_filter_pairs_errors_name_the_row():
 def test_formatting_tokens_come_from_the_chat_template(tiny_model):
     from transformers import AutoTokenizer
 
-    from align.dpo_trainer import formatting_token_ids
+    from align.training.dpo_trainer import formatting_token_ids
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     ids = formatting_token_ids(tok)
@@ -160,7 +160,7 @@ def policy_pair(tiny_model, tmp_path_factory):
 def _trainer(policy, reference, pairs, tmp_path, *flags):
     import datasets
 
-    from align.stage import Stage
+    from align.core.stage_dir import Stage
 
     cfg = config(
         "--model_name_or_path",
@@ -481,7 +481,7 @@ def test_rerun_is_noop_and_reference_logps_come_from_the_cache(dpo_run, sft_mode
 
 
 def test_cache_key_changes_with_settings(policy_pair, demo_data, tmp_path):
-    from align.dpo_trainer import RefLogpsCache
+    from align.training.dpo_trainer import RefLogpsCache
 
     policy, reference = policy_pair
     pairs = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in read_jsonl(demo_data / "pairs.jsonl")[:4]]
@@ -505,9 +505,9 @@ def test_cache_key_covers_gguf_content_hub_commit_and_bf16(tmp_path, monkeypatch
     resolves to, and with bf16 (the reference pass runs under its autocast)."""
     import datasets
 
-    from align import dpo_trainer
-    from align.dpo_trainer import RefLogpsCache
     from align.stages.dpo import _reference_identity
+    from align.training import dpo_trainer
+    from align.training.dpo_trainer import RefLogpsCache
 
     monkeypatch.setenv("ALIGN_FINGERPRINT_CACHE", str(tmp_path / "fingerprints.json"))
     pairs = datasets.Dataset.from_list([{"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4]}])
@@ -624,7 +624,7 @@ def test_group_by_length_batches_pairs_of_similar_length(tiny_model, tmp_path):
     the sampler sorts within mega-batches of up to 50 batches, at most a quarter of the data.)"""
     import datasets
 
-    from align.stage import Stage
+    from align.core.stage_dir import Stage
 
     rng = __import__("random").Random(0)
     pairs = [
@@ -667,7 +667,7 @@ def test_cache_hit_and_miss_train_on_the_same_batches(policy_pair, demo_data, tm
     miss's reference DataLoader used to take a seed from it, and the hit trained on other batches)."""
     import datasets
 
-    from align.stage import Stage
+    from align.core.stage_dir import Stage
 
     policy, reference = policy_pair
     pairs = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in read_jsonl(demo_data / "pairs.jsonl")[:24]]

@@ -20,8 +20,8 @@ def test_two_cpu_processes(tiny_model, demo_data, tmp_path):
     import datasets
     from safetensors.torch import load_file
 
-    from align.config import parse_config
-    from align.stage import Stage
+    from align.core.config import parse_config
+    from align.core.stage_dir import Stage
     from align.stages.dpo import DPOStageConfig, build_trainer
 
     head = tmp_path / "pairs.jsonl"
@@ -81,7 +81,7 @@ def test_two_cpu_processes(tiny_model, demo_data, tmp_path):
         DPOStageConfig,
         [*map(str, flags), "--output_dir", str(tmp_path / "one"), "--ref_cache_dir", str(tmp_path / "cache1")],
     )
-    from align.data import load_rows
+    from align.training.data import load_rows
 
     train = datasets.Dataset.from_list(
         [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in load_rows(str(head), "preference")]

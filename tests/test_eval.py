@@ -7,7 +7,7 @@ import json
 import pytest
 
 from align.cli import main
-from align.config import parse_config
+from align.core.config import parse_config
 from align.stages.eval import EvalConfig, run_eval
 
 from conftest import read_jsonl, run_align

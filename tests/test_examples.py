@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from align.config import parse_config
+from align.core.config import parse_config
 from align.stages.rs import RSConfig
 
 from conftest import ROOT

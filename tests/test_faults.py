@@ -15,10 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from align import preempt
 from align.cli import main
-from align.config import parse_config
-from align.errors import Interrupted
+from align.core import preempt
+from align.core.config import parse_config
+from align.core.errors import Interrupted
 from align.stages.rs import RSConfig, run_rs
 from align.stages.sft import SFTStageConfig, run_sft
 

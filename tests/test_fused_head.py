@@ -1,11 +1,11 @@
-"""TRL's fused LM head set up for CPU (align/fused_head.py): labelled positions only, same numbers."""
+"""TRL's fused LM head set up for CPU (align/training/fused_head.py): labelled positions only, same numbers."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from align.fused_head import TOKENS_PER_TILE, VOCAB_PER_TILE, tune_fused_lm_head_for_cpu
+from align.training.fused_head import TOKENS_PER_TILE, VOCAB_PER_TILE, tune_fused_lm_head_for_cpu
 
 
 @pytest.fixture

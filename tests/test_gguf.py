@@ -62,8 +62,8 @@ def test_gguf_model_path_converts_once_into_cache(tmp_path, monkeypatch):
     """A .gguf path as model_name_or_path: converted into $XDG_CACHE_HOME/align/gguf/<sha256>, once."""
     import hashlib
 
-    from align import gguf as align_gguf
-    from align.models import resolve_model_path
+    from align.core import gguf as align_gguf
+    from align.training.models import resolve_model_path
 
     src = smollm2_gguf()
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))

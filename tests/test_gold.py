@@ -12,7 +12,7 @@ from align.rl.monitor import is_monitor_step, monitor_seed_keys, overoptimizatio
 from align.stages.eval import short_spec
 from align.stages.rlhf import rollout_seed_keys
 from align.stages.rm import noise_free_accuracy, score_order
-from align.text_metrics import distinct_n
+from align.training.text_metrics import distinct_n
 from sampling.select import STRATEGIES, Scored, SelectOptions, prefer_first
 
 from conftest import read_jsonl, run_align
@@ -123,7 +123,7 @@ def test_overoptimization_series_plots_every_score_against_the_kl(tmp_path):
 
 # -- prompts --------------------------------------------------------------------------------------
 def test_situation_prompts_hold_out_whole_situations(tmp_path):
-    from align.situations import SITUATIONS, TEMPLATES, write_situation_prompts
+    from align.tasks.situations import SITUATIONS, TEMPLATES, write_situation_prompts
 
     paths = write_situation_prompts(tmp_path, seed=0)
     train, test = read_jsonl(paths["prompts"]), read_jsonl(paths["test"])

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from align.errors import ConfigError
+from align.core.errors import ConfigError
 from sampling import cpu_sampler, vllm_engine
 from sampling.vllm_engine import RankInfo, check_colocated, engine_environment, engine_kwargs
 
@@ -167,7 +167,7 @@ def test_a_worker_without_the_v1_sampler_chain_or_off_the_cpu_is_left_alone():
 
 
 def test_the_heap_setting_and_thread_count_are_cpu_only(monkeypatch, fake_cuda_engine):
-    from align import heap
+    from align.core import heap
 
     seen = []
     monkeypatch.setattr(heap, "keep_freed_memory", lambda: seen.append("kept") or heap.contextlib.nullcontext())
@@ -206,7 +206,7 @@ def test_stage_json_records_the_sampler(tiny_model, demo_data, tmp_path):
 
 
 def test_bf16_mixed_precision_keeps_fp32_master_weights_for_a_full_fine_tune():
-    from align.models import ModelOptions, trainable_dtype
+    from align.training.models import ModelOptions, trainable_dtype
 
     opts = types.SimpleNamespace(
         **{f: getattr(ModelOptions, f, None) for f in ()},
@@ -298,7 +298,7 @@ class FakeModel:
 def loaded(monkeypatch):
     import transformers
 
-    from align import models
+    from align.training import models
 
     monkeypatch.setattr(
         transformers.AutoModelForCausalLM, "from_pretrained", staticmethod(lambda path, **kw: FakeModel(kw))

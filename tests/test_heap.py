@@ -1,4 +1,4 @@
-"""align/heap.py: rlhf keeps freed memory in the process (glibc), and gives it back after.
+"""align/core/heap.py: rlhf keeps freed memory in the process (glibc), and gives it back after.
 
 Each check runs in a fresh interpreter: in a test worker that has trained before, glibc may serve
 a 64 MiB block from free heap space it already holds, mmap setting or not."""
@@ -11,13 +11,13 @@ import sys
 
 import pytest
 
-from align import heap
+from align.core import heap
 
 pytestmark = pytest.mark.skipif(heap.glibc() is None, reason="glibc only (mallopt, mallinfo2)")
 
 PRELUDE = r'''
 import ctypes, json, os, sys
-from align import heap
+from align.core import heap
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in
@@ -119,5 +119,5 @@ print(json.dumps([len(seen), error, mmapped(), {n: hasattr(COMMANDS[n].run, "__w
     )
     assert (seen, error) == (1, "AttributeError")
     assert after >= MIB64  # undone when the stage failed
-    # measured: no gain worth their memory for the offline trainers (align/heap.py)
+    # measured: no gain worth their memory for the offline trainers (align/core/heap.py)
     assert wrapped == {"rlhf": True, "sft": False, "rm": False, "dpo": False}

@@ -1,4 +1,4 @@
-"""The CPU LoRA dropout (align/lora_dropout.py): nn.Dropout's distribution, gradients and reach."""
+"""The CPU LoRA dropout (align/training/lora_dropout.py): nn.Dropout's distribution, gradients and reach."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from align.lora_dropout import CpuFastDropout, _MaskedScale, keep_mask, use_fast_lora_dropout
+from align.training.lora_dropout import CpuFastDropout, _MaskedScale, keep_mask, use_fast_lora_dropout
 
 
 @pytest.mark.parametrize("p", [0.05, 0.5])
@@ -112,7 +112,7 @@ def test_use_fast_lora_dropout_replaces_every_lora_dropout_and_changes_no_weight
 
 @pytest.mark.slow
 def test_trainer_stages_train_with_the_fast_dropout(tmp_path, tiny_model, demo_data, monkeypatch):
-    from align.config import parse_config
+    from align.core.config import parse_config
     from align.stages.sft import SFTStageConfig, run_sft
 
     calls = []

@@ -8,8 +8,8 @@ import copy
 import pytest
 import torch
 
-from align.config import parse_config
-from align.errors import ConfigError
+from align.core.config import parse_config
+from align.core.errors import ConfigError
 from align.stages.rlhf import RLHFConfig, sync_engine
 
 

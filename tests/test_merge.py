@@ -10,14 +10,14 @@ import torch
 from safetensors.torch import load_file
 
 from align.cli import main
-from align.merging import slerp, warp
+from align.training.merging import slerp, warp
 from tests.conftest import run_align
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """Three same-architecture tiny llamas (seeds 1, 2, 3) and one of another hidden size."""
-    from align.tiny import make_tiny_model
+    from align.tasks.tiny import make_tiny_model
 
     root = tmp_path_factory.mktemp("merge_models")
     made = {

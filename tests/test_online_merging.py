@@ -184,12 +184,12 @@ def test_dpo_with_onties_trains_sparse_merged_updates(sft_model, tiny_model, dem
 
 def test_rlhf_online_dpo_step_with_ondare(tiny_model, tmp_path):
     """One online-DPO update (align rlhf's optimizer, no engine needed) through OnDARE."""
-    from align.config import parse_config
-    from align.models import load_causal_lm
+    from align.core.config import parse_config
     from align.rl.optimizers import get_optimizer
     from align.rl.rollout import build_rollouts, token_logprobs
     from align.stages.rlhf import RLHFConfig
-    from align.tiny import make_tiny_model
+    from align.tasks.tiny import make_tiny_model
+    from align.training.models import load_causal_lm
 
     sft = make_tiny_model(tmp_path / "sft", seed=1)  # stands in for an SFT model of the same architecture
     cfg = parse_config(
@@ -245,9 +245,9 @@ def test_rlhf_online_dpo_step_with_ondare(tiny_model, tmp_path):
 def test_dpo_resume_continues_the_same_merged_run(tiny_model, demo_data, tmp_path, crash_at_step_3):
     """Crash after the step-2 checkpoint, resume: the same weights as an uninterrupted run, so the
     checkpoint restored the sparsified tau, the Adam moments and the DARE generator."""
-    from align.config import parse_config
+    from align.core.config import parse_config
     from align.stages.dpo import DPOStageConfig, run_dpo
-    from align.tiny import make_tiny_model
+    from align.tasks.tiny import make_tiny_model
 
     sft = make_tiny_model(tmp_path / "sft", seed=1)  # the "SFT" policy; tiny_model is its "base"
     head = tmp_path / "pairs.jsonl"

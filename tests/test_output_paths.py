@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from align.cli import COMMANDS, _load_commands, main
-from align.errors import ConfigError
+from align.core.errors import ConfigError
 
 from conftest import ROOT, run_align
 
@@ -127,7 +127,7 @@ def test_console_script_one_line_no_traceback(tiny_model, demo_data, tmp_path):
 
 
 def test_usable_folders_pass_and_leave_nothing(tmp_path):
-    from align.config import check_output_dir
+    from align.core.config import check_output_dir
 
     check_output_dir(str(tmp_path / "new" / "deeper"), "output_dir")  # created later, by the stage
     check_output_dir(str(tmp_path), "output_dir")  # an existing folder

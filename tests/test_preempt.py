@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from align import preempt
 from align.cli import main
-from align.errors import EXIT_INTERRUPTED
-from align.evaluation import load_prompts
-from align.stage import shard_files
+from align.core import preempt
+from align.core.errors import EXIT_INTERRUPTED
+from align.core.stage_dir import shard_files
+from align.training.evaluation import load_prompts
 
 from conftest import ALIGN, ROOT, read_jsonl, run_align
 

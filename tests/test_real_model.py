@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from align.models import ModelOptions, load_tokenizer
+from align.training.models import ModelOptions, load_tokenizer
 from sampling.base import encode_prompts, render_prompts
 
 from conftest import ROOT, read_jsonl, real_data, run_align
@@ -133,7 +133,7 @@ def test_dpo_lora_masks_exactly_the_chatml_tokens(real_sft, workdir):
     and `<|im_end|>`. The role names after `<|im_start|>` are ordinary words of the vocabulary
     ("user", "assistant"), not masked: as in Llama 3, where the header's special delimiters are
     masked and the role word between them is not."""
-    from align.models import ModelOptions, load_tokenizer
+    from align.training.models import ModelOptions, load_tokenizer
 
     rows = json.loads(real_data("dpo_en_demo.json").read_text())[:8]
     data = workdir / "dpo8.json"
@@ -216,7 +216,7 @@ def minilm_rm(workdir) -> Path:
 def test_rs_scores_smollm2_samples_with_minilm_rm_and_numeric_rule(real_sft, minilm_rm, sums, workdir):
     """One rs run, K=4, scored by a committee: the MiniLM reward model (its own tokenizer reads the
     decoded text) + 10 x rule:numeric_answer. Both members are recomputed on the saved texts."""
-    from align.evaluation import columns, load_prompts, prompt_text
+    from align.training.evaluation import columns, load_prompts, prompt_text
     from reward.rules import numeric_answer
     from reward.scorers import build_scorer
 
@@ -307,7 +307,7 @@ def real_rlhf(real_sft, minilm_rm, sums, workdir) -> tuple[Path, list[dict]]:
     import subprocess
     import sys
 
-    from align.models import ModelOptions, load_tokenizer
+    from align.training.models import ModelOptions, load_tokenizer
 
     tok = load_tokenizer(ModelOptions(model_name_or_path=str(real_sft / "model")))
     prompt = [{"role": "user", "content": "What is 23+45?"}]

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 
 from align.cli import main
-from align.config import build_config
-from align.errors import ConfigError
-from align.fingerprint import DigestCache, fingerprint, input_fingerprints
-from align.recipe import Recipe, stage_kinds
-from align.stage import Stage, stage_state
+from align.core.config import build_config
+from align.core.errors import ConfigError
+from align.core.fingerprint import DigestCache, fingerprint, input_fingerprints
+from align.core.stage_dir import Stage, stage_state
+from align.pipeline.recipe import Recipe, stage_kinds
 from align.stages.eval import EvalConfig
 
 from conftest import ALIGN, ROOT, run_align
@@ -339,8 +339,8 @@ def test_an_unfinished_stage_whose_config_changed_restarts_instead_of_resuming(t
 
 
 def test_every_stage_declares_its_input_fields():
-    from align.config import fields_of
-    from align.recipe import commands, stage_kinds
+    from align.core.config import fields_of
+    from align.pipeline.recipe import commands, stage_kinds
 
     pathlike = {"model_name_or_path", "dataset", "eval_dataset", "ref_model", "reward", "eval_reward"}
     for kind in stage_kinds():
@@ -405,7 +405,7 @@ def test_second_run_exits_75_naming_the_holder_and_kill_9_frees_the_lock(tmp_pat
             textwrap.dedent(f"""
         import sys, time
         from pathlib import Path
-        from align.runner import WorkdirLock
+        from align.pipeline.runner import WorkdirLock
         with WorkdirLock(Path({str(workdir)!r})):
             print("held", flush=True)
             time.sleep(600)
@@ -444,7 +444,7 @@ def test_status_needs_only_the_workdir_and_reloads_the_recipe_run_json_names(tmp
     spelled any way; without the recipe, finished stages say they were not checked."""
     import shutil
 
-    from align.status import workdir_status
+    from align.pipeline.status import workdir_status
 
     clone = tmp_path / "clone"
     recipe = write(

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from align.errors import ConfigError
-from align.gguf import _HUB_ID
-from align.recipe import Recipe
+from align.core.errors import ConfigError
+from align.core.gguf import _HUB_ID
+from align.pipeline.recipe import Recipe
 
 from conftest import ALIGN, ROOT
 

@@ -1,4 +1,4 @@
-"""align.registry: the one registry every pluggable part uses, the registry-backed options' help,
+"""align.core.registry: the one registry every pluggable part uses, the registry-backed options' help,
 and the layering that keeps align/cli.py on top of the stages."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import sys
 import pytest
 
 from align.cli import _load_commands, main
-from align.config import field_rows, help_text, markdown, parse_config
-from align.errors import ConfigError
-from align.registry import COMMANDS, Registry
+from align.core.config import field_rows, help_text, markdown, parse_config
+from align.core.errors import ConfigError
+from align.core.registry import COMMANDS, Registry
 
 from conftest import ROOT
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from align.config import parse_config
+from align.core.config import parse_config
 from align.rl.optimizers import OPTIMIZERS
 from align.stages import rlhf
 from align.stages.distill import DistillStageConfig, run_distill
@@ -44,7 +44,7 @@ def data(demo_data, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory) -> Path:
     """Another tiny model of the same vocabulary for distillation to pull toward."""
-    from align.tiny import make_tiny_model
+    from align.tasks.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("teacher") / "model", arch="llama", tokenizer="char", seed=1)
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from align.errors import ConfigError, DataError
+from align.core.errors import ConfigError, DataError
 from reward.losses import (
     IGNORE_GRADE,
     LOSSES,

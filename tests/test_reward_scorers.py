@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from align.errors import ConfigError, DataError, ModelError
+from align.core.errors import ConfigError, DataError, ModelError
 from reward.model import RewardModel, encode, length_batches
 from reward.rules import get_rule
 from reward.scorers import COMBINERS, build_scorer, check_finite, z_normalize
@@ -132,7 +132,7 @@ def llama_rm(tiny_model, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def bpe_policy(tmp_path_factory) -> Path:
-    from align.tiny import make_tiny_model
+    from align.tasks.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("bpe") / "tiny", arch="qwen2", tokenizer="bpe", seed=1)
 

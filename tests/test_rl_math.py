@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from align.errors import ConfigError
+from align.core.errors import ConfigError
 from align.rl import estimators as est
 from align.rl import losses as L
 from align.rl.optimizers import OPTIMIZERS, PolicyOptimizer, get_optimizer
@@ -112,7 +112,7 @@ def test_sequence_clipped_surrogate_clips_one_ratio_per_response():
 def test_rloo_loss_is_per_sequence():
     """RLOO's loss on two responses of one prompt (scores 1 and 0: leave-one-out advantages +1
     and -1) is the sequence-ratio surrogate above, not the per-token one ((2.2 - 0.9) / 3)."""
-    from align.config import parse_config
+    from align.core.config import parse_config
     from align.rl.rollout import Rollouts
     from align.stages.rlhf import RLHFConfig
 
@@ -159,7 +159,7 @@ def test_chosen_nll_is_the_mean_over_every_chosen_token():
 
 def test_online_dpo_nll_term_pools_the_chosen_tokens():
     """Online DPO's NLL stat on two pairs whose chosen responses have 1 and 3 tokens."""
-    from align.config import parse_config
+    from align.core.config import parse_config
     from align.rl.rollout import Rollouts
     from align.stages.rlhf import RLHFConfig
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from align.config import parse_config
+from align.core.config import parse_config
 from align.rl.optimizers import get_optimizer
 from align.rl.rollout import build_rollouts
 from align.stages.rlhf import RLHFConfig
@@ -16,7 +16,7 @@ def _lora_policy(tiny_model, cfg):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from align.models import peft_config
+    from align.training.models import peft_config
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_model, attention_dropout=0.1)

@@ -128,7 +128,7 @@ def test_vllm_logprobs_at_a_temperature_equal_the_losss(sft_vllm, sft_model):
 
 
 def test_rlhf_refuses_nucleus_sampling_and_zero_temperature(tmp_path):
-    from align.errors import ConfigError
+    from align.core.errors import ConfigError
     from align.stages.rlhf import RLHFConfig
 
     base = dict(
@@ -277,8 +277,8 @@ def _rl_args(model, data, out, *extra):
 
 
 def test_kill_and_resume_reproduces_next_batch(tmp_path, sft_model, small_prompts):
-    from align.evaluation import load_prompts
     from align.stages.rlhf import batch_indices
+    from align.training.evaluation import load_prompts
 
     out = tmp_path / "rl"
     args = _rl_args(sft_model, small_prompts, out)
@@ -313,8 +313,8 @@ def test_kill_and_resume_reproduces_next_batch(tmp_path, sft_model, small_prompt
 
 
 def test_nan_reward_stops_naming_prompt_and_keeps_checkpoint(tmp_path, sft_model, small_prompts):
-    from align.evaluation import load_prompts
     from align.stages.rlhf import batch_indices
+    from align.training.evaluation import load_prompts
 
     ids = [r["prompt_id"] for r in load_prompts(str(small_prompts)) if r["prompt_id"] != "too_long"]
     seen = {ids[i] for it in range(2) for i in batch_indices(len(ids), 8, it, seed=0)}

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from align.cli import main
-from align.config import parse_config
+from align.core.config import parse_config
+from align.core.stage_dir import Stage
 from align.rl.optimizers import get_optimizer
 from align.rl.rollout import build_rollouts
-from align.stage import Stage
 from align.stages.rlhf import RLHFConfig, load_checkpoint, restore_rng, save_checkpoint
 
 from conftest import ROOT
@@ -44,7 +44,7 @@ def _policy(cfg):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from align.models import peft_config
+    from align.training.models import peft_config
 
     policy = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path)
     lora = peft_config(cfg)
@@ -151,7 +151,7 @@ def test_resume_from_a_checkpoint_of_another_model_fails_in_one_line(
     other, message, tiny_model, demo_data, tmp_path, capsys
 ):
     """A checkpoint written for another model must not half-load: exit 2, one line, nothing written."""
-    from align.tiny import make_tiny_model
+    from align.tasks.tiny import make_tiny_model
 
     shape = {"fewer_layers": {"num_layers": 2}, "narrower": {"hidden_size": 64}, "lora": {}}[other]
     source = make_tiny_model(tmp_path / "other", **shape) if shape else tiny_model

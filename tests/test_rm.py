@@ -47,8 +47,8 @@ def test_rm_on_demo_pairs(rm_run, rm_model, rm_pairs):
 
     # `model:` loads the saved model directly and reproduces the stage's eval figures on the
     # same held-out rows (eval_split 0.05 shuffled with seed 0)
-    from align.data import load_rows
     from align.stages.rm import _split
+    from align.training.data import load_rows
 
     held_out = _split(load_rows(str(rm_pairs), "preference"), 0.05, 0)[1]
     scorer = build_scorer(f"model:{rm_model}")

@@ -13,10 +13,10 @@ import datasets
 import pytest
 
 from align.cli import main
-from align.config import parse_config
-from align.data import load_rows
-from align.stage import shard_files
+from align.core.config import parse_config
+from align.core.stage_dir import shard_files
 from align.stages.rs import RSConfig, run_rs
+from align.training.data import load_rows
 from sampling import ENGINES, STRATEGIES, SamplingParams
 
 import rs_scorers
@@ -92,7 +92,7 @@ def test_best_of_k_data_is_far_more_accurate_than_greedy(sft_vllm, sft_model, de
     assert s["truncated_frac"] == sum(t["finish_reason"] == "length" for t in table) / len(table)
     assert json.loads((tmp_path / "rs" / "stage.json").read_text())["status"] == "complete"
     assert not (tmp_path / "rs" / "shards").exists()
-    # The data is SFT input as is (align.data reads the folder), and a rerun is a no-op.
+    # The data is SFT input as is (align.training.data reads the folder), and a rerun is a no-op.
     assert load_rows(str(tmp_path / "rs" / "data"), "sft")[0]["completion"] == rows[0]["completion"]
     assert run_rs(cfg, engine=sft_vllm)["finished_at"] == record["finished_at"]
 
@@ -299,7 +299,7 @@ def test_reward_model_with_another_tokenizer_scores_the_text(sft_vllm, sft_model
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from align.tiny import make_tiny_model
+    from align.tasks.tiny import make_tiny_model
     from reward.model import RewardModel
 
     base = make_tiny_model(tmp_path / "bpe", tokenizer="bpe", seed=1)

@@ -14,13 +14,13 @@ import datasets
 import pytest
 import torch
 
-from align import preempt
 from align.cli import main
-from align.data import load_rows
-from align.errors import EXIT_INTERRUPTED
-from align.stage import shard_files
+from align.core import preempt
+from align.core.errors import EXIT_INTERRUPTED
+from align.core.stage_dir import shard_files
+from align.pipeline.status import key_metrics
 from align.stages.rs import format_wins
-from align.status import key_metrics
+from align.training.data import load_rows
 from sampling import Scored, SelectOptions, get_strategy
 
 from conftest import ALIGN, ROOT, read_jsonl
@@ -216,8 +216,8 @@ def test_vllm_committee_loads_one_member_at_a_time(tiny_model, sft_model, demo_d
 def test_one_model_is_recorded_as_before_committees_existed(tmp_path):
     """A one-member list records as the string rs took before committees, so a stage finished then
     stays up to date (identity and input fingerprints alike); two members stay a list."""
-    from align.fingerprint import input_fingerprints
-    from align.stage import _identity
+    from align.core.fingerprint import input_fingerprints
+    from align.core.stage_dir import _identity
     from align.stages.rs import RSConfig
 
     (tmp_path / "m").mkdir()

@@ -11,9 +11,9 @@ import datasets
 import pytest
 
 from align.cli import main
-from align.config import parse_config
-from align.evaluation import load_prompts
+from align.core.config import parse_config
 from align.stages.rs import RSConfig, in_shard, run_rs
+from align.training.evaluation import load_prompts
 
 from conftest import ALIGN, ROOT, read_jsonl
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import reward
-from align.errors import ConfigError, DataError
+from align.core.errors import ConfigError, DataError
 from reward.rules import RULES, get_rule, register_rule
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from align.errors import ConfigError
+from align.core.errors import ConfigError
 from sampling import ENGINES, STRATEGIES, SamplingParams, Scored, SelectOptions, dedupe, get_strategy
 from sampling.engines import build_engine
 

@@ -1,13 +1,13 @@
 """A stage kind is one module: its ``@command(...)`` is all that the CLI, the recipes, ``align status``
-and the Python API read about it (align.registry, align.stages)."""
+and the Python API read about it (align.core.registry, align.stages)."""
 
 from __future__ import annotations
 
 import pytest
 
 from align.cli import _load_commands
-from align.registry import ARTIFACTS, COMMANDS, Command, command
-from align.status import key_metrics
+from align.core.registry import ARTIFACTS, COMMANDS, Command, command
+from align.pipeline.status import key_metrics
 
 _load_commands()
 
@@ -55,7 +55,7 @@ def test_key_metrics_leave_out_what_was_not_recorded_and_unknown_kinds():
 
 
 def test_declared_artifacts_and_wrapped_kinds():
-    from align.pipeline import stage_kinds, wrapped
+    from align.pipeline.plan import stage_kinds, wrapped
 
     assert {name: wrapped(name) for name in stage_kinds() if wrapped(name)} == {
         "make-tiny-model": "model",
@@ -85,8 +85,8 @@ def test_python_api_has_every_command_and_the_recipe_api():
     for name, cmd in COMMANDS.items():
         for obj in (cmd.run, cmd.config):
             assert obj.__name__ in names and getattr(align, obj.__name__) is obj, (name, obj.__name__)
-    from align.recipe import Recipe
-    from align.status import workdir_status, write_report
+    from align.pipeline.recipe import Recipe
+    from align.pipeline.status import workdir_status, write_report
 
     assert (align.Recipe, align.workdir_status, align.write_report) == (Recipe, workdir_status, write_report)
     for name in (
@@ -111,9 +111,9 @@ PLUGIN = '''
 
 import dataclasses
 
-from align.config import BaseConfig, option, required
-from align.registry import command
-from align.stage import Stage, read_stage
+from align.core.config import BaseConfig, option, required
+from align.core.registry import command
+from align.core.stage_dir import Stage, read_stage
 
 
 @dataclasses.dataclass
@@ -148,8 +148,8 @@ IN_PROCESS = """\
 import json
 import align
 from align.cli import _load_commands, declared_commands, main
-from align.registry import COMMANDS
-from align.stage import owned
+from align.core.registry import COMMANDS
+from align.core.stage_dir import owned
 
 _load_commands()
 print(json.dumps({"api": [align.run_echo_words.__module__, "run_echo_words" in align.__all__, "EchoWordsConfig" in align.__all__],

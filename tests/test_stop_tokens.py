@@ -21,7 +21,7 @@ PROMPTS = [[{"role": "user", "content": f"{a}+{b}="}] for a, b in [(12, 34), (5,
 @pytest.fixture(scope="module")
 def turn_sft(tmp_path_factory, demo_data) -> Path:
     """A base model with a separate EOS, after a short demo SFT (the format, not the sums)."""
-    from align.tiny import make_tiny_model
+    from align.tasks.tiny import make_tiny_model
 
     root = tmp_path_factory.mktemp("turn")
     base = make_tiny_model(root / "base", arch="llama", tokenizer="char", seed=0, end_of_text=True)
@@ -56,7 +56,7 @@ def _ids(tok):
 def test_turn_end_is_found_from_the_template(tiny_model, tmp_path):
     from transformers import AutoTokenizer
 
-    from align.tiny import make_tiny_model
+    from align.tasks.tiny import make_tiny_model
     from sampling.base import stop_ids, turn_end_id
 
     tok = AutoTokenizer.from_pretrained(make_tiny_model(tmp_path / "m", end_of_text=True))

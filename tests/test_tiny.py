@@ -1,4 +1,4 @@
-"""align.tiny: seeded random causal LMs that transformers and vLLM (CPU) both load."""
+"""align.tasks.tiny: seeded random causal LMs that transformers and vLLM (CPU) both load."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from align.errors import ConfigError
-from align.tiny import ARCHS, TOKENIZERS, make_tiny_model
+from align.core.errors import ConfigError
+from align.tasks.tiny import ARCHS, TOKENIZERS, make_tiny_model
 
 PROMPT = [{"role": "user", "content": "12+34="}]
 RENDERED = "<|user|>12+34=<|end|><|assistant|>"

@@ -121,10 +121,10 @@ def test_rlhf_tensorboard_scalars_equal_metrics(tiny_model, demo_data, tmp_path)
 
 def test_default_reports_nowhere(tmp_path):
     """No --report_to: TrainingArguments get none (transformers' own default would be "none" too)."""
-    from align.config import parse_config
-    from align.stage import Stage
+    from align.core.config import parse_config
+    from align.core.stage_dir import Stage
     from align.stages.sft import SFTStageConfig
-    from align.training import trl_args
+    from align.training.trainer import trl_args
 
     cfg = parse_config(
         SFTStageConfig, ["--model_name_or_path", "m", "--dataset", "d", "--output_dir", str(tmp_path / "o")]
@@ -179,8 +179,8 @@ def test_tracker_without_its_package_is_one_line():
     from transformers.integrations import get_available_reporting_integrations
     from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
-    from align.errors import ConfigError
-    from align.tracking import check_trackers
+    from align.core.errors import ConfigError
+    from align.training.tracking import check_trackers
 
     missing = sorted(
         set(INTEGRATION_TO_CALLBACK) - set(get_available_reporting_integrations()) - {"flyte", "kubeflow"}

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from align.config import parse_config
-from align.errors import ConfigError
+from align.core.config import parse_config
+from align.core.errors import ConfigError
 from align.rl import estimators as est
 from align.rl.optimizers import _sequence_advantage_loss, get_optimizer
 from align.rl.rollout import Rollouts, build_rollouts, mask_truncated, penalize_missing_eos, truncation_view
@@ -100,8 +100,8 @@ def _loss_gradients(tiny_model, cfg, rollouts):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from align.models import peft_config
     from align.stages.rlhf import make_reference
+    from align.training.models import peft_config
 
     torch.manual_seed(0)
     policy = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), peft_config(cfg))

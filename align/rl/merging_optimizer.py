@@ -36,8 +36,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from align.config import option
-from align.errors import ConfigError, ModelError, did_you_mean
+from align.core.config import option
+from align.core.errors import ConfigError, ModelError, did_you_mean
 
 # ---------------------------------------------------------------------------------------------
 # Pure update math

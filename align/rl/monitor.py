@@ -25,7 +25,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from align.config import option
+from align.core.config import option
 from reward.rules import RULES
 
 MONITOR_FILE = "monitor.jsonl"
@@ -75,8 +75,8 @@ def monitor_point(
     """Sample, score and measure one point of the monitor; returns its row."""
     import torch
 
-    from align.evaluation import score_candidates
     from align.rl.rollout import build_rollouts, token_logprobs
+    from align.training.evaluation import score_candidates
     from sampling.base import SamplingParams, encode_prompts
 
     params = SamplingParams(

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from align.registry import Registry
+from align.core.registry import Registry
 from align.rl import estimators as est
 from align.rl import losses as L
 from align.rl import parallel
@@ -51,7 +51,7 @@ def disable_dropout(model: nn.Module) -> None:
     is one; so is align's ``CpuFastDropout`` where the trainer stages put it) and, beyond TRL, zeroes the ``attention_dropout`` rate that Hugging Face attention
     modules apply functionally in train mode.
     """
-    from align.lora_dropout import CpuFastDropout
+    from align.training.lora_dropout import CpuFastDropout
 
     for module in model.modules():
         if isinstance(module, (nn.Dropout, CpuFastDropout)):

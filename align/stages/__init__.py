@@ -1,10 +1,10 @@
 """Stages: each is a typed config plus a run function, registered as an ``align`` command.
 
-A command module registers its commands with ``@command(...)`` (``align.registry``) and nothing else
+A command module registers its commands with ``@command(...)`` (``align.core.registry``) and nothing else
 lists it: the command modules are found, not kept in a list (``modules``):
 
-- ``align.commands`` (the utility commands: make-tiny-model, demo-data, ...);
-- every module of this package (one stage kind each, plus ``run``: run, status, report);
+- every module of this package (one stage kind each, ``run``: run, status, report, and
+  ``utilities``: make-tiny-model, demo-data, ...);
 - the module named by each entry point in the ``align.stages`` group of an installed package (a
   plugin: ``[project.entry-points."align.stages"] mykind = "mypkg.mykind"`` in its pyproject.toml).
 
@@ -24,8 +24,6 @@ import importlib.util
 import pkgutil
 from pathlib import Path
 
-# The command module outside this package.
-OUTSIDE = ("align.commands",)
 # The entry-point group of plugin stage modules.
 ENTRY_POINTS = "align.stages"
 
@@ -43,8 +41,8 @@ class Declared:
 
 
 def modules() -> list[str]:
-    """Every command module: ``OUTSIDE``, this package's modules (by name), then the plugins' (by entry point name)."""
-    found = [*OUTSIDE, *(f"{__name__}.{m.name}" for m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name))]
+    """Every command module: this package's modules (by name), then the plugins' (by entry point name)."""
+    found = [f"{__name__}.{m.name}" for m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name)]
     from importlib.metadata import entry_points
 
     for entry in sorted(entry_points(group=ENTRY_POINTS), key=lambda e: e.name):

@@ -19,7 +19,7 @@ it implements GKD as published. TRL's ``DistillationTrainer`` is on-policy only 
 responses), so it does not fit. Ours around it: the shared-vocabulary check before any weights
 are loaded (one line naming both models and sizes), the data normalization of ``align sft``
 (TRL, Alpaca or ShareGPT rows; the final assistant turn is the response), the stage output
-contract (``align.stage``: stage.json, metrics.jsonl, ``model/``, ``--resume``), the
+contract (``align.core.stage_dir``: stage.json, metrics.jsonl, ``model/``, ``--resume``), the
 held-out measure below, which GKDTrainer lacks, and the per-step normalization of
 ``StepMeanGKDTrainer``.
 
@@ -40,11 +40,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from align.config import BaseConfig, option, required
-from align.data import load_rows
-from align.errors import ConfigError, ModelError
-from align.evaluation import EvalOptions, load_prompts
-from align.models import (
+from align.core.config import BaseConfig, option, required
+from align.core.errors import ConfigError, ModelError
+from align.core.registry import command
+from align.core.stage_dir import CheckpointOptions, Stage, read_stage
+from align.training.data import load_rows
+from align.training.evaluation import EvalOptions, load_prompts
+from align.training.models import (
     DTYPES,
     ModelOptions,
     load_causal_lm,
@@ -54,9 +56,7 @@ from align.models import (
     resolve_model_path,
     save_model,
 )
-from align.registry import command
-from align.stage import CheckpointOptions, Stage, read_stage
-from align.training import TrainOptions, finish_training, resume_checkpoint, train_to_end, trl_args
+from align.training.trainer import TrainOptions, finish_training, resume_checkpoint, train_to_end, trl_args
 
 
 @dataclasses.dataclass
@@ -290,7 +290,7 @@ def run_distill(cfg: DistillStageConfig) -> dict:
         warnings.simplefilter("ignore", TRLExperimentalWarning)
         from trl.experimental.gkd import GKDConfig
 
-    from align.tracking import StageCallback, evaluate_trained
+    from align.training.tracking import StageCallback, evaluate_trained
 
     tokenizer = load_tokenizer(cfg)
     train = conversations(cfg.dataset)

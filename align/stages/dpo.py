@@ -4,20 +4,20 @@
         --dataset runs/demo/pairs.jsonl --eval_dataset runs/demo/test.jsonl --output_dir runs/dpo
     accelerate launch --config_file configs/accelerate/cpu_2proc.yaml -m align dpo ...   # 2 processes
 
-TRL's DPOTrainer computes the losses and runs the loop; ``align.dpo_trainer`` extends it with a
+TRL's DPOTrainer computes the losses and runs the loop; ``align.training.dpo_trainer`` extends it with a
 collator and a small subclass. What this stage adds, and where it departs from the papers:
 1. Losses by name from ``LOSSES`` (``--loss sigmoid,nll:0.2``), mapped to TRL's ``loss_type`` and
    ``loss_weights`` lists and summed. The default is Llama 3's: DPO plus 0.2 x the chosen
    response's NLL. TRL 1.16's ``sigmoid`` loss has no label smoothing, so the label-noise option
    is ``robust`` (Chowdhury et al. 2024), the unbiased form of cDPO's smoothing.
-2. Llama 3's formatting-token masking, on by default (see ``align.dpo_trainer``).
+2. Llama 3's formatting-token masking, on by default (see ``align.training.dpo_trainer``).
 3. The reference: ``--ref_model``, else the starting policy (with ``use_lora``: the base with the
    adapter disabled); its log-probs are precomputed once and cached on disk by default, so a
    rerun, a resumed run or a second epoch never recomputes them.
 4. Pair filtering before training, each step counted in stage.json: Llama 3's preference-strength
    filter (``keep_preferences``), pairs whose chosen equals rejected, repeated pairs, and
    near-identical pairs (``near_identical_ratio``); over-long prompts truncated or skipped.
-5. The stage contract (``align.stage``), ``--resume``, an optional greedy evaluation like
+5. The stage contract (``align.core.stage_dir``), ``--resume``, an optional greedy evaluation like
    ``align sft``'s, and multi-process runs under ``accelerate launch`` (only the main process
    writes stage.json, metrics and the model).
 6. ``--optimizer_merge ondare|onties``: Qwen2's Online Merging Optimizer in place of AdamW
@@ -32,15 +32,15 @@ import json
 import time
 from typing import Any, Literal
 
-from align.config import BaseConfig, option, required
-from align.errors import ConfigError, DataError
-from align.evaluation import EvalOptions
-from align.fingerprint import cache_dir
-from align.models import ModelOptions, load_causal_lm, load_tokenizer, peft_config, save_model
-from align.registry import Registry, command
+from align.core.config import BaseConfig, option, required
+from align.core.errors import ConfigError, DataError
+from align.core.fingerprint import cache_dir
+from align.core.registry import Registry, command
+from align.core.stage_dir import CheckpointOptions, Stage, read_stage
 from align.rl.merging_optimizer import OnlineMergingOptions
-from align.stage import CheckpointOptions, Stage, read_stage
-from align.training import TrainOptions, finish_training, resume_checkpoint, train_to_end, trl_args
+from align.training.evaluation import EvalOptions
+from align.training.models import ModelOptions, load_causal_lm, load_tokenizer, peft_config, save_model
+from align.training.trainer import TrainOptions, finish_training, resume_checkpoint, train_to_end, trl_args
 
 # ---------------------------------------------------------------------------------------------
 # Losses: our names -> TRL loss types with default weights
@@ -267,8 +267,8 @@ def run_dpo(cfg: DPOStageConfig) -> dict:
     # the trainer stack (seconds to import) only for a run that trains
     import datasets
 
-    from align.data import load_rows
-    from align.tracking import StageCallback, last_value
+    from align.training.data import load_rows
+    from align.training.tracking import StageCallback, last_value
 
     datasets.disable_progress_bars()
     rows, report = filter_pairs(load_rows(cfg.dataset, "preference"), cfg, cfg.dataset)
@@ -299,7 +299,7 @@ def run_dpo(cfg: DPOStageConfig) -> dict:
         "setup_seconds": round(setup_seconds, 2),
     }
     if cfg.eval_dataset:
-        from align.tracking import evaluate_trained
+        from align.training.tracking import evaluate_trained
 
         summary.update(evaluate_trained(trainer.model, tokenizer, cfg, stage))
     return finish_training(stage, cfg, summary, artifacts, ["loss", "rewards/accuracies", "rewards/margins"])
@@ -311,14 +311,14 @@ def build_trainer(cfg: DPOStageConfig, train, stage: Stage, callbacks: list | No
     ``precompute_ref_log_probs``) fills the reference log-probs from the cache or computes them."""
     from trl import DPOConfig
 
-    from align.dpo_trainer import (
+    from align.training.dpo_trainer import (
         LENGTH_COLUMN,
         AlignDPOTrainer,
         MaskingPreferenceCollator,
         RefLogpsCache,
         formatting_token_ids,
     )
-    from align.fused_head import tune_fused_lm_head_for_cpu
+    from align.training.fused_head import tune_fused_lm_head_for_cpu
 
     tokenizer = load_tokenizer(cfg)
     model = load_causal_lm(cfg)
@@ -366,7 +366,7 @@ def _reference_identity(cfg: DPOStageConfig, mask_ids: list[int]) -> dict[str, A
     """Everything besides the tokenized pairs that changes the reference log-probs."""
     from importlib.metadata import version
 
-    from align.dpo_trainer import model_identity
+    from align.training.dpo_trainer import model_identity
 
     return {
         "reference": model_identity(cfg.ref_model or cfg.model_name_or_path),

@@ -10,7 +10,7 @@ reports both the mean over all samples and ``best_of_k`` (pass@K for a 0/1 rewar
 answer) and the engine used, and ``eval.jsonl`` with each prompt's response(s), reward and
 finish reason(s). The quickstart's progress table is built from these stage.json files.
 
-Beside the reward (``align.text_metrics``): ``--judges`` scores the same answers with further
+Beside the reward (``align.training.text_metrics``): ``--judges`` scores the same answers with further
 scorers, each reported on its own (``judge_means``; e.g. a second judge that plays no part in
 training, or the reward model a policy was optimized against); every run reports the answers'
 ``mean_length`` (tokens) and ``distinct_2``; ``--reference_model`` adds ``reference_nll``, the
@@ -25,11 +25,11 @@ import json
 from pathlib import Path
 from typing import Any, ClassVar
 
-from align.config import BaseConfig, option, required
-from align.errors import ConfigError
-from align.evaluation import RewardOptions, check_scorer_accepts, evaluate, load_prompts
-from align.registry import command
-from align.stage import Stage, atomic_write_text, read_stage
+from align.core.config import BaseConfig, option, required
+from align.core.errors import ConfigError
+from align.core.registry import command
+from align.core.stage_dir import Stage, atomic_write_text, read_stage
+from align.training.evaluation import RewardOptions, check_scorer_accepts, evaluate, load_prompts
 from reward.rules import RULES
 from reward.scorers import build_scorer, check_finite
 from sampling.base import SamplingParams
@@ -92,9 +92,9 @@ class EvalConfig(RewardOptions, EngineOptions, BaseConfig):
 
 def text_report(cfg: EvalConfig, rows: list[dict], results: list[dict], judges: dict) -> dict:
     """Judges' means (their per-answer scores added to ``results`` in place), length, distinct-2
-    and the reference NLL of the answers (``align.text_metrics``)."""
-    from align.evaluation import columns, prompt_text
-    from align.text_metrics import distinct_n, reference_nll
+    and the reference NLL of the answers (``align.training.text_metrics``)."""
+    from align.training.evaluation import columns, prompt_text
+    from align.training.text_metrics import distinct_n, reference_nll
 
     answers = [r.get("responses") or [r["response"]] for r in results]
     flat_rows = [row for row, a in zip(rows, answers) for _ in a]

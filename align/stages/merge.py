@@ -4,7 +4,7 @@
     align merge --models runs/rl_a,runs/rl_b --method slerp --base runs/sft --t 0.5 --eta 0.5 \\
         --output_dir runs/warp
 
-Methods (``align.merging.METHODS``): Llama 3's model soup (``average``, weighted) and WARP's
+Methods (``align.training.merging.METHODS``): Llama 3's model soup (``average``, weighted) and WARP's
 spherical interpolation of task vectors with interpolation back toward the base (``slerp``, as
 Gemma 2 uses it). Each ``--models`` entry is a model folder or a stage dir: ``DIR/model`` is
 taken, or, for a LoRA run without a merged model, ``DIR/adapter`` merged into its base first.
@@ -24,11 +24,11 @@ import json
 from pathlib import Path
 from typing import Any, ClassVar
 
-from align.config import BaseConfig, option, required
-from align.errors import ConfigError, ModelError
-from align.merging import METHODS
-from align.registry import command
-from align.stage import Stage, read_stage, staging_dir
+from align.core.config import BaseConfig, option, required
+from align.core.errors import ConfigError, ModelError
+from align.core.registry import command
+from align.core.stage_dir import Stage, read_stage, staging_dir
+from align.training.merging import METHODS
 
 
 @dataclasses.dataclass

@@ -11,7 +11,7 @@ Each iteration, read top to bottom in ``run_rlhf``:
   5. the new weights go into the engine (LoRA: merged into new tensors, the base left as it is);
   6. one metrics row (reward, KL, entropy, length, truncated share, clip fraction, time split) and a checkpoint
      every ``save_every`` iterations;
-  7. after SIGTERM/SIGUSR1 (``align.preempt``): a checkpoint of this iteration, then exit code 3;
+  7. after SIGTERM/SIGUSR1 (``align.core.preempt``): a checkpoint of this iteration, then exit code 3;
      ``--resume`` continues with the next iteration.
 
 Why our own loop: TRL's online trainers each own generation and cannot swap the optimizer, TRL
@@ -40,19 +40,19 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from align import preempt
-from align.config import BaseConfig, option, required
-from align.errors import ConfigError, ModelError
-from align.evaluation import RewardOptions
-from align.heap import keeps_freed_memory
-from align.models import ModelOptions, load_causal_lm, load_tokenizer, peft_config, save_model
-from align.registry import command
+from align.core import preempt
+from align.core.config import BaseConfig, option, required
+from align.core.errors import ConfigError, ModelError
+from align.core.heap import keeps_freed_memory
+from align.core.registry import command
+from align.core.stage_dir import CHECKPOINT_RECORD, CheckpointOptions, Stage, checkpoint_dir, read_stage
 from align.rl import parallel
 from align.rl.merging_optimizer import OnlineMergingOptions
 from align.rl.monitor import MONITOR_FILE, MonitorOptions
 from align.rl.optimizers import OPTIMIZERS
-from align.stage import CHECKPOINT_RECORD, CheckpointOptions, Stage, checkpoint_dir, read_stage
-from align.training import REPORT_TO_HELP
+from align.training.evaluation import RewardOptions
+from align.training.models import ModelOptions, load_causal_lm, load_tokenizer, peft_config, save_model
+from align.training.trainer import REPORT_TO_HELP
 from reward.rules import RULES
 from sampling.engines import EngineOptions
 
@@ -228,7 +228,7 @@ class RLHFConfig(
         if self.learning_rate <= 0 or self.kl_coef < 0 or self.mdloo_t <= 0:
             raise ConfigError("'learning_rate' and 'mdloo_t' must be > 0 and 'kl_coef' >= 0")
         if self.report_to:
-            from align.tracking import check_trackers
+            from align.training.tracking import check_trackers
 
             check_trackers(self.report_to)
         self.validate_merging(lora=self.use_lora or self.load_in_4bit)
@@ -280,7 +280,7 @@ def resolve_importance_sampling(
     'auto' counts as equal)."""
     if setting is not None:
         return setting
-    from align.models import DTYPES
+    from align.training.models import DTYPES
 
     engine = DTYPES[engine_dtype]
     return OPTIMIZERS[optimizer].importance_sampling and engine != "auto" and engine != trained_dtype
@@ -463,7 +463,7 @@ def make_reference(cfg: RLHFConfig, policy):
 def save_checkpoint(stage: Stage, iteration: int, policy, optimizer, extra: dict[str, Any]) -> Path:
     """checkpoints/checkpoint-N: policy weights (safetensors), optimizer state + value head and
     the torch RNG (tensors, ``state.pt``), then checkpoint.json (iteration, Python RNG, ``extra``:
-    plain JSON) as the completion marker (``align.stage.checkpoint_dir``)."""
+    plain JSON) as the completion marker (``align.core.stage_dir.checkpoint_dir``)."""
     final = stage.checkpoints_dir / f"checkpoint-{iteration}"
     record = {"iteration": iteration, "python_rng": random.getstate(), **extra}
     with checkpoint_dir(final, record) as tmp:
@@ -654,7 +654,7 @@ def _preempted(cfg: RLHFConfig, stage: Stage, iteration: int, policy, optimizer,
 
 def load_monitor(cfg: RLHFConfig) -> tuple[list[dict], dict[str, Any]]:
     """The monitor's prompts and judges (none without --monitor_dataset), checked before any model loads."""
-    from align.evaluation import check_scorer_accepts, load_prompts
+    from align.training.evaluation import check_scorer_accepts, load_prompts
     from reward.scorers import build_scorer
 
     if not cfg.monitor_dataset:
@@ -688,7 +688,7 @@ def monitor_summary(path: Path) -> dict[str, Any]:
 
 def plot_overoptimization(monitor_file: Path, path: Path, title: str) -> Path | None:
     from align.rl.monitor import overoptimization_series, read_rows
-    from align.tracking import plot_series
+    from align.training.tracking import plot_series
 
     return plot_series(
         overoptimization_series(read_rows(monitor_file)), path, title, x_label="KL to the reference (nats)"
@@ -703,11 +703,11 @@ def plot_overoptimization(monitor_file: Path, path: Path, title: str) -> Path | 
     artifacts=("model",),
     metrics={"held_out": "eval_mean_reward", "train_reward": "reward_last_10pct", "monitor_kl": "monitor_kl"},
 )
-@keeps_freed_memory  # CPU steps reuse their freed activations instead of page-faulting them in (align/heap.py)
+@keeps_freed_memory  # CPU steps reuse their freed activations instead of page-faulting them in (align/core/heap.py)
 def run_rlhf(cfg: RLHFConfig) -> dict:
-    from align.evaluation import check_scorer_accepts, evaluate, load_prompts, score_candidates
     from align.rl.rollout import build_rollouts
-    from align.tracking import Trackers, plot_metrics, progress_bar
+    from align.training.evaluation import check_scorer_accepts, evaluate, load_prompts, score_candidates
+    from align.training.tracking import Trackers, plot_metrics, progress_bar
     from sampling.base import SamplingParams, encode_prompts
 
     device_kind = cfg.resolved_device()

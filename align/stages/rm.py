@@ -8,7 +8,7 @@ The backbone is any Hugging Face folder ``AutoModelForSequenceClassification`` c
 one output: a causal LM gets a fresh scalar head read at the last non-padding token (Llama 3
 starts its RM from the pre-trained checkpoint), an encoder (e.g. MiniLM) reads its pooled [CLS].
 
-Data: TRL preference rows (any format ``align.data`` reads) plus optional columns
+Data: TRL preference rows (any format ``align.training.data`` reads) plus optional columns
   ``edited``            a third, best response (Llama 3): ``--loss ranking`` trains on every ordered
                         pair of edited > chosen > rejected
   ``preference_level``  significantly | better | slightly | negligibly (+ " better"): AFM soft labels
@@ -37,12 +37,12 @@ from typing import Any, Literal
 
 import torch
 
-from align.config import BaseConfig, option, required
-from align.errors import ConfigError, DataError, ModelError, first_line
-from align.models import ModelOptions, place_for_trainer, resolve_model_path, save_model, trainable_dtype
-from align.registry import command
-from align.stage import CheckpointOptions, Stage, read_stage
-from align.training import TrainOptions, finish_training, resume_checkpoint, train_to_end, trl_args
+from align.core.config import BaseConfig, option, required
+from align.core.errors import ConfigError, DataError, ModelError, first_line
+from align.core.registry import command
+from align.core.stage_dir import CheckpointOptions, Stage, read_stage
+from align.training.models import ModelOptions, place_for_trainer, resolve_model_path, save_model, trainable_dtype
+from align.training.trainer import TrainOptions, finish_training, resume_checkpoint, train_to_end, trl_args
 from reward.losses import (
     IGNORE_GRADE,
     LLAMA2_MARGINS,
@@ -399,8 +399,8 @@ def run_rm(cfg: RMStageConfig) -> dict:
     import datasets
     from trl import RewardConfig
 
-    from align.data import load_rows
-    from align.tracking import StageCallback, last_value
+    from align.training.data import load_rows
+    from align.training.tracking import StageCallback, last_value
 
     rows = list(enumerate(load_rows(cfg.dataset, "preference"), start=1))  # numbered for error messages
     eval_rows = list(enumerate(load_rows(cfg.eval_dataset, "preference"), start=1)) if cfg.eval_dataset else []

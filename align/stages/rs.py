@@ -38,7 +38,7 @@ the one an uninterrupted run gives. A shard file that is not whole JSON (cut sho
 written: a partial copy, a disk that lost blocks) is sampled again, with a warning. When every shard is
 done, data/ and candidates.jsonl are written, then stage.json, then shards/ is removed; a rerun
 of a finished stage is a no-op. SIGTERM/SIGUSR1 stop the run after the current shard is written
-(exit code 3, ``align.preempt``); the rerun continues from there.
+(exit code 3, ``align.core.preempt``); the rerun continues from there.
 
 Scale-out (``--shard I/N``, ``--merge``): ``--shard I/N`` (I from 0) samples only the prompts
 whose id hashes to part I of N (a stable hash of the prompt id, not its position: adding prompts
@@ -62,12 +62,11 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar
 
-from align import preempt
-from align.config import BaseConfig, option, required
-from align.errors import ConfigError, DataError
-from align.evaluation import RewardOptions, check_scorer_accepts, load_prompts, score_candidates, truncated_fraction
-from align.registry import command
-from align.stage import (
+from align.core import preempt
+from align.core.config import BaseConfig, option, required
+from align.core.errors import ConfigError, DataError
+from align.core.registry import command
+from align.core.stage_dir import (
     SHARD_MANIFEST,
     Stage,
     atomic_write_json,
@@ -75,6 +74,13 @@ from align.stage import (
     read_stage,
     shard_files,
     staging_dir,
+)
+from align.training.evaluation import (
+    RewardOptions,
+    check_scorer_accepts,
+    load_prompts,
+    score_candidates,
+    truncated_fraction,
 )
 from sampling.base import Engine, SamplingParams
 from sampling.engines import EngineOptions
@@ -225,7 +231,7 @@ def in_shard(prompt_id: str, index: int, count: int) -> bool:
 class ShardStore:
     """DIR/shards/: ``manifest.json`` (the config and the input fingerprints the run started from)
     and ``shard-NNNNN-MM.json`` (prompt shard N of committee member M), each written atomically.
-    A changed config or changed inputs are caught before this, by ``align.stage.stage_state``
+    A changed config or changed inputs are caught before this, by ``align.core.stage_dir.stage_state``
     reading the manifest."""
 
     def __init__(self, root: Path, identity: dict[str, Any], inputs: dict[str, Any]):

@@ -7,7 +7,7 @@
     align status runs/quickstart [--json]
     align report runs/quickstart                                # report/heldout.png, rewards.png, report.md
 
-Exit codes (align/errors.py): 0 done or nothing to do, 1 a stage failed (its log is named),
+Exit codes (align/core/errors.py): 0 done or nothing to do, 1 a stage failed (its log is named),
 2 bad recipe or config (before any work), 3 interrupted (rerun to resume), 75 the workdir is
 locked by another run.
 """
@@ -18,9 +18,9 @@ import dataclasses
 import json
 from typing import Any, ClassVar
 
-from align.config import BaseConfig, option, parse_config, required
-from align.errors import ConfigError
-from align.registry import command
+from align.core.config import BaseConfig, option, parse_config, required
+from align.core.errors import ConfigError
+from align.core.registry import command
 
 
 @dataclasses.dataclass
@@ -70,9 +70,9 @@ def parse_repeatable(cls: type[BaseConfig], argv: list[str]) -> BaseConfig:
 def run_recipe(cfg: RunConfig) -> int:
     from rich.console import Console
 
-    from align.recipe import Recipe
-    from align.runner import Run
-    from align.status import status_table, workdir_status
+    from align.pipeline.recipe import Recipe
+    from align.pipeline.runner import Run
+    from align.pipeline.status import status_table, workdir_status
 
     recipe = Recipe.load(cfg.recipe, profile=cfg.profile, sets=cfg.set, workdir=cfg.workdir)
     console = Console()
@@ -108,7 +108,7 @@ class StatusConfig(BaseConfig):
     "status", StatusConfig, "Show a run's stages: done, stale (why), running, failed, pending; key metric.", order=91
 )
 def run_status(cfg: StatusConfig) -> int:
-    from align.status import status_table, workdir_status
+    from align.pipeline.status import status_table, workdir_status
 
     rows = workdir_status(cfg.workdir)
     if cfg.json:
@@ -130,7 +130,7 @@ class ReportConfig(BaseConfig):
 
 @command("report", ReportConfig, "Write PNG plots and a Markdown summary of a run into WORKDIR/report/.", order=92)
 def run_report(cfg: ReportConfig) -> int:
-    from align.status import write_report
+    from align.pipeline.status import write_report
 
     for kind, path in write_report(cfg.workdir).items():
         print(f"{kind}: {path}")

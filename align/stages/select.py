@@ -26,10 +26,10 @@ import shutil
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from align.config import BaseConfig, option, required
-from align.errors import ConfigError
-from align.registry import command
-from align.stage import Stage, read_stage, staging_dir
+from align.core.config import BaseConfig, option, required
+from align.core.errors import ConfigError
+from align.core.registry import command
+from align.core.stage_dir import Stage, read_stage, staging_dir
 
 
 @dataclasses.dataclass

@@ -7,7 +7,7 @@ TRL's SFTTrainer does the training; we add what a pipeline needs around it:
 1. Any accepted data format (TRL, Alpaca, ShareGPT) is normalized to conversational
    prompt/completion, so the loss covers the final assistant turn only (Llama 3: "prompt
    masked"); earlier turns are context.
-2. The stage output contract (``align.stage``): stage.json, metrics.jsonl, ``model/``, no-op
+2. The stage output contract (``align.core.stage_dir``): stage.json, metrics.jsonl, ``model/``, no-op
    reruns, and ``--resume`` from the newest checkpoint after a crash.
 3. An optional greedy evaluation on a held-out prompt set scored by ``--eval_reward``.
 """
@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 
-from align.config import BaseConfig, option, required
-from align.data import load_dataset
-from align.errors import ConfigError
-from align.evaluation import EvalOptions
-from align.models import ModelOptions, load_causal_lm, load_tokenizer, peft_config, save_model
-from align.registry import command
-from align.stage import CheckpointOptions, Stage, read_stage
-from align.training import TrainOptions, finish_training, resume_checkpoint, train_to_end, trl_args
+from align.core.config import BaseConfig, option, required
+from align.core.errors import ConfigError
+from align.core.registry import command
+from align.core.stage_dir import CheckpointOptions, Stage, read_stage
+from align.training.data import load_dataset
+from align.training.evaluation import EvalOptions
+from align.training.models import ModelOptions, load_causal_lm, load_tokenizer, peft_config, save_model
+from align.training.trainer import TrainOptions, finish_training, resume_checkpoint, train_to_end, trl_args
 
 
 @dataclasses.dataclass
@@ -59,7 +59,7 @@ def run_sft(cfg: SFTStageConfig) -> dict:
     # TRL and the trainer callbacks import the trainer stack (seconds): only for a run that trains
     from trl import SFTConfig, SFTTrainer
 
-    from align.tracking import StageCallback, evaluate_trained
+    from align.training.tracking import StageCallback, evaluate_trained
 
     train = load_dataset(cfg.dataset, "sft").select_columns(["prompt", "completion"])
     tokenizer = load_tokenizer(cfg)

@@ -28,10 +28,10 @@ from typing import Any, Callable
 
 import yaml
 
-from align.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_LOCKED, EXIT_OK, EXIT_USAGE, Locked
-from align.fingerprint import input_fingerprints
-from align.pipeline import Pipeline, wrapped
-from align.stage import Stage, atomic_write_json
+from align.core.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_LOCKED, EXIT_OK, EXIT_USAGE, Locked
+from align.core.fingerprint import input_fingerprints
+from align.core.stage_dir import Stage, atomic_write_json
+from align.pipeline.plan import Pipeline, wrapped
 
 LOCK_FILE = ".align-run.lock"
 HOLDER_FILE = ".align-run.holder.json"

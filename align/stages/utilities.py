@@ -12,9 +12,9 @@ import json
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from align.config import BaseConfig, option, required
-from align.demo import PROMPT_STYLES
-from align.registry import command
+from align.core.config import BaseConfig, option, required
+from align.core.registry import command
+from align.tasks.demo import PROMPT_STYLES
 
 
 @dataclasses.dataclass
@@ -49,7 +49,7 @@ class TinyModelConfig(BaseConfig):
     wrapped=True,
 )
 def run_make_tiny_model(cfg: TinyModelConfig) -> str:
-    from align.tiny import make_tiny_model
+    from align.tasks.tiny import make_tiny_model
 
     path = make_tiny_model(
         cfg.output_dir,
@@ -93,7 +93,7 @@ class DemoDataConfig(BaseConfig):
     wrapped=True,
 )
 def run_demo_data(cfg: DemoDataConfig) -> dict:
-    from align.demo import write_demo_data
+    from align.tasks.demo import write_demo_data
 
     paths = write_demo_data(
         cfg.output_dir,
@@ -127,7 +127,7 @@ class SituationPromptsConfig(BaseConfig):
     wrapped=True,
 )
 def run_situation_prompts(cfg: SituationPromptsConfig) -> dict:
-    from align.situations import write_situation_prompts
+    from align.tasks.situations import write_situation_prompts
 
     paths = write_situation_prompts(cfg.output_dir, seed=cfg.seed, held_out=cfg.held_out)
     print(json.dumps({k: str(v) for k, v in paths.items()}))
@@ -169,8 +169,8 @@ def copy_packaged_folder(name: str, out: Path) -> Path:
     import importlib.util
     import shutil
 
-    from align.errors import ModelError
-    from align.stage import staging_dir
+    from align.core.errors import ModelError
+    from align.core.stage_dir import staging_dir
 
     package, folder, files = PACKAGED_FOLDERS[name]
     spec = importlib.util.find_spec(package)
@@ -192,7 +192,7 @@ def copy_packaged_folder(name: str, out: Path) -> Path:
     wrapped=True,
 )
 def run_import_model(cfg: ImportModelConfig) -> str:
-    from align.gguf import convert_gguf, source_path
+    from align.core.gguf import convert_gguf, source_path
 
     if cfg.source in PACKAGED_FOLDERS:
         out = copy_packaged_folder(cfg.source, Path(cfg.output_dir))

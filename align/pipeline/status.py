@@ -16,10 +16,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from align.errors import AlignError, ConfigError
-from align.pipeline import Pipeline, commands
-from align.runner import RUN_FILE, holder
-from align.stage import METRICS_FILE, read_stage
+from align.core.errors import AlignError, ConfigError
+from align.core.stage_dir import METRICS_FILE, read_stage
+from align.pipeline.plan import Pipeline, commands
+from align.pipeline.runner import RUN_FILE, holder
 
 
 def key_metrics(kind: str, record: dict[str, Any] | None) -> dict[str, Any]:
@@ -205,8 +205,8 @@ def monitor_table(name: str, points: list[dict[str, Any]]) -> list[str]:
 
 
 def _kl_chart(points: list[dict[str, Any]], path: Path, title: str) -> None:
-    from align.plot import draw
     from align.rl.monitor import overoptimization_series
+    from align.training.plot import draw
 
     draw(
         {k: [list(p) for p in v] for k, v in overoptimization_series(points).items()},

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from align.config import option
-from align.stage import Stage
+from align.core.config import option
+from align.core.stage_dir import Stage
 
 REPORT_TO_HELP = (
     "Experiment trackers that also get every logged row (transformers' integrations: tensorboard, wandb,"
@@ -50,7 +50,7 @@ class TrainOptions:
     report_to: list[str] = option([], REPORT_TO_HELP)
 
     def validate_training(self) -> None:
-        from align.errors import ConfigError
+        from align.core.errors import ConfigError
 
         for name in (
             "per_device_train_batch_size",
@@ -66,14 +66,14 @@ class TrainOptions:
         if self.max_steps == 0 or self.max_steps < -1:
             raise ConfigError(f"'max_steps' must be positive or -1 (use epochs), got {self.max_steps}")
         if self.report_to:
-            from align.tracking import check_trackers
+            from align.training.tracking import check_trackers
 
             check_trackers(self.report_to)
 
 
 def trl_args(cfg: Any, stage: Stage) -> dict[str, Any]:
     """Keyword arguments common to TRL's SFTConfig / DPOConfig / RewardConfig."""
-    from align.tracking import report_to
+    from align.training.tracking import report_to
 
     return {
         "output_dir": str(stage.checkpoints_dir),
@@ -118,7 +118,7 @@ def resume_checkpoint(cfg: Any, stage: Stage) -> Path | None:
 
 
 def _trainer_state(checkpoint: Path | None) -> dict[str, Any]:
-    """The checkpoint's trainer_state.json (whole: ``align.stage.checkpoint_problem`` checked it)."""
+    """The checkpoint's trainer_state.json (whole: ``align.core.stage_dir.checkpoint_problem`` checked it)."""
     return json.loads((checkpoint / "trainer_state.json").read_text()) if checkpoint else {}
 
 
@@ -151,12 +151,14 @@ def train_to_end(trainer, stage: Stage, checkpoint: Path | None) -> dict[str, An
     barrier. Returns the summary fields all trainer stages share on the main process, None on the
     others (only the main process saves, evaluates, plots and writes stage.json).
     """
-    from align.fused_head import tune_fused_lm_head_for_cpu
-    from align.lora_dropout import use_fast_lora_dropout
-    from align.tracking import last_value, quiet_trainer, route_tensorboard, stop_if_preempted
+    from align.training.fused_head import tune_fused_lm_head_for_cpu
+    from align.training.lora_dropout import use_fast_lora_dropout
+    from align.training.tracking import last_value, quiet_trainer, route_tensorboard, stop_if_preempted
 
-    use_fast_lora_dropout(trainer.model)  # peft's LoRA dropout draws its CPU masks slowly (align/lora_dropout.py)
-    tune_fused_lm_head_for_cpu()  # TRL's fused LM head scores prompt and padding too on CPU (align/fused_head.py)
+    use_fast_lora_dropout(
+        trainer.model
+    )  # peft's LoRA dropout draws its CPU masks slowly (align/training/lora_dropout.py)
+    tune_fused_lm_head_for_cpu()  # TRL's fused LM head scores prompt and padding too on CPU (align/training/fused_head.py)
     quiet_trainer(trainer)
     route_tensorboard(trainer.callback_handler.callbacks, stage)
     started, cpu_started = time.time(), time.process_time()
@@ -189,7 +191,7 @@ def finish_training(
     """The end of a trainer stage on the main process, after ``save_model`` and its evaluations:
     ``loss.png`` (the metrics ``plotted`` against step; among the artifacts when drawn), then
     stage.json (``Stage.finish``), the checkpoints dropped unless ``keep_checkpoints``."""
-    from align.tracking import plot_metrics
+    from align.training.tracking import plot_metrics
 
     plot = plot_metrics(stage.metrics(), plotted, stage.dir / "loss.png", f"{stage.name}: {cfg.output_dir}")
     if plot:

@@ -2,7 +2,7 @@
 
 Replaces the transformers tqdm bar (``disable_tqdm=True``) with one rich bar per stage, and
 appends every ``on_log`` row to the stage's ``metrics.jsonl`` as it happens. It is also the
-trainer stages' preemption safe point (``align.preempt``): after a stop signal, the next step end
+trainer stages' preemption safe point (``align.core.preempt``): after a stop signal, the next step end
 writes a checkpoint and ends training.
 
 Experiment trackers (``--report_to tensorboard,wandb,...``) are transformers' integration
@@ -20,9 +20,9 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from align import preempt
-from align.errors import ConfigError, did_you_mean
-from align.stage import TENSORBOARD_DIR, Stage
+from align.core import preempt
+from align.core.errors import ConfigError, did_you_mean
+from align.core.stage_dir import TENSORBOARD_DIR, Stage
 
 # Trackers transformers cannot tell are installed (no is_*_available among its reporting checks).
 _UNDETECTED = ("flyte", "kubeflow")
@@ -205,7 +205,7 @@ def plot_series(
     if not series:
         return None
     job = json.dumps({"series": series, "path": str(path), "title": title, "x_label": x_label})
-    proc = subprocess.run([sys.executable, "-m", "align.plot"], input=job, text=True, capture_output=True)
+    proc = subprocess.run([sys.executable, "-m", "align.training.plot"], input=job, text=True, capture_output=True)
     if proc.returncode != 0:  # a plot is a convenience: warn, never fail a finished stage
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         print(f"warning: could not draw {path}: {last}", file=sys.stderr)
@@ -234,8 +234,8 @@ def evaluate_trained(model, tokenizer, cfg: Any, stage: Stage) -> dict[str, Any]
     reload), per-prompt rows to DIR/eval.jsonl; returns the summary fields."""
     import json
 
-    from align.evaluation import evaluate
-    from align.stage import atomic_write_text
+    from align.core.stage_dir import atomic_write_text
+    from align.training.evaluation import evaluate
     from sampling.hf import TransformersEngine
 
     report = evaluate(TransformersEngine(model, tokenizer), cfg.eval_dataset, cfg.eval_reward, cfg.eval_max_tokens)

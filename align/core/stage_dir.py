@@ -7,7 +7,7 @@
 ``DIR/model/`` or ``DIR/data/``  the artifact, moved into place before stage.json is written.
 
 stage.json also records ``outputs``: the size and sha256 of every file of the stage's artifacts
-(``align.integrity``). A finished stage whose outputs no longer match (a model cut short, a file
+(``align.core.integrity``). A finished stage whose outputs no longer match (a model cut short, a file
 replaced) is ``output_changed``: a rerun refuses it without ``--overwrite``, ``align run`` redoes it,
 and a later stage that reads it fails naming the file instead of training on it.
 
@@ -17,7 +17,7 @@ not at all (temporary name, then a rename), so the checkpoints before it and ear
 usable and a rerun once space is freed continues from them.
 
 A stage's identity is its resolved config (less the run-control fields) plus the fingerprints
-of its input artifacts (``align.fingerprint``: datasets, model folders, ``model:PATH`` scorers),
+of its input artifacts (``align.core.fingerprint``: datasets, model folders, ``model:PATH`` scorers),
 taken before it runs and recorded in stage.json as ``inputs``. Rerunning a finished stage with
 the same identity is a no-op (exit 0), so schedulers (cron, Slurm array retries, ``align run``)
 can rerun it blindly; another config, or an input whose content changed, fails unless
@@ -39,12 +39,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
-from align.config import option
-from align.errors import ConfigError, WriteError, write_fault
-from align.fingerprint import DigestCache, input_fingerprints
-from align.integrity import check_input_paths, folder_problems, output_changes, output_digests
-from align.rank import is_main_process
-from align.registry import COMMANDS
+from align.core.config import option
+from align.core.errors import ConfigError, WriteError, write_fault
+from align.core.fingerprint import DigestCache, input_fingerprints
+from align.core.integrity import check_input_paths, folder_problems, output_changes, output_digests
+from align.core.rank import is_main_process
+from align.core.registry import COMMANDS
 
 STAGE_FILE = "stage.json"
 METRICS_FILE = "metrics.jsonl"
@@ -125,7 +125,7 @@ def _file_being_written(err: BaseException, root: Path) -> Path | None:
 
 def write_error(err: BaseException, root: Path, shown: Path | None = None) -> WriteError | None:
     """The one-line ``WriteError`` for ``err`` when it is a write that failed for want of space
-    (``align.errors.write_fault``), else None. It names the file: ``err``'s own, else the one its
+    (``align.core.errors.write_fault``), else None. It names the file: ``err``'s own, else the one its
     traceback was writing under ``root`` (``_file_being_written``), else the newest file under
     ``root``; spelled under ``shown`` when ``root`` is a staging folder that becomes ``shown``."""
     cause = write_fault(err)
@@ -193,7 +193,7 @@ def checkpoint_dir(final: Path, record: dict[str, Any]) -> Iterator[Path]:
 def checkpoint_problem(path: Path) -> str | None:
     """Why the checkpoint folder is not to be resumed from, or None when it is whole: its marker
     (``CHECKPOINT_MARKERS``) must be there and whole, and so must every weight, optimizer and JSON
-    file in it (``align.integrity.file_problem``: a file cut short after its marker was written, by
+    file in it (``align.core.integrity.file_problem``: a file cut short after its marker was written, by
     a copy or a disk that lost it, fails to load or, worse, loads wrong)."""
     markers = [path / name for name in CHECKPOINT_MARKERS if (path / name).is_file()]
     cut = f"no whole {' or '.join(CHECKPOINT_MARKERS)}: its write was cut short"
@@ -352,7 +352,7 @@ class Stage:
         inputs changed since it started; an unfinished dir with a checkpoint fails unless ``resume``
         or ``overwrite`` (no work is silently thrown away). So does a finished dir whose own outputs
         changed since it finished (``output_changed``). Before any of that, every local input must be
-        whole (``align.integrity.check_input_paths``): a stage never starts on a cut-short model.
+        whole (``align.core.integrity.check_input_paths``): a stage never starts on a cut-short model.
         """
         cache = DigestCache()
         self.identity = self.config.identity()

@@ -38,8 +38,8 @@ def reference_nll(
     causal LM at ``model_path`` (fp32, on CPU, no gradients); responses with no tokens are skipped."""
     import torch
 
-    from align.models import ModelOptions, load_causal_lm, load_tokenizer
     from align.rl.rollout import build_rollouts, token_logprobs
+    from align.training.models import ModelOptions, load_causal_lm, load_tokenizer
     from sampling.base import encode_prompts
 
     opts = ModelOptions(model_name_or_path=model_path, dtype="float32", device="cpu")

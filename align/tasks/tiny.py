@@ -15,7 +15,7 @@ import pathlib
 import string
 from typing import Callable
 
-from align.errors import ConfigError
+from align.core.errors import ConfigError
 
 # vLLM's CPU attention accepts only these head sizes (docs/vllm-cpu.md#2).
 VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)

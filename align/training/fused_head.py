@@ -25,7 +25,7 @@ gradients agree to 2e-6. That head was ~40% of a LoRA DPO step.
 Departure from TRL: none in what is computed; the sums run in a different order, so results
 differ from TRL's in the last float bits. Only on machines without CUDA or XPU are the tile sizes
 changed (they are module-wide, and a GPU keeps TRL's); the labelled-only scoring applies to CPU
-tensors wherever they are. Applied by the trainer stages (``align.training.train_to_end``, and
+tensors wherever they are. Applied by the trainer stages (``align.training.trainer.train_to_end``, and
 ``align dpo`` before building its trainer, whose reference pass runs at construction).
 """
 

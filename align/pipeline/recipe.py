@@ -1,6 +1,6 @@
 """Recipes in Python: ``Recipe`` is a ``Pipeline`` (the recipe read, validated and planned:
-``align.pipeline``) that also runs, as ``align run`` does (``align.runner``), and reports its
-results, as ``align status`` does (``align.status``). docs/recipes.md shows it in use::
+``align.pipeline.plan``) that also runs, as ``align run`` does (``align.pipeline.runner``), and reports its
+results, as ``align status`` does (``align.pipeline.status``). docs/recipes.md shows it in use::
 
     recipe = Recipe.load("configs/recipes/quickstart.yaml", profile="test").set("sft.max_steps", 50)
     recipe.plan()                  # what would run, and why
@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from align.pipeline import Pipeline, commands, stage_kinds
-from align.runner import Run
-from align.status import workdir_status
+from align.pipeline.plan import Pipeline, commands, stage_kinds
+from align.pipeline.runner import Run
+from align.pipeline.status import workdir_status
 
 
 class Recipe(Pipeline):

@@ -6,8 +6,8 @@ strategies. A lookup miss is a ``ConfigError`` (exit 2) in one line that names t
 suggests the closest valid name and lists them all; ``--help`` and ``docs/configs.md`` list a
 registry-backed option's choices from the same registry (``option(..., choices=REGISTRY)``).
 
-This module imports nothing but ``align.errors``, so ``sampling/`` and ``reward/`` (which
-already import ``align.errors`` and ``align.config``) use it without importing any stage, and
+This module imports nothing but ``align.core.errors``, so ``sampling/`` and ``reward/`` (which
+already import ``align.core.errors`` and ``align.core.config``) use it without importing any stage, and
 every stage registers its command here without importing ``align.cli``, which sits on top and
 imports the stages.
 """
@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Generic, Iterator, Mapping, TypeVar, overload
 
-from align.errors import ConfigError, did_you_mean
+from align.core.errors import ConfigError, did_you_mean
 
 T = TypeVar("T")
 
@@ -92,7 +92,7 @@ class Command:
     config: type
     run: Callable[[Any], Any]
     summary: str
-    parse: Callable[[type, list[str]], Any] | None = None  # argv -> config; None: align.config.parse_config
+    parse: Callable[[type, list[str]], Any] | None = None  # argv -> config; None: align.core.config.parse_config
     # Where ``align --help`` lists it (ties keep the order the modules are found in: align.stages).
     order: int = 50
     # The artifacts its stage dir holds for later stages (``ARTIFACTS``): ``${NAME.model}`` and so on.
@@ -102,7 +102,7 @@ class Command:
     wrapped: bool = False
     # Its key metrics in ``align status``: {column: stage.json summary key}, or a function of the summary.
     metrics: Mapping[str, str] | Callable[[dict[str, Any]], dict[str, Any]] | None = None
-    # Files and folders in its stage dir beyond those every stage has (``align.stage.OWNED``):
+    # Files and folders in its stage dir beyond those every stage has (``align.core.stage_dir.OWNED``):
     # ``--overwrite`` removes them too.
     owns: tuple[str, ...] = ()
 

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import torch
 
-from align.registry import Registry
+from align.core.registry import Registry
 
 # Below this angle (radians) between two task vectors, sin(omega) is too small to divide by and
 # SLERP equals linear interpolation to float64 precision anyway.

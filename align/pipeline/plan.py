@@ -1,6 +1,6 @@
 """Recipes read as pipelines: one YAML file describes a whole post-training pipeline; ``Pipeline``
-reads, expands and validates it and plans what ``align run`` does. ``align.runner`` runs the plan;
-``align.recipe.Recipe`` is the Python API on top (a ``Pipeline`` that also runs and reports).
+reads, expands and validates it and plans what ``align run`` does. ``align.pipeline.runner`` runs the plan;
+``align.pipeline.recipe.Recipe`` is the Python API on top (a ``Pipeline`` that also runs and reports).
 
 The syntax is documented in docs/recipes.md. In short::
 
@@ -25,14 +25,14 @@ The syntax is documented in docs/recipes.md. In short::
             ref_model: ${sft.model}
 
 Every stage lands in ``<workdir>/<name>`` (rounds: ``<name>_r<k>``) under the stage contract
-(``align.stage``); the runner sets ``output_dir``. ``${X.model}``, ``${X.data}`` and ``${X.dir}``
+(``align.core.stage_dir``); the runner sets ``output_dir``. ``${X.model}``, ``${X.data}`` and ``${X.dir}``
 are paths known before anything runs; ``${X.summary.KEY}`` is read from X's stage.json just
 before the stage that uses it runs. The whole recipe, every stage through its own typed config
-(``align.config.build_config``), is validated before any work starts.
+(``align.core.config.build_config``), is validated before any work starts.
 
 Unlike the shell loops of RLHFlow's ``run_loop.sh`` or OpenRLHF's iterative DPO script (see
 docs/recipes.md), a rerun skips every stage whose identity (config plus input fingerprints,
-``align.stage.stage_state``) is unchanged, and reruns the stages that consume a rerun's output.
+``align.core.stage_dir.stage_state``) is unchanged, and reruns the stages that consume a rerun's output.
 """
 
 from __future__ import annotations
@@ -46,10 +46,10 @@ from typing import Any
 import yaml
 
 from align import stages
-from align.config import BaseConfig, build_config, fields_of, load_yaml
-from align.errors import ConfigError, did_you_mean
-from align.registry import COMMANDS, Command, Registry
-from align.stage import read_stage, stage_state
+from align.core.config import BaseConfig, build_config, fields_of, load_yaml
+from align.core.errors import ConfigError, did_you_mean
+from align.core.registry import COMMANDS, Command, Registry
+from align.core.stage_dir import read_stage, stage_state
 
 REF = re.compile(r"\$\{([^}]*)\}")
 NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")

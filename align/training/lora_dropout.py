@@ -15,7 +15,7 @@ unbiased); the random stream differs from torch's, so runs are reproducible with
 bit-identical to peft's own dropout. Off the CPU it is ``F.dropout`` itself (CUDA's dropout is
 one fused kernel), and in eval mode the identity, as ``nn.Dropout`` is.
 
-Used by the trainer stages (sft, rm, dpo, distill: ``align.training.train_to_end`` swaps it in);
+Used by the trainer stages (sft, rm, dpo, distill: ``align.training.trainer.train_to_end`` swaps it in);
 ``align rlhf`` turns dropout off altogether (``align.rl.optimizers.disable_dropout``), as TRL does.
 """
 

@@ -58,7 +58,7 @@ def formatting_token_ids(tokenizer, names: list[str] | None = None) -> list[int]
     keep the special tokens that appear in it (``<|start_header_id|>``, ``<|end_header_id|>``,
     ``<|eot_id|>`` for Llama 3; ``<|user|>``, ``<|assistant|>``, ``<|end|>`` for our tiny models).
     """
-    from align.errors import ConfigError
+    from align.core.errors import ConfigError
 
     if names:
         vocab = tokenizer.get_vocab()
@@ -115,13 +115,13 @@ def model_identity(name_or_path: str) -> dict[str, Any]:
 
     A folder: its resolved path and each weight file's and the config's name, size and
     modification time (no hashing of the weights). A file (a ``.gguf`` model): its resolved path
-    and the sha256 of its content (``align.fingerprint``'s digest cache, shared with the stage's
+    and the sha256 of its content (``align.core.fingerprint``'s digest cache, shared with the stage's
     input fingerprints, so it is read once). A Hub id: the id and the commit its default branch
     resolves to, so a new upload to the repository is a new reference.
     """
     path = Path(name_or_path).expanduser()
     if path.is_file():
-        from align.fingerprint import DigestCache
+        from align.core.fingerprint import DigestCache
 
         digests = DigestCache()
         digest = digests.file_digest(path)
@@ -166,7 +166,7 @@ class RefLogpsCache:
     def save(self, key: str, chosen: torch.Tensor, rejected: torch.Tensor) -> None:
         from safetensors.torch import save_file
 
-        from align.stage import atomic_write_json
+        from align.core.stage_dir import atomic_write_json
 
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self.dir / f".{key}.{os.getpid()}.tmp"

@@ -18,9 +18,9 @@ import json
 import time
 from typing import Any
 
-from align.config import option, required
-from align.data import load_rows
-from align.errors import DataError
+from align.core.config import option, required
+from align.core.errors import DataError
+from align.training.data import load_rows
 from reward.rules import RULES
 from reward.scorers import COMBINERS, build_scorer, check_finite
 from sampling.base import Candidate, SamplingParams

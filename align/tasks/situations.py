@@ -18,8 +18,8 @@ from __future__ import annotations
 import pathlib
 import random
 
-from align.demo import _write_jsonl
-from align.errors import ConfigError
+from align.core.errors import ConfigError
+from align.tasks.demo import _write_jsonl
 
 TEMPLATES = (
     "Write one sentence about {t}.",

@@ -1,6 +1,6 @@
-"""Metric plots (PNG), drawn in a child process: ``python -m align.plot < job.json``.
+"""Metric plots (PNG), drawn in a child process: ``python -m align.training.plot < job.json``.
 
-``align.tracking.plot_metrics`` starts it so that matplotlib (~25 MB once imported) never
+``align.training.tracking.plot_metrics`` starts it so that matplotlib (~25 MB once imported) never
 enters a trainer's process; this module imports nothing heavy besides matplotlib.
 """
 

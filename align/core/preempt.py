@@ -5,7 +5,7 @@ limit (``--signal=B:USR1@120`` sends SIGUSR1 earlier), systemd and ``kill`` send
 handlers only set a flag; each long stage checks it where stopping loses nothing:
 
 * sft, rm, dpo (transformers' Trainer): at the next optimizer step end the Trainer writes a
-  checkpoint and stops (``align.tracking.StageCallback``); the stage then raises ``Interrupted``
+  checkpoint and stops (``align.training.tracking.StageCallback``); the stage then raises ``Interrupted``
   instead of saving a final model.
 * rlhf: at the end of the current iteration, after its checkpoint is written.
 * rs: after the current shard of prompts is written to DIR/shards/.
@@ -23,7 +23,7 @@ import signal
 import sys
 import threading
 
-from align.errors import Interrupted
+from align.core.errors import Interrupted
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 

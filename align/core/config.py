@@ -22,8 +22,8 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-from align.errors import ConfigError, did_you_mean
-from align.rank import is_main_process
+from align.core.errors import ConfigError, did_you_mean
+from align.core.rank import is_main_process
 
 MISSING = dataclasses.MISSING
 
@@ -31,7 +31,7 @@ MISSING = dataclasses.MISSING
 def option(default: Any = None, help: str = "", *, choices: Any = None, names: Any = None, **kwargs: Any) -> Any:
     """A config field with its documentation. Lists use ``default_factory`` automatically.
 
-    ``choices=REGISTRY`` (an ``align.registry.Registry``): a ``str`` field whose value must be one
+    ``choices=REGISTRY`` (an ``align.core.registry.Registry``): a ``str`` field whose value must be one
     of the registry's names (checked when the config is built; ``--help`` shows them as its type).
     ``names=REGISTRY``: a field whose values are parsed elsewhere but built from the registry's
     names (``rule:NAME``, ``NAME:WEIGHT``); ``--help`` lists those names after the help text.
@@ -65,7 +65,7 @@ class BaseConfig:
     # Fields naming a folder the command writes into: checked by ``check_output_dir`` at parse time.
     output_dirs: typing.ClassVar[tuple[str, ...]] = ("output_dir",)
     # Fields naming input artifacts (datasets, model folders, ``model:PATH`` scorer specs): the
-    # stage's identity covers their content too (``align.fingerprint``), not just the string.
+    # stage's identity covers their content too (``align.core.fingerprint``), not just the string.
     inputs: typing.ClassVar[tuple[str, ...]] = ()
     # List fields that took one string before they took several (rs's model_name_or_path): a
     # one-item list is recorded as that string, so a stage finished before still matches.

@@ -45,7 +45,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
-from align.errors import DataError, first_line
+from align.core.errors import DataError, first_line
 
 __all__ = ["FORMATS", "read_records", "normalize_row", "load_rows", "load_dataset"]
 

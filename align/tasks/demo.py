@@ -17,8 +17,8 @@ import random
 import re
 from typing import Iterable
 
-from align.errors import ConfigError, DataError
-from align.registry import Registry
+from align.core.errors import ConfigError, DataError
+from align.core.registry import Registry
 
 DEMO_PROMPT_RE = re.compile(r"^(\d{1,2})\+(\d{1,2})=$")
 NUM_OPERANDS = 100  # a and b range over 0..99

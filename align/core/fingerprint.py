@@ -1,4 +1,4 @@
-"""Fingerprints of a stage's inputs: what ``align.stage`` compares, besides the config, to decide
+"""Fingerprints of a stage's inputs: what ``align.core.stage_dir`` compares, besides the config, to decide
 whether a finished stage dir still holds the result of this run.
 
 A file's fingerprint is the sha256 of its content; a folder's combines its files' (relative path

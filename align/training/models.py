@@ -12,9 +12,9 @@ from typing import Any, Literal
 
 import torch
 
-from align.config import option, required
-from align.errors import ModelError, first_line
-from align.gguf import resolve_model_path
+from align.core.config import option, required
+from align.core.errors import ModelError, first_line
+from align.core.gguf import resolve_model_path
 
 DTYPES: dict[str, Any] = {
     "auto": "auto",
@@ -168,7 +168,7 @@ def save_model(model, tokenizer, out_dir: Path, merge_lora: bool = False) -> dic
     model to ``model/``; a full fine-tune writes ``model/``. Its generation config lists every
     stop id (``stop_at_turn_end``). Returns {artifact: path}.
     """
-    from align.stage import staging_dir
+    from align.core.stage_dir import staging_dir
 
     artifacts: dict[str, str] = {}
     is_peft = hasattr(model, "peft_config")

@@ -1,7 +1,7 @@
 """Which process of a distributed launch this one is (accelerate, torchrun and DeepSpeed set ``RANK``).
 
-In the lowest layer so that ``align.config`` (whose output-folder check probes only on the main
-process) and ``align.stage`` (whose ``Stage`` writes only on it) share it without importing each other.
+In the lowest layer so that ``align.core.config`` (whose output-folder check probes only on the main
+process) and ``align.core.stage_dir`` (whose ``Stage`` writes only on it) share it without importing each other.
 """
 
 from __future__ import annotations

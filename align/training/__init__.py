@@ -1,0 +1,1 @@
+"""Training: models, datasets, the trainer-based stages' shared sequence, evaluation, and CPU speedups for training."""
