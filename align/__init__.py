@@ -1,12 +1,12 @@
 """align: post-train LLMs with preferences, in the multi-stage recipes of frontier reports.
 
 The Python API mirrors the CLI: each ``align <command>`` is a typed config plus a function, both
-importable from here under the names its module gives them (``run_sft`` and ``SFTStageConfig``,
+importable from here under the names its module gives them (``run_sft`` and ``SFTConfig``,
 ``run_merge`` and ``MergeConfig``, ...; every registered command, plugins' included). Recipes:
 ``Recipe`` (load, plan, run, results), ``workdir_status`` and ``write_report``.
 
-    from align import SFTStageConfig, run_sft
-    record = run_sft(SFTStageConfig(model_name_or_path="runs/tiny", dataset="runs/demo/sft.jsonl",
+    from align import SFTConfig, run_sft
+    record = run_sft(SFTConfig(model_name_or_path="runs/tiny", dataset="runs/demo/sft.jsonl",
                                     output_dir="runs/sft", max_steps=600, learning_rate=1e-3))
 """
 

@@ -66,12 +66,13 @@ LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05}  # align's defaults (al
 def worker_trl(model: str, pairs: str, work: Path, opts: dict) -> dict:
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig as TRLDPOConfig
+    from trl import DPOTrainer
 
     from align.training.data import load_rows
 
     rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in load_rows(pairs, "preference")]
-    args = DPOConfig(
+    args = TRLDPOConfig(
         output_dir=str(work / "trl"),
         per_device_train_batch_size=opts["batch"],
         num_train_epochs=1,
@@ -116,12 +117,12 @@ def worker_trl(model: str, pairs: str, work: Path, opts: dict) -> dict:
 
 def worker_align(model: str, pairs: str, work: Path, opts: dict, precompute: bool, out: str) -> dict:
     from align.core.config import parse_config
-    from align.stages.dpo import DPOStageConfig, run_dpo
+    from align.stages.dpo import DPOConfig, run_dpo
 
     if out == "align_cache_miss":  # every miss run starts from an empty cache and leaves it filled for the hits
         shutil.rmtree(work / "ref_cache", ignore_errors=True)
     cfg = parse_config(
-        DPOStageConfig,
+        DPOConfig,
         [
             "--model_name_or_path",
             model,

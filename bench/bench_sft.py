@@ -49,10 +49,11 @@ LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05}  # align's defaults (al
 def worker_trl(model: str, rows: str, work: Path, opts: dict) -> dict:
     import datasets
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig as TRLSFTConfig
+    from trl import SFTTrainer
 
     data = datasets.Dataset.from_list([json.loads(line) for line in open(rows)])
-    args = SFTConfig(
+    args = TRLSFTConfig(
         output_dir=str(work / "trl"),
         per_device_train_batch_size=opts["batch"],
         num_train_epochs=1,
@@ -101,11 +102,11 @@ def worker_trl(model: str, rows: str, work: Path, opts: dict) -> dict:
 
 def worker_align(model: str, rows: str, work: Path, opts: dict) -> dict:
     from align.core.config import parse_config
-    from align.stages.sft import SFTStageConfig, run_sft
+    from align.stages.sft import SFTConfig, run_sft
 
     started = time.time()
     cfg = parse_config(
-        SFTStageConfig,
+        SFTConfig,
         [
             "--model_name_or_path",
             model,

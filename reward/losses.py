@@ -1,4 +1,4 @@
-"""Reward-model losses: small pure functions on reward tensors, looked up by name in ``LOSSES``.
+"""Reward-model losses: small pure functions on reward tensors, looked up by name in ``RM_LOSSES``.
 
     align rm --loss bradley_terry | ranking | soft_label   (see align/stages/rm.py)
 
@@ -119,15 +119,15 @@ class Loss:
     uses_edited: bool  # rows may carry a third, edited response
 
 
-LOSSES: Registry[Loss] = Registry("reward loss")
-get_loss = LOSSES.get  # an unknown name is a ConfigError listing the valid ones
+RM_LOSSES: Registry[Loss] = Registry("reward loss")
+get_loss = RM_LOSSES.get  # an unknown name is a ConfigError listing the valid ones
 
 
 def register_loss(name: str, needs_level: bool = False, uses_edited: bool = False):
-    """Add ``fn(batch: RewardBatch) -> scalar`` to ``LOSSES``; a taken name is a ValueError."""
+    """Add ``fn(batch: RewardBatch) -> scalar`` to ``RM_LOSSES``; a taken name is a ValueError."""
 
     def decorator(fn: Callable[[RewardBatch], torch.Tensor]):
-        LOSSES.register(name, Loss(name, fn, needs_level, uses_edited))
+        RM_LOSSES.register(name, Loss(name, fn, needs_level, uses_edited))
         return fn
 
     return decorator
@@ -158,7 +158,7 @@ def pairwise_metrics(better: list[float], worse: list[float]) -> dict[str, float
 
 __all__ = [
     "LLAMA2_MARGINS",
-    "LOSSES",
+    "RM_LOSSES",
     "Loss",
     "RewardBatch",
     "SOFT_LABELS",

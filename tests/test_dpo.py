@@ -14,16 +14,16 @@ import torch.nn.functional as F
 from align.cli import main
 from align.core.config import parse_config
 from align.core.errors import ConfigError, DataError
-from align.stages.dpo import LOSSES, DPOStageConfig, build_trainer, filter_pairs, resolve_losses, run_dpo
+from align.stages.dpo import DPO_LOSSES, DPOConfig, build_trainer, filter_pairs, resolve_losses, run_dpo
 
 from conftest import ROOT, read_jsonl, run_align
 
 
-def config(*flags, **values) -> DPOStageConfig:
+def config(*flags, **values) -> DPOConfig:
     argv = ["--model_name_or_path", "m", "--dataset", "d", "--output_dir", "o", *map(str, flags)]
     for key, value in values.items():
         argv += [f"--{key}", str(value)]
-    return parse_config(DPOStageConfig, argv)
+    return parse_config(DPOConfig, argv)
 
 
 # --------------------------------------------------------------------------------- losses
@@ -48,16 +48,18 @@ def test_methods_doc_offers_no_cdpo_and_credits_hinge_to_rso():
     ) in dpo
     assert 'hinge (RSO, Liu et al. 2023, "Statistical Rejection Sampling Improves Preference Optimization":' in dpo
     assert (
-        LOSSES["hinge"].source
+        DPO_LOSSES["hinge"].source
         == "RSO, Liu et al. 2023: SLiC's hinge on the normalized likelihood, max(0, 1 - beta * margin)"
     )
-    assert LOSSES["hinge"].trl_type == "hinge" and "robust" in [n for n, loss in LOSSES.items() if loss.preference]
+    assert DPO_LOSSES["hinge"].trl_type == "hinge" and "robust" in [
+        n for n, loss in DPO_LOSSES.items() if loss.preference
+    ]
 
 
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--loss", "sigmoud"], f"unknown loss 'sigmoud' (did you mean 'sigmoid'?); valid: {', '.join(LOSSES)}"),
+        (["--loss", "sigmoud"], f"unknown loss 'sigmoud' (did you mean 'sigmoid'?); valid: {', '.join(DPO_LOSSES)}"),
         (["--loss", "nll"], "'loss' needs a preference loss (sigmoid, ipo, robust, hinge)"),
         (["--loss", "sigmoid,sigmoid"], "loss 'sigmoid' is listed twice"),
         (["--loss", "sigmoid,nll:much"], "loss 'nll:much': the weight after ':' must be a number"),
@@ -205,7 +207,8 @@ def test_parity_with_trl_dpo_trainer(policy_pair, demo_data, tmp_path):
     """Masking and NLL off: per-example loss and margin equal TRL's own DPOTrainer (live reference),
     while ours reads the reference log-probs from the on-disk cache; both equal the hand formula."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig as TRLDPOConfig
+    from trl import DPOTrainer
 
     policy, reference = policy_pair
     pairs = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in read_jsonl(demo_data / "pairs.jsonl")[:8]]
@@ -217,7 +220,7 @@ def test_parity_with_trl_dpo_trainer(policy_pair, demo_data, tmp_path):
     trl = DPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(policy),
         ref_model=AutoModelForCausalLM.from_pretrained(reference),
-        args=DPOConfig(
+        args=TRLDPOConfig(
             output_dir=str(tmp_path / "trl"),
             beta=0.1,
             max_length=64,
@@ -562,13 +565,13 @@ def test_resume_after_crash(tiny_model, demo_data, tmp_path, crash_at_step_3):
     ]
 
     with crash_at_step_3():
-        run_dpo(parse_config(DPOStageConfig, list(map(str, flags))))
+        run_dpo(parse_config(DPOConfig, list(map(str, flags))))
     assert (tmp_path / "out" / "checkpoints" / "checkpoint-2").is_dir()
     assert not (tmp_path / "out" / "stage.json").exists()
 
     with pytest.raises(ConfigError, match="holds an unfinished run .checkpoint-2.; pass --resume"):
-        run_dpo(parse_config(DPOStageConfig, list(map(str, flags))))
-    record = run_dpo(parse_config(DPOStageConfig, [*map(str, flags), "--resume"]))
+        run_dpo(parse_config(DPOConfig, list(map(str, flags))))
+    record = run_dpo(parse_config(DPOConfig, [*map(str, flags), "--resume"]))
     s = record["summary"]
     assert s["resumed_from_step"] == 2 and s["global_step"] == 6
     assert s["ref_logps"] == "cache_hit" and s["ref_precompute_batches"] == 0

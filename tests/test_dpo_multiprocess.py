@@ -22,7 +22,7 @@ def test_two_cpu_processes(tiny_model, demo_data, tmp_path):
 
     from align.core.config import parse_config
     from align.core.stage_dir import Stage
-    from align.stages.dpo import DPOStageConfig, build_trainer
+    from align.stages.dpo import DPOConfig, build_trainer
 
     head = tmp_path / "pairs.jsonl"
     head.write_text("".join((demo_data / "pairs.jsonl").read_text().splitlines(keepends=True)[:48]))
@@ -78,7 +78,7 @@ def test_two_cpu_processes(tiny_model, demo_data, tmp_path):
 
     # The reference log-probs gathered from 2 processes equal one process's, in dataset order.
     cfg = parse_config(
-        DPOStageConfig,
+        DPOConfig,
         [*map(str, flags), "--output_dir", str(tmp_path / "one"), "--ref_cache_dir", str(tmp_path / "cache1")],
     )
     from align.training.data import load_rows

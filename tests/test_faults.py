@@ -20,7 +20,7 @@ from align.core import preempt
 from align.core.config import parse_config
 from align.core.errors import Interrupted
 from align.stages.rs import RSConfig, run_rs
-from align.stages.sft import SFTStageConfig, run_sft
+from align.stages.sft import SFTConfig, run_sft
 
 from conftest import ROOT, read_jsonl
 
@@ -62,7 +62,7 @@ def sft_data(demo_data, tmp_path_factory) -> Path:
 def sft_reference(tiny_model, sft_data, tmp_path_factory) -> Path:
     """The run that met no fault, in this process."""
     out = tmp_path_factory.mktemp("reference") / "sft"
-    run_sft(parse_config(SFTStageConfig, sft_args(out, tiny_model, sft_data)))
+    run_sft(parse_config(SFTConfig, sft_args(out, tiny_model, sft_data)))
     return out
 
 
@@ -129,7 +129,7 @@ def test_full_disk_stops_in_one_line_and_the_rerun_ends_as_if_never_stopped(
     with open(weights, "r+b") as f:
         f.truncate(weights.stat().st_size // 2)
     capsys.readouterr()
-    record = run_sft(parse_config(SFTStageConfig, [*args[1:], "--resume"]))
+    record = run_sft(parse_config(SFTConfig, [*args[1:], "--resume"]))
     assert (
         f"warning: skipping incomplete checkpoint {checkpoints}/checkpoint-{STEPS} (model.safetensors is cut short"
         in capsys.readouterr().err

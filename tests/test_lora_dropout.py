@@ -113,13 +113,13 @@ def test_use_fast_lora_dropout_replaces_every_lora_dropout_and_changes_no_weight
 @pytest.mark.slow
 def test_trainer_stages_train_with_the_fast_dropout(tmp_path, tiny_model, demo_data, monkeypatch):
     from align.core.config import parse_config
-    from align.stages.sft import SFTStageConfig, run_sft
+    from align.stages.sft import SFTConfig, run_sft
 
     calls = []
     original = _MaskedScale.apply
     monkeypatch.setattr(_MaskedScale, "apply", lambda x, p: calls.append(p) or original(x, p))
     cfg = parse_config(
-        SFTStageConfig,
+        SFTConfig,
         [
             "--model_name_or_path",
             str(tiny_model),

@@ -246,7 +246,7 @@ def test_dpo_resume_continues_the_same_merged_run(tiny_model, demo_data, tmp_pat
     """Crash after the step-2 checkpoint, resume: the same weights as an uninterrupted run, so the
     checkpoint restored the sparsified tau, the Adam moments and the DARE generator."""
     from align.core.config import parse_config
-    from align.stages.dpo import DPOStageConfig, run_dpo
+    from align.stages.dpo import DPOConfig, run_dpo
     from align.tasks.tiny import make_tiny_model
 
     sft = make_tiny_model(tmp_path / "sft", seed=1)  # the "SFT" policy; tiny_model is its "base"
@@ -288,10 +288,10 @@ def test_dpo_resume_continues_the_same_merged_run(tiny_model, demo_data, tmp_pat
             )
         )
 
-    run_dpo(parse_config(DPOStageConfig, flags(tmp_path / "straight")))
+    run_dpo(parse_config(DPOConfig, flags(tmp_path / "straight")))
     with crash_at_step_3():
-        run_dpo(parse_config(DPOStageConfig, flags(tmp_path / "resumed")))
-    record = run_dpo(parse_config(DPOStageConfig, [*flags(tmp_path / "resumed"), "--resume"]))
+        run_dpo(parse_config(DPOConfig, flags(tmp_path / "resumed")))
+    record = run_dpo(parse_config(DPOConfig, [*flags(tmp_path / "resumed"), "--resume"]))
     assert record["summary"]["resumed_from_step"] == 2 and record["summary"]["global_step"] == 4
     straight = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
     resumed = load_file(str(tmp_path / "resumed" / "model" / "model.safetensors"))

@@ -51,8 +51,8 @@ def test_unknown_name_is_one_line_with_a_suggestion_and_every_valid_name():
 
 def _registries() -> dict[str, Registry]:
     from align.rl.optimizers import OPTIMIZERS
-    from align.stages.dpo import LOSSES as DPO_LOSSES
-    from reward.losses import LOSSES as RM_LOSSES
+    from align.stages.dpo import DPO_LOSSES
+    from reward.losses import RM_LOSSES
     from reward.rules import RULES
     from reward.scorers import COMBINERS, SCORER_KINDS
     from sampling.base import ENGINES

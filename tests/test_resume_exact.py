@@ -16,11 +16,11 @@ from safetensors.torch import load_file
 from align.core.config import parse_config
 from align.rl.optimizers import OPTIMIZERS
 from align.stages import rlhf
-from align.stages.distill import DistillStageConfig, run_distill
-from align.stages.dpo import DPOStageConfig, run_dpo
+from align.stages.distill import DistillConfig, run_distill
+from align.stages.dpo import DPOConfig, run_dpo
 from align.stages.rlhf import RLHFConfig, run_rlhf
-from align.stages.rm import RMStageConfig, run_rm
-from align.stages.sft import SFTStageConfig, run_sft
+from align.stages.rm import RMConfig, run_rm
+from align.stages.sft import SFTConfig, run_sft
 
 from conftest import ROOT, read_jsonl
 
@@ -87,7 +87,7 @@ def trainer_cases(tiny_model: Path, data: dict[str, Path], teacher: Path, tmp_pa
     pairs = ["--config", str(ROOT / "configs" / "demo_dpo.yaml"), "--dataset", str(data["pairs"]), *steps]
     return {
         "sft_lora": (
-            SFTStageConfig,
+            SFTConfig,
             run_sft,
             [
                 "--dataset",
@@ -102,7 +102,7 @@ def trainer_cases(tiny_model: Path, data: dict[str, Path], teacher: Path, tmp_pa
             ],
         ),
         "rm": (
-            RMStageConfig,
+            RMConfig,
             run_rm,
             [
                 "--config",
@@ -115,13 +115,13 @@ def trainer_cases(tiny_model: Path, data: dict[str, Path], teacher: Path, tmp_pa
             ],
         ),
         "dpo_live_reference": (
-            DPOStageConfig,
+            DPOConfig,
             run_dpo,
             [*pairs, "--ref_model", str(tiny_model), "--precompute_ref_log_probs", "false"],
         ),
-        "dpo_cached_reference": (DPOStageConfig, run_dpo, [*pairs, "--ref_cache_dir", str(tmp_path / "ref_cache")]),
+        "dpo_cached_reference": (DPOConfig, run_dpo, [*pairs, "--ref_cache_dir", str(tmp_path / "ref_cache")]),
         "distill_on_policy": (
-            DistillStageConfig,
+            DistillConfig,
             run_distill,
             [
                 "--config",

@@ -10,7 +10,7 @@ import torch
 from align.core.errors import ConfigError, DataError
 from reward.losses import (
     IGNORE_GRADE,
-    LOSSES,
+    RM_LOSSES,
     SOFT_LABELS,
     RewardBatch,
     bradley_terry,
@@ -100,16 +100,16 @@ def test_registry_losses_read_the_batch():
     batch = RewardBatch(
         t(2.0, 1.0, 0.0, 1.0).reshape(2, 2), torch.ones(2, 2, dtype=torch.bool), t(0.5, 0.0), t(0.95, 0.65)
     )
-    assert LOSSES["bradley_terry"].fn(batch).item() == pytest.approx((NLS[0.5] + NLS[-1.0]) / 2)
-    assert LOSSES["ranking"].fn(batch).item() == pytest.approx((NLS[1.0] + NLS[-1.0]) / 2)
-    assert LOSSES["soft_label"].fn(batch).item() == pytest.approx(((NLS[1.0] + 0.05) + (NLS[-1.0] - 0.35)) / 2)
-    assert LOSSES["soft_label"].needs_level and LOSSES["ranking"].uses_edited
+    assert RM_LOSSES["bradley_terry"].fn(batch).item() == pytest.approx((NLS[0.5] + NLS[-1.0]) / 2)
+    assert RM_LOSSES["ranking"].fn(batch).item() == pytest.approx((NLS[1.0] + NLS[-1.0]) / 2)
+    assert RM_LOSSES["soft_label"].fn(batch).item() == pytest.approx(((NLS[1.0] + 0.05) + (NLS[-1.0] - 0.35)) / 2)
+    assert RM_LOSSES["soft_label"].needs_level and RM_LOSSES["ranking"].uses_edited
 
 
 def test_unknown_loss_lists_valid_names():
     with pytest.raises(ConfigError) as err:
         get_loss("rankng")
-    assert str(err.value) == f"unknown reward loss 'rankng' (did you mean 'ranking'?); valid: {', '.join(LOSSES)}"
+    assert str(err.value) == f"unknown reward loss 'rankng' (did you mean 'ranking'?); valid: {', '.join(RM_LOSSES)}"
 
 
 def test_preference_levels():

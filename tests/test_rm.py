@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from align.cli import main
-from reward.losses import LOSSES
+from reward.losses import RM_LOSSES
 from reward.model import RewardModel
 from reward.scorers import build_scorer
 
@@ -220,7 +220,7 @@ def test_bad_input_exits_2_with_one_line(tiny_model, demo_data, tmp_path, capsys
 
     code, err = call(capsys, *base, "--dataset", demo_data / "pairs.jsonl", "--loss", "hinge")
     assert code == 2
-    assert err == f"align rm: error: unknown reward loss 'hinge'; valid: {', '.join(LOSSES)}\n"
+    assert err == f"align rm: error: unknown reward loss 'hinge'; valid: {', '.join(RM_LOSSES)}\n"
 
     code, err = call(capsys, *base, "--dataset", demo_data / "pairs.jsonl", "--loss", "soft_label")
     assert code == 2 and "row 1: --loss soft_label needs a 'preference_level' column" in err

@@ -93,7 +93,7 @@ def test_python_api_has_every_command_and_the_recipe_api():
         "run_merge",
         "MergeConfig",
         "run_distill",
-        "DistillStageConfig",
+        "DistillConfig",
         "run_recipe",
         "RunConfig",
         "make_tiny_model",

@@ -123,15 +123,13 @@ def test_default_reports_nowhere(tmp_path):
     """No --report_to: TrainingArguments get none (transformers' own default would be "none" too)."""
     from align.core.config import parse_config
     from align.core.stage_dir import Stage
-    from align.stages.sft import SFTStageConfig
+    from align.stages.sft import SFTConfig
     from align.training.trainer import trl_args
 
-    cfg = parse_config(
-        SFTStageConfig, ["--model_name_or_path", "m", "--dataset", "d", "--output_dir", str(tmp_path / "o")]
-    )
+    cfg = parse_config(SFTConfig, ["--model_name_or_path", "m", "--dataset", "d", "--output_dir", str(tmp_path / "o")])
     assert cfg.report_to == [] and trl_args(cfg, Stage("sft", cfg, cfg.output_dir))["report_to"] == []
     cfg = parse_config(
-        SFTStageConfig,
+        SFTConfig,
         [
             "--model_name_or_path",
             "m",

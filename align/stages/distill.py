@@ -60,7 +60,7 @@ from align.training.trainer import TrainOptions, finish_training, resume_checkpo
 
 
 @dataclasses.dataclass
-class DistillStageConfig(TrainOptions, ModelOptions, EvalOptions, CheckpointOptions, BaseConfig):
+class DistillConfig(TrainOptions, ModelOptions, EvalOptions, CheckpointOptions, BaseConfig):
     inputs = ("model_name_or_path", "teacher", "dataset", "eval_dataset", "eval_reward")
     teacher: str = required("Teacher model (folder, .gguf file or Hub id); it must share the student's vocabulary.")
     dataset: str = required(
@@ -125,7 +125,7 @@ def vocab_mismatch(student: tuple[str, int, dict], teacher: tuple[str, int, dict
     return None
 
 
-def check_shared_vocabulary(cfg: DistillStageConfig) -> None:
+def check_shared_vocabulary(cfg: DistillConfig) -> None:
     """ModelError unless teacher and student have the same model vocabulary and token -> id map
     (read from their configs and tokenizers: no weights are loaded)."""
     from transformers import AutoConfig, AutoTokenizer
@@ -146,7 +146,7 @@ def check_shared_vocabulary(cfg: DistillStageConfig) -> None:
         raise ModelError(why)
 
 
-def load_teacher(cfg: DistillStageConfig):
+def load_teacher(cfg: DistillConfig):
     """The teacher in eval mode, in the student's dtype and placed as the student (never LoRA or 4-bit)."""
     from transformers import AutoModelForCausalLM
 
@@ -269,13 +269,13 @@ def heldout_kl(
 
 @command(
     "distill",
-    DistillStageConfig,
+    DistillConfig,
     "Knowledge distillation from a teacher (TRL GKDTrainer): fixed responses and on-policy samples.",
     order=27,
     artifacts=("model",),
     metrics={"held_out": "eval_mean_reward", "heldout_kl": "heldout_kl"},
 )
-def run_distill(cfg: DistillStageConfig) -> dict:
+def run_distill(cfg: DistillConfig) -> dict:
     """Run the distillation stage; returns the stage record (also written to output_dir/stage.json)."""
     import warnings
 

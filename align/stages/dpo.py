@@ -6,7 +6,7 @@
 
 TRL's DPOTrainer computes the losses and runs the loop; ``align.training.dpo_trainer`` extends it with a
 collator and a small subclass. What this stage adds, and where it departs from the papers:
-1. Losses by name from ``LOSSES`` (``--loss sigmoid,nll:0.2``), mapped to TRL's ``loss_type`` and
+1. Losses by name from ``DPO_LOSSES`` (``--loss sigmoid,nll:0.2``), mapped to TRL's ``loss_type`` and
    ``loss_weights`` lists and summed. The default is Llama 3's: DPO plus 0.2 x the chosen
    response's NLL. TRL 1.16's ``sigmoid`` loss has no label smoothing, so the label-noise option
    is ``robust`` (Chowdhury et al. 2024), the unbiased form of cDPO's smoothing.
@@ -49,17 +49,21 @@ from align.training.trainer import TrainOptions, finish_training, resume_checkpo
 
 @dataclasses.dataclass(frozen=True)
 class Loss:
-    trl_type: str  # the DPOConfig.loss_type entry that computes it
+    trl_type: str  # the TRL DPOConfig.loss_type entry that computes it
     weight: float  # default weight in the sum
     preference: bool  # compares chosen with rejected (False: a regularizer)
     source: str
 
 
-LOSSES: Registry[Loss] = Registry("loss")
-LOSSES.register("sigmoid", Loss("sigmoid", 1.0, True, "DPO, Rafailov et al. 2023 eq. 7: -log sigmoid(beta * margin)"))
-LOSSES.register("ipo", Loss("ipo", 1.0, True, "IPO, Azar et al. 2023 eq. 17: (margin / tokens - 1 / (2 beta))^2"))
-LOSSES.register("robust", Loss("robust", 1.0, True, "robust DPO, Chowdhury et al. 2024: label noise label_smoothing"))
-LOSSES.register(
+DPO_LOSSES: Registry[Loss] = Registry("loss")
+DPO_LOSSES.register(
+    "sigmoid", Loss("sigmoid", 1.0, True, "DPO, Rafailov et al. 2023 eq. 7: -log sigmoid(beta * margin)")
+)
+DPO_LOSSES.register("ipo", Loss("ipo", 1.0, True, "IPO, Azar et al. 2023 eq. 17: (margin / tokens - 1 / (2 beta))^2"))
+DPO_LOSSES.register(
+    "robust", Loss("robust", 1.0, True, "robust DPO, Chowdhury et al. 2024: label noise label_smoothing")
+)
+DPO_LOSSES.register(
     "hinge",
     Loss(
         "hinge",
@@ -68,7 +72,7 @@ LOSSES.register(
         "RSO, Liu et al. 2023: SLiC's hinge on the normalized likelihood, max(0, 1 - beta * margin)",
     ),
 )
-LOSSES.register(
+DPO_LOSSES.register(
     "nll", Loss("sft", 0.2, False, "Llama 3: NLL of the chosen responses (mean over their tokens), weight 0.2")
 )
 
@@ -79,7 +83,7 @@ def resolve_losses(specs: list[str]) -> tuple[list[str], list[float]]:
     for spec in specs:
         name, _, weight = spec.partition(":")
         name = name.strip()
-        loss = LOSSES[name]  # an unknown name is a ConfigError listing the valid ones
+        loss = DPO_LOSSES[name]  # an unknown name is a ConfigError listing the valid ones
         if name in names:
             raise ConfigError(f"loss '{name}' is listed twice in 'loss'")
         try:
@@ -89,9 +93,9 @@ def resolve_losses(specs: list[str]) -> tuple[list[str], list[float]]:
         names.append(name)
         types.append(loss.trl_type)
         weights.append(value)
-    if not any(LOSSES[n].preference for n in names):
+    if not any(DPO_LOSSES[n].preference for n in names):
         raise ConfigError(
-            f"'loss' needs a preference loss ({', '.join(n for n, loss in LOSSES.items() if loss.preference)});"
+            f"'loss' needs a preference loss ({', '.join(n for n, loss in DPO_LOSSES.items() if loss.preference)});"
             " 'nll' alone is SFT (use align sft)"
         )
     return types, weights
@@ -103,7 +107,7 @@ def resolve_losses(specs: list[str]) -> tuple[list[str], list[float]]:
 
 
 @dataclasses.dataclass
-class DPOStageConfig(TrainOptions, ModelOptions, EvalOptions, OnlineMergingOptions, CheckpointOptions, BaseConfig):
+class DPOConfig(TrainOptions, ModelOptions, EvalOptions, OnlineMergingOptions, CheckpointOptions, BaseConfig):
     run_control = ("overwrite", "resume", "ref_cache_dir")
     output_dirs = ("output_dir", "ref_cache_dir")
     inputs = ("model_name_or_path", "ref_model", "dataset", "eval_dataset", "eval_reward")
@@ -115,9 +119,9 @@ class DPOStageConfig(TrainOptions, ModelOptions, EvalOptions, OnlineMergingOptio
     loss: list[str] = option(
         ["sigmoid", "nll"],
         "Losses summed, as NAME or NAME:WEIGHT: "
-        + "; ".join(f"{n} ({loss.source})" for n, loss in LOSSES.items())
+        + "; ".join(f"{n} ({loss.source})" for n, loss in DPO_LOSSES.items())
         + ". Default: Llama 3's DPO + 0.2 NLL.",
-        names=LOSSES,
+        names=DPO_LOSSES,
     )
     beta: float = option(0.1, "DPO beta: strength of the pull toward the reference (Llama 3: 0.1).")
     label_smoothing: float = option(
@@ -200,7 +204,7 @@ def _text(messages: list[dict]) -> str:
     return "\n".join(m["content"] for m in messages)
 
 
-def filter_pairs(rows: list[dict], cfg: DPOStageConfig, source: str) -> tuple[list[dict], dict[str, int]]:
+def filter_pairs(rows: list[dict], cfg: DPOConfig, source: str) -> tuple[list[dict], dict[str, int]]:
     """Apply the preference filter, then drop identical, repeated and near-identical pairs."""
     report = {
         "pairs_in": len(rows),
@@ -253,13 +257,13 @@ def _counts(report: dict[str, int]) -> str:
 
 @command(
     "dpo",
-    DPOStageConfig,
+    DPOConfig,
     "Offline preference optimization (TRL DPOTrainer) with Llama 3's masking and NLL term.",
     order=23,
     artifacts=("model",),
     metrics={"held_out": "eval_mean_reward"},
 )
-def run_dpo(cfg: DPOStageConfig) -> dict:
+def run_dpo(cfg: DPOConfig) -> dict:
     """Run the DPO stage; returns the stage record (also written to output_dir/stage.json)."""
     stage = Stage("dpo", cfg, cfg.output_dir)
     if not stage.prepare(overwrite=cfg.overwrite, resume=cfg.resume):
@@ -305,11 +309,11 @@ def run_dpo(cfg: DPOStageConfig) -> dict:
     return finish_training(stage, cfg, summary, artifacts, ["loss", "rewards/accuracies", "rewards/margins"])
 
 
-def build_trainer(cfg: DPOStageConfig, train, stage: Stage, callbacks: list | None = None):
+def build_trainer(cfg: DPOConfig, train, stage: Stage, callbacks: list | None = None):
     """The configured ``AlignDPOTrainer`` for ``train`` (prompt/chosen/rejected rows): loads the
     tokenizer, policy and reference, maps our options to TRL's DPOConfig, and (with
     ``precompute_ref_log_probs``) fills the reference log-probs from the cache or computes them."""
-    from trl import DPOConfig
+    from trl import DPOConfig as TRLDPOConfig
 
     from align.training.dpo_trainer import (
         LENGTH_COLUMN,
@@ -325,7 +329,7 @@ def build_trainer(cfg: DPOStageConfig, train, stage: Stage, callbacks: list | No
     ref_model = load_causal_lm(dataclasses.replace(cfg, model_name_or_path=cfg.ref_model)) if cfg.ref_model else None
     mask_ids = formatting_token_ids(tokenizer, cfg.formatting_tokens) if cfg.mask_formatting_tokens else []
     loss_type, loss_weights = resolve_losses(cfg.loss)
-    args = DPOConfig(
+    args = TRLDPOConfig(
         **trl_args(cfg, stage),
         max_length=cfg.max_length,
         beta=cfg.beta,
@@ -362,7 +366,7 @@ def build_trainer(cfg: DPOStageConfig, train, stage: Stage, callbacks: list | No
     )
 
 
-def _reference_identity(cfg: DPOStageConfig, mask_ids: list[int]) -> dict[str, Any]:
+def _reference_identity(cfg: DPOConfig, mask_ids: list[int]) -> dict[str, Any]:
     """Everything besides the tokenized pairs that changes the reference log-probs."""
     from importlib.metadata import version
 

@@ -46,7 +46,7 @@ from align.training.trainer import TrainOptions, finish_training, resume_checkpo
 from reward.losses import (
     IGNORE_GRADE,
     LLAMA2_MARGINS,
-    LOSSES,
+    RM_LOSSES,
     SOFT_LABELS,
     RewardBatch,
     get_loss,
@@ -62,13 +62,13 @@ RESPONSES = ("edited", "chosen", "rejected")  # best first
 
 
 @dataclasses.dataclass
-class RMStageConfig(TrainOptions, ModelOptions, CheckpointOptions, BaseConfig):
+class RMConfig(TrainOptions, ModelOptions, CheckpointOptions, BaseConfig):
     inputs = ("model_name_or_path", "dataset", "eval_dataset")
     dataset: str = required(
         "Preference data: a JSONL/JSON/Parquet file, a `datasets` folder or a Hub id (TRL, ShareGPT or Alpaca preference format)."
     )
     output_dir: str = required("Stage directory: stage.json, metrics.jsonl, model/ and checkpoints/ go here.")
-    loss: str = option("bradley_terry", "Reward loss (reward/losses.py).", choices=LOSSES)
+    loss: str = option("bradley_terry", "Reward loss (reward/losses.py).", choices=RM_LOSSES)
     margin: Literal["none", "column", "level"] = option(
         "none",
         "Bradley-Terry margin m: none (Llama 3), the row's `margin` column (TRL), or Llama 2's margin by preference_level (1, 2/3, 1/3, 0).",
@@ -141,7 +141,7 @@ def _grades(row: dict, name: str, heads: list[str], levels: int, where: str) -> 
     return out
 
 
-def prepare_examples(rows: list[tuple[int, dict]], spec: str, cfg: RMStageConfig, tokenizer) -> tuple[list[dict], int]:
+def prepare_examples(rows: list[tuple[int, dict]], spec: str, cfg: RMConfig, tokenizer) -> tuple[list[dict], int]:
     """Tokenize (row number, preference row) pairs; returns (examples, rows dropped by keep_levels).
 
     An example holds ``chosen_ids``/``rejected_ids`` (so TRL skips its own tokenization),
@@ -229,7 +229,7 @@ def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_backbone(cfg: RMStageConfig):
+def load_backbone(cfg: RMConfig):
     """(sequence-classification model with one output, tokenizer) from a causal LM or encoder
     folder. The tokenizer may lack a chat template (then plain text is scored, see reward.model)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -384,13 +384,13 @@ def evaluate_pairs(scorer: RewardModel, examples: list[dict]) -> dict[str, float
 
 @command(
     "rm",
-    RMStageConfig,
+    RMConfig,
     "Train a reward model on preference pairs (TRL RewardTrainer; Bradley-Terry, Llama 3 ranking, AFM soft labels).",
     order=24,
     artifacts=("model",),
     metrics={"eval_accuracy": "eval_accuracy", "noise_free": "eval_accuracy_noise_free"},
 )
-def run_rm(cfg: RMStageConfig) -> dict:
+def run_rm(cfg: RMConfig) -> dict:
     """Run the reward-model stage; returns the stage record (also output_dir/stage.json)."""
     stage = Stage("rm", cfg, cfg.output_dir)
     if not stage.prepare(overwrite=cfg.overwrite, resume=cfg.resume):

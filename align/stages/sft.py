@@ -27,7 +27,7 @@ from align.training.trainer import TrainOptions, finish_training, resume_checkpo
 
 
 @dataclasses.dataclass
-class SFTStageConfig(TrainOptions, ModelOptions, EvalOptions, CheckpointOptions, BaseConfig):
+class SFTConfig(TrainOptions, ModelOptions, EvalOptions, CheckpointOptions, BaseConfig):
     inputs = ("model_name_or_path", "dataset", "eval_dataset", "eval_reward")
     dataset: str = required(
         "Training data: a JSONL/JSON/Parquet file, a `datasets` folder or a Hub id (TRL, Alpaca or ShareGPT format)."
@@ -45,19 +45,20 @@ class SFTStageConfig(TrainOptions, ModelOptions, EvalOptions, CheckpointOptions,
 
 @command(
     "sft",
-    SFTStageConfig,
+    SFTConfig,
     "Supervised fine-tuning (TRL SFTTrainer) on conversational data.",
     order=20,
     artifacts=("model",),
     metrics={"held_out": "eval_mean_reward"},
 )
-def run_sft(cfg: SFTStageConfig) -> dict:
+def run_sft(cfg: SFTConfig) -> dict:
     """Run the SFT stage; returns the stage record (also written to output_dir/stage.json)."""
     stage = Stage("sft", cfg, cfg.output_dir)
     if not stage.prepare(overwrite=cfg.overwrite, resume=cfg.resume):
         return read_stage(cfg.output_dir)
     # TRL and the trainer callbacks import the trainer stack (seconds): only for a run that trains
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig as TRLSFTConfig
+    from trl import SFTTrainer
 
     from align.training.tracking import StageCallback, evaluate_trained
 
@@ -66,7 +67,7 @@ def run_sft(cfg: SFTStageConfig) -> dict:
     model = load_causal_lm(cfg)
     checkpoint = resume_checkpoint(cfg, stage)
 
-    args = SFTConfig(**trl_args(cfg, stage), max_length=cfg.max_length, completion_only_loss=True)
+    args = TRLSFTConfig(**trl_args(cfg, stage), max_length=cfg.max_length, completion_only_loss=True)
     trainer = SFTTrainer(
         model=model,
         args=args,
