@@ -32,7 +32,7 @@ def declared_commands() -> list[tuple[str, str]]:
     """(name, summary) of every command, in the order ``_load_commands`` registers them, read from the
     ``@command(NAME, CONFIG, SUMMARY)`` decorators in the command modules' source (``align.stages.declared``).
     Importing a stage module imports torch and the training libraries (seconds); the overview needs only
-    these two strings, so ``align --help`` reads them without importing any (tests/test_cli.py checks
+    these two strings, so ``align --help`` reads them without importing any (tests/project/test_cli.py checks
     that they match the registry)."""
     return [(d.name, d.summary) for d in stages.declared()]
 

@@ -35,12 +35,12 @@ REAL_DATA = ROOT.parent / "shared" / "data" / "real"
 # The installed console script, exactly what a user runs.
 ALIGN = [str(Path(sys.executable).parent / "align")]
 
-# The demo SFT run every later stage starts from; tests/test_sft.py asserts its figures. Short and
+# The demo SFT run every later stage starts from; tests/align/stages/test_sft.py asserts its figures. Short and
 # at a constant learning rate on purpose: it answers a share of the held-out sums but leaves room
 # for rejection sampling, DPO and RL to show an improvement, which their tests measure from this
 # model's own figures. The share climbs steeply once the model "gets" addition, and where that
 # happens moves with the CPU's float kernels: 900 steps gave 0.25-0.76 on AMD EPYCs and 0.105 on an
-# Intel Xeon with AVX-512/AMX. So the budget is fixed, and tests/test_sft.py asserts that the model
+# Intel Xeon with AVX-512/AMX. So the budget is fixed, and tests/align/stages/test_sft.py asserts that the model
 # learned (a random one answers none), not how far.
 SFT_STEPS = 900
 SFT_FLAGS = ("--lr_scheduler_type", "constant_with_warmup", "--learning_rate", "2e-3")
@@ -204,7 +204,7 @@ def sft_vllm(sft_model):
 @pytest.fixture(scope="session")
 def quickstart_sft_run(artifacts, tiny_model, demo_data) -> Path:
     """`align sft` with configs/demo_sft.yaml exactly as the quickstart runs it (1800 steps,
-    cosine): the model a user trains a reward model from. tests/test_sft.py asserts its figure."""
+    cosine): the model a user trains a reward model from. tests/align/stages/test_sft.py asserts its figure."""
     out = artifacts / "sft_quickstart"
     return built_once(out, lambda: demo_sft(out, tiny_model, demo_data))
 
@@ -222,7 +222,7 @@ def rm_pairs(artifacts) -> Path:
 @pytest.fixture(scope="session")
 def rm_run(artifacts, quickstart_sft_run, rm_pairs) -> Path:
     """`align rm` through the CLI from the quickstart SFT model on the demo pairs (5% held out),
-    from configs/demo_rm.yaml; tests/test_rm.py asserts its eval accuracy."""
+    from configs/demo_rm.yaml; tests/align/stages/test_rm.py asserts its eval accuracy."""
     out = artifacts / "rm"
     return built_once(
         out,

@@ -44,7 +44,7 @@ def tune_fused_lm_head_for_cpu() -> bool:
     """Make TRL's fused LM head score only labelled positions on CPU and, on a machine without
     CUDA/XPU, use cache-sized tiles. Idempotent; True when TRL's fused head was found and set up.
 
-    Touches three private names of trl 1.16 (pinned in pyproject.toml; tests/test_fused_head.py
+    Touches three private names of trl 1.16 (pinned in pyproject.toml; tests/align/training/test_fused_head.py
     fails if a TRL upgrade moves them): ``trl.trainer.utils._use_triton`` (as that module sees it:
     it only decides the compaction there; the kernels module keeps its own reference, which picks
     Triton kernels or torch tiles), ``trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE`` and

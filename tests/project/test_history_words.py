@@ -24,7 +24,8 @@ import subprocess
 import tokenize
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
+
 SELF = Path(__file__).resolve()
 
 HISTORY = re.compile(

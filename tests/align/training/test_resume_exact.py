@@ -3,7 +3,7 @@ a run that dies right after a checkpoint and is resumed ends with bitwise the sa
 (fp32 on CPU) and the same per-step metrics rows (losses, rewards, token counts, batch hashes) as
 the run that never stopped. Both runs here are in this process; the death is an exception raised
 just after the checkpoint is on disk, so whatever the dying run held in memory is lost as in a kill
-(tests/test_faults.py and tests/test_sft.py kill real processes)."""
+(tests/align/core/test_faults.py and tests/align/stages/test_sft.py kill real processes)."""
 
 from __future__ import annotations
 
@@ -140,7 +140,7 @@ def trainer_cases(tiny_model: Path, data: dict[str, Path], teacher: Path, tmp_pa
     }
 
 
-# Full sft: tests/test_faults.py (a real process, resumed after a full disk, compared likewise).
+# Full sft: tests/align/core/test_faults.py (a real process, resumed after a full disk, compared likewise).
 @pytest.mark.parametrize("case", ["sft_lora", "rm", "dpo_live_reference", "dpo_cached_reference", "distill_on_policy"])
 def test_trainer_stage_resumed_after_a_crash_ends_as_if_never_stopped(
     case, tiny_model, data, teacher, tmp_path, crash_at_step_3

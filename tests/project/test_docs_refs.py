@@ -6,7 +6,8 @@ import re
 import subprocess
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
+
 # A Markdown file named in code or a script: `docs/vllm-cpu.md#3`, `README.md`, `../x/stack.md`.
 MENTION = re.compile(r"(?<![\w/.'\"-])((?:\.\./|[\w.-]+/)*[\w.-]+\.md)(?![\w])(?:#[\w-]+)?")
 # Files align writes (not documents it ships).
@@ -16,7 +17,9 @@ ANCHOR = re.compile(r"\.md#(\d+)")
 
 def tracked(*patterns: str) -> list[Path]:
     out = subprocess.run(["git", "ls-files", *patterns], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    return [ROOT / line for line in out.splitlines() if line and not line.startswith("tests/test_docs_refs.py")]
+    return [
+        ROOT / line for line in out.splitlines() if line and not line.startswith("tests/project/test_docs_refs.py")
+    ]
 
 
 def test_every_markdown_file_the_code_names_is_in_the_repository():

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import datasets
 import pytest
@@ -158,7 +157,7 @@ def test_kill_9_then_rerun_continues_and_matches_an_uninterrupted_run(sft_vllm, 
         "--engine",
         "vllm",
     ]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
     log = tmp_path / "killed.log"
     with open(log, "w") as f:
         proc = subprocess.Popen([str(a) for a in argv], env=env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import subprocess
 import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +16,8 @@ from align.core.errors import ConfigError
 from sampling import cpu_sampler, vllm_engine
 from sampling.vllm_engine import RankInfo, check_colocated, engine_environment, engine_kwargs
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import ROOT
+
 BASE = dict(
     dtype="float32",
     max_model_len=512,
