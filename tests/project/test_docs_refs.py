@@ -43,3 +43,21 @@ def test_numbered_anchors_into_vllm_cpu_exist():
             if "docs/vllm-cpu.md#" in line:
                 bad += [f"{path.relative_to(ROOT)}:{lineno}: #{n}" for n in ANCHOR.findall(line) if n not in sections]
     assert not bad, "anchors with no section in docs/vllm-cpu.md:\n" + "\n".join(bad)
+
+
+# A Markdown link: [text](target), the target without its #anchor.
+LINK = re.compile(r"\]\(([^)\s#]+)(?:#[^)\s]*)?\)")
+
+
+def test_every_relative_link_of_the_docs_resolves_to_a_file_of_the_repository():
+    """README.md and docs/*.md link files by relative paths; each must exist where the link points."""
+    broken = []
+    for path in tracked("*.md"):
+        for lineno, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            for target in LINK.findall(line):
+                if re.match(r"[a-z]+:", target):  # https:, mailto:
+                    continue
+                resolved = (path.parent / target).resolve()
+                if not resolved.exists() or not resolved.is_relative_to(ROOT):
+                    broken.append(f"{path.relative_to(ROOT)}:{lineno}: {target}")
+    assert not broken, "links to files the repository does not have:\n" + "\n".join(broken)
