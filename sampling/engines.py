@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 import sys
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from align.core.config import option
@@ -45,6 +47,33 @@ class AutoEngine:
                 flush=True,
             )
         return ENGINES[name].from_pretrained(model_path, **options)
+
+
+def default_threads(environ: Mapping[str, str] = os.environ, cores: int | None = None) -> int:
+    """Decoding threads when ``--threads`` is unset: the cores this process may use (its CPU
+    affinity, which taskset, cgroup cpusets and Slurm's ``--cpus-per-task`` narrow), shared among
+    the processes a distributed launch starts on this machine (``LOCAL_WORLD_SIZE``), and at most
+    ``OMP_NUM_THREADS`` when that is set: a job that splits the cores between parallel workers (or
+    torchrun, which sets it to 1) says so there. A generating stage has the cores to itself (rs
+    and eval generate, then score; the rlhf loop's trainer and engine take turns), and on 2 idle
+    cores 2 threads decode SmolLM2-135M about 2.4x faster than 1; 2 threads on cores another
+    process also uses are 5-30x slower a step (sampling.vllm_engine), hence OMP_NUM_THREADS."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = cores // max(1, _positive(environ.get("LOCAL_WORLD_SIZE")) or 1)
+    omp = _positive(environ.get("OMP_NUM_THREADS"))
+    if omp:
+        threads = min(threads, omp)
+    return max(1, threads)
+
+
+def _positive(value: str | None) -> int | None:
+    """``value`` as a positive int, else None (unset, empty or not a number: ignored, as OpenMP does)."""
+    try:
+        number = int(value) if value else 0
+    except ValueError:
+        return None
+    return number if number > 0 else None
 
 
 def build_engine(name: str, model_path: str, **options: Any) -> Engine:
@@ -96,12 +125,14 @@ class EngineOptions:
         " A speed setting, not part of the stage's identity.",
     )
     batch_size: int = option(64, "transformers engine: prompts per generate call.")
-    threads: int = option(
-        1,
-        "vLLM: torch threads that decode. 1 (vLLM's CPU default) when other work shares the cores;"
-        " the core count when generation has them to itself (2 threads decode SmolLM2-135M about"
-        " 2.4x faster than 1 on 2 idle cores, docs/vllm-cpu.md). A speed setting, not part of the"
-        " stage's identity.",
+    threads: int | None = option(
+        None,
+        "vLLM: torch threads that decode. Unset: the cores this process may use (its CPU affinity),"
+        " shared among a distributed launch's processes on the machine (LOCAL_WORLD_SIZE), at most"
+        " OMP_NUM_THREADS when that is set; recorded in stage.json. 2 threads decode SmolLM2-135M"
+        " about 2.4x faster than 1 on 2 idle cores, and are several times slower on cores other"
+        " work uses (docs/vllm-cpu.md): set 1, or OMP_NUM_THREADS, when the cores are shared. A"
+        " speed setting, not part of the stage's identity.",
     )
     enforce_eager: bool | None = option(
         None,
@@ -117,7 +148,7 @@ class EngineOptions:
 
     def validate_engine(self) -> None:
         for key in ("max_model_len", "max_num_seqs", "batch_size", "threads"):
-            if getattr(self, key) < 1:
+            if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ConfigError(f"'{key}' must be >= 1, got {getattr(self, key)}")
         if self.kv_cache_gb is not None and self.kv_cache_gb <= 0:
             raise ConfigError(f"'kv_cache_gb' must be > 0, got {self.kv_cache_gb}")
@@ -143,7 +174,7 @@ class EngineOptions:
             max_num_seqs=self.max_num_seqs,
             kv_block_size=self.kv_block_size,
             batch_size=self.batch_size,
-            threads=self.threads,
+            threads=self.threads or default_threads(),
             gpu_memory_utilization=self.gpu_memory_utilization,
             tensor_parallel_size=self.tensor_parallel_size,
             enforce_eager=self.enforce_eager,

@@ -30,9 +30,10 @@ Chunked prefill is off (vLLM's CPU default is on): vLLM 0.32's CPU runner crashe
 Generator does not use offset") when a seeded request's prompt is split across steps, which
 happens as soon as one step's prompts exceed ``max_num_batched_tokens``.
 
-``generate`` runs with ``threads`` torch threads (default 1, what vLLM itself sets for CPU
-serving, except that in-process its worker's no-op ``set_num_threads`` stops it from doing so)
-and restores the process's count afterwards. On 2 shared cores, 2 threads made each decode step
+``generate`` runs with ``threads`` torch threads (the stages' default: the cores the process
+may use, ``sampling.engines.default_threads``; vLLM itself sets 1 for CPU serving, except that
+in-process its worker's no-op ``set_num_threads`` stops it from doing so) and restores the
+process's count afterwards. On 2 shared cores, 2 threads made each decode step
 5-30x slower (every small op waits for the second thread's time slice).
 
 Weight updates use ``collective_rpc("reload_weights")`` + ``reset_prefix_cache()``: vLLM's

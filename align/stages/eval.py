@@ -178,6 +178,7 @@ def run_eval(cfg: EvalConfig, engine=None) -> dict:
         report = {
             **evaluate(engine, cfg.dataset, cfg.reward, params=params, scorer=scorer, rows=rows),
             "engine": engine.name,
+            "threads": getattr(engine, "threads", None),
         }
     finally:
         if own_engine:

@@ -896,6 +896,7 @@ def run_rlhf(cfg: RLHFConfig) -> dict:
     summary["num_processes"] = world
     summary["engine"] = engine.name
     summary["sampler"] = getattr(engine, "sampler", engine.name)  # align's CPU sampler or vLLM's own
+    summary["threads"] = getattr(engine, "threads", None)
     summary["engine_dtype"] = engine_dtype
     summary["bf16"] = bf16
     summary["importance_sampling"] = correct

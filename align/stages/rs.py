@@ -366,6 +366,7 @@ def _run_shard(
         "start": positions[0],
         "engine": engine.name,
         "sampler": getattr(engine, "sampler", engine.name),
+        "threads": getattr(engine, "threads", None),  # vLLM's decoding threads; None from transformers
         "generate_seconds": generated - started,
         "score_seconds": time.perf_counter() - generated,
         "tokens": sum(len(c.token_ids) for cands in outputs for c in cands),
@@ -373,11 +374,19 @@ def _run_shard(
     }
 
 
+def used_threads(shards: list[dict[str, Any]]) -> int | list[int] | None:
+    """The decoding threads the shards were generated with: one number, or each value used when a
+    resumed run changed them (None for shards written before it was recorded, or by transformers)."""
+    values = sorted({s["threads"] for s in shards if s.get("threads")})
+    return values[0] if len(values) == 1 else (values or None)
+
+
 def _join_members(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """One prompt shard's records of every member -> one record, each prompt's candidates in member order."""
     return {
         "engine": "+".join(sorted({p["engine"] for p in parts})),
         "sampler": "+".join(sorted({p.get("sampler", "unknown") for p in parts})),
+        "threads": max((p["threads"] for p in parts if p.get("threads")), default=None),
         **{key: sum(p[key] for p in parts) for key in ("generate_seconds", "score_seconds", "tokens")},
         "prompts": [
             {"prompt_id": group[0]["prompt_id"], "candidates": [c for p in group for c in p["candidates"]]}
@@ -471,6 +480,7 @@ def _finish(
         "sampler": "+".join(
             sorted({s.get("sampler", "unknown") for s in shards})
         ),  # align's CPU sampler or the engine's own
+        "threads": used_threads(shards),
         "mean_reward": sum(rewards) / len(rewards),
         "max_reward": max(rewards),
         "mean_best_reward": sum(max(c["reward"] for c in r["candidates"]) for r in records) / len(records),

@@ -13,6 +13,7 @@ import warnings
 import pytest
 
 from align.cli import NOISY_WARNINGS, _quiet_libraries
+from align.core.errors import ConfigError
 from align.stages.rs import RSConfig, run_rs
 from sampling import engines
 from sampling.base import ENGINES
@@ -160,3 +161,38 @@ def test_only_the_known_library_noise_is_hidden(category, message, module):
         ("something else", "lib.py"),
         ("a user warning", "user.py"),
     ]
+
+
+@pytest.mark.parametrize(
+    ("cores", "environ", "threads"),
+    [
+        (2, {}, 2),  # the process's cores, alone
+        (2, {"OMP_NUM_THREADS": "1"}, 1),  # a job that split the cores between workers
+        (8, {"OMP_NUM_THREADS": "3"}, 3),
+        (2, {"OMP_NUM_THREADS": "4"}, 2),  # OMP_NUM_THREADS caps, never raises
+        (8, {"LOCAL_WORLD_SIZE": "2"}, 4),  # two ranks on this machine share its cores
+        (2, {"LOCAL_WORLD_SIZE": "4"}, 1),
+        (2, {"OMP_NUM_THREADS": "many", "LOCAL_WORLD_SIZE": ""}, 2),  # not a number: ignored, as OpenMP does
+        (1, {}, 1),
+    ],
+)
+def test_default_threads_are_the_process_cores_shared_by_ranks_and_capped_by_omp(cores, environ, threads):
+    assert engines.default_threads(environ, cores=cores) == threads
+
+
+def test_unset_threads_resolve_from_the_affinity_mask_and_an_explicit_value_wins(monkeypatch):
+    built = []
+    monkeypatch.setattr(engines, "build_engine", lambda name, path, **options: built.append(options["threads"]))
+    monkeypatch.setattr(engines.os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    base = ["--model_name_or_path", "m", "--dataset", "d.jsonl", "--reward", "rule:arithmetic", "--output_dir", "o"]
+    from align.core.config import parse_config
+
+    parse_config(RSConfig, base).build_engine("m")
+    parse_config(RSConfig, [*base, "--threads", "1"]).build_engine("m")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    parse_config(RSConfig, base).build_engine("m")
+    assert built == [3, 1, 2]
+    with pytest.raises(ConfigError, match="'threads' must be >= 1, got 0"):
+        parse_config(RSConfig, [*base, "--threads", "0"]).validate_engine()
