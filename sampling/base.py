@@ -148,6 +148,17 @@ def render_prompts(tokenizer, prompts: list[list[dict]], system_prompt: str | No
     return rendered
 
 
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """The generate calls an engine is built for: their prompts (chat messages), samples per prompt
+    and new tokens. The vLLM engine sizes an unset KV cache on CPU to hold them at once
+    (``sampling.vllm_engine.work_kv_cache_gb``); the transformers engine has no use for it."""
+
+    prompts: list[list[dict]]
+    n: int
+    max_tokens: int
+
+
 def encode_prompts(
     tokenizer, prompts: list[list[dict]], system_prompt: str | None = None, max_model_len: int | None = None
 ) -> list[list[int]]:

@@ -20,7 +20,7 @@ from align.core.config import option
 from align.core.errors import ConfigError
 from align.core.gguf import resolve_model_path
 from sampling import hf, vllm_engine  # noqa: F401  register the engines
-from sampling.base import ENGINES, Engine
+from sampling.base import ENGINES, Engine, Workload
 
 
 def default_engine() -> str:
@@ -100,7 +100,9 @@ class EngineOptions:
         None,
         "vLLM KV-cache size in GiB (on CPU it is host RAM). Too small a cache makes vLLM decode"
         " the sequences in waves; the engine says on stderr when a call needs more and what would fit."
-        " Unset: 1 GiB on CPU; on a GPU, what gpu_memory_utilization leaves after the weights.",
+        " Unset, on CPU: what the stage's prompts x num_samples x (prompt + max_tokens) need at once,"
+        " within a quarter of the available RAM (rs, eval, rlhf; recorded in stage.json); on a GPU,"
+        " what gpu_memory_utilization leaves after the weights.",
     )
     gpu_memory_utilization: float = option(
         0.3,
@@ -163,9 +165,15 @@ class EngineOptions:
             raise ConfigError(f"'kv_block_size' must be a positive multiple of 32, got {self.kv_block_size}")
 
     def build_engine(
-        self, model_path: str, seed: int = 0, kv_cache_gb: float | None = None, **vllm_options: Any
+        self,
+        model_path: str,
+        seed: int = 0,
+        kv_cache_gb: float | None = None,
+        work: Workload | None = None,
+        **vllm_options: Any,
     ) -> Engine:
         """The configured engine; ``kv_cache_gb`` (rlhf passes the size it resolved) overrides ``self.kv_cache_gb``;
+        ``work`` (the prompts, samples and new tokens to come) sizes an unset one on CPU;
         ``vllm_options`` (rlhf's: the engine's dtype, sleep mode, LoRA) override or add to the rest."""
         options = dict(
             dtype=self.dtype,
@@ -181,5 +189,6 @@ class EngineOptions:
             system_prompt=self.system_prompt,
             trust_remote_code=self.trust_remote_code,
             seed=seed,
+            work=work,
         )
         return build_engine(self.engine, model_path, **{**options, **vllm_options})

@@ -17,7 +17,8 @@ The engine pages in ``kv_block_size`` = 32 tokens instead, so the samples share 
 full pages and each computes only its tail: 1.4x the tokens/s at that size (2-core AVX-512 EPYC, 2
 threads, blocks of 32 vs 128: eager 661-706 vs 472-512 tokens/s; docs/vllm-cpu.md#6). The KV cache is sized explicitly
 (``kv_cache_gb``, passed as ``kv_cache_memory_bytes``), since vLLM on CPU would otherwise size it
-from host RAM; vLLM's legacy ``VLLM_CPU_KVCACHE_SPACE`` (whole GiB), when set in the environment,
+from host RAM: unset, from the work a stage announces (``Workload``: its prompts, samples and new
+tokens; ``work_kv_cache_gb``, within a quarter of the available RAM), else 1 GiB; vLLM's legacy ``VLLM_CPU_KVCACHE_SPACE`` (whole GiB), when set in the environment,
 takes precedence. A cache too small for the sequences a call could decode together
 (``max_num_seqs``, or all of them) makes vLLM decode them in waves, so ``generate`` says once, on
 stderr, that the cache is short and what ``kv_cache_gb`` would hold them all (``kv_blocks_needed``;
@@ -71,7 +72,7 @@ from typing import Any, Iterable, Iterator
 
 from align.core.heap import keep_freed_memory
 from sampling import cpu_sampler
-from sampling.base import ENGINES, Candidate, SamplingParams, encode_prompts, stop_ids
+from sampling.base import ENGINES, Candidate, SamplingParams, Workload, encode_prompts, stop_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,6 +235,7 @@ class VLLMEngine:
         max_lora_rank: int | None = None,
         device: str | None = None,
         ranks: RankInfo | None = None,
+        work: Workload | None = None,
         **_: Any,
     ):
         device = device or engine_device()
@@ -250,6 +252,11 @@ class VLLMEngine:
         from transformers import AutoTokenizer
         from vllm import LLM
 
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        if kv_cache_gb is None and device == "cpu" and work is not None:
+            kv_cache_gb = self._kv_cache_gb_for_work(
+                model_path, work, system_prompt, max_model_len, kv_block_size, max_num_seqs, dtype, trust_remote_code
+            )
         kwargs = engine_kwargs(
             model_path,
             device=device,
@@ -278,7 +285,6 @@ class VLLMEngine:
         if not VLLMEngine._alive:
             VLLMEngine.torch_set_num_threads = torch.set_num_threads
         self._set_num_threads, self._num_threads = VLLMEngine.torch_set_num_threads, torch.get_num_threads()
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         self.system_prompt = system_prompt
         self.max_model_len = max_model_len
         self.threads = threads
@@ -305,6 +311,39 @@ class VLLMEngine:
         self.sleep_level = (1 if max_lora_rank is not None else 2) if enable_sleep_mode else 0
         self.asleep: set[str] = set()
         self.sleep()
+
+    def _kv_cache_gb_for_work(
+        self,
+        model_path: str,
+        work: Workload,
+        system_prompt: str | None,
+        max_model_len: int,
+        block_size: int,
+        max_num_seqs: int,
+        dtype: str,
+        trust_remote_code: bool,
+    ) -> float | None:
+        """The KV cache the workload needs (``work_kv_cache_gb``), its prompts encoded as ``generate``
+        will encode them; None (the fixed 1 GiB) for a model whose config lacks the attention sizes."""
+        import psutil
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code).to_dict()
+        lengths = [len(ids) for ids in encode_prompts(self.tokenizer, work.prompts, system_prompt, max_model_len)]
+        try:
+            return work_kv_cache_gb(
+                config,
+                lengths,
+                work.n,
+                work.max_tokens,
+                block_size=block_size,
+                max_num_seqs=max_num_seqs,
+                max_model_len=max_model_len,
+                dtype=dtype,
+                available_bytes=psutil.virtual_memory().available,
+            )
+        except KeyError:
+            return None
 
     @classmethod
     def open_engines(cls) -> int:
@@ -514,6 +553,34 @@ def kv_cache_gb_for(
     needed = max(kv_blocks_needed(sequence_lengths, n, block_size, max_num_seqs), -(-max_model_len // block_size)) + 1
     mib = -(-needed * block_size * kv_cache_bytes_per_token(model_config, dtype) // 2**20)
     return mib / 1024
+
+
+# The share of the available RAM a KV cache sized from the work may take (on CPU the cache is host
+# memory; the model, its activations and the stage's own data need the rest).
+KV_MEMORY_SHARE = 0.25
+
+
+def work_kv_cache_gb(
+    model_config: dict,
+    prompt_lengths: Iterable[int],
+    n: int,
+    max_tokens: int,
+    *,
+    block_size: int,
+    max_num_seqs: int,
+    max_model_len: int,
+    dtype: str,
+    available_bytes: int,
+) -> float:
+    """GiB of KV cache for a workload: what the sequences one call could decode together need
+    (``kv_cache_gb_for``: the longest ``max_num_seqs`` prompts, each ``n`` times, to ``max_tokens``),
+    at most ``KV_MEMORY_SHARE`` of ``available_bytes``, and never below one ``max_model_len``
+    sequence (vLLM's minimum). Capped, the engine decodes in waves and says so on stderr."""
+    lengths = [min(length + max_tokens, max_model_len) for length in prompt_lengths]
+    sized = dict(block_size=block_size, max_num_seqs=max_num_seqs, max_model_len=max_model_len, dtype=dtype)
+    needed = kv_cache_gb_for(model_config, lengths, n, **sized)
+    floor = kv_cache_gb_for(model_config, [], 1, **sized)
+    return max(floor, min(needed, math.floor(KV_MEMORY_SHARE * available_bytes / 2**20) / 1024))
 
 
 def _candidate(output, with_logprobs: bool) -> Candidate:

@@ -32,7 +32,7 @@ from align.core.stage_dir import Stage, atomic_write_text, read_stage
 from align.training.evaluation import RewardOptions, check_scorer_accepts, evaluate, load_prompts
 from reward.rules import RULES
 from reward.scorers import build_scorer, check_finite
-from sampling.base import SamplingParams
+from sampling.base import SamplingParams, Workload
 from sampling.engines import EngineOptions
 
 RESULTS = "eval.jsonl"
@@ -170,7 +170,8 @@ def run_eval(cfg: EvalConfig, engine=None) -> dict:
         return read_stage(cfg.output_dir)
     own_engine = engine is None
     if own_engine:
-        engine = cfg.build_engine(cfg.model_name_or_path, seed=cfg.seed)
+        work = Workload([r["prompt"] for r in rows], cfg.num_samples, cfg.max_tokens)
+        engine = cfg.build_engine(cfg.model_name_or_path, seed=cfg.seed, work=work)
     params = SamplingParams(
         n=cfg.num_samples, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens, seed=cfg.seed
     )
@@ -179,6 +180,7 @@ def run_eval(cfg: EvalConfig, engine=None) -> dict:
             **evaluate(engine, cfg.dataset, cfg.reward, params=params, scorer=scorer, rows=rows),
             "engine": engine.name,
             "threads": getattr(engine, "threads", None),
+            "kv_cache_gb": getattr(engine, "kv_cache_gb", None),
         }
     finally:
         if own_engine:

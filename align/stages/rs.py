@@ -82,7 +82,7 @@ from align.training.evaluation import (
     score_candidates,
     truncated_fraction,
 )
-from sampling.base import Engine, SamplingParams
+from sampling.base import Engine, SamplingParams, Workload
 from sampling.engines import EngineOptions
 from sampling.select import STRATEGIES, Scored, SelectOptions, dedupe
 
@@ -307,7 +307,8 @@ def run_rs(cfg: RSConfig, engine: Engine | None = None) -> dict:
         if not mine:
             continue
         live = engine if m == 0 and engine is not None else None
-        current = live or cfg.build_engine(member, seed=cfg.seed)
+        work = Workload([r["prompt"] for r in rows], cfg.num_samples, cfg.max_tokens)
+        current = live or cfg.build_engine(member, seed=cfg.seed, work=work)
         try:
             for i in mine:
                 part = slice(starts[i], starts[i] + cfg.shard_size)
@@ -367,6 +368,7 @@ def _run_shard(
         "engine": engine.name,
         "sampler": getattr(engine, "sampler", engine.name),
         "threads": getattr(engine, "threads", None),  # vLLM's decoding threads; None from transformers
+        "kv_cache_gb": getattr(engine, "kv_cache_gb", None),
         "generate_seconds": generated - started,
         "score_seconds": time.perf_counter() - generated,
         "tokens": sum(len(c.token_ids) for cands in outputs for c in cands),
@@ -387,6 +389,7 @@ def _join_members(parts: list[dict[str, Any]]) -> dict[str, Any]:
         "engine": "+".join(sorted({p["engine"] for p in parts})),
         "sampler": "+".join(sorted({p.get("sampler", "unknown") for p in parts})),
         "threads": max((p["threads"] for p in parts if p.get("threads")), default=None),
+        "kv_cache_gb": max((p["kv_cache_gb"] for p in parts if p.get("kv_cache_gb")), default=None),
         **{key: sum(p[key] for p in parts) for key in ("generate_seconds", "score_seconds", "tokens")},
         "prompts": [
             {"prompt_id": group[0]["prompt_id"], "candidates": [c for p in group for c in p["candidates"]]}
@@ -481,6 +484,7 @@ def _finish(
             sorted({s.get("sampler", "unknown") for s in shards})
         ),  # align's CPU sampler or the engine's own
         "threads": used_threads(shards),
+        "kv_cache_gb": max((s["kv_cache_gb"] for s in shards if s.get("kv_cache_gb")), default=None),
         "mean_reward": sum(rewards) / len(rewards),
         "max_reward": max(rewards),
         "mean_best_reward": sum(max(c["reward"] for c in r["candidates"]) for r in records) / len(records),

@@ -305,6 +305,67 @@ def test_kv_cache_gb_for_holds_the_sequences_decoded_together_and_one_of_full_le
     )
 
 
+def test_a_kv_cache_sized_from_the_work_holds_it_within_a_share_of_the_free_memory():
+    from sampling.vllm_engine import KV_MEMORY_SHARE, kv_cache_gb_for, work_kv_cache_gb
+
+    sized = dict(block_size=32, max_num_seqs=256, max_model_len=512, dtype="float32")
+    plenty = 64 * 2**30
+    # 16 prompts of 24-39 tokens + 48 new tokens = 72-87 tokens, 4 samples each: kv_cache_gb_for's 272 MiB
+    assert work_kv_cache_gb(SMOLLM2, range(24, 40), 4, 48, **sized, available_bytes=plenty) == 272 / 1024
+    assert kv_cache_gb_for(SMOLLM2, range(72, 88), 4, **sized) == 272 / 1024
+    # a prompt + max_tokens past max_model_len is cut there, as generate cuts max_tokens
+    assert work_kv_cache_gb(SMOLLM2, [500], 1, 48, **sized, available_bytes=plenty) == kv_cache_gb_for(
+        SMOLLM2, [512], 1, **sized
+    )
+    # 1 GiB free: at most a quarter of it (the engine then decodes in waves and says so)
+    assert KV_MEMORY_SHARE == 0.25
+    assert work_kv_cache_gb(SMOLLM2, [40] * 64, 8, 64, **sized, available_bytes=2**30) == 0.25
+    # never below one max_model_len sequence, vLLM's minimum
+    floor = kv_cache_gb_for(SMOLLM2, [], 1, **sized)
+    assert (
+        work_kv_cache_gb(SMOLLM2, [40] * 64, 8, 64, **sized, available_bytes=2**20)
+        == floor
+        == math.ceil(17 * 32 * 46080 / 2**20) / 1024
+    )
+
+
+@pytest.mark.slow
+def test_an_unset_kv_cache_is_sized_from_the_work_and_a_set_one_wins(tiny_model):
+    """On CPU, an engine told its work (rs and eval tell it) holds that work's sequences at once;
+    without one it keeps the fixed 1 GiB; an explicit kv_cache_gb is taken as given."""
+    pytest.importorskip("vllm")
+    import json
+
+    from sampling.base import Workload, encode_prompts
+    from sampling.vllm_engine import work_kv_cache_gb
+
+    work = Workload([PROMPTS[0]] * 6, n=4, max_tokens=16)
+    engine = build_engine("vllm", str(tiny_model), max_model_len=64, seed=0, work=work)
+    try:
+        lengths = [len(ids) for ids in encode_prompts(engine.tokenizer, work.prompts, None, 64)]
+        config = json.loads((tiny_model / "config.json").read_text())
+        expected = work_kv_cache_gb(
+            config,
+            lengths,
+            4,
+            16,
+            block_size=32,
+            max_num_seqs=256,
+            max_model_len=64,
+            dtype="float32",
+            available_bytes=2**40,
+        )
+        assert engine.kv_cache_gb == expected < 0.01  # a tiny model's 24 short sequences: MiBs, not 1 GiB
+        assert engine.kv_blocks >= 24 * -(-(max(lengths) + 16) // 32)  # what the 24 sequences take at once
+    finally:
+        engine.close()
+    engine = build_engine("vllm", str(tiny_model), max_model_len=64, seed=0, work=work, kv_cache_gb=0.05)
+    try:
+        assert engine.kv_cache_gb == 0.05
+    finally:
+        engine.close()
+
+
 def test_the_k_samples_of_a_prompt_share_its_full_kv_pages(sft_vllm):
     """Pages of 32 tokens (``kv_block_size``), not vLLM's CPU default of 128: the 4 samples of a
     40-token prompt share its first page (vLLM counts those tokens as cached) and each computes
