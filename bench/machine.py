@@ -1,10 +1,8 @@
 """What every benchmark records beside its ratios: the CPU, the machine's fp32 matmul peak, and
 the model (a folder, or ``smollm2``: the real SmolLM2-135M-Instruct the set-up installs).
 
-The peak is measured, not looked up: the best of a few 2048^3 fp32 products at the benchmark's
-thread count, through torch's BLAS and through oneDNN, whichever is faster (``matmul_peaks_gflops``). A generated token costs about 2 x parameters FLOPs (one multiply-add
-per weight) and a trained token about 6 x parameters (forward + backward), so ``peak_fraction``
-puts a measured tokens/s next to the physical limit of the same machine.
+The peak and the share of it a rate reaches come from ``sampling.speed`` (``matmul_peak_gflops``,
+``peak_fraction``), which ``align rs`` and ``align rlhf`` report from too: measured, not looked up.
 """
 
 from __future__ import annotations
@@ -15,10 +13,9 @@ import platform
 import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import torch
+from sampling.speed import matmul_peak_gflops, matmul_peaks_gflops, parameter_count, peak_fraction  # noqa: E402,F401
 
 PACKAGED_MODELS = ("smollm2",)  # names align.core.gguf.packaged_gguf knows
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,44 +59,6 @@ def steal_share(before: dict[str, int], after: dict[str, int]) -> float | None:
     return (after["steal"] - before["steal"]) / total if total > 0 else None
 
 
-def _onednn_linear(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b.T`` through oneDNN (the library vLLM's CPU linear layers call), not torch's BLAS."""
-    return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
-
-
-def matmul_peaks_gflops(threads: int, size: int = 2048, reps: int = 5) -> dict[str, float]:
-    """Best fp32 GFLOP/s of a size^3 product on ``threads`` threads (restored afterwards), per library:
-    ``torch.mm`` (MKL in torch's x86 builds) and oneDNN's linear (when this torch has it).
-
-    Both, because neither alone is the machine's limit everywhere: MKL runs its AVX2 kernels on AMD
-    CPUs, AVX-512 ones included, so on a 2-core AVX-512 EPYC (Zen 5) ``torch.mm`` read 163-195 GFLOP/s
-    and oneDNN 396-433, the same cores' 2 x 16-lane FMA limit."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    libraries = {"torch.mm": torch.mm}
-    if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
-        libraries["oneDNN linear"] = _onednn_linear
-    try:
-        a, b = torch.randn(size, size), torch.randn(size, size)
-        peaks = {}
-        for name, product in libraries.items():
-            product(a, b)  # warm-up
-            best = float("inf")
-            for _ in range(reps):
-                started = time.perf_counter()
-                product(a, b)
-                best = min(best, time.perf_counter() - started)
-            peaks[name] = 2 * size**3 / best / 1e9
-        return peaks
-    finally:
-        torch.set_num_threads(before)
-
-
-def matmul_peak_gflops(threads: int, size: int = 2048, reps: int = 5) -> float:
-    """The machine's fp32 matmul peak: the best of ``matmul_peaks_gflops``'s libraries."""
-    return max(matmul_peaks_gflops(threads, size, reps).values())
-
-
 def resolve_model(name: str) -> str:
     """A model folder, a .gguf file, or a packaged model's name (``smollm2``) -> a folder to load."""
     from align.training.models import resolve_model_path
@@ -109,20 +68,6 @@ def resolve_model(name: str) -> str:
 
         name = str(packaged_gguf(name))
     return resolve_model_path(name)
-
-
-def parameter_count(model_dir: str) -> int:
-    """Parameters of the model in ``model_dir`` (tied embeddings counted once), from its config."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
-    return sum(p.numel() for p in model.parameters())
-
-
-def peak_fraction(tokens_per_s: float, flops_per_token: float, peak_gflops: float) -> float:
-    """The share of the matmul peak a rate reaches (tokens/s x FLOPs per token / peak FLOP/s)."""
-    return tokens_per_s * flops_per_token / (peak_gflops * 1e9)
 
 
 # glibc then maps every large tensor on its own and unmaps it when freed, so ru_maxrss is the peak

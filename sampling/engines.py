@@ -67,6 +67,12 @@ def default_threads(environ: Mapping[str, str] = os.environ, cores: int | None =
     return max(1, threads)
 
 
+def cpu_threads(engine: Engine) -> int | None:
+    """The threads an engine decodes with on CPU; None for one on a GPU or one without its own (transformers)."""
+    threads = getattr(engine, "threads", None)
+    return threads if threads and str(getattr(engine, "device", "cpu")).startswith("cpu") else None
+
+
 def _positive(value: str | None) -> int | None:
     """``value`` as a positive int, else None (unset, empty or not a number: ignored, as OpenMP does)."""
     try:

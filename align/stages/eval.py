@@ -33,7 +33,7 @@ from align.training.evaluation import RewardOptions, check_scorer_accepts, evalu
 from reward.rules import RULES
 from reward.scorers import build_scorer, check_finite
 from sampling.base import SamplingParams, Workload
-from sampling.engines import EngineOptions
+from sampling.engines import EngineOptions, cpu_threads
 
 RESULTS = "eval.jsonl"
 
@@ -179,7 +179,7 @@ def run_eval(cfg: EvalConfig, engine=None) -> dict:
         report = {
             **evaluate(engine, cfg.dataset, cfg.reward, params=params, scorer=scorer, rows=rows),
             "engine": engine.name,
-            "threads": getattr(engine, "threads", None),
+            "threads": cpu_threads(engine),
             "kv_cache_gb": getattr(engine, "kv_cache_gb", None),
         }
     finally:

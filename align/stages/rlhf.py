@@ -43,6 +43,7 @@ import torch
 from align.core import preempt
 from align.core.config import BaseConfig, option, required
 from align.core.errors import ConfigError, ModelError
+from align.core.gguf import resolve_model_path
 from align.core.heap import keeps_freed_memory
 from align.core.registry import command
 from align.core.stage_dir import CHECKPOINT_RECORD, CheckpointOptions, Stage, checkpoint_dir, read_stage
@@ -54,7 +55,8 @@ from align.training.evaluation import RewardOptions
 from align.training.models import ModelOptions, load_causal_lm, load_tokenizer, peft_config, save_model
 from align.training.trainer import REPORT_TO_HELP
 from reward.rules import RULES
-from sampling.engines import EngineOptions
+from sampling.engines import EngineOptions, cpu_threads
+from sampling.speed import describe, generation_speed
 
 
 @dataclasses.dataclass
@@ -896,7 +898,14 @@ def run_rlhf(cfg: RLHFConfig) -> dict:
     summary["num_processes"] = world
     summary["engine"] = engine.name
     summary["sampler"] = getattr(engine, "sampler", engine.name)  # align's CPU sampler or vLLM's own
-    summary["threads"] = getattr(engine, "threads", None)
+    summary["threads"] = cpu_threads(engine)
+    generated = [r for r in stage.metrics() if "time_generate" in r]
+    rows = cfg.prompts_per_iteration // world * cfg.num_samples  # responses a rank samples an iteration
+    tokens = round(sum(r["response_length"] for r in generated) * rows)
+    seconds = sum(r["time_generate"] for r in generated)
+    speed = generation_speed(tokens, seconds, resolve_model_path(cfg.model_name_or_path), summary["threads"])
+    summary.update({"generated_tokens": tokens, **{f"generate_{key}": value for key, value in speed.items()}})
+    print(f"rlhf: generated {tokens:,} tokens at {describe(speed, summary['threads'])} (this process's rollouts)")
     summary["engine_dtype"] = engine_dtype
     summary["bf16"] = bf16
     summary["importance_sampling"] = correct

@@ -65,6 +65,7 @@ from typing import Any, ClassVar
 from align.core import preempt
 from align.core.config import BaseConfig, option, required
 from align.core.errors import ConfigError, DataError
+from align.core.gguf import resolve_model_path
 from align.core.registry import command
 from align.core.stage_dir import (
     SHARD_MANIFEST,
@@ -83,8 +84,9 @@ from align.training.evaluation import (
     truncated_fraction,
 )
 from sampling.base import Engine, SamplingParams, Workload
-from sampling.engines import EngineOptions
+from sampling.engines import EngineOptions, cpu_threads
 from sampling.select import STRATEGIES, Scored, SelectOptions, dedupe
+from sampling.speed import describe, generation_speed
 
 SHARDS = "shards"
 CANDIDATES = "candidates.jsonl"
@@ -367,7 +369,7 @@ def _run_shard(
         "start": positions[0],
         "engine": engine.name,
         "sampler": getattr(engine, "sampler", engine.name),
-        "threads": getattr(engine, "threads", None),  # vLLM's decoding threads; None from transformers
+        "threads": cpu_threads(engine),  # vLLM's decoding threads on CPU; None from transformers or on a GPU
         "kv_cache_gb": getattr(engine, "kv_cache_gb", None),
         "generate_seconds": generated - started,
         "score_seconds": time.perf_counter() - generated,
@@ -473,6 +475,11 @@ def _finish(
     rewards = [c["reward"] for r in records for c in r["candidates"]]
     generate_seconds = sum(s["generate_seconds"] for s in shards)
     tokens = sum(s["tokens"] for s in shards)
+    threads = used_threads(shards)
+    one_model = len(cfg.model_name_or_path) == 1 and isinstance(threads, int)  # a committee's share: no one size
+    speed = generation_speed(
+        tokens, generate_seconds, resolve_model_path(cfg.model_name_or_path[0]), threads if one_model else None
+    )
     summary = {
         "prompts": len(records),
         "candidates": len(rewards),
@@ -483,7 +490,7 @@ def _finish(
         "sampler": "+".join(
             sorted({s.get("sampler", "unknown") for s in shards})
         ),  # align's CPU sampler or the engine's own
-        "threads": used_threads(shards),
+        "threads": threads,
         "kv_cache_gb": max((s["kv_cache_gb"] for s in shards if s.get("kv_cache_gb")), default=None),
         "mean_reward": sum(rewards) / len(rewards),
         "max_reward": max(rewards),
@@ -491,7 +498,7 @@ def _finish(
         "truncated_frac": truncated_fraction([c["finish_reason"] for r in records for c in r["candidates"]]),
         **committee_summary(cfg.model_name_or_path, records, selected),
         "tokens": tokens,
-        "tokens_per_s": round(tokens / generate_seconds, 1) if generate_seconds > 0 else None,
+        **speed,
         "generate_seconds": round(generate_seconds, 3),
         "score_seconds": round(sum(s["score_seconds"] for s in shards), 3),
         "select_seconds": round(select_seconds, 3),
@@ -508,6 +515,8 @@ def _finish(
         f"rs: kept {len(selected)} {cfg.select} rows from {len(records)} prompts x {cfg.num_samples} samples{per}"
         f" (mean reward {summary['mean_reward']:.4f}, best-of-K {summary['mean_best_reward']:.4f}) -> {stage.dir / 'data'}"
     )
+    if generate_seconds > 0:
+        print(f"rs: generated {tokens:,} tokens at {describe(speed, threads)}")
     return record
 
 
