@@ -591,25 +591,27 @@ def fitting_prompts(rows: list[dict], tokenizer, cfg: RLHFConfig) -> tuple[list[
     return [r for r, _ in kept], [n for _, n in kept], len(rows) - len(kept)
 
 
-def rollout_kv_cache_gb(cfg: RLHFConfig, model_config: dict, prompt_lengths: list[int], world: int) -> float:
+def rollout_kv_cache_gb(
+    cfg: RLHFConfig, model_config: dict, prompt_lengths: list[int], world: int, monitor_lengths: list[int] = ()
+) -> float:
     """The KV cache (GiB) one rank's rollouts can need at once: its share of an iteration's prompts,
     taken as the longest there are, each sampled ``num_samples`` times to ``max_tokens``
     (``sampling.vllm_engine.kv_cache_gb_for``; ``model_config`` is the policy's, as a dict). A batch
     spans at most ``size // n + 2`` epochs of the dataset's order (``batch_indices``), so a prompt
-    appears in it at most that often."""
+    appears in it at most that often. With a monitor, at least what its prompts take, one sample
+    each (the main rank samples them all in one call)."""
     from sampling.vllm_engine import kv_cache_gb_for
 
     size = cfg.prompts_per_iteration
     pool = sorted(prompt_lengths * (size // len(prompt_lengths) + 2), reverse=True)
-    return kv_cache_gb_for(
-        model_config,
-        [n + cfg.max_tokens for n in pool[: size // world]],
-        cfg.num_samples,
-        block_size=cfg.kv_block_size,
-        max_num_seqs=cfg.max_num_seqs,
-        max_model_len=cfg.max_model_len,
-        dtype=cfg.dtype,
+    sized = dict(block_size=cfg.kv_block_size, max_num_seqs=cfg.max_num_seqs, max_model_len=cfg.max_model_len)
+    rollouts = kv_cache_gb_for(
+        model_config, [n + cfg.max_tokens for n in pool[: size // world]], cfg.num_samples, **sized, dtype=cfg.dtype
     )
+    if not monitor_lengths:
+        return rollouts
+    monitor = kv_cache_gb_for(model_config, [n + cfg.max_tokens for n in monitor_lengths], 1, **sized, dtype=cfg.dtype)
+    return max(rollouts, monitor)
 
 
 def first_last_tenth(values: list[float]) -> tuple[float, float]:
@@ -767,7 +769,10 @@ def run_rlhf(cfg: RLHFConfig) -> dict:
         stage.truncate_metrics(after_step=start if checkpoint is not None else -1, name=MONITOR_FILE)
     kv_cache_gb = cfg.kv_cache_gb
     if kv_cache_gb is None and device_kind == "cpu":
-        kv_cache_gb = rollout_kv_cache_gb(cfg, policy.config.to_dict(), prompt_lengths, world)
+        monitor_lengths = [
+            len(ids) for ids in encode_prompts(tokenizer, [r["prompt"] for r in monitor_rows], cfg.system_prompt)
+        ]
+        kv_cache_gb = rollout_kv_cache_gb(cfg, policy.config.to_dict(), prompt_lengths, world, monitor_lengths)
     vllm_options: dict[str, Any] = {"dtype": engine_dtype}
     if cfg.sleep_mode:
         vllm_options["enable_sleep_mode"] = True

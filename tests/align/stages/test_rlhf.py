@@ -238,6 +238,9 @@ def test_the_kv_cache_holds_an_iterations_longest_rollouts(tmp_path):
     # prompts of 10, 50 and 20 tokens: a batch of 2 may be 50 twice, 64 tokens = 2 pages x 4 samples each
     assert rollout_kv_cache_gb(cfg, model_config, [10, 50, 20], world=1) == mib(2 * 4 * 2 + 1)
     assert rollout_kv_cache_gb(cfg, model_config, [10, 50, 20], world=2) == mib(max(1 * 4 * 2, 128 // 32) + 1)
+    # with a monitor of 20 prompts of 40 tokens (54 with max_tokens: 2 pages), sampled once each: its 40 pages
+    assert rollout_kv_cache_gb(cfg, model_config, [10, 50, 20], 1, monitor_lengths=[40] * 20) == mib(20 * 2 + 1)
+    assert rollout_kv_cache_gb(cfg, model_config, [10, 50, 20], 1, monitor_lengths=[10]) == mib(2 * 4 * 2 + 1)
 
 
 # ---------------------------------------------------------------------------------------------
