@@ -31,6 +31,9 @@ if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
     )
 
 ROOT = Path(__file__).resolve().parents[1]
+# User-code modules the tests name as `module:function` (rs_scorers, rl_scorers): their own folder, the
+# one a test's subprocess gets on PYTHONPATH (tests/ itself holds folders named like the packages).
+sys.path.insert(0, str(ROOT / "tests" / "usercode"))
 REAL_DATA = ROOT.parent / "shared" / "data" / "real"
 # The installed console script, exactly what a user runs.
 ALIGN = [str(Path(sys.executable).parent / "align")]

@@ -276,9 +276,9 @@ def test_rs_scores_smollm2_samples_with_minilm_rm_and_numeric_rule(real_sft, min
 # every sync the engine's prompt log-probs of FIXED are compared with the policy's.
 SYNC_PROBE = """
 import json, sys
-sys.path.insert(0, "tests")
 import align.stages.rlhf as rlhf
 from align.cli import main
+sys.path[:0] = ["tests/align/stages", "tests"]  # after align: tests/ holds folders named like the packages
 from test_rlhf import _engine_logprobs, _max_gap, _policy_logprobs
 
 seqs, report = json.loads(sys.argv[1]), sys.argv[2]

@@ -337,7 +337,10 @@ def test_sigterm_stops_rs_after_a_shard_and_the_rerun_completes(tiny_model, demo
         "--kv_cache_gb",
         0.25,
     ]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.environ.get("PYTHONPATH", ""), str(ROOT / "tests")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([os.environ.get("PYTHONPATH", ""), str(ROOT / "tests" / "usercode")]),
+    }
     proc = start(args, log, env)
     signal_when(proc, log, lambda: len(shard_files(out)) >= 1, signal.SIGTERM)
 

@@ -146,7 +146,7 @@ def test_rlhf_monitor_records_scores_and_kl_and_report_plots_them(tiny_model, de
     from conftest import ALIGN, ROOT
 
     out = tmp_path / "rl"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests" / "usercode")}
     args = [
         "rlhf",
         "--model_name_or_path",

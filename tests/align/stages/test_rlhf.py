@@ -325,7 +325,7 @@ def test_nan_reward_stops_naming_prompt_and_keeps_checkpoint(tmp_path, sft_model
         ids[i] for i in batch_indices(len(ids), 8, 2, seed=0) if ids[i] not in seen
     )  # first seen in iteration 3
     out = tmp_path / "nan"
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "ALIGN_TEST_NAN_PROMPT": victim}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests" / "usercode"), "ALIGN_TEST_NAN_PROMPT": victim}
     proc = subprocess.run(
         [*ALIGN, *map(str, _rl_args(sft_model, small_prompts, out, "--reward", "rl_scorers:nan_for_one_prompt"))],
         capture_output=True,

@@ -157,7 +157,7 @@ def test_kill_9_then_rerun_continues_and_matches_an_uninterrupted_run(sft_vllm, 
         "--engine",
         "vllm",
     ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests" / "usercode")}
     log = tmp_path / "killed.log"
     with open(log, "w") as f:
         proc = subprocess.Popen([str(a) for a in argv], env=env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)

@@ -1,4 +1,4 @@
-"""User-code scorers (``--reward rs_scorers:NAME``) loaded by the rs tests (tests/ is on their path)."""
+"""User-code scorers (``--reward rs_scorers:NAME``) loaded by the rs tests (tests/usercode/ is on their path)."""
 
 from __future__ import annotations
 
