@@ -55,7 +55,9 @@ On CUDA (``engine_kwargs``) the engine follows TRL's colocate mode
 it is built, so rank r's engine lands on GPU ``local_rank`` beside rank r's policy. Its KV cache
 comes from ``gpu_memory_utilization`` unless ``kv_cache_gb`` is given, it compiles and captures
 CUDA graphs unless ``enforce_eager``, and with ``enable_sleep_mode`` it frees its GPU memory
-between generations (``sleep``/``wake_up``, as TRL's ``vllm_enable_sleep_mode``). The CPU-only
+between generations (``sleep``/``wake_up``, as TRL's ``vllm_enable_sleep_mode``); a full-weights
+engine sleeps at level 2, which discards the weights, so each generate needs a sync before it
+(``weights_discarded``; rlhf's ``SyncedEngine`` sends them). The CPU-only
 pieces (align's sampler, the thread count, ``keep_freed_memory``) are not used there.
 """
 
@@ -376,7 +378,7 @@ class VLLMEngine:
             for i, ids in enumerate(encoded)
         ]
         self._check_kv_capacity([len(ids) + p.max_tokens for ids, p in zip(encoded, per_prompt)], params.n)
-        if "weights" in self.asleep and self.sleep_level == 2:
+        if self.weights_discarded:
             raise RuntimeError("the engine's weights were discarded by sleep mode: load_weights before generating")
         self.wake_up([tag for tag in ("weights", "kv_cache") if tag in self.asleep])
         with self._cpu_only_settings():
@@ -417,6 +419,13 @@ class VLLMEngine:
         stack.enter_context(self._torch_threads())
         stack.enter_context(keep_freed_memory())
         return stack
+
+    @property
+    def weights_discarded(self) -> bool:
+        """Whether sleep mode discarded the weights (level 2, after every generate): ``generate``
+        then needs ``load_weights`` first, even with no update in between (TRL's colocated generate
+        re-sends them whenever its weights sleep)."""
+        return self.sleep_level == 2 and "weights" in self.asleep
 
     def sleep(self) -> None:
         """Free the engine's GPU memory until the next sync or generate (sleep mode only)."""

@@ -173,7 +173,9 @@ class RLHFConfig(
         False,
         "vLLM on a GPU: free the engine's memory while the policy trains (vLLM's sleep mode, as TRL's"
         " vllm_enable_sleep_mode): it sleeps after each generation, wakes its weights for a sync and"
-        " its KV cache to generate. Slower; for a GPU too small for both. Unsupported on CPU.",
+        " its KV cache to generate; a full fine-tune's engine discards its weights as it sleeps, so a"
+        " generation with no sync before it (evaluation, monitor points) sends them again first."
+        " Slower; for a GPU too small for both. Unsupported on CPU and with the transformers engine.",
     )
 
     def validate(self) -> None:
@@ -429,6 +431,29 @@ def sync_engine(engine, policy, adapter_dir: Path | None = None) -> None:
         engine.load_adapter(str(adapter_dir))
         return
     engine.load_weights(policy_weights(policy))
+
+
+class SyncedEngine:
+    """The engine, with the policy's current weights sent to it again before any generate that
+    finds them discarded (``weights_discarded``: a full-weights engine in sleep mode sleeps at
+    level 2 after every generate). The loop syncs once per update, but it also generates without
+    one in between: the held-out evaluation before and after training, and the monitor points
+    after an iteration's sync; each of those would otherwise meet an engine without weights. As
+    TRL's colocated generate, which calls ``sync_weights`` first whenever its weights sleep.
+    Everything else is the engine's own."""
+
+    def __init__(self, engine, policy, adapter_dir: Path | None = None):
+        self.engine, self.policy, self.adapter_dir = engine, policy, adapter_dir
+
+    def generate(self, prompts, params):
+        if getattr(self.engine, "weights_discarded", False):
+            sync_engine(self.engine, self.policy, self.adapter_dir)
+        return self.engine.generate(prompts, params)
+
+    def __getattr__(self, name: str):
+        if name == "engine":  # not set yet (a copy being built): no recursion
+            raise AttributeError(name)
+        return getattr(self.engine, name)
 
 
 def make_reference(cfg: RLHFConfig, policy):
@@ -785,6 +810,7 @@ def run_rlhf(cfg: RLHFConfig) -> dict:
         check_colocated(getattr(engine, "device", device), device)
     # the adapter as the engine loads it (a peft folder), for the run's length
     adapter_dir = Path(tempfile.mkdtemp(prefix="align-engine-adapter-")) if sync_mode == "adapter" else None
+    engine = SyncedEngine(engine, policy, adapter_dir)  # evaluation and monitor points generate between syncs
     stage.record_inputs()
     if checkpoint is not None:
         restore_rng(state)
@@ -939,4 +965,12 @@ def run_rlhf(cfg: RLHFConfig) -> dict:
     return stage.finish(summary, artifacts, keep_checkpoints=cfg.keep_checkpoints)
 
 
-__all__ = ["RLHFConfig", "run_rlhf", "batch_indices", "sync_engine", "policy_weights", "merged_adapter_weights"]
+__all__ = [
+    "RLHFConfig",
+    "run_rlhf",
+    "batch_indices",
+    "sync_engine",
+    "SyncedEngine",
+    "policy_weights",
+    "merged_adapter_weights",
+]

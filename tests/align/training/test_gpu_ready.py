@@ -73,6 +73,9 @@ def test_the_cpu_engine_keeps_its_arguments_and_environment():
     }
 
 
+RANK_1_OF_2 = RankInfo(1, 1, 2)
+
+
 class FakeLLM:
     """Stands in for vllm.LLM on a GPU: records its arguments and every call, in order."""
 
@@ -103,18 +106,26 @@ class FakeLLM:
 
 @pytest.fixture
 def fake_cuda_engine(monkeypatch, tiny_model):
-    """A VLLMEngine built as on a GPU (rank 1 of 2): vLLM's LLM and torch.cuda calls are fakes."""
+    """A VLLMEngine built as on a GPU (rank 1 of 2 unless ``ranks`` says otherwise): vLLM's LLM
+    (``llm``: FakeLLM or a subclass) and torch.cuda calls are fakes; the current GPU is the last one set."""
     import vllm
 
     calls: list = []
-    monkeypatch.setattr(vllm, "LLM", lambda **kw: FakeLLM(calls, **kw))
-    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(("set_device", i)))
+    current = [0]
+
+    def set_device(i):
+        calls.append(("set_device", i))
+        current[0] = i
+
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     saved = dict(os.environ)  # the engine sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_*: not for the next test
 
-    def build(**options):
+    def build(llm=FakeLLM, ranks=RANK_1_OF_2, **options):
         calls.clear()
-        return vllm_engine.VLLMEngine(str(tiny_model), device="cuda", ranks=RankInfo(1, 1, 2), **options), calls
+        monkeypatch.setattr(vllm, "LLM", lambda **kw: llm(calls, **kw))
+        return vllm_engine.VLLMEngine(str(tiny_model), device="cuda", ranks=ranks, **options), calls
 
     yield build
     vllm_engine.VLLMEngine._alive.clear()
@@ -356,6 +367,107 @@ def test_sleep_and_wake_calls_come_in_order_around_sync_and_generate(fake_cuda_e
         ("collective_rpc", "reload_weights"),
         ("reset_prefix_cache",),
     ]
+
+
+class SleepingLLM(FakeLLM):
+    """FakeLLM with vLLM's sleep-mode memory states: a level-2 sleep discards the weights (level 1
+    keeps them in host memory) and the KV cache; waking discarded weights maps memory without
+    their values, which only ``reload_weights`` puts back; generating needs both awake and loaded."""
+
+    def __init__(self, calls, **kwargs):
+        super().__init__(calls, **kwargs)
+        self.weights, self.kv_cache = "loaded", "awake"
+        self.llm_engine.engine_core = types.SimpleNamespace(shutdown=lambda: calls.append(("shutdown",)))
+
+    def sleep(self, level):
+        super().sleep(level)
+        self.weights, self.kv_cache = ("discarded" if level == 2 else "offloaded"), "discarded"
+
+    def wake_up(self, tags):
+        super().wake_up(tags)
+        if "weights" in tags:
+            self.weights = "loaded" if self.weights == "offloaded" else "unset"
+        if "kv_cache" in tags:
+            self.kv_cache = "awake"
+
+    def collective_rpc(self, method, kwargs=None):
+        if method == "reload_weights":
+            assert self.weights != "discarded", "reload_weights into memory sleep freed"
+            self.weights = "loaded"
+        return super().collective_rpc(method, kwargs)
+
+    def generate(self, prompts, params, use_tqdm=False, lora_request=None):
+        assert (self.weights, self.kv_cache) == ("loaded", "awake"), f"generate with weights {self.weights}"
+        self.calls.append(("generate", len(prompts)))
+        return [
+            types.SimpleNamespace(
+                outputs=[
+                    types.SimpleNamespace(index=i, token_ids=[5], text="x", finish_reason="stop", logprobs=None)
+                    for i in range(p.n)
+                ]
+            )
+            for p in params
+        ]
+
+
+def test_every_generate_of_an_rlhf_run_in_sleep_mode_finds_its_weights(
+    fake_cuda_engine, monkeypatch, tiny_model, demo_data, tmp_path
+):
+    """Evaluation before, monitor points at 0, 2 and 3, three iterations, evaluation after: a full
+    fine-tune's engine sleeps at level 2 after each generate, so each generate must follow a reload
+    of the weights since the last sleep (SleepingLLM fails the run otherwise)."""
+    from align.stages.rlhf import RLHFConfig, run_rlhf
+
+    def first_lines(name, n):
+        path = tmp_path / name
+        path.write_text("".join((demo_data / name).read_text().splitlines(keepends=True)[:n]))
+        return str(path)
+
+    built = []
+
+    def build_engine(self, model_path, **options):
+        engine, calls = fake_cuda_engine(
+            llm=SleepingLLM, ranks=RankInfo(0, 0, 1), enable_sleep_mode=options["enable_sleep_mode"]
+        )
+        built.append(calls)
+        return engine
+
+    monkeypatch.setattr(RLHFConfig, "build_engine", build_engine)
+    prompts, held_out = first_lines("prompts.jsonl", 8), first_lines("test.jsonl", 4)
+    out = run_rlhf(
+        RLHFConfig(
+            model_name_or_path=str(tiny_model),
+            dataset=prompts,
+            eval_dataset=held_out,
+            monitor_dataset=held_out,
+            monitor_max_prompts=2,
+            monitor_every=2,
+            reward=["rule:arithmetic"],
+            output_dir=str(tmp_path / "rl"),
+            optimizer="grpo",
+            num_iterations=3,
+            prompts_per_iteration=2,
+            num_samples=2,
+            max_tokens=4,
+            max_model_len=128,
+            engine="vllm",
+            sleep_mode=True,
+        )
+    )
+    (calls,) = built
+    generates = [c[1] for c in calls if c[0] == "generate"]
+    # eval before (4 prompts), monitor 0 (2), iteration 1, 2 (2 each), monitor 2, iteration 3, monitor 3, eval after
+    assert generates == [4, 2, 2, 2, 2, 2, 2, 4]
+    loaded = False  # the engine sleeps as soon as it is built
+    for call in calls:
+        if call[0] == "sleep":
+            assert call == ("sleep", 2)  # full weights: discarded
+            loaded = False
+        elif call == ("collective_rpc", "reload_weights"):
+            loaded = True
+        elif call[0] == "generate":
+            assert loaded, calls
+    assert out["summary"]["monitor_points"] == 3 and "eval_mean_reward" in out["summary"]
 
 
 def test_sleep_mode_is_refused_on_cpu():
