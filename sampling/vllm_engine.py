@@ -194,7 +194,9 @@ def engine_kwargs(
 
 def check_colocated(engine_device: Any, policy_device: Any) -> None:
     """Fail unless the engine and the policy are on the same device (TRL's colocate mode puts them
-    there by the same LOCAL_RANK; a mismatch means every rank's engine went to one GPU)."""
+    there by the same LOCAL_RANK; a mismatch means every rank's engine went to one GPU).
+    ``engine_device`` is the GPU the engine's worker left current once built (``VLLMEngine.device``),
+    ``policy_device`` where the policy's weights are: a worker that ignored LOCAL_RANK shows here."""
     import torch
 
     engine_device, policy_device = torch.device(engine_device), torch.device(policy_device)
@@ -292,6 +294,10 @@ class VLLMEngine:
         self.threads = threads
         _teardown_only_when_none_alive()
         self.llm = LLM(**kwargs)
+        if device == "cuda":
+            # where vLLM's worker really put the model (it sets the process's current GPU as it
+            # starts), not the LOCAL_RANK it was asked for: what ``check_colocated`` compares
+            self.device = torch.device("cuda", torch.cuda.current_device())
         cache = self.llm.llm_engine.vllm_config.cache_config
         # None on a GPU without kv_cache_gb: vLLM sized the cache from gpu_memory_utilization
         self.max_num_seqs, self.kv_cache_gb = (

@@ -148,6 +148,25 @@ def test_engine_and_policy_must_share_a_device():
         check_colocated("cuda:0", "cuda:1")
 
 
+class LLMOnGPU0(FakeLLM):
+    """A vLLM whose worker puts the model on GPU 0 whatever LOCAL_RANK says (as a worker that
+    ignored the rank would)."""
+
+    def __init__(self, calls, **kwargs):
+        super().__init__(calls, **kwargs)
+        torch.cuda.set_device(0)
+
+
+def test_the_engines_device_is_where_vllm_put_it_so_a_misplaced_engine_is_caught(fake_cuda_engine):
+    engine, _ = fake_cuda_engine()  # rank 1: vLLM stays on the GPU set before it started
+    assert engine.device == torch.device("cuda", 1)
+    check_colocated(engine.device, "cuda:1")
+    misplaced, _ = fake_cuda_engine(llm=LLMOnGPU0)
+    assert misplaced.device == torch.device("cuda", 0)  # read after vLLM started, not from LOCAL_RANK
+    with pytest.raises(RuntimeError, match="engine is on cuda:0 but the policy on cuda:1"):
+        check_colocated(misplaced.device, torch.device("cuda", 1))
+
+
 def test_tensor_parallel_is_refused_in_one_line():
     from align.stages.rs import RSConfig
 
