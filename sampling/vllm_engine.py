@@ -76,6 +76,11 @@ from align.core.heap import keep_freed_memory
 from sampling import cpu_sampler
 from sampling.base import ENGINES, Candidate, SamplingParams, Workload, encode_prompts, stop_ids
 
+# rlhf's config validation refuses --sleep_mode on CPU with it; the engine again, for a caller that builds one directly
+SLEEP_MODE_NEEDS_GPU = (
+    "'sleep_mode' needs a GPU: vLLM has no sleep mode on CPU (docs/vllm-cpu.md#7); drop --sleep_mode"
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class RankInfo:
@@ -154,9 +159,7 @@ def engine_kwargs(
 
     cpu = device == "cpu"
     if cpu and enable_sleep_mode:
-        raise ConfigError(
-            "'sleep_mode' needs a GPU: vLLM has no sleep mode on CPU (docs/vllm-cpu.md#7); drop --sleep_mode"
-        )
+        raise ConfigError(SLEEP_MODE_NEEDS_GPU)
     if cpu and max_lora_rank is not None:
         raise ConfigError(
             "adapter-only LoRA syncs need vLLM on a GPU; on CPU the adapter is merged and sent (docs/vllm-cpu.md#9)"

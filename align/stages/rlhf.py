@@ -57,6 +57,7 @@ from align.training.trainer import REPORT_TO_HELP
 from reward.rules import RULES
 from sampling.engines import EngineOptions, cpu_threads
 from sampling.speed import describe, generation_speed
+from sampling.vllm_engine import SLEEP_MODE_NEEDS_GPU
 
 
 @dataclasses.dataclass
@@ -217,6 +218,12 @@ class RLHFConfig(
                 f"'missing_eos_penalty' must be >= 0 (it is subtracted from the reward), got {self.missing_eos_penalty}"
             )
         refuse_sharded_training(os.environ)
+        if self.sleep_mode and self.resolved_device() == "cpu":
+            raise ConfigError(SLEEP_MODE_NEEDS_GPU)
+        from sampling.engines import default_engine
+
+        if self.sleep_mode and (self.engine if self.engine != "auto" else default_engine()) == "transformers":
+            raise ConfigError("'sleep_mode' is vLLM's: the transformers engine has none; use --engine vllm or drop it")
         if self.importance_sampling and not OPTIMIZERS[self.optimizer].importance_sampling:
             raise ConfigError(
                 f"'importance_sampling' is not supported by optimizer '{self.optimizer}' (its loss has no per-token"

@@ -5,6 +5,7 @@ Pure functions where possible; fakes only where a GPU or a GPU engine is the mis
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import types
@@ -167,14 +168,32 @@ def test_the_engines_device_is_where_vllm_put_it_so_a_misplaced_engine_is_caught
         check_colocated(misplaced.device, torch.device("cuda", 1))
 
 
-def test_tensor_parallel_is_refused_in_one_line():
+@pytest.mark.parametrize("stage", ["rs", "rlhf", "eval"])  # every config with the option (EngineOptions)
+def test_tensor_parallel_is_refused_in_one_line(stage):
+    from align.stages.eval import EvalConfig
+    from align.stages.rlhf import RLHFConfig
     from align.stages.rs import RSConfig
 
+    config = {"rs": RSConfig, "rlhf": RLHFConfig, "eval": EvalConfig}[stage]
+    assert "tensor_parallel_size" in {f.name for f in dataclasses.fields(config)}
     with pytest.raises(ConfigError, match="tensor_parallel_size") as err:
-        RSConfig(
+        config(
             model_name_or_path="m", dataset="d", output_dir="o", reward=["rule:arithmetic"], tensor_parallel_size=2
         ).validate()
     assert "\n" not in str(err.value)
+
+
+def test_every_config_with_tensor_parallel_size_is_covered_above():
+    from align.cli import _load_commands
+    from align.core.registry import COMMANDS
+
+    _load_commands()
+    having = {
+        name
+        for name, cmd in COMMANDS.items()
+        if "tensor_parallel_size" in {f.name for f in dataclasses.fields(cmd.config)}
+    }
+    assert having == {"rs", "rlhf", "eval"}
 
 
 # -- 2. the CPU sampler only on CPU -------------------------------------------------------------
@@ -492,6 +511,31 @@ def test_every_generate_of_an_rlhf_run_in_sleep_mode_finds_its_weights(
 def test_sleep_mode_is_refused_on_cpu():
     with pytest.raises(ConfigError, match="sleep_mode"):
         engine_kwargs("m", device="cpu", enable_sleep_mode=True, **BASE)
+
+
+def rlhf_config(**options):
+    from align.stages.rlhf import RLHFConfig
+
+    return RLHFConfig(model_name_or_path="m", dataset="d", output_dir="o", reward=["rule:arithmetic"], **options)
+
+
+def test_rlhf_refuses_sleep_mode_on_cpu_when_the_config_is_validated():
+    with pytest.raises(ConfigError) as err:
+        rlhf_config(sleep_mode=True, device="cpu").validate()
+    assert str(err.value) == vllm_engine.SLEEP_MODE_NEEDS_GPU
+
+
+@pytest.mark.parametrize("engine", ["transformers", "auto"])
+def test_rlhf_refuses_sleep_mode_with_the_transformers_engine(monkeypatch, engine):
+    from sampling import engines
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # past the CPU refusal
+    monkeypatch.setattr(engines, "default_engine", lambda: "transformers")  # auto without vLLM
+    with pytest.raises(ConfigError, match="transformers engine") as err:
+        rlhf_config(sleep_mode=True, engine=engine).validate()
+    assert "\n" not in str(err.value)
+    monkeypatch.setattr(engines, "default_engine", lambda: "vllm")
+    rlhf_config(sleep_mode=True).validate()
 
 
 # -- 6. adapter-only LoRA syncs ----------------------------------------------------------------
