@@ -251,6 +251,25 @@ def test_stage_json_records_the_sampler(tiny_model, demo_data, tmp_path):
     assert (s["engine_dtype"], s["bf16"], s["importance_sampling"]) == ("float32", False, False)
 
 
+def test_eval_records_the_sampler_as_rs_and_rlhf_do(demo_data, tmp_path):
+    from align.stages.eval import EvalConfig, run_eval
+    from sampling.base import Candidate
+
+    class Engine:
+        name, sampler, threads, device = "vllm", "vllm", 1, torch.device("cuda", 0)
+
+        def generate(self, prompts, params):
+            return [[Candidate("x", [5], "stop", None)] * params.n for _ in prompts]
+
+    dataset = tmp_path / "test.jsonl"
+    dataset.write_text("".join((demo_data / "test.jsonl").read_text().splitlines(keepends=True)[:3]))
+    cfg = EvalConfig(
+        model_name_or_path="m", dataset=str(dataset), output_dir=str(tmp_path / "e"), reward=["rule:arithmetic"]
+    )
+    summary = run_eval(cfg, engine=Engine())["summary"]
+    assert (summary["engine"], summary["sampler"], summary["num_prompts"]) == ("vllm", "vllm", 3)
+
+
 # -- 3. mixed precision ------------------------------------------------------------------------
 
 
