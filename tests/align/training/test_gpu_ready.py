@@ -663,3 +663,19 @@ def test_the_gpu_smoke_script_parses_and_names_every_check():
         "rs committee",
     ):
         assert check in text, check
+
+
+def test_the_smoke_scripts_adapter_probe_wraps_the_weights_its_engine_loads():
+    """The adapter-only engine loads the base from disk; the LoRA policy it is compared with must
+    wrap those weights, not the full-weights probe's nudged ones."""
+    probe = (ROOT / "scripts/gpu_smoke.sh").read_text().split("<<'PYEOF'", 1)[1].split("PYEOF", 1)[0]
+    nudged, lora_half = probe.split("engine.close()", 1)
+    assert "p.add_(torch.randn_like(p)" in nudged and "get_peft_model(policy" not in probe
+    assert "AutoModelForCausalLM.from_pretrained(path" in lora_half.split("get_peft_model(", 1)[0]
+    assert "max_lora_rank=8" in lora_half
+
+
+def test_the_smoke_scripts_sleep_mode_run_evaluates_and_monitors():
+    text = (ROOT / "scripts/gpu_smoke.sh").read_text()
+    sleep_run = text.split('check "rlhf grpo full sleep_mode', 1)[1].split("\n\n", 1)[0]
+    assert "--sleep_mode true" in sleep_run and "--eval_dataset" in sleep_run and "--monitor_dataset" in sleep_run
