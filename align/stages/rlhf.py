@@ -263,9 +263,10 @@ def refuse_sharded_training(env: dict[str, str]) -> None:
 
 
 def bf16_supported() -> bool:
-    import torch
+    """A CUDA GPU with bfloat16 (Ampere or newer: ``align.training.models.cuda_has_bf16``)."""
+    from align.training.models import cuda_has_bf16
 
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return cuda_has_bf16()
 
 
 def resolve_bf16(bf16: bool | None, device: str, has_bf16: bool) -> bool:

@@ -304,6 +304,94 @@ def test_rlhf_splits_the_engine_dtype_from_the_policy_and_defaults_by_device():
     assert resolve_importance_sampling(None, "grpo", "auto", torch.float32) is False
 
 
+@pytest.fixture
+def gpu(monkeypatch):
+    """Pretend torch sees a CUDA GPU of compute capability (major, 0): ``gpu(8)`` an Ampere,
+    ``gpu(7)`` a V100/T4, on which torch's is_bf16_supported() still says yes (emulation)."""
+
+    def pretend(major: int | None):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: major is not None)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, 0))
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+
+    return pretend
+
+
+def test_a_trainers_unset_precision_follows_the_device_and_explicit_values_win(gpu):
+    from align.training.trainer import resolve_mixed_precision as precision
+
+    none, bf16, fp16 = {"bf16": False, "fp16": False}, {"bf16": True, "fp16": False}, {"bf16": False, "fp16": True}
+    gpu(None)
+    assert precision(None, "cpu") == none and precision(None, "cuda") == none  # no GPU to be found
+    assert precision(True, "cpu") == bf16 and precision(False, "cpu") == none
+    gpu(8)
+    assert precision(None, "cuda") == bf16 and precision(None, "cpu") == none
+    assert precision(False, "cuda") == none
+    gpu(7)  # before Ampere: fp16 autocast, though torch would emulate bf16
+    assert precision(None, "cuda") == fp16 and precision(True, "cuda") == bf16 and precision(False, "cuda") == none
+
+
+def sft_config(**options):
+    from align.stages.sft import SFTConfig
+
+    return SFTConfig(model_name_or_path="m", dataset="d", output_dir="o", **options)
+
+
+def test_the_trl_arguments_and_loaded_dtype_follow_the_resolved_precision(gpu, tmp_path):
+    from align.core.stage_dir import Stage
+    from align.training.models import trainable_dtype
+    from align.training.trainer import trl_args
+
+    def precision(cfg):
+        args = trl_args(cfg, Stage("sft", cfg, tmp_path))
+        return args["bf16"], args["fp16"], args["use_cpu"], trainable_dtype(cfg)
+
+    gpu(8)
+    # on CPU exactly as before: no mixed precision, the weights in dtype
+    assert precision(sft_config(device="cpu")) == (False, False, True, torch.float32)
+    assert precision(sft_config(device="cpu", dtype="bfloat16")) == (False, False, True, torch.bfloat16)
+    assert precision(sft_config(device="cpu", bf16=True)) == (True, False, True, torch.float32)
+    assert precision(sft_config(dtype="bfloat16")) == (True, False, False, torch.float32)  # fp32 master weights
+    assert precision(sft_config(dtype="bfloat16", use_lora=True)) == (True, False, False, torch.bfloat16)
+    gpu(7)
+    assert precision(sft_config(dtype="float16")) == (False, True, False, torch.float32)  # fp16 grads cannot unscale
+    assert precision(sft_config(dtype="float16", bf16=False)) == (False, False, False, torch.float16)
+
+
+def test_an_unset_bf16_on_cpu_keeps_the_identity_of_bf16_false(gpu):
+    gpu(None)
+    assert sft_config().identity() == sft_config(bf16=False).identity()
+    assert sft_config().identity()["bf16"] is False
+    gpu(8)
+    assert sft_config().identity()["bf16"] is None  # unset on a GPU: its own value
+
+
+def test_dpos_reference_cache_key_names_the_resolved_precision(gpu, tiny_model):
+    from align.stages.dpo import DPOConfig, _reference_identity
+
+    def key(**options):
+        cfg = DPOConfig(model_name_or_path=str(tiny_model), dataset="d", output_dir="o", **options)
+        return _reference_identity(cfg, [])
+
+    gpu(None)
+    assert key() == key(bf16=False) and key()["bf16"] is False and "fp16" not in key()  # the CPU key as it was
+    gpu(8)
+    assert key()["bf16"] is True and "fp16" not in key()
+    gpu(7)
+    assert (key()["bf16"], key()["fp16"]) == (False, True)
+
+
+def test_rlhf_counts_only_ampere_or_newer_as_having_bf16(gpu):
+    from align.stages.rlhf import bf16_supported, resolve_engine_dtype
+
+    gpu(8)
+    assert bf16_supported() and resolve_engine_dtype(None, "float32", "cuda", bf16_supported()) == "bfloat16"
+    gpu(7)
+    assert not bf16_supported() and resolve_engine_dtype(None, "float32", "cuda", bf16_supported()) == "float16"
+    gpu(None)
+    assert not bf16_supported()
+
+
 def test_autocast_runs_the_fp32_policy_in_bf16_and_steps_fp32_weights():
     from align.stages.rlhf import autocast
 
