@@ -183,6 +183,23 @@ def test_tensor_parallel_is_refused_in_one_line(stage):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "value,ok", [(0.0, False), (-0.1, False), (1e-3, True), (0.3, True), (1.0, True), (1.01, False)]
+)
+def test_gpu_memory_utilization_must_be_a_share_of_the_gpu(value, ok):
+    from align.stages.eval import EvalConfig
+
+    cfg = EvalConfig(
+        model_name_or_path="m", dataset="d", output_dir="o", reward=["rule:arithmetic"], gpu_memory_utilization=value
+    )
+    if ok:
+        cfg.validate()
+        return
+    with pytest.raises(ConfigError, match=r"'gpu_memory_utilization' must be in \(0, 1\]") as err:
+        cfg.validate()
+    assert str(value) in str(err.value)
+
+
 def test_every_config_with_tensor_parallel_size_is_covered_above():
     from align.cli import _load_commands
     from align.core.registry import COMMANDS
@@ -485,6 +502,23 @@ def test_a_4bit_model_loads_onto_its_own_processes_gpu(loaded, monkeypatch):
 
 def test_on_cpu_the_model_is_placed_as_before(loaded):
     assert loaded(device="cpu", world="1", local_rank="0").moves == ["cpu"]
+
+
+@pytest.mark.parametrize(
+    "options,moves",
+    [
+        (dict(device="cpu"), ["cpu"]),  # no accelerate placement on CPU: moved there now
+        (dict(device="cuda"), []),  # the Trainer puts it on this process's GPU once the process group exists
+        (dict(device="cuda", load_in_4bit=True), []),  # loaded onto its GPU; a 4-bit model cannot move
+        (dict(device="cpu", load_in_4bit=True), []),
+    ],
+)
+def test_place_for_trainer_moves_a_host_model_only_where_no_trainer_will(options, moves):
+    from align.training.models import ModelOptions, place_for_trainer
+
+    model = FakeModel({})
+    assert place_for_trainer(model, ModelOptions(model_name_or_path="m", **options)) is model
+    assert model.moves == moves
 
 
 # -- 5. sleep mode -----------------------------------------------------------------------------
