@@ -55,7 +55,9 @@ On CUDA (``engine_kwargs``) the engine follows TRL's colocate mode
 it is built, so rank r's engine lands on GPU ``local_rank`` beside rank r's policy. Its KV cache
 comes from ``gpu_memory_utilization`` unless ``kv_cache_gb`` is given, it compiles and captures
 CUDA graphs unless ``enforce_eager``, and with ``enable_sleep_mode`` it frees its GPU memory
-between generations (``sleep``/``wake_up``, as TRL's ``vllm_enable_sleep_mode``). The CPU-only
+between generations (``sleep``/``wake_up``, as TRL's ``vllm_enable_sleep_mode``); a full-weights
+engine sleeps at level 2, which discards the weights, so each generate needs a sync before it
+(``weights_discarded``; rlhf's ``SyncedEngine`` sends them). The CPU-only
 pieces (align's sampler, the thread count, ``keep_freed_memory``) are not used there.
 """
 
@@ -73,6 +75,11 @@ from typing import Any, Iterable, Iterator
 from align.core.heap import keep_freed_memory
 from sampling import cpu_sampler
 from sampling.base import ENGINES, Candidate, SamplingParams, Workload, encode_prompts, stop_ids
+
+# rlhf's config validation refuses --sleep_mode on CPU with it; the engine again, for a caller that builds one directly
+SLEEP_MODE_NEEDS_GPU = (
+    "'sleep_mode' needs a GPU: vLLM has no sleep mode on CPU (docs/vllm-cpu.md#7); drop --sleep_mode"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,9 +159,7 @@ def engine_kwargs(
 
     cpu = device == "cpu"
     if cpu and enable_sleep_mode:
-        raise ConfigError(
-            "'sleep_mode' needs a GPU: vLLM has no sleep mode on CPU (docs/vllm-cpu.md#7); drop --sleep_mode"
-        )
+        raise ConfigError(SLEEP_MODE_NEEDS_GPU)
     if cpu and max_lora_rank is not None:
         raise ConfigError(
             "adapter-only LoRA syncs need vLLM on a GPU; on CPU the adapter is merged and sent (docs/vllm-cpu.md#9)"
@@ -192,7 +197,9 @@ def engine_kwargs(
 
 def check_colocated(engine_device: Any, policy_device: Any) -> None:
     """Fail unless the engine and the policy are on the same device (TRL's colocate mode puts them
-    there by the same LOCAL_RANK; a mismatch means every rank's engine went to one GPU)."""
+    there by the same LOCAL_RANK; a mismatch means every rank's engine went to one GPU).
+    ``engine_device`` is the GPU the engine's worker left current once built (``VLLMEngine.device``),
+    ``policy_device`` where the policy's weights are: a worker that ignored LOCAL_RANK shows here."""
     import torch
 
     engine_device, policy_device = torch.device(engine_device), torch.device(policy_device)
@@ -290,6 +297,10 @@ class VLLMEngine:
         self.threads = threads
         _teardown_only_when_none_alive()
         self.llm = LLM(**kwargs)
+        if device == "cuda":
+            # where vLLM's worker really put the model (it sets the process's current GPU as it
+            # starts), not the LOCAL_RANK it was asked for: what ``check_colocated`` compares
+            self.device = torch.device("cuda", torch.cuda.current_device())
         cache = self.llm.llm_engine.vllm_config.cache_config
         # None on a GPU without kv_cache_gb: vLLM sized the cache from gpu_memory_utilization
         self.max_num_seqs, self.kv_cache_gb = (
@@ -376,7 +387,7 @@ class VLLMEngine:
             for i, ids in enumerate(encoded)
         ]
         self._check_kv_capacity([len(ids) + p.max_tokens for ids, p in zip(encoded, per_prompt)], params.n)
-        if "weights" in self.asleep and self.sleep_level == 2:
+        if self.weights_discarded:
             raise RuntimeError("the engine's weights were discarded by sleep mode: load_weights before generating")
         self.wake_up([tag for tag in ("weights", "kv_cache") if tag in self.asleep])
         with self._cpu_only_settings():
@@ -417,6 +428,13 @@ class VLLMEngine:
         stack.enter_context(self._torch_threads())
         stack.enter_context(keep_freed_memory())
         return stack
+
+    @property
+    def weights_discarded(self) -> bool:
+        """Whether sleep mode discarded the weights (level 2, after every generate): ``generate``
+        then needs ``load_weights`` first, even with no update in between (TRL's colocated generate
+        re-sends them whenever its weights sleep)."""
+        return self.sleep_level == 2 and "weights" in self.asleep
 
     def sleep(self) -> None:
         """Free the engine's GPU memory until the next sync or generate (sleep mode only)."""

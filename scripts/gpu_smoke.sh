@@ -56,7 +56,10 @@ engine = VLLMEngine(path, dtype="float32", enforce_eager=eager, max_model_len=25
 sync_engine(engine, policy)
 full = gap(engine, policy)
 engine.close()
-lora = get_peft_model(policy, LoraConfig(r=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+# the adapter-only engine loads its base weights from disk: the LoRA policy wraps the same, unnudged ones
+del policy
+base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda()
+lora = get_peft_model(base, LoraConfig(r=8, target_modules="all-linear", task_type="CAUSAL_LM"))
 with torch.no_grad():
     for n, p in lora.named_parameters():
         if "lora_B" in n:
@@ -77,8 +80,9 @@ for mode in full lora; do
     --output_dir "$W/rlhf-$mode" "${extra[@]}"
   "$PY" -c "import json,sys; s=json.load(open(sys.argv[1]))['summary']; print('      rlhf grpo $mode:', {k: s[k] for k in ('sampler','engine_dtype','bf16','importance_sampling','weight_sync')})" "$W/rlhf-$mode/stage.json" 2>/dev/null
 done
-check "rlhf grpo full sleep_mode" "${ALIGN[@]}" rlhf --config configs/demo_rlhf.yaml --model_name_or_path "$M" --dataset "$D/prompts.jsonl" \
-  --optimizer grpo --num_iterations 2 --prompts_per_iteration 16 --num_samples 4 --max_model_len 256 --sleep_mode true --output_dir "$W/rlhf-sleep"
+check "rlhf grpo full sleep_mode with eval and monitor" "${ALIGN[@]}" rlhf --config configs/demo_rlhf.yaml --model_name_or_path "$M" --dataset "$D/prompts.jsonl" \
+  --optimizer grpo --num_iterations 2 --prompts_per_iteration 16 --num_samples 4 --max_model_len 256 --sleep_mode true \
+  --eval_dataset "$D/test.jsonl" --monitor_dataset "$D/test.jsonl" --monitor_max_prompts 16 --monitor_every 1 --output_dir "$W/rlhf-sleep"
 
 check "sft bf16" "${ALIGN[@]}" sft --config configs/demo_sft.yaml --model_name_or_path "$M" --dataset "$D/sft.jsonl" \
   --bf16 true --max_steps 20 --output_dir "$W/sft"

@@ -372,10 +372,12 @@ def _reference_identity(cfg: DPOConfig, mask_ids: list[int]) -> dict[str, Any]:
 
     from align.training.dpo_trainer import model_identity
 
+    precision = cfg.mixed_precision()
     return {
         "reference": model_identity(cfg.ref_model or cfg.model_name_or_path),
         "dtype": cfg.dtype,
-        "bf16": cfg.bf16,  # the reference pass runs under the trainer's autocast
+        "bf16": precision["bf16"],  # the reference pass runs under the trainer's autocast
+        **({"fp16": True} if precision["fp16"] else {}),
         "load_in_4bit": cfg.load_in_4bit and not cfg.ref_model,
         "max_length": cfg.max_length,
         "masked_token_ids": mask_ids,

@@ -179,6 +179,7 @@ def run_eval(cfg: EvalConfig, engine=None) -> dict:
         report = {
             **evaluate(engine, cfg.dataset, cfg.reward, params=params, scorer=scorer, rows=rows),
             "engine": engine.name,
+            "sampler": getattr(engine, "sampler", engine.name),  # align's CPU sampler or the engine's own
             "threads": cpu_threads(engine),
             "kv_cache_gb": getattr(engine, "kv_cache_gb", None),
         }

@@ -57,6 +57,7 @@ from align.training.trainer import REPORT_TO_HELP
 from reward.rules import RULES
 from sampling.engines import EngineOptions, cpu_threads
 from sampling.speed import describe, generation_speed
+from sampling.vllm_engine import SLEEP_MODE_NEEDS_GPU
 
 
 @dataclasses.dataclass
@@ -173,7 +174,9 @@ class RLHFConfig(
         False,
         "vLLM on a GPU: free the engine's memory while the policy trains (vLLM's sleep mode, as TRL's"
         " vllm_enable_sleep_mode): it sleeps after each generation, wakes its weights for a sync and"
-        " its KV cache to generate. Slower; for a GPU too small for both. Unsupported on CPU.",
+        " its KV cache to generate; a full fine-tune's engine discards its weights as it sleeps, so a"
+        " generation with no sync before it (evaluation, monitor points) sends them again first."
+        " Slower; for a GPU too small for both. Unsupported on CPU and with the transformers engine.",
     )
 
     def validate(self) -> None:
@@ -215,6 +218,12 @@ class RLHFConfig(
                 f"'missing_eos_penalty' must be >= 0 (it is subtracted from the reward), got {self.missing_eos_penalty}"
             )
         refuse_sharded_training(os.environ)
+        if self.sleep_mode and self.resolved_device() == "cpu":
+            raise ConfigError(SLEEP_MODE_NEEDS_GPU)
+        from sampling.engines import default_engine
+
+        if self.sleep_mode and (self.engine if self.engine != "auto" else default_engine()) == "transformers":
+            raise ConfigError("'sleep_mode' is vLLM's: the transformers engine has none; use --engine vllm or drop it")
         if self.importance_sampling and not OPTIMIZERS[self.optimizer].importance_sampling:
             raise ConfigError(
                 f"'importance_sampling' is not supported by optimizer '{self.optimizer}' (its loss has no per-token"
@@ -254,9 +263,10 @@ def refuse_sharded_training(env: dict[str, str]) -> None:
 
 
 def bf16_supported() -> bool:
-    import torch
+    """A CUDA GPU with bfloat16 (Ampere or newer: ``align.training.models.cuda_has_bf16``)."""
+    from align.training.models import cuda_has_bf16
 
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return cuda_has_bf16()
 
 
 def resolve_bf16(bf16: bool | None, device: str, has_bf16: bool) -> bool:
@@ -429,6 +439,29 @@ def sync_engine(engine, policy, adapter_dir: Path | None = None) -> None:
         engine.load_adapter(str(adapter_dir))
         return
     engine.load_weights(policy_weights(policy))
+
+
+class SyncedEngine:
+    """The engine, with the policy's current weights sent to it again before any generate that
+    finds them discarded (``weights_discarded``: a full-weights engine in sleep mode sleeps at
+    level 2 after every generate). The loop syncs once per update, but it also generates without
+    one in between: the held-out evaluation before and after training, and the monitor points
+    after an iteration's sync; each of those would otherwise meet an engine without weights. As
+    TRL's colocated generate, which calls ``sync_weights`` first whenever its weights sleep.
+    Everything else is the engine's own."""
+
+    def __init__(self, engine, policy, adapter_dir: Path | None = None):
+        self.engine, self.policy, self.adapter_dir = engine, policy, adapter_dir
+
+    def generate(self, prompts, params):
+        if getattr(self.engine, "weights_discarded", False):
+            sync_engine(self.engine, self.policy, self.adapter_dir)
+        return self.engine.generate(prompts, params)
+
+    def __getattr__(self, name: str):
+        if name == "engine":  # not set yet (a copy being built): no recursion
+            raise AttributeError(name)
+        return getattr(self.engine, name)
 
 
 def make_reference(cfg: RLHFConfig, policy):
@@ -785,6 +818,7 @@ def run_rlhf(cfg: RLHFConfig) -> dict:
         check_colocated(getattr(engine, "device", device), device)
     # the adapter as the engine loads it (a peft folder), for the run's length
     adapter_dir = Path(tempfile.mkdtemp(prefix="align-engine-adapter-")) if sync_mode == "adapter" else None
+    engine = SyncedEngine(engine, policy, adapter_dir)  # evaluation and monitor points generate between syncs
     stage.record_inputs()
     if checkpoint is not None:
         restore_rng(state)
@@ -939,4 +973,12 @@ def run_rlhf(cfg: RLHFConfig) -> dict:
     return stage.finish(summary, artifacts, keep_checkpoints=cfg.keep_checkpoints)
 
 
-__all__ = ["RLHFConfig", "run_rlhf", "batch_indices", "sync_engine", "policy_weights", "merged_adapter_weights"]
+__all__ = [
+    "RLHFConfig",
+    "run_rlhf",
+    "batch_indices",
+    "sync_engine",
+    "SyncedEngine",
+    "policy_weights",
+    "merged_adapter_weights",
+]

@@ -139,7 +139,7 @@ def model_identity(name_or_path: str) -> dict[str, Any]:
 class RefLogpsCache:
     """Reference log-probs on disk: ``DIR/<key>.safetensors`` (two float32 vectors) + ``<key>.json``.
 
-    The key hashes ``identity`` (reference model, dtype, bf16, masking and length settings, TRL version)
+    The key hashes ``identity`` (reference model, dtype, mixed precision, masking and length settings, TRL version)
     together with the tokenized pairs, so any change to the data, the tokenizer or the chat
     template yields a new key. ``hit`` and ``forward_batches`` report what happened in this run.
     """

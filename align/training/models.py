@@ -106,14 +106,28 @@ def placement(opts: ModelOptions, local_process_index: int) -> tuple[dict[str, i
     return None, ("cpu" if device == "cpu" else None)
 
 
+def cuda_has_bf16() -> bool:
+    """Whether this process's CUDA GPU computes in bfloat16: Ampere or newer (compute capability 8
+    and up). torch's ``is_bf16_supported()`` alone also says yes for an older GPU that only
+    emulates it, where vLLM refuses bfloat16 and mixed precision is fp16's."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8 and torch.cuda.is_bf16_supported()
+
+
 def trainable_dtype(opts: ModelOptions, bf16: bool | None = None) -> Any:
-    """The dtype to load the trained model in: ``dtype``, except that a full fine-tune under bf16
-    mixed precision (``bf16``) keeps fp32 weights, which autocast runs in bf16 (TRL's default:
-    fp32 master weights; AdamW updates on bf16 weights lose most small steps to rounding). LoRA
-    and QLoRA keep their frozen base in ``dtype`` (peft keeps the adapters in fp32). ``bf16``, when
-    given, replaces the options' own ``bf16`` (rlhf resolves its unset one by device)."""
+    """The dtype to load the trained model in: ``dtype``, except that a full fine-tune under mixed
+    precision (bf16, or fp16 on a GPU before Ampere) keeps fp32 weights, which autocast runs in the
+    half type (TRL's default: fp32 master weights; AdamW updates on bf16 weights lose most small
+    steps to rounding, and fp16 gradients cannot be unscaled). LoRA and QLoRA keep their frozen
+    base in ``dtype`` (peft keeps the adapters in fp32). ``bf16``, when given, replaces the
+    options' own precision (rlhf resolves its unset ``bf16`` by device); a trainer stage's unset
+    ``bf16`` is resolved by its ``mixed_precision()``."""
     wanted = DTYPES[opts.dtype]
-    mixed = bool(getattr(opts, "bf16", False) if bf16 is None else bf16)
+    if bf16 is not None:
+        mixed = bool(bf16)
+    elif hasattr(opts, "mixed_precision"):
+        mixed = any(opts.mixed_precision().values())
+    else:
+        mixed = bool(getattr(opts, "bf16", False))
     if mixed and not (opts.use_lora or opts.load_in_4bit) and wanted in (torch.bfloat16, torch.float16):
         return torch.float32
     return wanted

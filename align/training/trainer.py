@@ -3,7 +3,8 @@ the resume-train-stop sequence every one of them runs (``resume_checkpoint``, ``
 the end they share once the model is saved (``finish_training``: the loss plot, then stage.json).
 
 TRL's configs default to ``bf16=True`` and ``gradient_checkpointing=True``, which are wrong on a
-CPU and for tiny models; we set every such default explicitly from our own typed fields.
+CPU and for tiny models; we set every such default explicitly from our own typed fields (an unset
+``bf16`` by the device: ``resolve_mixed_precision``).
 """
 
 from __future__ import annotations
@@ -42,12 +43,25 @@ class TrainOptions:
     save_steps: int = option(500, "Write a resumable checkpoint every N steps.")
     save_total_limit: int = option(2, "Keep at most N checkpoints.")
     gradient_checkpointing: bool = option(False, "Recompute activations to save memory (slower).")
-    bf16: bool = option(
-        False,
+    bf16: bool | None = option(
+        None,
         "bfloat16 mixed precision: autocast over fp32 weights (a full fine-tune loads fp32 master weights"
-        " whatever dtype says; LoRA keeps its frozen base in dtype). For GPUs; slow on most CPUs.",
+        " whatever dtype says; LoRA keeps its frozen base in dtype). Unset: on with a CUDA GPU that has"
+        " bf16 (Ampere or newer), fp16 mixed precision on an older CUDA GPU, off on CPU (slow on most"
+        " CPUs). false: full precision everywhere.",
     )
     report_to: list[str] = option([], REPORT_TO_HELP)
+
+    def mixed_precision(self) -> dict[str, bool]:
+        """TRL's ``bf16`` and ``fp16`` for this run (``resolve_mixed_precision`` on its device)."""
+        return resolve_mixed_precision(self.bf16, self.resolved_device())  # type: ignore[attr-defined]
+
+    def recorded(self, name: str, value: Any) -> Any:
+        """An unset ``bf16`` on CPU is off, as ``bf16: false`` (the default before it could be
+        unset): the same identity, so a CPU stage finished with it still matches."""
+        if name == "bf16" and value is None and self.resolved_device() == "cpu":  # type: ignore[attr-defined]
+            value = False
+        return super().recorded(name, value)  # type: ignore[misc]
 
     def validate_training(self) -> None:
         from align.core.errors import ConfigError
@@ -71,6 +85,22 @@ class TrainOptions:
             check_trackers(self.report_to)
 
 
+def resolve_mixed_precision(bf16: bool | None, device: str) -> dict[str, bool]:
+    """TRL's ``bf16`` and ``fp16`` for a trainer on ``device``: ``bf16`` as set, without fp16 (an
+    explicit value wins); unset, bf16 on a CUDA GPU that has it (Ampere or newer:
+    ``cuda_has_bf16``), fp16 autocast on an older CUDA GPU, neither on CPU."""
+    if bf16 is not None:
+        return {"bf16": bf16, "fp16": False}
+    import torch
+
+    if device != "cuda" or not torch.cuda.is_available():
+        return {"bf16": False, "fp16": False}
+    from align.training.models import cuda_has_bf16
+
+    has_bf16 = cuda_has_bf16()
+    return {"bf16": has_bf16, "fp16": not has_bf16}
+
+
 def trl_args(cfg: Any, stage: Stage) -> dict[str, Any]:
     """Keyword arguments common to TRL's SFTConfig / DPOConfig / RewardConfig."""
     from align.training.tracking import report_to
@@ -92,8 +122,7 @@ def trl_args(cfg: Any, stage: Stage) -> dict[str, Any]:
         "save_total_limit": cfg.save_total_limit,
         "seed": cfg.seed,
         "data_seed": cfg.seed,
-        "bf16": cfg.bf16,
-        "fp16": False,
+        **cfg.mixed_precision(),  # bf16 and fp16
         "use_cpu": cfg.resolved_device() == "cpu",
         "gradient_checkpointing": cfg.gradient_checkpointing,
         "report_to": report_to(cfg.report_to),

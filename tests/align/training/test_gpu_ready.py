@@ -5,6 +5,7 @@ Pure functions where possible; fakes only where a GPU or a GPU engine is the mis
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import types
@@ -73,6 +74,9 @@ def test_the_cpu_engine_keeps_its_arguments_and_environment():
     }
 
 
+RANK_1_OF_2 = RankInfo(1, 1, 2)
+
+
 class FakeLLM:
     """Stands in for vllm.LLM on a GPU: records its arguments and every call, in order."""
 
@@ -103,18 +107,26 @@ class FakeLLM:
 
 @pytest.fixture
 def fake_cuda_engine(monkeypatch, tiny_model):
-    """A VLLMEngine built as on a GPU (rank 1 of 2): vLLM's LLM and torch.cuda calls are fakes."""
+    """A VLLMEngine built as on a GPU (rank 1 of 2 unless ``ranks`` says otherwise): vLLM's LLM
+    (``llm``: FakeLLM or a subclass) and torch.cuda calls are fakes; the current GPU is the last one set."""
     import vllm
 
     calls: list = []
-    monkeypatch.setattr(vllm, "LLM", lambda **kw: FakeLLM(calls, **kw))
-    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(("set_device", i)))
+    current = [0]
+
+    def set_device(i):
+        calls.append(("set_device", i))
+        current[0] = i
+
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     saved = dict(os.environ)  # the engine sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_*: not for the next test
 
-    def build(**options):
+    def build(llm=FakeLLM, ranks=RANK_1_OF_2, **options):
         calls.clear()
-        return vllm_engine.VLLMEngine(str(tiny_model), device="cuda", ranks=RankInfo(1, 1, 2), **options), calls
+        monkeypatch.setattr(vllm, "LLM", lambda **kw: llm(calls, **kw))
+        return vllm_engine.VLLMEngine(str(tiny_model), device="cuda", ranks=ranks, **options), calls
 
     yield build
     vllm_engine.VLLMEngine._alive.clear()
@@ -137,14 +149,68 @@ def test_engine_and_policy_must_share_a_device():
         check_colocated("cuda:0", "cuda:1")
 
 
-def test_tensor_parallel_is_refused_in_one_line():
+class LLMOnGPU0(FakeLLM):
+    """A vLLM whose worker puts the model on GPU 0 whatever LOCAL_RANK says (as a worker that
+    ignored the rank would)."""
+
+    def __init__(self, calls, **kwargs):
+        super().__init__(calls, **kwargs)
+        torch.cuda.set_device(0)
+
+
+def test_the_engines_device_is_where_vllm_put_it_so_a_misplaced_engine_is_caught(fake_cuda_engine):
+    engine, _ = fake_cuda_engine()  # rank 1: vLLM stays on the GPU set before it started
+    assert engine.device == torch.device("cuda", 1)
+    check_colocated(engine.device, "cuda:1")
+    misplaced, _ = fake_cuda_engine(llm=LLMOnGPU0)
+    assert misplaced.device == torch.device("cuda", 0)  # read after vLLM started, not from LOCAL_RANK
+    with pytest.raises(RuntimeError, match="engine is on cuda:0 but the policy on cuda:1"):
+        check_colocated(misplaced.device, torch.device("cuda", 1))
+
+
+@pytest.mark.parametrize("stage", ["rs", "rlhf", "eval"])  # every config with the option (EngineOptions)
+def test_tensor_parallel_is_refused_in_one_line(stage):
+    from align.stages.eval import EvalConfig
+    from align.stages.rlhf import RLHFConfig
     from align.stages.rs import RSConfig
 
+    config = {"rs": RSConfig, "rlhf": RLHFConfig, "eval": EvalConfig}[stage]
+    assert "tensor_parallel_size" in {f.name for f in dataclasses.fields(config)}
     with pytest.raises(ConfigError, match="tensor_parallel_size") as err:
-        RSConfig(
+        config(
             model_name_or_path="m", dataset="d", output_dir="o", reward=["rule:arithmetic"], tensor_parallel_size=2
         ).validate()
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "value,ok", [(0.0, False), (-0.1, False), (1e-3, True), (0.3, True), (1.0, True), (1.01, False)]
+)
+def test_gpu_memory_utilization_must_be_a_share_of_the_gpu(value, ok):
+    from align.stages.eval import EvalConfig
+
+    cfg = EvalConfig(
+        model_name_or_path="m", dataset="d", output_dir="o", reward=["rule:arithmetic"], gpu_memory_utilization=value
+    )
+    if ok:
+        cfg.validate()
+        return
+    with pytest.raises(ConfigError, match=r"'gpu_memory_utilization' must be in \(0, 1\]") as err:
+        cfg.validate()
+    assert str(value) in str(err.value)
+
+
+def test_every_config_with_tensor_parallel_size_is_covered_above():
+    from align.cli import _load_commands
+    from align.core.registry import COMMANDS
+
+    _load_commands()
+    having = {
+        name
+        for name, cmd in COMMANDS.items()
+        if "tensor_parallel_size" in {f.name for f in dataclasses.fields(cmd.config)}
+    }
+    assert having == {"rs", "rlhf", "eval"}
 
 
 # -- 2. the CPU sampler only on CPU -------------------------------------------------------------
@@ -202,6 +268,25 @@ def test_stage_json_records_the_sampler(tiny_model, demo_data, tmp_path):
     assert (s["engine_dtype"], s["bf16"], s["importance_sampling"]) == ("float32", False, False)
 
 
+def test_eval_records_the_sampler_as_rs_and_rlhf_do(demo_data, tmp_path):
+    from align.stages.eval import EvalConfig, run_eval
+    from sampling.base import Candidate
+
+    class Engine:
+        name, sampler, threads, device = "vllm", "vllm", 1, torch.device("cuda", 0)
+
+        def generate(self, prompts, params):
+            return [[Candidate("x", [5], "stop", None)] * params.n for _ in prompts]
+
+    dataset = tmp_path / "test.jsonl"
+    dataset.write_text("".join((demo_data / "test.jsonl").read_text().splitlines(keepends=True)[:3]))
+    cfg = EvalConfig(
+        model_name_or_path="m", dataset=str(dataset), output_dir=str(tmp_path / "e"), reward=["rule:arithmetic"]
+    )
+    summary = run_eval(cfg, engine=Engine())["summary"]
+    assert (summary["engine"], summary["sampler"], summary["num_prompts"]) == ("vllm", "vllm", 3)
+
+
 # -- 3. mixed precision ------------------------------------------------------------------------
 
 
@@ -234,6 +319,94 @@ def test_rlhf_splits_the_engine_dtype_from_the_policy_and_defaults_by_device():
     assert resolve_importance_sampling(None, "grpo", "float32", torch.float32) is False
     assert resolve_importance_sampling(None, "mdloo", "bfloat16", torch.float32) is False
     assert resolve_importance_sampling(None, "grpo", "auto", torch.float32) is False
+
+
+@pytest.fixture
+def gpu(monkeypatch):
+    """Pretend torch sees a CUDA GPU of compute capability (major, 0): ``gpu(8)`` an Ampere,
+    ``gpu(7)`` a V100/T4, on which torch's is_bf16_supported() still says yes (emulation)."""
+
+    def pretend(major: int | None):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: major is not None)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, 0))
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+
+    return pretend
+
+
+def test_a_trainers_unset_precision_follows_the_device_and_explicit_values_win(gpu):
+    from align.training.trainer import resolve_mixed_precision as precision
+
+    none, bf16, fp16 = {"bf16": False, "fp16": False}, {"bf16": True, "fp16": False}, {"bf16": False, "fp16": True}
+    gpu(None)
+    assert precision(None, "cpu") == none and precision(None, "cuda") == none  # no GPU to be found
+    assert precision(True, "cpu") == bf16 and precision(False, "cpu") == none
+    gpu(8)
+    assert precision(None, "cuda") == bf16 and precision(None, "cpu") == none
+    assert precision(False, "cuda") == none
+    gpu(7)  # before Ampere: fp16 autocast, though torch would emulate bf16
+    assert precision(None, "cuda") == fp16 and precision(True, "cuda") == bf16 and precision(False, "cuda") == none
+
+
+def sft_config(**options):
+    from align.stages.sft import SFTConfig
+
+    return SFTConfig(model_name_or_path="m", dataset="d", output_dir="o", **options)
+
+
+def test_the_trl_arguments_and_loaded_dtype_follow_the_resolved_precision(gpu, tmp_path):
+    from align.core.stage_dir import Stage
+    from align.training.models import trainable_dtype
+    from align.training.trainer import trl_args
+
+    def precision(cfg):
+        args = trl_args(cfg, Stage("sft", cfg, tmp_path))
+        return args["bf16"], args["fp16"], args["use_cpu"], trainable_dtype(cfg)
+
+    gpu(8)
+    # on CPU exactly as before: no mixed precision, the weights in dtype
+    assert precision(sft_config(device="cpu")) == (False, False, True, torch.float32)
+    assert precision(sft_config(device="cpu", dtype="bfloat16")) == (False, False, True, torch.bfloat16)
+    assert precision(sft_config(device="cpu", bf16=True)) == (True, False, True, torch.float32)
+    assert precision(sft_config(dtype="bfloat16")) == (True, False, False, torch.float32)  # fp32 master weights
+    assert precision(sft_config(dtype="bfloat16", use_lora=True)) == (True, False, False, torch.bfloat16)
+    gpu(7)
+    assert precision(sft_config(dtype="float16")) == (False, True, False, torch.float32)  # fp16 grads cannot unscale
+    assert precision(sft_config(dtype="float16", bf16=False)) == (False, False, False, torch.float16)
+
+
+def test_an_unset_bf16_on_cpu_keeps_the_identity_of_bf16_false(gpu):
+    gpu(None)
+    assert sft_config().identity() == sft_config(bf16=False).identity()
+    assert sft_config().identity()["bf16"] is False
+    gpu(8)
+    assert sft_config().identity()["bf16"] is None  # unset on a GPU: its own value
+
+
+def test_dpos_reference_cache_key_names_the_resolved_precision(gpu, tiny_model):
+    from align.stages.dpo import DPOConfig, _reference_identity
+
+    def key(**options):
+        cfg = DPOConfig(model_name_or_path=str(tiny_model), dataset="d", output_dir="o", **options)
+        return _reference_identity(cfg, [])
+
+    gpu(None)
+    assert key() == key(bf16=False) and key()["bf16"] is False and "fp16" not in key()  # the CPU key as it was
+    gpu(8)
+    assert key()["bf16"] is True and "fp16" not in key()
+    gpu(7)
+    assert (key()["bf16"], key()["fp16"]) == (False, True)
+
+
+def test_rlhf_counts_only_ampere_or_newer_as_having_bf16(gpu):
+    from align.stages.rlhf import bf16_supported, resolve_engine_dtype
+
+    gpu(8)
+    assert bf16_supported() and resolve_engine_dtype(None, "float32", "cuda", bf16_supported()) == "bfloat16"
+    gpu(7)
+    assert not bf16_supported() and resolve_engine_dtype(None, "float32", "cuda", bf16_supported()) == "float16"
+    gpu(None)
+    assert not bf16_supported()
 
 
 def test_autocast_runs_the_fp32_policy_in_bf16_and_steps_fp32_weights():
@@ -331,6 +504,23 @@ def test_on_cpu_the_model_is_placed_as_before(loaded):
     assert loaded(device="cpu", world="1", local_rank="0").moves == ["cpu"]
 
 
+@pytest.mark.parametrize(
+    "options,moves",
+    [
+        (dict(device="cpu"), ["cpu"]),  # no accelerate placement on CPU: moved there now
+        (dict(device="cuda"), []),  # the Trainer puts it on this process's GPU once the process group exists
+        (dict(device="cuda", load_in_4bit=True), []),  # loaded onto its GPU; a 4-bit model cannot move
+        (dict(device="cpu", load_in_4bit=True), []),
+    ],
+)
+def test_place_for_trainer_moves_a_host_model_only_where_no_trainer_will(options, moves):
+    from align.training.models import ModelOptions, place_for_trainer
+
+    model = FakeModel({})
+    assert place_for_trainer(model, ModelOptions(model_name_or_path="m", **options)) is model
+    assert model.moves == moves
+
+
 # -- 5. sleep mode -----------------------------------------------------------------------------
 
 
@@ -358,9 +548,135 @@ def test_sleep_and_wake_calls_come_in_order_around_sync_and_generate(fake_cuda_e
     ]
 
 
+class SleepingLLM(FakeLLM):
+    """FakeLLM with vLLM's sleep-mode memory states: a level-2 sleep discards the weights (level 1
+    keeps them in host memory) and the KV cache; waking discarded weights maps memory without
+    their values, which only ``reload_weights`` puts back; generating needs both awake and loaded."""
+
+    def __init__(self, calls, **kwargs):
+        super().__init__(calls, **kwargs)
+        self.weights, self.kv_cache = "loaded", "awake"
+        self.llm_engine.engine_core = types.SimpleNamespace(shutdown=lambda: calls.append(("shutdown",)))
+
+    def sleep(self, level):
+        super().sleep(level)
+        self.weights, self.kv_cache = ("discarded" if level == 2 else "offloaded"), "discarded"
+
+    def wake_up(self, tags):
+        super().wake_up(tags)
+        if "weights" in tags:
+            self.weights = "loaded" if self.weights == "offloaded" else "unset"
+        if "kv_cache" in tags:
+            self.kv_cache = "awake"
+
+    def collective_rpc(self, method, kwargs=None):
+        if method == "reload_weights":
+            assert self.weights != "discarded", "reload_weights into memory sleep freed"
+            self.weights = "loaded"
+        return super().collective_rpc(method, kwargs)
+
+    def generate(self, prompts, params, use_tqdm=False, lora_request=None):
+        assert (self.weights, self.kv_cache) == ("loaded", "awake"), f"generate with weights {self.weights}"
+        self.calls.append(("generate", len(prompts)))
+        return [
+            types.SimpleNamespace(
+                outputs=[
+                    types.SimpleNamespace(index=i, token_ids=[5], text="x", finish_reason="stop", logprobs=None)
+                    for i in range(p.n)
+                ]
+            )
+            for p in params
+        ]
+
+
+def test_every_generate_of_an_rlhf_run_in_sleep_mode_finds_its_weights(
+    fake_cuda_engine, monkeypatch, tiny_model, demo_data, tmp_path
+):
+    """Evaluation before, monitor points at 0, 2 and 3, three iterations, evaluation after: a full
+    fine-tune's engine sleeps at level 2 after each generate, so each generate must follow a reload
+    of the weights since the last sleep (SleepingLLM fails the run otherwise)."""
+    from align.stages.rlhf import RLHFConfig, run_rlhf
+
+    def first_lines(name, n):
+        path = tmp_path / name
+        path.write_text("".join((demo_data / name).read_text().splitlines(keepends=True)[:n]))
+        return str(path)
+
+    built = []
+
+    def build_engine(self, model_path, **options):
+        engine, calls = fake_cuda_engine(
+            llm=SleepingLLM, ranks=RankInfo(0, 0, 1), enable_sleep_mode=options["enable_sleep_mode"]
+        )
+        built.append(calls)
+        return engine
+
+    monkeypatch.setattr(RLHFConfig, "build_engine", build_engine)
+    prompts, held_out = first_lines("prompts.jsonl", 8), first_lines("test.jsonl", 4)
+    out = run_rlhf(
+        RLHFConfig(
+            model_name_or_path=str(tiny_model),
+            dataset=prompts,
+            eval_dataset=held_out,
+            monitor_dataset=held_out,
+            monitor_max_prompts=2,
+            monitor_every=2,
+            reward=["rule:arithmetic"],
+            output_dir=str(tmp_path / "rl"),
+            optimizer="grpo",
+            num_iterations=3,
+            prompts_per_iteration=2,
+            num_samples=2,
+            max_tokens=4,
+            max_model_len=128,
+            engine="vllm",
+            sleep_mode=True,
+        )
+    )
+    (calls,) = built
+    generates = [c[1] for c in calls if c[0] == "generate"]
+    # eval before (4 prompts), monitor 0 (2), iteration 1, 2 (2 each), monitor 2, iteration 3, monitor 3, eval after
+    assert generates == [4, 2, 2, 2, 2, 2, 2, 4]
+    loaded = False  # the engine sleeps as soon as it is built
+    for call in calls:
+        if call[0] == "sleep":
+            assert call == ("sleep", 2)  # full weights: discarded
+            loaded = False
+        elif call == ("collective_rpc", "reload_weights"):
+            loaded = True
+        elif call[0] == "generate":
+            assert loaded, calls
+    assert out["summary"]["monitor_points"] == 3 and "eval_mean_reward" in out["summary"]
+
+
 def test_sleep_mode_is_refused_on_cpu():
     with pytest.raises(ConfigError, match="sleep_mode"):
         engine_kwargs("m", device="cpu", enable_sleep_mode=True, **BASE)
+
+
+def rlhf_config(**options):
+    from align.stages.rlhf import RLHFConfig
+
+    return RLHFConfig(model_name_or_path="m", dataset="d", output_dir="o", reward=["rule:arithmetic"], **options)
+
+
+def test_rlhf_refuses_sleep_mode_on_cpu_when_the_config_is_validated():
+    with pytest.raises(ConfigError) as err:
+        rlhf_config(sleep_mode=True, device="cpu").validate()
+    assert str(err.value) == vllm_engine.SLEEP_MODE_NEEDS_GPU
+
+
+@pytest.mark.parametrize("engine", ["transformers", "auto"])
+def test_rlhf_refuses_sleep_mode_with_the_transformers_engine(monkeypatch, engine):
+    from sampling import engines
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # past the CPU refusal
+    monkeypatch.setattr(engines, "default_engine", lambda: "transformers")  # auto without vLLM
+    with pytest.raises(ConfigError, match="transformers engine") as err:
+        rlhf_config(sleep_mode=True, engine=engine).validate()
+    assert "\n" not in str(err.value)
+    monkeypatch.setattr(engines, "default_engine", lambda: "vllm")
+    rlhf_config(sleep_mode=True).validate()
 
 
 # -- 6. adapter-only LoRA syncs ----------------------------------------------------------------
@@ -469,3 +785,19 @@ def test_the_gpu_smoke_script_parses_and_names_every_check():
         "rs committee",
     ):
         assert check in text, check
+
+
+def test_the_smoke_scripts_adapter_probe_wraps_the_weights_its_engine_loads():
+    """The adapter-only engine loads the base from disk; the LoRA policy it is compared with must
+    wrap those weights, not the full-weights probe's nudged ones."""
+    probe = (ROOT / "scripts/gpu_smoke.sh").read_text().split("<<'PYEOF'", 1)[1].split("PYEOF", 1)[0]
+    nudged, lora_half = probe.split("engine.close()", 1)
+    assert "p.add_(torch.randn_like(p)" in nudged and "get_peft_model(policy" not in probe
+    assert "AutoModelForCausalLM.from_pretrained(path" in lora_half.split("get_peft_model(", 1)[0]
+    assert "max_lora_rank=8" in lora_half
+
+
+def test_the_smoke_scripts_sleep_mode_run_evaluates_and_monitors():
+    text = (ROOT / "scripts/gpu_smoke.sh").read_text()
+    sleep_run = text.split('check "rlhf grpo full sleep_mode', 1)[1].split("\n\n", 1)[0]
+    assert "--sleep_mode true" in sleep_run and "--eval_dataset" in sleep_run and "--monitor_dataset" in sleep_run
