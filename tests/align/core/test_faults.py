@@ -5,6 +5,8 @@ where a run that met no fault ends."""
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -16,10 +18,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from align.cli import main
+from align.cli import _load_commands, main
 from align.core import preempt
 from align.core.config import parse_config
 from align.core.errors import Interrupted
+from align.core.registry import COMMANDS
 from align.stages.rs import RSConfig, run_rs
 from align.stages.sft import SFTConfig, run_sft
 
@@ -165,6 +168,35 @@ def test_a_cut_trainer_state_is_skipped_and_the_rerun_ends_as_if_never_stopped(
     )
     assert record["summary"]["resumed_from_step"] == SAVE and record["summary"]["global_step"] == STEPS
     assert_same_run(out, sft_reference)
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT], ids=["ENOSPC", "EDQUOT"])
+@pytest.mark.parametrize("named", [True, False], ids=["error_names_file", "newest_file"])
+def test_a_full_disk_or_quota_stops_in_one_line_naming_the_file(code, named, tmp_path, monkeypatch, capsys):
+    """A write that fails with ENOSPC or EDQUOT anywhere in a command: exit 1 and one line naming the
+    file (the error's own, else the newest file in the command's output_dir), no traceback unless
+    --debug."""
+    out = tmp_path / "data"
+    written = out / "part.jsonl"
+
+    def run(cfg):
+        written.parent.mkdir(parents=True)
+        written.write_text("{}\n")
+        raise OSError(code, os.strerror(code), *([str(written)] if named else []))
+
+    _load_commands()
+    monkeypatch.setitem(COMMANDS._items, "demo-data", dataclasses.replace(COMMANDS["demo-data"], run=run))
+    assert main(["demo-data", str(out)]) == 1
+    assert capsys.readouterr().err == (
+        f"align demo-data: error: cannot write {written}: {os.strerror(code)}; free space, then rerun the same"
+        " command to continue\n"
+    )
+    shutil.rmtree(out)
+    assert main(["demo-data", str(out), "--debug"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback") and err.endswith(
+        f"align demo-data: error: cannot write {written}: {os.strerror(code)}; free space, then rerun the same command to continue\n"
+    )
 
 
 @pytest.mark.slow
