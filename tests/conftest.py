@@ -12,12 +12,16 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import multiprocessing
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -183,6 +187,73 @@ def crash_at_step_3(monkeypatch):
             yield
 
     return crashing
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """torch on ``count`` threads inside the block, as many as before after it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test, as ``killed_after_checkpoint``'s forked child needs."""
+    with torch_threads(1):
+        yield
+
+
+def killed_after_checkpoint(run: Callable[[], object], marker: Path, hold_step: int, timeout: float = 600) -> None:
+    """Run ``run()`` (a stage) in a forked child process and kill it with SIGKILL once it has logged
+    its metrics row of step ``hold_step``, after the checkpoint whose completion marker is ``marker``.
+
+    The child holds still once that row is on disk; the parent then checks that ``marker`` is there
+    and whole and kills the child. So the kill lands at one known point, past the checkpoint and
+    before the next one: what the child wrote stays as it was (the rows past the checkpoint
+    included), whatever it held in memory is lost. Forked, the child starts with this process's
+    imports (no second torch import). It must run torch on one thread (the ``one_torch_thread``
+    fixture): OpenMP's thread pool does not survive a fork, and the runs compared with it must use
+    the same kernels."""
+    import torch
+
+    from align.core.stage_dir import Stage
+
+    assert torch.get_num_threads() == 1, "use the one_torch_thread fixture"
+    context = multiprocessing.get_context("fork")
+    held = context.Event()
+
+    def child() -> None:
+        log = Stage.log
+
+        def log_then_hold(self, row):
+            log(self, row)
+            if row.get("step") == hold_step:
+                held.set()
+                while True:
+                    time.sleep(60)
+
+        Stage.log = log_then_hold
+        run()
+
+    process = context.Process(target=child)
+    process.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while not held.wait(0.05):
+            if not process.is_alive():
+                raise AssertionError(f"the run ended (exit code {process.exitcode}) before step {hold_step}")
+            assert time.monotonic() < deadline, f"the run did not reach step {hold_step} in {timeout} s"
+        json.loads(marker.read_text())  # the checkpoint is there and whole
+    finally:
+        os.kill(process.pid, signal.SIGKILL)
+        process.join()
+    assert process.exitcode == -signal.SIGKILL, f"the run ended (exit code {process.exitcode}) before the kill"
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -196,12 +196,12 @@ def checkpoint_problem(path: Path) -> str | None:
     file in it (``align.core.integrity.file_problem``: a file cut short after its marker was written, by
     a copy or a disk that lost it, fails to load or, worse, loads wrong)."""
     markers = [path / name for name in CHECKPOINT_MARKERS if (path / name).is_file()]
-    cut = f"no whole {' or '.join(CHECKPOINT_MARKERS)}: its write was cut short"
     if not markers:
-        return cut
+        return f"no whole {' or '.join(CHECKPOINT_MARKERS)}: its write was cut short"
     problems = folder_problems(path)
-    if any(file == markers[0] for file, _ in problems):
-        return cut
+    for file, problem in problems:
+        if file == markers[0]:
+            return f"{file.name} is {problem}: its write was cut short"
     return f"{problems[0][0].name} is {problems[0][1]}" if problems else None
 
 

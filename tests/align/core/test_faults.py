@@ -1,9 +1,12 @@
-"""Faults a long run meets, with real processes: a disk that fills up mid-write, and artifacts cut
-short after they were written. Each must stop in one line naming the file (never a traceback),
-keep what was whole, and let a rerun end exactly where a run that met no fault ends."""
+"""Faults a long run meets, with real processes: a disk or quota that fills up mid-write, a kill,
+and artifacts cut short after they were written. Each must stop in one line naming the file (a
+traceback only with --debug) or warn naming it, keep what was whole, and let a rerun end exactly
+where a run that met no fault ends."""
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -15,19 +18,24 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from align.cli import main
+from align.cli import _load_commands, main
 from align.core import preempt
 from align.core.config import parse_config
 from align.core.errors import Interrupted
+from align.core.registry import COMMANDS
 from align.stages.rs import RSConfig, run_rs
 from align.stages.sft import SFTConfig, run_sft
 
-from conftest import ROOT, read_jsonl
+from conftest import ROOT, killed_after_checkpoint, read_jsonl, torch_threads
 
 # Subprocesses import this checkout's packages, not whatever `align` the environment installed.
-ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+# Every run this module compares uses one torch thread (one_torch_thread in this process, forked
+# children included), so all of them run the same kernels.
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 STEPS, SAVE = 12, 4
 FULL = 65536  # bytes a file may grow to once the disk is "full": metrics rows fit, weights do not
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def sft_args(out: Path, tiny_model: Path, data: Path, steps: int = STEPS) -> list[str]:
@@ -62,7 +70,8 @@ def sft_data(demo_data, tmp_path_factory) -> Path:
 def sft_reference(tiny_model, sft_data, tmp_path_factory) -> Path:
     """The run that met no fault, in this process."""
     out = tmp_path_factory.mktemp("reference") / "sft"
-    run_sft(parse_config(SFTConfig, sft_args(out, tiny_model, sft_data)))
+    with torch_threads(1):
+        run_sft(parse_config(SFTConfig, sft_args(out, tiny_model, sft_data)))
     return out
 
 
@@ -136,6 +145,58 @@ def test_full_disk_stops_in_one_line_and_the_rerun_ends_as_if_never_stopped(
     )
     assert record["summary"]["resumed_from_step"] == 2 * SAVE and record["summary"]["global_step"] == STEPS
     assert_same_run(out, sft_reference)
+
+
+@pytest.mark.slow
+def test_a_cut_trainer_state_is_skipped_and_the_rerun_ends_as_if_never_stopped(
+    tiny_model, sft_data, sft_reference, tmp_path, capsys
+):
+    """A run killed after its step-8 checkpoint, whose trainer_state.json (the marker, written last)
+    then lost its end, as a kill while transformers writes it or a partial copy leaves it: the rerun
+    warns naming the file, trains on from the step-4 checkpoint and ends bitwise as the run never
+    stopped."""
+    out = tmp_path / "sft"
+    args = sft_args(out, tiny_model, sft_data)
+    state = out / "checkpoints" / f"checkpoint-{2 * SAVE}" / "trainer_state.json"
+    killed_after_checkpoint(lambda: run_sft(parse_config(SFTConfig, args)), state, hold_step=2 * SAVE + 1)
+    state.write_text(state.read_text()[: state.stat().st_size // 2])
+    capsys.readouterr()
+    record = run_sft(parse_config(SFTConfig, [*args, "--resume"]))
+    assert (
+        f"warning: skipping incomplete checkpoint {state.parent} (trainer_state.json is not whole JSON: its write"
+        " was cut short)\n" in capsys.readouterr().err
+    )
+    assert record["summary"]["resumed_from_step"] == SAVE and record["summary"]["global_step"] == STEPS
+    assert_same_run(out, sft_reference)
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT], ids=["ENOSPC", "EDQUOT"])
+@pytest.mark.parametrize("named", [True, False], ids=["error_names_file", "newest_file"])
+def test_a_full_disk_or_quota_stops_in_one_line_naming_the_file(code, named, tmp_path, monkeypatch, capsys):
+    """A write that fails with ENOSPC or EDQUOT anywhere in a command: exit 1 and one line naming the
+    file (the error's own, else the newest file in the command's output_dir), no traceback unless
+    --debug."""
+    out = tmp_path / "data"
+    written = out / "part.jsonl"
+
+    def run(cfg):
+        written.parent.mkdir(parents=True)
+        written.write_text("{}\n")
+        raise OSError(code, os.strerror(code), *([str(written)] if named else []))
+
+    _load_commands()
+    monkeypatch.setitem(COMMANDS._items, "demo-data", dataclasses.replace(COMMANDS["demo-data"], run=run))
+    assert main(["demo-data", str(out)]) == 1
+    assert capsys.readouterr().err == (
+        f"align demo-data: error: cannot write {written}: {os.strerror(code)}; free space, then rerun the same"
+        " command to continue\n"
+    )
+    shutil.rmtree(out)
+    assert main(["demo-data", str(out), "--debug"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback") and err.endswith(
+        f"align demo-data: error: cannot write {written}: {os.strerror(code)}; free space, then rerun the same command to continue\n"
+    )
 
 
 @pytest.mark.slow

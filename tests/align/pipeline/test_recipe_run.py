@@ -205,12 +205,27 @@ def stage_running(workdir: Path, name: str, pid: int) -> bool:
     return run.get("pid") == pid and run["stages"].get(name, {}).get("status") == "running"
 
 
+def killed_before_stage_json(env, workdir: Path, log: Path, name: str) -> bool:
+    """Run the recipe and SIGKILL the runner (its stage child dies with it) as soon as stage
+    ``name`` has moved its model/ into place, before it writes its stage.json (a trainer draws its
+    loss plot and hashes its outputs in between); whether the kill landed in that window."""
+    print(f"kill -9 once {name} has written model/, before its stage.json")
+    ready = lambda: (workdir / name / "model").is_dir()  # noqa: E731
+    assert kill_when(runner(env, workdir, log), ready, 0.0), log.read_text()[-3000:]
+    _children_gone(workdir)
+    if (workdir / name / "stage.json").exists():
+        return False
+    rows = {row["name"]: row for row in status_rows(env, workdir)}
+    assert rows[name]["status"] == "incomplete", rows[name]  # resumed on the next run, not taken as done
+    return True
+
+
 def test_killed_at_random_moments_the_run_ends_as_the_uninterrupted_one(quickstart, env, tmp_path):
     """The quickstart recipe killed with kill -9 at seeded random moments (as a stage starts, or
-    just after a trainer's first checkpoint, when the next write may be under way), then stopped by
-    SIGTERM during its last eval while a second run finds the workdir locked, and rerun until done:
-    the same status table, final model (bitwise), rs rows and per-step metrics as the notebook's
-    run, which was never stopped."""
+    just after a trainer's first checkpoint, when the next write may be under way) and between a
+    trainer's model write and its stage.json, then stopped by SIGTERM during its last eval while a
+    second run finds the workdir locked, and rerun until done: the same status table, final model
+    (bitwise), rs rows and per-step metrics as the notebook's run, which was never stopped."""
     calm, _ = quickstart
     seed = int(os.environ.get("ALIGN_KILL_SEED", random.randrange(10**6)))
     print(f"kill seed {seed} (ALIGN_KILL_SEED={seed} replays it)")
@@ -218,6 +233,8 @@ def test_killed_at_random_moments_the_run_ends_as_the_uninterrupted_one(quicksta
     work, log = tmp_path / "w", tmp_path / "runner.log"
     trainers = ["sft", "rm", "sft_rs", "dpo", "rlhf"]
     for name in [*sorted(rng.sample(["sft", "rm", "rs", "sft_rs", "rs_pairs", "dpo"], 2), key=STAGES.index), "rlhf"]:
+        if name == "rlhf":  # dpo, finished but for its stage.json: the rerun must not take it as done
+            between = killed_before_stage_json(env, work, log, "dpo")
         at_checkpoint = name in trainers and rng.random() < 0.5
         delay = rng.uniform(0.0, 0.5 if at_checkpoint else 3.0)
         print(f"kill -9 {delay:.2f} s after {name} {'writes its first checkpoint' if at_checkpoint else 'starts'}")
@@ -229,6 +246,8 @@ def test_killed_at_random_moments_the_run_ends_as_the_uninterrupted_one(quicksta
         _children_gone(work)
         for row in status_rows(env, work):  # a stage with a stage.json has every output it recorded
             assert row["status"] != "stale", row
+    if not between:  # dpo wrote its stage.json before the kill landed: the same kill at rlhf's end
+        assert killed_before_stage_json(env, work, log, "rlhf"), "both kills missed model/ without stage.json"
 
     first = runner(env, work, log)
     deadline = time.time() + 900

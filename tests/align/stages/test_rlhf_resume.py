@@ -128,9 +128,9 @@ def test_latest_checkpoint_skips_incomplete_ones_with_a_warning(tiny_model, tmp_
     assert stage.latest_checkpoint() == good
     err = capsys.readouterr().err.splitlines()
     assert err == [
-        f"warning: skipping incomplete checkpoint {p} (no whole trainer_state.json or checkpoint.json:"
-        " its write was cut short)"
-        for p in (bare, cut)
+        f"warning: skipping incomplete checkpoint {bare} (no whole trainer_state.json or checkpoint.json:"
+        " its write was cut short)",
+        f"warning: skipping incomplete checkpoint {cut} (checkpoint.json is not whole JSON: its write was cut short)",
     ]
     (bare / "trainer_state.json").write_text(json.dumps({"global_step": 6}))
     assert stage.latest_checkpoint() == bare and capsys.readouterr().err == ""

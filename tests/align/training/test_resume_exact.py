@@ -1,9 +1,11 @@
 """Resume gives the result of a run never stopped: for every training stage and every RL optimizer,
-a run that dies right after a checkpoint and is resumed ends with bitwise the same final weights
+a run killed with SIGKILL after a checkpoint and resumed ends with bitwise the same final weights
 (fp32 on CPU) and the same per-step metrics rows (losses, rewards, token counts, batch hashes) as
-the run that never stopped. Both runs here are in this process; the death is an exception raised
-just after the checkpoint is on disk, so whatever the dying run held in memory is lost as in a kill
-(tests/align/core/test_faults.py and tests/align/stages/test_sft.py kill real processes)."""
+the run that never stopped. The killed run is a forked child of this process, held once it has
+logged the step after the checkpoint and killed from here once the checkpoint's marker is whole, so
+what it held in memory is lost and the row it logged past the checkpoint stays on disk for the
+resume to drop. The run never stopped and the resume are in this process; all three use one torch
+thread (``conftest.killed_after_checkpoint``)."""
 
 from __future__ import annotations
 
@@ -15,16 +17,15 @@ from safetensors.torch import load_file
 
 from align.core.config import parse_config
 from align.rl.optimizers import OPTIMIZERS
-from align.stages import rlhf
 from align.stages.distill import DistillConfig, run_distill
 from align.stages.dpo import DPOConfig, run_dpo
 from align.stages.rlhf import RLHFConfig, run_rlhf
 from align.stages.rm import RMConfig, run_rm
 from align.stages.sft import SFTConfig, run_sft
 
-from conftest import ROOT, read_jsonl
+from conftest import ROOT, killed_after_checkpoint, read_jsonl
 
-pytestmark = pytest.mark.slow  # every test trains twice
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]  # every test trains twice
 
 # Wall-clock fields of a metrics row: the only ones a resumed run may log differently.
 CLOCK = ("time", "per_s", "seconds", "runtime")
@@ -142,34 +143,23 @@ def trainer_cases(tiny_model: Path, data: dict[str, Path], teacher: Path, tmp_pa
 
 # Full sft: tests/align/core/test_faults.py (a real process, resumed after a full disk, compared likewise).
 @pytest.mark.parametrize("case", ["sft_lora", "rm", "dpo_live_reference", "dpo_cached_reference", "distill_on_policy"])
-def test_trainer_stage_resumed_after_a_crash_ends_as_if_never_stopped(
-    case, tiny_model, data, teacher, tmp_path, crash_at_step_3
-):
+def test_trainer_stage_resumed_after_a_kill_ends_as_if_never_stopped(case, tiny_model, data, teacher, tmp_path):
     """Data order (the sampler's seed), dropout and sampling RNG (on-policy distillation draws its
     completions), optimizer and scheduler state all come back from the step-2 checkpoint."""
     config, run, flags = trainer_cases(tiny_model, data, teacher, tmp_path)[case]
     run(parse_config(config, [*flags, "--output_dir", str(tmp_path / "uninterrupted")]))
-    with crash_at_step_3():
-        run(parse_config(config, [*flags, "--output_dir", str(tmp_path / "resumed")]))
+    killed = parse_config(config, [*flags, "--output_dir", str(tmp_path / "resumed")])
+    marker = tmp_path / "resumed" / "checkpoints" / "checkpoint-2" / "trainer_state.json"
+    killed_after_checkpoint(lambda: run(killed), marker, hold_step=3)
+    assert [r["step"] for r in read_jsonl(tmp_path / "resumed" / "metrics.jsonl")][-1] == 3
+    assert not (tmp_path / "resumed" / "stage.json").exists()
     record = run(parse_config(config, [*flags, "--output_dir", str(tmp_path / "resumed"), "--resume"]))
     assert record["summary"]["resumed_from_step"] == 2
     assert_same_result(tmp_path / "resumed", tmp_path / "uninterrupted")
 
 
-def die_after_checkpoint_2(original):
-    """rlhf's save_checkpoint, raising right after it wrote the iteration-2 checkpoint."""
-
-    def save_then_die(stage, iteration, *args, **kwargs):
-        path = original(stage, iteration, *args, **kwargs)
-        if iteration == 2:
-            raise RuntimeError("simulated crash")
-        return path
-
-    return save_then_die
-
-
 @pytest.mark.parametrize("optimizer", [*OPTIMIZERS, "grpo+lora"])
-def test_rlhf_resumed_after_a_crash_ends_as_if_never_stopped(optimizer, tiny_model, demo_data, tmp_path, monkeypatch):
+def test_rlhf_resumed_after_a_kill_ends_as_if_never_stopped(optimizer, tiny_model, demo_data, tmp_path):
     """Batches (seeded by iteration), per-prompt sampling seeds, the optimizer's state (PPO's value
     head included), the RNG and the engine's weights (synced from the checkpoint's policy) come
     back, so iteration 3 samples and updates exactly as in the run never stopped."""
@@ -198,10 +188,11 @@ def test_rlhf_resumed_after_a_crash_ends_as_if_never_stopped(optimizer, tiny_mod
         *(["--use_lora", "true"] if lora else []),
     ]
     run_rlhf(parse_config(RLHFConfig, [*flags, "--output_dir", str(tmp_path / "uninterrupted")]))
-    monkeypatch.setattr(rlhf, "save_checkpoint", die_after_checkpoint_2(rlhf.save_checkpoint))
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run_rlhf(parse_config(RLHFConfig, [*flags, "--output_dir", str(tmp_path / "resumed")]))
-    monkeypatch.undo()
+    killed = parse_config(RLHFConfig, [*flags, "--output_dir", str(tmp_path / "resumed")])
+    marker = tmp_path / "resumed" / "checkpoints" / "checkpoint-2" / "checkpoint.json"
+    killed_after_checkpoint(lambda: run_rlhf(killed), marker, hold_step=3)
+    assert [r["step"] for r in read_jsonl(tmp_path / "resumed" / "metrics.jsonl")] == [1, 2, 3]
+    assert not (tmp_path / "resumed" / "stage.json").exists()
     record = run_rlhf(parse_config(RLHFConfig, [*flags, "--output_dir", str(tmp_path / "resumed"), "--resume"]))
     assert record["summary"]["resumed_from_iteration"] == 2
     assert [r["step"] for r in read_jsonl(tmp_path / "resumed" / "metrics.jsonl")] == [1, 2, 3]
