@@ -209,7 +209,7 @@ def one_torch_thread():
         yield
 
 
-def killed_after_checkpoint(run: Callable[[], object], marker: Path, hold_step: int, timeout: float = 600) -> None:
+def killed_after_checkpoint(run: Callable[[], object], marker: Path, hold_step: int, timeout: float = 180) -> None:
     """Run ``run()`` (a stage) in a forked child process and kill it with SIGKILL once it has logged
     its metrics row of step ``hold_step``, after the checkpoint whose completion marker is ``marker``.
 
