@@ -60,7 +60,7 @@ def default_threads(environ: Mapping[str, str] = os.environ, cores: int | None =
     process also uses are 5-30x slower a step (sampling.vllm_engine), hence OMP_NUM_THREADS."""
     if cores is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = cores // max(1, _positive(environ.get("LOCAL_WORLD_SIZE")) or 1)
+    threads = cores // (_positive(environ.get("LOCAL_WORLD_SIZE")) or 1)
     omp = _positive(environ.get("OMP_NUM_THREADS"))
     if omp:
         threads = min(threads, omp)

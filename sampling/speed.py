@@ -60,13 +60,16 @@ def matmul_peak_gflops(threads: int, size: int = 2048, reps: int = 5) -> float:
     return max(matmul_peaks_gflops(threads, size, reps).values())
 
 
-def parameter_count(model_dir: str) -> int:
-    """Parameters of the model in ``model_dir`` (tied embeddings counted once), from its config."""
+def parameter_count(model: str) -> int:
+    """Parameters of ``model`` (a folder, .gguf file or ``smollm2``: ``resolve_model_path``; tied
+    embeddings counted once), from its config."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from align.core.gguf import resolve_model_path
+
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model_path(model)))
     return sum(p.numel() for p in model.parameters())
 
 
@@ -75,7 +78,7 @@ def peak_fraction(tokens_per_s: float, flops_per_token: float, peak_gflops: floa
     return tokens_per_s * flops_per_token / (peak_gflops * 1e9)
 
 
-def generation_speed(tokens: int, seconds: float, model_dir: str, threads: int | None) -> dict[str, Any]:
+def generation_speed(tokens: int, seconds: float, model: str, threads: int | None) -> dict[str, Any]:
     """``{"tokens_per_s", "matmul_peak_gflops", "peak_share"}`` of a CPU generation run: its rate
     and the share of this machine's fp32 matmul peak (measured now, on ``threads`` threads) it
     reached at 2 x parameters FLOPs a token. Only the rate for a run shorter than
@@ -86,7 +89,7 @@ def generation_speed(tokens: int, seconds: float, model_dir: str, threads: int |
         return out
     peak = matmul_peak_gflops(threads)
     out["matmul_peak_gflops"] = round(peak, 1)
-    out["peak_share"] = round(peak_fraction(rate, 2 * parameter_count(model_dir), peak), 4)
+    out["peak_share"] = round(peak_fraction(rate, 2 * parameter_count(model), peak), 4)
     return out
 
 

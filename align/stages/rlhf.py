@@ -43,7 +43,6 @@ import torch
 from align.core import preempt
 from align.core.config import BaseConfig, option, required
 from align.core.errors import ConfigError, ModelError
-from align.core.gguf import resolve_model_path
 from align.core.heap import keeps_freed_memory
 from align.core.registry import command
 from align.core.stage_dir import CHECKPOINT_RECORD, CheckpointOptions, Stage, checkpoint_dir, read_stage
@@ -942,7 +941,7 @@ def run_rlhf(cfg: RLHFConfig) -> dict:
     rows = cfg.prompts_per_iteration // world * cfg.num_samples  # responses a rank samples an iteration
     tokens = round(sum(r["response_length"] for r in generated) * rows)
     seconds = sum(r["time_generate"] for r in generated)
-    speed = generation_speed(tokens, seconds, resolve_model_path(cfg.model_name_or_path), summary["threads"])
+    speed = generation_speed(tokens, seconds, cfg.model_name_or_path, summary["threads"])
     summary.update({"generated_tokens": tokens, **{f"generate_{key}": value for key, value in speed.items()}})
     print(f"rlhf: generated {tokens:,} tokens at {describe(speed, summary['threads'])} (this process's rollouts)")
     summary["engine_dtype"] = engine_dtype

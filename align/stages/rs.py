@@ -65,7 +65,6 @@ from typing import Any, ClassVar
 from align.core import preempt
 from align.core.config import BaseConfig, option, required
 from align.core.errors import ConfigError, DataError
-from align.core.gguf import resolve_model_path
 from align.core.registry import command
 from align.core.stage_dir import (
     SHARD_MANIFEST,
@@ -385,13 +384,18 @@ def used_threads(shards: list[dict[str, Any]]) -> int | list[int] | None:
     return values[0] if len(values) == 1 else (values or None)
 
 
+def _largest(records: list[dict[str, Any]], key: str) -> Any:
+    """The largest set value of ``key`` over ``records`` (None when no record sets it)."""
+    return max((r[key] for r in records if r.get(key)), default=None)
+
+
 def _join_members(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """One prompt shard's records of every member -> one record, each prompt's candidates in member order."""
     return {
         "engine": "+".join(sorted({p["engine"] for p in parts})),
         "sampler": "+".join(sorted({p.get("sampler", "unknown") for p in parts})),
-        "threads": max((p["threads"] for p in parts if p.get("threads")), default=None),
-        "kv_cache_gb": max((p["kv_cache_gb"] for p in parts if p.get("kv_cache_gb")), default=None),
+        "threads": _largest(parts, "threads"),
+        "kv_cache_gb": _largest(parts, "kv_cache_gb"),
         **{key: sum(p[key] for p in parts) for key in ("generate_seconds", "score_seconds", "tokens")},
         "prompts": [
             {"prompt_id": group[0]["prompt_id"], "candidates": [c for p in group for c in p["candidates"]]}
@@ -477,9 +481,7 @@ def _finish(
     tokens = sum(s["tokens"] for s in shards)
     threads = used_threads(shards)
     one_model = len(cfg.model_name_or_path) == 1 and isinstance(threads, int)  # a committee's share: no one size
-    speed = generation_speed(
-        tokens, generate_seconds, resolve_model_path(cfg.model_name_or_path[0]), threads if one_model else None
-    )
+    speed = generation_speed(tokens, generate_seconds, cfg.model_name_or_path[0], threads if one_model else None)
     summary = {
         "prompts": len(records),
         "candidates": len(rewards),
@@ -491,7 +493,7 @@ def _finish(
             sorted({s.get("sampler", "unknown") for s in shards})
         ),  # align's CPU sampler or the engine's own
         "threads": threads,
-        "kv_cache_gb": max((s["kv_cache_gb"] for s in shards if s.get("kv_cache_gb")), default=None),
+        "kv_cache_gb": _largest(shards, "kv_cache_gb"),
         "mean_reward": sum(rewards) / len(rewards),
         "max_reward": max(rewards),
         "mean_best_reward": sum(max(c["reward"] for c in r["candidates"]) for r in records) / len(records),
