@@ -13,6 +13,7 @@ and the optimizer is the pluggable part.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -35,6 +36,12 @@ from align.rl.rollout import (
 
 OPTIMIZERS: Registry[type["PolicyOptimizer"]] = Registry("optimizer")
 get_optimizer = OPTIMIZERS.get  # an unknown name is a ConfigError listing the valid ones
+
+
+def linear_warmup(warmup_steps: int, step: int) -> float:
+    """The learning rate's factor at optimizer step ``step`` (0-based): (step + 1) / warmup_steps
+    until it reaches 1 (transformers' linear warmup, without its wasted first step at 0)."""
+    return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
 
 def register_optimizer(cls: type["PolicyOptimizer"]) -> type["PolicyOptimizer"]:
@@ -92,6 +99,7 @@ class PolicyOptimizer:
             self.optimizer = OnlineMergingAdamW(
                 params, lr=cfg.learning_rate, **cfg.merging_kwargs(policy, seed=cfg.seed)
             )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(linear_warmup, cfg.warmup_steps))
 
     # -- hooks -------------------------------------------------------------------------------
     def extra_modules(self) -> dict[str, nn.Module]:
@@ -246,16 +254,23 @@ class PolicyOptimizer:
         parallel.average_gradients(self.params)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         self.optimizer.step()
+        self.scheduler.step()
         return float(grad_norm)
 
     def values(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.extra["value_head"](hidden.float()).squeeze(-1)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), **{k: m.state_dict() for k, m in self.extra.items()}}
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            **{k: m.state_dict() for k, m in self.extra.items()},
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
+        if "scheduler" in state:  # a checkpoint written before the schedule was saved: no warmup in it
+            self.scheduler.load_state_dict(state["scheduler"])
         for key, module in self.extra.items():
             module.load_state_dict(state[key])
 

@@ -99,6 +99,12 @@ class RLHFConfig(
         "Nucleus sampling for rollouts. Only 1.0: the loss would need the truncated policy's log-probs, which no optimizer here computes.",
     )
     learning_rate: float = option(1e-5, "AdamW learning rate for the policy (and value head).")
+    warmup_steps: int = option(
+        0,
+        "Optimizer steps over which the learning rate rises linearly to learning_rate (0: none). Adam's"
+        " first steps move every weight by about learning_rate whatever the size of its gradient; a"
+        " warmup (as TRL's and OpenRLHF's trainers offer) lets its moment estimates settle first.",
+    )
     forward_batch_size: int = option(
         32,
         "Sequences per training forward/backward pass, grouped by length so each pads only to its own longest; at most this many hold activations at once (memory).",
@@ -212,6 +218,8 @@ class RLHFConfig(
                 f"'mask_truncated_completions' does not apply to optimizer '{self.optimizer}' (its pairs are whole"
                 " responses, with no per-token loss to mask); use --missing_eos_penalty to rank truncated responses lower"
             )
+        if self.warmup_steps < 0:
+            raise ConfigError(f"'warmup_steps' must be >= 0 (optimizer steps; 0: no warmup), got {self.warmup_steps}")
         if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
             raise ConfigError(
                 f"'missing_eos_penalty' must be >= 0 (it is subtracted from the reward), got {self.missing_eos_penalty}"

@@ -151,6 +151,48 @@ def test_rloo_loss_is_per_sequence():
     assert stats["clip_frac"] == 0.5 and opt.row_local()
 
 
+def test_warmup_raises_the_learning_rate_linearly_and_resumes_where_it_stood():
+    """--warmup_steps 3: optimizer steps at lr/3, 2lr/3, then lr; the schedule's position is in
+    the optimizer's state, so a resumed run goes on from the same step."""
+    from align.core.config import parse_config
+    from align.stages.rlhf import RLHFConfig
+
+    def build(*flags: str):
+        args = ["--model_name_or_path", "m", "--dataset", "d", "--reward", "rule:arithmetic", "--output_dir", "o"]
+        cfg = parse_config(RLHFConfig, [*args, "--learning_rate", "0.3", *flags])
+        return get_optimizer("grpo")(cfg, torch.nn.Linear(1, 1), None)
+
+    def step(opt) -> float:
+        lr = opt.optimizer.param_groups[0]["lr"]
+        for p in opt.params:
+            p.grad = torch.ones_like(p)
+        opt._apply_gradients()
+        return lr
+
+    opt = build("--warmup_steps", "3")
+    assert [step(opt) for _ in range(2)] == pytest.approx([0.1, 0.2])
+    resumed = build("--warmup_steps", "3")
+    resumed.load_state_dict(opt.state_dict())
+    assert [step(resumed) for _ in range(3)] == pytest.approx([0.3, 0.3, 0.3])
+    assert [step(build()) for _ in range(1)] == pytest.approx([0.3])  # the default: no warmup
+    with pytest.raises(ConfigError, match="'warmup_steps' must be >= 0"):
+        parse_config(
+            RLHFConfig,
+            [
+                "--model_name_or_path",
+                "m",
+                "--dataset",
+                "d",
+                "--reward",
+                "rule:arithmetic",
+                "--output_dir",
+                "o",
+                "--warmup_steps",
+                "-1",
+            ],
+        ).validate()
+
+
 def test_chosen_nll_is_the_mean_over_every_chosen_token():
     # Chosen responses of 1 and 3 tokens: pooled (1 + 2 + 2 + 2) / 4 = 1.75 (per pair it would be (1 + 2) / 2).
     logp = t([-1, 9, 9], [-2, -2, -2])
