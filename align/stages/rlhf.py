@@ -51,7 +51,7 @@ from align.rl.merging_optimizer import OnlineMergingOptions
 from align.rl.monitor import MONITOR_FILE, MonitorOptions
 from align.rl.optimizers import OPTIMIZERS
 from align.training.evaluation import RewardOptions
-from align.training.models import ModelOptions, load_causal_lm, load_tokenizer, peft_config, save_model
+from align.training.models import ModelOptions, cuda_has_bf16, load_causal_lm, load_tokenizer, peft_config, save_model
 from align.training.trainer import REPORT_TO_HELP
 from reward.rules import RULES
 from sampling.engines import EngineOptions, cpu_threads
@@ -267,13 +267,6 @@ def refuse_sharded_training(env: dict[str, str]) -> None:
                 f"align rlhf does not support {name}: it needs each process's full weights to sync its engine;"
                 " launch it data parallel (accelerate launch --multi_gpu, or configs/accelerate/cpu_2proc.yaml)"
             )
-
-
-def bf16_supported() -> bool:
-    """A CUDA GPU with bfloat16 (Ampere or newer: ``align.training.models.cuda_has_bf16``)."""
-    from align.training.models import cuda_has_bf16
-
-    return cuda_has_bf16()
 
 
 def resolve_bf16(bf16: bool | None, device: str, has_bf16: bool) -> bool:
@@ -778,7 +771,7 @@ def run_rlhf(cfg: RLHFConfig) -> dict:
     tokenizer = load_tokenizer(cfg)
     rows, prompt_lengths, skipped_long = fitting_prompts(rows, tokenizer, cfg)
 
-    has_bf16 = bf16_supported()
+    has_bf16 = cuda_has_bf16()
     bf16 = resolve_bf16(cfg.bf16, device_kind, has_bf16)
     policy = load_causal_lm(cfg, device=policy_device(device_kind, local_rank), bf16=bf16)
     lora = peft_config(cfg)

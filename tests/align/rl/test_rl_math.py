@@ -157,8 +157,9 @@ def test_warmup_raises_the_learning_rate_linearly_and_resumes_where_it_stood():
     from align.core.config import parse_config
     from align.stages.rlhf import RLHFConfig
 
+    args = ["--model_name_or_path", "m", "--dataset", "d", "--reward", "rule:arithmetic", "--output_dir", "o"]
+
     def build(*flags: str):
-        args = ["--model_name_or_path", "m", "--dataset", "d", "--reward", "rule:arithmetic", "--output_dir", "o"]
         cfg = parse_config(RLHFConfig, [*args, "--learning_rate", "0.3", *flags])
         return get_optimizer("grpo")(cfg, torch.nn.Linear(1, 1), None)
 
@@ -176,21 +177,7 @@ def test_warmup_raises_the_learning_rate_linearly_and_resumes_where_it_stood():
     assert [step(resumed) for _ in range(3)] == pytest.approx([0.3, 0.3, 0.3])
     assert [step(build()) for _ in range(1)] == pytest.approx([0.3])  # the default: no warmup
     with pytest.raises(ConfigError, match="'warmup_steps' must be >= 0"):
-        parse_config(
-            RLHFConfig,
-            [
-                "--model_name_or_path",
-                "m",
-                "--dataset",
-                "d",
-                "--reward",
-                "rule:arithmetic",
-                "--output_dir",
-                "o",
-                "--warmup_steps",
-                "-1",
-            ],
-        ).validate()
+        parse_config(RLHFConfig, [*args, "--warmup_steps", "-1"]).validate()
 
 
 def test_chosen_nll_is_the_mean_over_every_chosen_token():

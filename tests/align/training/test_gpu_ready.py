@@ -399,14 +399,15 @@ def test_dpos_reference_cache_key_names_the_resolved_precision(gpu, tiny_model):
 
 
 def test_rlhf_counts_only_ampere_or_newer_as_having_bf16(gpu):
-    from align.stages.rlhf import bf16_supported, resolve_engine_dtype
+    from align.stages.rlhf import resolve_engine_dtype
+    from align.training.models import cuda_has_bf16
 
     gpu(8)
-    assert bf16_supported() and resolve_engine_dtype(None, "float32", "cuda", bf16_supported()) == "bfloat16"
+    assert cuda_has_bf16() and resolve_engine_dtype(None, "float32", "cuda", cuda_has_bf16()) == "bfloat16"
     gpu(7)
-    assert not bf16_supported() and resolve_engine_dtype(None, "float32", "cuda", bf16_supported()) == "float16"
+    assert not cuda_has_bf16() and resolve_engine_dtype(None, "float32", "cuda", cuda_has_bf16()) == "float16"
     gpu(None)
-    assert not bf16_supported()
+    assert not cuda_has_bf16()
 
 
 def test_autocast_runs_the_fp32_policy_in_bf16_and_steps_fp32_weights():
